@@ -1,0 +1,138 @@
+"""The `barosync` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import lmdb
+import trio
+
+from . import __version__
+from .auth import DEFAULT_TTL, create_token
+from .config import Config, ConfigError, ensure_secret, load_config
+from .models import ALL_PROJECTS
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="TOML config file (see config.example.toml)")
+    p.add_argument("--data", metavar="DIR", help="data directory (default ./barosync-data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="barosync", description="Real-time sync server for team calendars.")
+    parser.add_argument("--version", action="version", version=f"barosync {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the server")
+    _common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8080)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    token = sub.add_parser("token", help="mint access tokens")
+    token_sub = token.add_subparsers(dest="token_command", metavar="ACTION")
+    create = token_sub.add_parser("create", help="print a signed token for a user")
+    _common(create)
+    create.add_argument("--user", required=True, metavar="ID", help="user id (the token's sub)")
+    create.add_argument("--name", help="display name (default: the user id)")
+    create.add_argument("--project", action="append", default=[], metavar="P", help="a project the token may access (repeatable)")
+    create.add_argument("--all-projects", action="store_true", help="the token may access every project")
+    create.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS", help=f"lifetime (default {DEFAULT_TTL})")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    return config.with_overrides(
+        data_dir=Path(args.data) if getattr(args, "data", None) else None,
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token" and args.token_command == "create":
+            return _token_create(args)
+    except ConfigError as e:
+        print(f"barosync: config error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"barosync: {e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    if args.command == "token":
+        parser.parse_args(["token", "--help"])
+    parser.print_help()
+    return 2
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    if not args.project and not args.all_projects:
+        print("barosync: token create needs --project P (repeatable) or --all-projects", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("barosync: --ttl must be a positive number of seconds", file=sys.stderr)
+        return 2
+    config = _config(args)
+    secret = ensure_secret(config)
+    projects = ALL_PROJECTS if args.all_projects else args.project
+    print(create_token(secret, user_id=args.user, name=args.name, projects=projects, ttl=args.ttl))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.port is not None and not 0 <= args.port <= 65535:
+        print("barosync: --port must be from 0 to 65535", file=sys.stderr)
+        return 2
+    config = _config(args)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(_serve_until_signal, config)
+    except KeyboardInterrupt:
+        pass
+    except (OSError, lmdb.Error, BaseExceptionGroup) as raised:
+        e = _leaf(raised, (OSError, lmdb.Error))
+        if e is None:
+            raise
+        print(f"barosync: cannot serve on {config.host}:{config.port} with data in {config.data_dir}: {e} "
+              "(is another server running? try --port 0 or another --data)", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_until_signal(config: Config) -> None:
+    from .server import serve
+
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            app = await nursery.start(serve, config)
+            print(f"listening on http://{config.host}:{app.port}", flush=True)
+            async for _ in signals:
+                logging.getLogger("barosync").info("shutting down: closing connections with 1001")
+                app.stop()
+                break
+
+
+def _leaf(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of one of ``kinds`` inside (nested) exception groups."""
+    if isinstance(error, kinds):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _leaf(inner, kinds)
+            if found is not None:
+                return found
+    return None

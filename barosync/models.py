@@ -1,0 +1,240 @@
+"""Calendar events and identities: attrs models, cattrs (un)structuring, validation.
+
+Validation is plain code with no IO so that the protocol layer, REST and plugins all
+reject the same things with the same words. Errors name the wire field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+MAX_ID_CHARS = 128
+MAX_TITLE_CHARS = 500
+MAX_TEXT_CHARS = 10_000
+MAX_ATTENDEES = 1_000
+MAX_ATTENDEE_CHARS = 320
+MAX_COLOR_CHARS = 32
+
+ALL_PROJECTS = "*"
+
+
+class ValidationError(Exception):
+    """A field of a client's message is not acceptable."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@attrs.define
+class Event:
+    """One calendar event as stored and as sent on the wire (camelCase there)."""
+
+    id: str
+    project_id: str
+    title: str
+    start_date: str
+    end_date: str
+    description: str | None = None
+    all_day: bool = False
+    location: str | None = None
+    attendees: list[str] = attrs.field(factory=list)
+    color: str | None = None
+    # Server-owned: whatever a client sends for these is ignored.
+    version: int = 0
+    created_at: int = 0
+    updated_at: int = 0
+    created_by: str = ""
+    updated_by: str = ""
+
+
+@attrs.frozen
+class Identity:
+    """Who is on the other end, as established by an auth plugin (never the client)."""
+
+    user_id: str
+    name: str
+    projects: frozenset[str] | str  # a set of project ids, or ALL_PROJECTS
+    expires_at: float | None = None
+    avatar: str | None = None
+    color: str | None = None
+
+    def may_access(self, project_id: str) -> bool:
+        return self.projects == ALL_PROJECTS or project_id in self.projects
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+converter = cattrs.Converter()
+_renames = {a.name: override(rename=_camel(a.name)) for a in attrs.fields(Event)}
+converter.register_unstructure_hook(
+    Event, make_dict_unstructure_fn(Event, converter, **_renames)
+)
+converter.register_structure_hook(Event, make_dict_structure_fn(Event, converter, **_renames))
+
+# wire name -> attribute name, for the fields a client may set
+CLIENT_FIELDS = {
+    "title": "title",
+    "description": "description",
+    "startDate": "start_date",
+    "endDate": "end_date",
+    "allDay": "all_day",
+    "location": "location",
+    "attendees": "attendees",
+    "color": "color",
+}
+REQUIRED_ON_CREATE = ("title", "startDate", "endDate")
+
+
+def event_to_wire(event: Event) -> dict[str, Any]:
+    return converter.unstructure(event)
+
+
+def event_from_wire(data: dict[str, Any]) -> Event:
+    """Load an event this server stored (trusted, already valid)."""
+    return converter.structure(data, Event)
+
+
+def check_id(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "must be a non-empty string")
+    if len(value) > MAX_ID_CHARS:
+        raise ValidationError(field, f"must be at most {MAX_ID_CHARS} characters")
+    if "\0" in value:
+        raise ValidationError(field, "must not contain NUL characters")
+    return value
+
+
+def _optional_text(value: Any, field: str, limit: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a string or null")
+    if len(value) > limit:
+        raise ValidationError(field, f"must be at most {limit} characters")
+    return value
+
+
+def _parse_instant(value: Any, field: str) -> datetime:
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be an ISO 8601 date or date-time string")
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), datetime.min.time())
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError(
+            field, f"must be an ISO 8601 date or date-time (e.g. 2026-01-31T09:00:00Z), got {value!r}"
+        ) from None
+
+
+def _check_field(wire: str, value: Any) -> Any:
+    if wire == "title":
+        if not isinstance(value, str) or not value.strip():
+            raise ValidationError("title", "is required: a non-empty string")
+        if len(value) > MAX_TITLE_CHARS:
+            raise ValidationError("title", f"must be at most {MAX_TITLE_CHARS} characters")
+        return value
+    if wire in ("description", "location"):
+        return _optional_text(value, wire, MAX_TEXT_CHARS)
+    if wire == "color":
+        return _optional_text(value, wire, MAX_COLOR_CHARS)
+    if wire in ("startDate", "endDate"):
+        _parse_instant(value, wire)
+        return value
+    if wire == "allDay":
+        if not isinstance(value, bool):
+            raise ValidationError("allDay", "must be true or false")
+        return value
+    if wire == "attendees":
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValidationError("attendees", "must be a list of strings")
+        if len(value) > MAX_ATTENDEES:
+            raise ValidationError("attendees", f"must have at most {MAX_ATTENDEES} entries")
+        for item in value:
+            if not isinstance(item, str) or not item or len(item) > MAX_ATTENDEE_CHARS:
+                raise ValidationError(
+                    "attendees", f"must be a list of non-empty strings of at most {MAX_ATTENDEE_CHARS} characters"
+                )
+        # Order kept, duplicates dropped: attendees behave as a set.
+        return list(dict.fromkeys(value))
+    raise AssertionError(wire)
+
+
+def _check_dates(start: str, end: str) -> None:
+    s = _parse_instant(start, "startDate")
+    e = _parse_instant(end, "endDate")
+    if (s.tzinfo is None) != (e.tzinfo is None):
+        raise ValidationError("endDate", "startDate and endDate must both have a UTC offset or both have none")
+    if e < s:
+        raise ValidationError("endDate", "must not be before startDate")
+
+
+def new_event(payload: dict[str, Any], *, user_id: str, now_ms: int) -> Event:
+    """Validate a client's `event:create` payload into a version-1 event."""
+    event_id = check_id(payload["id"], "id") if payload.get("id") is not None else uuid.uuid4().hex
+    project_id = check_id(payload.get("projectId"), "projectId")
+    for wire in REQUIRED_ON_CREATE:
+        if payload.get(wire) is None:
+            raise ValidationError(wire, "is required")
+    fields = {
+        CLIENT_FIELDS[wire]: _check_field(wire, payload[wire])
+        for wire in CLIENT_FIELDS
+        if wire in payload and not (payload[wire] is None and wire in ("allDay",))
+    }
+    _check_dates(fields["start_date"], fields["end_date"])
+    return Event(
+        id=event_id,
+        project_id=project_id,
+        version=1,
+        created_at=now_ms,
+        updated_at=now_ms,
+        created_by=user_id,
+        updated_by=user_id,
+        **fields,
+    )
+
+
+def changed_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate the fields an `event:update` changes (wire names -> checked values)."""
+    changes = {}
+    for wire in CLIENT_FIELDS:
+        if wire in payload:
+            value = payload[wire]
+            if value is None and wire in REQUIRED_ON_CREATE:
+                raise ValidationError(wire, "cannot be cleared")
+            changes[wire] = _check_field(wire, value) if value is not None or wire == "attendees" else None
+            if wire == "allDay" and value is None:
+                changes[wire] = False
+    return changes
+
+
+def apply_changes(event: Event, changes: dict[str, Any], *, user_id: str, now_ms: int) -> Event:
+    """The stored event with a client's checked changes applied, one version later."""
+    updated = attrs.evolve(
+        event,
+        version=event.version + 1,
+        updated_at=now_ms,
+        updated_by=user_id,
+        **{CLIENT_FIELDS[wire]: value for wire, value in changes.items()},
+    )
+    _check_dates(updated.start_date, updated.end_date)
+    return updated
+
+
+def check_version(value: Any, field: str = "version") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(field, "must be a non-negative integer")
+    return value

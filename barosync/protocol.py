@@ -1,0 +1,200 @@
+"""Wire protocol v1: envelope parsing, validation and encoding. No IO, no trio.
+
+Outgoing messages are encoded once into complete server frames (JSON plus the
+unmasked WebSocket header); the same bytes then go to every recipient.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import attrs
+import orjson
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import TextMessage
+
+from .models import ValidationError, check_id
+
+PROTOCOL_VERSION = 1
+
+# Client message types. Those in ACKED carry an `id` the answer refers to.
+PING = "ping"
+ACK = "ack"
+SUBSCRIBE = "subscribe"
+UNSUBSCRIBE = "unsubscribe"
+EVENT_CREATE = "event:create"
+EVENT_UPDATE = "event:update"
+EVENT_DELETE = "event:delete"
+USER_CURSOR = "user:cursor"
+AUTH_REFRESH = "auth:refresh"
+
+CLIENT_TYPES = frozenset(
+    {PING, ACK, SUBSCRIBE, UNSUBSCRIBE, EVENT_CREATE, EVENT_UPDATE, EVENT_DELETE, USER_CURSOR, AUTH_REFRESH}
+)
+MUTATIONS = frozenset({EVENT_CREATE, EVENT_UPDATE, EVENT_DELETE})
+ACKED = frozenset({SUBSCRIBE, UNSUBSCRIBE, AUTH_REFRESH}) | MUTATIONS
+
+# Server -> client change messages, by what happened to the event.
+CHANGE_TYPES = {"create": "event:created", "update": "event:updated", "delete": "event:deleted"}
+
+# Error codes carried in `error` envelopes.
+E_BAD_JSON = "bad_json"
+E_BAD_ENVELOPE = "bad_envelope"
+E_UNKNOWN_TYPE = "unknown_type"
+E_INVALID = "invalid"
+E_FORBIDDEN = "forbidden"
+E_NOT_FOUND = "not_found"
+E_EXISTS = "exists"
+E_NOT_SUBSCRIBED = "not_subscribed"
+E_RATE_LIMITED = "rate_limited"
+E_INTERNAL = "internal"
+
+# Close codes of the contract.
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_BIG = 1009
+CLOSE_TOKEN_INVALID = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_TOO_SLOW = 4008
+CLOSE_HEARTBEAT = 4000
+
+
+class ProtocolError(Exception):
+    """A client message the server refuses; becomes an `error` envelope."""
+
+    def __init__(self, code: str, message: str, *, ref: str | None = None, field: str | None = None) -> None:
+        self.code = code
+        self.message = message
+        self.ref = ref
+        self.field = field
+        super().__init__(message)
+
+    def payload(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message, "ref": self.ref}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+@attrs.frozen(slots=True)
+class Envelope:
+    type: str
+    id: str | None
+    payload: dict[str, Any]
+    timestamp: float | None = None
+
+
+def decode_envelope(data: str | bytes) -> Envelope:
+    """Parse one client frame. Raises ProtocolError with the best `ref` it can find."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(E_BAD_JSON, f"frame is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(E_BAD_ENVELOPE, "frame must be a JSON object (an envelope)")
+    msg_id = raw.get("id")
+    ref = msg_id if isinstance(msg_id, str) and len(msg_id) <= 128 else None
+    msg_type = raw.get("type")
+    if not isinstance(msg_type, str):
+        raise ProtocolError(E_BAD_ENVELOPE, "envelope needs a string `type`", ref=ref, field="type")
+    if msg_type not in CLIENT_TYPES:
+        raise ProtocolError(
+            E_UNKNOWN_TYPE, f"unknown message type {msg_type[:64]!r}", ref=ref, field="type"
+        )
+    if msg_id is not None or msg_type in ACKED:
+        try:
+            msg_id = check_id(msg_id, "id")
+        except ValidationError as e:
+            if msg_type == ACK and msg_id is None:
+                pass
+            else:
+                raise ProtocolError(
+                    E_BAD_ENVELOPE, f"envelope `id` {e.message} (required for {msg_type})", ref=ref, field="id"
+                ) from None
+    payload = raw.get("payload")
+    if payload is None:
+        payload = {}
+    elif not isinstance(payload, dict):
+        if msg_type == PING:
+            payload = {}
+        else:
+            raise ProtocolError(E_BAD_ENVELOPE, "`payload` must be a JSON object", ref=ref, field="payload")
+    timestamp = raw.get("timestamp")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+        timestamp = None
+    return Envelope(msg_type, msg_id, payload, timestamp)
+
+
+@attrs.frozen(slots=True)
+class Subscribe:
+    project_id: str
+    since: int | None
+
+
+def parse_subscribe(payload: dict[str, Any], ref: str | None) -> Subscribe:
+    project_id = parse_project(payload, ref)
+    since = payload.get("since")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise ProtocolError(E_INVALID, "`since` must be a non-negative integer seq", ref=ref, field="since")
+    return Subscribe(project_id, since)
+
+
+def parse_project(payload: dict[str, Any], ref: str | None) -> str:
+    try:
+        return check_id(payload.get("projectId"), "projectId")
+    except ValidationError as e:
+        raise ProtocolError(E_INVALID, f"`projectId` {e.message}", ref=ref, field="projectId") from None
+
+
+# -- encoding -------------------------------------------------------------------
+
+# Server-originated message ids: unique per process start, cheap to make.
+_BOOT = os.urandom(4).hex()
+_counter = itertools.count(1)
+
+
+def next_id() -> str:
+    return f"{_BOOT}-{next(_counter)}"
+
+
+# A server-side wsproto connection used only to produce frame bytes. Server frames
+# are unmasked and carry no per-connection state, so one encoder serves everyone.
+_FRAMER = Connection(ConnectionType.SERVER)
+
+
+def text_frame(text: str) -> bytes:
+    return _FRAMER.send(TextMessage(data=text))
+
+
+def encode(
+    msg_type: str,
+    payload: Any = None,
+    *,
+    id: str | None = None,
+    timestamp: int | None = None,
+    **extra: Any,
+) -> bytes:
+    """One server message as JSON bytes. Extra keys (seq, projectId, userId,
+    version) are included when not None."""
+    body: dict[str, Any] = {"type": msg_type, "id": id if id is not None else next_id(), "payload": payload if payload is not None else {}}
+    if timestamp is not None:
+        body["timestamp"] = timestamp
+    for key, value in extra.items():
+        if value is not None:
+            body[key] = value
+    return orjson.dumps(body)
+
+
+def frame(msg_type: str, payload: Any = None, **kw: Any) -> bytes:
+    """encode() and wrap it in a complete server text frame."""
+    return text_frame(encode(msg_type, payload, **kw).decode())
+
+
+def ack_frame(ref: str, payload: Any = None) -> bytes:
+    # An ack answers a client message and reuses its id, as the seed client expects.
+    return frame(ACK, payload, id=ref)
+
+
+def error_frame(err: ProtocolError) -> bytes:
+    return frame("error", err.payload())

@@ -1,0 +1,252 @@
+"""The server: one trio nursery, one port for HTTP (h11) and WebSocket (wsproto).
+
+``serve()`` binds, calls ``task_status.started(app)`` (so tests can bind port 0 and
+read ``app.port``), and runs until ``app.stop()``: then it stops accepting, closes
+every WebSocket with 1001, lets the writer commit what it has, and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import orjson
+import trio
+from wsproto.connection import Connection, ConnectionType
+from wsproto.utilities import generate_accept_token
+
+from . import __version__, protocol
+from .config import Config, ensure_secret
+from .hub import Hub
+from .models import Identity
+from .plugins import pm
+from .session import Session
+from .store import Store, Writer
+
+log = logging.getLogger("barosync.server")
+
+# A client has this long to send a complete request head (slow-loris guard).
+REQUEST_TIMEOUT = 10.0
+MAX_REQUEST_HEAD = 16 * 1024
+# After SIGTERM, how long connections get to take their 1001 close.
+SHUTDOWN_GRACE = 5.0
+
+
+class App:
+    """Everything one running server holds."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pm = pm
+        self.store = Store(config.data_dir, map_size=config.map_size)
+        self.hub = Hub(pm.hook)
+        self.writer = Writer(self.store, self.hub.on_outcome)
+        self.sessions: set[Session] = set()
+        self.port: int = 0
+        self.started_at = time.time()
+        self._stop = trio.Event()
+        self._sessions_gone = trio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def authenticate(self, token: str) -> Identity | None:
+        try:
+            return self.pm.hook.barosync_authenticate(token=token, config=self.config)
+        except Exception:
+            log.exception("auth plugin failed")
+            return None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "connections": len(self.sessions),
+            "rooms": len(self.hub.rooms),
+            "commits": self.writer.batches,
+            "mutations": self.writer.committed,
+            "uptime": round(time.time() - self.started_at, 3),
+        }
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
+    config = config.with_overrides(secret=ensure_secret(config))
+    app = App(config)
+    try:
+        async with trio.open_nursery() as root:
+            await root.start(app.writer.run)
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+            app.port = listeners[0].socket.getsockname()[1]
+            pm.hook.barosync_startup(config=config)
+            async with trio.open_nursery() as connections:
+                accepting = trio.CancelScope()
+                connections.start_soon(_accept, app, listeners, connections, accepting)
+                task_status.started(app)
+                await app._stop.wait()
+                accepting.cancel()
+                await _close_sessions(app)
+                connections.cancel_scope.cancel()
+            pm.hook.barosync_shutdown(config=config)
+            app.writer.close()
+    finally:
+        app.store.close()
+
+
+async def _accept(app: App, listeners: list[trio.SocketListener], nursery: trio.Nursery, scope: trio.CancelScope) -> None:
+    with scope:
+        await trio.serve_listeners(lambda stream: _handle(app, stream), listeners, handler_nursery=nursery)
+
+
+async def _close_sessions(app: App) -> None:
+    for session in list(app.sessions):
+        session.close(protocol.CLOSE_GOING_AWAY, "server going away: reconnect")
+    with trio.move_on_after(SHUTDOWN_GRACE):
+        while app.sessions:
+            await app._sessions_gone.wait()
+            app._sessions_gone = trio.Event()
+
+
+# -- HTTP -----------------------------------------------------------------------------
+
+
+def _response(conn: h11.Connection, status: int, body: Any, content_type: bytes = b"application/json", extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode()), (b"server", b"barosync/" + __version__.encode())]
+    headers += extra or []
+    return conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage())
+
+
+def _json_error(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"error": code, "message": message}
+
+
+async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(MAX_REQUEST_HEAD)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                return event
+            return None
+    return None
+
+
+async def _handle(app: App, stream: trio.SocketStream) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    try:
+        while True:
+            try:
+                request = await _read_request(conn, stream)
+            except h11.RemoteProtocolError as e:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await stream.send_all(_response(conn, e.error_status_hint, _json_error(e.error_status_hint, "bad_request", f"malformed HTTP request: {e}")))
+                return
+            if request is None:
+                return
+            target = urlsplit(request.target.decode("latin-1"))
+            if target.path == "/ws":
+                session = await _upgrade(app, conn, stream, request, target.query)
+                if session is not None:
+                    await _run_session(app, session)
+                    return
+            else:
+                # Drain any request body before answering (h11 insists on order).
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(MAX_REQUEST_HEAD))
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                    elif not isinstance(event, h11.Data):
+                        return
+                await stream.send_all(_route(app, conn, request, target.path))
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            if conn.our_state is h11.SWITCHED_PROTOCOL:
+                return
+            conn.start_next_cycle()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def _route(app: App, conn: h11.Connection, request: h11.Request, path: str) -> bytes:
+    method = request.method
+    if path == "/healthz":
+        if method not in (b"GET", b"HEAD"):
+            return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /healthz"), extra=[(b"allow", b"GET, HEAD")])
+        return _response(conn, 200, app.health())
+    return _response(conn, 404, _json_error(404, "not_found", f"no such resource {path!r}; the WebSocket endpoint is /ws"))
+
+
+def _headers(request: h11.Request) -> dict[bytes, bytes]:
+    return {name.lower(): value for name, value in request.headers}
+
+
+async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, query: str) -> Session | None:
+    headers = _headers(request)
+    if request.method != b"GET":
+        await stream.send_all(_response(conn, 405, _json_error(405, "method_not_allowed", "/ws takes a GET WebSocket upgrade"), extra=[(b"allow", b"GET")]))
+        return None
+    key = headers.get(b"sec-websocket-key")
+    upgrade = headers.get(b"upgrade", b"").lower()
+    if upgrade != b"websocket" or key is None or headers.get(b"sec-websocket-version") != b"13":
+        await stream.send_all(_response(conn, 426, _json_error(426, "upgrade_required", "/ws is a WebSocket endpoint (RFC 6455, version 13)"), extra=[(b"upgrade", b"websocket")]))
+        return None
+    token = _token(headers, query)
+    identity = app.authenticate(token) if token else None
+    if identity is None:
+        message = "missing token: pass ?token=... or an Authorization: Bearer header" if not token else "token invalid or expired"
+        await stream.send_all(_response(conn, 401, _json_error(401, "unauthorized", message), extra=[(b"www-authenticate", b"Bearer")]))
+        return None
+    response = conn.send(h11.InformationalResponse(status_code=101, headers=[
+        (b"upgrade", b"websocket"),
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-accept", generate_accept_token(key)),
+    ]))
+    trailing, _closed = conn.trailing_data
+    ws = Connection(ConnectionType.SERVER, trailing_data=bytes(trailing))
+    session = Session(app, stream, ws, identity)
+    # The 101 must be the first bytes of the connection's outbox, then hello.
+    session.send_frame(response)
+    config = app.config
+    session.send_frame(protocol.frame("hello", {
+        "sessionId": session.id,
+        "protocol": protocol.PROTOCOL_VERSION,
+        "serverVersion": __version__,
+        "user": {"id": identity.user_id, "name": identity.name, "avatar": identity.avatar, "color": identity.color},
+        "heartbeat": {"interval": int(config.heartbeat_interval * 1000), "timeout": int(config.heartbeat_timeout * 1000)},
+        "maxMessageBytes": config.max_message_bytes,
+        "tokenExpiresAt": int(identity.expires_at * 1000) if identity.expires_at and math.isfinite(identity.expires_at) else None,
+    }))
+    return session
+
+
+def _token(headers: dict[bytes, bytes], query: str) -> str | None:
+    auth = headers.get(b"authorization", b"")
+    if auth[:7].lower() == b"bearer ":
+        return auth[7:].strip().decode("latin-1") or None
+    values = parse_qs(query).get("token")
+    return values[0] if values else None
+
+
+async def _run_session(app: App, session: Session) -> None:
+    app.sessions.add(session)
+    ident = session.identity
+    log.info("session=%s user=%s connected", session.id, ident.user_id)
+    pm.hook.barosync_connect(session_id=session.id, identity=ident)
+    try:
+        await session.run()
+    finally:
+        app.sessions.discard(session)
+        app._sessions_gone.set()
+        log.info("session=%s user=%s disconnected code=%s unacked=%d", session.id, ident.user_id, session.close_code, len(session.unacked))
+        pm.hook.barosync_disconnect(session_id=session.id, identity=ident, close_code=session.close_code)

@@ -1,0 +1,404 @@
+"""One WebSocket connection: a nursery with a reader, a writer and a heartbeat task.
+
+Sending is the hot path of fan-out. When a connection's outbox is empty a frame is
+written straight to a non-blocking duplicate of its socket, with no task switch;
+what does not go out at once waits in a bounded outbox that the writer task drains
+in one write when the socket is writable. A connection whose outbox passes its byte
+cap is closed with 4008: it resumes with ``since`` and loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import orjson
+import trio
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import LocalProtocolError
+
+from . import protocol
+from .models import Identity, ValidationError, changed_fields, check_id, check_version, new_event
+from .protocol import Envelope, ProtocolError
+from .store import Mutation, Outcome, now_ms
+
+if TYPE_CHECKING:
+    from .server import App
+
+log = logging.getLogger("barosync.session")
+
+RECEIVE_BYTES = 64 * 1024
+# How long a closing connection waits for the peer's close frame / its last bytes.
+CLOSE_TIMEOUT = 5.0
+# Unacked server messages remembered per connection; beyond it the oldest are
+# forgotten (and counted), so a client that never acks cannot grow memory.
+MAX_UNACKED = 10_000
+MAX_SUBSCRIPTIONS = 100
+
+ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", protocol.EVENT_DELETE: "delete"}
+
+
+class Session:
+    def __init__(self, app: "App", stream: trio.SocketStream, ws: Connection, identity: Identity) -> None:
+        self.app = app
+        self.id = protocol.next_id()
+        self.identity = identity
+        self._stream = stream
+        self._ws = ws
+        # Writes go through a non-blocking duplicate of the socket so a delivery is a
+        # plain send() call; reads stay on the trio stream.
+        self._sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        self._sock.setblocking(False)
+        self._outbox: deque[bytes | memoryview] = deque()
+        self._outbox_bytes = 0
+        self._outbox_limit = app.config.outbox_bytes
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closing = False
+        self._close_deadline = float("inf")
+        self._nursery: trio.Nursery | None = None
+        self._parts: list[str] = []
+        self._parts_bytes = 0
+        self.close_code: int | None = None
+        self.subscriptions: set[str] = set()
+        self.unacked: dict[str, None] = {}
+        self.unacked_dropped = 0
+        self.last_recv = trio.current_time()
+        self._handlers: dict[str, Callable[[Envelope], Awaitable[None]]] = {
+            protocol.PING: self._on_ping,
+            protocol.SUBSCRIBE: self._on_subscribe,
+            protocol.UNSUBSCRIBE: self._on_unsubscribe,
+            protocol.EVENT_CREATE: self._on_mutation,
+            protocol.EVENT_UPDATE: self._on_mutation,
+            protocol.EVENT_DELETE: self._on_mutation,
+            protocol.USER_CURSOR: self._on_cursor,
+            protocol.AUTH_REFRESH: self._on_auth_refresh,
+        }
+
+    # -- sending (hot path) ------------------------------------------------------------
+
+    def deliver(self, frame: bytes, msg_id: str) -> None:
+        """Send a server message the client is expected to ack."""
+        unacked = self.unacked
+        unacked[msg_id] = None
+        if len(unacked) > MAX_UNACKED:
+            del unacked[next(iter(unacked))]
+            self.unacked_dropped += 1
+        self.send_frame(frame)
+
+    def send_frame(self, frame: bytes) -> None:
+        if self._closing:
+            return
+        if self._outbox:
+            self._queue(frame)
+            return
+        try:
+            sent = self._sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._abort()
+            return
+        if sent < len(frame):
+            self._queue(memoryview(frame)[sent:])
+            self._lot.unpark()
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        if self._outbox_bytes > self._outbox_limit:
+            self._too_slow()
+
+    def _too_slow(self) -> None:
+        log.info("session=%s user=%s closed: too slow (outbox %d bytes)", self.id, self.identity.user_id, self._outbox_bytes)
+        # Keep a frame that is already half on the wire, drop the rest: the client
+        # gets what it missed from the changelog when it resumes with `since`.
+        head = self._outbox[0] if self._outbox and isinstance(self._outbox[0], memoryview) else None
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        if head is not None:
+            self._outbox.append(head)
+            self._outbox_bytes = len(head)
+        self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start a clean close: the close frame goes after what is queued, nothing
+        after it. Idempotent; safe to call from anywhere on the event loop."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_code = code
+        self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
+        try:
+            data = self._ws.send(CloseConnection(code=code, reason=reason))
+        except LocalProtocolError:
+            data = b""
+        if data:
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
+        self._lot.unpark()
+
+    def _abort(self) -> None:
+        self._closing = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- the connection's tasks ----------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._heartbeat)
+        finally:
+            self._closing = True
+            self.app.hub.leave_all(self, self.subscriptions)
+            self.subscriptions.clear()
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                if not self._outbox:
+                    if self._closing:
+                        return
+                    await self._lot.park()
+                    continue
+                await trio.lowlevel.wait_writable(self._sock)
+                outbox = self._outbox
+                data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+                try:
+                    sent = self._sock.send(data)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                outbox.clear()
+                if sent < len(data):
+                    rest = memoryview(data)[sent:]
+                    outbox.append(rest)
+                    self._outbox_bytes = len(rest)
+                else:
+                    self._outbox_bytes = 0
+        finally:
+            # Once the close frame is out (or the socket broke) the connection is over.
+            if self._closing or not self._outbox:
+                self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+
+    async def _heartbeat(self) -> None:
+        timeout = self.app.config.heartbeat_timeout
+        while True:
+            now = trio.current_time()
+            if self._closing and now >= self._close_deadline:
+                self._abort()
+                return
+            expires = self.identity.expires_at
+            if expires is not None and not self._closing and time.time() >= expires:
+                self.close(protocol.CLOSE_TOKEN_INVALID, "token expired: reconnect with a fresh token")
+                continue
+            if not self._closing and now >= self.last_recv + timeout:
+                log.info("session=%s user=%s closed: heartbeat timeout", self.id, self.identity.user_id)
+                self.close(protocol.CLOSE_HEARTBEAT, "heartbeat timeout")
+                continue
+            deadline = self.last_recv + timeout
+            if expires is not None:
+                deadline = min(deadline, now + max(0.0, expires - time.time()))
+            if self._closing:
+                deadline = min(deadline, self._close_deadline)
+            await trio.sleep_until(deadline)
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    break
+                self.last_recv = trio.current_time()
+                self._ws.receive_data(data)
+                for event in self._ws.events():
+                    if isinstance(event, TextMessage):
+                        if self._closing:
+                            continue
+                        if not self._add_part(event.data):
+                            continue
+                        if event.message_finished:
+                            text = "".join(self._parts) if len(self._parts) > 1 else self._parts[0]
+                            self._parts.clear()
+                            self._parts_bytes = 0
+                            await self._on_text(text)
+                    elif isinstance(event, CloseConnection):
+                        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                            # The peer closes: answer its close frame, let the writer
+                            # flush it, and end.
+                            reply = self._ws.send(event.response())
+                            self._send_final(reply, event.code)
+                        else:
+                            # wsproto reports a protocol violation this way, or the
+                            # peer is answering the close we started.
+                            self.close(event.code, event.reason or "")
+                        return
+                    elif isinstance(event, Ping):
+                        self.send_frame(self._ws.send(event.response()))
+                    elif isinstance(event, BytesMessage):
+                        if event.message_finished and not self._closing:
+                            self.send_frame(protocol.error_frame(ProtocolError(
+                                protocol.E_BAD_ENVELOPE, "binary frames are not understood: send JSON text frames")))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except LocalProtocolError:
+            pass
+        # End of stream without a close frame: nothing more can be said.
+        self._abort()
+
+    def _send_final(self, data: bytes, code: int | None) -> None:
+        if not self._closing:
+            self.send_frame(data)
+            self._closing = True
+            self.close_code = code
+            self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
+            self._lot.unpark()
+
+    def _add_part(self, text: str) -> bool:
+        # Frames are counted in characters after decoding; the limit is about memory,
+        # and UTF-8 never makes a string longer than its bytes.
+        self._parts_bytes += len(text)
+        if self._parts_bytes > self.app.config.max_message_bytes:
+            self._parts.clear()
+            self.close(protocol.CLOSE_TOO_BIG, f"message larger than {self.app.config.max_message_bytes} bytes")
+            return False
+        self._parts.append(text)
+        return True
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            envelope = protocol.decode_envelope(text)
+            if envelope.type == protocol.ACK:
+                if envelope.id is not None:
+                    self.unacked.pop(envelope.id, None)
+                return
+            await self._handlers[envelope.type](envelope)
+        except ProtocolError as e:
+            self.send_frame(protocol.error_frame(e))
+        except ValidationError as e:
+            self.send_frame(protocol.error_frame(ProtocolError(
+                protocol.E_INVALID, f"`{e.field}` {e.message}", ref=None, field=e.field)))
+
+    async def _on_ping(self, env: Envelope) -> None:
+        self.send_frame(protocol.frame("pong", {}, timestamp=env.timestamp if env.timestamp is not None else now_ms()))
+
+    def _authorize(self, action: str, project_id: str, ref: str | None) -> None:
+        allowed = self.app.pm.hook.barosync_authorize(identity=self.identity, action=action, project_id=project_id)
+        if not allowed:
+            raise ProtocolError(protocol.E_FORBIDDEN, f"not allowed to {action} in project {project_id!r}", ref=ref)
+
+    async def _on_subscribe(self, env: Envelope) -> None:
+        sub = protocol.parse_subscribe(env.payload, env.id)
+        self._authorize("subscribe", sub.project_id, env.id)
+        if sub.project_id not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+            raise ProtocolError(protocol.E_INVALID, f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection", ref=env.id)
+        app = self.app
+        # A commit for this project may be durable but not yet fanned out; reading the
+        # changelog now and joining the room later could then deliver it twice.
+        await app.writer.wait_idle(sub.project_id)
+        if self._closing:
+            return
+        # From here to join() nothing awaits: no change can slip between the read
+        # and the join, so the client sees every seq exactly once.
+        if sub.project_id in self.subscriptions:
+            app.hub.leave(self, sub.project_id)
+        missed = app.store.changes_since(sub.project_id, sub.since) if sub.since is not None else None
+        if missed is None:
+            seq, events = app.store.snapshot(sub.project_id)
+            self.send_frame(protocol.ack_frame(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "snapshot"}))
+            snapshot_id = protocol.next_id()
+            self.deliver(protocol.frame("sync:snapshot", {
+                "projectId": sub.project_id, "seq": seq, "events": events,
+                "since": sub.since,
+            }, id=snapshot_id), snapshot_id)
+        else:
+            seq = sub.since + len(missed)  # type: ignore[operator]
+            self.send_frame(protocol.ack_frame(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "changes", "count": len(missed)}))
+            for change in missed:
+                self.deliver(protocol.text_frame(change.decode()), _change_id(change))
+        app.hub.join(self, sub.project_id)
+        self.subscriptions.add(sub.project_id)
+
+    async def _on_unsubscribe(self, env: Envelope) -> None:
+        project_id = protocol.parse_project(env.payload, env.id)
+        if project_id in self.subscriptions:
+            self.subscriptions.discard(project_id)
+            self.app.hub.leave(self, project_id)
+        self.send_frame(protocol.ack_frame(env.id, {"projectId": project_id}))
+
+    async def _on_mutation(self, env: Envelope) -> None:
+        assert env.id is not None
+        try:
+            m = self.build_mutation(env)
+        except ValidationError as e:
+            raise ProtocolError(protocol.E_INVALID, f"`{e.field}` {e.message}", ref=env.id, field=e.field) from None
+        self._authorize(m.kind, m.project_id, env.id)
+        await self.app.writer.submit(m)
+
+    def build_mutation(self, env: Envelope) -> Mutation:
+        """Validate a mutation envelope into what the writer commits."""
+        assert env.id is not None
+        p = env.payload
+        kind = ACTIONS[env.type]
+        user = self.identity.user_id
+        received = now_ms()
+        common = dict(user_id=user, envelope_id=env.id, reply=self._answer, received_ms=received, origin=self)
+        if kind == "create":
+            event = new_event(p, user_id=user, now_ms=received)
+            return Mutation(kind, project_id=event.project_id, event_id=event.id, event=event, **common)  # type: ignore[arg-type]
+        event_id = check_id(p.get("id"), "id")
+        project_id = self.app.store.project_of(event_id)
+        if project_id is None:
+            raise ProtocolError(protocol.E_NOT_FOUND, f"no event {event_id!r}", ref=env.id, field="id")
+        if "projectId" in p and p["projectId"] != project_id:
+            raise ValidationError("projectId", "an event cannot move between projects")
+        if kind == "update":
+            if "version" not in p:
+                raise ValidationError("version", "is required: the version your edit is based on")
+            return Mutation(kind, project_id=project_id, event_id=event_id, base_version=check_version(p["version"]),
+                            changes=changed_fields(p), **common)  # type: ignore[arg-type]
+        version = check_version(p["version"]) if p.get("version") is not None else None
+        return Mutation(kind, project_id=project_id, event_id=event_id, base_version=version, **common)  # type: ignore[arg-type]
+
+    def _answer(self, m: Mutation, outcome: Outcome) -> None:
+        if outcome.status in ("applied", "replayed"):
+            self.send_frame(protocol.ack_frame(m.envelope_id, outcome.answer))
+        elif outcome.status == "conflict":
+            self.send_frame(protocol.frame("conflict:detected", outcome.conflict))
+        else:
+            assert outcome.error is not None
+            self.send_frame(protocol.error_frame(outcome.error))
+
+    async def _on_cursor(self, env: Envelope) -> None:
+        # Presence and cursors arrive with their own issue; refuse clearly meanwhile.
+        raise ProtocolError(protocol.E_INVALID, "user:cursor is not supported by this server yet", ref=env.id)
+
+    async def _on_auth_refresh(self, env: Envelope) -> None:
+        token = env.payload.get("token")
+        identity = self.app.authenticate(token) if isinstance(token, str) and token else None
+        if identity is None or identity.user_id != self.identity.user_id:
+            self.send_frame(protocol.error_frame(ProtocolError(
+                protocol.E_FORBIDDEN, "auth:refresh needs a valid token for the same user", ref=env.id)))
+            self.close(protocol.CLOSE_TOKEN_INVALID, "token invalid")
+            return
+        self.identity = identity
+        self.send_frame(protocol.ack_frame(env.id, {"expiresAt": identity.expires_at}))
+
+
+def _change_id(change: bytes) -> str:
+    return orjson.loads(change)["id"]

@@ -1,0 +1,709 @@
+"""barosync bench load generator: many WebSocket clients in one epoll loop.
+
+A deliberately minimal RFC 6455 client over raw non-blocking sockets, so that the
+benchmark measures the server and not the client:
+
+* one ``select.epoll`` loop, one ``recv`` per readable socket per turn, every frame in
+  the buffer parsed at once, and everything the client has to say back (acks, new
+  creates) joined into a single ``send``;
+* client frames are masked (the mask bit is set, as RFC 6455 requires) with the
+  all-zero key, so the payload goes out unchanged and masking costs nothing;
+* messages are parsed with orjson.
+
+Clients behave like the seed browser client: they ack (``{"type":"ack","id":…}``)
+every server message that carries an ``id`` and is not an ``ack`` or ``pong``, answer
+WebSocket pings, and send a JSON ``ping`` every ``ping_interval`` seconds.
+
+It is driven by ``bench/run.py``: the configuration is one JSON argument; progress
+and results are JSON lines on stdout; commands come as lines on stdin:
+
+* it connects and subscribes every client, then prints ``{"event": "ready", …}``;
+* ``go`` starts the measured phase (writers write for ``duration`` seconds, then it
+  drains) and ends with ``{"event": "done", …}``;
+* ``quit`` (or EOF) closes everything and exits.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import resource
+import select
+import socket
+import sys
+import time
+
+import orjson
+
+loads = orjson.loads
+dumps = orjson.dumps
+monotonic_ns = time.monotonic_ns
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR | select.EPOLLHUP
+
+MASK0 = b"\0\0\0\0"
+# Header of a masked FIN text frame, by payload length (< 126).
+_HDR_SMALL = [bytes((0x81, 0x80 | n)) + MASK0 for n in range(126)]
+WS_KEY = base64.b64encode(b"barosync-bench!!").decode()
+
+CONNECTING, HANDSHAKE, OPEN, CLOSED = range(4)
+
+# Latency samples (µs) kept per process; beyond this we keep every k-th one.
+MAX_SAMPLES = 400_000
+
+
+def text_frame(payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return _HDR_SMALL[n] + payload
+    if n < 65536:
+        return b"\x81\xfe" + n.to_bytes(2, "big") + MASK0 + payload
+    return b"\x81\xff" + n.to_bytes(8, "big") + MASK0 + payload
+
+
+def ctrl_frame(opcode: int, payload: bytes = b"") -> bytes:
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + MASK0 + payload
+
+
+def ack_frame(mid) -> bytes:
+    return text_frame(b'{"type":"ack","id":' + dumps(mid) + b"}")
+
+
+def uuidish(prefix: int, n: int) -> str:
+    """A cheap, unique, UUID-shaped string (valid UUID syntax)."""
+    return f"{prefix:08x}-0000-4000-8000-{n:012x}"
+
+
+def emit(obj) -> None:
+    sys.stdout.buffer.write(dumps(obj) + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def progress(msg: str) -> None:
+    emit({"event": "progress", "msg": msg})
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class Samples:
+    """Latency samples in µs with exact count/max and a bounded sample list."""
+
+    __slots__ = ("values", "count", "max", "stride", "_skip")
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+        self.count = 0
+        self.max = 0
+        self.stride = 1
+        self._skip = 0
+
+    def add(self, us: int) -> None:
+        self.count += 1
+        if us > self.max:
+            self.max = us
+        if self.stride == 1:
+            self.values.append(us)
+            if len(self.values) >= MAX_SAMPLES:
+                self.values = self.values[::2]
+                self.stride = 2
+        else:
+            self._skip += 1
+            if self._skip >= self.stride:
+                self._skip = 0
+                self.values.append(us)
+                if len(self.values) >= MAX_SAMPLES:
+                    self.values = self.values[::2]
+                    self.stride *= 2
+
+    def export(self) -> dict:
+        return {"count": self.count, "max": self.max, "stride": self.stride, "values": self.values}
+
+
+class Client:
+    __slots__ = (
+        "idx", "sock", "fd", "state", "rbuf", "wbuf", "frag", "project", "token",
+        "writer", "mode", "window", "rate", "next_send", "inflight", "sub_id",
+        "subscribed", "last_seq", "attempts", "next_ping", "t_start",
+    )
+
+    def __init__(self, idx: int, project: str, token: str, writer: bool, mode: str,
+                 window: int, rate: float) -> None:
+        self.idx = idx
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.state = CLOSED
+        self.rbuf = b""
+        self.wbuf: bytearray | None = None
+        self.frag: list[bytes] | None = None
+        self.project = project
+        self.token = token
+        self.writer = writer
+        self.mode = mode
+        self.window = window
+        self.rate = rate
+        self.next_send = 0
+        self.inflight: dict[str, int] = {}
+        self.sub_id = ""
+        self.subscribed = False
+        self.last_seq = -1
+        self.attempts = 0
+        self.next_ping = 0
+        self.t_start = 0
+
+
+class LoadGen:
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.host = cfg["host"]
+        self.port = cfg["port"]
+        self.proc_id = int(cfg.get("proc_id", 0))
+        self.connect_window = int(cfg.get("connect_window", 200))
+        self.ping_interval_ns = int(float(cfg.get("ping_interval", 15.0)) * 1e9)
+        self.duration_ns = int(float(cfg.get("duration", 0)) * 1e9)
+        self.drain_idle_ns = int(float(cfg.get("drain_idle", 0.5)) * 1e9)
+        self.drain_max_ns = int(float(cfg.get("drain_max", 10.0)) * 1e9)
+        self.setup_timeout_ns = int(float(cfg.get("setup_timeout", 120.0)) * 1e9)
+        self.ep = select.epoll()
+        self.by_fd: dict[int, Client] = {}
+        self.clients: list[Client] = []
+        self.counter = 0
+        self.prefix = (self.proc_id + 1) * 0x01000000
+        for g in cfg["groups"]:
+            for _ in range(int(g["count"])):
+                self.clients.append(Client(
+                    len(self.clients), g["project"], g["token"], bool(g.get("writer")),
+                    g.get("mode", "window"), int(g.get("window", 1)), float(g.get("rate", 0.0)),
+                ))
+        self.writers = [c for c in self.clients if c.writer]
+        # phase: "setup" -> "ready" -> "run" -> "drain" -> "done"
+        self.phase = "setup"
+        self.sent_times: dict[str, int] = {}
+        # figures
+        self.connect_failures = 0
+        self.http_errors: dict[str, int] = {}
+        self.closed_unexpectedly = 0
+        self.close_codes: dict[str, int] = {}
+        self.errors = 0
+        self.error_samples: list = []
+        self.deliveries = 0
+        self.out_of_order = 0
+        self.gaps = 0
+        self.latency = Samples()
+        self.ack_latency = Samples()
+        self.creates_sent = 0
+        self.creates_acked = 0
+        self.creates_failed = 0
+        self.msgs_in = 0
+        self.acks_out = 0
+        self.other_types: dict[str, int] = {}
+        self.t_first_connect = 0
+        self.t_all_subscribed = 0
+        self.t_go = 0
+        self.t_write_end = 0
+        self.t_last_rx = 0
+        self.t_last_delivery = 0
+        self.cpu_go = 0.0
+        self.cpu_samples: list[float] = []
+        self.subscribed_count = 0
+        self.setup_pending: list[Client] = []
+        self.in_setup = 0
+        self.stdin_buf = b""
+        self.quit = False
+
+    # ---------------------------------------------------------------- helpers
+    def next_id(self) -> str:
+        self.counter += 1
+        return uuidish(self.prefix, self.counter)
+
+    def send(self, c: Client, data: bytes) -> None:
+        if c.state == CLOSED:
+            return
+        if c.wbuf:
+            c.wbuf += data
+            return
+        try:
+            k = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            k = 0
+        except OSError:
+            self.lost(c)
+            return
+        if k < len(data):
+            c.wbuf = bytearray(data[k:])
+            self.ep.modify(c.fd, EPOLLIN | EPOLLOUT)
+
+    def flush(self, c: Client) -> None:
+        try:
+            k = c.sock.send(c.wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.lost(c)
+            return
+        del c.wbuf[:k]
+        if not c.wbuf:
+            c.wbuf = None
+            self.ep.modify(c.fd, EPOLLIN)
+
+    def close(self, c: Client) -> None:
+        if c.sock is not None:
+            try:
+                self.ep.unregister(c.fd)
+            except (OSError, ValueError):
+                pass
+            self.by_fd.pop(c.fd, None)
+            c.sock.close()
+            c.sock = None
+        c.state = CLOSED
+
+    def lost(self, c: Client, code: int | None = None) -> None:
+        was_setup = not c.subscribed
+        if c.state != CLOSED and not self.quit:
+            if was_setup and c.attempts < 5 and code is None:
+                # refused / reset during setup (e.g. backlog overflow): retry
+                self.close(c)
+                self.in_setup -= 1
+                self.setup_pending.append(c)
+                return
+            self.closed_unexpectedly += 1
+            if code is not None:
+                k = str(code)
+                self.close_codes[k] = self.close_codes.get(k, 0) + 1
+            if was_setup:
+                self.in_setup -= 1
+                self.connect_failures += 1
+        self.close(c)
+
+    # ---------------------------------------------------------------- setup
+    def start_connect(self, c: Client) -> None:
+        c.attempts += 1
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.sock = s
+        c.fd = s.fileno()
+        c.state = CONNECTING
+        c.rbuf = b""
+        c.wbuf = None
+        c.t_start = monotonic_ns()
+        if not self.t_first_connect:
+            self.t_first_connect = c.t_start
+        self.by_fd[c.fd] = c
+        self.in_setup += 1
+        err = s.connect_ex((self.host, self.port))
+        if err not in (0, errno.EINPROGRESS):
+            self.ep.register(c.fd, EPOLLOUT)
+            self.lost(c)
+            return
+        self.ep.register(c.fd, EPOLLOUT)
+
+    def on_connected(self, c: Client) -> None:
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.lost(c)
+            return
+        c.state = HANDSHAKE
+        self.ep.modify(c.fd, EPOLLIN)
+        req = (
+            f"GET /ws?token={c.token} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self.send(c, req)
+
+    def on_handshake(self, c: Client, data: bytes) -> bytes | None:
+        buf = c.rbuf + data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            c.rbuf = buf
+            return None
+        status = buf[: buf.find(b"\r\n")].decode("latin-1")
+        parts = status.split(" ", 2)
+        if len(parts) < 2 or parts[1] != "101":
+            code = parts[1] if len(parts) > 1 else "?"
+            self.http_errors[code] = self.http_errors.get(code, 0) + 1
+            c.attempts = 99  # no retry for an HTTP refusal
+            self.lost(c, code=int(code) if code.isdigit() else 0)
+            return None
+        c.state = OPEN
+        c.rbuf = b""
+        c.sub_id = self.next_id()
+        c.next_ping = monotonic_ns() + self.ping_interval_ns + (c.idx * 7919) % max(1, self.ping_interval_ns)
+        self.send(c, text_frame(dumps({
+            "type": "subscribe", "id": c.sub_id, "payload": {"projectId": c.project},
+            "timestamp": time.time_ns() // 1_000_000,
+        })))
+        return buf[end + 4:]
+
+    def on_subscribed(self, c: Client) -> None:
+        c.subscribed = True
+        self.in_setup -= 1
+        self.subscribed_count += 1
+        if self.subscribed_count == len(self.clients):
+            self.t_all_subscribed = monotonic_ns()
+
+    # ---------------------------------------------------------------- writing
+    def make_create(self, c: Client, now: int) -> bytes:
+        env_id = self.next_id()
+        ev_id = self.next_id()
+        self.sent_times[ev_id] = now
+        c.inflight[env_id] = now
+        self.creates_sent += 1
+        return text_frame(dumps({
+            "type": "event:create", "id": env_id, "timestamp": time.time_ns() // 1_000_000,
+            "payload": {
+                "projectId": c.project, "id": ev_id, "title": "bench",
+                "description": str(now),
+                "startDate": "2026-01-01T10:00:00Z", "endDate": "2026-01-01T11:00:00Z",
+            },
+        }))
+
+    def top_up(self, c: Client, out: list) -> None:
+        """Fill a window writer's window (only while the run phase lasts)."""
+        if self.phase != "run" or c.mode != "window" or c.state != OPEN:
+            return
+        n = c.window - len(c.inflight)
+        if n > 0:
+            now = monotonic_ns()
+            for _ in range(n):
+                out.append(self.make_create(c, now))
+
+    # ---------------------------------------------------------------- reading
+    def on_readable(self, c: Client) -> None:
+        try:
+            data = c.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.lost(c)
+            return
+        if not data:
+            self.lost(c)
+            return
+        now = monotonic_ns()
+        self.t_last_rx = now
+        if c.state == HANDSHAKE:
+            data = self.on_handshake(c, data)
+            if not data:
+                return
+            buf = data
+        elif c.rbuf:
+            buf = c.rbuf + data
+        else:
+            buf = data
+        out: list[bytes] = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            b1 = buf[pos + 1]
+            ln = b1 & 0x7F
+            hl = 2
+            if ln == 126:
+                if n - pos < 4:
+                    break
+                ln = (buf[pos + 2] << 8) | buf[pos + 3]
+                hl = 4
+            elif ln == 127:
+                if n - pos < 10:
+                    break
+                ln = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                hl = 10
+            if b1 & 0x80:  # a masked server frame would be a protocol error; cope anyway
+                hl += 4
+            end = pos + hl + ln
+            if end > n:
+                break
+            b0 = buf[pos]
+            if b1 & 0x80:
+                key = buf[pos + hl - 4:pos + hl]
+                payload = bytes(b ^ key[i & 3] for i, b in enumerate(buf[pos + hl:end]))
+            else:
+                payload = buf[pos + hl:end]
+            pos = end
+            op = b0 & 0x0F
+            if op <= 2:
+                if not b0 & 0x80:  # fragment
+                    if c.frag is None:
+                        c.frag = []
+                    c.frag.append(payload)
+                    continue
+                if op == 0 and c.frag is not None:
+                    c.frag.append(payload)
+                    payload = b"".join(c.frag)
+                    c.frag = None
+                self.on_message(c, payload, now, out)
+            elif op == 9:
+                out.append(ctrl_frame(0xA, payload[:125]))
+            elif op == 8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.send(c, ctrl_frame(0x8, payload[:2]))
+                self.lost(c, code=code)
+                return
+        c.rbuf = buf[pos:] if pos < n else b""
+        if c.writer and c.state == OPEN:
+            self.top_up(c, out)
+        if out and c.state != CLOSED:
+            self.send(c, out[0] if len(out) == 1 else b"".join(out))
+
+    def on_message(self, c: Client, payload: bytes, now: int, out: list) -> None:
+        self.msgs_in += 1
+        try:
+            m = loads(payload)
+            t = m.get("type")
+        except Exception:
+            self.errors += 1
+            if len(self.error_samples) < 5:
+                self.error_samples.append({"unparsable": payload[:200].decode("utf-8", "replace")})
+            return
+        mid = m.get("id")
+        if t == "event:created":
+            seq = m.get("seq")
+            if seq is not None:
+                if seq <= c.last_seq:
+                    self.out_of_order += 1
+                elif c.last_seq >= 0 and seq != c.last_seq + 1 and not c.writer:
+                    self.gaps += 1
+                c.last_seq = seq
+            if self.phase != "setup":
+                self.deliveries += 1
+                self.t_last_delivery = now
+                p = m.get("payload")
+                if p:
+                    t0 = self.sent_times.get(p.get("id"))
+                    if t0 is None:
+                        try:
+                            t0 = int(p.get("description"))
+                        except (TypeError, ValueError):
+                            t0 = None
+                    if t0 is not None:
+                        self.latency.add((now - t0) // 1000)
+        elif t == "ack":
+            if mid is None:
+                return
+            t0 = c.inflight.pop(mid, None)
+            if t0 is not None:
+                self.creates_acked += 1
+                self.ack_latency.add((now - t0) // 1000)
+                p = m.get("payload")
+                if p:
+                    seq = p.get("seq")
+                    if isinstance(seq, int) and seq > c.last_seq:
+                        c.last_seq = seq
+            elif mid == c.sub_id and not c.subscribed:
+                self.on_subscribed(c)
+            return
+        elif t == "pong":
+            return
+        elif t == "error":
+            self.errors += 1
+            p = m.get("payload") or {}
+            if len(self.error_samples) < 5:
+                self.error_samples.append(p)
+            ref = p.get("ref") if isinstance(p, dict) else None
+            if ref is not None:
+                if c.inflight.pop(ref, None) is not None:
+                    self.creates_failed += 1
+                elif ref == c.sub_id and not c.subscribed:
+                    self.connect_failures += 1
+                    self.in_setup -= 1
+                    c.subscribed = True  # give up on this one; do not wait forever
+        elif t == "sync:snapshot":
+            p = m.get("payload") or {}
+            seq = p.get("seq")
+            if isinstance(seq, int) and seq > c.last_seq:
+                c.last_seq = seq
+        else:
+            self.other_types[t] = self.other_types.get(t, 0) + 1
+        if mid is not None:
+            out.append(ack_frame(mid))
+            self.acks_out += 1
+
+    # ---------------------------------------------------------------- commands
+    def on_stdin(self) -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            self.quit = True
+            return
+        self.stdin_buf += data
+        while b"\n" in self.stdin_buf:
+            line, self.stdin_buf = self.stdin_buf.split(b"\n", 1)
+            cmd = line.strip().decode()
+            if cmd == "go":
+                self.start_run()
+            elif cmd == "quit":
+                self.quit = True
+
+    def start_run(self) -> None:
+        now = monotonic_ns()
+        self.t_go = now
+        self.t_write_end = now + self.duration_ns
+        self.cpu_go = cpu_seconds()
+        self.cpu_samples = []
+        self._cpu_tick = (now, self.cpu_go)
+        self.phase = "run"
+        for c in self.writers:
+            if c.state != OPEN:
+                continue
+            if c.mode == "rate":
+                c.next_send = now
+            else:
+                out: list[bytes] = []
+                self.top_up(c, out)
+                if out:
+                    self.send(c, b"".join(out))
+
+    def ready_report(self) -> dict:
+        return {
+            "event": "ready",
+            "proc_id": self.proc_id,
+            "clients": len(self.clients),
+            "subscribed": self.subscribed_count,
+            "connect_failures": self.connect_failures,
+            "http_errors": self.http_errors,
+            "t_first_connect": self.t_first_connect,
+            "t_all_subscribed": self.t_all_subscribed or monotonic_ns(),
+            "open": sum(1 for c in self.clients if c.state == OPEN),
+        }
+
+    def done_report(self) -> dict:
+        cpu = cpu_seconds() - self.cpu_go
+        end = max(self.t_last_rx, self.t_write_end if self.duration_ns else self.t_go)
+        wall = max(1e-9, (end - self.t_go) / 1e9)
+        return {
+            "event": "done",
+            "proc_id": self.proc_id,
+            "clients": len(self.clients),
+            "writers": len(self.writers),
+            "open": sum(1 for c in self.clients if c.state == OPEN),
+            "t_go": self.t_go,
+            "t_write_end": self.t_write_end,
+            "t_last_rx": self.t_last_rx,
+            "t_last_delivery": self.t_last_delivery,
+            "deliveries": self.deliveries,
+            "out_of_order": self.out_of_order,
+            "gaps": self.gaps,
+            "latency_us": self.latency.export(),
+            "ack_latency_us": self.ack_latency.export(),
+            "creates_sent": self.creates_sent,
+            "creates_acked": self.creates_acked,
+            "creates_failed": self.creates_failed,
+            "creates_unacked": sum(len(c.inflight) for c in self.clients),
+            "msgs_in": self.msgs_in,
+            "acks_out": self.acks_out,
+            "errors": self.errors,
+            "error_samples": self.error_samples,
+            "closed_unexpectedly": self.closed_unexpectedly,
+            "close_codes": self.close_codes,
+            "other_types": self.other_types,
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "cpu_pct": 100.0 * cpu / wall,
+            "cpu_pct_peak_1s": max(self.cpu_samples) if self.cpu_samples else 100.0 * cpu / wall,
+        }
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> None:
+        os.set_blocking(0, False)
+        self.ep.register(0, EPOLLIN)
+        self.setup_pending = list(reversed(self.clients))
+        t_setup_start = monotonic_ns()
+        last_progress = t_setup_start
+        ep_poll = self.ep.poll
+        by_fd = self.by_fd
+        ping_check = t_setup_start + 1_000_000_000
+        while not self.quit:
+            now = monotonic_ns()
+            # ---- phase bookkeeping
+            if self.phase == "setup":
+                while self.setup_pending and self.in_setup < self.connect_window:
+                    self.start_connect(self.setup_pending.pop())
+                if self.in_setup <= 0 and not self.setup_pending:
+                    self.phase = "ready"
+                    emit(self.ready_report())
+                elif now - t_setup_start > self.setup_timeout_ns:
+                    self.phase = "ready"
+                    progress(f"setup timed out: {self.subscribed_count}/{len(self.clients)} subscribed")
+                    emit(self.ready_report())
+                elif now - last_progress > 1_000_000_000:
+                    last_progress = now
+                    progress(f"{self.subscribed_count}/{len(self.clients)} subscribed")
+            elif self.phase in ("run", "drain"):
+                tick_t, tick_cpu = self._cpu_tick
+                if now - tick_t >= 1_000_000_000:
+                    cpu = cpu_seconds()
+                    self.cpu_samples.append(100.0 * (cpu - tick_cpu) / ((now - tick_t) / 1e9))
+                    self._cpu_tick = (now, cpu)
+                if self.phase == "run":
+                    if now >= self.t_write_end:
+                        self.phase = "drain"
+                    else:
+                        for c in self.writers:
+                            if c.mode == "rate" and c.state == OPEN and now >= c.next_send:
+                                out = []
+                                while now >= c.next_send:
+                                    out.append(self.make_create(c, now))
+                                    c.next_send += int(1e9 / c.rate)
+                                self.send(c, b"".join(out))
+                if self.phase == "drain":
+                    idle = now - max(self.t_last_rx, self.t_write_end)
+                    unacked = any(c.inflight for c in self.writers if c.state == OPEN)
+                    if (idle >= self.drain_idle_ns and not unacked) or now - self.t_write_end > self.drain_max_ns:
+                        self.phase = "done"
+                        emit(self.done_report())
+            if now >= ping_check:
+                ping_check = now + 1_000_000_000
+                for c in self.clients:
+                    if c.state == OPEN and now >= c.next_ping:
+                        c.next_ping = now + self.ping_interval_ns
+                        self.send(c, text_frame(b'{"type":"ping","timestamp":%d}' % (time.time_ns() // 1_000_000)))
+            # ---- timeout for the poll
+            timeout = 0.05
+            if self.phase == "run":
+                for c in self.writers:
+                    if c.mode == "rate":
+                        timeout = min(timeout, max(0.0, (c.next_send - now) / 1e9))
+            for fd, ev in ep_poll(timeout, 1024):
+                if fd == 0:
+                    self.on_stdin()
+                    continue
+                c = by_fd.get(fd)
+                if c is None:
+                    continue
+                if c.state == CONNECTING:
+                    if ev & (EPOLLOUT | EPOLLERR):
+                        self.on_connected(c)
+                    continue
+                if ev & EPOLLOUT and c.wbuf:
+                    self.flush(c)
+                    if c.state == CLOSED:
+                        continue
+                if ev & (EPOLLIN | EPOLLERR):
+                    self.on_readable(c)
+        for c in self.clients:
+            if c.sock is not None:
+                c.sock.close()
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main() -> None:
+    cfg = loads(sys.argv[1])
+    raise_nofile()
+    LoadGen(cfg).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The bench peer: a minimal asyncio + ``websockets`` broadcast server, no storage.
+
+It is the yardstick barosync is compared with (see bench/README.md). It speaks the
+same envelope shape as barosync's wire protocol, only as much as the bench needs:
+
+* ``hello`` first, like barosync;
+* ``subscribe`` -> joins the project's room, answered with ``ack``;
+* ``event:create`` -> the next per-project ``seq``; an ``event:created`` with its own
+  ``id`` goes to the rest of the room through ``websockets.broadcast()``, and the
+  sender gets ``ack`` ``{event, seq}``;
+* ``ping`` -> ``pong``; ``ack`` is accepted and ignored; anything else gets ``error``.
+
+Usage: ``python bench/peers/websockets_peer.py --port 0 [--host 127.0.0.1]``; prints
+``listening on http://HOST:PORT`` once it listens; SIGTERM stops it (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import resource
+import signal
+import sys
+from collections import defaultdict
+
+import orjson
+from websockets.asyncio.server import broadcast, serve
+
+loads = orjson.loads
+dumps = orjson.dumps
+
+rooms: dict[str, set] = defaultdict(set)
+seqs: dict[str, int] = defaultdict(int)
+ids = itertools.count(1)
+
+
+async def handler(ws) -> None:
+    joined: set[str] = set()
+    session = next(ids)
+    await ws.send(dumps({"type": "hello", "id": f"s{next(ids)}",
+                         "payload": {"sessionId": f"peer-{session}", "server": "websockets-peer"}}),
+                  text=True)
+    try:
+        async for raw in ws:
+            try:
+                m = loads(raw)
+                t = m["type"]
+            except Exception:
+                await ws.send(dumps({"type": "error", "id": f"s{next(ids)}",
+                                     "payload": {"code": "bad_message", "message": "unparsable"}}),
+                              text=True)
+                continue
+            if t == "ack":
+                continue
+            mid = m.get("id")
+            payload = m.get("payload") or {}
+            if t == "ping":
+                await ws.send(dumps({"type": "pong", "timestamp": m.get("timestamp")}), text=True)
+            elif t == "subscribe":
+                pid = payload.get("projectId")
+                rooms[pid].add(ws)
+                joined.add(pid)
+                await ws.send(dumps({"type": "ack", "id": mid, "payload": {"projectId": pid}}), text=True)
+            elif t == "unsubscribe":
+                pid = payload.get("projectId")
+                rooms[pid].discard(ws)
+                joined.discard(pid)
+                await ws.send(dumps({"type": "ack", "id": mid, "payload": {"projectId": pid}}), text=True)
+            elif t == "event:create":
+                pid = payload.get("projectId")
+                seqs[pid] += 1
+                seq = seqs[pid]
+                event = dict(payload)
+                event.setdefault("id", f"ev{next(ids)}")
+                event["version"] = 1
+                # seq assignment and broadcast in one step (no await in between), so
+                # every receiver sees seqs in order.
+                msg = dumps({"type": "event:created", "id": f"s{next(ids)}", "seq": seq,
+                             "projectId": pid, "userId": "peer", "payload": event})
+                broadcast([c for c in rooms[pid] if c is not ws], msg, text=True)
+                await ws.send(dumps({"type": "ack", "id": mid, "payload": {"event": event, "seq": seq}}),
+                              text=True)
+            else:
+                await ws.send(dumps({"type": "error", "id": f"s{next(ids)}",
+                                     "payload": {"code": "unknown_type", "message": str(t), "ref": mid}}),
+                              text=True)
+    finally:
+        for pid in joined:
+            room = rooms.get(pid)
+            if room is not None:
+                room.discard(ws)
+
+
+async def main(host: str, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+    loop.add_signal_handler(signal.SIGINT, stop.set_result, None)
+    async with serve(handler, host, port, backlog=4096, compression=None) as server:
+        bound = server.sockets[0].getsockname()
+        print(f"listening on http://{bound[0]}:{bound[1]}", flush=True)
+        await stop
+
+
+if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--data", help="ignored (accepted for symmetry with barosync serve)")
+    args = ap.parse_args()
+    asyncio.run(main(args.host, args.port))
+    sys.exit(0)

@@ -1,0 +1,133 @@
+"""Shared fixtures: a real server on 127.0.0.1 port 0 with real LMDB in a temp dir,
+and real WebSocket clients (trio-websocket)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from barosync.auth import create_token
+from barosync.config import Config
+from barosync.server import App, serve
+
+SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+_ids = itertools.count(1)
+
+
+def make_config(data_dir: Path, **overrides: Any) -> Config:
+    return Config(host="127.0.0.1", port=0, data_dir=data_dir, secret=SECRET, **overrides)
+
+
+def token(user: str = "alice", projects: Any = ("p1",), **claims: Any) -> str:
+    return create_token(SECRET, user_id=user, projects=projects, **claims)
+
+
+def new_id() -> str:
+    return f"m{next(_ids)}-{uuid.uuid4().hex[:8]}"
+
+
+def event_payload(project: str = "p1", **fields: Any) -> dict[str, Any]:
+    body = {"projectId": project, "title": "Standup", "startDate": "2026-01-05T09:00:00Z", "endDate": "2026-01-05T09:15:00Z"}
+    body.update(fields)
+    return body
+
+
+class Client:
+    """A thin test client: JSON envelopes over a real trio-websocket connection."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.hello: dict[str, Any] | None = None
+        self.seen: list[dict[str, Any]] = []
+
+    async def send(self, type: str, payload: Any = None, *, id: str | None = None, **extra: Any) -> str:
+        msg_id = id or new_id()
+        body = {"type": type, "id": msg_id, **extra}
+        if payload is not None:
+            body["payload"] = payload
+        await self.ws.send_message(json.dumps(body))
+        return msg_id
+
+    async def send_raw(self, data: str | bytes) -> None:
+        await self.ws.send_message(data)
+
+    async def recv(self, timeout: float = 5) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            msg = json.loads(await self.ws.get_message())
+        self.seen.append(msg)
+        return msg
+
+    async def recv_type(self, *types: str, timeout: float = 5) -> dict[str, Any]:
+        """The next message of one of ``types``, skipping presence and others."""
+        with trio.fail_after(timeout):
+            while True:
+                msg = await self.recv(timeout=timeout)
+                if msg["type"] in types:
+                    return msg
+
+    async def request(self, type: str, payload: Any = None, **kw: Any) -> dict[str, Any]:
+        """Send and wait for the answer that refers to this message (ack, error or conflict)."""
+        msg_id = await self.send(type, payload, **kw)
+        while True:
+            msg = await self.recv()
+            if msg["type"] == "ack" and msg["id"] == msg_id:
+                return msg
+            if msg["type"] in ("error", "conflict:detected") and msg["payload"].get("ref") == msg_id:
+                return msg
+
+    async def subscribe(self, project: str = "p1", since: int | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"projectId": project}
+        if since is not None:
+            payload["since"] = since
+        return await self.request("subscribe", payload)
+
+    async def create(self, project: str = "p1", **fields: Any) -> dict[str, Any]:
+        return await self.request("event:create", event_payload(project, **fields))
+
+
+def ws_url(app: App, tok: str | None = None) -> str:
+    url = f"ws://127.0.0.1:{app.port}/ws"
+    return url + (f"?token={tok}" if tok else "")
+
+
+async def open_client(nursery: trio.Nursery, app: App, tok: str) -> Client:
+    """Open a client whose connection lives as long as ``nursery``."""
+    send, receive = trio.open_memory_channel[Client](1)
+
+    async def hold() -> None:
+        async with open_websocket_url(ws_url(app, tok)) as ws:
+            client = Client(ws)
+            client.hello = json.loads(await ws.get_message())
+            await send.send(client)
+            await trio.sleep_forever()
+
+    nursery.start_soon(hold)
+    with trio.fail_after(5):
+        return await receive.receive()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+async def app(nursery: trio.Nursery, data_dir: Path) -> AsyncIterator[App]:
+    app = await nursery.start(serve, make_config(data_dir))
+    yield app
+    app.stop()
+
+
+@pytest.fixture
+async def client_factory(nursery: trio.Nursery, app: App):
+    async def make(user: str = "alice", projects: Any = ("p1",), **claims: Any) -> Client:
+        return await open_client(nursery, app, token(user, projects, **claims))
+
+    return make
