@@ -1,52 +1,134 @@
-"""Project rooms: who is subscribed to what, and fan-out of committed changes.
+"""Project rooms: who is subscribed, who is present, and fan-out.
 
 Everything here runs on the event loop and never awaits while it delivers, so a
-change reaches every subscriber of a room in one step and in seq order.
+change reaches every subscriber of a room in one step and in seq order, and presence
+changes of a project are ordered with respect to each other.
+
+Presence is per user, not per connection: a user's first subscribed connection
+announces ``user:joined`` to the others, the last one to go announces ``user:left``.
+Each present user's ``user:joined`` frame is encoded once and reused for every
+newcomer, who gets all of them in one write.
+
+Cursors are volatile: never stored, never acked, and fanned out at most
+``cursor_rate`` times per second per user; what arrives in between replaces the
+pending one, which goes out at the end of the interval, so the last position is
+never lost.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
+import zlib
 from typing import TYPE_CHECKING, Any, Iterable
 
 import orjson
+import trio
 
 from . import protocol
-from .store import Mutation, Outcome
+from .store import Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
+    from .models import Identity
     from .session import Session
 
 log = logging.getLogger("barosync.hub")
 
+DEFAULT_CURSOR_RATE = 20.0
+# A readable palette for users whose token does not choose a colour.
+PALETTE = (
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46a0a0",
+    "#f032e6", "#7a9a01", "#9a6324", "#800000", "#008080", "#000075",
+)
+
+
+def user_color(user_id: str) -> str:
+    """Stable per user: the same id gets the same colour on every server."""
+    return PALETTE[zlib.crc32(user_id.encode()) % len(PALETTE)]
+
+
+class Presence:
+    __slots__ = ("user_id", "connections", "joined_frame", "info")
+
+    def __init__(self, identity: "Identity", project_id: str) -> None:
+        self.user_id = identity.user_id
+        self.connections = 0
+        self.info = {
+            "id": identity.user_id,
+            "name": identity.name,
+            "avatar": identity.avatar,
+            "color": identity.color or user_color(identity.user_id),
+            "lastSeen": now_ms(),
+            "projectId": project_id,
+        }
+        self.joined_frame = protocol.frame("user:joined", self.info)
+
 
 class Room:
-    __slots__ = ("project_id", "subscribers")
+    __slots__ = ("project_id", "subscribers", "users", "cursor_sent", "cursor_pending")
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
         # A dict used as an ordered set: fan-out order is join order.
         self.subscribers: dict["Session", None] = {}
+        self.users: dict[str, Presence] = {}
+        self.cursor_sent: dict[str, float] = {}  # user -> when their last cursor went out
+        self.cursor_pending: dict[str, tuple[bytes, "Session"]] = {}  # user -> (frame, sender)
+
+    def fan_out(self, frame: bytes, *, skip: Any = None) -> int:
+        n = 0
+        for session in self.subscribers:
+            if session is not skip:
+                session.send_frame(frame)
+                n += 1
+        return n
 
 
 class Hub:
-    def __init__(self, hook: Any) -> None:
+    def __init__(self, hook: Any, *, cursor_rate: float = DEFAULT_CURSOR_RATE) -> None:
         self.rooms: dict[str, Room] = {}
         self._hook = hook
         self.deliveries = 0
+        self.cursor_interval = 1.0 / cursor_rate
+        self._cursor_due: list[tuple[float, str, str]] = []  # heap of (due, project, user)
+        self._cursor_wakeup = trio.lowlevel.ParkingLot()
 
-    def join(self, session: "Session", project_id: str) -> Room:
+    # -- membership and presence ---------------------------------------------------
+
+    def join(self, session: "Session", project_id: str) -> None:
+        """Add a subscriber; the newcomer learns who is present in one write and the
+        others hear of the newcomer if this is the user's first connection here."""
         room = self.rooms.get(project_id)
         if room is None:
             room = self.rooms[project_id] = Room(project_id)
+        user_id = session.identity.user_id
+        present = b"".join(p.joined_frame for p in room.users.values() if p.user_id != user_id)
+        if present:
+            session.send_frame(present)
+        if session in room.subscribers:
+            return
         room.subscribers[session] = None
-        return room
+        presence = room.users.get(user_id)
+        if presence is None:
+            presence = room.users[user_id] = Presence(session.identity, project_id)
+            room.fan_out(presence.joined_frame, skip=session)
+        presence.connections += 1
 
     def leave(self, session: "Session", project_id: str) -> None:
         room = self.rooms.get(project_id)
-        if room is None:
+        if room is None or session not in room.subscribers:
             return
-        room.subscribers.pop(session, None)
+        del room.subscribers[session]
+        user_id = session.identity.user_id
+        presence = room.users.get(user_id)
+        if presence is not None:
+            presence.connections -= 1
+            if presence.connections <= 0:
+                del room.users[user_id]
+                room.cursor_pending.pop(user_id, None)
+                room.cursor_sent.pop(user_id, None)
+                room.fan_out(protocol.frame("user:left", {"id": user_id, "projectId": project_id}))
         if not room.subscribers:
             del self.rooms[project_id]
 
@@ -54,9 +136,58 @@ class Hub:
         for project_id in list(project_ids):
             self.leave(session, project_id)
 
-    def subscribers(self, project_id: str) -> int:
+    def present_users(self, project_id: str) -> list[dict[str, Any]]:
         room = self.rooms.get(project_id)
-        return len(room.subscribers) if room else 0
+        return [p.info for p in room.users.values()] if room else []
+
+    # -- cursors -----------------------------------------------------------------------
+
+    def cursor(self, session: "Session", project_id: str, x: float, y: float, element_id: str | None) -> None:
+        room = self.rooms.get(project_id)
+        if room is None:
+            return
+        user_id = session.identity.user_id
+        frame = protocol.text_frame(orjson.dumps({
+            "type": "user:cursor",
+            "projectId": project_id,
+            "payload": {"userId": user_id, "x": x, "y": y, "elementId": element_id,
+                        "timestamp": now_ms(), "projectId": project_id},
+        }).decode())
+        now = trio.current_time()
+        due = room.cursor_sent.get(user_id, -math.inf) + self.cursor_interval
+        if now >= due and user_id not in room.cursor_pending:
+            room.cursor_sent[user_id] = now
+            self._send_cursor(room, user_id, frame, session)
+            return
+        if user_id not in room.cursor_pending:
+            heapq.heappush(self._cursor_due, (due, project_id, user_id))
+            self._cursor_wakeup.unpark()
+        room.cursor_pending[user_id] = (frame, session)
+
+    def _send_cursor(self, room: Room, user_id: str, frame: bytes, sender: "Session") -> None:
+        for s in room.subscribers:
+            if s is not sender:
+                s.send_cursor(user_id, frame)
+
+    async def run_cursors(self) -> None:
+        """Send throttled cursors when their interval ends."""
+        while True:
+            if not self._cursor_due:
+                await self._cursor_wakeup.park()
+                continue
+            due, project_id, user_id = self._cursor_due[0]
+            if trio.current_time() < due:
+                with trio.move_on_at(due):
+                    await self._cursor_wakeup.park()
+                continue
+            heapq.heappop(self._cursor_due)
+            room = self.rooms.get(project_id)
+            pending = room.cursor_pending.pop(user_id, None) if room else None
+            if room is not None and pending is not None:
+                room.cursor_sent[user_id] = trio.current_time()
+                self._send_cursor(room, user_id, *pending)
+
+    # -- durable changes ----------------------------------------------------------------
 
     def on_outcome(self, m: Mutation, outcome: Outcome) -> None:
         """Called by the writer for every mutation, in commit order."""

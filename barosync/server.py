@@ -79,6 +79,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
     try:
         async with trio.open_nursery() as root:
             await root.start(app.writer.run)
+            root.start_soon(app.hub.run_cursors)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
             pm.hook.barosync_startup(config=config)
@@ -92,6 +93,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
                 connections.cancel_scope.cancel()
             pm.hook.barosync_shutdown(config=config)
             app.writer.close()
+            await app.writer.closed.wait()
+            root.cancel_scope.cancel()
     finally:
         app.store.close()
 

@@ -10,6 +10,7 @@ cap is closed with 4008: it resumes with ``since`` and loses nothing.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -56,6 +57,9 @@ class Session:
         self._sock.setblocking(False)
         self._outbox: deque[bytes | memoryview] = deque()
         self._outbox_bytes = 0
+        # Cursors waiting for the socket: at most one per user, the newest wins, and
+        # they never wait behind the durable changes in the outbox.
+        self._cursors: dict[str, bytes] = {}
         self._outbox_limit = app.config.outbox_bytes
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
@@ -107,6 +111,15 @@ class Session:
             self._queue(memoryview(frame)[sent:])
             self._lot.unpark()
 
+    def send_cursor(self, user_id: str, frame: bytes) -> None:
+        if self._closing:
+            return
+        if not self._outbox and not self._cursors:
+            self.send_frame(frame)
+            return
+        self._cursors[user_id] = frame
+        self._lot.unpark()
+
     def _queue(self, data: bytes | memoryview) -> None:
         self._outbox.append(data)
         self._outbox_bytes += len(data)
@@ -119,6 +132,7 @@ class Session:
         # gets what it missed from the changelog when it resumes with `since`.
         head = self._outbox[0] if self._outbox and isinstance(self._outbox[0], memoryview) else None
         self._outbox.clear()
+        self._cursors.clear()
         self._outbox_bytes = 0
         if head is not None:
             self._outbox.append(head)
@@ -168,13 +182,20 @@ class Session:
     async def _writer(self) -> None:
         try:
             while True:
-                if not self._outbox:
+                if not self._outbox and not self._cursors:
                     if self._closing:
                         return
                     await self._lot.park()
                     continue
                 await trio.lowlevel.wait_writable(self._sock)
                 outbox = self._outbox
+                if self._cursors:
+                    # Cursors go ahead of queued changes, after any half-sent frame.
+                    at = 1 if outbox and isinstance(outbox[0], memoryview) else 0
+                    for frame in self._cursors.values():
+                        outbox.insert(at, frame)
+                        at += 1
+                    self._cursors.clear()
                 data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
                 try:
                     sent = self._sock.send(data)
@@ -315,8 +336,6 @@ class Session:
             return
         # From here to join() nothing awaits: no change can slip between the read
         # and the join, so the client sees every seq exactly once.
-        if sub.project_id in self.subscriptions:
-            app.hub.leave(self, sub.project_id)
         missed = app.store.changes_since(sub.project_id, sub.since) if sub.since is not None else None
         if missed is None:
             seq, events = app.store.snapshot(sub.project_id)
@@ -385,8 +404,23 @@ class Session:
             self.send_frame(protocol.error_frame(outcome.error))
 
     async def _on_cursor(self, env: Envelope) -> None:
-        # Presence and cursors arrive with their own issue; refuse clearly meanwhile.
-        raise ProtocolError(protocol.E_INVALID, "user:cursor is not supported by this server yet", ref=env.id)
+        p = env.payload
+        project_id = p.get("projectId")
+        if project_id is None:
+            if len(self.subscriptions) != 1:
+                raise ProtocolError(protocol.E_INVALID, "user:cursor needs `projectId` unless exactly one project is subscribed",
+                                    ref=env.id, field="projectId")
+            project_id = next(iter(self.subscriptions))
+        elif project_id not in self.subscriptions:
+            raise ProtocolError(protocol.E_NOT_SUBSCRIBED, "subscribe to the project before sending cursors", ref=env.id, field="projectId")
+        x, y = p.get("x"), p.get("y")
+        for name, value in (("x", x), ("y", y)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ProtocolError(protocol.E_INVALID, f"`{name}` must be a finite number", ref=env.id, field=name)
+        element_id = p.get("elementId")
+        if element_id is not None and (not isinstance(element_id, str) or len(element_id) > 256):
+            raise ProtocolError(protocol.E_INVALID, "`elementId` must be a string of at most 256 characters", ref=env.id, field="elementId")
+        self.app.hub.cursor(self, project_id, x, y, element_id)
 
     async def _on_auth_refresh(self, env: Envelope) -> None:
         token = env.payload.get("token")

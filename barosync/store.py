@@ -329,6 +329,7 @@ class Writer:
         # fanned out, so a subscriber must wait for the batch before reading.
         self.busy_projects: set[str] = set()
         self._batch_done = trio.Event()
+        self.closed = trio.Event()
         self.batches = 0
         self.committed = 0
 
@@ -348,6 +349,12 @@ class Writer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        try:
+            await self._run()
+        finally:
+            self.closed.set()
+
+    async def _run(self) -> None:
         async with self._receive:
             while True:
                 try:
