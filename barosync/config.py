@@ -6,6 +6,7 @@ one line instead of a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import tomllib
@@ -43,7 +44,18 @@ class Config:
     secret: str | None = None
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 60.0
+    cursor_rate: float = 20.0
+    conflict_default: str = "merge"
+    merge_tiebreak: str = "manual"
+    conflict_projects: dict[str, str] = attrs.field(factory=dict)
+    plugin_paths: tuple[Path, ...] = ()
+    plugins_disable: tuple[str, ...] = ()
+    # [plugins.<name>] tables, handed to plugins as they are.
+    plugin_options: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     source: str = "defaults"
+
+    def strategy_for(self, project_id: str) -> str:
+        return self.conflict_projects.get(project_id, self.conflict_default)
 
     def with_overrides(self, **changes: Any) -> "Config":
         return attrs.evolve(self, **{k: v for k, v in changes.items() if v is not None})
@@ -61,7 +73,9 @@ def _int(lo: int, hi: int) -> Callable[[Any], int]:
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    # TOML has inf and nan; neither is a usable number of seconds (the hello message
+    # sends int(seconds * 1000), which raises on both).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"expected a positive number of seconds, got {value!r}")
     return float(value)
 
@@ -70,6 +84,18 @@ def _str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a non-empty string, got {value!r}")
     return value
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1000:
+        raise ValueError(f"expected a number of messages per second from 0 to 1000, got {value!r}")
+    return float(value)
 
 
 # section -> key -> (Config attribute, checker). The names are part of the contract
@@ -91,6 +117,19 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     "heartbeat": {
         "interval": ("heartbeat_interval", _seconds),
         "timeout": ("heartbeat_timeout", _seconds),
+    },
+    "presence": {
+        "cursor_rate": ("cursor_rate", _rate),
+    },
+    "conflict": {
+        "default": ("conflict_default", _str),
+        "merge_tiebreak": ("merge_tiebreak", _str),
+        # "projects" is a table of project id -> strategy, checked below.
+    },
+    "plugins": {
+        "paths": ("plugin_paths", _str_list),
+        "disable": ("plugins_disable", _str_list),
+        # Any other key must be a table: that plugin's options.
     },
 }
 
@@ -121,6 +160,16 @@ def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(source, f"[{section}]", "expected a table of keys")
         for key, value in table.items():
+            if section == "conflict" and key == "projects":
+                if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                    raise ConfigError(source, "[conflict.projects]", "expected a table of project id = \"strategy name\"")
+                values["conflict_projects"] = dict(value)
+                continue
+            if section == "plugins" and key not in SCHEMA["plugins"]:
+                if not isinstance(value, dict):
+                    raise ConfigError(source, f"[plugins] {key}", "unknown key (known: paths, disable, or a [plugins.NAME] table of a plugin's options)")
+                values.setdefault("plugin_options", {})[key] = value
+                continue
             spec = SCHEMA[section].get(key)
             if spec is None:
                 known = ", ".join(SCHEMA[section])
@@ -134,6 +183,12 @@ def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Config:
         # A relative data path in a file means "next to the file", not "wherever
         # the server happens to be started from".
         values["data_dir"] = base_dir / values["data_dir"]
+    # Plugin directories are relative to the config file too; a config file that does
+    # not name any gets the plugins/ folder beside it (when there is one).
+    if "plugin_paths" in values:
+        values["plugin_paths"] = tuple(base_dir / p for p in values["plugin_paths"])
+    elif (base_dir / "plugins").is_dir():
+        values["plugin_paths"] = (base_dir / "plugins",)
     config = Config(**values)
     if config.heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(

@@ -8,13 +8,14 @@ than None. Hooks are called on the server's event loop and must not block.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pluggy
 
 if TYPE_CHECKING:
     from .config import Config
-    from .models import Identity
+    from .conflicts import Conflict, Resolution
+    from .models import Identity, Problem
 
 hookspec = pluggy.HookspecMarker("barosync")
 hookimpl = pluggy.HookimplMarker("barosync")
@@ -42,6 +43,55 @@ def barosync_authorize(identity: "Identity", action: str, project_id: str) -> "b
     Return True to allow, False to refuse (the client gets ``error`` ``forbidden``),
     or None for no opinion, leaving the decision to the next plugin. The built-in
     rule allows exactly the projects listed in the token.
+    """
+
+
+# -- conflicts and validation ------------------------------------------------------------
+
+
+@hookspec
+def barosync_conflict_strategies() -> "list[str]":
+    """Name the conflict strategies this plugin provides.
+
+    The names are what ``[conflict] default`` and ``[conflict.projects]`` may use; an
+    unknown name there stops start-up with the list of available ones. Return None
+    (or an empty list) to provide none.
+    """
+
+
+@hookspec(firstresult=True)
+def barosync_resolve_conflict(strategy: str, conflict: "Conflict") -> "Resolution | None":
+    """Decide a conflict for a project whose strategy is ``strategy``.
+
+    ``conflict`` carries ``base`` (the event at the client's version, from history,
+    or None), ``local`` (base plus the client's change), ``remote`` (what is stored,
+    None when deleted), the client's ``changes`` and both edit times. Return None
+    when ``strategy`` is not one of yours; otherwise a ``Resolution``: keep the
+    stored version, store a resolved event, or delete. Runs inside the write
+    transaction, in the writer's thread: it must be synchronous and quick, with no
+    IO. When no plugin answers, the conflict is left to the sender (``manual``).
+    """
+
+
+@hookspec
+def barosync_validate_mutation(
+    operation: str,
+    event: "dict[str, Any] | None",
+    previous: "dict[str, Any] | None",
+    project_events: "Callable[[], Iterator[dict[str, Any]]]",
+    user_id: str,
+    config: "Config",
+) -> "list[Problem] | Problem | None":
+    """Check a create, update or delete just before it is committed.
+
+    ``event`` is the event as it would be stored (None for a delete), ``previous``
+    what is stored now (None for a create). ``project_events()`` iterates the
+    project's current events inside the same transaction, so checks that span
+    events see every earlier mutation of the same group commit. Return None when all
+    is well; a ``Problem`` with ``refuse=True`` refuses the mutation (the client gets
+    ``error`` with the problem's code, nothing is stored); problems with
+    ``refuse=False`` are attached to the ack as ``warnings``. Synchronous, in the
+    writer's thread, like ``barosync_resolve_conflict``.
     """
 
 

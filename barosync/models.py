@@ -56,6 +56,16 @@ class Event:
 
 
 @attrs.frozen
+class Problem:
+    """What a validation plugin found wrong with a mutation."""
+
+    code: str
+    message: str
+    field: str | None = None
+    refuse: bool = True
+
+
+@attrs.frozen
 class Identity:
     """Who is on the other end, as established by an auth plugin (never the client)."""
 
@@ -173,7 +183,7 @@ def _check_field(wire: str, value: Any) -> Any:
     raise AssertionError(wire)
 
 
-def _check_dates(start: str, end: str) -> None:
+def check_dates(start: str, end: str) -> None:
     s = _parse_instant(start, "startDate")
     e = _parse_instant(end, "endDate")
     if (s.tzinfo is None) != (e.tzinfo is None):
@@ -194,7 +204,7 @@ def new_event(payload: dict[str, Any], *, user_id: str, now_ms: int) -> Event:
         for wire in CLIENT_FIELDS
         if wire in payload and not (payload[wire] is None and wire in ("allDay",))
     }
-    _check_dates(fields["start_date"], fields["end_date"])
+    check_dates(fields["start_date"], fields["end_date"])
     return Event(
         id=event_id,
         project_id=project_id,
@@ -230,7 +240,7 @@ def apply_changes(event: Event, changes: dict[str, Any], *, user_id: str, now_ms
         updated_by=user_id,
         **{CLIENT_FIELDS[wire]: value for wire, value in changes.items()},
     )
-    _check_dates(updated.start_date, updated.end_date)
+    check_dates(updated.start_date, updated.end_date)
     return updated
 
 

@@ -23,7 +23,8 @@ from . import __version__, protocol
 from .config import Config, ensure_secret
 from .hub import Hub
 from .models import Identity
-from .plugins import pm
+from .config import ConfigError
+from .plugins import build_plugin_manager, strategy_names
 from .session import Session
 from .store import Store, Writer
 
@@ -41,9 +42,10 @@ class App:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.pm = pm
-        self.store = Store(config.data_dir, map_size=config.map_size)
-        self.hub = Hub(pm.hook)
+        self.pm = build_plugin_manager(config)
+        check_strategies(config, strategy_names(self.pm))
+        self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
+        self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
         self.writer = Writer(self.store, self.hub.on_outcome)
         self.sessions: set[Session] = set()
         self.port: int = 0
@@ -73,6 +75,14 @@ class App:
         }
 
 
+def check_strategies(config: Config, available: list[str]) -> None:
+    wanted = [("[conflict] default", config.conflict_default), ("[conflict] merge_tiebreak", config.merge_tiebreak)]
+    wanted += [(f"[conflict.projects] {p}", name) for p, name in config.conflict_projects.items()]
+    for key, name in wanted:
+        if name not in available:
+            raise ConfigError(config.source, key, f"unknown strategy {name!r} (available: {', '.join(available)})")
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
     config = config.with_overrides(secret=ensure_secret(config))
     app = App(config)
@@ -82,7 +92,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             root.start_soon(app.hub.run_cursors)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
-            pm.hook.barosync_startup(config=config)
+            app.pm.hook.barosync_startup(config=config)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(_accept, app, listeners, connections, accepting)
@@ -91,7 +101,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
                 accepting.cancel()
                 await _close_sessions(app)
                 connections.cancel_scope.cancel()
-            pm.hook.barosync_shutdown(config=config)
+            app.pm.hook.barosync_shutdown(config=config)
             app.writer.close()
             await app.writer.closed.wait()
             root.cancel_scope.cancel()
@@ -245,11 +255,11 @@ async def _run_session(app: App, session: Session) -> None:
     app.sessions.add(session)
     ident = session.identity
     log.info("session=%s user=%s connected", session.id, ident.user_id)
-    pm.hook.barosync_connect(session_id=session.id, identity=ident)
+    app.pm.hook.barosync_connect(session_id=session.id, identity=ident)
     try:
         await session.run()
     finally:
         app.sessions.discard(session)
         app._sessions_gone.set()
         log.info("session=%s user=%s disconnected code=%s unacked=%d", session.id, ident.user_id, session.close_code, len(session.unacked))
-        pm.hook.barosync_disconnect(session_id=session.id, identity=ident, close_code=session.close_code)
+        app.pm.hook.barosync_disconnect(session_id=session.id, identity=ident, close_code=session.close_code)

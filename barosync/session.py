@@ -376,7 +376,8 @@ class Session:
         kind = ACTIONS[env.type]
         user = self.identity.user_id
         received = now_ms()
-        common = dict(user_id=user, envelope_id=env.id, reply=self._answer, received_ms=received, origin=self)
+        client_ms = int(env.timestamp) if env.timestamp is not None and 0 < env.timestamp < 1e15 else None
+        common = dict(user_id=user, envelope_id=env.id, reply=self._answer, received_ms=received, client_ms=client_ms, origin=self)
         if kind == "create":
             event = new_event(p, user_id=user, now_ms=received)
             return Mutation(kind, project_id=event.project_id, event_id=event.id, event=event, **common)  # type: ignore[arg-type]
@@ -397,6 +398,8 @@ class Session:
     def _answer(self, m: Mutation, outcome: Outcome) -> None:
         if outcome.status in ("applied", "replayed"):
             self.send_frame(protocol.ack_frame(m.envelope_id, outcome.answer))
+            if outcome.conflict is not None:
+                self.send_frame(protocol.frame("conflict:detected", outcome.conflict))
         elif outcome.status == "conflict":
             self.send_frame(protocol.frame("conflict:detected", outcome.conflict))
         else:

@@ -30,7 +30,9 @@ import orjson
 import trio
 
 from . import protocol
-from .models import Event, ValidationError, apply_changes, event_from_wire, event_to_wire
+from .config import Config
+from .conflicts import Conflict, Resolution, changed_by_client
+from .models import CLIENT_FIELDS, Event, ValidationError, apply_changes, event_from_wire, event_to_wire
 
 SCHEMA_VERSION = 1
 # Most mutations one group commit takes; bounds the latency of the batch behind it.
@@ -70,6 +72,7 @@ class Mutation:
     base_version: int | None = None  # update/delete: the version the edit was based on
     changes: dict[str, Any] | None = None  # update: checked wire fields
     received_ms: int = 0
+    client_ms: int | None = None  # the envelope's timestamp: when the client made the edit
     origin: Any = None  # the session it came from, which gets the ack, not the broadcast
 
 
@@ -83,11 +86,17 @@ class Outcome:
     seq: int = 0
     change: bytes | None = None  # the change message JSON (applied)
     error: protocol.ProtocolError | None = None
-    conflict: dict[str, Any] | None = None
+    conflict: dict[str, Any] | None = None  # for conflict:detected to the sender
 
 
 class Store:
-    def __init__(self, path: Path, *, map_size: int) -> None:
+    def __init__(self, path: Path, *, map_size: int, hook: Any = None, config: Config | None = None) -> None:
+        self.config = config or Config()
+        if hook is None:
+            from .plugins import build_plugin_manager
+
+            hook = build_plugin_manager(self.config).hook
+        self.hook = hook
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
@@ -238,65 +247,155 @@ class Store:
                 return self._create(txn, m, idem_key)
             return self._update_or_delete(txn, m, idem_key)
         except ValidationError as e:
-            return Outcome("error", m.project_id, error=protocol.ProtocolError(
-                protocol.E_INVALID, f"`{e.field}` {e.message}", ref=m.envelope_id, field=e.field))
+            return self._error(m, protocol.E_INVALID, f"`{e.field}` {e.message}", e.field)
+
+    def _error(self, m: Mutation, code: str, message: str, field: str | None = None) -> Outcome:
+        return Outcome("error", m.project_id, error=protocol.ProtocolError(code, message, ref=m.envelope_id, field=field))
 
     def _create(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
         assert m.event is not None
         ekey = m.event.id.encode()
         if txn.get(ekey, db=self.index) is not None:
-            return Outcome("error", m.project_id, error=protocol.ProtocolError(
-                protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids are never reused)",
-                ref=m.envelope_id, field="id"))
-        txn.put(ekey, m.project_id.encode(), db=self.index)
-        return self._commit_change(txn, m, idem_key, "create", event_to_wire(m.event))
+            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids are never reused)", "id")
+        return self._commit_change(txn, m, idem_key, "create", event_to_wire(m.event), previous=None)
 
     def _update_or_delete(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
         raw = txn.get(_k(m.project_id, m.event_id), db=self.events)
         if raw is None:
-            return Outcome("error", m.project_id, error=protocol.ProtocolError(
-                protocol.E_NOT_FOUND, f"no event {m.event_id!r} (it may have been deleted)",
-                ref=m.envelope_id, field="id"))
+            if m.kind == "update" and m.base_version is not None:
+                # Edited after someone deleted it: the strategy decides.
+                return self._conflict(txn, m, idem_key, None)
+            return self._error(m, protocol.E_NOT_FOUND, f"no event {m.event_id!r} (it was deleted)", "id")
         stored = orjson.loads(raw)
         if m.base_version is not None and m.base_version != stored["version"]:
-            return self._conflict(txn, m, stored)
+            if m.base_version > stored["version"]:
+                return self._error(m, protocol.E_INVALID, f"`version` {m.base_version} is ahead of the stored version {stored['version']}", "version")
+            return self._conflict(txn, m, idem_key, stored)
         if m.kind == "delete":
-            gone = {"id": m.event_id, "projectId": m.project_id, "version": stored["version"] + 1}
-            txn.delete(_k(m.project_id, m.event_id), db=self.events)
-            return self._commit_change(txn, m, idem_key, "delete", gone)
+            return self._commit_change(txn, m, idem_key, "delete", None, previous=stored)
         updated = apply_changes(event_from_wire(stored), m.changes or {}, user_id=m.user_id, now_ms=m.received_ms)
-        return self._commit_change(txn, m, idem_key, "update", event_to_wire(updated))
+        return self._commit_change(txn, m, idem_key, "update", event_to_wire(updated), previous=stored)
 
-    def _conflict(self, txn: lmdb.Transaction, m: Mutation, stored: dict[str, Any]) -> Outcome:
-        # Until the pluggable strategies land, every conflict is resolved "manually":
-        # nothing is stored and the sender is told everything it needs to retry.
+    def _conflict(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes, stored: dict[str, Any] | None) -> Outcome:
         base = self.event_at_version(m.event_id, m.base_version or 0, txn)
-        local = dict(base or stored)
-        local.update(m.changes or {})
-        fields = sorted((m.changes or {}).keys())
-        info = {
+        changes = m.changes or {}
+        local = {**base, **changes} if base is not None and m.kind == "update" else None
+        last_version, remote_time = self._last_change(txn, m.event_id)
+        if stored is not None:
+            remote_time = stored["updatedAt"]
+        conflict = Conflict(
+            operation=m.kind,  # type: ignore[arg-type]
+            base=base,
+            local=local,
+            remote=stored,
+            changes=changes,
+            client_time=min(m.client_ms or m.received_ms, m.received_ms),
+            remote_time=remote_time,
+            user_id=m.user_id,
+            merge_tiebreak=self.config.merge_tiebreak,
+        )
+        strategy = self.config.strategy_for(m.project_id)
+        resolution = self.hook.barosync_resolve_conflict(strategy=strategy, conflict=conflict)
+        if resolution is None:
+            resolution = Resolution("keep", fields=changed_by_client(conflict), manual=True)
+        info: dict[str, Any] = {
             "ref": m.envelope_id,
             "id": m.event_id,
             "projectId": m.project_id,
-            "localVersion": local if m.kind == "update" else None,
+            "operation": m.kind,
+            "localVersion": local,
             "remoteVersion": stored,
             "base": base,
-            "strategy": "manual",
-            "fields": fields,
-            "operation": m.kind,
+            "strategy": strategy,
+            "fields": list(resolution.fields),
         }
-        return Outcome("conflict", m.project_id, conflict=info)
+        if resolution.action == "keep":
+            if not resolution.manual:
+                info["resolved"] = stored
+            return Outcome("conflict", m.project_id, conflict=info)
+        if resolution.action == "delete":
+            if stored is None:
+                info["resolved"] = None
+                return Outcome("conflict", m.project_id, conflict=info)
+            outcome = self._commit_change(txn, m, idem_key, "delete", None, previous=stored)
+        else:
+            source = stored if stored is not None else (local or base)
+            if source is None or resolution.event is None:
+                return Outcome("conflict", m.project_id, conflict=info)
+            current = event_from_wire(source)
+            if stored is None:  # brought back from deletion, one version past it
+                current = attrs.evolve(current, version=last_version)
+            wanted = {f: resolution.event[f] for f in CLIENT_FIELDS if f in resolution.event}
+            merged = apply_changes(current, wanted, user_id=m.user_id, now_ms=m.received_ms)
+            outcome = self._commit_change(txn, m, idem_key, "update", event_to_wire(merged), previous=stored)
+        if outcome.status == "applied":
+            info["resolved"] = outcome.answer.get("event") if outcome.answer else None
+            outcome.conflict = info
+        return outcome
+
+    def _last_change(self, txn: lmdb.Transaction, event_id: str) -> tuple[int, int]:
+        """The latest version of an event and when it was written (ms), from history."""
+        prefix = _k(event_id) + b"\0"
+        cursor = txn.cursor(db=self.versions)
+        if cursor.set_range(_k(event_id) + b"\x01"):
+            found = cursor.prev()
+        else:
+            found = cursor.last()
+        if not found or not cursor.key().startswith(prefix):
+            return 0, 0
+        version = _U64.unpack(cursor.key()[len(prefix):])[0]
+        project = txn.get(event_id.encode(), db=self.index) or b""
+        change = txn.get(project + b"\0" + cursor.value(), db=self.changelog)
+        return version, (orjson.loads(change)["timestamp"] if change else 0)
+
+    def _validate(self, txn: lmdb.Transaction, m: Mutation, kind: str, event: dict[str, Any] | None,
+                  previous: dict[str, Any] | None) -> tuple[protocol.ProtocolError | None, list[dict[str, Any]]]:
+        hook = self.hook.barosync_validate_mutation
+        if not hook.get_hookimpls():
+            return None, []
+        prefix = m.project_id.encode() + b"\0"
+
+        def project_events() -> Iterator[dict[str, Any]]:
+            cursor = txn.cursor(db=self.events)
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    yield orjson.loads(value)
+
+        warnings = []
+        for found in hook(operation=kind, event=event, previous=previous, project_events=project_events,
+                          user_id=m.user_id, config=self.config):
+            for problem in found if isinstance(found, list) else [found]:
+                if problem is None:
+                    continue
+                if problem.refuse:
+                    return protocol.ProtocolError(problem.code, problem.message, ref=m.envelope_id, field=problem.field), []
+                warnings.append({"code": problem.code, "message": problem.message, "field": problem.field})
+        return None, warnings
 
     def _commit_change(
-        self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes, kind: str, payload: dict[str, Any]
+        self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes, kind: str,
+        event: dict[str, Any] | None, *, previous: dict[str, Any] | None,
     ) -> Outcome:
+        refused, warnings = self._validate(txn, m, kind, event, previous)
+        if refused is not None:
+            return Outcome("error", m.project_id, error=refused)
         pkey = m.project_id.encode()
         raw = txn.get(pkey, db=self.seqs)
         seq = (_U64.unpack(raw)[0] if raw else 0) + 1
         txn.put(pkey, _U64.pack(seq), db=self.seqs)
-        version = payload["version"]
-        if kind != "delete":
-            txn.put(_k(m.project_id, m.event_id), orjson.dumps(payload), db=self.events)
+        if kind == "create":
+            txn.put(m.event_id.encode(), pkey, db=self.index)
+        if event is None:
+            assert previous is not None
+            version = previous["version"] + 1
+            payload = {"id": m.event_id, "projectId": m.project_id, "version": version}
+            txn.delete(_k(m.project_id, m.event_id), db=self.events)
+        else:
+            version = event["version"]
+            payload = event
+            txn.put(_k(m.project_id, m.event_id), orjson.dumps(event), db=self.events)
         change = orjson.dumps({
             "type": protocol.CHANGE_TYPES[kind],
             "id": f"{m.project_id}:{seq}",
@@ -309,10 +408,12 @@ class Store:
         })
         txn.put(_seq_key(m.project_id, seq), change, db=self.changelog)
         txn.put(_k(m.event_id) + b"\0" + _U64.pack(version), _U64.pack(seq), db=self.versions)
-        if kind == "delete":
-            answer = {"id": m.event_id, "projectId": m.project_id, "version": version, "seq": seq}
+        if event is None:
+            answer: dict[str, Any] = {**payload, "seq": seq}
         else:
             answer = {"event": payload, "projectId": m.project_id, "seq": seq}
+        if warnings:
+            answer["warnings"] = warnings
         txn.put(idem_key, orjson.dumps(answer), db=self.idem)
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
 

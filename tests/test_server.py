@@ -158,8 +158,13 @@ async def test_update_and_delete(client_factory):
     assert gone["payload"] == {"id": "ev-1", "projectId": "p1", "version": 3, "seq": 3}
     deleted = await b.recv_type("event:deleted")
     assert deleted["payload"] == {"id": "ev-1", "projectId": "p1", "version": 3}
-    again = await a.request("event:update", {"id": "ev-1", "version": 3, "title": "x"})
-    assert again["type"] == "error" and again["payload"]["code"] == "not_found"
+    # Editing what someone deleted is a conflict; under the default strategy the
+    # deletion stands and the sender is told so.
+    again = await a.request("event:update", {"id": "ev-1", "version": 2, "title": "x"})
+    assert again["type"] == "conflict:detected"
+    assert again["payload"]["remoteVersion"] is None and again["payload"]["resolved"] is None
+    gone_again = await a.request("event:delete", {"id": "ev-1"})
+    assert gone_again["type"] == "error" and gone_again["payload"]["code"] == "not_found"
 
 
 async def test_stale_version_is_a_conflict_and_stores_nothing(app, client_factory):
@@ -172,7 +177,8 @@ async def test_stale_version_is_a_conflict_and_stores_nothing(app, client_factor
     conflict = await b.request("event:update", {"id": "ev-c", "version": 1, "title": "Bob's"})
     assert conflict["type"] == "conflict:detected"
     p = conflict["payload"]
-    assert p["strategy"] == "manual"
+    assert p["strategy"] == "merge"  # the default; both changed the title: a person decides
+    assert "resolved" not in p
     assert p["base"]["title"] == "Base" and p["base"]["version"] == 1
     assert p["remoteVersion"]["title"] == "Alice's" and p["remoteVersion"]["version"] == 2
     assert p["localVersion"]["title"] == "Bob's"

@@ -1,0 +1,171 @@
+"""Conflict strategies: plain functions on event dicts, and the four built-in plugins.
+
+A conflict is an ``event:update`` or ``event:delete`` based on a version older than
+the stored one (or an update of an event deleted meanwhile). The project's strategy
+gets ``base`` (the event at the client's version, from history; None when history
+no longer has it), ``local`` (base plus the client's change) and ``remote`` (what is
+stored; None when it was deleted) and answers with a ``Resolution``.
+
+The strategies run inside the write transaction, in the writer's thread: they must
+be synchronous, quick, and do no IO.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from .hookspecs import hookimpl
+from .models import CLIENT_FIELDS, ValidationError, check_dates
+
+STRATEGIES = ("last_write_wins", "first_write_wins", "merge", "manual")
+DEFAULT_STRATEGY = "merge"
+DEFAULT_TIEBREAK = "manual"
+
+# Fields a client edits; server-owned fields never take part in a merge.
+EDITABLE = tuple(CLIENT_FIELDS)
+
+
+@attrs.frozen
+class Conflict:
+    """What a strategy is asked to decide."""
+
+    operation: Literal["update", "delete"]
+    base: dict[str, Any] | None
+    local: dict[str, Any] | None  # None for a delete
+    remote: dict[str, Any] | None  # None when the stored event was deleted
+    changes: dict[str, Any]  # the wire fields the client's update set
+    client_time: int  # when the client made the edit (ms), never later than received
+    remote_time: int  # when the stored version was written (ms)
+    user_id: str
+    merge_tiebreak: str = DEFAULT_TIEBREAK
+
+
+@attrs.frozen
+class Resolution:
+    """A strategy's answer.
+
+    ``action``: ``"keep"`` stores nothing (the remote version stays, or stays
+    deleted); ``"store"`` stores ``event`` (fields of the client's editable set);
+    ``"delete"`` deletes the event. ``fields`` lists the fields in conflict, for the
+    sender's ``conflict:detected``.
+    """
+
+    action: Literal["keep", "store", "delete"]
+    event: dict[str, Any] | None = None
+    fields: tuple[str, ...] = ()
+    # True when the server did not decide: the sender must resolve and resubmit.
+    manual: bool = False
+
+
+def changed_by_client(conflict: Conflict) -> tuple[str, ...]:
+    base = conflict.base or {}
+    return tuple(f for f in EDITABLE if f in conflict.changes and conflict.changes[f] != base.get(f))
+
+
+def last_write_wins(c: Conflict) -> Resolution:
+    fields = changed_by_client(c)
+    # Ties go to arrival order: the client's edit arrived later, so it wins.
+    local_wins = c.client_time >= c.remote_time
+    if not local_wins:
+        return Resolution("keep", fields=fields)
+    if c.operation == "delete":
+        return Resolution("delete", fields=fields)
+    if c.remote is None:
+        return Resolution("store", event=dict(c.local or {}), fields=fields)
+    return Resolution("store", event={**c.remote, **{f: c.changes[f] for f in EDITABLE if f in c.changes}}, fields=fields)
+
+
+def first_write_wins(c: Conflict) -> Resolution:
+    return Resolution("keep", fields=changed_by_client(c))
+
+
+def manual(c: Conflict) -> Resolution:
+    return Resolution("keep", fields=changed_by_client(c), manual=True)
+
+
+def merge_attendees(base: list[str], local: list[str], remote: list[str]) -> list[str]:
+    """Three-way set merge: additions and removals from both sides apply."""
+    b, lo, r = set(base), set(local), set(remote)
+    removed = (b - lo) | (b - r)
+    out = [a for a in remote if a not in removed]
+    out += [a for a in local if a not in removed and a not in r]
+    return list(dict.fromkeys(out))
+
+
+def merge(c: Conflict) -> Resolution:
+    """Field by field: one side changed it, that side wins; both changed it the same
+    way, fine; both differently, ``attendees`` merge as a set and other fields go to
+    the tie-break strategy."""
+    if c.operation == "delete" or c.remote is None:
+        # A delete against a newer edit, or an edit of a deleted event: nothing to
+        # merge field by field; the edit (or deletion) already stored stands.
+        return Resolution("keep", fields=changed_by_client(c))
+    base = c.base or {}
+    merged = dict(c.remote)
+    clashes: list[str] = []
+    for f in EDITABLE:
+        if f not in c.changes:
+            continue
+        mine, theirs, was = c.changes[f], c.remote.get(f), base.get(f) if c.base is not None else None
+        if c.base is not None and mine == was:
+            continue  # the client did not really change it
+        if mine == theirs:
+            continue
+        if c.base is not None and theirs == was:
+            merged[f] = mine  # changed on the client's side only
+        elif f == "attendees":
+            merged[f] = merge_attendees(base.get(f) or [], mine or [], theirs or [])
+        else:
+            clashes.append(f)
+    if clashes:
+        tiebreak = STRATEGY_FUNCTIONS.get(c.merge_tiebreak, manual) if c.merge_tiebreak != "merge" else manual
+        decided = tiebreak(c)
+        if decided.manual:
+            return Resolution("keep", fields=tuple(clashes), manual=True)
+        if decided.action == "store":
+            for f in clashes:
+                merged[f] = c.changes[f]
+        # otherwise the stored values of the clashing fields stay
+    try:
+        check_dates(merged["startDate"], merged["endDate"])
+    except ValidationError:
+        # Each side's dates were valid alone but not together: a person must decide.
+        return Resolution("keep", fields=tuple(sorted(set(clashes) | {"startDate", "endDate"})), manual=True)
+    if all(merged.get(f) == c.remote.get(f) for f in EDITABLE):
+        return Resolution("keep", fields=tuple(clashes))
+    return Resolution("store", event=merged, fields=tuple(clashes))
+
+
+STRATEGY_FUNCTIONS = {
+    "last_write_wins": last_write_wins,
+    "first_write_wins": first_write_wins,
+    "merge": merge,
+    "manual": manual,
+}
+
+
+class Strategy:
+    """A built-in strategy as an ordinary plugin: the same hooks a third-party
+    strategy implements."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._resolve = STRATEGY_FUNCTIONS[name]
+
+    @hookimpl
+    def barosync_conflict_strategies(self) -> list[str]:
+        return [self.name]
+
+    @hookimpl
+    def barosync_resolve_conflict(self, strategy: str, conflict: Conflict) -> Resolution | None:
+        if strategy != self.name:
+            return None
+        return self._resolve(conflict)
+
+
+LAST_WRITE_WINS = Strategy("last_write_wins")
+FIRST_WRITE_WINS = Strategy("first_write_wins")
+MERGE = Strategy("merge")
+MANUAL = Strategy("manual")
