@@ -16,6 +16,7 @@ from . import __version__
 from .auth import DEFAULT_TTL, create_token
 from .config import Config, ConfigError, ensure_secret, load_config
 from .models import ALL_PROJECTS
+from .plugins import PluginError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     token = sub.add_parser("token", help="mint access tokens")
+    token.set_defaults(usage_parser=token)
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION")
     create = token_sub.add_parser("create", help="print a signed token for a user")
     _common(create)
@@ -69,9 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"barosync: {e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": "), file=sys.stderr)
         return 1
-    if args.command == "token":
-        parser.parse_args(["token", "--help"])
-    parser.print_help()
+    # A missing command or action is a usage error: help on stderr, exit 2 (parsing
+    # "token --help" here used to exit 0).
+    getattr(args, "usage_parser", parser).print_help(sys.stderr)
     return 2
 
 
@@ -103,7 +105,14 @@ def _serve(args: argparse.Namespace) -> int:
         trio.run(_serve_until_signal, config)
     except KeyboardInterrupt:
         pass
-    except (OSError, lmdb.Error, BaseExceptionGroup) as raised:
+    except (OSError, lmdb.Error, ConfigError, PluginError, BaseExceptionGroup) as raised:
+        # Start-up problems surface from inside the trio nursery, wrapped in groups.
+        if (found := _leaf(raised, (ConfigError,))) is not None:
+            print(f"barosync: config error: {found}", file=sys.stderr)
+            return 2
+        if (found := _leaf(raised, (PluginError,))) is not None:
+            print(f"barosync: plugin error: {found}", file=sys.stderr)
+            return 2
         e = _leaf(raised, (OSError, lmdb.Error))
         if e is None:
             raise

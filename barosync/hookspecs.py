@@ -14,6 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .config import Config
+    from .codecs import Codec
     from .conflicts import Conflict, Resolution
     from .models import Identity, Problem
 
@@ -92,6 +93,21 @@ def barosync_validate_mutation(
     ``error`` with the problem's code, nothing is stored); problems with
     ``refuse=False`` are attached to the ack as ``warnings``. Synchronous, in the
     writer's thread, like ``barosync_resolve_conflict``.
+    """
+
+
+# -- wire codecs --------------------------------------------------------------------------
+
+
+@hookspec
+def barosync_wire_codecs() -> "list[Codec]":
+    """Provide wire codecs: objects that encode outgoing JSON envelopes into frames
+    and decode incoming frames into envelopes (see ``barosync.codecs.Codec``).
+
+    A client picks one by name at the handshake (``/ws?codec=NAME``). Codecs are
+    looked up once per connection, never per message. Return None (or an empty
+    list) to provide none. The built-in ``json``, ``batch`` and ``deflate`` codecs
+    are provided this way.
     """
 
 

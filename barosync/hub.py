@@ -49,7 +49,7 @@ def user_color(user_id: str) -> str:
 
 
 class Presence:
-    __slots__ = ("user_id", "connections", "joined_frame", "info")
+    __slots__ = ("user_id", "connections", "joined", "info")
 
     def __init__(self, identity: "Identity", project_id: str) -> None:
         self.user_id = identity.user_id
@@ -62,7 +62,7 @@ class Presence:
             "lastSeen": now_ms(),
             "projectId": project_id,
         }
-        self.joined_frame = protocol.frame("user:joined", self.info)
+        self.joined = protocol.Outgoing(protocol.encode("user:joined", self.info))
 
 
 class Room:
@@ -74,15 +74,12 @@ class Room:
         self.subscribers: dict["Session", None] = {}
         self.users: dict[str, Presence] = {}
         self.cursor_sent: dict[str, float] = {}  # user -> when their last cursor went out
-        self.cursor_pending: dict[str, tuple[bytes, "Session"]] = {}  # user -> (frame, sender)
+        self.cursor_pending: dict[str, tuple[protocol.Outgoing, "Session"]] = {}  # user -> (message, sender)
 
-    def fan_out(self, frame: bytes, *, skip: Any = None) -> int:
-        n = 0
+    def fan_out(self, out: protocol.Outgoing, *, skip: Any = None) -> None:
         for session in self.subscribers:
             if session is not skip:
-                session.send_frame(frame)
-                n += 1
-        return n
+                session.send_out(out)
 
 
 class Hub:
@@ -103,16 +100,14 @@ class Hub:
         if room is None:
             room = self.rooms[project_id] = Room(project_id)
         user_id = session.identity.user_id
-        present = b"".join(p.joined_frame for p in room.users.values() if p.user_id != user_id)
-        if present:
-            session.send_frame(present)
+        session.send_many([p.joined for p in room.users.values() if p.user_id != user_id])
         if session in room.subscribers:
             return
         room.subscribers[session] = None
         presence = room.users.get(user_id)
         if presence is None:
             presence = room.users[user_id] = Presence(session.identity, project_id)
-            room.fan_out(presence.joined_frame, skip=session)
+            room.fan_out(presence.joined, skip=session)
         presence.connections += 1
 
     def leave(self, session: "Session", project_id: str) -> None:
@@ -128,7 +123,7 @@ class Hub:
                 del room.users[user_id]
                 room.cursor_pending.pop(user_id, None)
                 room.cursor_sent.pop(user_id, None)
-                room.fan_out(protocol.frame("user:left", {"id": user_id, "projectId": project_id}))
+                room.fan_out(protocol.Outgoing(protocol.encode("user:left", {"id": user_id, "projectId": project_id})))
         if not room.subscribers:
             del self.rooms[project_id]
 
@@ -147,12 +142,12 @@ class Hub:
         if room is None:
             return
         user_id = session.identity.user_id
-        frame = protocol.text_frame(orjson.dumps({
+        frame = protocol.Outgoing(orjson.dumps({
             "type": "user:cursor",
             "projectId": project_id,
             "payload": {"userId": user_id, "x": x, "y": y, "elementId": element_id,
                         "timestamp": now_ms(), "projectId": project_id},
-        }).decode())
+        }))
         now = trio.current_time()
         due = room.cursor_sent.get(user_id, -math.inf) + self.cursor_interval
         if now >= due and user_id not in room.cursor_pending:
@@ -164,7 +159,7 @@ class Hub:
             self._cursor_wakeup.unpark()
         room.cursor_pending[user_id] = (frame, session)
 
-    def _send_cursor(self, room: Room, user_id: str, frame: bytes, sender: "Session") -> None:
+    def _send_cursor(self, room: Room, user_id: str, frame: protocol.Outgoing, sender: "Session") -> None:
         for s in room.subscribers:
             if s is not sender:
                 s.send_cursor(user_id, frame)
@@ -203,12 +198,12 @@ class Hub:
         room = self.rooms.get(project_id)
         if room is not None:
             # Encoded once: the same frame bytes go to every recipient.
-            frame = protocol.text_frame(change.decode())
+            out = protocol.Outgoing(change)
             msg_id = f"{project_id}:{seq}"
             n = 0
             for session in room.subscribers:
                 if session is not origin:
-                    session.deliver(frame, msg_id)
+                    session.deliver(out, msg_id)
                     n += 1
             self.deliveries += n
         if self._hook.barosync_change_committed.get_hookimpls():

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str, str | None], ...] = (
     ("first_write_wins", "barosync.conflicts", "FIRST_WRITE_WINS"),
     ("merge", "barosync.conflicts", "MERGE"),
     ("manual", "barosync.conflicts", "MANUAL"),
+    ("codecs", "barosync.codecs", None),
 )
 ENTRY_POINT_GROUP = "barosync"
 TRACE_ENV = "BAROSYNC_TRACE_PLUGINS"

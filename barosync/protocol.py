@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import orjson
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import TextMessage
+from wsproto.events import BytesMessage, TextMessage
 
 from .models import ValidationError, check_id
 
@@ -91,6 +91,11 @@ def decode_envelope(data: str | bytes) -> Envelope:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(E_BAD_JSON, f"frame is not valid JSON: {e}") from None
+    return envelope_from_obj(raw)
+
+
+def envelope_from_obj(raw: Any) -> Envelope:
+    """Check one parsed client envelope (a codec may carry several per frame)."""
     if not isinstance(raw, dict):
         raise ProtocolError(E_BAD_ENVELOPE, "frame must be a JSON object (an envelope)")
     msg_id = raw.get("id")
@@ -167,6 +172,29 @@ def text_frame(text: str) -> bytes:
     return _FRAMER.send(TextMessage(data=text))
 
 
+def binary_frame(data: bytes) -> bytes:
+    return _FRAMER.send(BytesMessage(data=data))
+
+
+class Outgoing:
+    """One server message on its way to many connections: its JSON, and its frame
+    per codec, each made once and shared by every recipient using that codec."""
+
+    __slots__ = ("json", "text", "_frames")
+
+    def __init__(self, json: bytes) -> None:
+        self.json = json
+        # Nearly every recipient speaks the default codec: make its frame up front.
+        self.text = text_frame(json.decode())
+        self._frames: dict[str, bytes] = {}
+
+    def frame_for(self, codec: Any) -> bytes:
+        frame = self._frames.get(codec.name)
+        if frame is None:
+            frame = self._frames[codec.name] = codec.frame(self.json)
+        return frame
+
+
 def encode(
     msg_type: str,
     payload: Any = None,
@@ -191,10 +219,18 @@ def frame(msg_type: str, payload: Any = None, **kw: Any) -> bytes:
     return text_frame(encode(msg_type, payload, **kw).decode())
 
 
-def ack_frame(ref: str, payload: Any = None) -> bytes:
+def ack(ref: str, payload: Any = None) -> bytes:
     # An ack answers a client message and reuses its id, as the seed client expects.
-    return frame(ACK, payload, id=ref)
+    return encode(ACK, payload, id=ref)
+
+
+def error(err: ProtocolError) -> bytes:
+    return encode("error", err.payload())
+
+
+def ack_frame(ref: str, payload: Any = None) -> bytes:
+    return text_frame(ack(ref, payload).decode())
 
 
 def error_frame(err: ProtocolError) -> bytes:
-    return frame("error", err.payload())
+    return text_frame(error(err).decode())

@@ -23,6 +23,7 @@ from . import __version__, protocol
 from .config import Config, ensure_secret
 from .hub import Hub
 from .models import Identity
+from .codecs import DEFAULT_CODEC
 from .config import ConfigError
 from .plugins import build_plugin_manager, strategy_names
 from .session import Session
@@ -46,6 +47,7 @@ class App:
         check_strategies(config, strategy_names(self.pm))
         self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
+        self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
         self.writer = Writer(self.store, self.hub.on_outcome)
         self.sessions: set[Session] = set()
         self.port: int = 0
@@ -187,6 +189,9 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
             conn.start_next_cycle()
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
+    except Exception:
+        # One connection's failure must never take the server down with it.
+        log.exception("connection handler failed")
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -214,6 +219,11 @@ async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, re
     if upgrade != b"websocket" or key is None or headers.get(b"sec-websocket-version") != b"13":
         await stream.send_all(_response(conn, 426, _json_error(426, "upgrade_required", "/ws is a WebSocket endpoint (RFC 6455, version 13)"), extra=[(b"upgrade", b"websocket")]))
         return None
+    codec_name = (parse_qs(query).get("codec") or [DEFAULT_CODEC])[0]
+    codec = app.codecs.get(codec_name)
+    if codec is None:
+        await stream.send_all(_response(conn, 400, _json_error(400, "unknown_codec", f"unknown codec {codec_name!r} (available: {', '.join(sorted(app.codecs))})")))
+        return None
     token = _token(headers, query)
     identity = app.authenticate(token) if token else None
     if identity is None:
@@ -227,12 +237,13 @@ async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, re
     ]))
     trailing, _closed = conn.trailing_data
     ws = Connection(ConnectionType.SERVER, trailing_data=bytes(trailing))
-    session = Session(app, stream, ws, identity)
+    session = Session(app, stream, ws, identity, codec)
     # The 101 must be the first bytes of the connection's outbox, then hello.
     session.send_frame(response)
     config = app.config
-    session.send_frame(protocol.frame("hello", {
+    session.send_json(protocol.encode("hello", {
         "sessionId": session.id,
+        "codec": codec.name,
         "protocol": protocol.PROTOCOL_VERSION,
         "serverVersion": __version__,
         "user": {"id": identity.user_id, "name": identity.name, "avatar": identity.avatar, "color": identity.color},

@@ -24,8 +24,9 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import protocol
+from .codecs import Codec
 from .models import Identity, ValidationError, changed_fields, check_id, check_version, new_event
-from .protocol import Envelope, ProtocolError
+from .protocol import Envelope, Outgoing, ProtocolError
 from .store import Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
@@ -45,8 +46,12 @@ ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", pro
 
 
 class Session:
-    def __init__(self, app: "App", stream: trio.SocketStream, ws: Connection, identity: Identity) -> None:
+    def __init__(self, app: "App", stream: trio.SocketStream, ws: Connection, identity: Identity, codec: Codec) -> None:
         self.app = app
+        self.codec = codec
+        self._batching = codec.batching
+        # JSON envelopes waiting to be combined into one frame (batching codecs only).
+        self._batch: list[bytes] = []
         self.id = protocol.next_id()
         self.identity = identity
         self._stream = stream
@@ -65,7 +70,7 @@ class Session:
         self._closing = False
         self._close_deadline = float("inf")
         self._nursery: trio.Nursery | None = None
-        self._parts: list[str] = []
+        self._parts: list[Any] = []
         self._parts_bytes = 0
         self.close_code: int | None = None
         self.subscriptions: set[str] = set()
@@ -85,19 +90,69 @@ class Session:
 
     # -- sending (hot path) ------------------------------------------------------------
 
-    def deliver(self, frame: bytes, msg_id: str) -> None:
-        """Send a server message the client is expected to ack."""
+    def deliver(self, out: Outgoing, msg_id: str) -> None:
+        """Send a fanned-out server message the client is expected to ack."""
         unacked = self.unacked
         unacked[msg_id] = None
         if len(unacked) > MAX_UNACKED:
             del unacked[next(iter(unacked))]
             self.unacked_dropped += 1
-        self.send_frame(frame)
+        if self._batching:
+            self._send_batchable(out.json, out)
+        else:
+            self.send_frame(out.text)
+
+    def send_out(self, out: Outgoing) -> None:
+        """Send a shared message that needs no ack (presence, ...)."""
+        if self._batching:
+            self._send_batchable(out.json, out)
+        else:
+            self.send_frame(out.text)
+
+    def send_json(self, data: bytes) -> None:
+        """Send a message made for this connection alone (ack, error, pong, ...)."""
+        if self._batching:
+            self._send_batchable(data, None)
+        else:
+            self.send_frame(protocol.text_frame(data.decode()))
+
+    def send_many(self, outs: list[Outgoing]) -> None:
+        if not outs:
+            return
+        if self._batching:
+            for out in outs:
+                self._send_batchable(out.json, None)
+        else:
+            self.send_frame(b"".join(out.text for out in outs))
+
+    def _send_batchable(self, data: bytes, out: Outgoing | None) -> None:
+        if self._closing:
+            return
+        if self._outbox or self._batch:
+            # Something already waits: this joins the batch the writer sends next.
+            self._batch.append(data)
+            self._outbox_bytes += len(data)
+            if self._outbox_bytes - (len(self._outbox[0]) if self._outbox else 0) > self._outbox_limit:
+                self._too_slow()
+            else:
+                self._lot.unpark()
+            return
+        self.send_frame(out.frame_for(self.codec) if out is not None else self.codec.frame(data))
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        if batch:
+            size = sum(len(m) for m in batch)
+            frame = self.codec.frames(batch)
+            batch.clear()
+            self._outbox.append(frame)
+            self._outbox_bytes += len(frame) - size
 
     def send_frame(self, frame: bytes) -> None:
         if self._closing:
             return
-        if self._outbox:
+        if self._outbox or self._batch:
+            self._flush_batch()
             self._queue(frame)
             return
         try:
@@ -111,10 +166,11 @@ class Session:
             self._queue(memoryview(frame)[sent:])
             self._lot.unpark()
 
-    def send_cursor(self, user_id: str, frame: bytes) -> None:
+    def send_cursor(self, user_id: str, out: Outgoing) -> None:
         if self._closing:
             return
-        if not self._outbox and not self._cursors:
+        frame = out.text if not self._batching else out.frame_for(self.codec)
+        if not self._outbox and not self._cursors and not self._batch:
             self.send_frame(frame)
             return
         self._cursors[user_id] = frame
@@ -123,7 +179,9 @@ class Session:
     def _queue(self, data: bytes | memoryview) -> None:
         self._outbox.append(data)
         self._outbox_bytes += len(data)
-        if self._outbox_bytes > self._outbox_limit:
+        # The frame at the head is the one being written; only what waits behind it
+        # counts, so one large snapshot is not mistaken for a slow reader.
+        if self._outbox_bytes - len(self._outbox[0]) > self._outbox_limit:
             self._too_slow()
 
     def _too_slow(self) -> None:
@@ -133,6 +191,7 @@ class Session:
         head = self._outbox[0] if self._outbox and isinstance(self._outbox[0], memoryview) else None
         self._outbox.clear()
         self._cursors.clear()
+        self._batch.clear()
         self._outbox_bytes = 0
         if head is not None:
             self._outbox.append(head)
@@ -151,6 +210,7 @@ class Session:
             data = self._ws.send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:
             data = b""
+        self._flush_batch()
         if data:
             self._outbox.append(data)
             self._outbox_bytes += len(data)
@@ -182,12 +242,14 @@ class Session:
     async def _writer(self) -> None:
         try:
             while True:
-                if not self._outbox and not self._cursors:
+                if not self._outbox and not self._cursors and not self._batch:
                     if self._closing:
                         return
                     await self._lot.park()
                     continue
                 await trio.lowlevel.wait_writable(self._sock)
+                # Everything that piled up while we waited goes out in this one write.
+                self._flush_batch()
                 outbox = self._outbox
                 if self._cursors:
                     # Cursors go ahead of queued changes, after any half-sent frame.
@@ -246,16 +308,17 @@ class Session:
                 self.last_recv = trio.current_time()
                 self._ws.receive_data(data)
                 for event in self._ws.events():
-                    if isinstance(event, TextMessage):
+                    if isinstance(event, (TextMessage, BytesMessage)):
                         if self._closing:
                             continue
                         if not self._add_part(event.data):
                             continue
                         if event.message_finished:
-                            text = "".join(self._parts) if len(self._parts) > 1 else self._parts[0]
-                            self._parts.clear()
+                            parts = self._parts
+                            data = parts[0] if len(parts) == 1 else ("" if isinstance(parts[0], str) else b"").join(parts)
+                            parts.clear()
                             self._parts_bytes = 0
-                            await self._on_text(text)
+                            await self._on_message(data)
                     elif isinstance(event, CloseConnection):
                         if self._ws.state is ConnectionState.REMOTE_CLOSING:
                             # The peer closes: answer its close frame, let the writer
@@ -269,10 +332,6 @@ class Session:
                         return
                     elif isinstance(event, Ping):
                         self.send_frame(self._ws.send(event.response()))
-                    elif isinstance(event, BytesMessage):
-                        if event.message_finished and not self._closing:
-                            self.send_frame(protocol.error_frame(ProtocolError(
-                                protocol.E_BAD_ENVELOPE, "binary frames are not understood: send JSON text frames")))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except LocalProtocolError:
@@ -288,35 +347,49 @@ class Session:
             self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
             self._lot.unpark()
 
-    def _add_part(self, text: str) -> bool:
-        # Frames are counted in characters after decoding; the limit is about memory,
-        # and UTF-8 never makes a string longer than its bytes.
-        self._parts_bytes += len(text)
+    def _add_part(self, data: str | bytes) -> bool:
+        size = len(data)
+        if isinstance(data, str) and size * 4 > self.app.config.max_message_bytes:
+            # Only text that could be over the limit pays for counting its UTF-8 bytes.
+            size = len(data.encode())
+        self._parts_bytes += size
         if self._parts_bytes > self.app.config.max_message_bytes:
             self._parts.clear()
             self.close(protocol.CLOSE_TOO_BIG, f"message larger than {self.app.config.max_message_bytes} bytes")
             return False
-        self._parts.append(text)
+        self._parts.append(data)
         return True
 
     # -- messages ------------------------------------------------------------------------
 
-    async def _on_text(self, text: str) -> None:
+    async def _on_message(self, data: str | bytes) -> None:
         try:
-            envelope = protocol.decode_envelope(text)
-            if envelope.type == protocol.ACK:
-                if envelope.id is not None:
-                    self.unacked.pop(envelope.id, None)
-                return
-            await self._handlers[envelope.type](envelope)
+            items = self.codec.decode(data, max_bytes=self.app.config.max_message_bytes)
         except ProtocolError as e:
-            self.send_frame(protocol.error_frame(e))
-        except ValidationError as e:
-            self.send_frame(protocol.error_frame(ProtocolError(
-                protocol.E_INVALID, f"`{e.field}` {e.message}", ref=None, field=e.field)))
+            self.send_json(protocol.error(e))
+            return
+        for item in items:
+            try:
+                envelope = protocol.envelope_from_obj(item)
+                if envelope.type == protocol.ACK:
+                    if envelope.id is not None:
+                        self.unacked.pop(envelope.id, None)
+                    continue
+                await self._handlers[envelope.type](envelope)
+            except ProtocolError as e:
+                self.send_json(protocol.error(e))
+            except ValidationError as e:
+                self.send_json(protocol.error(ProtocolError(protocol.E_INVALID, f"`{e.field}` {e.message}", field=e.field)))
+            except (trio.Cancelled, trio.ClosedResourceError, trio.BrokenResourceError):
+                raise
+            except Exception:
+                # A bug must cost one message, never the connection or the server.
+                log.exception("session=%s user=%s: internal error handling a message", self.id, self.identity.user_id)
+                ref = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
+                self.send_json(protocol.error(ProtocolError(protocol.E_INTERNAL, "internal server error; the message was not applied", ref=ref)))
 
     async def _on_ping(self, env: Envelope) -> None:
-        self.send_frame(protocol.frame("pong", {}, timestamp=env.timestamp if env.timestamp is not None else now_ms()))
+        self.send_json(protocol.encode("pong", {}, timestamp=env.timestamp if env.timestamp is not None else now_ms()))
 
     def _authorize(self, action: str, project_id: str, ref: str | None) -> None:
         allowed = self.app.pm.hook.barosync_authorize(identity=self.identity, action=action, project_id=project_id)
@@ -339,17 +412,18 @@ class Session:
         missed = app.store.changes_since(sub.project_id, sub.since) if sub.since is not None else None
         if missed is None:
             seq, events = app.store.snapshot(sub.project_id)
-            self.send_frame(protocol.ack_frame(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "snapshot"}))
+            self.send_json(protocol.ack(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "snapshot"}))
             snapshot_id = protocol.next_id()
-            self.deliver(protocol.frame("sync:snapshot", {
-                "projectId": sub.project_id, "seq": seq, "events": events,
-                "since": sub.since,
-            }, id=snapshot_id), snapshot_id)
+            self.unacked[snapshot_id] = None
+            self.send_json(protocol.encode("sync:snapshot", {
+                "projectId": sub.project_id, "seq": seq, "events": events, "since": sub.since,
+            }, id=snapshot_id))
         else:
             seq = sub.since + len(missed)  # type: ignore[operator]
-            self.send_frame(protocol.ack_frame(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "changes", "count": len(missed)}))
+            self.send_json(protocol.ack(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "changes", "count": len(missed)}))
             for change in missed:
-                self.deliver(protocol.text_frame(change.decode()), _change_id(change))
+                self.unacked[_change_id(change)] = None
+                self.send_json(change)
         app.hub.join(self, sub.project_id)
         self.subscriptions.add(sub.project_id)
 
@@ -358,7 +432,7 @@ class Session:
         if project_id in self.subscriptions:
             self.subscriptions.discard(project_id)
             self.app.hub.leave(self, project_id)
-        self.send_frame(protocol.ack_frame(env.id, {"projectId": project_id}))
+        self.send_json(protocol.ack(env.id, {"projectId": project_id}))
 
     async def _on_mutation(self, env: Envelope) -> None:
         assert env.id is not None
@@ -383,7 +457,11 @@ class Session:
             return Mutation(kind, project_id=event.project_id, event_id=event.id, event=event, **common)  # type: ignore[arg-type]
         event_id = check_id(p.get("id"), "id")
         project_id = self.app.store.project_of(event_id)
-        if project_id is None:
+        # An event in a project this user cannot see answers like one that does not
+        # exist, so ids cannot be probed across projects.
+        if project_id is None or not self.app.pm.hook.barosync_authorize(
+            identity=self.identity, action="subscribe", project_id=project_id
+        ):
             raise ProtocolError(protocol.E_NOT_FOUND, f"no event {event_id!r}", ref=env.id, field="id")
         if "projectId" in p and p["projectId"] != project_id:
             raise ValidationError("projectId", "an event cannot move between projects")
@@ -397,14 +475,14 @@ class Session:
 
     def _answer(self, m: Mutation, outcome: Outcome) -> None:
         if outcome.status in ("applied", "replayed"):
-            self.send_frame(protocol.ack_frame(m.envelope_id, outcome.answer))
+            self.send_json(protocol.ack(m.envelope_id, outcome.answer))
             if outcome.conflict is not None:
-                self.send_frame(protocol.frame("conflict:detected", outcome.conflict))
+                self.send_json(protocol.encode("conflict:detected", outcome.conflict))
         elif outcome.status == "conflict":
-            self.send_frame(protocol.frame("conflict:detected", outcome.conflict))
+            self.send_json(protocol.encode("conflict:detected", outcome.conflict))
         else:
             assert outcome.error is not None
-            self.send_frame(protocol.error_frame(outcome.error))
+            self.send_json(protocol.error(outcome.error))
 
     async def _on_cursor(self, env: Envelope) -> None:
         p = env.payload
@@ -429,12 +507,20 @@ class Session:
         token = env.payload.get("token")
         identity = self.app.authenticate(token) if isinstance(token, str) and token else None
         if identity is None or identity.user_id != self.identity.user_id:
-            self.send_frame(protocol.error_frame(ProtocolError(
+            self.send_json(protocol.error(ProtocolError(
                 protocol.E_FORBIDDEN, "auth:refresh needs a valid token for the same user", ref=env.id)))
             self.close(protocol.CLOSE_TOKEN_INVALID, "token invalid")
             return
         self.identity = identity
-        self.send_frame(protocol.ack_frame(env.id, {"expiresAt": identity.expires_at}))
+        # A fresh token may allow fewer projects: leave those it no longer allows.
+        for project_id in sorted(self.subscriptions):
+            if not self.app.pm.hook.barosync_authorize(identity=identity, action="subscribe", project_id=project_id):
+                self.subscriptions.discard(project_id)
+                self.app.hub.leave(self, project_id)
+                self.send_json(protocol.error(ProtocolError(
+                    protocol.E_FORBIDDEN, f"the new token does not allow project {project_id!r}: unsubscribed", field="projectId")))
+        expires = identity.expires_at
+        self.send_json(protocol.ack(env.id, {"expiresAt": int(expires * 1000) if expires is not None else None}))
 
 
 def _change_id(change: bytes) -> str:
