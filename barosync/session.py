@@ -140,13 +140,28 @@ class Session:
         self.send_frame(out.frame_for(self.codec) if out is not None else self.codec.frame(data))
 
     def _flush_batch(self) -> None:
+        """Turn waiting messages into batch frames. A batch frame stays within the
+        message size the server itself accepts, so clients with similar limits can
+        read it; a single larger message (a big snapshot) still goes alone."""
         batch = self._batch
-        if batch:
-            size = sum(len(m) for m in batch)
-            frame = self.codec.frames(batch)
-            batch.clear()
-            self._outbox.append(frame)
-            self._outbox_bytes += len(frame) - size
+        if not batch:
+            return
+        limit = self.app.config.max_message_bytes
+        chunk: list[bytes] = []
+        chunk_bytes = 0
+        for message in batch:
+            if chunk and chunk_bytes + len(message) > limit:
+                self._append_frames(chunk)
+                chunk, chunk_bytes = [], 0
+            chunk.append(message)
+            chunk_bytes += len(message) + 1
+        self._append_frames(chunk)
+        batch.clear()
+
+    def _append_frames(self, messages: list[bytes]) -> None:
+        frame = self.codec.frames(messages)
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame) - sum(len(m) for m in messages)
 
     def send_frame(self, frame: bytes) -> None:
         if self._closing:
