@@ -12,7 +12,7 @@ be synchronous, quick, and do no IO.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import attrs
 
@@ -40,6 +40,9 @@ class Conflict:
     remote_time: int  # when the stored version was written (ms)
     user_id: str
     merge_tiebreak: str = DEFAULT_TIEBREAK
+    # How the server asks the tie-break strategy (any plugin's) about clashing fields;
+    # without it the built-in of that name decides.
+    tiebreak: "Callable[[Conflict], Resolution | None] | None" = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -74,7 +77,9 @@ def last_write_wins(c: Conflict) -> Resolution:
         return Resolution("delete", fields=fields)
     if c.remote is None:
         return Resolution("store", event=dict(c.local or {}), fields=fields)
-    return Resolution("store", event={**c.remote, **{f: c.changes[f] for f in EDITABLE if f in c.changes}}, fields=fields)
+    # Only what the client really changed: a form that resends the whole event must
+    # not undo someone else's edits to fields this client never touched.
+    return Resolution("store", event={**c.remote, **{f: c.changes[f] for f in fields}}, fields=fields)
 
 
 def first_write_wins(c: Conflict) -> Resolution:
@@ -108,7 +113,7 @@ def merge(c: Conflict) -> Resolution:
     for f in EDITABLE:
         if f not in c.changes:
             continue
-        mine, theirs, was = c.changes[f], c.remote.get(f), base.get(f) if c.base is not None else None
+        mine, theirs, was = c.changes[f], c.remote.get(f), (base.get(f) if c.base is not None else None)
         if c.base is not None and mine == was:
             continue  # the client did not really change it
         if mine == theirs:
@@ -120,8 +125,14 @@ def merge(c: Conflict) -> Resolution:
         else:
             clashes.append(f)
     if clashes:
-        tiebreak = STRATEGY_FUNCTIONS.get(c.merge_tiebreak, manual) if c.merge_tiebreak != "merge" else manual
-        decided = tiebreak(c)
+        if c.merge_tiebreak in ("merge", "manual"):
+            decided: Resolution | None = manual(c)
+        elif c.tiebreak is not None:
+            decided = c.tiebreak(c)
+        else:
+            decided = STRATEGY_FUNCTIONS.get(c.merge_tiebreak, manual)(c)
+        if decided is None:
+            decided = manual(c)
         if decided.manual:
             return Resolution("keep", fields=tuple(clashes), manual=True)
         if decided.action == "store":

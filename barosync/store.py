@@ -19,6 +19,7 @@ which is also what makes it safe to grow the map between batches.
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from . import protocol
 from .config import Config
 from .conflicts import Conflict, Resolution, changed_by_client
 from .models import CLIENT_FIELDS, Event, ValidationError, apply_changes, event_from_wire, event_to_wire
+
+log = logging.getLogger("barosync.store")
 
 SCHEMA_VERSION = 1
 # Most mutations one group commit takes; bounds the latency of the batch behind it.
@@ -196,14 +199,22 @@ class Store:
                         break
                     yield _U64.unpack(key[len(prefix):])[0], orjson.loads(value)
 
-    def event_at_version(self, event_id: str, version: int, txn: lmdb.Transaction) -> dict[str, Any] | None:
-        """The event as it was at ``version``, from history (the base of a merge)."""
+    def change_at_version(self, event_id: str, version: int, txn: lmdb.Transaction) -> dict[str, Any] | None:
+        """The changelog entry that produced ``version`` of an event, if history has it."""
         raw = txn.get(_k(event_id) + b"\0" + _U64.pack(version), db=self.versions)
         project = txn.get(event_id.encode(), db=self.index)
         if raw is None or project is None:
             return None
         change = txn.get(project + b"\0" + raw, db=self.changelog)
-        return orjson.loads(change)["payload"] if change is not None else None
+        return orjson.loads(change) if change is not None else None
+
+    def event_at_version(self, event_id: str, version: int, txn: lmdb.Transaction) -> dict[str, Any] | None:
+        """The event as it was at ``version``, from history (the base of a merge);
+        None when history no longer has it or that version is its deletion."""
+        change = self.change_at_version(event_id, version, txn)
+        if change is None or change["type"] == protocol.CHANGE_TYPES["delete"]:
+            return None
+        return change["payload"]
 
     # -- map growth (event loop, between batches) ------------------------------------
 
@@ -248,6 +259,13 @@ class Store:
             return self._update_or_delete(txn, m, idem_key)
         except ValidationError as e:
             return self._error(m, protocol.E_INVALID, f"`{e.field}` {e.message}", e.field)
+        except lmdb.MapFullError:
+            raise
+        except Exception:
+            # Every write of a mutation comes after all its checks, so a failure here
+            # (a plugin's bug, say) has written nothing: refuse this one, keep the rest.
+            log.exception("mutation %s failed", m.envelope_id)
+            return self._error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
 
     def _error(self, m: Mutation, code: str, message: str, field: str | None = None) -> Outcome:
         return Outcome("error", m.project_id, error=protocol.ProtocolError(code, message, ref=m.envelope_id, field=field))
@@ -262,8 +280,9 @@ class Store:
     def _update_or_delete(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
         raw = txn.get(_k(m.project_id, m.event_id), db=self.events)
         if raw is None:
-            if m.kind == "update" and m.base_version is not None:
-                # Edited after someone deleted it: the strategy decides.
+            if m.kind == "update" and m.base_version is not None and m.base_version < self._last_change(txn, m.event_id)[0]:
+                # Edited (from a version before the deletion) after someone deleted
+                # it: the strategy decides.
                 return self._conflict(txn, m, idem_key, None)
             return self._error(m, protocol.E_NOT_FOUND, f"no event {m.event_id!r} (it was deleted)", "id")
         stored = orjson.loads(raw)
@@ -282,7 +301,13 @@ class Store:
         local = {**base, **changes} if base is not None and m.kind == "update" else None
         last_version, remote_time = self._last_change(txn, m.event_id)
         if stored is not None:
-            remote_time = stored["updatedAt"]
+            produced = self.change_at_version(m.event_id, stored["version"], txn)
+            remote_time = _edited_at(produced) if produced is not None else stored["updatedAt"]
+        tiebreak_name = self.config.merge_tiebreak
+
+        def tiebreak(c: Conflict) -> Resolution | None:
+            return self.hook.barosync_resolve_conflict(strategy=tiebreak_name, conflict=c)
+
         conflict = Conflict(
             operation=m.kind,  # type: ignore[arg-type]
             base=base,
@@ -292,7 +317,8 @@ class Store:
             client_time=min(m.client_ms or m.received_ms, m.received_ms),
             remote_time=remote_time,
             user_id=m.user_id,
-            merge_tiebreak=self.config.merge_tiebreak,
+            merge_tiebreak=tiebreak_name,
+            tiebreak=tiebreak,
         )
         strategy = self.config.strategy_for(m.project_id)
         resolution = self.hook.barosync_resolve_conflict(strategy=strategy, conflict=conflict)
@@ -320,14 +346,16 @@ class Store:
             outcome = self._commit_change(txn, m, idem_key, "delete", None, previous=stored)
         else:
             source = stored if stored is not None else (local or base)
-            if source is None or resolution.event is None:
+            if source is None or resolution.event is None or not all(source.get(f) for f in ("title", "startDate", "endDate")):
                 return Outcome("conflict", m.project_id, conflict=info)
             current = event_from_wire(source)
             if stored is None:  # brought back from deletion, one version past it
                 current = attrs.evolve(current, version=last_version)
             wanted = {f: resolution.event[f] for f in CLIENT_FIELDS if f in resolution.event}
             merged = apply_changes(current, wanted, user_id=m.user_id, now_ms=m.received_ms)
-            outcome = self._commit_change(txn, m, idem_key, "update", event_to_wire(merged), previous=stored)
+            # Brought back from deletion, it is new again for everyone who dropped it.
+            kind = "update" if stored is not None else "create"
+            outcome = self._commit_change(txn, m, idem_key, kind, event_to_wire(merged), previous=stored)
         if outcome.status == "applied":
             info["resolved"] = outcome.answer.get("event") if outcome.answer else None
             outcome.conflict = info
@@ -346,7 +374,7 @@ class Store:
         version = _U64.unpack(cursor.key()[len(prefix):])[0]
         project = txn.get(event_id.encode(), db=self.index) or b""
         change = txn.get(project + b"\0" + cursor.value(), db=self.changelog)
-        return version, (orjson.loads(change)["timestamp"] if change else 0)
+        return version, (_edited_at(orjson.loads(change)) if change else 0)
 
     def _validate(self, txn: lmdb.Transaction, m: Mutation, kind: str, event: dict[str, Any] | None,
                   previous: dict[str, Any] | None) -> tuple[protocol.ProtocolError | None, list[dict[str, Any]]]:
@@ -385,7 +413,7 @@ class Store:
         raw = txn.get(pkey, db=self.seqs)
         seq = (_U64.unpack(raw)[0] if raw else 0) + 1
         txn.put(pkey, _U64.pack(seq), db=self.seqs)
-        if kind == "create":
+        if kind == "create" and previous is None:
             txn.put(m.event_id.encode(), pkey, db=self.index)
         if event is None:
             assert previous is not None
@@ -404,6 +432,9 @@ class Store:
             "userId": m.user_id,
             "version": version,
             "timestamp": m.received_ms,
+            # When the author made the edit (never later than it arrived): what
+            # last_write_wins compares.
+            "editedAt": min(m.client_ms or m.received_ms, m.received_ms),
             "payload": payload,
         })
         txn.put(_seq_key(m.project_id, seq), change, db=self.changelog)
@@ -416,6 +447,10 @@ class Store:
             answer["warnings"] = warnings
         txn.put(idem_key, orjson.dumps(answer), db=self.idem)
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
+
+
+def _edited_at(change: dict[str, Any]) -> int:
+    return change.get("editedAt", change["timestamp"])
 
 
 class Writer:
