@@ -39,8 +39,22 @@ class Config:
     # Bytes one connection may have waiting to be written before it counts as too
     # slow and is closed with 4008 (it resumes with `since`, nothing is lost).
     outbox_bytes: int = 4 * 1024 * 1024
+    max_subscriptions: int = 100
+    max_connections_per_user: int = 50
+    # Client messages per second per connection (acks are free: they are bounded by
+    # what the server sends), with a burst allowance.
+    rate_limit: float = 200.0
+    rate_burst: int = 400
+    handshake_timeout: float = 10.0
+    # Browser Origins allowed to open /ws; empty means any (tokens still apply).
+    allowed_origins: tuple[str, ...] = ()
     data_dir: Path = Path(DEFAULT_DATA)
     map_size: int = 64 * 1024 * 1024
+    # Changelog history kept per project: changes older than this many seconds are
+    # pruned (a `since` before them gets a snapshot); 0 for history_max_changes
+    # means no count limit.
+    history_retention: float = 30 * 24 * 3600.0
+    history_max_changes: int = 0
     secret: str | None = None
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 60.0
@@ -92,6 +106,12 @@ def _str_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _rate_limit(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 10_000_000:
+        raise ValueError(f"expected messages per second (a positive number), got {value!r}")
+    return float(value)
+
+
 def _rate(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1000:
         raise ValueError(f"expected a number of messages per second from 0 to 1000, got {value!r}")
@@ -106,10 +126,18 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "port": ("port", _int(0, 65535)),
         "max_message_bytes": ("max_message_bytes", _int(1024, 16 * 1024 * 1024)),
         "outbox_bytes": ("outbox_bytes", _int(64 * 1024, 1024 * 1024 * 1024)),
+        "max_subscriptions": ("max_subscriptions", _int(1, 100_000)),
+        "max_connections_per_user": ("max_connections_per_user", _int(1, 1_000_000)),
+        "rate_limit": ("rate_limit", _rate_limit),
+        "rate_burst": ("rate_burst", _int(1, 10_000_000)),
+        "handshake_timeout": ("handshake_timeout", _seconds),
+        "allowed_origins": ("allowed_origins", _str_list),
     },
     "storage": {
         "path": ("data_dir", _str),
         "map_size": ("map_size", _int(1024 * 1024, 1 << 44)),
+        "history_retention": ("history_retention", _seconds),
+        "history_max_changes": ("history_max_changes", _int(0, 1 << 62)),
     },
     "auth": {
         "secret": ("secret", _str),

@@ -49,10 +49,12 @@ E_NOT_FOUND = "not_found"
 E_EXISTS = "exists"
 E_NOT_SUBSCRIBED = "not_subscribed"
 E_RATE_LIMITED = "rate_limited"
+E_LIMIT = "limit"
 E_INTERNAL = "internal"
 
 # Close codes of the contract.
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TOKEN_INVALID = 4001
 CLOSE_FORBIDDEN = 4003

@@ -31,11 +31,11 @@ from .store import Store, Writer
 
 log = logging.getLogger("barosync.server")
 
-# A client has this long to send a complete request head (slow-loris guard).
-REQUEST_TIMEOUT = 10.0
 MAX_REQUEST_HEAD = 16 * 1024
 # After SIGTERM, how long connections get to take their 1001 close.
 SHUTDOWN_GRACE = 5.0
+# How often history past [storage] history_retention is pruned.
+PRUNE_INTERVAL = 3600.0
 
 
 class App:
@@ -50,6 +50,7 @@ class App:
         self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
         self.writer = Writer(self.store, self.hub.on_outcome)
         self.sessions: set[Session] = set()
+        self._per_user: dict[str, int] = {}
         self.port: int = 0
         self.started_at = time.time()
         self._stop = trio.Event()
@@ -57,6 +58,9 @@ class App:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def connections_of(self, user_id: str) -> int:
+        return self._per_user.get(user_id, 0)
 
     def authenticate(self, token: str) -> Identity | None:
         try:
@@ -92,6 +96,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         async with trio.open_nursery() as root:
             await root.start(app.writer.run)
             root.start_soon(app.hub.run_cursors)
+            root.start_soon(_maintain, app)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
             app.pm.hook.barosync_startup(config=config)
@@ -109,6 +114,18 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             root.cancel_scope.cancel()
     finally:
         app.store.close()
+
+
+async def _maintain(app: App) -> None:
+    """Prune history past the retention window, now and then every PRUNE_INTERVAL."""
+    while True:
+        try:
+            dropped = await app.writer.prune()
+            if dropped:
+                log.info("pruned %d changes older than the history retention", dropped)
+        except Exception:
+            log.exception("history pruning failed; will try again")
+        await trio.sleep(PRUNE_INTERVAL)
 
 
 async def _accept(app: App, listeners: list[trio.SocketListener], nursery: trio.Nursery, scope: trio.CancelScope) -> None:
@@ -139,8 +156,10 @@ def _json_error(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": code, "message": message}
 
 
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
-    with trio.move_on_after(REQUEST_TIMEOUT):
+async def _read_request(conn: h11.Connection, stream: trio.SocketStream, timeout: float) -> h11.Request | None:
+    # The whole request head must arrive within the timeout: a client dribbling it
+    # byte by byte (slow-loris) is dropped, however steadily it sends.
+    with trio.move_on_after(timeout):
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -158,7 +177,7 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
     try:
         while True:
             try:
-                request = await _read_request(conn, stream)
+                request = await _read_request(conn, stream, app.config.handshake_timeout)
             except h11.RemoteProtocolError as e:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await stream.send_all(_response(conn, e.error_status_hint, _json_error(e.error_status_hint, "bad_request", f"malformed HTTP request: {e}")))
@@ -224,11 +243,19 @@ async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, re
     if codec is None:
         await stream.send_all(_response(conn, 400, _json_error(400, "unknown_codec", f"unknown codec {codec_name!r} (available: {', '.join(sorted(app.codecs))})")))
         return None
+    origin = headers.get(b"origin")
+    if app.config.allowed_origins and origin is not None and origin.decode("latin-1") not in app.config.allowed_origins:
+        await stream.send_all(_response(conn, 403, _json_error(403, "origin_not_allowed", "this Origin may not open /ws (see [server] allowed_origins)")))
+        return None
     token = _token(headers, query)
     identity = app.authenticate(token) if token else None
     if identity is None:
         message = "missing token: pass ?token=... or an Authorization: Bearer header" if not token else "token invalid or expired"
         await stream.send_all(_response(conn, 401, _json_error(401, "unauthorized", message), extra=[(b"www-authenticate", b"Bearer")]))
+        return None
+    if app.connections_of(identity.user_id) >= app.config.max_connections_per_user:
+        await stream.send_all(_response(conn, 429, _json_error(
+            429, "too_many_connections", f"user has {app.config.max_connections_per_user} connections open already; close one first")))
         return None
     response = conn.send(h11.InformationalResponse(status_code=101, headers=[
         (b"upgrade", b"websocket"),
@@ -265,12 +292,18 @@ def _token(headers: dict[bytes, bytes], query: str) -> str | None:
 async def _run_session(app: App, session: Session) -> None:
     app.sessions.add(session)
     ident = session.identity
+    app._per_user[ident.user_id] = app._per_user.get(ident.user_id, 0) + 1
     log.info("session=%s user=%s connected", session.id, ident.user_id)
     app.pm.hook.barosync_connect(session_id=session.id, identity=ident)
     try:
         await session.run()
     finally:
         app.sessions.discard(session)
+        left = app._per_user[ident.user_id] - 1
+        if left:
+            app._per_user[ident.user_id] = left
+        else:
+            del app._per_user[ident.user_id]
         app._sessions_gone.set()
         log.info("session=%s user=%s disconnected code=%s unacked=%d", session.id, ident.user_id, session.close_code, len(session.unacked))
         app.pm.hook.barosync_disconnect(session_id=session.id, identity=ident, close_code=session.close_code)

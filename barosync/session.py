@@ -40,7 +40,6 @@ CLOSE_TIMEOUT = 5.0
 # Unacked server messages remembered per connection; beyond it the oldest are
 # forgotten (and counted), so a client that never acks cannot grow memory.
 MAX_UNACKED = 10_000
-MAX_SUBSCRIPTIONS = 100
 
 ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", protocol.EVENT_DELETE: "delete"}
 
@@ -68,6 +67,8 @@ class Session:
         self._outbox_limit = app.config.outbox_bytes
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
+        self._flushed = False  # the writer has written its last bytes
+        self._peer_closed = False  # the peer's close frame arrived
         self._close_deadline = float("inf")
         self._nursery: trio.Nursery | None = None
         self._parts: list[Any] = []
@@ -77,6 +78,12 @@ class Session:
         self.unacked: dict[str, None] = {}
         self.unacked_dropped = 0
         self.last_recv = trio.current_time()
+        # Token bucket for client messages; acks and cursors are not counted.
+        self._rate = app.config.rate_limit
+        self._burst = float(app.config.rate_burst)
+        self._tokens = self._burst
+        self._tick = self.last_recv
+        self._refused = 0
         self._handlers: dict[str, Callable[[Envelope], Awaitable[None]]] = {
             protocol.PING: self._on_ping,
             protocol.SUBSCRIBE: self._on_subscribe,
@@ -230,6 +237,18 @@ class Session:
             self._outbox.append(data)
             self._outbox_bytes += len(data)
         self._lot.unpark()
+        self._leave_soon()
+
+    def _leave_soon(self) -> None:
+        # A closing connection has left: others should not wait for its close
+        # handshake to see `user:left`. Not done right here, because close() may be
+        # called from inside a room's fan-out loop.
+        if self._nursery is not None and self.subscriptions:
+            self._nursery.start_soon(self._leave_rooms)
+
+    async def _leave_rooms(self) -> None:
+        self.app.hub.leave_all(self, self.subscriptions)
+        self.subscriptions.clear()
 
     def _abort(self) -> None:
         self._closing = True
@@ -288,9 +307,13 @@ class Session:
                 else:
                     self._outbox_bytes = 0
         finally:
-            # Once the close frame is out (or the socket broke) the connection is over.
-            if self._closing or not self._outbox:
-                self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+            # The close frame is out (or the socket broke). The connection is over
+            # once the peer has answered it too; until then the reader keeps draining,
+            # because closing a socket with unread input resets it and the peer would
+            # lose our close frame. The heartbeat task enforces CLOSE_TIMEOUT.
+            self._flushed = True
+            if self._peer_closed or not self._closing:
+                self._abort()
 
     async def _heartbeat(self) -> None:
         timeout = self.app.config.heartbeat_timeout
@@ -335,15 +358,19 @@ class Session:
                             self._parts_bytes = 0
                             await self._on_message(data)
                     elif isinstance(event, CloseConnection):
-                        if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                            # The peer closes: answer its close frame, let the writer
-                            # flush it, and end.
-                            reply = self._ws.send(event.response())
-                            self._send_final(reply, event.code)
-                        else:
-                            # wsproto reports a protocol violation this way, or the
-                            # peer is answering the close we started.
+                        state = self._ws.state
+                        if state is ConnectionState.REMOTE_CLOSING:
+                            # The peer closes: answer its close frame; the writer ends
+                            # the connection once the answer is out.
+                            self._send_final(self._ws.send(event.response()), event.code)
+                        elif state is ConnectionState.OPEN:
+                            # wsproto reports a protocol violation this way: the byte
+                            # stream is unusable, so say why and do not wait for more.
                             self.close(event.code, event.reason or "")
+                        # else: the peer answered the close we started.
+                        self._peer_closed = True
+                        if self._flushed:
+                            self._abort()
                         return
                     elif isinstance(event, Ping):
                         self.send_frame(self._ws.send(event.response()))
@@ -358,6 +385,7 @@ class Session:
         if not self._closing:
             self.send_frame(data)
             self._closing = True
+            self._leave_soon()
             self.close_code = code
             self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
             self._lot.unpark()
@@ -390,6 +418,17 @@ class Session:
                     if envelope.id is not None:
                         self.unacked.pop(envelope.id, None)
                     continue
+                # Cursors are exempt too: their fan-out is throttled per user anyway,
+                # and a pointer legitimately moves faster than people edit.
+                if envelope.type != protocol.USER_CURSOR and not self._take_token():
+                    self._refused += 1
+                    if self._refused > self._burst:
+                        log.info("session=%s user=%s closed: flooding", self.id, self.identity.user_id)
+                        self.close(protocol.CLOSE_POLICY, "rate limit exceeded again and again")
+                        return
+                    raise ProtocolError(protocol.E_RATE_LIMITED,
+                                        f"more than {self._rate:g} messages per second: slow down and resend", ref=envelope.id)
+                self._refused = 0
                 await self._handlers[envelope.type](envelope)
             except ProtocolError as e:
                 self.send_json(protocol.error(e))
@@ -403,6 +442,16 @@ class Session:
                 ref = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
                 self.send_json(protocol.error(ProtocolError(protocol.E_INTERNAL, "internal server error; the message was not applied", ref=ref)))
 
+    def _take_token(self) -> bool:
+        now = trio.current_time()
+        tokens = self._tokens + (now - self._tick) * self._rate
+        self._tick = now
+        if tokens >= 1.0:
+            self._tokens = min(tokens, self._burst) - 1.0
+            return True
+        self._tokens = tokens
+        return False
+
     async def _on_ping(self, env: Envelope) -> None:
         self.send_json(protocol.encode("pong", {}, timestamp=env.timestamp if env.timestamp is not None else now_ms()))
 
@@ -414,8 +463,9 @@ class Session:
     async def _on_subscribe(self, env: Envelope) -> None:
         sub = protocol.parse_subscribe(env.payload, env.id)
         self._authorize("subscribe", sub.project_id, env.id)
-        if sub.project_id not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-            raise ProtocolError(protocol.E_INVALID, f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection", ref=env.id)
+        limit = self.app.config.max_subscriptions
+        if sub.project_id not in self.subscriptions and len(self.subscriptions) >= limit:
+            raise ProtocolError(protocol.E_LIMIT, f"at most {limit} subscriptions per connection: unsubscribe from one first", ref=env.id)
         app = self.app
         # A commit for this project may be durable but not yet fanned out; reading the
         # changelog now and joining the room later could then deliver it twice.
@@ -427,7 +477,11 @@ class Session:
         missed = app.store.changes_since(sub.project_id, sub.since) if sub.since is not None else None
         if missed is None:
             seq, events = app.store.snapshot(sub.project_id)
-            self.send_json(protocol.ack(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "snapshot"}))
+            answer: dict[str, Any] = {"projectId": sub.project_id, "seq": seq, "mode": "snapshot"}
+            if sub.since is not None:
+                # Say why the client gets a snapshot instead of what it asked for.
+                answer["reason"] = "since_ahead" if sub.since > seq else "history_pruned"
+            self.send_json(protocol.ack(env.id, answer))
             snapshot_id = protocol.next_id()
             self.unacked[snapshot_id] = None
             self.send_json(protocol.encode("sync:snapshot", {

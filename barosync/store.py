@@ -376,6 +376,52 @@ class Store:
         change = txn.get(project + b"\0" + cursor.value(), db=self.changelog)
         return version, (_edited_at(orjson.loads(change)) if change else 0)
 
+    def _forget_change(self, txn: lmdb.Transaction, project_id: str, seq: int) -> bool:
+        """Drop one changelog entry and the version index that points at it."""
+        key = _seq_key(project_id, seq)
+        raw = txn.get(key, db=self.changelog)
+        if raw is None:
+            return False
+        change = orjson.loads(raw)
+        txn.delete(key, db=self.changelog)
+        txn.delete(_k(change["payload"]["id"]) + b"\0" + _U64.pack(change["version"]), db=self.versions)
+        return True
+
+    def prune(self, *, now_ms: int, limit: int = 100_000) -> int:
+        """Enforce ``history_retention``: forget changes older than it, and the
+        idempotency records of what was forgotten. Runs as a write transaction in the
+        writer's thread; returns how many changes were dropped (at most ``limit``)."""
+        cutoff = now_ms - int(self.config.history_retention * 1000)
+        dropped = 0
+        forgotten: dict[bytes, int] = {}  # project -> last seq forgotten
+        with self.env.begin(write=True) as txn:
+            projects = [bytes(k) for k, _ in txn.cursor(db=self.seqs)]
+            for pkey in projects:
+                prefix = pkey + b"\0"
+                cursor = txn.cursor(db=self.changelog)
+                if not cursor.set_range(prefix):
+                    continue
+                doomed = []
+                for key, value in cursor:
+                    if not key.startswith(prefix) or dropped + len(doomed) >= limit:
+                        break
+                    if orjson.loads(value)["timestamp"] >= cutoff:
+                        break
+                    doomed.append(_U64.unpack(key[len(prefix):])[0])
+                for seq in doomed:
+                    self._forget_change(txn, pkey.decode(), seq)
+                if doomed:
+                    forgotten[pkey] = doomed[-1]
+                    dropped += len(doomed)
+            if forgotten:
+                cursor = txn.cursor(db=self.idem)
+                for key, value in list(cursor):
+                    answer = orjson.loads(value)
+                    through = forgotten.get(str(answer.get("projectId", "")).encode())
+                    if through is not None and answer.get("seq", 0) <= through:
+                        txn.delete(key, db=self.idem)
+        return dropped
+
     def _validate(self, txn: lmdb.Transaction, m: Mutation, kind: str, event: dict[str, Any] | None,
                   previous: dict[str, Any] | None) -> tuple[protocol.ProtocolError | None, list[dict[str, Any]]]:
         hook = self.hook.barosync_validate_mutation
@@ -438,6 +484,9 @@ class Store:
             "payload": payload,
         })
         txn.put(_seq_key(m.project_id, seq), change, db=self.changelog)
+        keep = self.config.history_max_changes
+        if keep and seq > keep:
+            self._forget_change(txn, m.project_id, seq - keep)
         txn.put(_k(m.event_id) + b"\0" + _U64.pack(version), _U64.pack(seq), db=self.versions)
         if event is None:
             answer: dict[str, Any] = {**payload, "seq": seq}
@@ -466,6 +515,8 @@ class Writer:
         self.busy_projects: set[str] = set()
         self._batch_done = trio.Event()
         self.closed = trio.Event()
+        # One write transaction at a time, and no map resize during one.
+        self._write_lock = trio.Lock()
         self.batches = 0
         self.committed = 0
 
@@ -504,8 +555,17 @@ class Writer:
                         break
                 await self._commit(batch)
 
+    async def prune(self) -> int:
+        """Enforce the history retention now (the server calls this periodically)."""
+        async with self._write_lock:
+            return await trio.to_thread.run_sync(lambda: self.store.prune(now_ms=now_ms()))
+
     async def _commit(self, batch: list[Mutation]) -> None:
         self.busy_projects = {m.project_id for m in batch}
+        async with self._write_lock:
+            await self._commit_locked(batch)
+
+    async def _commit_locked(self, batch: list[Mutation]) -> None:
         try:
             self.store.grow_if_needed()
             while True:

@@ -1,0 +1,130 @@
+"""Limits with safe defaults: rate, subscriptions, connections, origins, slow
+handshakes, history retention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from conftest import event_payload, open_client, token, ws_url
+from test_server import running
+
+
+async def test_flood_gets_rate_limited_then_closed_with_1008(data_dir):
+    async with running(data_dir, rate_limit=5.0, rate_burst=5) as (app, nursery):
+        c = await open_client(nursery, app, token())
+        for _ in range(8):
+            await c.send("ping")
+        answers = [await c.recv() for _ in range(8)]
+        assert [a["type"] for a in answers[:5]] == ["pong"] * 5
+        limited = [a for a in answers if a["type"] == "error"]
+        assert limited and all(a["payload"]["code"] == "rate_limited" and a["payload"]["ref"] for a in limited)
+        # Acks are never limited: they are bounded by what the server sends.
+        for _ in range(50):
+            await c.send_raw(json.dumps({"type": "ack", "id": "whatever"}))
+        await trio.sleep(0.5)  # the bucket refills
+        await c.send("ping")
+        assert (await c.recv_type("pong", "error"))["type"] == "pong"
+        # Keeping it up past the burst again and again closes the connection.
+        async def flood() -> None:
+            try:
+                while True:
+                    await c.send("ping")
+            except ConnectionClosed:
+                pass
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(flood)
+                try:
+                    while True:
+                        await c.ws.get_message()
+                except ConnectionClosed as closed:
+                    code = closed.reason.code
+        assert code == 1008
+
+
+async def test_subscriptions_per_connection_are_capped(data_dir):
+    async with running(data_dir, max_subscriptions=2) as (app, nursery):
+        c = await open_client(nursery, app, token(projects="*"))
+        assert (await c.subscribe("a"))["type"] == "ack"
+        assert (await c.subscribe("b"))["type"] == "ack"
+        refused = await c.subscribe("c")
+        assert refused["type"] == "error" and refused["payload"]["code"] == "limit"
+        assert (await c.subscribe("a"))["type"] == "ack"  # re-subscribing is not a new one
+
+
+async def test_connections_per_user_are_capped_at_the_handshake(data_dir):
+    async with running(data_dir, max_connections_per_user=2) as (app, nursery):
+        for _ in range(2):
+            await open_client(nursery, app, token("alice"))
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(ws_url(app, token("alice"))):
+                pass
+        assert info.value.status_code == 429
+        await open_client(nursery, app, token("bob"))
+
+
+async def test_allowed_origins_refuse_other_browsers(data_dir):
+    async with running(data_dir, allowed_origins=("https://cal.example",)) as (app, nursery):
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(ws_url(app, token()), extra_headers=[("Origin", "https://evil.example")]):
+                pass
+        assert info.value.status_code == 403
+        async with open_websocket_url(ws_url(app, token()), extra_headers=[("Origin", "https://cal.example")]) as ws:
+            assert json.loads(await ws.get_message())["type"] == "hello"
+        # Non-browser clients send no Origin and are not affected.
+        async with open_websocket_url(ws_url(app, token())) as ws:
+            assert json.loads(await ws.get_message())["type"] == "hello"
+
+
+async def test_handshake_sent_byte_by_byte_is_dropped_after_the_timeout(data_dir):
+    async with running(data_dir, handshake_timeout=0.5) as (app, nursery):
+        stream = await trio.open_tcp_stream("127.0.0.1", app.port)
+        request = f"GET /ws?token={token()} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n".encode()
+        closed = False
+        with trio.fail_after(10):
+            try:
+                for byte in request:
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.05)
+            except trio.BrokenResourceError:
+                closed = True
+            if not closed:
+                closed = await stream.receive_some() == b""
+        assert closed
+        await stream.aclose()
+
+
+async def test_since_older_than_history_gets_a_snapshot_that_says_so(data_dir):
+    async with running(data_dir, history_max_changes=3) as (app, nursery):
+        c = await open_client(nursery, app, token())
+        for n in range(6):
+            await c.create(title=f"e{n}")
+        kept = await c.subscribe(since=3)
+        assert kept["payload"]["mode"] == "changes" and kept["payload"]["count"] == 3
+        other = await open_client(nursery, app, token("bob"))
+        pruned = await other.subscribe(since=1)
+        assert pruned["payload"] == {"projectId": "p1", "seq": 6, "mode": "snapshot", "reason": "history_pruned"}
+        snap = await other.recv_type("sync:snapshot")
+        assert len(snap["payload"]["events"]) == 6
+
+
+async def test_writes_past_the_initial_map_size_reach_clients_without_error(data_dir):
+    async with running(data_dir, map_size=1024 * 1024) as (app, nursery):
+        writer = await open_client(nursery, app, token("w"))
+        reader = await open_client(nursery, app, token("r"))
+        await reader.subscribe()
+        ids = [await writer.send("event:create", event_payload(title=f"t{n}", description="y" * 9_000)) for n in range(200)]
+        answers = {}
+        while len(answers) < len(ids):
+            msg = await writer.recv()
+            if msg.get("id") in ids:
+                answers[msg["id"]] = msg["type"]
+        assert set(answers.values()) == {"ack"}
+        seqs = [(await reader.recv_type("event:created"))["seq"] for _ in ids]
+        assert seqs == list(range(1, 201))
+        assert app.store.map_usage()[1] > 1024 * 1024
