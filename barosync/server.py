@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 import orjson
 import trio
 from wsproto.connection import Connection, ConnectionType
@@ -26,6 +27,7 @@ from .models import Identity
 from .codecs import DEFAULT_CODEC
 from .config import ConfigError
 from .plugins import build_plugin_manager, strategy_names
+from .metrics import Metrics
 from .session import Session
 from .store import Store, Writer
 
@@ -48,6 +50,8 @@ class App:
         self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
         self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
+        self.metrics = CollectorRegistry()
+        self.metrics.register(Metrics(self))
         self.writer = Writer(self.store, self.hub.on_outcome)
         self.sessions: set[Session] = set()
         self._per_user: dict[str, int] = {}
@@ -221,6 +225,10 @@ def _route(app: App, conn: h11.Connection, request: h11.Request, path: str) -> b
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /healthz"), extra=[(b"allow", b"GET, HEAD")])
         return _response(conn, 200, app.health())
+    if path == "/metrics":
+        if method not in (b"GET", b"HEAD"):
+            return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /metrics"), extra=[(b"allow", b"GET, HEAD")])
+        return _response(conn, 200, generate_latest(app.metrics), content_type=CONTENT_TYPE_LATEST.encode())
     return _response(conn, 404, _json_error(404, "not_found", f"no such resource {path!r}; the WebSocket endpoint is /ws"))
 
 

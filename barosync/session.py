@@ -95,6 +95,10 @@ class Session:
             protocol.AUTH_REFRESH: self._on_auth_refresh,
         }
 
+    @property
+    def outbox_bytes(self) -> int:
+        return self._outbox_bytes
+
     # -- sending (hot path) ------------------------------------------------------------
 
     def deliver(self, out: Outgoing, msg_id: str) -> None:

@@ -413,3 +413,24 @@ async def test_healthz_and_unknown_paths(app):
     assert status == 405
     status, body = await http_get(app, "/ws")
     assert status == 426
+
+
+async def test_metrics_in_prometheus_text_format(app, client_factory):
+    a = await client_factory("alice")
+    b = await client_factory("bob")
+    await b.subscribe()
+    await a.create()
+    await b.recv_type("event:created")
+    stream = await trio.open_tcp_stream("127.0.0.1", app.port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"text/plain" in head
+    lines = dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#"))
+    assert float(lines["barosync_connections"]) == 2
+    assert float(lines["barosync_deliveries_total"]) == 1
+    assert float(lines["barosync_mutations_total"]) == 1
+    assert float(lines["barosync_rooms"]) == 1
