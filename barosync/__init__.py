@@ -1,3 +1,31 @@
-"""barosync: a self-hosted real-time sync server for team calendars."""
+"""barosync: a self-hosted real-time sync server for team calendars.
+
+The names below are the public API for plugin authors::
+
+    from barosync import hookimpl, Problem
+
+    @hookimpl
+    def barosync_validate_mutation(operation, event):
+        ...
+
+See docs/plugins.md.
+"""
 
 __version__ = "0.1.0"
+
+# Imported after __version__: barosync.server imports it from here.
+from .config import Config  # noqa: E402
+from .conflicts import Conflict, Resolution  # noqa: E402
+from .hookspecs import hookimpl  # noqa: E402
+from .models import Event, Identity, Problem  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "Config",
+    "Conflict",
+    "Event",
+    "Identity",
+    "Problem",
+    "Resolution",
+    "hookimpl",
+]

@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--project", action="append", default=[], metavar="P", help="a project the token may access (repeatable)")
     create.add_argument("--all-projects", action="store_true", help="the token may access every project")
     create.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS", help=f"lifetime (default {DEFAULT_TTL})")
+
+    # Data-directory operations (barosync/ops.py, docs/operations.md).
+    backup = sub.add_parser("backup", help="consistent hot copy of the data directory into DEST (safe while serving)")
+    backup.add_argument("dest", metavar="DEST", help="a new or empty directory for the backup")
+    _common(backup)
+    restore = sub.add_parser("restore", help="restore a backup into an empty or new data directory")
+    restore.add_argument("src", metavar="SRC", help="a directory written by `barosync backup`")
+    restore.add_argument("--force", action="store_true", help="restore even when check finds problems in the backup")
+    _common(restore)
+    check = sub.add_parser("check", help="verify the data directory (safe while serving); exit 1 on problems")
+    _common(check)
     return parser
 
 
@@ -65,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "token" and args.token_command == "create":
             return _token_create(args)
+        if args.command in ("backup", "restore", "check"):
+            from . import ops
+
+            return ops.run(args.command, args, _config(args))
     except ConfigError as e:
         print(f"barosync: config error: {e}", file=sys.stderr)
         return 2

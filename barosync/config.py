@@ -55,7 +55,8 @@ class Config:
     # means no count limit.
     history_retention: float = 30 * 24 * 3600.0
     history_max_changes: int = 0
-    secret: str | None = None
+    # Kept out of repr() so that logs and plugin traces never show it.
+    secret: str | None = attrs.field(default=None, repr=False)
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 60.0
     cursor_rate: float = 20.0

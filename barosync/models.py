@@ -6,6 +6,7 @@ reject the same things with the same words. Errors name the wire field.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import date, datetime
 from typing import Any
@@ -135,17 +136,26 @@ def _optional_text(value: Any, field: str, limit: int) -> str | None:
     return value
 
 
+# What browsers' Date parsing and every calendar client reads: a date, or an RFC 3339
+# date-time (offset optional). Python would accept more (week dates, "20260105",
+# a trailing NUL) that clients could not parse back.
+_INSTANT = re.compile(
+    r"\d{4}-\d{2}-\d{2}"
+    r"(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2})?)?"
+)
+
+
 def _parse_instant(value: Any, field: str) -> datetime:
-    if not isinstance(value, str):
-        raise ValidationError(field, "must be an ISO 8601 date or date-time string")
+    if not isinstance(value, str) or not _INSTANT.fullmatch(value):
+        raise ValidationError(
+            field, f"must be a date (2026-01-31) or an RFC 3339 date-time (2026-01-31T09:00:00Z), got {value!r}"[:200]
+        )
     try:
         if len(value) == 10:
             return datetime.combine(date.fromisoformat(value), datetime.min.time())
         return datetime.fromisoformat(value)
     except ValueError:
-        raise ValidationError(
-            field, f"must be an ISO 8601 date or date-time (e.g. 2026-01-31T09:00:00Z), got {value!r}"
-        ) from None
+        raise ValidationError(field, f"is not a real date or time: {value!r}") from None
 
 
 def _check_field(wire: str, value: Any) -> Any:

@@ -9,7 +9,9 @@ single-file binary work: it has no package metadata to discover them from, while
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -40,10 +42,20 @@ class PluginError(Exception):
     """A plugin could not be loaded; the message names the file or entry point."""
 
 
+# Hooks called from the event loop, where an ``async def`` implementation is
+# awaited. The others run in the write transaction or per frame: synchronous only.
+ASYNC_HOOKS = frozenset({
+    "barosync_authenticate", "barosync_authorize",
+    "barosync_startup", "barosync_shutdown", "barosync_connect", "barosync_disconnect",
+})
+
+
 def build_plugin_manager(config: Config) -> pluggy.PluginManager:
     pm = pluggy.PluginManager("barosync")
     pm.add_hookspecs(hookspecs)
     disabled = set(config.plugins_disable)
+    for name in disabled:
+        pm.set_blocked(name)  # also keeps a disabled entry point from being imported
     for name, module_name, attr in DEFAULT_PLUGINS:
         if name in disabled:
             continue
@@ -53,16 +65,74 @@ def build_plugin_manager(config: Config) -> pluggy.PluginManager:
         for path in sorted(Path(directory).glob("*.py")):
             if path.stem in disabled or path.stem.startswith("_"):
                 continue
-            pm.register(load_plugin_file(path), name=path.stem)
+            plugin = load_plugin_file(path)
+            if pm.get_plugin(path.stem) is not None:
+                raise PluginError(f"{path}: a plugin named {path.stem!r} is already loaded (rename the file)")
+            _register(pm, plugin, path.stem, str(path))
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
+            continue
+        where = f"entry point {ep.name} = {ep.value} (group {ENTRY_POINT_GROUP!r})"
+        try:
+            plugin = ep.load()
+        except Exception as e:
+            raise PluginError(f"{where}: failed to import: {type(e).__name__}: {e}") from e
+        _register(pm, plugin, ep.name, where)
     try:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    except Exception as e:  # a broken installed plugin names itself in the message
-        raise PluginError(f"entry point in group {ENTRY_POINT_GROUP!r} failed to load: {type(e).__name__}: {e}") from e
-    for name in disabled & {n for n, _ in pm.list_name_plugin()}:
-        pm.unregister(name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"{getattr(e.plugin, '__file__', None) or e.plugin}: {e} (a misspelt hook name?)") from e
     if os.environ.get(TRACE_ENV):
         _trace(pm)
     return pm
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, where: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except (ValueError, pluggy.PluginValidationError) as e:
+        raise PluginError(f"{where}: {e}") from e
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and inspect.iscoroutinefunction(impl.function) and caller.name not in ASYNC_HOOKS:
+                pm.unregister(plugin)
+                raise PluginError(
+                    f"{where}: {caller.name} must be a plain def: it runs inside the write path "
+                    f"(async def is fine for {', '.join(sorted(ASYNC_HOOKS))})")
+
+
+async def call_first(hook: Any, **kwargs: Any) -> Any:
+    """Call a firstresult hook whose implementations may be async: the first
+    implementation that answers something other than None (after awaiting) wins."""
+    impls = hook.get_hookimpls()
+    if not any(inspect.iscoroutinefunction(impl.function) for impl in impls):
+        return hook(**kwargs)
+    # pluggy would stop at the first coroutine object (it is not None), so an async
+    # "no opinion" could not pass the question on: walk the implementations in
+    # pluggy's own order instead.
+    for impl in reversed(impls):
+        result = impl.function(*(kwargs[name] for name in impl.argnames))
+        if inspect.isawaitable(result):
+            result = await result
+        if result is not None:
+            return result
+    return None
+
+
+async def call_each(hook: Any, **kwargs: Any) -> None:
+    """Call a notification hook (sync or async implementations); a plugin's failure
+    is logged and never stops the server or the other plugins."""
+    try:
+        results = hook(**kwargs)
+    except Exception:
+        log.exception("%s hook failed", hook.name)
+        return
+    for result in results:
+        if inspect.isawaitable(result):
+            try:
+                await result
+            except Exception:
+                log.exception("%s hook failed", hook.name)
 
 
 def load_plugin_file(path: Path) -> Any:

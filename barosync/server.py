@@ -26,7 +26,7 @@ from .hub import Hub
 from .models import Identity
 from .codecs import DEFAULT_CODEC
 from .config import ConfigError
-from .plugins import build_plugin_manager, strategy_names
+from .plugins import PluginError, build_plugin_manager, call_each, call_first, strategy_names
 from .metrics import Metrics
 from .session import Session
 from .store import Store, Writer
@@ -50,6 +50,8 @@ class App:
         self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
         self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
+        if DEFAULT_CODEC not in self.codecs:
+            raise PluginError(f"no plugin provides the {DEFAULT_CODEC!r} wire codec every browser client needs (is 'codecs' in [plugins] disable?)")
         self.metrics = CollectorRegistry()
         self.metrics.register(Metrics(self))
         self.writer = Writer(self.store, self.hub.on_outcome)
@@ -66,12 +68,19 @@ class App:
     def connections_of(self, user_id: str) -> int:
         return self._per_user.get(user_id, 0)
 
-    def authenticate(self, token: str) -> Identity | None:
+    async def authenticate(self, token: str) -> Identity | None:
         try:
-            return self.pm.hook.barosync_authenticate(token=token, config=self.config)
+            return await call_first(self.pm.hook.barosync_authenticate, token=token, config=self.config)
         except Exception:
-            log.exception("auth plugin failed")
+            log.exception("auth plugin failed; refusing the token")
             return None
+
+    async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
+        try:
+            return bool(await call_first(self.pm.hook.barosync_authorize, identity=identity, action=action, project_id=project_id))
+        except Exception:
+            log.exception("authorize plugin failed; refusing %s in %s", action, project_id)
+            return False
 
     def health(self) -> dict[str, Any]:
         return {
@@ -103,7 +112,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             root.start_soon(_maintain, app)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
-            app.pm.hook.barosync_startup(config=config)
+            app.config = config = config.with_overrides(port=app.port)
+            await call_each(app.pm.hook.barosync_startup, config=config)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(_accept, app, listeners, connections, accepting)
@@ -112,7 +122,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
                 accepting.cancel()
                 await _close_sessions(app)
                 connections.cancel_scope.cancel()
-            app.pm.hook.barosync_shutdown(config=config)
+            await call_each(app.pm.hook.barosync_shutdown, config=config)
             app.writer.close()
             await app.writer.closed.wait()
             root.cancel_scope.cancel()
@@ -256,7 +266,7 @@ async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, re
         await stream.send_all(_response(conn, 403, _json_error(403, "origin_not_allowed", "this Origin may not open /ws (see [server] allowed_origins)")))
         return None
     token = _token(headers, query)
-    identity = app.authenticate(token) if token else None
+    identity = await app.authenticate(token) if token else None
     if identity is None:
         message = "missing token: pass ?token=... or an Authorization: Bearer header" if not token else "token invalid or expired"
         await stream.send_all(_response(conn, 401, _json_error(401, "unauthorized", message), extra=[(b"www-authenticate", b"Bearer")]))
@@ -302,8 +312,8 @@ async def _run_session(app: App, session: Session) -> None:
     ident = session.identity
     app._per_user[ident.user_id] = app._per_user.get(ident.user_id, 0) + 1
     log.info("session=%s user=%s connected", session.id, ident.user_id)
-    app.pm.hook.barosync_connect(session_id=session.id, identity=ident)
     try:
+        await call_each(app.pm.hook.barosync_connect, session_id=session.id, identity=ident)
         await session.run()
     finally:
         app.sessions.discard(session)
@@ -314,4 +324,5 @@ async def _run_session(app: App, session: Session) -> None:
             del app._per_user[ident.user_id]
         app._sessions_gone.set()
         log.info("session=%s user=%s disconnected code=%s unacked=%d", session.id, ident.user_id, session.close_code, len(session.unacked))
-        app.pm.hook.barosync_disconnect(session_id=session.id, identity=ident, close_code=session.close_code)
+        with trio.CancelScope(shield=True):
+            await call_each(app.pm.hook.barosync_disconnect, session_id=session.id, identity=ident, close_code=session.close_code)

@@ -25,7 +25,8 @@ from wsproto.utilities import LocalProtocolError
 
 from . import protocol
 from .codecs import Codec
-from .models import Identity, ValidationError, changed_fields, check_id, check_version, new_event
+from .models import Identity, ValidationError
+from .mutations import prepare_mutation
 from .protocol import Envelope, Outgoing, ProtocolError
 from .store import Mutation, Outcome, now_ms
 
@@ -459,14 +460,13 @@ class Session:
     async def _on_ping(self, env: Envelope) -> None:
         self.send_json(protocol.encode("pong", {}, timestamp=env.timestamp if env.timestamp is not None else now_ms()))
 
-    def _authorize(self, action: str, project_id: str, ref: str | None) -> None:
-        allowed = self.app.pm.hook.barosync_authorize(identity=self.identity, action=action, project_id=project_id)
-        if not allowed:
+    async def _authorize(self, action: str, project_id: str, ref: str | None) -> None:
+        if not await self.app.authorize(self.identity, action, project_id):
             raise ProtocolError(protocol.E_FORBIDDEN, f"not allowed to {action} in project {project_id!r}", ref=ref)
 
     async def _on_subscribe(self, env: Envelope) -> None:
         sub = protocol.parse_subscribe(env.payload, env.id)
-        self._authorize("subscribe", sub.project_id, env.id)
+        await self._authorize("subscribe", sub.project_id, env.id)
         limit = self.app.config.max_subscriptions
         if sub.project_id not in self.subscriptions and len(self.subscriptions) >= limit:
             raise ProtocolError(protocol.E_LIMIT, f"at most {limit} subscriptions per connection: unsubscribe from one first", ref=env.id)
@@ -509,42 +509,11 @@ class Session:
 
     async def _on_mutation(self, env: Envelope) -> None:
         assert env.id is not None
-        try:
-            m = self.build_mutation(env)
-        except ValidationError as e:
-            raise ProtocolError(protocol.E_INVALID, f"`{e.field}` {e.message}", ref=env.id, field=e.field) from None
-        self._authorize(m.kind, m.project_id, env.id)
+        m = await prepare_mutation(
+            self.app, self.identity, ACTIONS[env.type], env.id, env.payload,
+            reply=self._answer, client_ms=int(env.timestamp) if env.timestamp is not None else None, origin=self,
+        )
         await self.app.writer.submit(m)
-
-    def build_mutation(self, env: Envelope) -> Mutation:
-        """Validate a mutation envelope into what the writer commits."""
-        assert env.id is not None
-        p = env.payload
-        kind = ACTIONS[env.type]
-        user = self.identity.user_id
-        received = now_ms()
-        client_ms = int(env.timestamp) if env.timestamp is not None and 0 < env.timestamp < 1e15 else None
-        common = dict(user_id=user, envelope_id=env.id, reply=self._answer, received_ms=received, client_ms=client_ms, origin=self)
-        if kind == "create":
-            event = new_event(p, user_id=user, now_ms=received)
-            return Mutation(kind, project_id=event.project_id, event_id=event.id, event=event, **common)  # type: ignore[arg-type]
-        event_id = check_id(p.get("id"), "id")
-        project_id = self.app.store.project_of(event_id)
-        # An event in a project this user cannot see answers like one that does not
-        # exist, so ids cannot be probed across projects.
-        if project_id is None or not self.app.pm.hook.barosync_authorize(
-            identity=self.identity, action="subscribe", project_id=project_id
-        ):
-            raise ProtocolError(protocol.E_NOT_FOUND, f"no event {event_id!r}", ref=env.id, field="id")
-        if "projectId" in p and p["projectId"] != project_id:
-            raise ValidationError("projectId", "an event cannot move between projects")
-        if kind == "update":
-            if "version" not in p:
-                raise ValidationError("version", "is required: the version your edit is based on")
-            return Mutation(kind, project_id=project_id, event_id=event_id, base_version=check_version(p["version"]),
-                            changes=changed_fields(p), **common)  # type: ignore[arg-type]
-        version = check_version(p["version"]) if p.get("version") is not None else None
-        return Mutation(kind, project_id=project_id, event_id=event_id, base_version=version, **common)  # type: ignore[arg-type]
 
     def _answer(self, m: Mutation, outcome: Outcome) -> None:
         if outcome.status in ("applied", "replayed"):
@@ -578,7 +547,7 @@ class Session:
 
     async def _on_auth_refresh(self, env: Envelope) -> None:
         token = env.payload.get("token")
-        identity = self.app.authenticate(token) if isinstance(token, str) and token else None
+        identity = await self.app.authenticate(token) if isinstance(token, str) and token else None
         if identity is None or identity.user_id != self.identity.user_id:
             self.send_json(protocol.error(ProtocolError(
                 protocol.E_FORBIDDEN, "auth:refresh needs a valid token for the same user", ref=env.id)))
@@ -587,7 +556,7 @@ class Session:
         self.identity = identity
         # A fresh token may allow fewer projects: leave those it no longer allows.
         for project_id in sorted(self.subscriptions):
-            if not self.app.pm.hook.barosync_authorize(identity=identity, action="subscribe", project_id=project_id):
+            if not await self.app.authorize(identity, "subscribe", project_id):
                 self.subscriptions.discard(project_id)
                 self.app.hub.leave(self, project_id)
                 self.send_json(protocol.error(ProtocolError(

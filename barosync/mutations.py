@@ -1,0 +1,67 @@
+"""The one write path's front half, shared by WebSocket and REST: validate and
+authorize a client's change into a ``Mutation`` for the writer. The writer then
+checks conflicts, commits, acks and fans out (store.py, hub.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import protocol
+from .models import Identity, ValidationError, changed_fields, check_id, check_version, new_event
+from .protocol import ProtocolError
+from .store import Mutation, Outcome, now_ms
+
+if TYPE_CHECKING:
+    from .server import App
+
+KINDS = ("create", "update", "delete")
+
+
+async def prepare_mutation(
+    app: "App",
+    identity: Identity,
+    kind: str,
+    envelope_id: str,
+    payload: dict[str, Any],
+    *,
+    reply: Callable[[Mutation, Outcome], None],
+    client_ms: int | None = None,
+    origin: Any = None,
+) -> Mutation:
+    """Validate and authorize; raises ProtocolError (with ``ref`` = the envelope id)
+    for anything the writer should never see."""
+    try:
+        m = await _build(app, identity, kind, envelope_id, payload, reply=reply, client_ms=client_ms, origin=origin)
+    except ValidationError as e:
+        raise ProtocolError(protocol.E_INVALID, f"`{e.field}` {e.message}", ref=envelope_id, field=e.field) from None
+    if not await app.authorize(identity, m.kind, m.project_id):
+        raise ProtocolError(protocol.E_FORBIDDEN, f"not allowed to {m.kind} in project {m.project_id!r}", ref=envelope_id)
+    return m
+
+
+async def _build(app: "App", identity: Identity, kind: str, envelope_id: str, p: dict[str, Any], *,
+                 reply: Callable[[Mutation, Outcome], None], client_ms: int | None, origin: Any) -> Mutation:
+    user = identity.user_id
+    received = now_ms()
+    if client_ms is not None and not 0 < client_ms < 10**15:
+        client_ms = None
+    common: dict[str, Any] = dict(user_id=user, envelope_id=envelope_id, reply=reply, received_ms=received,
+                                  client_ms=client_ms, origin=origin)
+    if kind == "create":
+        event = new_event(p, user_id=user, now_ms=received)
+        return Mutation(kind, project_id=event.project_id, event_id=event.id, event=event, **common)
+    event_id = check_id(p.get("id"), "id")
+    project_id = app.store.project_of(event_id)
+    # An event in a project this user cannot see answers like one that does not
+    # exist, so ids cannot be probed across projects.
+    if project_id is None or not await app.authorize(identity, "subscribe", project_id):
+        raise ProtocolError(protocol.E_NOT_FOUND, f"no event {event_id!r}", ref=envelope_id, field="id")
+    if "projectId" in p and p["projectId"] != project_id:
+        raise ValidationError("projectId", "an event cannot move between projects")
+    if kind == "update":
+        if "version" not in p:
+            raise ValidationError("version", "is required: the version your edit is based on")
+        return Mutation(kind, project_id=project_id, event_id=event_id, base_version=check_version(p["version"]),
+                        changes=changed_fields(p), **common)
+    version = check_version(p["version"]) if p.get("version") is not None else None
+    return Mutation(kind, project_id=project_id, event_id=event_id, base_version=version, **common)
