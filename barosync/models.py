@@ -145,7 +145,7 @@ _INSTANT = re.compile(
 )
 
 
-def _parse_instant(value: Any, field: str) -> datetime:
+def parse_instant(value: Any, field: str) -> datetime:
     if not isinstance(value, str) or not _INSTANT.fullmatch(value):
         raise ValidationError(
             field, f"must be a date (2026-01-31) or an RFC 3339 date-time (2026-01-31T09:00:00Z), got {value!r}"[:200]
@@ -170,7 +170,7 @@ def _check_field(wire: str, value: Any) -> Any:
     if wire == "color":
         return _optional_text(value, wire, MAX_COLOR_CHARS)
     if wire in ("startDate", "endDate"):
-        _parse_instant(value, wire)
+        parse_instant(value, wire)
         return value
     if wire == "allDay":
         if not isinstance(value, bool):
@@ -194,8 +194,8 @@ def _check_field(wire: str, value: Any) -> Any:
 
 
 def check_dates(start: str, end: str) -> None:
-    s = _parse_instant(start, "startDate")
-    e = _parse_instant(end, "endDate")
+    s = parse_instant(start, "startDate")
+    e = parse_instant(end, "endDate")
     if (s.tzinfo is None) != (e.tzinfo is None):
         raise ValidationError("endDate", "startDate and endDate must both have a UTC offset or both have none")
     if e < s:

@@ -20,7 +20,7 @@ import trio
 from wsproto.connection import Connection, ConnectionType
 from wsproto.utilities import generate_accept_token
 
-from . import __version__, protocol
+from . import __version__, protocol, rest
 from .config import Config, ensure_secret
 from .hub import Hub
 from .models import Identity
@@ -36,6 +36,8 @@ log = logging.getLogger("barosync.server")
 MAX_REQUEST_HEAD = 16 * 1024
 # After SIGTERM, how long connections get to take their 1001 close.
 SHUTDOWN_GRACE = 5.0
+# A request body (REST) must arrive within this long once its head has.
+REQUEST_BODY_TIMEOUT = 30.0
 # How often history past [storage] history_retention is pruned.
 PRUNE_INTERVAL = 3600.0
 
@@ -205,16 +207,12 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
                     await _run_session(app, session)
                     return
             else:
-                # Drain any request body before answering (h11 insists on order).
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(MAX_REQUEST_HEAD))
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    elif not isinstance(event, h11.Data):
-                        return
-                await stream.send_all(_route(app, conn, request, target.path))
+                body = await _read_body(conn, stream, app.config.max_message_bytes)
+                if body is None:
+                    await stream.send_all(_response(conn, 413, _json_error(
+                        413, "too_large", f"request body larger than {app.config.max_message_bytes} bytes ([server] max_message_bytes)")))
+                    return
+                await stream.send_all(await _route(app, conn, request, target.path, target.query, body))
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             if conn.our_state is h11.SWITCHED_PROTOCOL:
@@ -229,8 +227,31 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-def _route(app: App, conn: h11.Connection, request: h11.Request, path: str) -> bytes:
+async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int) -> bytes | None:
+    """The request body (h11 insists it is read before the answer), or None when it
+    is over ``limit``."""
+    body = bytearray()
+    with trio.move_on_after(REQUEST_BODY_TIMEOUT):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(MAX_REQUEST_HEAD))
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limit:
+                    return None
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                raise trio.BrokenResourceError("connection closed mid-request")
+    raise trio.BrokenResourceError("request body too slow")
+
+
+async def _route(app: App, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
     method = request.method
+    if path.startswith("/api/"):
+        status, answer = await rest.handle(app, method, path, query, _headers(request), body)
+        return _response(conn, status, answer)
     if path == "/healthz":
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /healthz"), extra=[(b"allow", b"GET, HEAD")])

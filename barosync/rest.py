@@ -1,0 +1,188 @@
+"""The REST surface an offline client can replay its queue against.
+
+Mutations go through exactly the same path as WebSocket ones (mutations.py, then the
+writer): the same validation, authorization, idempotency (``Idempotency-Key`` is the
+envelope id, per user), conflict strategies, and the same broadcast to subscribers.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
+
+import orjson
+import trio
+
+from . import protocol
+from .models import Identity, ValidationError, check_id, parse_instant
+from .mutations import prepare_mutation
+from .protocol import ProtocolError
+from .store import Mutation, Outcome
+
+if TYPE_CHECKING:
+    from .server import App
+
+# Error codes of the protocol -> HTTP status.
+STATUS = {
+    protocol.E_BAD_JSON: 400,
+    protocol.E_BAD_ENVELOPE: 400,
+    protocol.E_INVALID: 400,
+    protocol.E_FORBIDDEN: 403,
+    protocol.E_NOT_FOUND: 404,
+    protocol.E_EXISTS: 409,
+    protocol.E_RATE_LIMITED: 429,
+    protocol.E_INTERNAL: 500,
+}
+
+_PROJECT_EVENTS = re.compile(r"/api/projects/([^/]+)/events")
+_EVENT = re.compile(r"/api/events/([^/]+)")
+
+Response = tuple[int, Any]
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        self.status = status
+        self.body = {"error": code, "message": message, **extra}
+
+
+def _error(err: ProtocolError) -> HttpError:
+    extra = {"field": err.field} if err.field else {}
+    return HttpError(STATUS.get(err.code, 400), err.code, err.message, **extra)
+
+
+async def handle(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:
+    """Answer one /api request; never raises for anything a client can send."""
+    try:
+        identity = await _identity(app, headers)
+        if m := _PROJECT_EVENTS.fullmatch(path):
+            _allow(method, b"GET")
+            return await _list(app, identity, _unquote(m.group(1)), parse_qs(query))
+        if path == "/api/events":
+            _allow(method, b"POST")
+            key = _idempotency_key(headers)
+            return await _mutate(app, identity, "create", key, _json_body(body))
+        if m := _EVENT.fullmatch(path):
+            event_id = _unquote(m.group(1))
+            if method == b"GET":
+                return await _get(app, identity, event_id)
+            _allow(method, b"GET", b"PUT", b"DELETE")
+            payload = _json_body(body) if method == b"PUT" or body else {}
+            payload["id"] = event_id
+            if method == b"DELETE" and "version" not in payload:
+                version = parse_qs(query).get("version")
+                if version:
+                    payload["version"] = _int(version[0], "version")
+            return await _mutate(app, identity, "update" if method == b"PUT" else "delete", _idempotency_key(headers), payload)
+        raise HttpError(404, "not_found", f"no such resource {path!r}")
+    except HttpError as e:
+        return e.status, e.body
+    except ProtocolError as e:
+        err = _error(e)
+        return err.status, err.body
+
+
+def _allow(method: bytes, *allowed: bytes) -> None:
+    if method not in allowed:
+        raise HttpError(405, "method_not_allowed", f"use {' or '.join(a.decode() for a in allowed)}")
+
+
+def _unquote(part: str) -> str:
+    return unquote(part)
+
+
+def _int(value: str, field: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise HttpError(400, protocol.E_INVALID, f"`{field}` must be an integer", field=field) from None
+
+
+async def _identity(app: "App", headers: dict[bytes, bytes]) -> Identity:
+    auth = headers.get(b"authorization", b"")
+    if auth[:7].lower() != b"bearer ":
+        raise HttpError(401, "unauthorized", "send Authorization: Bearer <token> (mint one with `barosync token create`)")
+    identity = await app.authenticate(auth[7:].strip().decode("latin-1"))
+    if identity is None:
+        raise HttpError(401, "unauthorized", "token invalid or expired")
+    return identity
+
+
+def _idempotency_key(headers: dict[bytes, bytes]) -> str:
+    key = headers.get(b"idempotency-key")
+    if key is None:
+        # Without a key a retry cannot be recognised; the change is still applied once.
+        return uuid.uuid4().hex
+    return key.decode("latin-1")
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as e:
+        raise HttpError(400, protocol.E_BAD_JSON, f"request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, protocol.E_BAD_ENVELOPE, "request body must be a JSON object")
+    return value
+
+
+def _utc(value: str, field: str) -> datetime:
+    try:
+        instant = parse_instant(value, field)
+    except ValidationError as e:
+        raise HttpError(400, protocol.E_INVALID, f"`{field}` {e.message}", field=field) from None
+    return instant if instant.tzinfo else instant.replace(tzinfo=timezone.utc)
+
+
+async def _list(app: "App", identity: Identity, project_id: str, query: dict[str, list[str]]) -> Response:
+    if not await app.authorize(identity, "subscribe", project_id):
+        raise HttpError(403, protocol.E_FORBIDDEN, f"not allowed to read project {project_id!r}")
+    start = _utc(query["from"][0], "from") if "from" in query else None
+    end = _utc(query["to"][0], "to") if "to" in query else None
+    seq, events = app.store.snapshot(project_id)
+    if start is not None or end is not None:
+        events = [
+            e for e in events
+            if (end is None or _utc(e["startDate"], "startDate") < end)
+            and (start is None or _utc(e["endDate"], "endDate") >= start)
+        ]
+    events.sort(key=lambda e: _utc(e["startDate"], "startDate"))
+    return 200, {"projectId": project_id, "seq": seq, "events": events}
+
+
+async def _get(app: "App", identity: Identity, event_id: str) -> Response:
+    project_id = app.store.project_of(event_id)
+    event = app.store.get_event(project_id, event_id) if project_id is not None else None
+    if event is None or not await app.authorize(identity, "subscribe", project_id):  # type: ignore[arg-type]
+        raise HttpError(404, protocol.E_NOT_FOUND, f"no event {event_id!r}")
+    return 200, event
+
+
+async def _mutate(app: "App", identity: Identity, kind: str, key: str, payload: dict[str, Any]) -> Response:
+    try:
+        key = check_id(key, "Idempotency-Key")
+    except ValidationError as e:
+        raise HttpError(400, protocol.E_INVALID, f"Idempotency-Key {e.message}") from None
+    done = trio.Event()
+    result: list[Outcome] = []
+
+    def reply(m: Mutation, outcome: Outcome) -> None:
+        result.append(outcome)
+        done.set()
+
+    m = await prepare_mutation(app, identity, kind, key, payload, reply=reply)
+    await app.writer.submit(m)
+    await done.wait()
+    outcome = result[0]
+    if outcome.status == "error":
+        assert outcome.error is not None
+        raise _error(outcome.error)
+    if outcome.status == "conflict":
+        return 409, {"error": "conflict", "message": "the event changed since your version", "conflict": outcome.conflict}
+    body = dict(outcome.answer or {})
+    if outcome.conflict is not None:
+        body["conflict"] = outcome.conflict
+    return (201 if kind == "create" else 200), body
