@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(restore)
     check = sub.add_parser("check", help="verify the data directory (safe while serving); exit 1 on problems")
     _common(check)
+
+    # Client commands (barosync/watch.py, docs/client.md).
+    from .watch import add_import_arguments, add_watch_arguments
+
+    add_watch_arguments(sub.add_parser("watch", help="print a project's live changes, presence and connection state"))
+    add_import_arguments(sub.add_parser("import", help="upload a JSON list of events (resumable, with a progress bar)"))
     return parser
 
 
@@ -76,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "token" and args.token_command == "create":
             return _token_create(args)
+        if args.command in ("watch", "import"):
+            from .watch import import_main, watch_main
+
+            return watch_main(args) if args.command == "watch" else import_main(args)
         if args.command in ("backup", "restore", "check"):
             from . import ops
 

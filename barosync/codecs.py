@@ -47,9 +47,10 @@ class Codec:
         """Several JSON envelopes waiting for one connection -> bytes for one write."""
         return b"".join(self.frame(m) for m in messages)
 
-    def decode(self, data: str | bytes, *, max_bytes: int) -> list[Any]:
-        """One incoming message -> the parsed envelopes it carries (JSON values,
-        checked by the protocol layer). Raise ProtocolError for what cannot be read."""
+    def decode(self, data: bytes, *, text: bool, max_bytes: int) -> list[Any]:
+        """One incoming message (``text``: it came in a text frame, UTF-8; else a
+        binary one) -> the parsed envelopes it carries (JSON values, checked by the
+        protocol layer). Raise ProtocolError for what cannot be read."""
         raise NotImplementedError
 
 
@@ -79,8 +80,8 @@ class JsonCodec(Codec):
     def frame(self, message: bytes) -> bytes:
         return protocol.text_frame(message.decode())
 
-    def decode(self, data: str | bytes, *, max_bytes: int) -> list[Any]:
-        if isinstance(data, (bytes, bytearray)):
+    def decode(self, data: bytes, *, text: bool, max_bytes: int) -> list[Any]:
+        if not text:
             raise ProtocolError(protocol.E_BAD_ENVELOPE, "binary frames are not understood with codec json: send JSON text frames")
         return [_loads(data)]
 
@@ -94,8 +95,8 @@ class BatchCodec(JsonCodec):
             return self.frame(messages[0])
         return protocol.text_frame(batch_json(messages).decode())
 
-    def decode(self, data: str | bytes, *, max_bytes: int) -> list[Any]:
-        return _unbatch(super().decode(data, max_bytes=max_bytes)[0])
+    def decode(self, data: bytes, *, text: bool, max_bytes: int) -> list[Any]:
+        return _unbatch(super().decode(data, text=text, max_bytes=max_bytes)[0])
 
 
 class DeflateCodec(Codec):
@@ -110,8 +111,8 @@ class DeflateCodec(Codec):
             return self.frame(messages[0])
         return self.frame(batch_json(messages))
 
-    def decode(self, data: str | bytes, *, max_bytes: int) -> list[Any]:
-        if isinstance(data, str):
+    def decode(self, data: bytes, *, text: bool, max_bytes: int) -> list[Any]:
+        if text:
             return _unbatch(_loads(data))
         inflater = zlib.decompressobj()
         try:

@@ -101,12 +101,20 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, where: str) -> N
                     f"(async def is fine for {', '.join(sorted(ASYNC_HOOKS))})")
 
 
-async def call_first(hook: Any, **kwargs: Any) -> Any:
+def has_async_impls(hook: Any) -> bool:
+    return any(inspect.iscoroutinefunction(impl.function) for impl in hook.get_hookimpls())
+
+
+async def call_first(hook: Any, *, is_async: bool | None = None, **kwargs: Any) -> Any:
     """Call a firstresult hook whose implementations may be async: the first
-    implementation that answers something other than None (after awaiting) wins."""
-    impls = hook.get_hookimpls()
-    if not any(inspect.iscoroutinefunction(impl.function) for impl in impls):
+    implementation that answers something other than None (after awaiting) wins.
+    ``is_async`` (when the caller knows it, see ``has_async_impls``) saves the
+    look at the implementations on every call."""
+    if is_async is None:
+        is_async = has_async_impls(hook)
+    if not is_async:
         return hook(**kwargs)
+    impls = hook.get_hookimpls()
     # pluggy would stop at the first coroutine object (it is not None), so an async
     # "no opinion" could not pass the question on: walk the implementations in
     # pluggy's own order instead.

@@ -1,4 +1,4 @@
-"""The server: one trio nursery, one port for HTTP (h11) and WebSocket (wsproto).
+"""The server: one trio nursery, one port for HTTP (h11) and WebSocket.
 
 ``serve()`` binds, calls ``task_status.started(app)`` (so tests can bind port 0 and
 read ``app.port``), and runs until ``app.stop()``: then it stops accepting, closes
@@ -17,7 +17,6 @@ import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 import orjson
 import trio
-from wsproto.connection import Connection, ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from . import __version__, protocol, rest
@@ -26,7 +25,7 @@ from .hub import Hub
 from .models import Identity
 from .codecs import DEFAULT_CODEC
 from .config import ConfigError
-from .plugins import PluginError, build_plugin_manager, call_each, call_first, strategy_names
+from .plugins import PluginError, build_plugin_manager, call_each, call_first, has_async_impls, strategy_names
 from .metrics import Metrics
 from .session import Session
 from .store import Store, Writer
@@ -54,6 +53,9 @@ class App:
         self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
         if DEFAULT_CODEC not in self.codecs:
             raise PluginError(f"no plugin provides the {DEFAULT_CODEC!r} wire codec every browser client needs (is 'codecs' in [plugins] disable?)")
+        # Known once: plugins do not change while the server runs.
+        self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
+        self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
         self.metrics = CollectorRegistry()
         self.metrics.register(Metrics(self))
         self.writer = Writer(self.store, self.hub.on_outcome)
@@ -72,14 +74,16 @@ class App:
 
     async def authenticate(self, token: str) -> Identity | None:
         try:
-            return await call_first(self.pm.hook.barosync_authenticate, token=token, config=self.config)
+            return await call_first(self.pm.hook.barosync_authenticate, is_async=self._async_authenticate,
+                                    token=token, config=self.config)
         except Exception:
             log.exception("auth plugin failed; refusing the token")
             return None
 
     async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
         try:
-            return bool(await call_first(self.pm.hook.barosync_authorize, identity=identity, action=action, project_id=project_id))
+            return bool(await call_first(self.pm.hook.barosync_authorize, is_async=self._async_authorize,
+                                         identity=identity, action=action, project_id=project_id))
         except Exception:
             log.exception("authorize plugin failed; refusing %s in %s", action, project_id)
             return False
@@ -302,8 +306,7 @@ async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, re
         (b"sec-websocket-accept", generate_accept_token(key)),
     ]))
     trailing, _closed = conn.trailing_data
-    ws = Connection(ConnectionType.SERVER, trailing_data=bytes(trailing))
-    session = Session(app, stream, ws, identity, codec)
+    session = Session(app, stream, bytes(trailing), identity, codec)
     # The 101 must be the first bytes of the connection's outbox, then hello.
     session.send_frame(response)
     config = app.config

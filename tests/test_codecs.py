@@ -55,20 +55,20 @@ def test_deflate_codec_frames_are_binary_zlib():
 
 
 def test_decoders_accept_batches_and_refuse_what_they_cannot_read():
-    assert BatchCodec().decode(batch_json([b'{"type":"ping"}', b'{"type":"ack","id":"a"}']).decode(), max_bytes=1000) == [
+    assert BatchCodec().decode(batch_json([b'{"type":"ping"}', b'{"type":"ack","id":"a"}']), text=True, max_bytes=1000) == [
         {"type": "ping"}, {"type": "ack", "id": "a"}]
-    assert DeflateCodec().decode(zlib.compress(b'{"type":"ping"}'), max_bytes=1000) == [{"type": "ping"}]
+    assert DeflateCodec().decode(zlib.compress(b'{"type":"ping"}'), text=False, max_bytes=1000) == [{"type": "ping"}]
     with pytest.raises(ProtocolError) as info:
-        JsonCodec().decode(b"\x00\x01", max_bytes=1000)
+        JsonCodec().decode(b"\x00\x01", text=False, max_bytes=1000)
     assert info.value.code == "bad_envelope"
     with pytest.raises(ProtocolError):
-        DeflateCodec().decode(b"not zlib", max_bytes=1000)
+        DeflateCodec().decode(b"not zlib", text=False, max_bytes=1000)
     bomb = zlib.compress(b'{"type":"ping","pad":"' + b"x" * 100_000 + b'"}')
     with pytest.raises(ProtocolError) as info:
-        DeflateCodec().decode(bomb, max_bytes=65536)
+        DeflateCodec().decode(bomb, text=False, max_bytes=65536)
     assert "larger than" in info.value.message
     with pytest.raises(ProtocolError):
-        BatchCodec().decode('{"type":"batch","payload":{}}', max_bytes=1000)
+        BatchCodec().decode(b'{"type":"batch","payload":{}}', text=True, max_bytes=1000)
 
 
 def test_a_message_is_encoded_once_per_codec_not_per_recipient():

@@ -152,6 +152,7 @@ async def test_crash_and_heartbeat_timeout_cause_user_left(data_dir):
 
         nursery.start_soon(keep_alive)
         await watcher.read_until(lambda m: left(m, "silent"))
+        await watcher.abort()
 
 
 async def test_cursor_flood_is_throttled_and_last_position_wins(app, nursery):
