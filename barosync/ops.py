@@ -56,6 +56,9 @@ def run(command: str, args: argparse.Namespace, config: Config) -> int:
     except OpsError as e:
         print(f"barosync {command}: {e}", file=sys.stderr)
         return 1
+    except lmdb.Error as e:
+        print(f"barosync {command}: {config.data_dir}: LMDB error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     raise ValueError(f"unknown operation {command!r}")
 
 
@@ -433,8 +436,8 @@ def restore(src: Path, data_dir: Path, *, force: bool = False) -> int:
     created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     written: list[Path] = []
+    partial = data_dir / (DATA_FILE + ".restoring")
     try:
-        partial = data_dir / (DATA_FILE + ".restoring")
         written.append(partial)
         _copy_file(src / DATA_FILE, partial, 0o600)
         # link() never replaces: if a server was started on this directory meanwhile

@@ -35,8 +35,6 @@ log = logging.getLogger("barosync.server")
 MAX_REQUEST_HEAD = 16 * 1024
 # After SIGTERM, how long connections get to take their 1001 close.
 SHUTDOWN_GRACE = 5.0
-# A request body (REST) must arrive within this long once its head has.
-REQUEST_BODY_TIMEOUT = 30.0
 # How often history past [storage] history_retention is pruned.
 PRUNE_INTERVAL = 3600.0
 
@@ -183,7 +181,10 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream, timeout
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(MAX_REQUEST_HEAD)
+                # Never buffer more than one byte past the limit: then a head that is
+                # too large cannot complete, and h11 answers it with 431.
+                buffered = len(conn.trailing_data[0])
+                data = await stream.receive_some(max(1, MAX_REQUEST_HEAD + 1 - buffered))
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
@@ -211,7 +212,12 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
                     await _run_session(app, session)
                     return
             else:
-                body = await _read_body(conn, stream, app.config.max_message_bytes)
+                try:
+                    body = await _read_body(conn, stream, app.config.max_message_bytes, app.config.handshake_timeout)
+                except h11.RemoteProtocolError as e:
+                    await stream.send_all(_response(conn, e.error_status_hint, _json_error(
+                        e.error_status_hint, "bad_request", f"malformed request body: {e}")))
+                    return
                 if body is None:
                     await stream.send_all(_response(conn, 413, _json_error(
                         413, "too_large", f"request body larger than {app.config.max_message_bytes} bytes ([server] max_message_bytes)")))
@@ -231,11 +237,11 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int) -> bytes | None:
+async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int, timeout: float) -> bytes | None:
     """The request body (h11 insists it is read before the answer), or None when it
-    is over ``limit``."""
+    is over ``limit``. Like the head, it must arrive within ``timeout``."""
     body = bytearray()
-    with trio.move_on_after(REQUEST_BODY_TIMEOUT):
+    with trio.move_on_after(timeout):
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:

@@ -70,6 +70,10 @@ class Session:
         # they never wait behind the durable changes in the outbox.
         self._cursors: dict[str, bytes] = {}
         self._outbox_limit = app.config.outbox_bytes
+        # A resume's replay is queued at once and may exceed the cap by itself; it is
+        # allowed on top of the cap until the outbox next drains, or a client that
+        # fell behind could never catch up.
+        self._replay_allowance = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._flushed = False  # the writer has written its last bytes
@@ -148,7 +152,7 @@ class Session:
             # Something already waits: this joins the batch the writer sends next.
             self._batch.append(data)
             self._outbox_bytes += len(data)
-            if self._outbox_bytes - (len(self._outbox[0]) if self._outbox else 0) > self._outbox_limit:
+            if self._outbox_bytes - (len(self._outbox[0]) if self._outbox else 0) > self._outbox_limit + self._replay_allowance:
                 self._too_slow()
             else:
                 self._lot.unpark()
@@ -212,7 +216,7 @@ class Session:
         self._outbox_bytes += len(data)
         # The frame at the head is the one being written; only what waits behind it
         # counts, so one large snapshot is not mistaken for a slow reader.
-        if self._outbox_bytes - len(self._outbox[0]) > self._outbox_limit:
+        if self._outbox_bytes - len(self._outbox[0]) > self._outbox_limit + self._replay_allowance:
             self._too_slow()
 
     def _too_slow(self) -> None:
@@ -327,6 +331,7 @@ class Session:
                     self._outbox_bytes = len(rest)
                 else:
                     self._outbox_bytes = 0
+                    self._replay_allowance = 0
         finally:
             # The close frame is out (or the socket broke). The connection is over
             # once the peer has answered it too; until then the reader keeps draining,
@@ -438,6 +443,10 @@ class Session:
         try:
             items = self.codec.decode(data, text=text, max_bytes=self.app.config.max_message_bytes)
         except ProtocolError as e:
+            if text and not _is_utf8(data):
+                # RFC 6455: a text frame that is not UTF-8 fails the connection (1007).
+                self.close(protocol.CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
+                return
             self.send_json(protocol.error(e))
             return
         for item in items:
@@ -520,6 +529,7 @@ class Session:
         else:
             seq = sub.since + len(missed)  # type: ignore[operator]
             self.send_json(protocol.ack(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "changes", "count": len(missed)}))
+            self._replay_allowance += sum(len(change) for change in missed)
             for change in missed:
                 self.unacked[_change_id(change)] = None
                 self.send_json(change)
@@ -555,6 +565,8 @@ class Session:
     async def _on_cursor(self, env: Envelope) -> None:
         p = env.payload
         project_id = p.get("projectId")
+        if project_id is not None:
+            project_id = protocol.parse_project(p, env.id)
         if project_id is None:
             if len(self.subscriptions) != 1:
                 raise ProtocolError(protocol.E_INVALID, "user:cursor needs `projectId` unless exactly one project is subscribed",
@@ -593,3 +605,11 @@ class Session:
 
 def _change_id(change: bytes) -> str:
     return orjson.loads(change)["id"]
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

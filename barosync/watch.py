@@ -144,6 +144,8 @@ async def import_events(client: SyncClient, plan: list[PlannedEvent],
                         on_progress: Callable[[ImportResult], None] | None = None) -> ImportResult:
     """Queue every planned event (skipping what an earlier run finished) and wait
     for the server's answers. An ``exists`` answer counts as already imported."""
+    from .client import MutationRefused
+
     result = ImportResult(total=len(plan))
     done = client.remembered(p.envelope_id for p in plan)
     result.skipped = len(done)

@@ -196,6 +196,23 @@ class _End:
     auth: bool = False
 
 
+class _WatchedNursery:
+    """Hands tasks to a nursery and calls ``on_exit`` when any of them ends."""
+
+    def __init__(self, nursery: trio.Nursery, on_exit: Callable[[], None]) -> None:
+        self._nursery = nursery
+        self._on_exit = on_exit
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: object = None) -> None:
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._on_exit()
+
+        self._nursery.start_soon(run, name=name or fn)
+
+
 class NotificationStream:
     """Notifications as an async iterator. Made by :meth:`SyncClient.notifications`;
     registered at once, so nothing published after the call is missed. If the
@@ -290,6 +307,7 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         self._state = ConnectionState.DISCONNECTED
         self._token: str | None = None
         self._closing = False
+        self._aborting = False
         self._closed = False
         self._nursery_cm: Any = None
         self._nursery: trio.Nursery | None = None
@@ -347,6 +365,18 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
         self._closing = True
+        if exc_type is None and self._session_scope is not None:
+            # A clean close: acks and anything else already said go out first; then
+            # the connection task closes with 1000 (it owns the WebSocket, whose
+            # reader must live on to complete the close handshake) and stops.
+            with trio.move_on_after(self._close_timeout):
+                await self.wait_for(lambda: not self._outbox or not self._connected)
+            if self._session_scope is not None:
+                self._session_scope.cancel()
+            with trio.move_on_after(self._close_timeout + 0.5):
+                await self._runner_done.wait()
+        if exc_type is not None:
+            self._aborting = True  # leaving on an error: close the socket, skip the handshake
         if self._run_scope is not None:
             self._run_scope.cancel()
         try:
@@ -460,26 +490,46 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         return value if isinstance(value, str) and value else None
 
     async def _connect_once(self, token: str) -> _End:
-        async with trio.open_nursery() as nursery:
-            try:
-                return await self._connect_and_run(nursery, token)
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    return await self._connect_and_run(nursery, token)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # trio-websocket's own reader task can raise a handshake failure (an HTTP
+            # rejection) into the nursery as well as into connect().
+            failures, rest = group.split((HandshakeError, ConnectionClosed, OSError))
+            if rest is not None or failures is None:
+                raise
+            rejected = [e for e in _leaves(failures) if isinstance(e, ConnectionRejected)]
+            if rejected:
+                status = rejected[0].status_code
+                return _End("rejected", code=status, reason=f"HTTP {status}", auth=status in AUTH_HTTP_STATUSES)
+            return _End("failed", reason=f"{_leaves(failures)[0]!r}")
 
     async def _connect_and_run(self, nursery: trio.Nursery, token: str) -> _End:
         ws: WebSocketConnection | None = None
         end: _End | None = None
+        # trio-websocket (0.12) waits for the opening handshake without noticing that
+        # its reader task ended (connection reset or closed before the 101): without
+        # this watch, such an attempt would cost the whole connect_timeout.
+        handshake = trio.CancelScope()
+        watched = _WatchedNursery(nursery, handshake.cancel)
         try:
             try:
-                with trio.fail_after(self._connect_timeout):
+                with trio.fail_after(self._connect_timeout), handshake:
                     ws = await connect_websocket_url(
-                        nursery, self.url,
+                        watched, self.url,  # type: ignore[arg-type]
                         extra_headers=[(b"authorization", b"Bearer " + token.encode())],
                         message_queue_size=256,
                         max_message_size=self._max_message_size,
                         receive_buffer_size=64 * 1024,
                     )
                     hello = self._decode(await ws.get_message())
+                if handshake.cancelled_caught:
+                    end = _End("failed", reason="the connection closed during the handshake")
+                    return end
             except ConnectionRejected as e:
                 body = (e.body or b"")[:200].decode("utf-8", "replace")
                 end = _End("rejected", code=e.status_code, reason=f"HTTP {e.status_code} {body}".strip(),
@@ -489,7 +539,7 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
                 end = _End("failed", reason="connect timeout")
                 return end
             except ConnectionClosed as e:
-                code = e.reason.code if e.reason is not None else None
+                code = int(e.reason.code) if e.reason is not None else None
                 end = _End("failed", code=code, reason=e.reason.reason if e.reason else "closed", auth=code in AUTH_CLOSE_CODES)
                 return end
             except (HandshakeError, OSError) as e:
@@ -504,7 +554,7 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
             if ws is not None:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(self._close_timeout) as cs:
-                        if end is not None and end.kind == "heartbeat":
+                        if self._aborting or (end is not None and end.kind == "heartbeat"):
                             cs.cancel()  # the peer is gone: close the socket, skip the handshake
                         await ws.aclose(1000, "client closing" if self._closing else "reconnecting")
 
@@ -561,7 +611,7 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
             try:
                 raw = await ws.get_message()
             except ConnectionClosed as e:
-                code = e.reason.code if e.reason is not None else None
+                code = int(e.reason.code) if e.reason is not None else None
                 return _End("closed", code=code, reason=(e.reason.reason if e.reason else None) or str(code),
                             connected=True, auth=code in AUTH_CLOSE_CODES)
             data = self._decode(raw)
@@ -584,6 +634,8 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
                 await ws.send_message(text)
             except ConnectionClosed:
                 return
+            if not outbox:
+                self._changed.unpark_all()
 
     async def _heartbeat(self, hello: dict[str, Any]) -> None:
         """Returns when a ping went unanswered for ``timeout`` seconds."""
@@ -610,7 +662,8 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         expires_ms = hello.get("tokenExpiresAt")
         while isinstance(expires_ms, (int, float)):
             remaining = expires_ms / 1000 - time.time()
-            await trio.sleep(max(0.0, remaining - min(60.0, max(0.0, remaining) * 0.1)))
+            # A minute before expiry; a short-lived token at half its remaining life.
+            await trio.sleep(max(0.0, remaining - min(60.0, max(0.0, remaining) / 2)))
             token = await self._token_for(fresh=True)
             if not token or token == self._token:
                 return
@@ -653,9 +706,10 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         self._send({"type": "subscribe", "id": ref, "payload": payload, "timestamp": _now_ms()})
 
     def _fill_window(self) -> None:
-        """Send queued mutations in order, at most ``max_in_flight`` unanswered, and
-        never two of one event at once (the later one's base version comes from the
-        earlier one's ack)."""
+        """Send queued mutations strictly in queue order, at most ``max_in_flight``
+        unanswered, and never two of one event at once: a mutation of an event whose
+        earlier mutation is unanswered waits for that answer (its base version comes
+        from it), and everything behind it waits too."""
         if not self._connected or self._outbox is None:
             return
         limit = (self.hello or {}).get("maxMessageBytes")
@@ -664,11 +718,11 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         for item in self._queue.values():
             if len(self._inflight) >= self._max_in_flight:
                 break
-            if item.key in self._inflight or item.key in self._held:
+            if item.key in self._inflight:
                 blocked.add(item.event_id)
                 continue
-            if item.event_id in blocked:
-                continue
+            if item.event_id in blocked or item.key in self._held:
+                break  # replay strictly in queue order: nothing overtakes a waiting mutation
             blocked.add(item.event_id)
             text = orjson.dumps({
                 "type": "event:" + item.kind, "id": item.envelope_id,
@@ -1099,14 +1153,13 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
                     view.pop(event_id, None)
                 elif event is not None:
                     view[event_id] = event
-        user = (self.user or {}).get("id")
         for item in self._queue.values():
             if item.project_id != project_id:
                 continue
             if item.kind == "create":
                 event = {**CLIENT_FIELD_DEFAULTS, **_normalized(item.fields), "id": item.event_id,
                          "projectId": project_id, "version": 0, "createdAt": None, "updatedAt": None,
-                         "createdBy": user, "updatedBy": user}
+                         "createdBy": None, "updatedBy": None}  # server-owned: known once acked
                 view[item.event_id] = event
             elif item.kind == "update":
                 current = view.get(item.event_id)
@@ -1300,6 +1353,12 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         self._notify_progress()
         self._fill_window()
         return out
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for inner in group.exceptions for leaf in _leaves(inner)]
+    return [group]
 
 
 def _client_fields(body: Mapping[str, Any]) -> dict[str, Any]:
