@@ -27,5 +27,15 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py $(ARGS)
 
+# The single-file binary dist/barosync, built by PyInstaller in a build-only venv
+# (build/venv: runtime dependencies + PyInstaller, no test tools); prints its size.
+.PHONY: binary test-binary
+binary:
+	$(PYTHON) packaging/build.py
+
+# Builds the binary, then runs it for real (serve, WebSocket clients, a plugin, SIGTERM).
+test-binary: binary $(VENV)/.installed-test
+	BAROSYNC_BINARY=$(CURDIR)/dist/barosync $(BIN)/python -m pytest tests/test_binary.py $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -150,14 +150,25 @@ def _serve(args: argparse.Namespace) -> int:
 async def _serve_until_signal(config: Config) -> None:
     from .server import serve
 
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            app = await nursery.start(serve, config)
+    log = logging.getLogger("barosync")
+    # The receiver stays open until the server has finished: a second SIGTERM (from
+    # systemd and the one-file launcher both, or Ctrl-C twice) must not fall back to
+    # the default handler and kill a server that is closing cleanly.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+                await serve(config, task_status=task_status)
+                nursery.cancel_scope.cancel()  # done: stop listening for signals
+
+            app = await nursery.start(run)
             print(f"listening on http://{config.host}:{app.port}", flush=True)
             async for _ in signals:
-                logging.getLogger("barosync").info("shutting down: closing connections with 1001")
+                if app.stopping:
+                    log.info("already shutting down")
+                    continue
+                log.info("shutting down: closing connections with 1001")
                 app.stop()
-                break
 
 
 def _leaf(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -67,6 +67,10 @@ class App:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def connections_of(self, user_id: str) -> int:
         return self._per_user.get(user_id, 0)
 

@@ -232,6 +232,19 @@ async def test_serve_exits_0_on_ctrl_c(tmp_path):
         assert "Traceback" not in server.stderr
 
 
+async def test_a_second_signal_during_shutdown_does_not_kill_the_server(tmp_path):
+    data = tmp_path / "data"
+    async with serving(tmp_path, "--port", "0", "--data", str(data)) as server:
+        tok = await mint(tmp_path, "--data", str(data), "--user", "alice", "--project", "p1")
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/ws?token={tok}") as ws:
+            await ws.get_message()  # hello: the connection is up, so shutdown has work to do
+            server.process.send_signal(signal.SIGTERM)
+            server.process.send_signal(signal.SIGTERM)  # systemd and the launcher both send one
+            server.process.send_signal(signal.SIGINT)
+            assert await server.wait() == 0
+        assert "Traceback" not in server.stderr
+
+
 async def test_serve_without_data_creates_barosync_data_in_the_working_directory(tmp_path):
     async with serving(tmp_path, "--port", "0") as server:
         secret = tmp_path / "barosync-data" / "secret"
