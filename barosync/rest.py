@@ -41,12 +41,16 @@ _PROJECT_EVENTS = re.compile(r"/api/projects/([^/]+)/events")
 _EVENT = re.compile(r"/api/events/([^/]+)")
 
 Response = tuple[int, Any]
+# status, JSON body, extra headers
+Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, *, headers: list[tuple[bytes, bytes]] | None = None,
+                 **extra: Any) -> None:
         self.status = status
         self.body = {"error": code, "message": message, **extra}
+        self.headers = headers or []
 
 
 def _error(err: ProtocolError) -> HttpError:
@@ -54,40 +58,46 @@ def _error(err: ProtocolError) -> HttpError:
     return HttpError(STATUS.get(err.code, 400), err.code, err.message, **extra)
 
 
-async def handle(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:
+async def handle(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
     """Answer one /api request; never raises for anything a client can send."""
     try:
-        identity = await _identity(app, headers)
-        if m := _PROJECT_EVENTS.fullmatch(path):
-            _allow(method, b"GET")
-            return await _list(app, identity, _unquote(m.group(1)), parse_qs(query))
-        if path == "/api/events":
-            _allow(method, b"POST")
-            key = _idempotency_key(headers)
-            return await _mutate(app, identity, "create", key, _json_body(body))
-        if m := _EVENT.fullmatch(path):
-            event_id = _unquote(m.group(1))
-            if method == b"GET":
-                return await _get(app, identity, event_id)
-            _allow(method, b"GET", b"PUT", b"DELETE")
-            payload = _json_body(body) if method == b"PUT" or body else {}
-            payload["id"] = event_id
-            if method == b"DELETE" and "version" not in payload:
-                version = parse_qs(query).get("version")
-                if version:
-                    payload["version"] = _int(version[0], "version")
-            return await _mutate(app, identity, "update" if method == b"PUT" else "delete", _idempotency_key(headers), payload)
-        raise HttpError(404, "not_found", f"no such resource {path!r}")
+        status, answer = await _dispatch(app, method, path, query, headers, body)
+        return status, answer, []
     except HttpError as e:
-        return e.status, e.body
+        return e.status, e.body, e.headers
     except ProtocolError as e:
         err = _error(e)
-        return err.status, err.body
+        return err.status, err.body, []
+
+
+async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:
+    identity = await _identity(app, headers)
+    if m := _PROJECT_EVENTS.fullmatch(path):
+        _allow(method, b"GET")
+        return await _list(app, identity, _unquote(m.group(1)), parse_qs(query))
+    if path == "/api/events":
+        _allow(method, b"POST")
+        key = _idempotency_key(headers)
+        return await _mutate(app, identity, "create", key, _json_body(body))
+    if m := _EVENT.fullmatch(path):
+        event_id = _unquote(m.group(1))
+        if method == b"GET":
+            return await _get(app, identity, event_id)
+        _allow(method, b"GET", b"PUT", b"DELETE")
+        payload = _json_body(body) if method == b"PUT" or body else {}
+        payload["id"] = event_id
+        if method == b"DELETE" and "version" not in payload:
+            version = parse_qs(query).get("version")
+            if version:
+                payload["version"] = _int(version[0], "version")
+        return await _mutate(app, identity, "update" if method == b"PUT" else "delete", _idempotency_key(headers), payload)
+    raise HttpError(404, "not_found", f"no such resource {path!r}")
 
 
 def _allow(method: bytes, *allowed: bytes) -> None:
     if method not in allowed:
-        raise HttpError(405, "method_not_allowed", f"use {' or '.join(a.decode() for a in allowed)}")
+        raise HttpError(405, "method_not_allowed", f"use {' or '.join(a.decode() for a in allowed)}",
+                        headers=[(b"allow", b", ".join(allowed))])
 
 
 def _unquote(part: str) -> str:

@@ -264,8 +264,8 @@ async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int
 async def _route(app: App, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
     method = request.method
     if path.startswith("/api/"):
-        status, answer = await rest.handle(app, method, path, query, _headers(request), body)
-        return _response(conn, status, answer)
+        status, answer, headers = await rest.handle(app, method, path, query, _headers(request), body)
+        return _response(conn, status, answer, extra=headers)
     if path == "/healthz":
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /healthz"), extra=[(b"allow", b"GET, HEAD")])

@@ -447,28 +447,25 @@ class Session:
                 # RFC 6455: a text frame that is not UTF-8 fails the connection (1007).
                 self.close(protocol.CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
                 return
-            self.send_json(protocol.error(e))
+            if not self._limited(None):  # garbage counts against the rate too
+                self.send_json(protocol.error(e))
             return
         for item in items:
+            kind = item.get("type") if type(item) is dict else None
             # Acks are as frequent as deliveries: settle them before anything else.
-            if type(item) is dict and item.get("type") == protocol.ACK:
+            if kind == protocol.ACK:
                 msg_id = item.get("id")
                 if type(msg_id) is str:
                     self.unacked.pop(msg_id, None)
                 continue
+            # Acks and cursors are not rate limited: acks are bounded by what the
+            # server sends, cursor fan-out is throttled per user anyway.
+            if kind != protocol.USER_CURSOR and self._limited(item.get("id") if kind is not None else None):
+                if self._closing:
+                    return
+                continue
             try:
                 envelope = protocol.envelope_from_obj(item)
-                # Cursors are exempt too: their fan-out is throttled per user anyway,
-                # and a pointer legitimately moves faster than people edit.
-                if envelope.type != protocol.USER_CURSOR and not self._take_token():
-                    self._refused += 1
-                    if self._refused > self._burst:
-                        log.info("session=%s user=%s closed: flooding", self.id, self.identity.user_id)
-                        self.close(protocol.CLOSE_POLICY, "rate limit exceeded again and again")
-                        return
-                    raise ProtocolError(protocol.E_RATE_LIMITED,
-                                        f"more than {self._rate:g} messages per second: slow down and resend", ref=envelope.id)
-                self._refused = 0
                 await self._handlers[envelope.type](envelope)
             except ProtocolError as e:
                 self.send_json(protocol.error(e))
@@ -481,6 +478,22 @@ class Session:
                 log.exception("session=%s user=%s: internal error handling a message", self.id, self.identity.user_id)
                 ref = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
                 self.send_json(protocol.error(ProtocolError(protocol.E_INTERNAL, "internal server error; the message was not applied", ref=ref)))
+
+    def _limited(self, ref: Any) -> bool:
+        """Take a token for one client message; when there is none, answer
+        `rate_limited` (or close with 1008 when it keeps on) and say so."""
+        if self._take_token():
+            self._refused = 0
+            return False
+        self._refused += 1
+        if self._refused > self._burst:
+            log.info("session=%s user=%s closed: flooding", self.id, self.identity.user_id)
+            self.close(protocol.CLOSE_POLICY, "rate limit exceeded again and again")
+        else:
+            self.send_json(protocol.error(ProtocolError(
+                protocol.E_RATE_LIMITED, f"more than {self._rate:g} messages per second: slow down and resend",
+                ref=ref if isinstance(ref, str) and len(ref) <= 128 else None)))
+        return True
 
     def _take_token(self) -> bool:
         now = trio.current_time()

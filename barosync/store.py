@@ -105,7 +105,7 @@ class Store:
         self.env = lmdb.open(
             str(self.path),
             map_size=map_size,
-            max_dbs=8,
+            max_dbs=16,
             sync=True,
             metasync=True,
             # Readers are short and the writer is one thread; no TLS ties a reader
@@ -118,6 +118,9 @@ class Store:
         self.versions = self.env.open_db(b"versions")
         self.seqs = self.env.open_db(b"seqs")
         self.idem = self.env.open_db(b"idem")
+        # project \0 seq -> the idempotency key that change was recorded under, so
+        # forgetting a change forgets its idempotency record too.
+        self.idem_by_seq = self.env.open_db(b"idem_by_seq")
         self.meta = self.env.open_db(b"meta")
         with self.env.begin(write=True) as txn:
             found = txn.get(b"schema", db=self.meta)
@@ -347,6 +350,7 @@ class Store:
         else:
             source = stored if stored is not None else (local or base)
             if source is None or resolution.event is None or not all(source.get(f) for f in ("title", "startDate", "endDate")):
+                info["resolved"] = stored  # nothing usable to store: what is stored stays
                 return Outcome("conflict", m.project_id, conflict=info)
             current = event_from_wire(source)
             if stored is None:  # brought back from deletion, one version past it
@@ -385,6 +389,9 @@ class Store:
         change = orjson.loads(raw)
         txn.delete(key, db=self.changelog)
         txn.delete(_k(change["payload"]["id"]) + b"\0" + _U64.pack(change["version"]), db=self.versions)
+        idem_key = txn.pop(key, db=self.idem_by_seq)
+        if idem_key is not None:
+            txn.delete(idem_key, db=self.idem)
         return True
 
     def prune(self, *, now_ms: int, limit: int = 100_000) -> int:
@@ -393,7 +400,6 @@ class Store:
         writer's thread; returns how many changes were dropped (at most ``limit``)."""
         cutoff = now_ms - int(self.config.history_retention * 1000)
         dropped = 0
-        forgotten: dict[bytes, int] = {}  # project -> last seq forgotten
         with self.env.begin(write=True) as txn:
             projects = [bytes(k) for k, _ in txn.cursor(db=self.seqs)]
             for pkey in projects:
@@ -410,16 +416,7 @@ class Store:
                     doomed.append(_U64.unpack(key[len(prefix):])[0])
                 for seq in doomed:
                     self._forget_change(txn, pkey.decode(), seq)
-                if doomed:
-                    forgotten[pkey] = doomed[-1]
-                    dropped += len(doomed)
-            if forgotten:
-                cursor = txn.cursor(db=self.idem)
-                for key, value in list(cursor):
-                    answer = orjson.loads(value)
-                    through = forgotten.get(str(answer.get("projectId", "")).encode())
-                    if through is not None and answer.get("seq", 0) <= through:
-                        txn.delete(key, db=self.idem)
+                dropped += len(doomed)
         return dropped
 
     def _validate(self, txn: lmdb.Transaction, m: Mutation, kind: str, event: dict[str, Any] | None,
@@ -495,6 +492,7 @@ class Store:
         if warnings:
             answer["warnings"] = warnings
         txn.put(idem_key, orjson.dumps(answer), db=self.idem)
+        txn.put(_seq_key(m.project_id, seq), idem_key, db=self.idem_by_seq)
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
 
 

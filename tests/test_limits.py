@@ -128,3 +128,12 @@ async def test_writes_past_the_initial_map_size_reach_clients_without_error(data
         seqs = [(await reader.recv_type("event:created"))["seq"] for _ in ids]
         assert seqs == list(range(1, 201))
         assert app.store.map_usage()[1] > 1024 * 1024
+
+
+async def test_garbage_counts_against_the_rate_limit_too(data_dir):
+    async with running(data_dir, rate_limit=5.0, rate_burst=5) as (app, nursery):
+        c = await open_client(nursery, app, token())
+        for _ in range(8):
+            await c.send_raw("{bad")
+        codes = [(await c.recv())["payload"]["code"] for _ in range(8)]
+        assert codes[:5] == ["bad_json"] * 5 and "rate_limited" in codes[5:]

@@ -104,3 +104,15 @@ async def test_rest_refusals_are_4xx_with_a_message(app):
     assert status == 413
     status, body = await http(app, "GET", "/api/projects/p1/events?from=tomorrow", tok=token())
     assert status == 400 and body["field"] == "from"
+
+
+async def test_wrong_method_names_the_allowed_ones(app):
+    stream = await trio.open_tcp_stream("127.0.0.1", app.port)
+    async with stream:
+        await stream.send_all(f"PATCH /api/events/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {token()}\r\n\r\n".encode())
+        raw = b""
+        while chunk := await stream.receive_some():
+            raw += chunk
+    head = raw.partition(b"\r\n\r\n")[0].lower()
+    assert b" 405 " in head.split(b"\r\n")[0]
+    assert b"allow: get, put, delete" in head

@@ -93,3 +93,14 @@ def test_map_grows_under_a_burst_past_its_initial_size(tmp_path):
     assert [o.seq for o in replies] == list(range(1, 401))
     reopened = open_store(tmp_path, map_size=1024 * 1024)
     assert reopened.current_seq("p1") == 400
+
+
+def test_count_pruning_forgets_the_idempotency_records_of_forgotten_changes(tmp_path):
+    store = open_store(tmp_path, history_max_changes=2)
+    store.commit_batch([create("alice", n) for n in range(4)])
+    (old,) = store.commit_batch([create("alice", 0)])
+    (recent,) = store.commit_batch([create("alice", 3)])
+    assert recent.status == "replayed"
+    assert old.status != "replayed"  # its record went with its change
+    with store.env.begin() as txn:
+        assert sum(1 for _ in txn.cursor(db=store.idem)) == sum(1 for _ in txn.cursor(db=store.idem_by_seq))

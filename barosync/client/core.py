@@ -330,7 +330,12 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         self._queue: dict[int, QueueItem] = {}
         self._by_env: dict[str, QueueItem] = {}
         self._inflight: set[int] = set()
-        self._held: set[int] = set()
+        # Answered `rate_limited`: send fewer at a time (halved, +1 per ack) and
+        # pause sending for a while (doubling while it goes on).
+        self._window = self._max_in_flight
+        self._paused_until = 0.0
+        self._rate_delay = 0.0
+        self._session_nursery: trio.Nursery | None = None
         self._next_key = 1
         self._waiters: dict[str, _Waiter] = {}
         self._projects: dict[str, _Project] = {}
@@ -573,6 +578,7 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         try:
             async with trio.open_nursery() as n:
                 self._session_scope = n.cancel_scope
+                self._session_nursery = n
 
                 async def read() -> None:
                     nonlocal end
@@ -596,8 +602,11 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
             self._outbox = None
             self._connected = False
             self._inflight.clear()
-            self._held.clear()
             self._sub_refs.clear()
+            self._session_nursery = None
+            self._window = self._max_in_flight
+            self._paused_until = 0.0
+            self._rate_delay = 0.0
             self._refresh = None
             for st in self._projects.values():
                 st.phase = "idle"
@@ -710,18 +719,18 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         unanswered, and never two of one event at once: a mutation of an event whose
         earlier mutation is unanswered waits for that answer (its base version comes
         from it), and everything behind it waits too."""
-        if not self._connected or self._outbox is None:
+        if not self._connected or self._outbox is None or trio.current_time() < self._paused_until:
             return
         limit = (self.hello or {}).get("maxMessageBytes")
         blocked: set[str] = set()
         too_big: list[QueueItem] = []
         for item in self._queue.values():
-            if len(self._inflight) >= self._max_in_flight:
+            if len(self._inflight) >= self._window:
                 break
             if item.key in self._inflight:
                 blocked.add(item.event_id)
                 continue
-            if item.event_id in blocked or item.key in self._held:
+            if item.event_id in blocked:
                 break  # replay strictly in queue order: nothing overtakes a waiting mutation
             blocked.add(item.event_id)
             text = orjson.dumps({
@@ -898,6 +907,8 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
             self._views.pop(project_id, None)
         self._commit(batch)
         self._completed += 1
+        self._window = min(self._max_in_flight, self._window + 1)
+        self._rate_delay = 0.0
         result = event if event is not None else p
         waiter = self._waiters.pop(item.envelope_id, None)
         if waiter is not None:
@@ -923,7 +934,6 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         self._queue.pop(item.key, None)
         self._by_env.pop(item.envelope_id, None)
         self._inflight.discard(item.key)
-        self._held.discard(item.key)
         batch.del_item(item)
         self._views.pop(item.project_id, None)
 
@@ -940,13 +950,11 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         code = str(p.get("code"))
         message = str(p.get("message"))
         field = p.get("field")
+        if code == "rate_limited":
+            self._slow_down(ref if isinstance(ref, str) else None)
+            return
         if isinstance(ref, str) and ref in self._by_env:
-            item = self._by_env[ref]
-            if code == "rate_limited":
-                self._inflight.discard(item.key)
-                self._held.add(item.key)  # retried on the next connection
-                return
-            self._fail_item(item, MutationRefused(code, message, envelope_id=ref, field=field))
+            self._fail_item(self._by_env[ref], MutationRefused(code, message, envelope_id=ref, field=field))
             return
         if isinstance(ref, str) and ref in self._sub_refs:
             project_id = self._sub_refs.pop(ref)
@@ -955,6 +963,33 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
             st.error = SubscriptionRefused(project_id, code, message)
             self._desired.pop(project_id, None)
         self._notify(ServerError(code, message, ref if isinstance(ref, str) else None, field))
+
+    def _slow_down(self, ref: str | None) -> None:
+        """The server refused a message for its rate: it was not applied. Resend it
+        after a pause, with fewer messages in flight."""
+        now = trio.current_time()
+        episode = now >= self._paused_until  # refusals of messages already in flight count once
+        if episode:
+            self._window = max(1, self._window // 2)
+            self._rate_delay = min(5.0, max(0.05, self._rate_delay * 2))
+            self._paused_until = now + self._rate_delay
+        resubscribe = None
+        if ref is not None and ref in self._by_env:
+            self._inflight.discard(self._by_env[ref].key)
+        elif ref is not None and ref in self._sub_refs:
+            resubscribe = self._sub_refs.pop(ref)
+        if episode:
+            log.info("rate limited by the server: pausing %.2f s, window %d", self._rate_delay, self._window)
+
+        async def resume(connection: object) -> None:
+            await trio.sleep_until(self._paused_until)
+            if self._ws is connection:
+                if resubscribe is not None and resubscribe in self._desired:
+                    self._send_subscribe(resubscribe)
+                self._fill_window()
+
+        if self._session_nursery is not None and (episode or resubscribe is not None):
+            self._session_nursery.start_soon(resume, self._ws)
 
     def _on_joined(self, p: dict[str, Any]) -> None:
         st = self._projects.get(str(p.get("projectId")))
