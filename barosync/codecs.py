@@ -78,7 +78,7 @@ class JsonCodec(Codec):
     name = "json"
 
     def frame(self, message: bytes) -> bytes:
-        return protocol.text_frame(message.decode())
+        return protocol.text_frame(message)
 
     def decode(self, data: bytes, *, text: bool, max_bytes: int) -> list[Any]:
         if not text:
@@ -93,7 +93,7 @@ class BatchCodec(JsonCodec):
     def frames(self, messages: list[bytes]) -> bytes:
         if len(messages) == 1:
             return self.frame(messages[0])
-        return protocol.text_frame(batch_json(messages).decode())
+        return protocol.text_frame(batch_json(messages))
 
     def decode(self, data: bytes, *, text: bool, max_bytes: int) -> list[Any]:
         return _unbatch(super().decode(data, text=text, max_bytes=max_bytes)[0])

@@ -12,8 +12,7 @@ from typing import Any
 
 import attrs
 import orjson
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, TextMessage
+from websockets.frames import Frame, Opcode
 
 from .models import ValidationError, check_id
 
@@ -166,17 +165,18 @@ def next_id() -> str:
     return f"{_BOOT}-{next(_counter)}"
 
 
-# A server-side wsproto connection used only to produce frame bytes. Server frames
-# are unmasked and carry no per-connection state, so one encoder serves everyone.
-_FRAMER = Connection(ConnectionType.SERVER)
+# Server frames are unmasked and carry no per-connection state, so a frame made once
+# serves every recipient. websockets' serializer takes the UTF-8 bytes as they are
+# (3x faster than wsproto's, which wants a str to encode again).
 
 
-def text_frame(text: str) -> bytes:
-    return _FRAMER.send(TextMessage(data=text))
+def text_frame(data: bytes) -> bytes:
+    """A complete unmasked text frame of ``data`` (UTF-8 JSON)."""
+    return Frame(Opcode.TEXT, data).serialize(mask=False)
 
 
 def binary_frame(data: bytes) -> bytes:
-    return _FRAMER.send(BytesMessage(data=data))
+    return Frame(Opcode.BINARY, data).serialize(mask=False)
 
 
 class Outgoing:
@@ -188,7 +188,7 @@ class Outgoing:
     def __init__(self, json: bytes) -> None:
         self.json = json
         # Nearly every recipient speaks the default codec: make its frame up front.
-        self.text = text_frame(json.decode())
+        self.text = text_frame(json)
         self._frames: dict[str, bytes] = {}
 
     def frame_for(self, codec: Any) -> bytes:
@@ -219,7 +219,7 @@ def encode(
 
 def frame(msg_type: str, payload: Any = None, **kw: Any) -> bytes:
     """encode() and wrap it in a complete server text frame."""
-    return text_frame(encode(msg_type, payload, **kw).decode())
+    return text_frame(encode(msg_type, payload, **kw))
 
 
 def ack(ref: str, payload: Any = None) -> bytes:
@@ -232,8 +232,8 @@ def error(err: ProtocolError) -> bytes:
 
 
 def ack_frame(ref: str, payload: Any = None) -> bytes:
-    return text_frame(ack(ref, payload).decode())
+    return text_frame(ack(ref, payload))
 
 
 def error_frame(err: ProtocolError) -> bytes:
-    return text_frame(error(err).decode())
+    return text_frame(error(err))

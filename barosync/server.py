@@ -17,7 +17,7 @@ import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 import orjson
 import trio
-from wsproto.utilities import generate_accept_token
+from websockets.utils import accept_key
 
 from . import __version__, protocol, rest
 from .config import Config, ensure_secret
@@ -313,7 +313,7 @@ async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, re
     response = conn.send(h11.InformationalResponse(status_code=101, headers=[
         (b"upgrade", b"websocket"),
         (b"connection", b"Upgrade"),
-        (b"sec-websocket-accept", generate_accept_token(key)),
+        (b"sec-websocket-accept", accept_key(key.decode("latin-1")).encode()),
     ]))
     trailing, _closed = conn.trailing_data
     session = Session(app, stream, bytes(trailing), identity, codec)

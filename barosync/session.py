@@ -134,7 +134,7 @@ class Session:
         if self._batching:
             self._send_batchable(data, None)
         else:
-            self.send_frame(protocol.text_frame(data.decode()))
+            self.send_frame(protocol.text_frame(data))
 
     def send_many(self, outs: list[Outgoing]) -> None:
         if not outs:
