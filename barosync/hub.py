@@ -184,30 +184,68 @@ class Hub:
 
     # -- durable changes ----------------------------------------------------------------
 
-    def on_outcome(self, m: Mutation, outcome: Outcome) -> None:
-        """Called by the writer for every mutation, in commit order."""
-        if outcome.status == "applied":
-            assert outcome.change is not None
-            self.publish(outcome.project_id, outcome.seq, outcome.change, origin=m.origin)
+    def on_batch(self, batch: list[tuple[Mutation, Outcome]]) -> None:
+        """Called by the writer with every mutation of a group commit, in commit
+        order: answer each sender, then fan the committed changes out."""
+        changes: dict[str, list[tuple[protocol.Outgoing, str, Mutation, Outcome]]] = {}
+        for m, outcome in batch:
+            if outcome.status == "applied":
+                assert outcome.change is not None
+                out = protocol.Outgoing(outcome.change)
+                changes.setdefault(outcome.project_id, []).append((out, f"{outcome.project_id}:{outcome.seq}", m, outcome))
+            else:
+                self._reply(m, outcome)
+        for project_id, items in changes.items():
+            self._fan_out(project_id, items)
+            if self._hook.barosync_change_committed.get_hookimpls():
+                for _, _, _, outcome in items:
+                    try:
+                        self._hook.barosync_change_committed(
+                            project_id=project_id, seq=outcome.seq, change=orjson.loads(outcome.change))  # type: ignore[arg-type]
+                    except Exception:
+                        log.exception("barosync_change_committed hook failed for %s seq %d", project_id, outcome.seq)
+
+    def _fan_out(self, project_id: str, items: list[tuple[protocol.Outgoing, str, Mutation, Outcome]]) -> None:
+        room = self.rooms.get(project_id)
+        members = room.subscribers if room is not None else {}
+        # Senders first: the one who made a change hears "done" without waiting
+        # behind a thousand deliveries. A sender subscribed to the project gets its
+        # own changes as acks, in seq order with everyone else's changes.
+        senders: dict[Any, None] = {}
+        for out, msg_id, m, outcome in items:
+            if m.origin in members:
+                senders[m.origin] = None
+            else:
+                self._reply(m, outcome)
+        delivered = 0
+        for sender in senders:
+            for out, msg_id, m, outcome in items:
+                if m.origin is sender:
+                    self._reply(m, outcome)
+                else:
+                    sender.deliver(out, msg_id)
+                    delivered += 1
+        if room is None:
+            return
+        # Everyone else: one write per subscriber for the whole group commit. Encoded
+        # once: the same frame bytes go to every recipient.
+        if len(items) == 1:
+            out, msg_id = items[0][0], items[0][1]
+            for session in members:
+                if session not in senders:
+                    session.deliver(out, msg_id)
+                    delivered += 1
+        else:
+            pairs = [(out, msg_id) for out, msg_id, _, _ in items]
+            for session in members:
+                if session not in senders:
+                    session.deliver_many(pairs)
+                    delivered += len(pairs)
+        self.deliveries += delivered
+
+    @staticmethod
+    def _reply(m: Mutation, outcome: Outcome) -> None:
         try:
             m.reply(m, outcome)
         except Exception:  # a reply must never take the writer down
             log.exception("reply failed for mutation %s", m.envelope_id)
-
-    def publish(self, project_id: str, seq: int, change: bytes, *, origin: Any = None) -> None:
-        room = self.rooms.get(project_id)
-        if room is not None:
-            # Encoded once: the same frame bytes go to every recipient.
-            out = protocol.Outgoing(change)
-            msg_id = f"{project_id}:{seq}"
-            n = 0
-            for session in room.subscribers:
-                if session is not origin:
-                    session.deliver(out, msg_id)
-                    n += 1
-            self.deliveries += n
-        if self._hook.barosync_change_committed.get_hookimpls():
-            try:
-                self._hook.barosync_change_committed(project_id=project_id, seq=seq, change=orjson.loads(change))
-            except Exception:
-                log.exception("barosync_change_committed hook failed for %s seq %d", project_id, seq)

@@ -56,7 +56,7 @@ class App:
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
         self.metrics = CollectorRegistry()
         self.metrics.register(Metrics(self))
-        self.writer = Writer(self.store, self.hub.on_outcome)
+        self.writer = Writer(self.store, self.hub.on_batch)
         self.sessions: set[Session] = set()
         self._per_user: dict[str, int] = {}
         self.port: int = 0
@@ -213,6 +213,9 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
             if target.path == "/ws":
                 session = await _upgrade(app, conn, stream, request, target.query)
                 if session is not None:
+                    # The HTTP objects are done with: do not keep them for the
+                    # connection's lifetime (memory per idle connection counts).
+                    del conn, request, target
                     await _run_session(app, session)
                     return
             else:

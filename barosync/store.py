@@ -504,9 +504,9 @@ class Writer:
     """The one task that writes: takes whatever mutations are waiting, commits them
     as one transaction off the event loop, then hands each outcome on in order."""
 
-    def __init__(self, store: Store, on_outcome: Callable[[Mutation, Outcome], None]) -> None:
+    def __init__(self, store: Store, on_batch: Callable[[list[tuple[Mutation, Outcome]]], None]) -> None:
         self.store = store
-        self._on_outcome = on_outcome
+        self._on_batch = on_batch
         self._send, self._receive = trio.open_memory_channel[Mutation](QUEUE_DEPTH)
         # Projects with a commit in flight: their LMDB state may be ahead of what was
         # fanned out, so a subscriber must wait for the batch before reading.
@@ -575,8 +575,7 @@ class Writer:
                 self.store.grow_if_needed(force=True)
             self.batches += 1
             self.committed += len(batch)
-            for m, outcome in zip(batch, outcomes):
-                self._on_outcome(m, outcome)
+            self._on_batch(list(zip(batch, outcomes)))
         finally:
             self.busy_projects = set()
             self._batch_done.set()

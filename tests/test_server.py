@@ -202,18 +202,25 @@ async def test_three_concurrent_writers_seq_strictly_increasing_without_gaps(app
     for c in watchers + writers:
         await c.subscribe()
 
+    total = per_writer * len(writers)
+    # A writer sees its own changes as acks and the others' as broadcasts: together,
+    # every seq once, in order.
+    writer_seqs: dict[Client, list[int]] = {c: [] for c in writers}
+
     async def write(c: Client) -> None:
         ids = [await c.send("event:create", event_payload(title=f"t{n}")) for n in range(per_writer)]
-        acked = set()
-        while len(acked) < len(ids):
+        while len(writer_seqs[c]) < total:
             msg = await c.recv()
-            if msg["type"] == "ack":
-                acked.add(msg["id"])
+            if msg["type"] == "ack" and msg["id"] in ids:
+                writer_seqs[c].append(msg["payload"]["seq"])
+            elif msg["type"] == "event:created":
+                writer_seqs[c].append(msg["seq"])
 
     async with trio.open_nursery() as n:
         for c in writers:
             n.start_soon(write, c)
-    total = per_writer * len(writers)
+    for seqs in writer_seqs.values():
+        assert seqs == list(range(1, total + 1))
     for w in watchers:
         seqs = [(await w.recv_type("event:created"))["seq"] for _ in range(total)]
         assert seqs == list(range(1, total + 1))

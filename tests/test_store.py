@@ -78,7 +78,7 @@ def test_map_grows_under_a_burst_past_its_initial_size(tmp_path):
     async def main() -> list[Outcome]:
         store = open_store(tmp_path, map_size=1024 * 1024)
         replies: list[Outcome] = []
-        writer = Writer(store, lambda m, o: m.reply(m, o))
+        writer = Writer(store, lambda batch: [m.reply(m, o) for m, o in batch])
         async with trio.open_nursery() as nursery:
             await nursery.start(writer.run)
             for n in range(400):

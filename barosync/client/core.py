@@ -315,6 +315,7 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         self._runner_done = trio.Event()
         self._session_scope: trio.CancelScope | None = None
         self._skip_backoff = False
+        self._backoff_scope = trio.CancelScope()
         self._gave_up: ClientGaveUp | None = None
 
         # connection
@@ -431,6 +432,8 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         elif self._session_scope is not None:
             self._skip_backoff = True
             self._session_scope.cancel()
+        else:
+            self._backoff_scope.cancel()  # waiting out a backoff delay: try now
 
     # -- the connection loop ---------------------------------------------------------
 
@@ -449,7 +452,8 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         while not self._closing:
             token = await self._token_for(fresh_token)
             if token is None or (fresh_token and token == failed_token):
-                self._give_up("the server refused the token and no fresh token came")
+                self._give_up("the server refused the token and no fresh token came" if fresh_token
+                              else "no token to connect with")
                 return
             self._token = token
             self._set_state(ConnectionState.CONNECTING, attempt=attempt)
@@ -470,7 +474,8 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
             delay = backoff_delay(attempt, policy, self._rng)
             attempt += 1
             self._set_state(ConnectionState.RECONNECTING, attempt=attempt, delay=delay, close_code=end.code, reason=end.reason)
-            await trio.sleep(delay)
+            with trio.CancelScope() as self._backoff_scope:
+                await trio.sleep(delay)
 
     def _give_up(self, reason: str) -> None:
         self._gave_up = ClientGaveUp(reason)
