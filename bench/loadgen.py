@@ -31,6 +31,7 @@ import os
 import resource
 import select
 import socket
+import struct
 import sys
 import time
 
@@ -39,6 +40,12 @@ import orjson
 loads = orjson.loads
 dumps = orjson.dumps
 monotonic_ns = time.monotonic_ns
+time_ns = time.time_ns
+# Kernel receive timestamps (CLOCK_REALTIME) on every socket: the latency of a
+# delivery is "kernel received it" minus "writer sent it", so the time this process
+# takes to get round to reading a socket is not counted against the server.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_unpack_ts = struct.Struct("@qq").unpack_from
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -169,6 +176,11 @@ class LoadGen:
         self.drain_idle_ns = int(float(cfg.get("drain_idle", 0.5)) * 1e9)
         self.drain_max_ns = int(float(cfg.get("drain_max", 10.0)) * 1e9)
         self.setup_timeout_ns = int(float(cfg.get("setup_timeout", 120.0)) * 1e9)
+        # give up on the connections still pending once none has got through for this long
+        self.setup_stall_ns = int(float(cfg.get("setup_stall", 15.0)) * 1e9)
+        self.t_last_subscribed = 0
+        self.stalled = 0
+        self.ack = bool(cfg.get("ack", True))  # False only for the --no-acks diagnosis
         self.ep = select.epoll()
         self.by_fd: dict[int, Client] = {}
         self.clients: list[Client] = []
@@ -195,6 +207,10 @@ class LoadGen:
         self.out_of_order = 0
         self.gaps = 0
         self.latency = Samples()
+        # the same, measured to when epoll told this process (diagnosis: the gap
+        # between the two is this process's own lag)
+        self.latency_read = Samples()
+        self.poll_rt = 0
         self.ack_latency = Samples()
         self.creates_sent = 0
         self.creates_acked = 0
@@ -286,6 +302,7 @@ class LoadGen:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         c.sock = s
         c.fd = s.fileno()
         c.state = CONNECTING
@@ -345,11 +362,13 @@ class LoadGen:
         c.subscribed = True
         self.in_setup -= 1
         self.subscribed_count += 1
+        self.t_last_subscribed = monotonic_ns()
         if self.subscribed_count == len(self.clients):
-            self.t_all_subscribed = monotonic_ns()
+            self.t_all_subscribed = self.t_last_subscribed
 
     # ---------------------------------------------------------------- writing
     def make_create(self, c: Client, now: int) -> bytes:
+        """``now`` is CLOCK_REALTIME ns: the send time latencies are measured from."""
         env_id = self.next_id()
         ev_id = self.next_id()
         self.sent_times[ev_id] = now
@@ -370,14 +389,17 @@ class LoadGen:
             return
         n = c.window - len(c.inflight)
         if n > 0:
-            now = monotonic_ns()
+            now = time_ns()
             for _ in range(n):
                 out.append(self.make_create(c, now))
 
     # ---------------------------------------------------------------- reading
-    def on_readable(self, c: Client) -> None:
+    def on_readable(self, c: Client, now: int) -> None:
+        """``now`` (monotonic) is when epoll reported the socket readable. Latencies use
+        the kernel's receive timestamp of the data instead (CLOCK_REALTIME), which is
+        free of the time this process spends on other sockets first."""
         try:
-            data = c.sock.recv(262144)
+            data, anc, _flags, _addr = c.sock.recvmsg(262144, 64)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -386,8 +408,12 @@ class LoadGen:
         if not data:
             self.lost(c)
             return
-        now = monotonic_ns()
         self.t_last_rx = now
+        if anc:
+            sec, nsec = _unpack_ts(anc[0][2])
+            rx = sec * 1_000_000_000 + nsec
+        else:
+            rx = time_ns()
         if c.state == HANDSHAKE:
             data = self.on_handshake(c, data)
             if not data:
@@ -437,7 +463,7 @@ class LoadGen:
                     c.frag.append(payload)
                     payload = b"".join(c.frag)
                     c.frag = None
-                self.on_message(c, payload, now, out)
+                self.on_message(c, payload, now, rx, out)
             elif op == 9:
                 out.append(ctrl_frame(0xA, payload[:125]))
             elif op == 8:
@@ -451,7 +477,7 @@ class LoadGen:
         if out and c.state != CLOSED:
             self.send(c, out[0] if len(out) == 1 else b"".join(out))
 
-    def on_message(self, c: Client, payload: bytes, now: int, out: list) -> None:
+    def on_message(self, c: Client, payload: bytes, now: int, rx: int, out: list) -> None:
         self.msgs_in += 1
         try:
             m = loads(payload)
@@ -482,14 +508,15 @@ class LoadGen:
                         except (TypeError, ValueError):
                             t0 = None
                     if t0 is not None:
-                        self.latency.add((now - t0) // 1000)
+                        self.latency.add((rx - t0) // 1000)
+                        self.latency_read.add((self.poll_rt - t0) // 1000)
         elif t == "ack":
             if mid is None:
                 return
             t0 = c.inflight.pop(mid, None)
             if t0 is not None:
                 self.creates_acked += 1
-                self.ack_latency.add((now - t0) // 1000)
+                self.ack_latency.add((rx - t0) // 1000)
                 p = m.get("payload")
                 if p:
                     seq = p.get("seq")
@@ -520,7 +547,7 @@ class LoadGen:
                 c.last_seq = seq
         else:
             self.other_types[t] = self.other_types.get(t, 0) + 1
-        if mid is not None:
+        if mid is not None and self.ack:
             out.append(ack_frame(mid))
             self.acks_out += 1
 
@@ -570,7 +597,8 @@ class LoadGen:
             "connect_failures": self.connect_failures,
             "http_errors": self.http_errors,
             "t_first_connect": self.t_first_connect,
-            "t_all_subscribed": self.t_all_subscribed or monotonic_ns(),
+            "t_all_subscribed": self.t_all_subscribed or self.t_last_subscribed or monotonic_ns(),
+            "stalled": self.stalled,
             "open": sum(1 for c in self.clients if c.state == OPEN),
         }
 
@@ -592,6 +620,7 @@ class LoadGen:
             "out_of_order": self.out_of_order,
             "gaps": self.gaps,
             "latency_us": self.latency.export(),
+            "latency_read_us": self.latency_read.export(),
             "ack_latency_us": self.ack_latency.export(),
             "creates_sent": self.creates_sent,
             "creates_acked": self.creates_acked,
@@ -629,9 +658,18 @@ class LoadGen:
                 if self.in_setup <= 0 and not self.setup_pending:
                     self.phase = "ready"
                     emit(self.ready_report())
-                elif now - t_setup_start > self.setup_timeout_ns:
+                elif (now - t_setup_start > self.setup_timeout_ns
+                      or now - max(self.t_last_subscribed, t_setup_start) > self.setup_stall_ns):
+                    for c in self.clients:
+                        if not c.subscribed and c.state != CLOSED:
+                            self.stalled += 1
+                            self.close(c)
+                    self.stalled += len(self.setup_pending)
+                    self.setup_pending = []
+                    self.in_setup = 0
                     self.phase = "ready"
-                    progress(f"setup timed out: {self.subscribed_count}/{len(self.clients)} subscribed")
+                    progress(f"setup stalled or timed out: {self.subscribed_count}/{len(self.clients)} "
+                             f"subscribed, gave up on {self.stalled}")
                     emit(self.ready_report())
                 elif now - last_progress > 1_000_000_000:
                     last_progress = now
@@ -649,8 +687,9 @@ class LoadGen:
                         for c in self.writers:
                             if c.mode == "rate" and c.state == OPEN and now >= c.next_send:
                                 out = []
+                                t_send = time_ns()
                                 while now >= c.next_send:
-                                    out.append(self.make_create(c, now))
+                                    out.append(self.make_create(c, t_send))
                                     c.next_send += int(1e9 / c.rate)
                                 self.send(c, b"".join(out))
                 if self.phase == "drain":
@@ -671,7 +710,10 @@ class LoadGen:
                 for c in self.writers:
                     if c.mode == "rate":
                         timeout = min(timeout, max(0.0, (c.next_send - now) / 1e9))
-            for fd, ev in ep_poll(timeout, 1024):
+            events = ep_poll(timeout, 1024)
+            now = monotonic_ns()
+            self.poll_rt = time_ns()
+            for fd, ev in events:
                 if fd == 0:
                     self.on_stdin()
                     continue
@@ -687,7 +729,7 @@ class LoadGen:
                     if c.state == CLOSED:
                         continue
                 if ev & (EPOLLIN | EPOLLERR):
-                    self.on_readable(c)
+                    self.on_readable(c, now)
         for c in self.clients:
             if c.sock is not None:
                 c.sock.close()

@@ -1,0 +1,59 @@
+"""The benchmark harness runs end to end (bench/run.py --smoke) against both servers.
+
+It checks that the harness works and produced figures — never how fast anything was:
+timings depend on the machine, the targets are for full runs (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"bench/run.py --smoke failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "barosync bench" in proc.stdout  # the table was printed
+    report = json.loads(out.read_text())
+    servers = report["servers"]
+    assert set(servers) == {"barosync", "websockets"}
+
+    for name, scenarios in servers.items():
+        expected = {"fanout", "saturation", "capacity"} | ({"durable"} if name == "barosync" else set())
+        assert set(scenarios) == expected, name
+        for scenario, r in scenarios.items():
+            assert r["status"] == "ok", (name, scenario, r.get("error"))
+            assert r["subscribed"] == r["connections"], (name, scenario)
+            assert r["errors"] == 0, (name, scenario, r["error_samples"])
+            assert _number(r["server_cpu_s"]) and _number(r["loadgen_cpu_pct"]), (name, scenario)
+
+        for scenario in ("fanout", "saturation"):
+            r = scenarios[scenario]
+            assert r["deliveries"] > 0, (name, scenario)
+            assert r["deliveries"] == r["expected_deliveries"], (name, scenario)
+            assert r["in_order"] is True and r["complete"] is True, (name, scenario)
+            assert _number(r["server_cpu_us_per_delivery"]), (name, scenario)
+            for p in ("p50", "p99", "max"):
+                assert _number(r["latency_ms"][p]), (name, scenario, p)
+        assert _number(scenarios["saturation"]["deliveries_per_s"])
+
+        cap = scenarios["capacity"]
+        assert cap["held"] == cap["connections"] > 0, name
+        assert _number(cap["rss_kb_per_conn"]) and _number(cap["connect_all_s"]), name
+
+    durable = servers["barosync"]["durable"]
+    assert durable["creates_acked"] > 0
+    assert durable["creates_failed"] == 0
+    assert _number(durable["acked_per_s"]) and _number(durable["ack_p99_ms"])
