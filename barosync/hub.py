@@ -187,11 +187,13 @@ class Hub:
     def on_batch(self, batch: list[tuple[Mutation, Outcome]]) -> None:
         """Called by the writer with every mutation of a group commit, in commit
         order: answer each sender, then fan the committed changes out."""
-        changes: dict[str, list[tuple[protocol.Outgoing, str, Mutation, Outcome]]] = {}
+        changes: dict[str, list[tuple[protocol.Outgoing | None, str, Mutation, Outcome]]] = {}
+        rooms = self.rooms
         for m, outcome in batch:
             if outcome.status == "applied":
                 assert outcome.change is not None
-                out = protocol.Outgoing(outcome.change)
+                # Frames are made only for projects someone is watching.
+                out = protocol.Outgoing(outcome.change) if outcome.project_id in rooms else None
                 changes.setdefault(outcome.project_id, []).append((out, f"{outcome.project_id}:{outcome.seq}", m, outcome))
             else:
                 self._reply(m, outcome)
@@ -205,7 +207,7 @@ class Hub:
                     except Exception:
                         log.exception("barosync_change_committed hook failed for %s seq %d", project_id, outcome.seq)
 
-    def _fan_out(self, project_id: str, items: list[tuple[protocol.Outgoing, str, Mutation, Outcome]]) -> None:
+    def _fan_out(self, project_id: str, items: list[tuple[Any, str, Mutation, Outcome]]) -> None:
         room = self.rooms.get(project_id)
         members = room.subscribers if room is not None else {}
         # Senders first: the one who made a change hears "done" without waiting

@@ -692,7 +692,7 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
             self._token = token
             expires_ms = answer[0].get("expiresAt")
             if isinstance(expires_ms, (int, float)) and expires_ms < 1e11:
-                expires_ms *= 1000  # seconds (as docs/protocol.md says) rather than ms
+                expires_ms *= 1000  # seconds (as an earlier docs/protocol.md said), not ms
 
     # -- sending ---------------------------------------------------------------------
 
