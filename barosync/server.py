@@ -331,6 +331,11 @@ async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, re
         "user": {"id": identity.user_id, "name": identity.name, "avatar": identity.avatar, "color": identity.color},
         "heartbeat": {"interval": int(config.heartbeat_interval * 1000), "timeout": int(config.heartbeat_timeout * 1000)},
         "maxMessageBytes": config.max_message_bytes,
+        # So a client can size its window of messages in flight.
+        "rateLimit": {"perSecond": config.rate_limit, "burst": config.rate_burst},
+        # Changes when the data directory is replaced: a client whose `since` came
+        # from another history must start from a snapshot.
+        "dataId": app.store.data_id,
         "tokenExpiresAt": int(identity.expires_at * 1000) if identity.expires_at and math.isfinite(identity.expires_at) else None,
     }))
     return session

@@ -39,6 +39,10 @@ CLOSE_TIMEOUT = 5.0
 # Unacked server messages remembered per connection; beyond it the oldest are
 # forgotten (and counted), so a client that never acks cannot grow memory.
 MAX_UNACKED = 10_000
+# A client refused more messages within this many seconds than the rate allows in
+# them (plus the burst) is flooding and is closed (1008).
+FLOOD_GRACE = 5.0
+_UNLIMITED = frozenset({protocol.USER_CURSOR, protocol.PING})
 
 ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", protocol.EVENT_DELETE: "delete"}
 
@@ -50,7 +54,7 @@ class Session:
         "_outbox", "_outbox_bytes", "_cursors", "_outbox_limit", "_replay_allowance", "_lot", "_closing",
         "_flushed", "_peer_closed", "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code",
         "subscriptions", "unacked", "unacked_dropped", "last_recv", "_rate", "_burst", "_tokens", "_tick",
-        "_refused",
+        "_refused", "_refused_window",
     )
 
     def __init__(self, app: "App", stream: trio.SocketStream, received: bytes, identity: Identity, codec: Codec) -> None:
@@ -101,7 +105,8 @@ class Session:
         self._burst = float(app.config.rate_burst)
         self._tokens = self._burst
         self._tick = self.last_recv
-        self._refused = 0
+        self._refused = 0  # refusals in the current window of FLOOD_GRACE seconds
+        self._refused_window = self.last_recv
 
     @property
     def outbox_bytes(self) -> int:
@@ -464,15 +469,18 @@ class Session:
             return
         for item in items:
             kind = item.get("type") if type(item) is dict else None
+            if type(kind) is not str:
+                kind = None  # the envelope check below says what is wrong
             # Acks are as frequent as deliveries: settle them before anything else.
             if kind == protocol.ACK:
                 msg_id = item.get("id")
                 if type(msg_id) is str:
                     self.unacked.pop(msg_id, None)
                 continue
-            # Acks and cursors are not rate limited: acks are bounded by what the
-            # server sends, cursor fan-out is throttled per user anyway.
-            if kind != protocol.USER_CURSOR and self._limited(item.get("id") if kind is not None else None):
+            # Acks, pings and cursors are not rate limited: acks are bounded by what
+            # the server sends, a ping costs one pong (and a refused ping would look
+            # like a dead connection), cursor fan-out is throttled per user anyway.
+            if kind not in _UNLIMITED and self._limited(item.get("id") if kind is not None else None):
                 if self._closing:
                     return
                 continue
@@ -495,10 +503,16 @@ class Session:
         """Take a token for one client message; when there is none, answer
         `rate_limited` (or close with 1008 when it keeps on) and say so."""
         if self._take_token():
-            self._refused = 0
             return False
+        now = trio.current_time()
+        if now - self._refused_window > FLOOD_GRACE:
+            self._refused_window = now
+            self._refused = 0
         self._refused += 1
-        if self._refused > self._burst:
+        # Closed only when refused more than a whole window's allowance: messages that
+        # were in flight when the first `rate_limited` went out never add up to that
+        # for a client that backs off, while a steady flood does.
+        if self._refused > self._rate * FLOOD_GRACE + self._burst:
             log.info("session=%s user=%s closed: flooding", self.id, self.identity.user_id)
             self.close(protocol.CLOSE_POLICY, "rate limit exceeded again and again")
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import uuid
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -132,6 +133,10 @@ class Store:
                 raise RuntimeError(
                     f"data directory {self.path} has schema {int(found)}, this barosync reads {SCHEMA_VERSION}"
                 )
+            if txn.get(b"data_id", db=self.meta) is None:
+                txn.put(b"data_id", uuid.uuid4().hex.encode(), db=self.meta)
+            # Identifies this history: a restored backup keeps it, a new directory does not.
+            self.data_id = txn.get(b"data_id", db=self.meta).decode()
 
     def close(self) -> None:
         self.env.close()

@@ -9,30 +9,39 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+import barosync.session as session_module
+
 from conftest import event_payload, open_client, token, ws_url
 from test_server import running
 
 
-async def test_flood_gets_rate_limited_then_closed_with_1008(data_dir):
+async def test_flood_gets_rate_limited_then_closed_with_1008(data_dir, monkeypatch):
+    monkeypatch.setattr(session_module, "FLOOD_GRACE", 0.5)
     async with running(data_dir, rate_limit=5.0, rate_burst=5) as (app, nursery):
         c = await open_client(nursery, app, token())
+        assert c.hello["payload"]["rateLimit"] == {"perSecond": 5.0, "burst": 5}
+        unsubscribe = {"projectId": "p1"}
         for _ in range(8):
-            await c.send("ping")
+            await c.send("unsubscribe", unsubscribe)
         answers = [await c.recv() for _ in range(8)]
-        assert [a["type"] for a in answers[:5]] == ["pong"] * 5
+        assert [a["type"] for a in answers[:5]] == ["ack"] * 5
         limited = [a for a in answers if a["type"] == "error"]
         assert limited and all(a["payload"]["code"] == "rate_limited" and a["payload"]["ref"] for a in limited)
-        # Acks are never limited: they are bounded by what the server sends.
+        # Acks and pings are never limited: acks are bounded by what the server
+        # sends, and a refused ping would look like a dead connection.
         for _ in range(50):
             await c.send_raw(json.dumps({"type": "ack", "id": "whatever"}))
-        await trio.sleep(0.5)  # the bucket refills
         await c.send("ping")
-        assert (await c.recv_type("pong", "error"))["type"] == "pong"
-        # Keeping it up past the burst again and again closes the connection.
+        assert (await c.recv())["type"] == "pong"
+        await trio.sleep(0.5)  # the bucket refills
+        assert (await c.request("unsubscribe", unsubscribe))["type"] == "ack"
+
+        # Keeping it up without a pause closes the connection.
         async def flood() -> None:
             try:
                 while True:
-                    await c.send("ping")
+                    await c.send("unsubscribe", unsubscribe)
+                    await trio.sleep(0.01)
             except ConnectionClosed:
                 pass
 
@@ -45,6 +54,19 @@ async def test_flood_gets_rate_limited_then_closed_with_1008(data_dir):
                 except ConnectionClosed as closed:
                     code = closed.reason.code
         assert code == 1008
+
+
+async def test_a_client_that_backs_off_is_not_closed(data_dir):
+    async with running(data_dir, rate_limit=20.0, rate_burst=5) as (app, nursery):
+        c = await open_client(nursery, app, token())
+        for _ in range(3):
+            # A pipelined burst well past the limit, then a pause, again and again.
+            for _ in range(30):
+                await c.send("unsubscribe", {"projectId": "p1"})
+            for _ in range(30):
+                assert (await c.recv())["type"] in ("ack", "error")
+            await trio.sleep(0.3)
+        assert (await c.request("unsubscribe", {"projectId": "p1"}))["type"] == "ack"
 
 
 async def test_subscriptions_per_connection_are_capped(data_dir):
