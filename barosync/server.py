@@ -27,6 +27,7 @@ from .codecs import DEFAULT_CODEC
 from .config import ConfigError
 from .plugins import PluginError, build_plugin_manager, call_each, call_first, has_async_impls, strategy_names
 from .metrics import Metrics
+from .poller import ReadPoller
 from .session import Session
 from .store import Store, Writer
 
@@ -57,6 +58,7 @@ class App:
         self.metrics = CollectorRegistry()
         self.metrics.register(Metrics(self))
         self.writer = Writer(self.store, self.hub.on_batch)
+        self.poller = ReadPoller()
         self.sessions: set[Session] = set()
         self._per_user: dict[str, int] = {}
         self.port: int = 0
@@ -117,6 +119,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         async with trio.open_nursery() as root:
             await root.start(app.writer.run)
             root.start_soon(app.hub.run_cursors)
+            root.start_soon(app.poller.run)
             root.start_soon(_maintain, app)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]

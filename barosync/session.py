@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("barosync.session")
 
 RECEIVE_BYTES = 64 * 1024
+# Messages the poller may queue for a connection before it stops reading from it.
+INBOX_LIMIT = 256
 # How long a closing connection waits for the peer's close frame / its last bytes.
 CLOSE_TIMEOUT = 5.0
 # Unacked server messages remembered per connection; beyond it the oldest are
@@ -54,7 +56,7 @@ class Session:
         "_outbox", "_outbox_bytes", "_cursors", "_outbox_limit", "_replay_allowance", "_lot", "_closing",
         "_flushed", "_peer_closed", "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code",
         "subscriptions", "unacked", "unacked_dropped", "last_recv", "_rate", "_burst", "_tokens", "_tick",
-        "_refused", "_refused_window",
+        "_refused", "_refused_window", "_inbox", "_inbox_lot", "_eof", "_protocol_closing",
     )
 
     def __init__(self, app: "App", stream: trio.SocketStream, received: bytes, identity: Identity, codec: Codec) -> None:
@@ -72,6 +74,11 @@ class Session:
         # and runs the close handshake; its output goes through our outbox.
         self._ws = Protocol(Side.SERVER, state=State.OPEN, max_size=app.config.max_message_bytes)
         self._received = received  # bytes that arrived with the handshake
+        # Messages read by the poller for the reader task, in order.
+        self._inbox: deque[tuple[bytes, bool]] = deque()
+        self._inbox_lot = trio.lowlevel.ParkingLot()
+        self._eof = False
+        self._protocol_closing = False
         # Reads and writes are plain non-blocking syscalls on the socket's descriptor
         # (trio has made it non-blocking), so a delivery is one write() with no task
         # switch; trio is only asked to wait when the socket is full or empty. No
@@ -380,60 +387,105 @@ class Session:
                 deadline = min(deadline, self._close_deadline)
             await trio.sleep_until(deadline)
 
-    async def _reader(self) -> None:
+    # -- reading ---------------------------------------------------------------------
+    #
+    # The shared poller calls on_readable() when the socket has data: it reads,
+    # parses frames, settles acks on the spot and queues everything else for the
+    # reader task, which handles it in order (handlers may await).
+
+    def on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._eof = True
+            self.app.poller.unregister(self._fd)
+            self._inbox_lot.unpark()
+            return
+        self.last_recv = trio.current_time()
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         ws = self._ws
-        data = self._received
-        self._received = b""
+        ws.receive_data(data)
+        inbox = self._inbox
+        for frame in ws.events_received():
+            opcode = frame.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if frame.fin:
+                    message, text = frame.data, opcode is Opcode.TEXT
+                else:
+                    self._parts = [frame.data]
+                    self._parts_text = opcode is Opcode.TEXT
+                    continue
+            elif opcode is Opcode.CONT:
+                self._parts.append(frame.data)
+                if not frame.fin:
+                    continue
+                message, text = b"".join(self._parts), self._parts_text
+                self._parts = []
+            else:
+                continue  # control frames: the protocol object answers them
+            if self._closing:
+                continue
+            if not inbox and self._settle_acks(message, text):
+                continue
+            inbox.append((message, text))
+        if ws.state is not State.OPEN:
+            self._protocol_closing = True
+        else:
+            self._send_protocol_output()  # pongs
+        if inbox or self._protocol_closing:
+            self._inbox_lot.unpark()
+            if len(inbox) >= INBOX_LIMIT:
+                # Backpressure: stop reading until the reader task catches up.
+                self.app.poller.unregister(self._fd)
+
+    def _settle_acks(self, message: bytes, text: bool) -> bool:
+        """Handle a message here if it is nothing but acks (the common case)."""
+        try:
+            items = self.codec.decode(message, text=text, max_bytes=self.app.config.max_message_bytes)
+        except ProtocolError:
+            return False  # the reader task reports it
+        for item in items:
+            if type(item) is not dict or item.get("type") != protocol.ACK:
+                return False
+        unacked = self.unacked
+        for item in items:
+            msg_id = item.get("id")
+            if type(msg_id) is str:
+                unacked.pop(msg_id, None)
+        return True
+
+    async def _reader(self) -> None:
+        poller = self.app.poller
+        if self._received:
+            self._feed(self._received)
+            self._received = b""
+        poller.register(self._fd, self)
+        inbox = self._inbox
         try:
             while True:
-                if data:
-                    ws.receive_data(data)
-                    for frame in ws.events_received():
-                        opcode = frame.opcode
-                        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-                            if frame.fin:
-                                if not self._closing:
-                                    await self._on_message(frame.data, opcode is Opcode.TEXT)
-                            else:
-                                self._parts = [frame.data]
-                                self._parts_text = opcode is Opcode.TEXT
-                        elif opcode is Opcode.CONT:
-                            self._parts.append(frame.data)
-                            if frame.fin:
-                                message = b"".join(self._parts)
-                                self._parts = []
-                                if not self._closing:
-                                    await self._on_message(message, self._parts_text)
-                    if ws.state is not State.OPEN:
-                        self._on_protocol_closing()
-                        if self._peer_closed:
-                            return
-                    else:
-                        self._send_protocol_output()  # pongs
-                data = await self._receive(len(data) == RECEIVE_BYTES)
-                if not data:
+                while inbox:
+                    message, text = inbox.popleft()
+                    if not self._closing:
+                        await self._on_message(message, text)
+                if self._protocol_closing:
+                    self._on_protocol_closing()
+                    if self._peer_closed:
+                        return
+                if self._eof:
                     break
-                self.last_recv = trio.current_time()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+                if self._fd not in poller:
+                    poller.register(self._fd, self)  # caught up after backpressure
+                await self._inbox_lot.park()
+        finally:
+            poller.unregister(self._fd)
         # End of stream without a close frame: nothing more can be said.
         self._abort()
-
-    async def _receive(self, more_waiting: bool) -> bytes:
-        """Read from the socket. Small messages (acks) come one per wake-up, so after
-        a short read we wait for readability first instead of trying a recv that
-        would fail: one syscall and no exception per message, which is what most of
-        a delivery's ack cost was."""
-        fd = self._fd
-        if not more_waiting:
-            await trio.lowlevel.wait_readable(fd)
-        else:
-            await trio.lowlevel.checkpoint()
-        while True:
-            try:
-                return os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
 
     def _on_protocol_closing(self) -> None:
         """The peer sent a close frame, answered ours, or broke the protocol (the
