@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -111,6 +112,18 @@ async def open_client(nursery: trio.Nursery, app: App, tok: str) -> Client:
     nursery.start_soon(hold)
     with trio.fail_after(5):
         return await receive.receive()
+
+
+@asynccontextmanager
+async def running(data_dir: Path, **overrides: Any) -> AsyncIterator[tuple[App, trio.Nursery]]:
+    """A server on ``data_dir`` (config overrides as keywords) and a nursery for its
+    clients, both gone when the block ends."""
+    async with trio.open_nursery() as nursery:
+        app = await nursery.start(serve, make_config(data_dir, **overrides))
+        async with trio.open_nursery() as clients:
+            yield app, clients
+            clients.cancel_scope.cancel()
+        app.stop()
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from barosync.conflicts import (
 from barosync.models import check_dates
 from barosync.server import App, serve
 
-from conftest import Client, make_config, open_client, token
+from conftest import Client, make_config, open_client, running, token
 
 T0 = 1_764_144_000_000  # ms
 
@@ -500,15 +500,6 @@ STRATEGY_CONFIG = {"lww": "last_write_wins", "fww": "first_write_wins", "man": "
 PRESENCE = ("user:joined", "user:left", "user:cursor")
 
 
-@asynccontextmanager
-async def running(data_dir: Path, **overrides: Any) -> AsyncIterator[tuple[App, trio.Nursery]]:
-    """A server and a nursery for its clients (same as test_server.running)."""
-    async with trio.open_nursery() as nursery:
-        app = await nursery.start(serve, make_config(data_dir, **overrides))
-        async with trio.open_nursery() as clients:
-            yield app, clients
-            clients.cancel_scope.cancel()
-        app.stop()
 
 
 async def next_change(c: Client) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import json
 import socket
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -22,7 +21,6 @@ from hypothesis import strategies as st
 
 from attack_helpers import (
     Closed,
-    Rejected,
     ServerProcess,
     SyncWS,
     event_payload,

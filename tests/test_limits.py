@@ -11,8 +11,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 import barosync.session as session_module
 
-from conftest import event_payload, open_client, token, ws_url
-from test_server import running
+from conftest import event_payload, open_client, running, token, ws_url
+
 
 
 async def test_flood_gets_rate_limited_then_closed_with_1008(data_dir, monkeypatch):

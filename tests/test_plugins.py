@@ -24,8 +24,8 @@ from barosync.models import new_event
 from barosync.plugins import PluginError, build_plugin_manager, load_plugin_file, strategy_names
 from barosync.store import Mutation, Store
 
-from conftest import SECRET, event_payload, open_client, token
-from test_server import running
+from conftest import SECRET, event_payload, open_client, running, token
+
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "plugins"

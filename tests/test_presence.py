@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from barosync.hub import user_color
 
-from conftest import Client, event_payload, open_client, token
-from test_server import running
+from conftest import Client, open_client, running, token
+
 
 
 class RawClient:

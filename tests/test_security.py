@@ -20,9 +20,9 @@ import trio
 
 from barosync.auth import create_token
 
-from attack_helpers import WS, Closed, Rejected, event_payload, mint, read_secret, start_server, uid
-from conftest import SECRET, token
-from test_server import running
+from attack_helpers import WS, Closed, Rejected, event_payload, mint, read_secret, start_server
+from conftest import SECRET, running, token
+
 
 
 def b64(obj: Any) -> str:

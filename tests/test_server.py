@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from barosync.auth import create_token
-from barosync.server import App, serve
+from barosync.server import App
 
-from conftest import Client, event_payload, make_config, new_id, open_client, token, ws_url
+from conftest import Client, event_payload, new_id, open_client, running, token, ws_url
 
 
-@asynccontextmanager
-async def running(data_dir: Path, **overrides: Any) -> AsyncIterator[tuple[App, trio.Nursery]]:
-    """A server and a nursery for its clients, both gone when the block ends."""
-    async with trio.open_nursery() as nursery:
-        app = await nursery.start(serve, make_config(data_dir, **overrides))
-        async with trio.open_nursery() as clients:
-            yield app, clients
-            clients.cancel_scope.cancel()
-        app.stop()
 
 
 async def rejected_status(url: str, headers: list[tuple[str, str]] | None = None) -> int:
