@@ -14,7 +14,7 @@ import jwt
 
 from .config import Config
 from .hookspecs import hookimpl
-from .models import ALL_PROJECTS, Identity
+from .models import ALL_PROJECTS, Identity, ValidationError, check_id
 
 ALGORITHM = "HS256"
 DEFAULT_TTL = 24 * 3600
@@ -50,6 +50,10 @@ def decode_token(token: str, secret: str) -> Identity | None:
     sub = claims.get("sub")
     projects = claims.get("projects", [])
     if not isinstance(sub, str) or not sub:
+        return None
+    try:
+        check_id(sub, "sub")  # the user id is part of storage keys
+    except ValidationError:
         return None
     if projects != ALL_PROJECTS:
         if not isinstance(projects, list) or not all(isinstance(p, str) for p in projects):

@@ -99,10 +99,10 @@ class Hub:
         room = self.rooms.get(project_id)
         if room is None:
             room = self.rooms[project_id] = Room(project_id)
+        if session in room.subscribers:
+            return  # subscribing again: it knows who is here already
         user_id = session.identity.user_id
         session.send_many([p.joined for p in room.users.values() if p.user_id != user_id])
-        if session in room.subscribers:
-            return
         room.subscribers[session] = None
         presence = room.users.get(user_id)
         if presence is None:
@@ -130,10 +130,6 @@ class Hub:
     def leave_all(self, session: "Session", project_ids: Iterable[str]) -> None:
         for project_id in list(project_ids):
             self.leave(session, project_id)
-
-    def present_users(self, project_id: str) -> list[dict[str, Any]]:
-        room = self.rooms.get(project_id)
-        return [p.info for p in room.users.values()] if room else []
 
     # -- cursors -----------------------------------------------------------------------
 

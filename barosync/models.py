@@ -17,6 +17,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 MAX_ID_CHARS = 128
+MAX_ID_BYTES = 160
 MAX_TITLE_CHARS = 500
 MAX_TEXT_CHARS = 10_000
 MAX_ATTENDEES = 1_000
@@ -120,8 +121,9 @@ def event_from_wire(data: dict[str, Any]) -> Event:
 def check_id(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValidationError(field, "must be a non-empty string")
-    if len(value) > MAX_ID_CHARS:
-        raise ValidationError(field, f"must be at most {MAX_ID_CHARS} characters")
+    # Ids are parts of LMDB keys (at most 511 bytes): bounded in characters and bytes.
+    if len(value) > MAX_ID_CHARS or len(value.encode()) > MAX_ID_BYTES:
+        raise ValidationError(field, f"must be at most {MAX_ID_CHARS} characters ({MAX_ID_BYTES} bytes in UTF-8)")
     if "\0" in value:
         raise ValidationError(field, "must not contain NUL characters")
     return value

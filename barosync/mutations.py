@@ -14,9 +14,6 @@ from .store import Mutation, Outcome, now_ms
 if TYPE_CHECKING:
     from .server import App
 
-KINDS = ("create", "update", "delete")
-
-
 async def prepare_mutation(
     app: "App",
     identity: Identity,

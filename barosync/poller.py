@@ -25,6 +25,8 @@ MAX_EVENTS = 1024
 class Readable(Protocol):
     def on_readable(self) -> None: ...
 
+    def fail(self) -> None: ...
+
 
 class ReadPoller:
     def __init__(self) -> None:
@@ -62,8 +64,9 @@ class ReadPoller:
                     try:
                         owner.on_readable()
                     except Exception:  # one connection's bug must not stop the others
-                        log.exception("reading fd %d failed", fd)
+                        log.exception("reading fd %d failed; closing that connection", fd)
                         self.unregister(fd)
+                        owner.fail()
                 await trio.lowlevel.checkpoint()
         finally:
             self.close()

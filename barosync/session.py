@@ -40,7 +40,7 @@ INBOX_LIMIT = 256
 CLOSE_TIMEOUT = 5.0
 # Unacked server messages remembered per connection; beyond it the oldest are
 # forgotten (and counted), so a client that never acks cannot grow memory.
-MAX_UNACKED = 10_000
+MAX_UNACKED = 1_000
 # A client refused more messages within this many seconds than the rate allows in
 # them (plus the burst) is flooding and is closed (1008).
 FLOOD_GRACE = 5.0
@@ -55,8 +55,8 @@ class Session:
         "app", "codec", "_batching", "_batch", "id", "identity", "_stream", "_ws", "_received", "_fd",
         "_outbox", "_outbox_bytes", "_cursors", "_outbox_limit", "_replay_allowance", "_lot", "_closing",
         "_flushed", "_peer_closed", "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code",
-        "subscriptions", "unacked", "unacked_dropped", "last_recv", "_rate", "_burst", "_tokens", "_tick",
-        "_refused", "_refused_window", "_inbox", "_inbox_lot", "_eof", "_protocol_closing",
+        "subscriptions", "unacked", "last_recv", "_rate", "_burst", "_tokens", "_tick",
+        "_refused", "_refused_window", "_inbox", "_inbox_lot", "_drained", "_eof", "_protocol_closing",
     )
 
     def __init__(self, app: "App", stream: trio.SocketStream, received: bytes, identity: Identity, codec: Codec) -> None:
@@ -75,8 +75,9 @@ class Session:
         self._ws = Protocol(Side.SERVER, state=State.OPEN, max_size=app.config.max_message_bytes)
         self._received = received  # bytes that arrived with the handshake
         # Messages read by the poller for the reader task, in order.
-        self._inbox: deque[tuple[bytes, bool]] = deque()
+        self._inbox: deque[tuple[bytes, bool, list[Any] | None]] = deque()
         self._inbox_lot = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()  # woken when the outbox empties
         self._eof = False
         self._protocol_closing = False
         # Reads and writes are plain non-blocking syscalls on the socket's descriptor
@@ -105,7 +106,6 @@ class Session:
         self.close_code: int | None = None
         self.subscriptions: set[str] = set()
         self.unacked: dict[str, None] = {}
-        self.unacked_dropped = 0
         self.last_recv = trio.current_time()
         # Token bucket for client messages; acks and cursors are not counted.
         self._rate = app.config.rate_limit
@@ -127,7 +127,6 @@ class Session:
         unacked[msg_id] = None
         if len(unacked) > MAX_UNACKED:
             del unacked[next(iter(unacked))]
-            self.unacked_dropped += 1
         if self._batching:
             self._send_batchable(out.json, out)
         else:
@@ -140,7 +139,6 @@ class Session:
             unacked[msg_id] = None
         while len(unacked) > MAX_UNACKED:
             del unacked[next(iter(unacked))]
-            self.unacked_dropped += 1
         if self._batching:
             for out, _ in items:
                 self._send_batchable(out.json, out)
@@ -300,6 +298,11 @@ class Session:
         self.app.hub.leave_all(self, self.subscriptions)
         self.subscriptions.clear()
 
+    def fail(self) -> None:
+        """Reading this connection failed unexpectedly (a bug): end it now rather
+        than leave it open and unserved."""
+        self._abort()
+
     def _abort(self) -> None:
         self._closing = True
         if self._nursery is not None:
@@ -356,6 +359,7 @@ class Session:
                 else:
                     self._outbox_bytes = 0
                     self._replay_allowance = 0
+                    self._drained.unpark_all()
         finally:
             # The close frame is out (or the socket broke). The connection is over
             # once the peer has answered it too; until then the reader keeps draining,
@@ -431,9 +435,13 @@ class Session:
                 continue  # control frames: the protocol object answers them
             if self._closing:
                 continue
-            if not inbox and self._settle_acks(message, text):
+            try:
+                items = self.codec.decode(message, text=text, max_bytes=self.app.config.max_message_bytes)
+            except ProtocolError:
+                items = None  # the reader task reports it
+            if not inbox and items is not None and self._settle_acks(items):
                 continue
-            inbox.append((message, text))
+            inbox.append((message, text, items))
         if ws.state is not State.OPEN:
             self._protocol_closing = True
         else:
@@ -444,12 +452,8 @@ class Session:
                 # Backpressure: stop reading until the reader task catches up.
                 self.app.poller.unregister(self._fd)
 
-    def _settle_acks(self, message: bytes, text: bool) -> bool:
+    def _settle_acks(self, items: list[Any]) -> bool:
         """Handle a message here if it is nothing but acks (the common case)."""
-        try:
-            items = self.codec.decode(message, text=text, max_bytes=self.app.config.max_message_bytes)
-        except ProtocolError:
-            return False  # the reader task reports it
         for item in items:
             if type(item) is not dict or item.get("type") != protocol.ACK:
                 return False
@@ -470,9 +474,9 @@ class Session:
         try:
             while True:
                 while inbox:
-                    message, text = inbox.popleft()
+                    message, text, items = inbox.popleft()
                     if not self._closing:
-                        await self._on_message(message, text)
+                        await self._on_message(message, text, items)
                 if self._protocol_closing:
                     self._on_protocol_closing()
                     if self._peer_closed:
@@ -508,9 +512,10 @@ class Session:
 
     # -- messages ------------------------------------------------------------------------
 
-    async def _on_message(self, data: bytes, text: bool) -> None:
+    async def _on_message(self, data: bytes, text: bool, items: list[Any] | None) -> None:
         try:
-            items = self.codec.decode(data, text=text, max_bytes=self.app.config.max_message_bytes)
+            if items is None:  # the poller could not decode it: say why
+                items = self.codec.decode(data, text=text, max_bytes=self.app.config.max_message_bytes)
         except ProtocolError as e:
             if text and not _is_utf8(data):
                 # RFC 6455: a text frame that is not UTF-8 fails the connection (1007).
@@ -597,35 +602,69 @@ class Session:
         if sub.project_id not in self.subscriptions and len(self.subscriptions) >= limit:
             raise ProtocolError(protocol.E_LIMIT, f"at most {limit} subscriptions per connection: unsubscribe from one first", ref=env.id)
         app = self.app
-        # A commit for this project may be durable but not yet fanned out; reading the
-        # changelog now and joining the room later could then deliver it twice.
-        await app.writer.wait_idle(sub.project_id)
-        if self._closing:
-            return
-        # From here to join() nothing awaits: no change can slip between the read
-        # and the join, so the client sees every seq exactly once.
-        missed = app.store.changes_since(sub.project_id, sub.since) if sub.since is not None else None
-        if missed is None:
-            seq, events = app.store.snapshot(sub.project_id)
-            answer: dict[str, Any] = {"projectId": sub.project_id, "seq": seq, "mode": "snapshot"}
-            if sub.since is not None:
+        project_id, since = sub.project_id, sub.since
+        acked = False
+        while True:
+            # A commit for this project may be durable but not yet fanned out; reading
+            # the changelog now and joining the room later could deliver it twice.
+            await app.writer.wait_idle(project_id)
+            if self._closing:
+                return
+            # From here to join() nothing awaits: no change can slip between the
+            # last read and the join, so the client sees every seq exactly once.
+            # Long replays go in pieces of about the outbox cap, each once the
+            # previous one is out, so catching up never needs more memory than that.
+            found = app.store.replay(project_id, since, max_bytes=self._outbox_limit) if since is not None else None
+            if found is None:
+                self._send_snapshot(env.id, project_id, since, acked)
+                break
+            changes, complete = found
+            if not acked:
+                last = app.store.current_seq(project_id)
+                self.send_json(protocol.ack(env.id, {"projectId": project_id, "seq": last, "mode": "changes",
+                                                     "count": last - since}))  # type: ignore[operator]
+                acked = True
+            for n in range(len(changes)):
+                self.unacked[f"{project_id}:{since + n + 1}"] = None  # type: ignore[operator]
+            self._send_catch_up(changes)
+            since += len(changes)  # type: ignore[operator]
+            if complete:
+                break
+            await self._wait_drained()
+        app.hub.join(self, project_id)
+        self.subscriptions.add(project_id)
+
+    def _send_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> None:
+        app = self.app
+        seq, events = app.store.snapshot(project_id)
+        if not acked:
+            answer: dict[str, Any] = {"projectId": project_id, "seq": seq, "mode": "snapshot"}
+            if since is not None:
                 # Say why the client gets a snapshot instead of what it asked for.
-                answer["reason"] = "since_ahead" if sub.since > seq else "history_pruned"
-            self.send_json(protocol.ack(env.id, answer))
-            snapshot_id = protocol.next_id()
-            self.unacked[snapshot_id] = None
-            self.send_json(protocol.encode("sync:snapshot", {
-                "projectId": sub.project_id, "seq": seq, "events": events, "since": sub.since,
-            }, id=snapshot_id))
-        else:
-            seq = sub.since + len(missed)  # type: ignore[operator]
-            self.send_json(protocol.ack(env.id, {"projectId": sub.project_id, "seq": seq, "mode": "changes", "count": len(missed)}))
-            self._replay_allowance += sum(len(change) for change in missed)
-            for change in missed:
-                self.unacked[_change_id(change)] = None
-                self.send_json(change)
-        app.hub.join(self, sub.project_id)
-        self.subscriptions.add(sub.project_id)
+                answer["reason"] = "since_ahead" if since > seq else "history_pruned"
+            self.send_json(protocol.ack(ref, answer))
+        snapshot_id = protocol.next_id()
+        self.unacked[snapshot_id] = None
+        self._send_catch_up([protocol.encode("sync:snapshot", {
+            "projectId": project_id, "seq": seq, "events": events, "since": since,
+        }, id=snapshot_id)])
+
+    async def _wait_drained(self) -> None:
+        while (self._outbox or self._batch) and not self._closing:
+            await self._drained.park()
+
+    def _send_catch_up(self, messages: list[bytes]) -> None:
+        """A replay or snapshot is queued at once and may exceed the outbox cap by
+        itself: it is allowed on top of the cap while it is queued, or a client that
+        fell behind could never catch up. The allowance ends with the backlog."""
+        unacked = self.unacked
+        while len(unacked) > MAX_UNACKED:
+            del unacked[next(iter(unacked))]
+        self._replay_allowance += sum(len(m) for m in messages)
+        for message in messages:
+            self.send_json(message)
+        if not self._outbox and not self._batch:
+            self._replay_allowance = 0
 
     async def _on_unsubscribe(self, env: Envelope) -> None:
         project_id = protocol.parse_project(env.payload, env.id)
@@ -692,10 +731,6 @@ class Session:
                     protocol.E_FORBIDDEN, f"the new token does not allow project {project_id!r}: unsubscribed", field="projectId")))
         expires = identity.expires_at
         self.send_json(protocol.ack(env.id, {"expiresAt": int(expires * 1000) if expires is not None else None}))
-
-
-def _change_id(change: bytes) -> str:
-    return orjson.loads(change)["id"]
 
 
 def _is_utf8(data: bytes) -> bool:

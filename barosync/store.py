@@ -32,7 +32,7 @@ import orjson
 import trio
 
 from . import protocol
-from .config import Config
+from .config import Config, ConfigError
 from .conflicts import Conflict, Resolution, changed_by_client
 from .models import CLIENT_FIELDS, Event, ValidationError, apply_changes, event_from_wire, event_to_wire
 
@@ -130,9 +130,10 @@ class Store:
             if found is None:
                 txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.meta)
             elif int(found) != SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"data directory {self.path} has schema {int(found)}, this barosync reads {SCHEMA_VERSION}"
-                )
+                raise ConfigError(
+                    str(self.path), "[storage] path",
+                    f"holds data of schema {int(found)}; this barosync reads schema {SCHEMA_VERSION} "
+                    "(use the barosync version that wrote it, or restore a backup made for this one)")
             if txn.get(b"data_id", db=self.meta) is None:
                 txn.put(b"data_id", uuid.uuid4().hex.encode(), db=self.meta)
             # Identifies this history: a restored backup keeps it, a new directory does not.
@@ -175,29 +176,49 @@ class Store:
         return seq, events
 
     def changes_since(self, project_id: str, since: int) -> list[bytes] | None:
-        """The change messages after ``since`` in seq order, or None when the
+        """Every change message after ``since`` in seq order, or None when the
         changelog cannot answer (``since`` is ahead of the project, or older than
         what is kept) and the client needs a snapshot instead."""
+        found = self.replay(project_id, since)
+        return None if found is None else found[0]
+
+    def replay(self, project_id: str, since: int, *, max_bytes: int | None = None) -> tuple[list[bytes], bool] | None:
+        """The change messages after ``since``, in seq order, up to about
+        ``max_bytes`` (always at least one), and whether they reach the project's
+        last seq; None when the changelog cannot answer (see changes_since)."""
         with self.env.begin() as txn:
             last = self.current_seq(project_id, txn)
             if since > last:
                 return None
             if since == last:
-                return []
+                return [], True
             cursor = txn.cursor(db=self.changelog)
             prefix = project_id.encode() + b"\0"
             if not cursor.set_range(_seq_key(project_id, since + 1)):
                 return None
-            out = []
+            out: list[bytes] = []
             expected = since + 1
+            size = 0
             for key, value in cursor:
                 if not key.startswith(prefix):
                     break
                 if _U64.unpack(key[len(prefix):])[0] != expected:
                     return None  # pruned history: a gap means we cannot replay
+                if out and max_bytes is not None and size + len(value) > max_bytes:
+                    return out, False
+                size += len(value)
                 out.append(bytes(value))
                 expected += 1
-            return out if expected == last + 1 else None
+            return (out, True) if expected == last + 1 else None
+
+    def first_kept_seq(self, project_id: str) -> int | None:
+        """The oldest seq the changelog still has for a project (None: none kept)."""
+        prefix = project_id.encode() + b"\0"
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.changelog)
+            if cursor.set_range(prefix) and cursor.key().startswith(prefix):
+                return _U64.unpack(cursor.key()[len(prefix):])[0]
+        return None
 
     def iter_changelog(self, project_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
         prefix = project_id.encode() + b"\0"
@@ -263,19 +284,27 @@ class Store:
         if previous is not None:
             answer = orjson.loads(previous)
             return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
+        # Each mutation in a nested transaction: one that fails halfway (a plugin's
+        # bug, a key LMDB refuses) leaves nothing behind, and the rest of the group
+        # commit goes on.
+        nested = self.env.begin(write=True, parent=txn)
         try:
             if m.kind == "create":
-                return self._create(txn, m, idem_key)
-            return self._update_or_delete(txn, m, idem_key)
+                outcome = self._create(nested, m, idem_key)
+            else:
+                outcome = self._update_or_delete(nested, m, idem_key)
         except ValidationError as e:
+            nested.abort()
             return self._error(m, protocol.E_INVALID, f"`{e.field}` {e.message}", e.field)
         except lmdb.MapFullError:
+            nested.abort()
             raise
         except Exception:
-            # Every write of a mutation comes after all its checks, so a failure here
-            # (a plugin's bug, say) has written nothing: refuse this one, keep the rest.
+            nested.abort()
             log.exception("mutation %s failed", m.envelope_id)
             return self._error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
+        nested.commit()
+        return outcome
 
     def _error(self, m: Mutation, code: str, message: str, field: str | None = None) -> Outcome:
         return Outcome("error", m.project_id, error=protocol.ProtocolError(code, message, ref=m.envelope_id, field=field))

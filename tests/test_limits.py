@@ -159,3 +159,19 @@ async def test_garbage_counts_against_the_rate_limit_too(data_dir):
             await c.send_raw("{bad")
         codes = [(await c.recv())["payload"]["code"] for _ in range(8)]
         assert codes[:5] == ["bad_json"] * 5 and "rate_limited" in codes[5:]
+
+
+async def test_a_replay_larger_than_the_outbox_cap_goes_in_pieces(data_dir):
+    async with running(data_dir, outbox_bytes=64 * 1024) as (app, nursery):
+        c = await open_client(nursery, app, token())
+        for n in range(40):
+            await c.create(title=f"e{n}", description="z" * 5000)
+        other = await open_client(nursery, app, token("bob"))
+        answer = await other.subscribe(since=0)
+        assert answer["payload"]["mode"] == "changes" and answer["payload"]["count"] == 40
+        # 40 changes of ~5 KB are three times the 64 KiB cap: they come in pieces,
+        # every one in order, and live changes follow without a gap.
+        seqs = [(await other.recv_type("event:created"))["seq"] for _ in range(40)]
+        await c.create(title="live")
+        seqs.append((await other.recv_type("event:created"))["seq"])
+        assert seqs == list(range(1, 42))
