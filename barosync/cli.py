@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -17,6 +18,7 @@ from .auth import DEFAULT_TTL, create_token
 from .config import Config, ConfigError, ensure_secret, load_config
 from .models import ALL_PROJECTS
 from .plugins import PluginError
+from .store import StorageError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -130,19 +132,26 @@ def _serve(args: argparse.Namespace) -> int:
         trio.run(_serve_until_signal, config)
     except KeyboardInterrupt:
         pass
-    except (OSError, lmdb.Error, ConfigError, PluginError, BaseExceptionGroup) as raised:
-        # Start-up problems surface from inside the trio nursery, wrapped in groups.
+    except (OSError, lmdb.Error, ConfigError, PluginError, StorageError, BaseExceptionGroup) as raised:
+        # Problems surface from inside the trio nursery, wrapped in groups.
         if (found := _leaf(raised, (ConfigError,))) is not None:
             print(f"barosync: config error: {found}", file=sys.stderr)
             return 2
         if (found := _leaf(raised, (PluginError,))) is not None:
             print(f"barosync: plugin error: {found}", file=sys.stderr)
             return 2
-        e = _leaf(raised, (OSError, lmdb.Error))
+        if (found := _leaf(raised, (StorageError, lmdb.Error))) is not None:
+            print(f"barosync: {found} (check free disk space and permissions of {config.data_dir}; "
+                  "`barosync check` verifies the data)", file=sys.stderr)
+            return 1
+        e = _leaf(raised, (OSError,))
         if e is None:
             raise
-        print(f"barosync: cannot serve on {config.host}:{config.port} with data in {config.data_dir}: {e} "
-              "(is another server running? try --port 0 or another --data)", file=sys.stderr)
+        if getattr(e, "errno", None) in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            print(f"barosync: cannot listen on {config.host}:{config.port}: {e.strerror} "
+                  "(another server on that port? try --port 0 or another --port)", file=sys.stderr)
+        else:
+            print(f"barosync: {e} (data in {config.data_dir})", file=sys.stderr)
         return 1
     return 0
 

@@ -7,8 +7,10 @@ every WebSocket with 1001, lets the writer commit what it has, and returns.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import os
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -36,6 +38,7 @@ log = logging.getLogger("barosync.server")
 MAX_REQUEST_HEAD = 16 * 1024
 # After SIGTERM, how long connections get to take their 1001 close.
 SHUTDOWN_GRACE = 5.0
+LOCK_FILE = "serve.lock"
 # How often history past [storage] history_retention is pruned.
 PRUNE_INTERVAL = 3600.0
 
@@ -114,7 +117,13 @@ def check_strategies(config: Config, available: list[str]) -> None:
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
     config = config.with_overrides(secret=ensure_secret(config))
-    app = App(config)
+    # One server per data directory: the single writer and seq order depend on it.
+    lock = _lock_data_dir(config)
+    try:
+        app = App(config)
+    except BaseException:
+        os.close(lock)
+        raise
     try:
         async with trio.open_nursery() as root:
             await root.start(app.writer.run)
@@ -139,6 +148,22 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             root.cancel_scope.cancel()
     finally:
         app.store.close()
+        os.close(lock)
+
+
+def _lock_data_dir(config: Config) -> int:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(str(config.data_dir), "[storage] path",
+                          f"is in use by another barosync serve (pid {holder}); stop it, or give this one another --data") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 async def _maintain(app: App) -> None:

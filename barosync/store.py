@@ -532,6 +532,10 @@ class Store:
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
 
 
+class StorageError(Exception):
+    """The data directory failed under the server; it stops, with this message."""
+
+
 def _edited_at(change: dict[str, Any]) -> int:
     return change.get("editedAt", change["timestamp"])
 
@@ -619,7 +623,16 @@ class Writer:
             while True:
                 # Not abandoned on cancel: a commit that started finishes, so an ack is
                 # never lost for a change that became durable.
-                outcomes = await trio.to_thread.run_sync(self.store.commit_batch, batch)
+                try:
+                    outcomes = await trio.to_thread.run_sync(self.store.commit_batch, batch)
+                except lmdb.Error as e:
+                    # The disk refused (full, I/O error): nothing of this batch is
+                    # stored. Say so to every sender, then stop the server rather than
+                    # keep accepting changes it cannot keep.
+                    failed = Outcome("error", "", error=protocol.ProtocolError(
+                        protocol.E_INTERNAL, "the server could not store this change; retry later"))
+                    self._on_batch([(m, failed) for m in batch])
+                    raise StorageError(f"storage failed in {self.store.path}: {e}") from e
                 if outcomes is not None:
                     break
                 self.store.grow_if_needed(force=True)

@@ -328,3 +328,15 @@ def test_serve_with_an_impossible_port_is_a_usage_error(tmp_path, port):
     assert result.returncode == 2
     line = assert_one_line_no_traceback(result.stderr)
     assert "--port" in line
+
+
+async def test_a_second_server_on_the_same_data_directory_is_refused(tmp_path):
+    data = tmp_path / "data"
+    async with serving(tmp_path, "--port", "0", "--data", str(data)) as first:
+        second = await trio.run_process(
+            [sys.executable, "-m", "barosync", "serve", "--port", "0", "--data", str(data)],
+            capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path)
+        err = second.stderr.decode()
+        assert second.returncode == 2
+        assert "in use by another barosync serve" in err and f"pid {first.process.pid}" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
