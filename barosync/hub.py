@@ -11,13 +11,13 @@ newcomer, who gets all of them in one write.
 
 Cursors are volatile: never stored, never acked, and fanned out at most
 ``cursor_rate`` times per second per user; what arrives in between replaces the
-pending one, which goes out at the end of the interval, so the last position is
-never lost.
+pending one, which goes out at the next tick, so the last position is never lost.
+Ticks come at twice the per-user rate, and one tick's cursors reach a subscriber in
+one write.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import zlib
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("barosync.hub")
 
 DEFAULT_CURSOR_RATE = 20.0
+# Cursor ticks per per-user interval: more ticks, lower latency, more writes.
+CURSOR_TICKS_PER_INTERVAL = 2
 # A readable palette for users whose token does not choose a colour.
 PALETTE = (
     "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46a0a0",
@@ -74,7 +76,8 @@ class Room:
         self.subscribers: dict["Session", None] = {}
         self.users: dict[str, Presence] = {}
         self.cursor_sent: dict[str, float] = {}  # user -> when their last cursor went out
-        self.cursor_pending: dict[str, tuple[protocol.Outgoing, "Session"]] = {}  # user -> (message, sender)
+        # user -> (x, y, elementId, timestamp, sending session): the newest position
+        self.cursor_pending: dict[str, tuple[Any, Any, Any, int, "Session"]] = {}
 
     def fan_out(self, out: protocol.Outgoing, *, skip: Any = None) -> None:
         for session in self.subscribers:
@@ -88,7 +91,7 @@ class Hub:
         self._hook = hook
         self.deliveries = 0
         self.cursor_interval = 1.0 / cursor_rate
-        self._cursor_due: list[tuple[float, str, str]] = []  # heap of (due, project, user)
+        self._cursor_rooms: set[str] = set()  # projects with cursors waiting
         self._cursor_wakeup = trio.lowlevel.ParkingLot()
 
     # -- membership and presence ---------------------------------------------------
@@ -137,46 +140,61 @@ class Hub:
         room = self.rooms.get(project_id)
         if room is None:
             return
-        user_id = session.identity.user_id
-        frame = protocol.Outgoing(orjson.dumps({
-            "type": "user:cursor",
-            "projectId": project_id,
-            "payload": {"userId": user_id, "x": x, "y": y, "elementId": element_id,
-                        "timestamp": now_ms(), "projectId": project_id},
-        }))
-        now = trio.current_time()
-        due = room.cursor_sent.get(user_id, -math.inf) + self.cursor_interval
-        if now >= due and user_id not in room.cursor_pending:
-            room.cursor_sent[user_id] = now
-            self._send_cursor(room, user_id, frame, session)
-            return
-        if user_id not in room.cursor_pending:
-            heapq.heappush(self._cursor_due, (due, project_id, user_id))
-            self._cursor_wakeup.unpark()
-        room.cursor_pending[user_id] = (frame, session)
-
-    def _send_cursor(self, room: Room, user_id: str, frame: protocol.Outgoing, sender: "Session") -> None:
-        for s in room.subscribers:
-            if s is not sender:
-                s.send_cursor(user_id, frame)
+        # Nothing is encoded yet: a newer position may replace this one first.
+        room.cursor_pending[session.identity.user_id] = (x, y, element_id, now_ms(), session)
+        self._cursor_rooms.add(project_id)
+        self._cursor_wakeup.unpark()
 
     async def run_cursors(self) -> None:
-        """Send throttled cursors when their interval ends."""
+        """Send cursors in ticks of half the per-user interval. Each tick encodes
+        every cursor due once and writes them all to a subscriber in one write, the
+        same bytes for everyone but the movers themselves: with a hundred people
+        moving, a viewer costs one write per tick, not one per cursor."""
+        tick = self.cursor_interval / CURSOR_TICKS_PER_INTERVAL
+        last = -math.inf
         while True:
-            if not self._cursor_due:
+            if not self._cursor_rooms:
                 await self._cursor_wakeup.park()
                 continue
-            due, project_id, user_id = self._cursor_due[0]
-            if trio.current_time() < due:
-                with trio.move_on_at(due):
-                    await self._cursor_wakeup.park()
+            now = trio.current_time()
+            if now < last + tick:
+                await trio.sleep_until(last + tick)
                 continue
-            heapq.heappop(self._cursor_due)
-            room = self.rooms.get(project_id)
-            pending = room.cursor_pending.pop(user_id, None) if room else None
-            if room is not None and pending is not None:
-                room.cursor_sent[user_id] = trio.current_time()
-                self._send_cursor(room, user_id, *pending)
+            last = now
+            for project_id in list(self._cursor_rooms):
+                self._flush_cursors(project_id, now, tick)
+
+    def _flush_cursors(self, project_id: str, now: float, tick: float) -> None:
+        room = self.rooms.get(project_id)
+        if room is None:
+            self._cursor_rooms.discard(project_id)
+            return
+        pending, sent = room.cursor_pending, room.cursor_sent
+        # At most cursor_rate per user: due once its interval has (nearly) passed.
+        ready = now - self.cursor_interval + tick / 2
+        due = [user for user in pending if sent.get(user, -math.inf) <= ready]
+        if not due:
+            return
+        items: list[tuple[str, protocol.Outgoing, Any]] = []
+        for user in due:
+            x, y, element_id, stamp, sender = pending.pop(user)
+            sent[user] = now
+            items.append((user, protocol.Outgoing(orjson.dumps({
+                "type": "user:cursor",
+                "projectId": project_id,
+                "payload": {"userId": user, "x": x, "y": y, "elementId": element_id,
+                            "timestamp": stamp, "projectId": project_id},
+            })), sender))
+        if not pending:
+            self._cursor_rooms.discard(project_id)
+        everyone = [(user, out) for user, out, _ in items]
+        blob = b"".join(out.text for _, out in everyone)
+        senders = {sender for _, _, sender in items}
+        for session in room.subscribers:
+            if session in senders:  # a mover does not get its own cursor back
+                session.send_cursors([(u, o) for u, o, s in items if s is not session])
+            else:
+                session.send_cursors(everyone, blob)
 
     # -- durable changes ----------------------------------------------------------------
 

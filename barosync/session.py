@@ -224,14 +224,20 @@ class Session:
             self._queue(memoryview(frame)[sent:])
             self._lot.unpark()
 
-    def send_cursor(self, user_id: str, out: Outgoing) -> None:
-        if self._closing:
+    def send_cursors(self, items: list[tuple[str, Outgoing]], blob: bytes | None = None) -> None:
+        """Cursors of one tick (``blob``: their default-codec frames, joined once for
+        everyone). An idle connection gets them in one write; a busy one keeps only
+        the newest per user, ahead of queued changes."""
+        if self._closing or not items:
             return
-        frame = out.text if not self._batching else out.frame_for(self.codec)
         if not self._outbox and not self._cursors and not self._batch:
-            self.send_frame(frame)
+            if not self._batching:
+                self.send_frame(blob if blob is not None else b"".join(out.text for _, out in items))
+            else:
+                self.send_frame(self.codec.frames([out.json for _, out in items]))
             return
-        self._cursors[user_id] = frame
+        for user_id, out in items:
+            self._cursors[user_id] = out.text if not self._batching else out.frame_for(self.codec)
         self._lot.unpark()
 
     def _queue(self, data: bytes | memoryview) -> None:
