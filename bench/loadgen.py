@@ -21,6 +21,14 @@ and results are JSON lines on stdout; commands come as lines on stdin:
 * ``go`` starts the measured phase (writers write for ``duration`` seconds, then it
   drains) and ends with ``{"event": "done", …}``;
 * ``quit`` (or EOF) closes everything and exits.
+
+Cursor movers (group ``mode: "cursor"``, the presence scenario) send
+``{"type":"user:cursor","payload":{"projectId":P,"x":MOVER,"y":N,"elementId":"T"}}``
+at ``rate`` per second with no ``id`` (cursors are never acked): ``x`` is the mover's
+index, ``y`` its running count and ``elementId`` the send time (CLOCK_REALTIME ns,
+shared by every client of the process), so each receiver gets the latency and can
+count, per mover, how many of the cursors sent reached it (the rest were coalesced
+by the server's per-user throttle) and whether they came in order.
 """
 
 from __future__ import annotations
@@ -137,6 +145,7 @@ class Client:
         "idx", "sock", "fd", "state", "rbuf", "wbuf", "frag", "project", "token",
         "writer", "mode", "window", "rate", "next_send", "inflight", "sub_id",
         "subscribed", "last_seq", "attempts", "next_ping", "t_start",
+        "mover", "cur_count", "cur_last",
     )
 
     def __init__(self, idx: int, project: str, token: str, writer: bool, mode: str,
@@ -162,6 +171,10 @@ class Client:
         self.attempts = 0
         self.next_ping = 0
         self.t_start = 0
+        self.mover = -1  # cursor movers: the global mover index (sent as x)
+        # cursors received, per mover index: how many, and the last count (y) seen
+        self.cur_count: list[int] | None = None
+        self.cur_last: list[int] | None = None
 
 
 class LoadGen:
@@ -182,6 +195,9 @@ class LoadGen:
         self.stalled = 0
         self.ack = bool(cfg.get("ack", True))  # False only for the --no-acks diagnosis
         self.ep = select.epoll()
+        self.rbuf = bytearray(262144)
+        self.rmv = memoryview(self.rbuf)
+        self.rbufs = [self.rmv]
         self.by_fd: dict[int, Client] = {}
         self.clients: list[Client] = []
         self.counter = 0
@@ -192,7 +208,17 @@ class LoadGen:
                     len(self.clients), g["project"], g["token"], bool(g.get("writer")),
                     g.get("mode", "window"), int(g.get("window", 1)), float(g.get("rate", 0.0)),
                 ))
+                if g.get("mode") == "cursor":
+                    self.clients[-1].mover = int(g["mover"])
         self.writers = [c for c in self.clients if c.writer]
+        # cursors (presence scenario): movers across all load processes
+        self.movers_total = int(cfg.get("movers_total", 0))
+        self.cursor_sent_by_mover: dict[int, int] = {}
+        self.cursor_sent = 0
+        self.cursor_deliveries = 0
+        self.cursor_out_of_order = 0
+        self.cursor_with_id = 0
+        self.cursor_unparsable = 0
         # phase: "setup" -> "ready" -> "run" -> "drain" -> "done"
         self.phase = "setup"
         self.sent_times: dict[str, int] = {}
@@ -383,6 +409,15 @@ class LoadGen:
             },
         }))
 
+    def make_cursor(self, c: Client, now: int) -> bytes:
+        """A ``user:cursor`` with no ``id``; ``now`` (CLOCK_REALTIME ns) goes in
+        ``elementId``, the mover's index in ``x`` and its running count in ``y``."""
+        n = self.cursor_sent_by_mover.get(c.mover, 0) + 1
+        self.cursor_sent_by_mover[c.mover] = n
+        self.cursor_sent += 1
+        return text_frame(b'{"type":"user:cursor","payload":{"projectId":%s,"x":%d,"y":%d,"elementId":"%d"}}'
+                          % (dumps(c.project), c.mover, n, now))
+
     def top_up(self, c: Client, out: list) -> None:
         """Fill a window writer's window (only while the run phase lasts)."""
         if self.phase != "run" or c.mode != "window" or c.state != OPEN:
@@ -399,15 +434,18 @@ class LoadGen:
         the kernel's receive timestamp of the data instead (CLOCK_REALTIME), which is
         free of the time this process spends on other sockets first."""
         try:
-            data, anc, _flags, _addr = c.sock.recvmsg(262144, 64)
+            # Into one preallocated buffer: recvmsg(262144) would allocate (and, above
+            # glibc's mmap threshold, mmap and unmap) 256 KB per call, ~14 us each.
+            k, anc, _flags, _addr = c.sock.recvmsg_into(self.rbufs, 64)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.lost(c)
             return
-        if not data:
+        if not k:
             self.lost(c)
             return
+        data = self.rmv[:k].tobytes()
         self.t_last_rx = now
         if anc:
             sec, nsec = _unpack_ts(anc[0][2])
@@ -488,6 +526,35 @@ class LoadGen:
                 self.error_samples.append({"unparsable": payload[:200].decode("utf-8", "replace")})
             return
         mid = m.get("id")
+        if t == "user:cursor":
+            if mid is not None:
+                self.cursor_with_id += 1  # cursors must carry no id (and are not acked)
+            if self.phase == "setup":
+                return
+            p = m.get("payload")
+            try:
+                mover = p["x"]
+                n = p["y"]
+                t0 = int(p["elementId"])
+                if type(mover) is float:
+                    mover, n = int(mover), int(n)
+                counts = c.cur_count
+                if counts is None:
+                    counts = c.cur_count = [0] * self.movers_total
+                    c.cur_last = [0] * self.movers_total
+                counts[mover] += 1
+            except (TypeError, ValueError, KeyError, IndexError):
+                self.cursor_unparsable += 1
+                return
+            if n <= c.cur_last[mover]:
+                self.cursor_out_of_order += 1
+            else:
+                c.cur_last[mover] = n
+            self.cursor_deliveries += 1
+            self.t_last_delivery = now
+            self.latency.add((rx - t0) // 1000)
+            self.latency_read.add((self.poll_rt - t0) // 1000)
+            return
         if t == "event:created":
             seq = m.get("seq")
             if seq is not None:
@@ -582,6 +649,9 @@ class LoadGen:
                 continue
             if c.mode == "rate":
                 c.next_send = now
+            elif c.mode == "cursor":
+                # spread the movers over one interval, as independent users would be
+                c.next_send = now + int(1e9 / c.rate * ((c.mover * 0.618034) % 1.0))
             else:
                 out: list[bytes] = []
                 self.top_up(c, out)
@@ -601,6 +671,23 @@ class LoadGen:
             "stalled": self.stalled,
             "open": sum(1 for c in self.clients if c.state == OPEN),
         }
+
+    def cursor_pairs(self) -> dict:
+        """Per mover: cursors received summed over this process's receivers, and the
+        most any one receiver got from it (run.py compares those with what was sent)."""
+        if not self.movers_total:
+            return {}
+        got = [0] * self.movers_total
+        most = [0] * self.movers_total
+        for c in self.clients:
+            if c.cur_count is None:
+                continue
+            for i, k in enumerate(c.cur_count):
+                got[i] += k
+                if k > most[i]:
+                    most[i] = k
+        return {"cursor_received_by_mover": got, "cursor_max_pair_by_mover": most,
+                "cursor_receivers": sum(1 for c in self.clients if c.state == OPEN)}
 
     def done_report(self) -> dict:
         cpu = cpu_seconds() - self.cpu_go
@@ -633,6 +720,13 @@ class LoadGen:
             "closed_unexpectedly": self.closed_unexpectedly,
             "close_codes": self.close_codes,
             "other_types": self.other_types,
+            "cursor_sent": self.cursor_sent,
+            "cursor_sent_by_mover": {str(k): v for k, v in self.cursor_sent_by_mover.items()},
+            "cursor_deliveries": self.cursor_deliveries,
+            "cursor_out_of_order": self.cursor_out_of_order,
+            "cursor_with_id": self.cursor_with_id,
+            "cursor_unparsable": self.cursor_unparsable,
+            **self.cursor_pairs(),
             "cpu_s": cpu,
             "wall_s": wall,
             "cpu_pct": 100.0 * cpu / wall,
@@ -692,6 +786,13 @@ class LoadGen:
                                     out.append(self.make_create(c, t_send))
                                     c.next_send += int(1e9 / c.rate)
                                 self.send(c, b"".join(out))
+                            elif c.mode == "cursor" and c.state == OPEN and now >= c.next_send:
+                                # a late tick sends one cursor (the newest position), as
+                                # a browser's mousemove would, and keeps the schedule
+                                step = int(1e9 / c.rate)
+                                while now >= c.next_send:
+                                    c.next_send += step
+                                self.send(c, self.make_cursor(c, time_ns()))
                 if self.phase == "drain":
                     idle = now - max(self.t_last_rx, self.t_write_end)
                     unacked = any(c.inflight for c in self.writers if c.state == OPEN)
@@ -708,7 +809,7 @@ class LoadGen:
             timeout = 0.05
             if self.phase == "run":
                 for c in self.writers:
-                    if c.mode == "rate":
+                    if c.mode == "rate" or c.mode == "cursor":
                         timeout = min(timeout, max(0.0, (c.next_send - now) / 1e9))
             events = ep_poll(timeout, 1024)
             now = monotonic_ns()

@@ -37,10 +37,13 @@ ROOT = BENCH.parent
 LOADGEN = BENCH / "loadgen.py"
 PEER = BENCH / "peers" / "websockets_peer.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SCENARIOS = ("fanout", "saturation", "capacity", "durable")
+SCENARIOS = ("fanout", "saturation", "capacity", "durable", "cursors")
 SERVERS = ("barosync", "websockets")
-PEER_SCENARIOS = ("fanout", "saturation", "capacity")
+PEER_SCENARIOS = ("fanout", "saturation", "capacity", "cursors")
 PROJECT = "bench"
+# barosync's default `[presence] cursor_rate` (BENCH_CONFIG keeps it): cursors fanned
+# out per user per second
+SERVER_CURSOR_RATE = 20.0
 DISTURBED_PCT = 15.0  # other processes' CPU (% of a core) above which a figure is suspect
 # barosync's defaults refuse a load test by design (at most 50 connections per user,
 # 200 messages/s per connection): the bench lifts just those two guards. Its clients
@@ -65,6 +68,10 @@ TARGETS = {
     ("capacity", "rss_kb_per_conn"): ("<=", 16.0, "<= 16 KB"),
     ("capacity", "held"): (">=", 10000, ">= 10,000"),
     ("durable", "acked_per_s"): (">=", 10000.0, ">= 10,000/s"),
+    ("cursors", "latency_p99_ms"): ("<=", 50.0, "<= 50 ms"),
+    # a single-threaded server at >= 95 % of its core is saturated: that is no "< 100 %"
+    ("cursors", "server_cpu_pct"): ("<", 95.0, "< 100 % (>= 95 saturated)"),
+    ("cursors", "throttle_held"): ("==", True, "<= 20/s per mover"),
 }
 
 
@@ -175,13 +182,28 @@ class Server:
 
     def mint_all(self) -> None:
         # The first mint creates the data dir's secret; the rest can run in parallel.
+        # Beyond the first two users (the cursor scenario's 100 movers) tokens are
+        # minted in-process with PyJWT and the data dir's secret, the same claims
+        # as `barosync token create --all-projects` (a CLI start per user is ~0.5 s).
         procs = [(self.users[0], self.mint(self.users[0]))]
         out, err = procs[0][1].communicate(timeout=60)
         self._take_token(self.users[0], procs[0][1], out, err)
-        procs = [(u, self.mint(u)) for u in self.users[1:]]
+        cli, rest = self.users[1:2], self.users[2:]
+        try:
+            import jwt  # PyJWT, a barosync dependency, so it is in the venv
+        except ImportError:
+            jwt = None
+            cli = self.users[1:]
+        procs = [(u, self.mint(u)) for u in cli]
         for u, p in procs:
             out, err = p.communicate(timeout=60)
             self._take_token(u, p, out, err)
+        if jwt is not None and rest:
+            secret = (self.data / "secret").read_text().strip()
+            now = int(time.time())
+            for u in rest:
+                self.tokens[u] = jwt.encode({"sub": u, "name": u, "projects": "*", "iat": now,
+                                             "exp": now + 86400}, secret, algorithm="HS256")
 
     def _take_token(self, user: str, p: subprocess.Popen, out: str, err: str) -> None:
         tok = out.strip().splitlines()[-1].strip() if out.strip() else ""
@@ -380,7 +402,7 @@ class Bench:
         return max(wanted, need, 1)
 
     def drive(self, srv: Server, label: str, configs: list[dict], duration: float,
-              on_ready=None, profile_name: str | None = None) -> dict:
+              on_ready=None, profile_name: str | None = None, dones_out: dict | None = None) -> dict:
         """Set up all clients, run the measured phase, collect figures."""
         load = Load(label, configs, self.load_cpus)
         try:
@@ -445,6 +467,8 @@ class Bench:
             other = (busy_end - busy_go) - (cpu_end - cpu_go) - info["loadgen_cpu_s"]
             info["other_cpu_pct"] = max(0.0, 100.0 * other / max(1e-6, t_end - t_go))
             info["server_alive"] = srv.alive()
+            if dones_out is not None:
+                dones_out["dones"] = dones
             return info
         finally:
             load.close()
@@ -611,6 +635,64 @@ class Bench:
         r["params"] = {"writers": w, "window": a.durable_window, "duration_s": a.durable_duration}
         return r
 
+    def cursors(self, srv: Server, label: str) -> dict:
+        a = self.a
+        n, m = a.cursor_clients, min(a.cursor_movers, a.cursor_clients)
+        procs = self.procs_for(n, a.load_procs)
+        m_counts, r_counts = split(m, procs), split(n - m, procs)
+        configs = []
+        k = 0
+        for i in range(len(m_counts)):
+            # each mover is its own user (cursors are throttled per user) with one
+            # connection; the listeners share the `reader` user
+            groups = []
+            for _ in range(m_counts[i]):
+                groups.append({"count": 1, "project": PROJECT, "token": srv.tokens[mover_user(k)],
+                               "writer": True, "mode": "cursor", "rate": a.cursor_rate, "mover": k})
+                k += 1
+            groups.append({"count": r_counts[i] if i < len(r_counts) else 0, "project": PROJECT,
+                           "token": srv.tokens["reader"], "writer": False})
+            configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.cursor_duration,
+                                movers_total=m))
+        holder: dict = {}
+        r = self.drive(srv, label, configs, a.cursor_duration, profile_name="cursors", dones_out=holder)
+        dones = holder["dones"]
+        sent_by: dict[int, int] = {}
+        for d in dones:
+            for mk, v in d.get("cursor_sent_by_mover", {}).items():
+                sent_by[int(mk)] = sent_by.get(int(mk), 0) + v
+        got = [sum(d["cursor_received_by_mover"][i] for d in dones) for i in range(m)]
+        most = [max(d["cursor_max_pair_by_mover"][i] for d in dones) for i in range(m)]
+        sent = sum(sent_by.values())
+        receivers = n - 1
+        dur = a.cursor_duration
+        r["cursor_sent"] = sent
+        r["cursor_deliveries"] = sum(d["cursor_deliveries"] for d in dones)
+        r["cursor_out_of_order"] = sum(d["cursor_out_of_order"] for d in dones)
+        r["cursor_with_id"] = sum(d["cursor_with_id"] for d in dones)
+        r["cursor_unparsable"] = sum(d["cursor_unparsable"] for d in dones)
+        # every cursor sent, to every other client: what no throttle and no loss gives
+        r["uncoalesced_deliveries"] = sent * receivers
+        r["coalesced"] = r["uncoalesced_deliveries"] - r["cursor_deliveries"]
+        r["coalesced_pct"] = 100.0 * r["coalesced"] / r["uncoalesced_deliveries"] if sent else None
+        r["cursor_deliveries_per_s"] = r["cursor_deliveries"] / r["window_s"]
+        r["sent_per_mover_per_s"] = sent / max(1, m) / dur
+        r["received_per_pair_per_s"] = (sum(got) / (max(1, m) * receivers) / dur) if receivers else None
+        # the most cursors any one receiver got from any one mover, per second of sending
+        max_pair = max(most) if most else 0
+        r["max_received_per_pair_per_s"] = max_pair / dur
+        # at SERVER_CURSOR_RATE/s a mover's cursors fill at most rate * duration + 1
+        # intervals (+1 for the pending one at the end); the peer does not throttle
+        bound = SERVER_CURSOR_RATE * dur + 2
+        r["throttle_held"] = max_pair <= bound if srv.kind == "barosync" else None
+        r["server_cpu_us_per_delivery"] = (r["server_cpu_s"] * 1e6 / r["cursor_deliveries"]
+                                           if r["cursor_deliveries"] else None)
+        r["latency_p50_ms"] = r["latency_ms"]["p50"]
+        r["latency_p99_ms"] = r["latency_ms"]["p99"]
+        r["latency_max_ms"] = r["latency_ms"]["max"]
+        r["params"] = {"clients": n, "movers": m, "rate_per_s": a.cursor_rate, "duration_s": dur}
+        return r
+
     # -- top level ----------------------------------------------------
     def run(self) -> dict:
         a = self.a
@@ -675,7 +757,10 @@ class Bench:
 
     def run_one(self, kind: str, sc: str, label: str) -> dict:
         a = self.a
-        srv = Server(kind, self.server_cpus, ["writer", "reader"], config=a.barosync_config)
+        users = ["writer", "reader"]
+        if sc == "cursors":
+            users += [mover_user(i) for i in range(min(a.cursor_movers, a.cursor_clients))]
+        srv = Server(kind, self.server_cpus, users, config=a.barosync_config)
         t0 = time.monotonic()
         keep = Path(a.json).parent / "logs" / f"{kind}-{sc}.log"
         try:
@@ -698,9 +783,9 @@ class Bench:
             log(f"[{label}] done in {res['elapsed_s']:.1f} s: {headline(sc, res)}")
         return res
 
-        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        return {"meta": meta, "servers": results,
-                "targets": {f"{s}.{f}": lbl for (s, f), (_, _, lbl) in TARGETS.items()}}
+
+def mover_user(i: int) -> str:
+    return f"mover-{i:04d}"
 
 
 def errors_from_log(path: Path, limit: int = 2000) -> str:
@@ -755,6 +840,11 @@ def headline(sc: str, r: dict) -> str:
     if sc == "durable":
         return (f"{fmt(r['acked_per_s'])} acked/s, ack p50 {fmt(r['ack_p50_ms'])} ms, "
                 f"p99 {fmt(r['ack_p99_ms'])} ms")
+    if sc == "cursors":
+        return (f"{fmt(r['cursor_deliveries_per_s'])} cursor deliveries/s, p50 {fmt(r['latency_p50_ms'])} ms, "
+                f"p99 {fmt(r['latency_p99_ms'])} ms, server CPU {fmt(r['server_cpu_pct'])}%, "
+                f"{fmt(r['server_cpu_us_per_delivery'])} us/delivery, coalesced {fmt(r['coalesced_pct'])}%, "
+                f"load CPU {fmt(r['loadgen_cpu_pct'])}%")
     return ""
 
 
@@ -813,6 +903,21 @@ ROWS = [
     ("durable", "server_cpu_pct", "server CPU (%)"),
     ("durable", "server_cpu_us_per_mutation", "server CPU us/mutation"),
     ("durable", "creates_failed", "failed (error answers)"),
+    ("cursors", "cursor_deliveries_per_s", "cursor deliveries/s"),
+    ("cursors", "server_cpu_pct", "server CPU (%)"),
+    ("cursors", "server_cpu_us_per_delivery", "server CPU us/delivery"),
+    ("cursors", "latency_p50_ms", "cursor latency p50 (ms)"),
+    ("cursors", "latency_p99_ms", "cursor latency p99 (ms)"),
+    ("cursors", "latency_max_ms", "cursor latency max (ms)"),
+    ("cursors", "cursor_sent", "cursors sent"),
+    ("cursors", "sent_per_mover_per_s", "sent per mover (/s)"),
+    ("cursors", "uncoalesced_deliveries", "sent x other clients"),
+    ("cursors", "cursor_deliveries", "cursor deliveries"),
+    ("cursors", "coalesced_pct", "coalesced or not delivered (%)"),
+    ("cursors", "received_per_pair_per_s", "per receiver per mover (/s)"),
+    ("cursors", "max_received_per_pair_per_s", "  max over pairs (/s)"),
+    ("cursors", "throttle_held", "throttle held"),
+    ("cursors", "loadgen_cpu_pct", "load gen CPU (%)"),
 ]
 
 
@@ -836,7 +941,8 @@ def check(sc: str, key: str, v) -> str:
     if t is None or v is None:
         return ""
     op, want, label = t
-    ok = {"<=": lambda: v <= want, ">=": lambda: v >= want, "==": lambda: v == want}[op]()
+    ok = {"<=": lambda: v <= want, ">=": lambda: v >= want, "==": lambda: v == want,
+          "<": lambda: v < want}[op]()
     return f"{label} {'ok' if ok else 'MISS'}"
 
 
@@ -902,6 +1008,13 @@ def table(report: dict) -> str:
                                  f"(alive at end of run: {r.get('server_alive')}): {first_error(r)}")
                 if r.get("out_of_order") or r.get("gaps"):
                     notes.append(f"{r.get('out_of_order')} out of order, {r.get('gaps')} gaps")
+                if r.get("cursor_out_of_order"):
+                    notes.append(f"{r['cursor_out_of_order']} cursors arrived older than one already "
+                                 f"received from the same mover")
+                if r.get("cursor_with_id"):
+                    notes.append(f"{r['cursor_with_id']} user:cursor messages carried an id (they must not)")
+                if r.get("cursor_unparsable"):
+                    notes.append(f"{r['cursor_unparsable']} user:cursor messages without the mover's x/y/elementId")
                 for n_ in notes:
                     lines.append(f"  ! {s}: {n_}")
     return "\n".join(lines)
@@ -927,6 +1040,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--durable-writers", type=int, default=100)
     ap.add_argument("--durable-window", type=int, default=1, help="creates in flight per writer")
     ap.add_argument("--durable-duration", type=float, default=10.0)
+    ap.add_argument("--cursor-clients", type=int, default=1000)
+    ap.add_argument("--cursor-movers", type=int, default=100, help="clients moving cursors, one user each")
+    ap.add_argument("--cursor-rate", type=float, default=20.0, help="cursor moves/s per mover")
+    ap.add_argument("--cursor-duration", type=float, default=10.0)
     ap.add_argument("--load-procs", type=int, default=1, help="load processes for the other scenarios")
     ap.add_argument("--connect-window", type=int, default=200, help="handshakes in flight per load process")
     ap.add_argument("--ping-interval", type=float, default=15.0, help="client JSON ping interval (s)")
@@ -963,6 +1080,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         small("cap_hold", 0.2)
         small("durable_writers", 4)
         small("durable_duration", 1.0)
+        small("cursor_clients", 10)
+        small("cursor_movers", 3)
+        small("cursor_duration", 1.0)
         small("drain_idle", 0.3)
         small("settle", 0.1)
         small("setup_timeout", 30.0)

@@ -31,7 +31,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert set(servers) == {"barosync", "websockets"}
 
     for name, scenarios in servers.items():
-        expected = {"fanout", "saturation", "capacity"} | ({"durable"} if name == "barosync" else set())
+        expected = {"fanout", "saturation", "capacity", "cursors"} | ({"durable"} if name == "barosync" else set())
         assert set(scenarios) == expected, name
         for scenario, r in scenarios.items():
             assert r["status"] == "ok", (name, scenario, r.get("error"))
@@ -57,3 +57,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert durable["creates_acked"] > 0
     assert durable["creates_failed"] == 0
     assert _number(durable["acked_per_s"]) and _number(durable["ack_p99_ms"])
+
+    for name, scenarios in servers.items():
+        cur = scenarios["cursors"]
+        assert cur["cursor_sent"] > 0, name
+        assert cur["cursor_deliveries"] > 0, name
+        assert cur["cursor_with_id"] == 0, name  # cursors carry no id (never acked)
+        assert cur["cursor_unparsable"] == 0, name
+        assert cur["cursor_deliveries"] <= cur["uncoalesced_deliveries"], name
+        for key in ("cursor_deliveries_per_s", "server_cpu_pct", "server_cpu_us_per_delivery",
+                    "coalesced_pct", "received_per_pair_per_s", "max_received_per_pair_per_s"):
+            assert _number(cur[key]), (name, key)
+        for p in ("p50", "p99", "max"):
+            assert _number(cur["latency_ms"][p]), (name, "cursors", p)
+    assert servers["barosync"]["cursors"]["throttle_held"] is True

@@ -8,10 +8,14 @@ same envelope shape as barosync's wire protocol, only as much as the bench needs
 * ``event:create`` -> the next per-project ``seq``; an ``event:created`` with its own
   ``id`` goes to the rest of the room through ``websockets.broadcast()``, and the
   sender gets ``ack`` ``{event, seq}``;
+* ``user:cursor`` -> ``{"type":"user:cursor","projectId":..,"payload":{userId,x,y,
+  elementId,timestamp,projectId}}`` with no ``id`` to the rest of the room through
+  ``broadcast()``, like barosync's shape but every one of them: no throttle, no
+  coalescing (the bench's yardstick for what throttling saves);
 * ``ping`` -> ``pong``; ``ack`` is accepted and ignored; anything else gets ``error``.
 
 Usage: ``python bench/peers/websockets_peer.py --port 0 [--host 127.0.0.1]``; prints
-``listening on http://HOST:PORT`` once it listens; SIGTERM stops it (exit 0).
+``listening on http://HOST:PORT`` once it listens; SIGTERM stops it at once (exit 0).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import resource
 import signal
 import sys
+import time
 from collections import defaultdict
 
 import orjson
@@ -67,6 +73,17 @@ async def handler(ws) -> None:
                 rooms[pid].discard(ws)
                 joined.discard(pid)
                 await ws.send(dumps({"type": "ack", "id": mid, "payload": {"projectId": pid}}), text=True)
+            elif t == "user:cursor":
+                pid = payload.get("projectId")
+                if pid is None and len(joined) == 1:
+                    pid = next(iter(joined))
+                if pid not in joined:
+                    continue
+                msg = dumps({"type": "user:cursor", "projectId": pid, "payload": {
+                    "userId": f"peer-{session}", "x": payload.get("x"), "y": payload.get("y"),
+                    "elementId": payload.get("elementId"), "timestamp": time.time_ns() // 1_000_000,
+                    "projectId": pid}})
+                broadcast([c for c in rooms[pid] if c is not ws], msg, text=True)
             elif t == "event:create":
                 pid = payload.get("projectId")
                 seqs[pid] += 1
@@ -95,7 +112,12 @@ async def handler(ws) -> None:
 async def main(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
-    loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+    # Exit at once: a peer still broadcasting a backlog (the cursors scenario has no
+    # throttle) would otherwise take longer to close its 1,000 connections than the
+    # harness waits. It stores nothing, so there is nothing to shut down cleanly.
+    # (A plain signal handler: it runs at the next bytecode, not behind the loop's
+    # backlog of ready callbacks as a loop.add_signal_handler callback would.)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     loop.add_signal_handler(signal.SIGINT, stop.set_result, None)
     async with serve(handler, host, port, backlog=4096, compression=None) as server:
         bound = server.sockets[0].getsockname()
