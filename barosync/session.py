@@ -16,7 +16,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import orjson
 import trio
 from websockets.frames import Opcode
 from websockets.protocol import Protocol, Side, State
