@@ -272,39 +272,39 @@ class Store:
     def commit_batch(self, batch: list[Mutation]) -> list[Outcome] | None:
         """Apply every mutation in one transaction and commit it with fsync.
         Returns None when the map filled up (nothing was committed; grow and retry)."""
-        try:
-            with self.env.begin(write=True) as txn:
-                return [self._apply(txn, m) for m in batch]
-        except lmdb.MapFullError:
-            return None
+        failed: dict[int, Outcome] = {}
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return [failed[i] if i in failed else self._apply(txn, m, i) for i, m in enumerate(batch)]
+            except lmdb.MapFullError:
+                return None
+            except _Poisoned as p:
+                # One mutation failed halfway: the transaction is gone, so run the
+                # batch again without it (the others come out the same), and refuse it.
+                failed[p.index] = self._error(batch[p.index], protocol.E_INTERNAL,
+                                              "internal server error; the change was not applied")
 
-    def _apply(self, txn: lmdb.Transaction, m: Mutation) -> Outcome:
+    def _apply(self, txn: lmdb.Transaction, m: Mutation, index: int) -> Outcome:
         idem_key = _k(m.user_id, m.envelope_id)
         previous = txn.get(idem_key, db=self.idem)
         if previous is not None:
             answer = orjson.loads(previous)
             return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
-        # Each mutation in a nested transaction: one that fails halfway (a plugin's
-        # bug, a key LMDB refuses) leaves nothing behind, and the rest of the group
-        # commit goes on.
-        nested = self.env.begin(write=True, parent=txn)
+        # Checks (and plugins) run before a mutation's first write, so a refusal
+        # leaves nothing behind. Should anything fail later, halfway through its
+        # writes, the whole batch is redone without it (commit_batch).
         try:
             if m.kind == "create":
-                outcome = self._create(nested, m, idem_key)
-            else:
-                outcome = self._update_or_delete(nested, m, idem_key)
+                return self._create(txn, m, idem_key)
+            return self._update_or_delete(txn, m, idem_key)
         except ValidationError as e:
-            nested.abort()
             return self._error(m, protocol.E_INVALID, f"`{e.field}` {e.message}", e.field)
         except lmdb.MapFullError:
-            nested.abort()
             raise
-        except Exception:
-            nested.abort()
+        except Exception as e:
             log.exception("mutation %s failed", m.envelope_id)
-            return self._error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
-        nested.commit()
-        return outcome
+            raise _Poisoned(index) from e
 
     def _error(self, m: Mutation, code: str, message: str, field: str | None = None) -> Outcome:
         return Outcome("error", m.project_id, error=protocol.ProtocolError(code, message, ref=m.envelope_id, field=field))
@@ -530,6 +530,11 @@ class Store:
         txn.put(idem_key, orjson.dumps(answer), db=self.idem)
         txn.put(_seq_key(m.project_id, seq), idem_key, db=self.idem_by_seq)
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
+
+
+class _Poisoned(Exception):
+    def __init__(self, index: int) -> None:
+        self.index = index
 
 
 class StorageError(Exception):

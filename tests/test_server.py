@@ -430,3 +430,10 @@ async def test_metrics_in_prometheus_text_format(app, client_factory):
     assert float(lines["barosync_deliveries_total"]) == 1
     assert float(lines["barosync_mutations_total"]) == 1
     assert float(lines["barosync_rooms"]) == 1
+
+
+async def test_ids_too_long_in_utf8_bytes_are_refused_and_nothing_is_stored(app, client_factory):
+    c = await client_factory(projects="*")
+    answer = await c.create("\U0001F600" * 120)  # 120 characters, 480 bytes
+    assert answer["type"] == "error" and answer["payload"]["field"] == "projectId"
+    assert (await c.create("ok"))["payload"]["seq"] == 1
