@@ -139,11 +139,22 @@ class Session:
             unacked[msg_id] = None
         while len(unacked) > MAX_UNACKED:
             del unacked[next(iter(unacked))]
-        if self._batching:
+        if not self._batching:
+            self.send_frame(b"".join(out.text for out, _ in items))
+        elif self._closing:
+            return
+        elif not self._outbox and not self._batch:
+            # Idle: the whole group commit as batch frames, written at once.
+            self._batch.extend(out.json for out, _ in items)
+            self._outbox_bytes += sum(len(out.json) for out, _ in items)
+            self._flush_batch()
+            frames = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            self.send_frame(frames)
+        else:
             for out, _ in items:
                 self._send_batchable(out.json, out)
-        else:
-            self.send_frame(b"".join(out.text for out, _ in items))
 
     def send_out(self, out: Outgoing) -> None:
         """Send a shared message that needs no ack (presence, ...)."""

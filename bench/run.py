@@ -394,7 +394,9 @@ class Bench:
         a = self.a
         return {"host": srv.host, "port": srv.port, "connect_window": a.connect_window,
                 "ping_interval": a.ping_interval, "drain_idle": a.drain_idle,
-                "drain_max": a.drain_max, "setup_timeout": a.setup_timeout, "ack": not a.no_acks}
+                "drain_max": a.drain_max, "setup_timeout": a.setup_timeout, "ack": not a.no_acks,
+                # The peer speaks only plain JSON frames; the codec is barosync's.
+                "codec": a.codec if srv.kind == "barosync" else "json"}
 
     def procs_for(self, n_conns: int, wanted: int) -> int:
         # each load process needs one fd per connection, plus some slack
@@ -496,6 +498,7 @@ class Bench:
             "close_codes": merge_counts(d["close_codes"] for d in dones),
             "other_message_types": merge_counts(d["other_types"] for d in dones),
             "msgs_in": sum(d["msgs_in"] for d in dones),
+            "bytes_in": sum(d["bytes_in"] for d in dones),
             "acks_out": sum(d["acks_out"] for d in dones),
             "latency_ms": ms_summary(lat, max((d["latency_us"]["max"] for d in dones), default=0)),
             "latency_at_loadgen_read_ms": ms_summary(rlat, max((d["latency_read_us"]["max"] for d in dones), default=0)),
@@ -552,6 +555,7 @@ class Bench:
         r["latency_p99_ms"] = r["latency_ms"]["p99"]
         r["latency_max_ms"] = r["latency_ms"]["max"]
         r["server_cpu_us_per_delivery"] = per_delivery(r)
+        r["bytes_per_delivery"] = r["bytes_in"] / r["deliveries"] if r["deliveries"] else None
         r["params"] = {"clients": n, "rate_per_s": a.fanout_rate, "duration_s": a.fanout_duration}
         return r
 
@@ -576,6 +580,7 @@ class Bench:
         r["deliveries_per_s"] = r["deliveries"] / r["window_s"]
         r["creates_per_s"] = r["creates_acked"] / r["window_s"]
         r["server_cpu_us_per_delivery"] = per_delivery(r)
+        r["bytes_per_delivery"] = r["bytes_in"] / r["deliveries"] if r["deliveries"] else None
         r["params"] = {"clients": n, "writers": w, "window": a.sat_window, "duration_s": a.sat_duration}
         return r
 
@@ -881,10 +886,12 @@ ROWS = [
     ("fanout", "in_order", "in seq order"),
     ("fanout", "server_cpu_pct", "server CPU (%)"),
     ("fanout", "server_cpu_us_per_delivery", "server CPU us/delivery"),
+    ("fanout", "bytes_per_delivery", "bytes on the wire/delivery"),
     ("fanout", "loadgen_cpu_pct", "load gen CPU (%)"),
     ("saturation", "deliveries_per_s", "deliveries/s"),
     ("saturation", "creates_per_s", "creates acked/s"),
     ("saturation", "server_cpu_us_per_delivery", "server CPU us/delivery"),
+    ("saturation", "bytes_per_delivery", "bytes on the wire/delivery"),
     ("saturation", "server_cpu_pct", "server CPU (%)"),
     ("saturation", "latency_ms.p50", "latency p50 (ms)"),
     ("saturation", "latency_ms.p99", "latency p99 (ms)"),
@@ -1058,6 +1065,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--barosync-config", metavar="TOML",
                     help="config file for barosync serve (default: one that only lifts the "
                          "per-user connection cap and the rate limit, see BENCH_CONFIG)")
+    ap.add_argument("--codec", default="json", choices=["json", "batch", "deflate"],
+                    help="wire codec barosync's clients ask for (?codec=); the peer always speaks json")
     ap.add_argument("--no-acks", action="store_true",
                     help="diagnosis only: clients do not ack server messages (the seed client does), "
                          "to tell the cost of a delivery from the cost of its ack")
