@@ -38,6 +38,8 @@ log = logging.getLogger("barosync.hub")
 DEFAULT_CURSOR_RATE = 20.0
 # Cursor ticks per per-user interval: more ticks, lower latency, more writes.
 CURSOR_TICKS_PER_INTERVAL = 2
+# Cursors a user may have sent at once after a pause (the bucket's depth).
+CURSOR_BURST = 2.0
 # A readable palette for users whose token does not choose a colour.
 PALETTE = (
     "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46a0a0",
@@ -68,14 +70,14 @@ class Presence:
 
 
 class Room:
-    __slots__ = ("project_id", "subscribers", "users", "cursor_sent", "cursor_pending")
+    __slots__ = ("project_id", "subscribers", "users", "cursor_budget", "cursor_pending")
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
         # A dict used as an ordered set: fan-out order is join order.
         self.subscribers: dict["Session", None] = {}
         self.users: dict[str, Presence] = {}
-        self.cursor_sent: dict[str, float] = {}  # user -> when their last cursor went out
+        self.cursor_budget: dict[str, tuple[float, float]] = {}  # user -> (cursor tokens, as of when)
         # user -> (x, y, elementId, timestamp, sending session): the newest position
         self.cursor_pending: dict[str, tuple[Any, Any, Any, int, "Session"]] = {}
 
@@ -125,7 +127,7 @@ class Hub:
             if presence.connections <= 0:
                 del room.users[user_id]
                 room.cursor_pending.pop(user_id, None)
-                room.cursor_sent.pop(user_id, None)
+                room.cursor_budget.pop(user_id, None)
                 room.fan_out(protocol.Outgoing(protocol.encode("user:left", {"id": user_id, "projectId": project_id})))
         if not room.subscribers:
             del self.rooms[project_id]
@@ -169,16 +171,25 @@ class Hub:
         if room is None:
             self._cursor_rooms.discard(project_id)
             return
-        pending, sent = room.cursor_pending, room.cursor_sent
-        # At most cursor_rate per user: due once its interval has (nearly) passed.
-        ready = now - self.cursor_interval + tick / 2
-        due = [user for user in pending if sent.get(user, -math.inf) <= ready]
+        pending, budget = room.cursor_pending, room.cursor_budget
+        # At most cursor_rate per user per second, as a token bucket (burst
+        # CURSOR_BURST): a pointer moving at exactly the rate is never held back a
+        # whole interval by timing jitter, and a faster one is coalesced.
+        rate = 1.0 / self.cursor_interval
+        due = []
+        for user in pending:
+            tokens, then = budget.get(user, (CURSOR_BURST, now))
+            tokens = min(CURSOR_BURST, tokens + (now - then) * rate)
+            if tokens >= 1.0:
+                due.append(user)
+                budget[user] = (tokens - 1.0, now)
+            else:
+                budget[user] = (tokens, now)
         if not due:
             return
         items: list[tuple[str, protocol.Outgoing, Any]] = []
         for user in due:
             x, y, element_id, stamp, sender = pending.pop(user)
-            sent[user] = now
             items.append((user, protocol.Outgoing(orjson.dumps({
                 "type": "user:cursor",
                 "projectId": project_id,

@@ -240,6 +240,9 @@ class LoadGen:
         # the same, measured to when epoll told this process (diagnosis: the gap
         # between the two is this process's own lag)
         self.latency_read = Samples()
+        # Cursors: from the server's receipt (its `timestamp`, ms) to ours, so the load
+        # generator's own delay in sending is not counted against the server.
+        self.latency_server = Samples()
         self.poll_rt = 0
         self.ack_latency = Samples()
         self.creates_sent = 0
@@ -567,6 +570,9 @@ class LoadGen:
             self.t_last_delivery = now
             self.latency.add((rx - t0) // 1000)
             self.latency_read.add((self.poll_rt - t0) // 1000)
+            stamp = p.get("timestamp")
+            if type(stamp) is int:
+                self.latency_server.add(max(0, (rx - stamp * 1_000_000) // 1000))
             return
         if t == "event:created":
             seq = m.get("seq")
@@ -721,6 +727,7 @@ class LoadGen:
             "gaps": self.gaps,
             "latency_us": self.latency.export(),
             "latency_read_us": self.latency_read.export(),
+            "latency_server_us": self.latency_server.export(),
             "ack_latency_us": self.ack_latency.export(),
             "creates_sent": self.creates_sent,
             "creates_acked": self.creates_acked,

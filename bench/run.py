@@ -502,6 +502,9 @@ class Bench:
             "acks_out": sum(d["acks_out"] for d in dones),
             "latency_ms": ms_summary(lat, max((d["latency_us"]["max"] for d in dones), default=0)),
             "latency_at_loadgen_read_ms": ms_summary(rlat, max((d["latency_read_us"]["max"] for d in dones), default=0)),
+            "latency_from_server_receipt_ms": ms_summary(
+                sorted(v for d in dones for v in d["latency_server_us"]["values"]),
+                max((d["latency_server_us"]["max"] for d in dones), default=0)),
             "ack_latency_ms": ms_summary(alat, max((d["ack_latency_us"]["max"] for d in dones), default=0)),
             "loadgen_processes": len(dones),
             "loadgen_cpu_pct": load_pct,
@@ -916,6 +919,8 @@ ROWS = [
     ("cursors", "latency_p50_ms", "cursor latency p50 (ms)"),
     ("cursors", "latency_p99_ms", "cursor latency p99 (ms)"),
     ("cursors", "latency_max_ms", "cursor latency max (ms)"),
+    ("cursors", "latency_from_server_receipt_ms.p50", "  from server receipt p50 (ms)"),
+    ("cursors", "latency_from_server_receipt_ms.p99", "  from server receipt p99 (ms)"),
     ("cursors", "cursor_sent", "cursors sent"),
     ("cursors", "sent_per_mover_per_s", "sent per mover (/s)"),
     ("cursors", "uncoalesced_deliveries", "sent x other clients"),
