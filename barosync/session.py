@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 import trio
 from websockets.frames import Opcode
@@ -123,45 +123,49 @@ class Session:
 
     def deliver(self, out: Outgoing, msg_id: str) -> None:
         """Send a fanned-out server message the client is expected to ack."""
+        self._track((msg_id,))
+        self.send_out(out)
+
+    def deliver_many(self, items: list[tuple[Outgoing, str]]) -> None:
+        """Several fanned-out messages in one write (a group commit's changes)."""
+        self._track(msg_id for _, msg_id in items)
+        self.send_many([out for out, _ in items])
+
+    def _track(self, msg_ids: Iterable[str]) -> None:
+        """Remember what the client should ack; the oldest are forgotten past
+        MAX_UNACKED, so a client that never acks cannot grow memory."""
         unacked = self.unacked
-        unacked[msg_id] = None
-        if len(unacked) > MAX_UNACKED:
+        for msg_id in msg_ids:
+            unacked[msg_id] = None
+        while len(unacked) > MAX_UNACKED:
             del unacked[next(iter(unacked))]
+
+    def send_out(self, out: Outgoing) -> None:
+        """Send one shared message (its frame for this codec is made once)."""
         if self._batching:
             self._send_batchable(out.json, out)
         else:
             self.send_frame(out.text)
 
-    def deliver_many(self, items: list[tuple[Outgoing, str]]) -> None:
-        """Several fanned-out messages in one write (a group commit's changes)."""
-        unacked = self.unacked
-        for _, msg_id in items:
-            unacked[msg_id] = None
-        while len(unacked) > MAX_UNACKED:
-            del unacked[next(iter(unacked))]
+    def send_many(self, outs: list[Outgoing]) -> None:
+        """Send several shared messages in one write."""
+        if not outs:
+            return
         if not self._batching:
-            self.send_frame(b"".join(out.text for out, _ in items))
+            self.send_frame(b"".join(out.text for out in outs))
         elif self._closing:
             return
         elif not self._outbox and not self._batch:
-            # Idle: the whole group commit as batch frames, written at once.
-            self._batch.extend(out.json for out, _ in items)
-            self._outbox_bytes += sum(len(out.json) for out, _ in items)
+            # Idle: all of them as batch frames, written at once.
+            self._batch.extend(out.json for out in outs)
             self._flush_batch()
             frames = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
             self._outbox.clear()
             self._outbox_bytes = 0
             self.send_frame(frames)
         else:
-            for out, _ in items:
+            for out in outs:
                 self._send_batchable(out.json, out)
-
-    def send_out(self, out: Outgoing) -> None:
-        """Send a shared message that needs no ack (presence, ...)."""
-        if self._batching:
-            self._send_batchable(out.json, out)
-        else:
-            self.send_frame(out.text)
 
     def send_json(self, data: bytes) -> None:
         """Send a message made for this connection alone (ack, error, pong, ...)."""
@@ -169,15 +173,6 @@ class Session:
             self._send_batchable(data, None)
         else:
             self.send_frame(protocol.text_frame(data))
-
-    def send_many(self, outs: list[Outgoing]) -> None:
-        if not outs:
-            return
-        if self._batching:
-            for out in outs:
-                self._send_batchable(out.json, None)
-        else:
-            self.send_frame(b"".join(out.text for out in outs))
 
     def _send_batchable(self, data: bytes, out: Outgoing | None) -> None:
         if self._closing:
@@ -642,8 +637,7 @@ class Session:
                 self.send_json(protocol.ack(env.id, {"projectId": project_id, "seq": last, "mode": "changes",
                                                      "count": last - since}))  # type: ignore[operator]
                 acked = True
-            for n in range(len(changes)):
-                self.unacked[f"{project_id}:{since + n + 1}"] = None  # type: ignore[operator]
+            self._track(f"{project_id}:{since + n + 1}" for n in range(len(changes)))  # type: ignore[operator]
             self._send_catch_up(changes)
             since += len(changes)  # type: ignore[operator]
             if complete:
@@ -662,7 +656,7 @@ class Session:
                 answer["reason"] = "since_ahead" if since > seq else "history_pruned"
             self.send_json(protocol.ack(ref, answer))
         snapshot_id = protocol.next_id()
-        self.unacked[snapshot_id] = None
+        self._track((snapshot_id,))
         self._send_catch_up([protocol.encode("sync:snapshot", {
             "projectId": project_id, "seq": seq, "events": events, "since": since,
         }, id=snapshot_id)])
@@ -677,9 +671,6 @@ class Session:
         """A replay or snapshot is queued at once and may exceed the outbox cap by
         itself: it is allowed on top of the cap while it is queued, or a client that
         fell behind could never catch up. The allowance ends with the backlog."""
-        unacked = self.unacked
-        while len(unacked) > MAX_UNACKED:
-            del unacked[next(iter(unacked))]
         self._replay_allowance += sum(len(m) for m in messages)
         for message in messages:
             self.send_json(message)
