@@ -304,9 +304,12 @@ class Session:
         # handshake to see `user:left`. Not done right here, because close() may be
         # called from inside a room's fan-out loop.
         if self._nursery is not None and self.subscriptions:
-            self._nursery.start_soon(self._leave_rooms)
+            self._nursery.start_soon(self._leave_rooms_later)
 
-    async def _leave_rooms(self) -> None:
+    async def _leave_rooms_later(self) -> None:
+        self._leave_rooms()
+
+    def _leave_rooms(self) -> None:
         self.app.hub.leave_all(self, self.subscriptions)
         self.subscriptions.clear()
 
@@ -332,8 +335,7 @@ class Session:
                 await self._reader()
         finally:
             self._closing = True
-            self.app.hub.leave_all(self, self.subscriptions)
-            self.subscriptions.clear()
+            self._leave_rooms()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
 
