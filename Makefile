@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench clean
+.PHONY: serve test bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py $(ARGS)
+
+# Steady mixed load for 60 minutes (ARGS="--minutes 10" for less), watching RSS,
+# descriptors, the data file and latency; not part of `make test`.
+soak: $(VENV)/.installed-test
+	$(BIN)/python bench/soak.py $(ARGS)
 
 # The single-file binary dist/barosync, built by PyInstaller in a build-only venv
 # (build/venv: runtime dependencies + PyInstaller, no test tools); prints its size.

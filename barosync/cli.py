@@ -18,7 +18,7 @@ from .auth import DEFAULT_TTL, create_token
 from .config import Config, ConfigError, ensure_secret, load_config
 from .models import ALL_PROJECTS
 from .plugins import PluginError
-from .store import StorageError
+from .writer import StorageError
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -50,6 +50,9 @@ class Config:
     allowed_origins: tuple[str, ...] = ()
     data_dir: Path = Path(DEFAULT_DATA)
     map_size: int = 64 * 1024 * 1024
+    # The map never grows past this many bytes (0: no ceiling); at the ceiling writes
+    # are refused with `storage_full`, like on a full disk.
+    max_map_size: int = 0
     # Changelog history kept per project: changes older than this many seconds are
     # pruned (a `since` before them gets a snapshot); 0 for history_max_changes
     # means no count limit.
@@ -137,6 +140,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     "storage": {
         "path": ("data_dir", _str),
         "map_size": ("map_size", _int(1024 * 1024, 1 << 44)),
+        "max_map_size": ("max_map_size", _int(0, 1 << 44)),
         "history_retention": ("history_retention", _seconds),
         "history_max_changes": ("history_max_changes", _int(0, 1 << 62)),
     },

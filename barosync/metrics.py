@@ -36,6 +36,12 @@ class Metrics(Collector):
         yield CounterMetricFamily("barosync_deliveries", "Change messages fanned out to subscribers.", value=app.hub.deliveries)
         yield CounterMetricFamily("barosync_commits", "Group commits (LMDB write transactions).", value=app.writer.batches)
         yield CounterMetricFamily("barosync_mutations", "Mutations processed by the writer.", value=app.writer.committed)
+        yield GaugeMetricFamily(
+            "barosync_storage_degraded", "1 while writes are refused because storage is full, else 0.",
+            value=1 if app.writer.degraded is not None else 0)
+        yield CounterMetricFamily(
+            "barosync_storage_refused_writes", "Writes refused because storage was full or had failed.",
+            value=app.writer.refused)
         used, size = app.store.map_usage()
         yield GaugeMetricFamily("barosync_lmdb_used_bytes", "Bytes of the LMDB map in use.", value=used)
         yield GaugeMetricFamily("barosync_lmdb_map_bytes", "Current LMDB map size.", value=size)

@@ -50,12 +50,17 @@ E_NOT_SUBSCRIBED = "not_subscribed"
 E_RATE_LIMITED = "rate_limited"
 E_LIMIT = "limit"
 E_INTERNAL = "internal"
+# Retryable refusals of a write for the server's storage, with `retryAfter` seconds:
+# the disk (or the map's ceiling) is full, or storage failed and the server is stopping.
+E_STORAGE_FULL = "storage_full"
+E_STORAGE_FAILED = "storage_failed"
 
 # Close codes of the contract.
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TOKEN_INVALID = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_TOO_SLOW = 4008
@@ -65,17 +70,22 @@ CLOSE_HEARTBEAT = 4000
 class ProtocolError(Exception):
     """A client message the server refuses; becomes an `error` envelope."""
 
-    def __init__(self, code: str, message: str, *, ref: str | None = None, field: str | None = None) -> None:
+    def __init__(self, code: str, message: str, *, ref: str | None = None, field: str | None = None,
+                 retry_after: float | None = None) -> None:
         self.code = code
         self.message = message
         self.ref = ref
         self.field = field
+        # Seconds after which the same message may succeed (sent as `retryAfter`).
+        self.retry_after = retry_after
         super().__init__(message)
 
     def payload(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message, "ref": self.ref}
         if self.field is not None:
             body["field"] = self.field
+        if self.retry_after is not None:
+            body["retryAfter"] = self.retry_after
         return body
 
 

@@ -7,6 +7,7 @@ envelope id, per user), conflict strategies, and the same broadcast to subscribe
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from datetime import datetime, timezone
@@ -35,6 +36,8 @@ STATUS = {
     protocol.E_EXISTS: 409,
     protocol.E_RATE_LIMITED: 429,
     protocol.E_INTERNAL: 500,
+    protocol.E_STORAGE_FULL: 507,
+    protocol.E_STORAGE_FAILED: 503,
 }
 
 _PROJECT_EVENTS = re.compile(r"/api/projects/([^/]+)/events")
@@ -54,8 +57,12 @@ class HttpError(Exception):
 
 
 def _error(err: ProtocolError) -> HttpError:
-    extra = {"field": err.field} if err.field else {}
-    return HttpError(STATUS.get(err.code, 400), err.code, err.message, **extra)
+    extra: dict[str, Any] = {"field": err.field} if err.field else {}
+    headers = []
+    if err.retry_after is not None:
+        extra["retryAfter"] = err.retry_after
+        headers.append((b"retry-after", str(math.ceil(err.retry_after)).encode()))
+    return HttpError(STATUS.get(err.code, 400), err.code, err.message, headers=headers, **extra)
 
 
 async def handle(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
@@ -67,7 +74,7 @@ async def handle(app: "App", method: bytes, path: str, query: str, headers: dict
         return e.status, e.body, e.headers
     except ProtocolError as e:
         err = _error(e)
-        return err.status, err.body, []
+        return err.status, err.body, err.headers
 
 
 async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:

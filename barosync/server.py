@@ -31,7 +31,8 @@ from .plugins import PluginError, build_plugin_manager, call_each, call_first, h
 from .metrics import Metrics
 from .poller import ReadPoller
 from .session import Session
-from .store import Store, Writer
+from .store import Store
+from .writer import StorageError, Writer
 
 log = logging.getLogger("barosync.server")
 
@@ -39,8 +40,10 @@ MAX_REQUEST_HEAD = 16 * 1024
 # After SIGTERM, how long connections get to take their 1001 close.
 SHUTDOWN_GRACE = 5.0
 LOCK_FILE = "serve.lock"
-# How often history past [storage] history_retention is pruned.
+# How often history past [storage] history_retention is pruned: hourly, or four
+# times per retention window when that is shorter.
 PRUNE_INTERVAL = 3600.0
+PRUNES_PER_RETENTION = 4
 
 
 class App:
@@ -60,7 +63,9 @@ class App:
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
         self.metrics = CollectorRegistry()
         self.metrics.register(Metrics(self))
-        self.writer = Writer(self.store, self.hub.on_batch)
+        self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail)
+        # Set when storage failed: the server closes every connection with 1011 and stops.
+        self.failure: str | None = None
         self.poller = ReadPoller()
         self.sessions: set[Session] = set()
         self._per_user: dict[str, int] = {}
@@ -70,6 +75,11 @@ class App:
         self._sessions_gone = trio.Event()
 
     def stop(self) -> None:
+        self._stop.set()
+
+    def fail(self, message: str) -> None:
+        """Storage failed: stop, telling every client to come back later (1011)."""
+        self.failure = message
         self._stop.set()
 
     @property
@@ -96,8 +106,15 @@ class App:
             return False
 
     def health(self) -> dict[str, Any]:
+        """What /healthz answers; any status but "ok" is served as 503."""
+        state: dict[str, Any] = {"status": "ok"}
+        if self.failure is not None:
+            state = {"status": "failed", "reason": self.failure}
+        elif self.writer.degraded is not None:
+            state = {"status": "degraded", "reason": f"storage full: {self.writer.degraded}; writes are refused",
+                     "since": round(trio.current_time() - self.writer.degraded_since, 3)}
         return {
-            "status": "ok",
+            **state,
             "version": __version__,
             "connections": len(self.sessions),
             "rooms": len(self.hub.rooms),
@@ -140,7 +157,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
                 task_status.started(app)
                 await app._stop.wait()
                 accepting.cancel()
-                await _close_sessions(app)
+                if app.failure is not None:
+                    await _close_sessions(app, protocol.CLOSE_INTERNAL_ERROR, "server storage failed: reconnect later")
+                else:
+                    await _close_sessions(app, protocol.CLOSE_GOING_AWAY, "server going away: reconnect")
                 connections.cancel_scope.cancel()
             await call_each(app.pm.hook.barosync_shutdown, config=config)
             app.writer.close()
@@ -149,6 +169,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
     finally:
         app.store.close()
         os.close(lock)
+    if app.failure is not None:
+        raise StorageError(app.failure)
 
 
 def _lock_data_dir(config: Config) -> int:
@@ -167,7 +189,9 @@ def _lock_data_dir(config: Config) -> int:
 
 
 async def _maintain(app: App) -> None:
-    """Prune history past the retention window, now and then every PRUNE_INTERVAL."""
+    """Prune history past the retention window, now and then every PRUNE_INTERVAL
+    (or a quarter of the window when that is shorter)."""
+    interval = min(PRUNE_INTERVAL, max(1.0, app.config.history_retention / PRUNES_PER_RETENTION))
     while True:
         try:
             dropped = await app.writer.prune()
@@ -175,7 +199,7 @@ async def _maintain(app: App) -> None:
                 log.info("pruned %d changes older than the history retention", dropped)
         except Exception:
             log.exception("history pruning failed; will try again")
-        await trio.sleep(PRUNE_INTERVAL)
+        await trio.sleep(interval)
 
 
 async def _accept(app: App, listeners: list[trio.SocketListener], nursery: trio.Nursery, scope: trio.CancelScope) -> None:
@@ -183,9 +207,9 @@ async def _accept(app: App, listeners: list[trio.SocketListener], nursery: trio.
         await trio.serve_listeners(lambda stream: _handle(app, stream), listeners, handler_nursery=nursery)
 
 
-async def _close_sessions(app: App) -> None:
+async def _close_sessions(app: App, code: int, reason: str) -> None:
     for session in list(app.sessions):
-        session.close(protocol.CLOSE_GOING_AWAY, "server going away: reconnect")
+        session.close(code, reason)
     with trio.move_on_after(SHUTDOWN_GRACE):
         while app.sessions:
             await app._sessions_gone.wait()
@@ -300,7 +324,8 @@ async def _route(app: App, conn: h11.Connection, request: h11.Request, path: str
     if path == "/healthz":
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /healthz"), extra=[(b"allow", b"GET, HEAD")])
-        return _response(conn, 200, app.health())
+        health = app.health()
+        return _response(conn, 200 if health["status"] == "ok" else 503, health)
     if path == "/metrics":
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /metrics"), extra=[(b"allow", b"GET, HEAD")])

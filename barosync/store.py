@@ -1,4 +1,4 @@
-"""Durable state in one embedded LMDB environment, and the single writer.
+"""Durable state in one embedded LMDB environment (the writer task is writer.py).
 
 Sub-databases (keys are UTF-8; seqs and versions are 8-byte big-endian so that LMDB's
 byte order is numeric order):
@@ -11,8 +11,9 @@ byte order is numeric order):
 - ``idem``      user \\0 envelope id    -> the original answer (JSON)
 
 A change, its seq and its idempotency record are written in one transaction. The
-single writer task commits every waiting mutation as one transaction (group commit),
-with fsync, in a worker thread; the ack is sent only after that commit returned.
+single writer task (writer.py) commits every waiting mutation as one transaction
+(group commit), with fsync, in a worker thread; the ack is sent only after that
+commit returned.
 Reads happen directly on the event loop: they are short and never span an await,
 which is also what makes it safe to grow the map between batches.
 """
@@ -29,7 +30,6 @@ from typing import Any, Callable, Iterator
 import attrs
 import lmdb
 import orjson
-import trio
 
 from . import protocol
 from .config import Config, ConfigError
@@ -39,14 +39,8 @@ from .models import CLIENT_FIELDS, Event, ValidationError, apply_changes, event_
 log = logging.getLogger("barosync.store")
 
 SCHEMA_VERSION = 1
-# Most mutations one group commit takes; bounds the latency of the batch behind it.
-MAX_BATCH = 2048
 # Grow the map when less than this share of it is free before a batch.
 GROW_WHEN_FREE_BELOW = 0.25
-# Scheduler yields the writer makes to gather a batch before committing it.
-GATHER_ROUNDS = 3
-# Mutations that may wait for the writer before submitters are made to wait.
-QUEUE_DEPTH = 8192
 
 _U64 = struct.Struct(">Q")
 
@@ -105,6 +99,8 @@ class Store:
         self.hook = hook
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        if self.config.max_map_size:
+            map_size = min(map_size, self.config.max_map_size)
         self.env = lmdb.open(
             str(self.path),
             map_size=map_size,
@@ -255,17 +251,37 @@ class Store:
         return used, info["map_size"]
 
     def grow_if_needed(self, *, force: bool = False) -> bool:
-        """Double the map while less than a quarter of it is free. Only called when
-        no transaction is open in this process (LMDB's rule for resizing)."""
+        """Double the map while less than a quarter of it is free, up to
+        ``[storage] max_map_size`` (0: no ceiling). Only called when no transaction
+        is open in this process (LMDB's rule for resizing). Raises MapFullError when
+        the map must grow (``force``) but is at its ceiling."""
         used, size = self.map_usage()
+        ceiling = self.config.max_map_size or float("inf")
         new = size
-        while force or (new - used) < new * GROW_WHEN_FREE_BELOW:
-            new *= 2
+        while (force or (new - used) < new * GROW_WHEN_FREE_BELOW) and new < ceiling:
+            new = int(min(new * 2, ceiling))
             force = False
+        if force:
+            raise lmdb.MapFullError(f"map at its ceiling of {size} bytes ([storage] max_map_size)")
         if new != size:
             self.env.set_mapsize(new)
             return True
         return False
+
+    def probe_space(self, nbytes: int) -> None:
+        """Write ``nbytes`` and take them back, each with a synced commit: the
+        writer's test that the disk takes writes again. Raises what a commit
+        would raise."""
+        with self.env.begin(write=True) as txn:
+            txn.put(b"space_probe", bytes(nbytes), db=self.meta)
+        with self.env.begin(write=True) as txn:
+            txn.delete(b"space_probe", db=self.meta)
+
+    def previous_answer(self, user_id: str, envelope_id: str) -> dict[str, Any] | None:
+        """The answer already given to this envelope, if it was applied."""
+        with self.env.begin() as txn:
+            raw = txn.get(_k(user_id, envelope_id), db=self.idem)
+        return orjson.loads(raw) if raw is not None else None
 
     # -- the write path (worker thread, one at a time) -------------------------------
 
@@ -537,114 +553,5 @@ class _Poisoned(Exception):
         self.index = index
 
 
-class StorageError(Exception):
-    """The data directory failed under the server; it stops, with this message."""
-
-
 def _edited_at(change: dict[str, Any]) -> int:
     return change.get("editedAt", change["timestamp"])
-
-
-class Writer:
-    """The one task that writes: takes whatever mutations are waiting, commits them
-    as one transaction off the event loop, then hands each outcome on in order."""
-
-    def __init__(self, store: Store, on_batch: Callable[[list[tuple[Mutation, Outcome]]], None]) -> None:
-        self.store = store
-        self._on_batch = on_batch
-        self._send, self._receive = trio.open_memory_channel[Mutation](QUEUE_DEPTH)
-        # Projects with a commit in flight: their LMDB state may be ahead of what was
-        # fanned out, so a subscriber must wait for the batch before reading.
-        self.busy_projects: set[str] = set()
-        self._batch_done = trio.Event()
-        self.closed = trio.Event()
-        # One write transaction at a time, and no map resize during one.
-        self._write_lock = trio.Lock()
-        self.batches = 0
-        self.committed = 0
-
-    async def submit(self, m: Mutation) -> None:
-        try:
-            self._send.send_nowait(m)
-        except trio.WouldBlock:
-            await self._send.send(m)
-
-    async def wait_idle(self, project_id: str) -> None:
-        while project_id in self.busy_projects:
-            await self._batch_done.wait()
-
-    def close(self) -> None:
-        """No more mutations; run() returns once the queue is drained."""
-        self._send.close()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        try:
-            await self._run()
-        finally:
-            self.closed.set()
-
-    async def _run(self) -> None:
-        async with self._receive:
-            while True:
-                try:
-                    batch = [await self._receive.receive()]
-                except trio.EndOfChannel:
-                    return
-                # Let the connections that are already runnable hand in their
-                # mutations before committing: a yield to the scheduler, no timer. While
-                # each yield brings more, yield again (a few times at most).
-                for _ in range(GATHER_ROUNDS):
-                    before = len(batch)
-                    self._drain_into(batch)
-                    if len(batch) >= MAX_BATCH:
-                        break
-                    await trio.lowlevel.checkpoint()
-                    self._drain_into(batch)
-                    if len(batch) == before:
-                        break
-                await self._commit(batch)
-
-    def _drain_into(self, batch: list[Mutation]) -> None:
-        while len(batch) < MAX_BATCH:
-            try:
-                batch.append(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return
-
-    async def prune(self) -> int:
-        """Enforce the history retention now (the server calls this periodically)."""
-        async with self._write_lock:
-            return await trio.to_thread.run_sync(lambda: self.store.prune(now_ms=now_ms()))
-
-    async def _commit(self, batch: list[Mutation]) -> None:
-        self.busy_projects = {m.project_id for m in batch}
-        async with self._write_lock:
-            await self._commit_locked(batch)
-
-    async def _commit_locked(self, batch: list[Mutation]) -> None:
-        try:
-            self.store.grow_if_needed()
-            while True:
-                # Not abandoned on cancel: a commit that started finishes, so an ack is
-                # never lost for a change that became durable.
-                try:
-                    outcomes = await trio.to_thread.run_sync(self.store.commit_batch, batch)
-                except lmdb.Error as e:
-                    # The disk refused (full, I/O error): nothing of this batch is
-                    # stored. Say so to every sender, then stop the server rather than
-                    # keep accepting changes it cannot keep.
-                    failed = Outcome("error", "", error=protocol.ProtocolError(
-                        protocol.E_INTERNAL, "the server could not store this change; retry later"))
-                    self._on_batch([(m, failed) for m in batch])
-                    raise StorageError(f"storage failed in {self.store.path}: {e}") from e
-                if outcomes is not None:
-                    break
-                self.store.grow_if_needed(force=True)
-            self.batches += 1
-            self.committed += len(batch)
-            self._on_batch(list(zip(batch, outcomes)))
-        finally:
-            self.busy_projects = set()
-            self._batch_done.set()
-            self._batch_done = trio.Event()

@@ -93,6 +93,31 @@ class Client:
         return await self.request("event:create", event_payload(project, **fields))
 
 
+async def http_exchange(port: int, method: str, path: str, body: Any = None, *, tok: str | None = None,
+                        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+    """One HTTP/1.1 request on a fresh connection: (status, lower-cased headers, JSON body)."""
+    data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    head = [f"{method} {path} HTTP/1.1", "Host: test", "Connection: close", f"Content-Length: {len(data)}"]
+    if tok:
+        head.append(f"Authorization: Bearer {tok}")
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        raw = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some():
+                raw += chunk
+    head_bytes, _, content = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head_bytes.decode("latin-1").split("\r\n")
+    found = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        found[name.strip().lower()] = value.strip()
+    is_json = found.get("content-type", "").startswith("application/json")
+    return int(status_line.split()[1]), found, json.loads(content) if content and is_json else content
+
+
 def ws_url(app: App, tok: str | None = None) -> str:
     url = f"ws://127.0.0.1:{app.port}/ws"
     return url + (f"?token={tok}" if tok else "")

@@ -9,26 +9,13 @@ import trio
 
 from barosync.server import App
 
-from conftest import event_payload, token
+from conftest import event_payload, http_exchange, token
 
 
 async def http(app: App, method: str, path: str, body: Any = None, *, tok: str | None = None,
                headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    head = [f"{method} {path} HTTP/1.1", "Host: test", "Connection: close", f"Content-Length: {len(data)}"]
-    if tok:
-        head.append(f"Authorization: Bearer {tok}")
-    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    stream = await trio.open_tcp_stream("127.0.0.1", app.port)
-    async with stream:
-        await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode() + data)
-        raw = b""
-        with trio.fail_after(10):
-            while chunk := await stream.receive_some():
-                raw += chunk
-    status_line, _, rest = raw.partition(b"\r\n")
-    _, _, content = rest.partition(b"\r\n\r\n")
-    return int(status_line.split()[1]), json.loads(content) if content else None
+    status, _, content = await http_exchange(app.port, method, path, body, tok=tok, headers=headers)
+    return status, content
 
 
 async def test_rest_create_is_broadcast_like_a_websocket_one(app, client_factory):

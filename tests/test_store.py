@@ -10,7 +10,8 @@ import trio
 
 from barosync.config import Config
 from barosync.models import new_event
-from barosync.store import Mutation, Outcome, Store, Writer, now_ms
+from barosync.store import Mutation, Outcome, Store, now_ms
+from barosync.writer import Writer
 
 from conftest import event_payload
 

@@ -79,6 +79,9 @@ N = TypeVar("N")
 # Close codes (and handshake statuses) after which the token must be replaced.
 AUTH_CLOSE_CODES = frozenset({4001, 4003})
 AUTH_HTTP_STATUSES = frozenset({401, 403})
+# Errors that refuse a change for the server's storage: it stays queued and is sent
+# again after the error's `retryAfter`.
+RETRYABLE_STORAGE = frozenset({"storage_full", "storage_failed"})
 CHANGE_KINDS = {"event:created": "created", "event:updated": "updated", "event:deleted": "deleted"}
 
 
@@ -958,6 +961,13 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
         if code == "rate_limited":
             self._slow_down(ref if isinstance(ref, str) else None)
             return
+        if code in RETRYABLE_STORAGE and isinstance(ref, str) and ref in self._by_env:
+            # Nothing was stored: the change stays queued and goes again later.
+            retry_after = p.get("retryAfter")
+            delay = float(retry_after) if isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool) else 5.0
+            self._pause(ref, min(60.0, max(0.05, delay)), halve=False)
+            self._notify(ServerError(code, message, ref, field))
+            return
         if isinstance(ref, str) and ref in self._by_env:
             self._fail_item(self._by_env[ref], MutationRefused(code, message, envelope_id=ref, field=field))
             return
@@ -972,19 +982,26 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
     def _slow_down(self, ref: str | None) -> None:
         """The server refused a message for its rate: it was not applied. Resend it
         after a pause, with fewer messages in flight."""
+        self._pause(ref, None, halve=True)
+
+    def _pause(self, ref: str | None, delay: float | None, *, halve: bool) -> None:
+        """Stop sending for a while and resend what was refused then: ``delay``
+        seconds, or (rate limits) a pause that doubles while refusals go on."""
         now = trio.current_time()
         episode = now >= self._paused_until  # refusals of messages already in flight count once
         if episode:
-            self._window = max(1, self._window // 2)
-            self._rate_delay = min(5.0, max(0.05, self._rate_delay * 2))
-            self._paused_until = now + self._rate_delay
+            if halve:
+                self._window = max(1, self._window // 2)
+            if delay is None:
+                self._rate_delay = delay = min(5.0, max(0.05, self._rate_delay * 2))
+            self._paused_until = now + delay
         resubscribe = None
         if ref is not None and ref in self._by_env:
             self._inflight.discard(self._by_env[ref].key)
         elif ref is not None and ref in self._sub_refs:
             resubscribe = self._sub_refs.pop(ref)
         if episode:
-            log.info("rate limited by the server: pausing %.2f s, window %d", self._rate_delay, self._window)
+            log.info("refused by the server for now: pausing %.2f s, window %d", self._paused_until - now, self._window)
 
         async def resume(connection: object) -> None:
             await trio.sleep_until(self._paused_until)

@@ -1,0 +1,296 @@
+"""The one task that writes, and what a failing disk does to it.
+
+Group commit: the writer takes whatever mutations are waiting, commits them as one
+LMDB transaction with fsync in a worker thread, then hands each outcome on in order
+(``on_batch``: the hub answers the senders and fans the changes out).
+
+Storage faults come in two kinds (docs/operations.md, "When the disk fills"):
+
+- **Out of space** (ENOSPC, EDQUOT, LMDB's short write on a full file system, the map
+  at its ``max_map_size`` ceiling). The failed commit stored nothing and nothing that
+  is already durable is in doubt. The server is *degraded*: every write is refused at
+  once with a retryable ``storage_full``, while reads, subscriptions, presence and
+  cursors go on. A probe transaction every SPACE_PROBE_INTERVAL seconds ends it by
+  itself when space is back.
+- **Anything else** (EIO, a failed fsync or msync, a panicked environment): durability
+  is in doubt. After a failed fsync the kernel may have dropped the dirty pages, so a
+  retried fsync can report success for data that never reached the disk (the 2018
+  "fsyncgate" discussion). Every waiting write is refused with ``storage_failed`` and
+  the server stops (fail-stop), closing every connection with 1011 first.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import lmdb
+import trio
+
+from . import protocol
+from .protocol import ProtocolError
+from .store import Mutation, Outcome, Store, now_ms
+
+log = logging.getLogger("barosync.writer")
+
+# Most mutations one group commit takes; bounds the latency of the batch behind it.
+MAX_BATCH = 2048
+# Scheduler yields the writer makes to gather a batch before committing it.
+GATHER_ROUNDS = 3
+# Mutations that may wait for the writer before submitters are made to wait.
+QUEUE_DEPTH = 8192
+# While degraded: seconds between space probes, which is also the `retryAfter` that
+# refused writes carry.
+SPACE_PROBE_INTERVAL = 2.0
+# What a probe writes (and takes back): about one large group commit.
+SPACE_PROBE_BYTES = 256 * 1024
+# While degraded, one log line per this many seconds, not one per refused write.
+DEGRADED_LOG_INTERVAL = 60.0
+# LMDB reports a short write (a file system that filled mid-write) as EIO; with less
+# than this free after it, the EIO is taken for what LMDB's own comment calls it.
+NEARLY_FULL_BYTES = 1024 * 1024
+# `retryAfter` of writes refused because storage failed: the server is stopping and a
+# supervisor restarts it.
+FAILED_RETRY_AFTER = 30.0
+
+
+class StorageError(Exception):
+    """The data directory failed under the server; it stops, with this message."""
+
+
+def out_of_space(exc: BaseException, path: Path) -> str | None:
+    """Why ``exc`` means "no room to write" (the server degrades), or None when it
+    puts durability in doubt (the server stops)."""
+    if isinstance(exc, lmdb.MapFullError):
+        return "the LMDB map is at its ceiling ([storage] max_map_size)"
+    code = exc.errno if isinstance(exc, OSError) else None
+    text = str(exc)
+    if isinstance(exc, lmdb.DiskError) or code == errno.ENOSPC or os.strerror(errno.ENOSPC) in text:
+        return "no space left on device"
+    if code == errno.EDQUOT or os.strerror(errno.EDQUOT) in text:
+        return "disk quota exceeded"
+    if os.strerror(errno.EIO) in text and free_bytes(path) < NEARLY_FULL_BYTES:
+        return "no space left on device (short write)"
+    return None
+
+
+def free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+class Writer:
+    """The one task that writes: takes whatever mutations are waiting, commits them
+    as one transaction off the event loop, then hands each outcome on in order."""
+
+    def __init__(self, store: Store, on_batch: Callable[[list[tuple[Mutation, Outcome]]], None], *,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self._on_batch = on_batch
+        self._on_failure = on_failure
+        self._send, self._receive = trio.open_memory_channel[Mutation](QUEUE_DEPTH)
+        # Projects with a commit in flight: their LMDB state may be ahead of what was
+        # fanned out, so a subscriber must wait for the batch before reading.
+        self.busy_projects: set[str] = set()
+        self._batch_done = trio.Event()
+        self.closed = trio.Event()
+        # One write transaction at a time, and no map resize during one.
+        self._write_lock = trio.Lock()
+        self.batches = 0
+        self.committed = 0
+        # Why writes are refused with storage_full right now (None: they are not).
+        self.degraded: str | None = None
+        self.degraded_since = 0.0  # trio clock
+        # Set once storage failed: the server is stopping.
+        self.failure: str | None = None
+        self.refused = 0  # writes refused for storage, in all
+        self._refused_since_log = 0
+        self._last_log = -math.inf
+
+    async def submit(self, m: Mutation) -> None:
+        if self.degraded is not None or self.failure is not None:
+            self._on_batch([(m, self._refusal(m))])
+            return
+        try:
+            self._send.send_nowait(m)
+        except trio.WouldBlock:
+            await self._send.send(m)
+
+    def _refusal(self, m: Mutation) -> Outcome:
+        if self.failure is None:
+            # A retry of a change stored before the disk filled still gets its answer.
+            answer = self.store.previous_answer(m.user_id, m.envelope_id)
+            if answer is not None:
+                return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
+        self.refused += 1
+        self._refused_since_log += 1
+        if self.failure is not None:
+            error = ProtocolError(
+                protocol.E_STORAGE_FAILED,
+                "the server's storage failed and the server is stopping; this change was not stored: send it again once it is back",
+                ref=m.envelope_id, retry_after=FAILED_RETRY_AFTER)
+        else:
+            error = ProtocolError(
+                protocol.E_STORAGE_FULL,
+                f"server storage full ({self.degraded}); this change was not stored: keep it and send it again "
+                f"after {SPACE_PROBE_INTERVAL:g} s",
+                ref=m.envelope_id, retry_after=SPACE_PROBE_INTERVAL)
+        return Outcome("error", m.project_id, error=error)
+
+    async def wait_idle(self, project_id: str) -> None:
+        while project_id in self.busy_projects:
+            await self._batch_done.wait()
+
+    def close(self) -> None:
+        """No more mutations; run() returns once the queue is drained."""
+        self._send.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._probe_space)
+                task_status.started()
+                await self._run()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed.set()
+
+    async def _run(self) -> None:
+        async with self._receive:
+            while self.failure is None:
+                try:
+                    batch = [await self._receive.receive()]
+                except trio.EndOfChannel:
+                    return
+                # Let the connections that are already runnable hand in their
+                # mutations before committing: a yield to the scheduler, no timer. While
+                # each yield brings more, yield again (a few times at most).
+                for _ in range(GATHER_ROUNDS):
+                    before = len(batch)
+                    self._drain_into(batch)
+                    if len(batch) >= MAX_BATCH:
+                        break
+                    await trio.lowlevel.checkpoint()
+                    self._drain_into(batch)
+                    if len(batch) == before:
+                        break
+                await self._commit(batch)
+
+    def _drain_into(self, batch: list[Mutation]) -> None:
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    def _refuse_waiting(self) -> None:
+        """Refuse what already waits for the writer: it would only fail too."""
+        waiting: list[Mutation] = []
+        while True:
+            self._drain_into(waiting)
+            if not waiting:
+                return
+            self._on_batch([(m, self._refusal(m)) for m in waiting])
+            waiting.clear()
+
+    async def prune(self) -> int:
+        """Enforce the history retention now (the server calls this periodically)."""
+        if self.failure is not None:
+            return 0
+        async with self._write_lock:
+            try:
+                return await trio.to_thread.run_sync(lambda: self.store.prune(now_ms=now_ms()))
+            except (lmdb.Error, OSError) as e:
+                self._fault(e)
+                return 0
+
+    async def _commit(self, batch: list[Mutation]) -> None:
+        self.busy_projects = {m.project_id for m in batch}
+        try:
+            async with self._write_lock:
+                await self._commit_locked(batch)
+        finally:
+            self.busy_projects = set()
+            self._batch_done.set()
+            self._batch_done = trio.Event()
+
+    async def _commit_locked(self, batch: list[Mutation]) -> None:
+        if self.degraded is not None or self.failure is not None:
+            self._on_batch([(m, self._refusal(m)) for m in batch])
+            return
+        while True:
+            # Not abandoned on cancel: a commit that started finishes, so an ack is
+            # never lost for a change that became durable.
+            try:
+                self.store.grow_if_needed()
+                outcomes = await trio.to_thread.run_sync(self.store.commit_batch, batch)
+                if outcomes is None:  # the map filled up: nothing was committed
+                    self.store.grow_if_needed(force=True)
+                    continue
+            except (lmdb.Error, OSError) as e:
+                # Nothing of this batch is stored: each sender hears so, with its ref.
+                self._fault(e)
+                self._on_batch([(m, self._refusal(m)) for m in batch])
+                self._refuse_waiting()
+                return
+            break
+        self.batches += 1
+        self.committed += len(batch)
+        self._on_batch(list(zip(batch, outcomes)))
+
+    def _fault(self, e: BaseException) -> None:
+        reason = out_of_space(e, self.store.path)
+        if reason is None:
+            self._fail(f"storage failed in {self.store.path}: {e}")
+        elif self.degraded is None:
+            self.degraded = reason
+            self.degraded_since = trio.current_time()
+            self._last_log = self.degraded_since
+            self._refused_since_log = 0
+            log.warning("storage full in %s (%s): writes are refused with storage_full until space is back; "
+                        "reads, subscriptions, presence and cursors go on. Free space, or raise "
+                        "[storage] max_map_size, and writes resume by themselves", self.store.path, reason)
+
+    def _fail(self, message: str) -> None:
+        if self.failure is not None:
+            return
+        self.failure = message
+        log.critical("%s: stopping; nothing unacknowledged was stored as acknowledged", message)
+        if self._on_failure is not None:
+            self._on_failure(message)
+
+    async def _probe_space(self) -> None:
+        """While degraded, try a small synced write every SPACE_PROBE_INTERVAL and
+        leave degraded mode when it goes through."""
+        while True:
+            await trio.sleep(SPACE_PROBE_INTERVAL)
+            if self.degraded is None or self.failure is not None:
+                continue
+            async with self._write_lock:
+                try:
+                    self.store.grow_if_needed()
+                    await trio.to_thread.run_sync(self.store.probe_space, SPACE_PROBE_BYTES)
+                except (lmdb.Error, OSError) as e:
+                    self._fault(e)
+                    self._log_still_degraded()
+                    continue
+            log.warning("storage writable again in %s after %.0f s: writes accepted (%d were refused meanwhile)",
+                        self.store.path, trio.current_time() - self.degraded_since, self._refused_since_log)
+            self.degraded = None
+
+    def _log_still_degraded(self) -> None:
+        now = trio.current_time()
+        if self.degraded is None or now - self._last_log < DEGRADED_LOG_INTERVAL:
+            return
+        log.warning("storage still full in %s (%s) for %.0f s: %d writes refused in the last %.0f s",
+                    self.store.path, self.degraded, now - self.degraded_since, self._refused_since_log,
+                    now - self._last_log)
+        self._last_log = now
+        self._refused_since_log = 0
