@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
@@ -377,12 +378,16 @@ class Session:
                         self._drained.set()
         finally:
             # The close frame is out (or the socket broke). The connection is over
-            # once the peer has answered it too; until then the reader keeps draining,
-            # because closing a socket with unread input resets it and the peer would
-            # lose our close frame. The heartbeat task enforces CLOSE_TIMEOUT.
+            # once the peer has answered it too, or hung up. Until then we send
+            # nothing more (a FIN after the close frame) and the reader keeps reading
+            # and discarding, because closing a socket with unread input resets it,
+            # and a reset can destroy our close frame before the peer reads it. The
+            # heartbeat task enforces CLOSE_TIMEOUT.
             self._flushed = True
             if self._peer_closed or not self._closing:
                 self._abort()
+            else:
+                self._half_close()
 
     async def _heartbeat(self) -> None:
         timeout = self.app.config.heartbeat_timeout
@@ -517,13 +522,20 @@ class Session:
             self.close_code = received.code if received is not None else (sent.code if sent is not None else None)
             self._leave_soon()
         self._send_protocol_output()
-        # Done once the peer's close frame is in (it closed, or answered ours), or
-        # the peer broke the protocol: nothing it sends after that counts.
-        if ws.close_rcvd is not None or ws.parser_exc is not None:
+        # Done once the peer's close frame is in (it closed, or answered ours). A
+        # peer that broke the protocol may still be sending (the rest of a frame too
+        # big to take): the reader discards that until it hangs up or time runs out.
+        if ws.close_rcvd is not None:
             self._peer_closed = True
             if self._flushed:
                 self._abort()
         self._lot.unpark()  # the writer ends the connection once its outbox is empty
+
+    def _half_close(self) -> None:
+        try:
+            self._stream.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._abort()  # already gone: nothing left to wait for
 
     # -- messages ------------------------------------------------------------------------
 

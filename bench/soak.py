@@ -64,6 +64,9 @@ def load_process(n: int, port: int, secret: str, clients: int, rate: float, reco
             self.last_seq: int | None = None
             self.ws: Any = None
             self.mine: dict[str, int] = {}  # event id -> version (own events, none in flight)
+            # Own events whose last change was in flight when the connection dropped:
+            # deleted without a version, so the project's size stays steady.
+            self.lost: list[str] = []
             self.sent: dict[str, tuple[float, str, str | None]] = {}  # envelope id -> (t0, kind, event id)
             self.drop = trio.Event()
 
@@ -83,8 +86,9 @@ def load_process(n: int, port: int, secret: str, clients: int, rate: float, reco
                 if self.last_seq is not None:
                     payload["since"] = self.last_seq
                 await ws.send_message(json.dumps({"type": "subscribe", "id": uuid.uuid4().hex, "payload": payload}))
-                # What was in flight when the connection dropped is forgotten (not
-                # resent): the soak watches the server, not the client's queue.
+                # What was in flight when the connection dropped is not resent (the
+                # soak watches the server, not a client's queue); its events go.
+                self.lost += [event_id for _, kind, event_id in self.sent.values() if kind != "create" and event_id]
                 self.sent.clear()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.read, ws, nursery)
@@ -137,7 +141,13 @@ def load_process(n: int, port: int, secret: str, clients: int, rate: float, reco
                 return
             roll = random.random()
             envelope = uuid.uuid4().hex
-            if roll < 0.5 or len(self.mine) < 3:
+            # About as many deletes as creates, so the live project stays near four
+            # events per client while the changelog turns over with the retention.
+            if self.lost:
+                event_id = self.lost.pop()
+                payload: dict[str, Any] = {"id": event_id}
+                kind = "delete"
+            elif roll < 0.3 or len(self.mine) < 4:
                 event_id = uuid.uuid4().hex
                 payload = {"projectId": self.project, "id": event_id, "title": f"soak {envelope[:6]}",
                            "startDate": "2026-12-01T09:00:00Z", "endDate": "2026-12-01T10:00:00Z",
@@ -146,7 +156,7 @@ def load_process(n: int, port: int, secret: str, clients: int, rate: float, reco
             else:
                 event_id = random.choice(list(self.mine))
                 version = self.mine.pop(event_id)
-                if roll < 0.85:
+                if roll < 0.65:
                     payload = {"id": event_id, "version": version, "title": f"moved {envelope[:6]}"}
                     kind = "update"
                 else:
