@@ -21,8 +21,22 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.installed
 	$(BIN)/barosync serve $(ARGS)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian packages the tests use: Chromium for the browser tests (Playwright drives
+# /usr/bin/chromium). Installed when missing and we are root; otherwise those tests
+# skip and say why.
+.PHONY: system-deps
+system-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing Debian's chromium for the browser tests"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else \
+	    echo "make: /usr/bin/chromium is missing (as root: apt-get install chromium); the browser tests will skip"; \
+	  fi; \
+	fi
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py $(ARGS)

@@ -94,3 +94,40 @@ async def test_a_server_initiated_close_half_closes_and_drains(data_dir) -> None
         with trio.fail_after(10):
             assert await ws.stream.receive_some(65536) == b""
         await trio.aclose_forcefully(ws.stream)
+
+
+# -- in a real browser ------------------------------------------------------------------------
+
+from browser import chromium  # noqa: E402,F401  (the fixture)
+
+OVERSIZED_FROM_A_PAGE = """
+async ([url, size]) => {
+  const ws = new WebSocket(url);
+  return await new Promise((resolve) => {
+    ws.onmessage = (m) => {
+      if (JSON.parse(m.data).type === "hello") ws.send(JSON.stringify({type: "ping", pad: "x".repeat(size)}));
+    };
+    ws.onclose = (e) => resolve({code: e.code, reason: e.reason, clean: e.wasClean});
+  });
+}
+"""
+
+
+def test_a_too_big_message_from_chromium_reaches_onclose_as_1009(chromium, tmp_path) -> None:
+    from attack_helpers import ServerProcess, mint
+
+    server = ServerProcess(tmp_path / "data")
+    try:
+        tok = mint(tmp_path / "data", "alice", "--project", "p1")
+        page = chromium.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        url = f"ws://127.0.0.1:{server.port}/ws?token={tok}"
+        for _ in range(5):
+            closed = page.evaluate(OVERSIZED_FROM_A_PAGE, [url, 2 * 1024 * 1024])
+            assert closed["code"] == 1009 and closed["clean"], closed
+            assert "exceeds limit" in closed["reason"]
+        assert not errors
+        page.close()
+    finally:
+        server.stop()
