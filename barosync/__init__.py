@@ -15,12 +15,13 @@ __version__ = "0.1.0"
 
 # Imported after __version__: barosync.server imports it from here.
 from .config import Config  # noqa: E402
-from .conflicts import Conflict, Resolution  # noqa: E402
+from .plugin_types import Codec, Conflict, Resolution  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .models import Event, Identity, Problem  # noqa: E402
 
 __all__ = [
     "__version__",
+    "Codec",
     "Config",
     "Conflict",
     "Event",

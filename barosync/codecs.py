@@ -25,33 +25,12 @@ import orjson
 
 from . import protocol
 from .hookspecs import hookimpl
+from .plugin_types import Codec  # noqa: F401  (the interface, importable from here too)
 from .protocol import ProtocolError
 
 DEFAULT_CODEC = "json"
 # Fast compression: the point is fewer bytes for little CPU.
 DEFLATE_LEVEL = 1
-
-
-class Codec:
-    """The interface a codec plugin implements."""
-
-    name = ""
-    #: True when queued messages should be combined into one frame at write time.
-    batching = False
-
-    def frame(self, message: bytes) -> bytes:
-        """One JSON envelope -> the complete frame bytes for the wire."""
-        raise NotImplementedError
-
-    def frames(self, messages: list[bytes]) -> bytes:
-        """Several JSON envelopes waiting for one connection -> bytes for one write."""
-        return b"".join(self.frame(m) for m in messages)
-
-    def decode(self, data: bytes, *, text: bool, max_bytes: int) -> list[Any]:
-        """One incoming message (``text``: it came in a text frame, UTF-8; else a
-        binary one) -> the parsed envelopes it carries (JSON values, checked by the
-        protocol layer). Raise ProtocolError for what cannot be read."""
-        raise NotImplementedError
 
 
 def _loads(data: str | bytes) -> Any:

@@ -18,48 +18,15 @@ import attrs
 
 from .hookspecs import hookimpl
 from .models import CLIENT_FIELDS, ValidationError, check_dates
+# The value types live apart so that hookspecs.py need not import this module;
+# they stay importable from here.
+from .plugin_types import DEFAULT_TIEBREAK, Conflict, Resolution  # noqa: F401
 
 STRATEGIES = ("last_write_wins", "first_write_wins", "merge", "manual")
 DEFAULT_STRATEGY = "merge"
-DEFAULT_TIEBREAK = "manual"
 
 # Fields a client edits; server-owned fields never take part in a merge.
 EDITABLE = tuple(CLIENT_FIELDS)
-
-
-@attrs.frozen
-class Conflict:
-    """What a strategy is asked to decide."""
-
-    operation: Literal["update", "delete"]
-    base: dict[str, Any] | None
-    local: dict[str, Any] | None  # None for a delete
-    remote: dict[str, Any] | None  # None when the stored event was deleted
-    changes: dict[str, Any]  # the wire fields the client's update set
-    client_time: int  # when the client made the edit (ms), never later than received
-    remote_time: int  # when the stored version was written (ms)
-    user_id: str
-    merge_tiebreak: str = DEFAULT_TIEBREAK
-    # How the server asks the tie-break strategy (any plugin's) about clashing fields;
-    # without it the built-in of that name decides.
-    tiebreak: "Callable[[Conflict], Resolution | None] | None" = attrs.field(default=None, eq=False, repr=False)
-
-
-@attrs.frozen
-class Resolution:
-    """A strategy's answer.
-
-    ``action``: ``"keep"`` stores nothing (the remote version stays, or stays
-    deleted); ``"store"`` stores ``event`` (fields of the client's editable set);
-    ``"delete"`` deletes the event. ``fields`` lists the fields in conflict, for the
-    sender's ``conflict:detected``.
-    """
-
-    action: Literal["keep", "store", "delete"]
-    event: dict[str, Any] | None = None
-    fields: tuple[str, ...] = ()
-    # True when the server did not decide: the sender must resolve and resubmit.
-    manual: bool = False
 
 
 def changed_by_client(conflict: Conflict) -> tuple[str, ...]:

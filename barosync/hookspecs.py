@@ -14,8 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .config import Config
-    from .codecs import Codec
-    from .conflicts import Conflict, Resolution
+    from .plugin_types import Codec, Conflict, Resolution
     from .models import Identity, Problem
 
 hookspec = pluggy.HookspecMarker("barosync")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 import orjson
 import trio
@@ -31,7 +31,6 @@ from .store import Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
     from .models import Identity
-    from .session import Session
 
 log = logging.getLogger("barosync.hub")
 
@@ -50,6 +49,31 @@ PALETTE = (
 def user_color(user_id: str) -> str:
     """Stable per user: the same id gets the same colour on every server."""
     return PALETTE[zlib.crc32(user_id.encode()) % len(PALETTE)]
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection to fan out to it (session.py's Session is
+    one). Every method queues or writes without awaiting."""
+
+    identity: "Identity"
+
+    def deliver(self, out: protocol.Outgoing, msg_id: str) -> None:
+        """A durable change the client is expected to ack."""
+
+    def deliver_many(self, items: list[tuple[protocol.Outgoing, str]]) -> None:
+        """Several durable changes in one write."""
+
+    def send_out(self, out: protocol.Outgoing) -> None:
+        """A shared volatile message (presence)."""
+
+    def send_many(self, outs: list[protocol.Outgoing]) -> None:
+        """Several shared volatile messages in one write."""
+
+    def send_cursors(self, items: list[tuple[str, protocol.Outgoing]], blob: bytes | None = None) -> None:
+        """One tick's cursors; ``blob`` is their default-codec frames joined once."""
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start a clean close with this code."""
 
 
 class Presence:
@@ -75,11 +99,11 @@ class Room:
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
         # A dict used as an ordered set: fan-out order is join order.
-        self.subscribers: dict["Session", None] = {}
+        self.subscribers: dict["Subscriber", None] = {}
         self.users: dict[str, Presence] = {}
         self.cursor_budget: dict[str, tuple[float, float]] = {}  # user -> (cursor tokens, as of when)
         # user -> (x, y, elementId, timestamp, sending session): the newest position
-        self.cursor_pending: dict[str, tuple[Any, Any, Any, int, "Session"]] = {}
+        self.cursor_pending: dict[str, tuple[Any, Any, Any, int, "Subscriber"]] = {}
 
     def fan_out(self, out: protocol.Outgoing, *, skip: Any = None) -> None:
         for session in self.subscribers:
@@ -98,7 +122,7 @@ class Hub:
 
     # -- membership and presence ---------------------------------------------------
 
-    def join(self, session: "Session", project_id: str) -> None:
+    def join(self, session: "Subscriber", project_id: str) -> None:
         """Add a subscriber; the newcomer learns who is present in one write and the
         others hear of the newcomer if this is the user's first connection here."""
         room = self.rooms.get(project_id)
@@ -115,7 +139,7 @@ class Hub:
             room.fan_out(presence.joined, skip=session)
         presence.connections += 1
 
-    def leave(self, session: "Session", project_id: str) -> None:
+    def leave(self, session: "Subscriber", project_id: str) -> None:
         room = self.rooms.get(project_id)
         if room is None or session not in room.subscribers:
             return
@@ -132,13 +156,13 @@ class Hub:
         if not room.subscribers:
             del self.rooms[project_id]
 
-    def leave_all(self, session: "Session", project_ids: Iterable[str]) -> None:
+    def leave_all(self, session: "Subscriber", project_ids: Iterable[str]) -> None:
         for project_id in list(project_ids):
             self.leave(session, project_id)
 
     # -- cursors -----------------------------------------------------------------------
 
-    def cursor(self, session: "Session", project_id: str, x: float, y: float, element_id: str | None) -> None:
+    def cursor(self, session: "Subscriber", project_id: str, x: float, y: float, element_id: str | None) -> None:
         room = self.rooms.get(project_id)
         if room is None:
             return

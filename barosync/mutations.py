@@ -12,7 +12,7 @@ from .protocol import ProtocolError
 from .store import Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
-    from .server import App
+    from .app import App
 
 async def prepare_mutation(
     app: "App",

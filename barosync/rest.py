@@ -24,7 +24,7 @@ from .protocol import ProtocolError
 from .store import Mutation, Outcome
 
 if TYPE_CHECKING:
-    from .server import App
+    from .app import App
 
 # Error codes of the protocol -> HTTP status.
 STATUS = {

@@ -11,7 +11,6 @@ import fcntl
 import logging
 import math
 import os
-import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,17 +21,14 @@ import trio
 from websockets.utils import accept_key
 
 from . import __version__, protocol, rest
-from .config import Config, ensure_secret
-from .hub import Hub
-from .models import Identity
+from .app import App
 from .codecs import DEFAULT_CODEC
-from .config import ConfigError
-from .plugins import PluginError, build_plugin_manager, call_each, call_first, has_async_impls, strategy_names
+from .config import Config, ConfigError, ensure_secret
 from .metrics import Metrics
+from .plugins import call_each
 from .poller import ReadPoller
 from .session import Session
-from .store import Store
-from .writer import StorageError, Writer
+from .writer import StorageError
 
 log = logging.getLogger("barosync.server")
 
@@ -46,90 +42,14 @@ PRUNE_INTERVAL = 3600.0
 PRUNES_PER_RETENTION = 4
 
 
-class App:
-    """Everything one running server holds."""
+class Front:
+    """What the HTTP and WebSocket front holds beside the app: the read poller its
+    connections share and the metrics registry /metrics serves."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.pm = build_plugin_manager(config)
-        check_strategies(config, strategy_names(self.pm))
-        self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
-        self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
-        self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
-        if DEFAULT_CODEC not in self.codecs:
-            raise PluginError(f"no plugin provides the {DEFAULT_CODEC!r} wire codec every browser client needs (is 'codecs' in [plugins] disable?)")
-        # Known once: plugins do not change while the server runs.
-        self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
-        self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
-        self.metrics = CollectorRegistry()
-        self.metrics.register(Metrics(self))
-        self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail)
-        # Set when storage failed: the server closes every connection with 1011 and stops.
-        self.failure: str | None = None
+    def __init__(self, app: App) -> None:
         self.poller = ReadPoller()
-        self.sessions: set[Session] = set()
-        self._per_user: dict[str, int] = {}
-        self.port: int = 0
-        self.started_at = time.time()
-        self._stop = trio.Event()
-        self._sessions_gone = trio.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def fail(self, message: str) -> None:
-        """Storage failed: stop, telling every client to come back later (1011)."""
-        self.failure = message
-        self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def connections_of(self, user_id: str) -> int:
-        return self._per_user.get(user_id, 0)
-
-    async def authenticate(self, token: str) -> Identity | None:
-        try:
-            return await call_first(self.pm.hook.barosync_authenticate, is_async=self._async_authenticate,
-                                    token=token, config=self.config)
-        except Exception:
-            log.exception("auth plugin failed; refusing the token")
-            return None
-
-    async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
-        try:
-            return bool(await call_first(self.pm.hook.barosync_authorize, is_async=self._async_authorize,
-                                         identity=identity, action=action, project_id=project_id))
-        except Exception:
-            log.exception("authorize plugin failed; refusing %s in %s", action, project_id)
-            return False
-
-    def health(self) -> dict[str, Any]:
-        """What /healthz answers; any status but "ok" is served as 503."""
-        state: dict[str, Any] = {"status": "ok"}
-        if self.failure is not None:
-            state = {"status": "failed", "reason": self.failure}
-        elif self.writer.degraded is not None:
-            state = {"status": "degraded", "reason": f"storage full: {self.writer.degraded}; writes are refused",
-                     "since": round(trio.current_time() - self.writer.degraded_since, 3)}
-        return {
-            **state,
-            "version": __version__,
-            "connections": len(self.sessions),
-            "rooms": len(self.hub.rooms),
-            "commits": self.writer.batches,
-            "mutations": self.writer.committed,
-            "uptime": round(time.time() - self.started_at, 3),
-        }
-
-
-def check_strategies(config: Config, available: list[str]) -> None:
-    wanted = [("[conflict] default", config.conflict_default), ("[conflict] merge_tiebreak", config.merge_tiebreak)]
-    wanted += [(f"[conflict.projects] {p}", name) for p, name in config.conflict_projects.items()]
-    for key, name in wanted:
-        if name not in available:
-            raise ConfigError(config.source, key, f"unknown strategy {name!r} (available: {', '.join(available)})")
+        self.metrics = CollectorRegistry()
+        self.metrics.register(Metrics(app))
 
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
@@ -138,6 +58,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
     lock = _lock_data_dir(config)
     try:
         app = App(config)
+        front = Front(app)
     except BaseException:
         os.close(lock)
         raise
@@ -145,7 +66,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         async with trio.open_nursery() as root:
             await root.start(app.writer.run)
             root.start_soon(app.hub.run_cursors)
-            root.start_soon(app.poller.run)
+            root.start_soon(front.poller.run)
             root.start_soon(_maintain, app)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
@@ -153,9 +74,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             await call_each(app.pm.hook.barosync_startup, config=config)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
-                connections.start_soon(_accept, app, listeners, connections, accepting)
+                connections.start_soon(_accept, app, front, listeners, connections, accepting)
                 task_status.started(app)
-                await app._stop.wait()
+                await app.wait_stopped()
                 accepting.cancel()
                 if app.failure is not None:
                     await _close_sessions(app, protocol.CLOSE_INTERNAL_ERROR, "server storage failed: reconnect later")
@@ -202,18 +123,16 @@ async def _maintain(app: App) -> None:
         await trio.sleep(interval)
 
 
-async def _accept(app: App, listeners: list[trio.SocketListener], nursery: trio.Nursery, scope: trio.CancelScope) -> None:
+async def _accept(app: App, front: Front, listeners: list[trio.SocketListener], nursery: trio.Nursery,
+                  scope: trio.CancelScope) -> None:
     with scope:
-        await trio.serve_listeners(lambda stream: _handle(app, stream), listeners, handler_nursery=nursery)
+        await trio.serve_listeners(lambda stream: _handle(app, front, stream), listeners, handler_nursery=nursery)
 
 
 async def _close_sessions(app: App, code: int, reason: str) -> None:
     for session in list(app.sessions):
         session.close(code, reason)
-    with trio.move_on_after(SHUTDOWN_GRACE):
-        while app.sessions:
-            await app._sessions_gone.wait()
-            app._sessions_gone = trio.Event()
+    await app.wait_disconnected(SHUTDOWN_GRACE)
 
 
 # -- HTTP -----------------------------------------------------------------------------
@@ -249,7 +168,7 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream, timeout
     return None
 
 
-async def _handle(app: App, stream: trio.SocketStream) -> None:
+async def _handle(app: App, front: Front, stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
     try:
         while True:
@@ -263,7 +182,7 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
                 return
             target = urlsplit(request.target.decode("latin-1"))
             if target.path == "/ws":
-                session = await _upgrade(app, conn, stream, request, target.query)
+                session = await _upgrade(app, front, conn, stream, request, target.query)
                 if session is not None:
                     # The HTTP objects are done with: do not keep them for the
                     # connection's lifetime (memory per idle connection counts).
@@ -281,7 +200,7 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
                     await stream.send_all(_response(conn, 413, _json_error(
                         413, "too_large", f"request body larger than {app.config.max_message_bytes} bytes ([server] max_message_bytes)")))
                     return
-                await stream.send_all(await _route(app, conn, request, target.path, target.query, body))
+                await stream.send_all(await _route(app, front, conn, request, target.path, target.query, body))
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             if conn.our_state is h11.SWITCHED_PROTOCOL:
@@ -316,7 +235,7 @@ async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int
     raise trio.BrokenResourceError("request body too slow")
 
 
-async def _route(app: App, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
+async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
     method = request.method
     if path.startswith("/api/"):
         status, answer, headers = await rest.handle(app, method, path, query, _headers(request), body)
@@ -329,7 +248,7 @@ async def _route(app: App, conn: h11.Connection, request: h11.Request, path: str
     if path == "/metrics":
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /metrics"), extra=[(b"allow", b"GET, HEAD")])
-        return _response(conn, 200, generate_latest(app.metrics), content_type=CONTENT_TYPE_LATEST.encode())
+        return _response(conn, 200, generate_latest(front.metrics), content_type=CONTENT_TYPE_LATEST.encode())
     return _response(conn, 404, _json_error(404, "not_found", f"no such resource {path!r}; the WebSocket endpoint is /ws"))
 
 
@@ -337,7 +256,7 @@ def _headers(request: h11.Request) -> dict[bytes, bytes]:
     return {name.lower(): value for name, value in request.headers}
 
 
-async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, query: str) -> Session | None:
+async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, query: str) -> Session | None:
     headers = _headers(request)
     if request.method != b"GET":
         await stream.send_all(_response(conn, 405, _json_error(405, "method_not_allowed", "/ws takes a GET WebSocket upgrade"), extra=[(b"allow", b"GET")]))
@@ -372,7 +291,7 @@ async def _upgrade(app: App, conn: h11.Connection, stream: trio.SocketStream, re
         (b"sec-websocket-accept", accept_key(key.decode("latin-1")).encode()),
     ]))
     trailing, _closed = conn.trailing_data
-    session = Session(app, stream, bytes(trailing), identity, codec)
+    session = Session(app, front.poller, stream, bytes(trailing), identity, codec)
     # The 101 must be the first bytes of the connection's outbox, then hello.
     session.send_frame(response)
     config = app.config
@@ -403,21 +322,14 @@ def _token(headers: dict[bytes, bytes], query: str) -> str | None:
 
 
 async def _run_session(app: App, session: Session) -> None:
-    app.sessions.add(session)
+    app.connected(session)
     ident = session.identity
-    app._per_user[ident.user_id] = app._per_user.get(ident.user_id, 0) + 1
     log.info("session=%s user=%s connected", session.id, ident.user_id)
     try:
         await call_each(app.pm.hook.barosync_connect, session_id=session.id, identity=ident)
         await session.run()
     finally:
-        app.sessions.discard(session)
-        left = app._per_user[ident.user_id] - 1
-        if left:
-            app._per_user[ident.user_id] = left
-        else:
-            del app._per_user[ident.user_id]
-        app._sessions_gone.set()
+        app.disconnected(session)
         log.info("session=%s user=%s disconnected code=%s unacked=%d", session.id, ident.user_id, session.close_code, len(session.unacked))
         with trio.CancelScope(shield=True):
             await call_each(app.pm.hook.barosync_disconnect, session_id=session.id, identity=ident, close_code=session.close_code)

@@ -21,14 +21,15 @@ from websockets.frames import Opcode
 from websockets.protocol import Protocol, Side, State
 
 from . import protocol
-from .codecs import Codec
+from .plugin_types import Codec
 from .models import Identity, ValidationError
 from .mutations import prepare_mutation
 from .protocol import Envelope, Outgoing, ProtocolError
 from .store import Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
-    from .server import App
+    from .app import App
+    from .poller import ReadPoller
 
 log = logging.getLogger("barosync.session")
 
@@ -51,15 +52,17 @@ ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", pro
 class Session:
     # Slots: ten thousand idle connections are mostly these objects.
     __slots__ = (
-        "app", "codec", "_batching", "_batch", "id", "identity", "_stream", "_ws", "_received", "_fd",
+        "app", "_poller", "codec", "_batching", "_batch", "id", "identity", "_stream", "_ws", "_received", "_fd",
         "_outbox", "_outbox_bytes", "_cursors", "_outbox_limit", "_replay_allowance", "_lot", "_closing",
         "_flushed", "_peer_closed", "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code",
         "subscriptions", "unacked", "last_recv", "_rate", "_burst", "_tokens", "_tick",
         "_refused", "_refused_window", "_inbox", "_inbox_lot", "_drained", "_eof", "_protocol_closing",
     )
 
-    def __init__(self, app: "App", stream: trio.SocketStream, received: bytes, identity: Identity, codec: Codec) -> None:
+    def __init__(self, app: "App", poller: "ReadPoller", stream: trio.SocketStream, received: bytes, identity: Identity,
+                 codec: Codec) -> None:
         self.app = app
+        self._poller = poller
         self.codec = codec
         self._batching = codec.batching
         # JSON envelopes waiting to be combined into one frame (batching codecs only).
@@ -426,7 +429,7 @@ class Session:
             data = b""
         if not data:
             self._eof = True
-            self.app.poller.unregister(self._fd)
+            self._poller.unregister(self._fd)
             self._inbox_lot.unpark()
             return
         self.last_recv = trio.current_time()
@@ -470,7 +473,7 @@ class Session:
             self._inbox_lot.unpark()
             if len(inbox) >= INBOX_LIMIT:
                 # Backpressure: stop reading until the reader task catches up.
-                self.app.poller.unregister(self._fd)
+                self._poller.unregister(self._fd)
 
     def _settle_acks(self, items: list[Any]) -> bool:
         """Handle a message here if it is nothing but acks (the common case)."""
@@ -485,7 +488,7 @@ class Session:
         return True
 
     async def _reader(self) -> None:
-        poller = self.app.poller
+        poller = self._poller
         if self._received:
             self._feed(self._received)
             self._received = b""

@@ -16,7 +16,8 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from barosync.auth import create_token
 from barosync.config import Config
-from barosync.server import App, serve
+from barosync.app import App
+from barosync.server import serve
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 _ids = itertools.count(1)

@@ -43,7 +43,8 @@ from barosync.client import (
     backoff_ceiling,
     backoff_delay,
 )
-from barosync.server import App, serve
+from barosync.app import App
+from barosync.server import serve
 from barosync.watch import import_events, plan_import
 
 from conftest import SECRET, make_config, token

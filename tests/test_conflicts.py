@@ -34,7 +34,8 @@ from barosync.conflicts import (
     merge_attendees,
 )
 from barosync.models import check_dates
-from barosync.server import App, serve
+from barosync.app import App
+from barosync.server import serve
 
 from conftest import Client, make_config, open_client, running, token
 

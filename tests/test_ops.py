@@ -25,7 +25,8 @@ import trio
 from barosync import ops
 from barosync.auth import create_token
 from barosync.config import Config
-from barosync.server import App, serve
+from barosync.app import App
+from barosync.server import serve
 
 from conftest import Client, event_payload, make_config, open_client, token
 

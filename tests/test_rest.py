@@ -7,7 +7,7 @@ from typing import Any
 
 import trio
 
-from barosync.server import App
+from barosync.app import App
 
 from conftest import event_payload, http_exchange, token
 

@@ -11,7 +11,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from barosync.auth import create_token
-from barosync.server import App
+from barosync.app import App
 
 from conftest import Client, event_payload, new_id, open_client, running, token, ws_url
 

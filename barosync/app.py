@@ -1,0 +1,140 @@
+"""The application core: what one running server holds, below every transport.
+
+``App`` owns the config, the plugin manager, the store and its writer, the hub, the
+wire codecs and the register of open connections, and answers the questions every
+transport asks (authenticate, authorize, health). server.py (HTTP and the WebSocket
+upgrade), session.py, rest.py and metrics.py sit on top of it; this module imports
+none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from . import __version__
+from .codecs import DEFAULT_CODEC
+from .config import Config, ConfigError
+from .hub import Hub, Subscriber
+from .models import Identity
+from .plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_names
+from .store import Store
+from .writer import Writer
+
+log = logging.getLogger("barosync.app")
+
+
+class App:
+    """Everything one running server holds."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pm = build_plugin_manager(config)
+        check_strategies(config, strategy_names(self.pm))
+        self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
+        self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
+        self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
+        if DEFAULT_CODEC not in self.codecs:
+            raise PluginError(f"no plugin provides the {DEFAULT_CODEC!r} wire codec every browser client needs (is 'codecs' in [plugins] disable?)")
+        # Known once: plugins do not change while the server runs.
+        self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
+        self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
+        self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail)
+        # Set when storage failed: the server closes every connection with 1011 and stops.
+        self.failure: str | None = None
+        # Open WebSocket connections (the transport adds and removes them).
+        self.sessions: set[Subscriber] = set()
+        self._per_user: dict[str, int] = {}
+        self.port: int = 0
+        self.started_at = time.time()
+        self._stop = trio.Event()
+        self._sessions_gone = trio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def fail(self, message: str) -> None:
+        """Storage failed: stop, telling every client to come back later (1011)."""
+        self.failure = message
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    # -- connections -------------------------------------------------------------------
+
+    def connections_of(self, user_id: str) -> int:
+        return self._per_user.get(user_id, 0)
+
+    def connected(self, session: Subscriber) -> None:
+        self.sessions.add(session)
+        user_id = session.identity.user_id
+        self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
+
+    def disconnected(self, session: Subscriber) -> None:
+        self.sessions.discard(session)
+        user_id = session.identity.user_id
+        left = self._per_user[user_id] - 1
+        if left:
+            self._per_user[user_id] = left
+        else:
+            del self._per_user[user_id]
+        self._sessions_gone.set()
+
+    async def wait_disconnected(self, timeout: float) -> None:
+        """Until every connection has gone, or ``timeout`` seconds."""
+        with trio.move_on_after(timeout):
+            while self.sessions:
+                await self._sessions_gone.wait()
+                self._sessions_gone = trio.Event()
+
+    # -- questions every transport asks --------------------------------------------------
+
+    async def authenticate(self, token: str) -> Identity | None:
+        try:
+            return await call_first(self.pm.hook.barosync_authenticate, is_async=self._async_authenticate,
+                                    token=token, config=self.config)
+        except Exception:
+            log.exception("auth plugin failed; refusing the token")
+            return None
+
+    async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
+        try:
+            return bool(await call_first(self.pm.hook.barosync_authorize, is_async=self._async_authorize,
+                                         identity=identity, action=action, project_id=project_id))
+        except Exception:
+            log.exception("authorize plugin failed; refusing %s in %s", action, project_id)
+            return False
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz answers; any status but "ok" is served as 503."""
+        state: dict[str, Any] = {"status": "ok"}
+        if self.failure is not None:
+            state = {"status": "failed", "reason": self.failure}
+        elif self.writer.degraded is not None:
+            state = {"status": "degraded", "reason": f"storage full: {self.writer.degraded}; writes are refused",
+                     "since": round(trio.current_time() - self.writer.degraded_since, 3)}
+        return {
+            **state,
+            "version": __version__,
+            "connections": len(self.sessions),
+            "rooms": len(self.hub.rooms),
+            "commits": self.writer.batches,
+            "mutations": self.writer.committed,
+            "uptime": round(time.time() - self.started_at, 3),
+        }
+
+
+def check_strategies(config: Config, available: list[str]) -> None:
+    wanted = [("[conflict] default", config.conflict_default), ("[conflict] merge_tiebreak", config.merge_tiebreak)]
+    wanted += [(f"[conflict.projects] {p}", name) for p, name in config.conflict_projects.items()]
+    for key, name in wanted:
+        if name not in available:
+            raise ConfigError(config.source, key, f"unknown strategy {name!r} (available: {', '.join(available)})")

@@ -1,0 +1,103 @@
+"""Arrows point one way: no import loop inside the package, the app core imports no
+transport, the hook specifications import none of the plugins they specify, and no
+module outgrows one job. Read from the source with ast (no third-party tool)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "barosync"
+TRANSPORTS = {"barosync.server", "barosync.session", "barosync.connection", "barosync.rest", "barosync.metrics",
+              "barosync.poller"}
+# Past this a file has two jobs (docs/architecture.md).
+MAX_LINES = 500
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(("barosync", *path.relative_to(PACKAGE).with_suffix("").parts))
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports() -> dict[str, set[str]]:
+    """Every module's imports of other modules of the package (TYPE_CHECKING ones too:
+    a loop in annotations is still a loop a reader has to untangle)."""
+    mods = modules()
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                    module = f"{base}.{node.module}" if node.module else base
+                else:
+                    module = node.module or ""
+                targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            for target in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target not in (name, "barosync"):
+                    edges[name].add(target)
+    return edges
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_loop_in_the_package() -> None:
+    cycle = find_cycle(imports())
+    assert cycle is None, "import loop: " + " -> ".join(cycle or [])
+
+
+def test_the_app_core_imports_no_transport() -> None:
+    edges = imports()
+    below = set()
+    todo = ["barosync.app"]
+    while todo:
+        for dep in edges[todo.pop()]:
+            if dep not in below:
+                below.add(dep)
+                todo.append(dep)
+    assert not below & TRANSPORTS, f"barosync.app reaches {sorted(below & TRANSPORTS)}"
+
+
+def test_hook_specifications_import_no_plugin() -> None:
+    allowed = {"barosync.config", "barosync.models", "barosync.plugin_types"}
+    assert imports()["barosync.hookspecs"] <= allowed
+    assert not imports()["barosync.plugin_types"]
+
+
+def test_no_module_has_two_jobs() -> None:
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split along the seam): {long}"
