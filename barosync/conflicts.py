@@ -12,10 +12,6 @@ be synchronous, quick, and do no IO.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
-
-import attrs
-
 from .hookspecs import hookimpl
 from .models import CLIENT_FIELDS, ValidationError, check_dates
 # The value types live apart so that hookspecs.py need not import this module;

@@ -66,7 +66,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         async with trio.open_nursery() as root:
             await root.start(app.writer.run)
             root.start_soon(app.hub.run_cursors)
-            root.start_soon(front.poller.run)
+            await root.start(front.poller.run)
             root.start_soon(_maintain, app)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
