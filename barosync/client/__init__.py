@@ -7,7 +7,8 @@ offline queue and an optimistic local view. See docs/client.md.
                                     startDate="2026-12-01T09:00:00Z", endDate="2026-12-01T09:15:00Z")
 """
 
-from .core import NotificationStream, PendingMutation, QueuedMutation, SyncClient, new_id, ws_url
+from .core import SyncClient
+from .state import NotificationStream, PendingMutation, QueuedMutation, new_id, ws_url
 from .model import (
     ClientClosed,
     ClientError,

@@ -1,0 +1,361 @@
+"""The client's connection: connect, run a session (reader, writer, heartbeat, token
+refresh), and when it ends for any reason other than the application closing the
+client, back off (full jitter) and connect again. What arrives is handed to the
+sync layer (sync.py); SyncClient (core.py) is built on both.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, connect_websocket_url
+
+from .model import ClientError, ClientGaveUp, ConnectionState, MutationRefused, backoff_delay
+from .store import QueueItem
+from .state import new_id, _now_ms, _End, _WatchedNursery, AUTH_CLOSE_CODES, AUTH_HTTP_STATUSES
+from .sync import _leaves
+
+log = logging.getLogger("barosync.client")
+
+
+class ClientConnection:
+    """SyncClient's connection half (a mixin; the state it uses is SyncClient's)."""
+
+    def _start_runner(self) -> None:
+        assert self._nursery is not None
+        self._gave_up = None
+        self._run_scope = trio.CancelScope()
+        self._runner_done = trio.Event()
+        self._nursery.start_soon(self._run, self._run_scope)
+
+    def reconnect(self) -> None:
+        """Drop the current connection (if any) and connect again at once; after the
+        client gave up (state ERROR), start trying again."""
+        self._check_open()
+        if self._runner_done.is_set():
+            self._start_runner()
+        elif self._session_scope is not None:
+            self._skip_backoff = True
+            self._session_scope.cancel()
+        else:
+            self._backoff_scope.cancel()  # waiting out a backoff delay: try now
+
+    async def _run(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await self._connect_forever()
+        finally:
+            self._runner_done.set()
+
+    async def _connect_forever(self) -> None:
+        policy = self.reconnect_policy
+        attempt = 0
+        fresh_token = False
+        failed_token: str | None = None
+        while not self._closing:
+            token = await self._token_for(fresh_token)
+            if token is None or (fresh_token and token == failed_token):
+                self._give_up("the server refused the token and no fresh token came" if fresh_token
+                              else "no token to connect with")
+                return
+            self._token = token
+            self._set_state(ConnectionState.CONNECTING, attempt=attempt)
+            end = await self._connect_once(token)
+            if self._closing:
+                return
+            if end.connected:
+                attempt = 0
+            fresh_token = end.auth
+            failed_token = token if end.auth else None
+            self._set_state(ConnectionState.DISCONNECTED, close_code=end.code, reason=end.reason)
+            if self._skip_backoff:
+                self._skip_backoff = False
+                continue
+            if policy.max_attempts is not None and attempt >= policy.max_attempts:
+                self._give_up(f"gave up after {attempt} reconnect attempts (last: {end.reason or end.code})")
+                return
+            delay = backoff_delay(attempt, policy, self._rng)
+            attempt += 1
+            self._set_state(ConnectionState.RECONNECTING, attempt=attempt, delay=delay, close_code=end.code, reason=end.reason)
+            with trio.CancelScope() as self._backoff_scope:
+                await trio.sleep(delay)
+
+    def _give_up(self, reason: str) -> None:
+        self._gave_up = ClientGaveUp(reason)
+        self._set_state(ConnectionState.ERROR, reason=reason)
+        for waiter in self._waiters.values():
+            waiter.fail(self._gave_up)
+        self._waiters.clear()
+
+    async def _token_for(self, fresh: bool) -> str | None:
+        source = self._token_source
+        if isinstance(source, str):
+            return None if fresh else source
+        if not fresh and self._token is not None:
+            return self._token
+        try:
+            value = source()
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception:
+            log.exception("the token callable failed")
+            return None
+        return value if isinstance(value, str) and value else None
+
+    async def _connect_once(self, token: str) -> _End:
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    return await self._connect_and_run(nursery, token)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # trio-websocket's own reader task can raise a handshake failure (an HTTP
+            # rejection) into the nursery as well as into connect().
+            failures, rest = group.split((HandshakeError, ConnectionClosed, OSError))
+            if rest is not None or failures is None:
+                raise
+            rejected = [e for e in _leaves(failures) if isinstance(e, ConnectionRejected)]
+            if rejected:
+                status = rejected[0].status_code
+                return _End("rejected", code=status, reason=f"HTTP {status}", auth=status in AUTH_HTTP_STATUSES)
+            return _End("failed", reason=f"{_leaves(failures)[0]!r}")
+
+    async def _connect_and_run(self, nursery: trio.Nursery, token: str) -> _End:
+        ws: WebSocketConnection | None = None
+        end: _End | None = None
+        # trio-websocket (0.12) waits for the opening handshake without noticing that
+        # its reader task ended (connection reset or closed before the 101): without
+        # this watch, such an attempt would cost the whole connect_timeout.
+        handshake = trio.CancelScope()
+        watched = _WatchedNursery(nursery, handshake.cancel)
+        try:
+            try:
+                with trio.fail_after(self._connect_timeout), handshake:
+                    ws = await connect_websocket_url(
+                        watched, self.url,  # type: ignore[arg-type]
+                        extra_headers=[(b"authorization", b"Bearer " + token.encode())],
+                        message_queue_size=256,
+                        max_message_size=self._max_message_size,
+                        receive_buffer_size=64 * 1024,
+                    )
+                    hello = self._decode(await ws.get_message())
+                if handshake.cancelled_caught:
+                    end = _End("failed", reason="the connection closed during the handshake")
+                    return end
+            except ConnectionRejected as e:
+                body = (e.body or b"")[:200].decode("utf-8", "replace")
+                end = _End("rejected", code=e.status_code, reason=f"HTTP {e.status_code} {body}".strip(),
+                           auth=e.status_code in AUTH_HTTP_STATUSES)
+                return end
+            except trio.TooSlowError:
+                end = _End("failed", reason="connect timeout")
+                return end
+            except ConnectionClosed as e:
+                code = int(e.reason.code) if e.reason is not None else None
+                end = _End("failed", code=code, reason=e.reason.reason if e.reason else "closed", auth=code in AUTH_CLOSE_CODES)
+                return end
+            except (HandshakeError, OSError) as e:
+                end = _End("failed", reason=f"{type(e).__name__}: {e.__cause__ or e}")
+                return end
+            if not isinstance(hello, dict) or hello.get("type") != "hello":
+                end = _End("failed", reason="the server did not start with hello")
+                return end
+            end = await self._session(ws, hello)
+            return end
+        finally:
+            if ws is not None:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(self._close_timeout) as cs:
+                        if self._aborting or (end is not None and end.kind == "heartbeat"):
+                            cs.cancel()  # the peer is gone: close the socket, skip the handshake
+                        await ws.aclose(1000, "client closing" if self._closing else "reconnecting")
+
+    async def _session(self, ws: WebSocketConnection, hello: dict[str, Any]) -> _End:
+        self._ws = ws
+        self._outbox = deque()
+        self.hello = hello.get("payload") or {}
+        self._pong = trio.Event()
+        self._connected = True
+        self._send_ack(hello)
+        self._set_state(ConnectionState.CONNECTED)
+        for project_id in list(self._desired):
+            self._send_subscribe(project_id)
+        self._fill_window()
+        end: _End | None = None
+        try:
+            async with trio.open_nursery() as n:
+                self._session_scope = n.cancel_scope
+                self._session_nursery = n
+
+                async def read() -> None:
+                    nonlocal end
+                    end = await self._reader(ws)
+                    n.cancel_scope.cancel()
+
+                async def beat() -> None:
+                    nonlocal end
+                    await self._heartbeat(self.hello or {})
+                    end = _End("heartbeat", reason="heartbeat: no pong within timeout", connected=True)
+                    log.info("heartbeat timeout: treating the connection as dead")
+                    n.cancel_scope.cancel()
+
+                n.start_soon(read)
+                n.start_soon(beat)
+                n.start_soon(self._writer, ws, self._outbox)
+                n.start_soon(self._refresh_loop, self.hello or {})
+        finally:
+            self._session_scope = None
+            self._ws = None
+            self._outbox = None
+            self._connected = False
+            self._inflight.clear()
+            self._sub_refs.clear()
+            self._session_nursery = None
+            self._window = self._max_in_flight
+            self._paused_until = 0.0
+            self._rate_delay = 0.0
+            self._refresh = None
+            for st in self._projects.values():
+                st.phase = "idle"
+                st.presence.clear()
+                st.cursors.clear()
+            self._changed.unpark_all()
+        return end or _End("client", reason="reconnect requested", connected=True)
+
+    async def _reader(self, ws: WebSocketConnection) -> _End:
+        while True:
+            try:
+                raw = await ws.get_message()
+            except ConnectionClosed as e:
+                code = int(e.reason.code) if e.reason is not None else None
+                return _End("closed", code=code, reason=(e.reason.reason if e.reason else None) or str(code),
+                            connected=True, auth=code in AUTH_CLOSE_CODES)
+            data = self._decode(raw)
+            for msg in data if isinstance(data, list) else [data]:
+                if isinstance(msg, dict):
+                    try:
+                        self._on_message(msg)
+                    except ClientError:
+                        raise
+                    except (KeyError, TypeError, ValueError, AttributeError):
+                        log.exception("could not handle a server message: %.200r", msg)
+            self._changed.unpark_all()
+
+    async def _writer(self, ws: WebSocketConnection, outbox: deque[str]) -> None:
+        while True:
+            while not outbox:
+                await self._outbox_lot.park()
+            text = outbox.popleft()
+            try:
+                await ws.send_message(text)
+            except ConnectionClosed:
+                return
+            if not outbox:
+                self._changed.unpark_all()
+
+    async def _heartbeat(self, hello: dict[str, Any]) -> None:
+        """Returns when a ping went unanswered for ``timeout`` seconds."""
+        interval = self.heartbeat_policy.interval
+        if interval is None:
+            hb = hello.get("heartbeat") or {}
+            interval = min(hb.get("interval", 30000) / 1000, hb.get("timeout", 60000) / 2000)
+        timeout = self.heartbeat_policy.timeout
+        while True:
+            await trio.sleep(interval)
+            self._pong = trio.Event()
+            self._send({"type": "ping", "timestamp": _now_ms()})
+            with trio.move_on_after(timeout):
+                await self._pong.wait()
+                continue
+            return
+
+    async def _refresh_loop(self, hello: dict[str, Any]) -> None:
+        """Before the token expires, ask the token callable for a new one and send
+        ``auth:refresh``. Without a new token the server closes with 4001 at expiry
+        and the reconnect path asks again (and gives up if nothing comes)."""
+        if not self._refresh_before_expiry or isinstance(self._token_source, str):
+            return
+        expires_ms = hello.get("tokenExpiresAt")
+        while isinstance(expires_ms, (int, float)):
+            remaining = expires_ms / 1000 - time.time()
+            # A minute before expiry; a short-lived token at half its remaining life.
+            await trio.sleep(max(0.0, remaining - min(60.0, max(0.0, remaining) / 2)))
+            token = await self._token_for(fresh=True)
+            if not token or token == self._token:
+                return
+            ref = "auth-" + new_id()
+            answer: list[Any] = []
+            done = trio.Event()
+            self._refresh = (ref, token, done, answer)
+            self._send({"type": "auth:refresh", "id": ref, "payload": {"token": token}, "timestamp": _now_ms()})
+            await done.wait()
+            if not answer or not isinstance(answer[0], dict):
+                return
+            self._token = token
+            expires_ms = answer[0].get("expiresAt")
+            if isinstance(expires_ms, (int, float)) and expires_ms < 1e11:
+                expires_ms *= 1000  # seconds (as an earlier docs/protocol.md said), not ms
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        if self._outbox is None:
+            return
+        self._outbox.append(orjson.dumps(obj).decode())
+        self._outbox_lot.unpark_all()
+
+    def _send_ack(self, msg: dict[str, Any]) -> None:
+        msg_id = msg.get("id")
+        if isinstance(msg_id, str) and msg.get("type") not in ("ack", "pong"):
+            self._send({"type": "ack", "id": msg_id})
+
+    def _send_subscribe(self, project_id: str) -> None:
+        st = self._project(project_id)
+        ref = "sub-" + new_id()
+        st.sub_id = ref
+        st.phase = "syncing"
+        st.error = None
+        self._sub_refs[ref] = project_id
+        payload: dict[str, Any] = {"projectId": project_id}
+        if st.last_seq is not None:
+            payload["since"] = st.last_seq
+        self._send({"type": "subscribe", "id": ref, "payload": payload, "timestamp": _now_ms()})
+
+    def _fill_window(self) -> None:
+        """Send queued mutations strictly in queue order, at most ``max_in_flight``
+        unanswered, and never two of one event at once: a mutation of an event whose
+        earlier mutation is unanswered waits for that answer (its base version comes
+        from it), and everything behind it waits too."""
+        if not self._connected or self._outbox is None or trio.current_time() < self._paused_until:
+            return
+        limit = (self.hello or {}).get("maxMessageBytes")
+        blocked: set[str] = set()
+        too_big: list[QueueItem] = []
+        for item in self._queue.values():
+            if len(self._inflight) >= self._window:
+                break
+            if item.key in self._inflight:
+                blocked.add(item.event_id)
+                continue
+            if item.event_id in blocked:
+                break  # replay strictly in queue order: nothing overtakes a waiting mutation
+            blocked.add(item.event_id)
+            text = orjson.dumps({
+                "type": "event:" + item.kind, "id": item.envelope_id,
+                "timestamp": item.timestamp, "payload": item.payload(),
+            }).decode()
+            if isinstance(limit, int) and len(text.encode()) > limit:
+                too_big.append(item)
+                continue
+            self._inflight.add(item.key)
+            self._outbox.append(text)
+        self._outbox_lot.unpark_all()
+        for item in too_big:
+            self._fail_item(item, MutationRefused(
+                "too_big", f"the mutation is larger than the server's limit of {limit} bytes",
+                envelope_id=item.envelope_id))
