@@ -1,0 +1,212 @@
+"""The benchmark's report: the headline per scenario and the table printed at the
+end, with each figure checked against its target (TARGETS in harness.py).
+"""
+
+from __future__ import annotations
+from harness import SCENARIOS, TARGETS, disturbed_pct
+
+
+
+
+def per_delivery(r: dict) -> float | None:
+    return r["server_cpu_s"] * 1e6 / r["deliveries"] if r["deliveries"] else None
+
+
+def headline(sc: str, r: dict) -> str:
+    if sc == "fanout":
+        return (f"p50 {fmt(r['latency_p50_ms'])} ms, p99 {fmt(r['latency_p99_ms'])} ms, "
+                f"{r['deliveries']}/{r['expected_deliveries']} deliveries, in order: {r['in_order']}, "
+                f"{fmt(r['server_cpu_us_per_delivery'])} us/delivery")
+    if sc == "saturation":
+        return (f"{fmt(r['deliveries_per_s'])} deliveries/s, {fmt(r['server_cpu_us_per_delivery'])} us/delivery, "
+                f"server CPU {fmt(r['server_cpu_pct'])}%, load CPU {fmt(r['loadgen_cpu_pct'])}%")
+    if sc == "capacity":
+        return (f"{r['held']} held, {fmt(r['rss_kb_per_conn'])} KB/conn, "
+                f"connect all {fmt(r['connect_all_s'])} s")
+    if sc == "durable":
+        return (f"{fmt(r['acked_per_s'])} acked/s, ack p50 {fmt(r['ack_p50_ms'])} ms, "
+                f"p99 {fmt(r['ack_p99_ms'])} ms")
+    if sc == "cursors":
+        return (f"{fmt(r['cursor_deliveries_per_s'])} cursor deliveries/s, p50 {fmt(r['latency_p50_ms'])} ms, "
+                f"p99 {fmt(r['latency_p99_ms'])} ms, server CPU {fmt(r['server_cpu_pct'])}%, "
+                f"{fmt(r['server_cpu_us_per_delivery'])} us/delivery, coalesced {fmt(r['coalesced_pct'])}%, "
+                f"load CPU {fmt(r['loadgen_cpu_pct'])}%")
+    return ""
+
+
+# ------------------------------------------------------------------ table
+def fmt(v, nd: int | None = None) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if nd is not None:
+            return f"{v:,.{nd}f}"
+        a = abs(v)
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        return f"{v:.2f}"
+    return str(v)
+
+
+ROWS = [
+    # scenario, key (dotted path), label
+    ("fanout", "latency_p50_ms", "latency p50 (ms)"),
+    ("fanout", "latency_p99_ms", "latency p99 (ms)"),
+    ("fanout", "latency_max_ms", "latency max (ms)"),
+    ("fanout", "deliveries", "deliveries"),
+    ("fanout", "expected_deliveries", "expected deliveries"),
+    ("fanout", "complete", "all delivered"),
+    ("fanout", "in_order", "in seq order"),
+    ("fanout", "server_cpu_pct", "server CPU (%)"),
+    ("fanout", "server_cpu_us_per_delivery", "server CPU us/delivery"),
+    ("fanout", "bytes_per_delivery", "bytes on the wire/delivery"),
+    ("fanout", "loadgen_cpu_pct", "load gen CPU (%)"),
+    ("saturation", "deliveries_per_s", "deliveries/s"),
+    ("saturation", "creates_per_s", "creates acked/s"),
+    ("saturation", "server_cpu_us_per_delivery", "server CPU us/delivery"),
+    ("saturation", "bytes_per_delivery", "bytes on the wire/delivery"),
+    ("saturation", "server_cpu_pct", "server CPU (%)"),
+    ("saturation", "latency_ms.p50", "latency p50 (ms)"),
+    ("saturation", "latency_ms.p99", "latency p99 (ms)"),
+    ("saturation", "complete", "all delivered"),
+    ("saturation", "in_order", "in seq order"),
+    ("saturation", "loadgen_cpu_pct", "load gen CPU (%)"),
+    ("capacity", "held", "connections held"),
+    ("capacity", "rss_kb_per_conn", "server RSS per conn (KB)"),
+    ("capacity", "rss_after_kb", "server RSS total (KB)"),
+    ("capacity", "connect_all_s", "time to connect all (s)"),
+    ("capacity", "connects_per_s", "connects/s"),
+    ("capacity", "fds_per_conn", "server fds per conn"),
+    ("durable", "acked_per_s", "acked mutations/s"),
+    ("durable", "ack_p50_ms", "ack latency p50 (ms)"),
+    ("durable", "ack_p99_ms", "ack latency p99 (ms)"),
+    ("durable", "server_cpu_pct", "server CPU (%)"),
+    ("durable", "server_cpu_us_per_mutation", "server CPU us/mutation"),
+    ("durable", "creates_failed", "failed (error answers)"),
+    ("cursors", "cursor_deliveries_per_s", "cursor deliveries/s"),
+    ("cursors", "server_cpu_pct", "server CPU (%)"),
+    ("cursors", "server_cpu_us_per_delivery", "server CPU us/delivery"),
+    ("cursors", "latency_p50_ms", "cursor latency p50 (ms)"),
+    ("cursors", "latency_p99_ms", "cursor latency p99 (ms)"),
+    ("cursors", "latency_max_ms", "cursor latency max (ms)"),
+    ("cursors", "latency_from_server_receipt_ms.p50", "  from server receipt p50 (ms)"),
+    ("cursors", "latency_from_server_receipt_ms.p99", "  from server receipt p99 (ms)"),
+    ("cursors", "cursor_sent", "cursors sent"),
+    ("cursors", "sent_per_mover_per_s", "sent per mover (/s)"),
+    ("cursors", "uncoalesced_deliveries", "sent x other clients"),
+    ("cursors", "cursor_deliveries", "cursor deliveries"),
+    ("cursors", "coalesced_pct", "coalesced or not delivered (%)"),
+    ("cursors", "received_per_pair_per_s", "per receiver per mover (/s)"),
+    ("cursors", "max_received_per_pair_per_s", "  max over pairs (/s)"),
+    ("cursors", "throttle_held", "throttle held"),
+    ("cursors", "loadgen_cpu_pct", "load gen CPU (%)"),
+]
+
+
+def first_error(r: dict) -> str:
+    for line in reversed((r.get("server_log_tail") or "").splitlines()):
+        if "rror" in line or "Errno" in line or "Traceback" in line:
+            return line.strip()[:240]
+    return "see " + str(r.get("server_log") or "the server log")
+
+
+def getpath(d: dict, path: str):
+    for part in path.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+def check(sc: str, key: str, v) -> str:
+    t = TARGETS.get((sc, key))
+    if t is None or v is None:
+        return ""
+    op, want, label = t
+    ok = {"<=": lambda: v <= want, ">=": lambda: v >= want, "==": lambda: v == want,
+          "<": lambda: v < want}[op]()
+    return f"{label} {'ok' if ok else 'MISS'}"
+
+
+def table(report: dict) -> str:
+    smoke = report["meta"].get("smoke")
+    servers = report["servers"]
+    b = servers.get("barosync", {})
+    p = servers.get("websockets", {})
+    head = ["figure", "barosync", "websockets peer", "ratio b/p", "target"]
+    lines = []
+    widths = [34, 16, 16, 10, 22]
+
+    def row(cells) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) if i < 4 else str(c)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines.append(row(head))
+    lines.append("-" * (sum(widths) + 8))
+    for sc in SCENARIOS:
+        rb, rp = b.get(sc), p.get(sc)
+        if rb is None and rp is None:
+            continue
+        params = (rb or {}).get("params") or (rp or {}).get("params") or {}
+        ptxt = ", ".join(f"{k}={v}" for k, v in params.items())
+        lines.append(f"[{sc}] {ptxt}")
+        for s, r in (("barosync", rb), ("peer", rp)):
+            if r is not None and r.get("status") != "ok":
+                lines.append(f"  {s}: ERROR {r.get('error')}")
+        for rsc, key, label in ROWS:
+            if rsc != sc:
+                continue
+            vb = getpath(rb, key) if rb and rb.get("status") == "ok" else None
+            vp = getpath(rp, key) if rp and rp.get("status") == "ok" else None
+            if vb is None and vp is None:
+                continue
+            ratio = ""
+            if isinstance(vb, (int, float)) and isinstance(vp, (int, float)) \
+                    and not isinstance(vb, bool) and vp:
+                ratio = f"{vb / vp:.2f}x"
+            lines.append(row(["  " + label, fmt(vb), fmt(vp) if rp is not None else "n/a",
+                              ratio, "(full run only)" if smoke and (sc, key) in TARGETS
+                              else check(sc, key, vb)]))
+        for s, r in (("barosync", rb), ("peer", rp)):
+            if r and r.get("status") == "ok":
+                notes = []
+                if r.get("loadgen_bound"):
+                    notes.append(f"LOAD GENERATOR WAS THE BOTTLENECK (its CPU {fmt(r['loadgen_cpu_pct'])}%, "
+                                 f"peak {fmt(r['loadgen_cpu_pct_peak_1s'])}%)")
+                if (r.get("other_cpu_pct") or 0) > disturbed_pct(sc):
+                    notes.append(f"other processes used {fmt(r['other_cpu_pct'])}% of a core meanwhile: "
+                                 f"figures disturbed, rerun on a quiet machine")
+                if r.get("errors"):
+                    notes.append(f"{r['errors']} error messages, e.g. {r.get('error_samples', [])[:1]}")
+                if r.get("closed_unexpectedly"):
+                    notes.append(f"{r['closed_unexpectedly']} connections closed {r.get('close_codes')}")
+                if r.get("connect_failures"):
+                    notes.append(f"{r['connect_failures']} connects failed {r.get('http_errors')}")
+                if r.get("connects_stalled"):
+                    notes.append(f"{r['connects_stalled']} connections never completed (gave up after "
+                                 f"no progress for 15 s; time to connect counts up to the last success)")
+                if not r.get("server_alive", True) or r.get("server_exit_code") not in (0, None):
+                    notes.append(f"server exit code {r.get('server_exit_code')} "
+                                 f"(alive at end of run: {r.get('server_alive')}): {first_error(r)}")
+                if r.get("out_of_order") or r.get("gaps"):
+                    notes.append(f"{r.get('out_of_order')} out of order, {r.get('gaps')} gaps")
+                if r.get("cursor_out_of_order"):
+                    notes.append(f"{r['cursor_out_of_order']} cursors arrived older than one already "
+                                 f"received from the same mover")
+                if r.get("cursor_with_id"):
+                    notes.append(f"{r['cursor_with_id']} user:cursor messages carried an id (they must not)")
+                if r.get("cursor_unparsable"):
+                    notes.append(f"{r['cursor_unparsable']} user:cursor messages without the mover's x/y/elementId")
+                for n_ in notes:
+                    lines.append(f"  ! {s}: {n_}")
+    return "\n".join(lines)
+
+
