@@ -21,8 +21,15 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.installed
 	$(BIN)/barosync serve $(ARGS)
 
-test: $(VENV)/.installed-test system-deps
+test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# TypeScript, to check barosync.d.ts against the browser client (tests/test_web_client.py).
+$(VENV)/node/.installed: | $(BIN)/python
+	@if command -v npm >/dev/null; then \
+	  echo "make: installing typescript into $(VENV)/node for the declarations check"; \
+	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent typescript@5 && touch $@; \
+	else echo "make: npm is missing (apt-get install npm); the TypeScript check will skip"; fi
 
 # Debian packages the tests use: Chromium for the browser tests (Playwright drives
 # /usr/bin/chromium). Installed when missing and we are root; otherwise those tests

@@ -79,6 +79,9 @@ async def handle(app: "App", method: bytes, path: str, query: str, headers: dict
 
 async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:
     identity = await _identity(app, headers)
+    if path == "/api/me":
+        _allow(method, b"GET")
+        return 200, _me(identity)
     if m := _PROJECT_EVENTS.fullmatch(path):
         _allow(method, b"GET")
         return await _list(app, identity, _unquote(m.group(1)), parse_qs(query))
@@ -99,6 +102,17 @@ async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: d
                 payload["version"] = _int(version[0], "version")
         return await _mutate(app, identity, "update" if method == b"PUT" else "delete", _idempotency_key(headers), payload)
     raise HttpError(404, "not_found", f"no such resource {path!r}")
+
+
+def _me(identity: Identity) -> dict[str, Any]:
+    """Who the token says the caller is (browsers cannot see why a WebSocket
+    handshake was refused; this answers 401 for the same token)."""
+    expires = identity.expires_at
+    return {
+        "user": {"id": identity.user_id, "name": identity.name, "avatar": identity.avatar, "color": identity.color},
+        "projects": identity.projects if isinstance(identity.projects, str) else sorted(identity.projects),
+        "expiresAt": int(expires * 1000) if expires is not None and math.isfinite(expires) else None,
+    }
 
 
 def _allow(method: bytes, *allowed: bytes) -> None:

@@ -20,7 +20,7 @@ import orjson
 import trio
 from websockets.utils import accept_key
 
-from . import __version__, protocol, rest
+from . import __version__, protocol, rest, static
 from .app import App
 from .codecs import DEFAULT_CODEC
 from .config import Config, ConfigError, ensure_secret
@@ -249,6 +249,13 @@ async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Requ
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /metrics"), extra=[(b"allow", b"GET, HEAD")])
         return _response(conn, 200, generate_latest(front.metrics), content_type=CONTENT_TYPE_LATEST.encode())
+    if (shipped := static.load(path)) is not None:
+        if method not in (b"GET", b"HEAD"):
+            return _response(conn, 405, _json_error(405, "method_not_allowed", f"use GET {path}"), extra=[(b"allow", b"GET, HEAD")])
+        body, content_type, etag = shipped
+        if _headers(request).get(b"if-none-match") == etag:
+            return _response(conn, 304, b"", content_type=content_type, extra=static.headers(etag))
+        return _response(conn, 200, body, content_type=content_type, extra=static.headers(etag))
     return _response(conn, 404, _json_error(404, "not_found", f"no such resource {path!r}; the WebSocket endpoint is /ws"))
 
 
@@ -305,6 +312,8 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
         "maxMessageBytes": config.max_message_bytes,
         # So a client can size its window of messages in flight.
         "rateLimit": {"perSecond": config.rate_limit, "burst": config.rate_burst},
+        # Cursors fanned out per user per second: a client need not send more.
+        "cursorRate": config.cursor_rate,
         # Changes when the data directory is replaced: a client whose `since` came
         # from another history must start from a snapshot.
         "dataId": app.store.data_id,

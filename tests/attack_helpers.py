@@ -93,9 +93,9 @@ class ServerProcess:
     """`barosync serve --port 0 --data DIR [--config C] [--log-level L]` as a subprocess."""
 
     def __init__(self, data_dir: Path, *, config: Path | None = None, log_level: str = "info",
-                 env: dict[str, str] | None = None, name: str = "serve") -> None:
+                 env: dict[str, str] | None = None, name: str = "serve", port: int = 0) -> None:
         self.data_dir = data_dir
-        args = ["serve", "--port", "0", "--data", str(data_dir), "--log-level", log_level]
+        args = ["serve", "--port", str(port), "--data", str(data_dir), "--log-level", log_level]
         if config is not None:
             args += ["--config", str(config)]
         data_dir.parent.mkdir(parents=True, exist_ok=True)

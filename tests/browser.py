@@ -13,6 +13,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    # Pages the tests serve through Playwright routes have no address; without this,
+    # Chromium's local-network checks refuse their WebSockets to 127.0.0.1.
+    "--disable-features=LocalNetworkAccessChecks",
 ]
 
 

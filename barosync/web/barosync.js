@@ -1,0 +1,809 @@
+// barosync browser client: one dependency-free ES module (no build step).
+//
+//   import { SyncClient } from "/client/barosync.js";
+//   const client = new SyncClient("ws://127.0.0.1:8080/ws", { token });
+//   client.addEventListener("change", (e) => render(client.events("demo")));
+//   await client.subscribe("demo");
+//   const event = await client.create("demo", { title: "Standup", startDate, endDate });
+//
+// Wire protocol v1 (docs/protocol.md). The local view of a project is the server's
+// state (as of the last seq applied) + own changes the server acked + the queue of
+// own changes not acked yet, folded in that order: a refused change simply leaves the
+// queue, so the view reverts by construction. The queue lives in IndexedDB (memory
+// where IndexedDB is unavailable); every entry has its envelope id from the start, so
+// a replay after a reconnect, a reload or another tab is applied once. Tabs of one
+// origin share the queue: the tab holding a Web Lock flushes it, BroadcastChannel
+// tells the others at once. Full API and events: docs/web-client.md.
+
+/** @typedef {"connecting"|"connected"|"reconnecting"|"offline"|"needs-auth"|"closed"} ConnectionState */
+/** @typedef {{id: string, projectId: string, title: string, startDate: string, endDate: string, version: number, [k: string]: any}} CalendarEvent */
+
+const DB_VERSION = 1;
+const BACKOFF = { initial: 1000, factor: 1.5, max: 30000 };
+// Errors after which a queued change stays queued and goes again after `retryAfter`.
+const RETRYABLE = new Set(["rate_limited", "storage_full", "storage_failed"]);
+const AUTH_CLOSE_CODES = new Set([4001, 4003]);
+// Sent at most this many at once; the rest wait for answers.
+const MAX_IN_FLIGHT = 32;
+const SERVER_FIELDS = new Set(["version", "createdAt", "updatedAt", "createdBy", "updatedBy"]);
+
+/** A change the server refused; `code` is the protocol's error code. */
+export class MutationRefused extends Error {
+  constructor(code, message, field) {
+    super(message);
+    this.name = "MutationRefused";
+    this.code = code;
+    this.field = field;
+  }
+}
+
+/** The server left a conflict to the user: `conflict` is the conflict:detected payload. */
+export class ConflictError extends Error {
+  constructor(conflict) {
+    super(`conflict on ${conflict.id}: ${(conflict.fields || []).join(", ") || "deleted meanwhile"}`);
+    this.name = "ConflictError";
+    this.conflict = conflict;
+  }
+}
+
+export function uuid() {
+  return globalThis.crypto && crypto.randomUUID ? crypto.randomUUID()
+    : "xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx".replace(/[xy]/g, (c) => {
+      const r = (Math.random() * 16) | 0;
+      return (c === "x" ? r : (r & 0x3) | 0x8).toString(16);
+    });
+}
+
+/** Full jitter: a random delay up to 1 s × 1.5^attempt, at most 30 s. */
+export function backoffDelay(attempt, random = Math.random) {
+  return random() * Math.min(BACKOFF.max, BACKOFF.initial * BACKOFF.factor ** attempt);
+}
+
+// -- persistence ------------------------------------------------------------------------
+
+class MemoryStorage {
+  constructor() { this.kind = "memory"; this.queue = new Map(); this.projects = new Map(); }
+  async open() { return this; }
+  async allQueued() { return [...this.queue.values()].sort((a, b) => a.seqNo - b.seqNo); }
+  async putQueued(item) { this.queue.set(item.envelopeId, item); }
+  async deleteQueued(envelopeId) { this.queue.delete(envelopeId); }
+  async getProject(projectId) { return this.projects.get(projectId); }
+  async putProject(state) { this.projects.set(state.projectId, state); }
+  close() {}
+}
+
+class IndexedDBStorage {
+  constructor(name) { this.kind = "indexeddb"; this.name = name; this.db = null; }
+
+  open() {
+    return new Promise((resolve, reject) => {
+      const req = indexedDB.open(this.name, DB_VERSION);
+      req.onupgradeneeded = () => {
+        const db = req.result;
+        if (!db.objectStoreNames.contains("queue")) db.createObjectStore("queue", { keyPath: "envelopeId" });
+        if (!db.objectStoreNames.contains("projects")) db.createObjectStore("projects", { keyPath: "projectId" });
+      };
+      req.onsuccess = () => { this.db = req.result; resolve(this); };
+      req.onerror = () => reject(req.error);
+      req.onblocked = () => reject(new Error("IndexedDB open blocked"));
+    });
+  }
+
+  _tx(store, mode, fn) {
+    return new Promise((resolve, reject) => {
+      const tx = this.db.transaction(store, mode);
+      let result;
+      tx.oncomplete = () => resolve(result);
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error);
+      const req = fn(tx.objectStore(store));
+      if (req) req.onsuccess = () => { result = req.result; };
+    });
+  }
+
+  async allQueued() { return ((await this._tx("queue", "readonly", (s) => s.getAll())) || []).sort((a, b) => a.seqNo - b.seqNo); }
+  putQueued(item) { return this._tx("queue", "readwrite", (s) => s.put(item)); }
+  deleteQueued(envelopeId) { return this._tx("queue", "readwrite", (s) => s.delete(envelopeId)); }
+  getProject(projectId) { return this._tx("projects", "readonly", (s) => s.get(projectId)); }
+  putProject(state) { return this._tx("projects", "readwrite", (s) => s.put(state)); }
+  close() { if (this.db) this.db.close(); this.db = null; }
+}
+
+async function openStorage(option, name) {
+  if (option && typeof option === "object") return option.open();
+  if (option !== "memory" && typeof indexedDB !== "undefined") {
+    try { return await new IndexedDBStorage(name).open(); } catch (e) { /* private mode and the like: memory */ }
+  }
+  return new MemoryStorage();
+}
+
+// -- the client ---------------------------------------------------------------------------
+
+export class SyncClient extends EventTarget {
+  /**
+   * @param {string} url  ws://HOST:PORT/ws (http:// and a bare origin work too)
+   * @param {{token: string | (() => string | null | Promise<string | null>), storage?: "indexeddb" | "memory",
+   *          name?: string, WebSocket?: typeof WebSocket}} options
+   */
+  constructor(url, options = {}) {
+    super();
+    if (!options.token) throw new TypeError("SyncClient needs a token (a string or a function returning one)");
+    this.url = wsUrl(url);
+    this._tokenSource = options.token;
+    this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._name = options.name || `barosync:${this.url}`;
+    /** @type {ConnectionState} */
+    this.state = "connecting";
+    this.closeCode = null;
+    this.closeReason = "";
+    this.user = null;
+    this.hello = null;
+    this.storageKind = null;
+    this._token = null;
+    this._ws = null;
+    this._attempt = 0;
+    this._closed = false;
+    this._timers = new Set();
+    this._listeners = [];
+    this._projects = new Map(); // projectId -> {seq, events: Map, settled: Map, live, wanted, presence: Map, cursors: Map}
+    this._queue = new Map(); // envelopeId -> queued item
+    this._inflight = new Set();
+    this._promises = new Map(); // envelopeId -> {resolve, reject}
+    this._subRefs = new Map(); // subscribe envelope id -> projectId
+    this._subWaiters = new Map(); // projectId -> [resolve]
+    this._pausedUntil = 0;
+    this._pingSentAt = null;
+    this._cursorTimer = null;
+    this._cursorPending = null;
+    this._cursorSentAt = 0;
+    this._leader = false;
+    this._releaseLock = null;
+    this._seqNo = Date.now() * 1000;
+    this._ready = this._start(options);
+  }
+
+  // -- lifecycle ------------------------------------------------------------------------
+
+  async _start(options) {
+    this._storage = await openStorage(options.storage, this._name);
+    this.storageKind = this._storage.kind;
+    this._emit("storage", { kind: this.storageKind });
+    for (const item of await this._storage.allQueued()) this._queue.set(item.envelopeId, item);
+    if (this._closed) return;
+    this._channel = typeof BroadcastChannel !== "undefined" ? new BroadcastChannel(this._name) : null;
+    if (this._channel) this._channel.onmessage = (e) => this._onTabMessage(e.data);
+    this._listen(globalThis, "online", () => this._wake());
+    // The browser says the network is gone: a socket that looks open is dead or soon
+    // will be. Drop it now; the `online` event brings an immediate retry.
+    this._listen(globalThis, "offline", () => {
+      if (this._ws) this._ws.close(1000, "browser offline");
+      else this._setState("offline");
+    });
+    if (typeof document !== "undefined") {
+      this._listen(document, "visibilitychange", () => { if (document.visibilityState === "visible") this._wake(); });
+    }
+    // Own presence goes when the page does, not a heartbeat timeout later.
+    this._listen(globalThis, "pagehide", () => { if (this._ws) this._ws.close(1000, "page hidden"); });
+    this._listen(globalThis, "pageshow", (e) => { if (e.persisted) this._wake(); });
+    this._takeLeadership();
+    this._notifySync();
+    this._connect();
+  }
+
+  /** Close the connection, timers, listeners, the lock and the channel; queued changes stay stored. */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    for (const t of this._timers) clearTimeout(t);
+    this._timers.clear();
+    for (const [target, type, fn] of this._listeners) target.removeEventListener(type, fn);
+    this._listeners = [];
+    if (this._ws) { this._ws.onclose = null; this._ws.close(1000, "client closed"); this._ws = null; }
+    if (this._releaseLock) this._releaseLock();
+    else if (this._lockAbort) this._lockAbort.abort();
+    if (this._channel) { this._channel.close(); this._channel = null; }
+    this._ready.then(() => this._storage && this._storage.close());
+    for (const { reject } of this._promises.values()) reject(new Error("client closed"));
+    this._promises.clear();
+    this._setState("closed");
+  }
+
+  /** Resolves when the local copy is loaded and a connection attempt has begun. */
+  ready() { return this._ready; }
+
+  // -- reading the local view ------------------------------------------------------------
+
+  /** The events of a project as this client sees them: server state + own pending changes. */
+  events(projectId) {
+    const view = new Map(this._project(projectId).events);
+    for (const [id, ev] of this._project(projectId).settled) {
+      if (ev.__deleted) view.delete(id);
+      else view.set(id, stripped(ev));
+    }
+    for (const item of this._sortedQueue()) {
+      if (item.projectId !== projectId) continue;
+      if (item.type === "event:delete") view.delete(item.eventId);
+      else if (item.type === "event:create") view.set(item.eventId, { ...item.payload, version: 0, pending: true });
+      else if (view.has(item.eventId)) view.set(item.eventId, { ...view.get(item.eventId), ...item.payload, version: view.get(item.eventId).version, pending: true });
+    }
+    return [...view.values()].map((e) => ({ ...e }));
+  }
+
+  /** One event from any subscribed project's local view, or undefined. */
+  get(id) {
+    for (const projectId of this._projects.keys()) {
+      const found = this.events(projectId).find((e) => e.id === id);
+      if (found) return found;
+    }
+    return undefined;
+  }
+
+  /** Who is present in a project: [{id, name, avatar, color, lastSeen}]. */
+  presence(projectId) { return [...this._project(projectId).presence.values()]; }
+
+  /** The last seq of a project this client applied (null before its first snapshot). */
+  lastSeq(projectId) { return this._project(projectId).seq; }
+
+  /** Changes waiting for the server: count, the oldest one's age (ms) and a status. */
+  syncStatus() {
+    const items = [...this._queue.values()];
+    const oldest = items.reduce((m, i) => Math.min(m, i.createdAt), Infinity);
+    const status = items.length === 0 ? "synced" : this.state === "connected" ? "saving" : "offline";
+    return { pending: items.length, oldestPendingAge: items.length ? Date.now() - oldest : 0, status };
+  }
+
+  // -- subscriptions -----------------------------------------------------------------------
+
+  /** Follow a project; resolves once the local copy has caught up with the server. */
+  async subscribe(projectId) {
+    await this._ready;
+    const p = this._project(projectId);
+    p.wanted = true;
+    if (p.seq === null) {
+      const saved = await this._storage.getProject(projectId);
+      if (saved && (!this.hello || saved.dataId === this.hello.dataId)) {
+        p.seq = saved.seq;
+        p.dataId = saved.dataId;
+        p.events = new Map(saved.events.map((e) => [e.id, e]));
+        this._emitChange(projectId, { kind: "snapshot" });
+      }
+    }
+    const caughtUp = new Promise((resolve) => {
+      const list = this._subWaiters.get(projectId) || [];
+      list.push(resolve);
+      this._subWaiters.set(projectId, list);
+    });
+    if (this.state === "connected") this._sendSubscribe(projectId);
+    return caughtUp;
+  }
+
+  unsubscribe(projectId) {
+    const p = this._project(projectId);
+    p.wanted = false;
+    p.live = false;
+    if (this.state === "connected") this._send({ type: "unsubscribe", id: uuid(), payload: { projectId } });
+  }
+
+  // -- changes --------------------------------------------------------------------------------
+
+  /** Create an event; resolves with the server's copy once it is on disk. */
+  create(projectId, fields) {
+    const id = fields.id || uuid();
+    return this._enqueue("event:create", projectId, id, { ...clientFields(fields), projectId, id });
+  }
+
+  /** Change fields of an event; based on the version this client has. */
+  update(id, changes) {
+    const current = this.get(id);
+    if (!current) return Promise.reject(new MutationRefused("not_found", `no event ${id} in a subscribed project`, "id"));
+    return this._enqueue("event:update", current.projectId, id, { ...clientFields(changes), id }, current.version);
+  }
+
+  delete(id) {
+    const current = this.get(id);
+    if (!current) return Promise.reject(new MutationRefused("not_found", `no event ${id} in a subscribed project`, "id"));
+    return this._enqueue("event:delete", current.projectId, id, { id }, current.version);
+  }
+
+  /**
+   * Settle a conflict the server left to the user: "remote" keeps what is stored,
+   * "local" stores this client's version, an object stores those fields.
+   */
+  async resolve(conflict, choice) {
+    const remote = conflict.remoteVersion;
+    if (choice === "remote") return remote || undefined;
+    const fields = choice === "local" ? (conflict.localVersion || {}) : choice;
+    if (!remote) {
+      if (conflict.operation === "delete") return undefined;
+      // Deleted meanwhile: ids are never reused, so keeping ours makes a new event.
+      const { id, ...rest } = fields;
+      return this.create(conflict.projectId, rest);
+    }
+    if (conflict.operation === "delete" && choice === "local") {
+      return this._enqueue("event:delete", conflict.projectId, conflict.id, { id: conflict.id }, remote.version);
+    }
+    const changes = {};
+    for (const [k, v] of Object.entries(clientFields(fields))) {
+      if (JSON.stringify(v) !== JSON.stringify(remote[k])) changes[k] = v;
+    }
+    return this._enqueue("event:update", conflict.projectId, conflict.id, { ...changes, id: conflict.id }, remote.version);
+  }
+
+  /** Share the pointer; throttled to the server's cursor rate, the latest position wins. */
+  moveCursor(projectId, x, y, elementId) {
+    this._cursorPending = { projectId, x, y, ...(elementId !== undefined ? { elementId } : {}) };
+    if (this._cursorTimer) return;
+    const rate = (this.hello && this.hello.cursorRate) || 20;
+    const wait = Math.max(0, this._cursorSentAt + 1000 / rate - Date.now());
+    this._cursorTimer = this._later(() => {
+      this._cursorTimer = null;
+      const c = this._cursorPending;
+      this._cursorPending = null;
+      if (c && this.state === "connected") {
+        this._cursorSentAt = Date.now();
+        this._send({ type: "user:cursor", payload: c });
+      }
+    }, wait);
+  }
+
+  async _enqueue(type, projectId, eventId, payload, version) {
+    await this._ready;
+    if (this._closed) throw new Error("client closed");
+    if (version !== undefined) payload = { ...payload, version };
+    const item = { envelopeId: uuid(), seqNo: this._seqNo++, type, projectId, eventId, payload, createdAt: Date.now() };
+    const done = new Promise((resolve, reject) => this._promises.set(item.envelopeId, { resolve, reject }));
+    // Stored before it is sent: a tab closed now loses nothing.
+    await this._storage.putQueued(item);
+    this._queue.set(item.envelopeId, item);
+    this._tell({ kind: "queued", item });
+    this._emitChange(projectId, { kind: type.slice(6), id: eventId, local: true });
+    this._notifySync();
+    this._flush();
+    return done;
+  }
+
+  _sortedQueue() { return [...this._queue.values()].sort((a, b) => a.seqNo - b.seqNo); }
+
+  // -- tabs ----------------------------------------------------------------------------------
+
+  _takeLeadership() {
+    if (!(globalThis.navigator && navigator.locks)) { this._leader = true; return; }
+    // Exactly one tab of this origin flushes the shared queue: the one holding the lock.
+    this._lockAbort = new AbortController();
+    navigator.locks.request(`${this._name}:flush`, { signal: this._lockAbort.signal }, () => {
+      if (this._closed) return undefined;
+      this._leader = true;
+      this._emit("leader", { leader: true });
+      this._flush();
+      return new Promise((resolve) => { this._releaseLock = () => { this._leader = false; resolve(); }; });
+    }).catch(() => { /* aborted by close() */ });
+  }
+
+  _tell(message) { if (this._channel) this._channel.postMessage(message); }
+
+  async _onTabMessage(m) {
+    if (m.kind === "queued") {
+      this._queue.set(m.item.envelopeId, m.item);
+      this._emitChange(m.item.projectId, { kind: m.item.type.slice(6), id: m.item.eventId, local: true });
+      this._notifySync();
+      this._flush();
+    } else if (m.kind === "settled") {
+      this._settle(m.envelopeId, m.outcome, false);
+    }
+  }
+
+  // -- connection -------------------------------------------------------------------------------
+
+  async _connect() {
+    if (this._closed || this._ws) return;
+    this._setState(this._attempt === 0 ? "connecting" : "reconnecting");
+    let token;
+    try {
+      token = typeof this._tokenSource === "function" ? await this._tokenSource() : this._tokenSource;
+    } catch (e) { token = null; }
+    if (this._closed) return;
+    if (!token || (token === this._refusedToken)) { this._needsAuth(4001, "no usable token"); return; }
+    this._token = token;
+    const ws = new this._WebSocket(`${this.url}?token=${encodeURIComponent(token)}`);
+    this._ws = ws;
+    let opened = false;
+    ws.onopen = () => { opened = true; };
+    ws.onmessage = (m) => this._onFrame(m.data);
+    ws.onclose = (e) => this._onClose(ws, e.code, e.reason, opened);
+  }
+
+  async _onClose(ws, code, reason, opened) {
+    if (this._ws !== ws) return;
+    this._ws = null;
+    this._inflight.clear();
+    this._pingSentAt = null;
+    for (const p of this._projects.values()) { p.live = false; p.presence.clear(); }
+    this.closeCode = code;
+    this.closeReason = reason;
+    if (this._closed) return;
+    if (AUTH_CLOSE_CODES.has(code)) { this._refused(code, reason); return; }
+    const online = !(globalThis.navigator && navigator.onLine === false);
+    if (!opened && online && await this._tokenRefused()) { this._refused(4001, "token refused at the handshake"); return; }
+    this._emitPresenceAll();
+    this._scheduleReconnect();
+  }
+
+  // A browser hides the HTTP status of a refused handshake: ask the REST API instead.
+  async _tokenRefused() {
+    try {
+      const r = await fetch(httpUrl(this.url, "/api/me"), { headers: { Authorization: `Bearer ${this._token}` } });
+      return r.status === 401 || r.status === 403;
+    } catch (e) {
+      return false;
+    }
+  }
+
+  _refused(code, reason) {
+    if (typeof this._tokenSource === "function" && this._token !== this._refusedToken) {
+      // A provider may have a fresh token: ask once more, then give up.
+      this._refusedToken = this._token;
+      this._later(() => this._connect(), 0);
+      return;
+    }
+    this._needsAuth(code, reason);
+  }
+
+  _needsAuth(code, reason) {
+    this.closeCode = code;
+    this.closeReason = reason;
+    this._setState("needs-auth");
+  }
+
+  /** Try again now (after needs-auth: with a new token from the provider, or `token`). */
+  reconnect(token) {
+    if (token) this._tokenSource = token;
+    this._refusedToken = null;
+    this._attempt = 0;
+    if (this._ws) this._ws.close(1000, "reconnect");
+    else this._connect();
+  }
+
+  _scheduleReconnect() {
+    const offline = globalThis.navigator && navigator.onLine === false;
+    const delay = backoffDelay(this._attempt++);
+    this.retryAt = Date.now() + delay;
+    this._setState(offline ? "offline" : "reconnecting");
+    this._reconnectTimer = this._later(() => { this._reconnectTimer = null; this._connect(); }, delay);
+  }
+
+  _wake() {
+    if (this._closed || this._ws || this.state === "needs-auth") return;
+    if (this._reconnectTimer) { clearTimeout(this._reconnectTimer); this._timers.delete(this._reconnectTimer); this._reconnectTimer = null; }
+    this._connect();
+  }
+
+  _later(fn, ms) {
+    const t = setTimeout(() => { this._timers.delete(t); if (!this._closed) fn(); }, ms);
+    this._timers.add(t);
+    return t;
+  }
+
+  _send(message) {
+    if (!this._ws || this._ws.readyState !== 1) return false;
+    this._ws.send(JSON.stringify({ timestamp: Date.now(), ...message }));
+    return true;
+  }
+
+  _sendSubscribe(projectId) {
+    const p = this._project(projectId);
+    const id = uuid();
+    this._subRefs.set(id, projectId);
+    const payload = { projectId };
+    if (p.seq !== null && p.dataId === this.hello.dataId) payload.since = p.seq;
+    this._send({ type: "subscribe", id, payload });
+  }
+
+  // -- heartbeat: a hidden tab's late timers never kill a live connection -----------------
+
+  _heartbeat() {
+    const hb = this.hello.heartbeat || { interval: 30000, timeout: 60000 };
+    const interval = Math.min(hb.interval, hb.timeout / 2);
+    const tick = () => {
+      if (!this._ws) return;
+      // Dead only when a ping got no message back for a whole timeout after it was
+      // sent. Messages are handled as they come even in a throttled tab, so a late
+      // timer finds `_pingSentAt` cleared on a live connection.
+      if (this._pingSentAt !== null && Date.now() - this._pingSentAt > hb.timeout / 2) {
+        this._ws.close(4000, "heartbeat timeout");
+        return;
+      }
+      if (this._pingSentAt === null) {
+        this._pingSentAt = Date.now();
+        this._send({ type: "ping" });
+      }
+      this._hbTimer = this._later(tick, interval);
+    };
+    this._hbTimer = this._later(tick, interval);
+  }
+
+  _scheduleRefresh() {
+    const exp = this.hello.tokenExpiresAt;
+    if (!exp || typeof this._tokenSource !== "function") return;
+    const left = exp - Date.now();
+    const wait = Math.max(1000, Math.min(left - 60000, left / 2));
+    this._later(async () => {
+      let token = null;
+      try { token = await this._tokenSource(); } catch (e) { /* keep the current one */ }
+      if (token && token !== this._token && this._ws) {
+        this._token = token;
+        this._send({ type: "auth:refresh", id: uuid(), payload: { token } });
+      }
+    }, wait);
+  }
+
+  // -- incoming -----------------------------------------------------------------------------------
+
+  _onFrame(data) {
+    let msg;
+    try { msg = JSON.parse(data); } catch (e) { return; }
+    this._pingSentAt = null;
+    const items = msg.type === "batch" && Array.isArray(msg.payload) ? msg.payload : [msg];
+    for (const m of items) this._onMessage(m);
+  }
+
+  _onMessage(msg) {
+    const p = msg.payload || {};
+    switch (msg.type) {
+      case "hello": return this._onHello(msg, p);
+      case "ack": return this._onAck(msg, p);
+      case "error": return this._onError(p);
+      case "conflict:detected": return this._onConflict(p);
+      case "sync:snapshot": this._ackServer(msg); return this._onSnapshot(p);
+      case "event:created": case "event:updated": case "event:deleted": this._ackServer(msg); return this._onChange(msg, p);
+      case "user:joined": return this._onPresence(p, true);
+      case "user:left": return this._onPresence(p, false);
+      case "user:cursor": return this._emit("cursor", { ...p, projectId: p.projectId || msg.projectId });
+      default: return undefined;
+    }
+  }
+
+  _ackServer(msg) { if (msg.id) this._send({ type: "ack", id: msg.id }); }
+
+  _onHello(msg, p) {
+    const previous = this.hello;
+    this.hello = p;
+    this.user = p.user;
+    this._attempt = 0;
+    this._refusedToken = null;
+    this.retryAt = null;
+    if (previous && previous.dataId !== p.dataId) {
+      for (const proj of this._projects.values()) { proj.seq = null; proj.dataId = null; }
+    }
+    this._setState("connected");
+    this._heartbeat();
+    this._scheduleRefresh();
+    for (const [projectId, proj] of this._projects) if (proj.wanted) this._sendSubscribe(projectId);
+    this._flush();
+  }
+
+  _onAck(msg, p) {
+    const ref = msg.id;
+    if (this._subRefs.has(ref)) {
+      const projectId = this._subRefs.get(ref);
+      this._subRefs.delete(ref);
+      if (p.mode === "changes") this._caughtUpAt(projectId, p.seq);
+      return;
+    }
+    if (this._queue.has(ref)) {
+      this._settle(ref, { ok: true, answer: p }, true);
+    }
+  }
+
+  _caughtUpAt(projectId, seq) {
+    const proj = this._project(projectId);
+    proj.target = seq;
+    this._maybeLive(projectId);
+  }
+
+  _maybeLive(projectId) {
+    const proj = this._project(projectId);
+    if (proj.live || proj.target === undefined || proj.seq === null || proj.seq < proj.target) return;
+    proj.live = true;
+    for (const resolve of this._subWaiters.get(projectId) || []) resolve();
+    this._subWaiters.delete(projectId);
+    this._persist(projectId);
+    this._emit("sync", { ...this.syncStatus(), projectId, live: true });
+  }
+
+  _onSnapshot(p) {
+    const proj = this._project(p.projectId);
+    proj.seq = p.seq;
+    proj.dataId = this.hello.dataId;
+    proj.events = new Map(p.events.map((e) => [e.id, e]));
+    for (const [id, ev] of proj.settled) if (ev.__seq <= p.seq) proj.settled.delete(id);
+    proj.target = p.seq;
+    this._emitChange(p.projectId, { kind: "snapshot" });
+    this._maybeLive(p.projectId);
+  }
+
+  _onChange(msg, p) {
+    const projectId = msg.projectId || p.projectId;
+    const proj = this._project(projectId);
+    const seq = msg.seq;
+    if (proj.seq === null || seq <= proj.seq) return; // before the snapshot, or seen already
+    if (seq !== proj.seq + 1) {
+      // A gap: ask for what is missing rather than apply out of order.
+      proj.live = false;
+      this._sendSubscribe(projectId);
+      return;
+    }
+    this._apply(proj, msg.type, p, seq);
+    this._emitChange(projectId, { kind: msg.type.slice(6), id: p.id, seq, userId: msg.userId, event: msg.type === "event:deleted" ? undefined : p });
+    this._maybeLive(projectId);
+    this._persistSoon(projectId);
+  }
+
+  _apply(proj, type, p, seq) {
+    proj.seq = seq;
+    if (type === "event:deleted") proj.events.delete(p.id);
+    else proj.events.set(p.id, p);
+    const settled = proj.settled.get(p.id);
+    if (settled && settled.__seq <= seq) proj.settled.delete(p.id);
+  }
+
+  _onError(p) {
+    const ref = p.ref;
+    if (ref && this._subRefs.has(ref)) {
+      const projectId = this._subRefs.get(ref);
+      this._subRefs.delete(ref);
+      this._project(projectId).wanted = false;
+      this._emit("error", { ...p, projectId });
+      return;
+    }
+    if (ref && this._queue.has(ref)) {
+      if (RETRYABLE.has(p.code)) {
+        // Nothing was stored: keep it, send it again after retryAfter.
+        this._inflight.delete(ref);
+        const wait = 1000 * (typeof p.retryAfter === "number" ? p.retryAfter : 1);
+        this._pausedUntil = Date.now() + Math.min(60000, Math.max(50, wait));
+        this._emit("sync", { ...this.syncStatus(), error: p });
+        this._later(() => this._flush(), this._pausedUntil - Date.now());
+        return;
+      }
+      this._settle(ref, { ok: false, error: p }, true);
+      return;
+    }
+    this._emit("error", p);
+  }
+
+  _onConflict(p) {
+    // A conflict the strategy settled (merge, last-write-wins) comes after its ack,
+    // which already settled the change: then this only informs.
+    if (p.ref && this._queue.has(p.ref)) this._settle(p.ref, { ok: false, conflict: p }, true);
+    this._emit("conflict", { conflict: p });
+  }
+
+  _onPresence(p, joined) {
+    const proj = this._project(p.projectId);
+    if (joined) proj.presence.set(p.id, p);
+    else { proj.presence.delete(p.id); proj.cursors.delete(p.id); }
+    this._emit("presence", { projectId: p.projectId, users: this.presence(p.projectId), user: p, joined });
+  }
+
+  _emitPresenceAll() {
+    for (const [projectId] of this._projects) this._emit("presence", { projectId, users: [] });
+  }
+
+  // -- the queue --------------------------------------------------------------------------
+
+  _flush() {
+    if (!this._leader || this.state !== "connected" || Date.now() < this._pausedUntil) return;
+    for (const item of this._sortedQueue()) {
+      if (this._inflight.size >= MAX_IN_FLIGHT) break;
+      if (this._inflight.has(item.envelopeId)) continue;
+      this._inflight.add(item.envelopeId);
+      this._send({ type: item.type, id: item.envelopeId, payload: item.payload });
+    }
+  }
+
+  async _settle(envelopeId, outcome, tellOthers) {
+    const item = this._queue.get(envelopeId);
+    if (!item) return;
+    this._queue.delete(envelopeId);
+    this._inflight.delete(envelopeId);
+    const proj = this._project(item.projectId);
+    if (outcome.ok) {
+      const a = outcome.answer;
+      const ev = a.event;
+      if (a.seq && (proj.seq === null || a.seq > proj.seq)) {
+        if (proj.seq !== null && a.seq === proj.seq + 1) {
+          this._apply(proj, ev ? "event:updated" : "event:deleted", ev || { id: item.eventId }, a.seq);
+          this._persistSoon(item.projectId);
+        } else {
+          // Acked before this copy reached its seq: shown as acked until it does.
+          proj.settled.set(item.eventId, ev ? { ...ev, __seq: a.seq } : { id: item.eventId, __deleted: true, __seq: a.seq });
+        }
+      }
+    }
+    if (tellOthers) {
+      await this._storage.deleteQueued(envelopeId);
+      this._tell({ kind: "settled", envelopeId, outcome });
+    }
+    const waiter = this._promises.get(envelopeId);
+    this._promises.delete(envelopeId);
+    if (waiter) {
+      if (outcome.ok) waiter.resolve(outcome.answer.event ? stripped(outcome.answer.event) : undefined);
+      else if (outcome.conflict) waiter.reject(new ConflictError(outcome.conflict));
+      else waiter.reject(new MutationRefused(outcome.error.code, outcome.error.message, outcome.error.field));
+    }
+    this._emitChange(item.projectId, { kind: "settled", id: item.eventId, ok: outcome.ok, local: true });
+    this._notifySync();
+    this._flush();
+  }
+
+  // -- bookkeeping ----------------------------------------------------------------------------
+
+  _project(projectId) {
+    let p = this._projects.get(projectId);
+    if (!p) {
+      p = { seq: null, dataId: null, events: new Map(), settled: new Map(), live: false, wanted: false,
+            presence: new Map(), cursors: new Map(), target: undefined };
+      this._projects.set(projectId, p);
+    }
+    return p;
+  }
+
+  _persistSoon(projectId) {
+    const p = this._project(projectId);
+    if (p.persistTimer) return;
+    p.persistTimer = this._later(() => { p.persistTimer = null; this._persist(projectId); }, 200);
+  }
+
+  _persist(projectId) {
+    const p = this._project(projectId);
+    if (p.seq === null || !this._storage) return;
+    this._storage.putProject({ projectId, seq: p.seq, dataId: p.dataId, events: [...p.events.values()] }).catch(() => {});
+  }
+
+  _setState(state) {
+    if (this.state === state && state !== "reconnecting") return;
+    this.state = state;
+    this._emit("state", { state, code: this.closeCode, reason: this.closeReason, retryAt: this.retryAt || null });
+    this._notifySync();
+  }
+
+  _notifySync() { this._emit("sync", this.syncStatus()); }
+
+  _emitChange(projectId, detail) { this._emit("change", { projectId, ...detail }); }
+
+  _emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
+
+  _listen(target, type, fn) {
+    if (!target || !target.addEventListener) return;
+    target.addEventListener(type, fn);
+    this._listeners.push([target, type, fn]);
+  }
+}
+
+function clientFields(fields) {
+  const out = {};
+  for (const [k, v] of Object.entries(fields || {})) if (!SERVER_FIELDS.has(k) && k !== "pending") out[k] = v;
+  return out;
+}
+
+function stripped(event) {
+  const { __seq, ...rest } = event;
+  return rest;
+}
+
+function wsUrl(url) {
+  const u = new URL(url, globalThis.location ? globalThis.location.href : undefined);
+  if (u.protocol === "http:") u.protocol = "ws:";
+  if (u.protocol === "https:") u.protocol = "wss:";
+  if (u.pathname === "/" || u.pathname === "") u.pathname = "/ws";
+  u.search = "";
+  return u.toString();
+}
+
+function httpUrl(url, path) {
+  const u = new URL(url);
+  u.protocol = u.protocol === "wss:" ? "https:" : "http:";
+  u.pathname = path;
+  u.search = "";
+  return u.toString();
+}
