@@ -24,11 +24,12 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# TypeScript, to check barosync.d.ts against the browser client (tests/test_web_client.py).
+# TypeScript, to check barosync.d.ts against the browser client, and React 18 (its UMD
+# build), to run the hook of docs/web-client.md (tests/test_web_client.py).
 $(VENV)/node/.installed: | $(BIN)/python
 	@if command -v npm >/dev/null; then \
-	  echo "make: installing typescript into $(VENV)/node for the declarations check"; \
-	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent typescript@5 && touch $@; \
+	  echo "make: installing typescript and react into $(VENV)/node for the browser-client checks"; \
+	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent typescript@5 react@18 react-dom@18 && touch $@; \
 	else echo "make: npm is missing (apt-get install npm); the TypeScript check will skip"; fi
 
 # Debian packages the tests use: Chromium for the browser tests (Playwright drives

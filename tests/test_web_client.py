@@ -387,3 +387,72 @@ void main();
     exported = {line.split()[2].split("(")[0] for line in CLIENT_JS.splitlines() if line.startswith("export ")}
     declared = (web / "barosync.d.ts").read_text()
     assert all(f" {name}" in declared for name in exported), exported
+
+
+def _serve(body: str):
+    # A route handler of one argument: Playwright passes the request as a second one.
+    return lambda route: route.fulfill(body=body, content_type="text/javascript")
+
+
+def _hook_from_docs() -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "web-client.md").read_text()
+    block = text.split("## A React hook", 1)[1].split("```js\n", 1)[1].split("```", 1)[0]
+    assert block.count("\n") <= 40, "the doc promises a short hook"
+    return block
+
+
+def test_the_react_hook_in_the_docs_renders_live_changes(chromium, server) -> None:
+    node = Path(os.environ.get("BAROSYNC_NODE_MODULES", ".venv/node/node_modules")).resolve()
+    react, react_dom = node / "react" / "umd" / "react.development.js", node / "react-dom" / "umd" / "react-dom.development.js"
+    if not (react.exists() and react_dom.exists()):
+        pytest.skip("react@18 is missing (`make test` installs it into .venv/node)")
+    context = new_context(chromium)
+    files = {
+        "**/vendor/react.js": react.read_text(),
+        "**/vendor/react-dom.js": react_dom.read_text(),
+        # The hook imports "react" as an app would; an import map points it at the UMD build.
+        "**/vendor/react.mjs": "const R = window.React; export default R; export const { useEffect, useState } = R;",
+        "**/app/hook.js": _hook_from_docs(),
+    }
+    for pattern, body in files.items():
+        context.route(pattern, _serve(body))
+    page_html = """<!doctype html><meta charset=utf-8>
+<script type=importmap>{"imports": {"react": "/vendor/react.mjs"}}</script>
+<script src=/vendor/react.js></script><script src=/vendor/react-dom.js></script>
+<div id=root></div>
+<script type=module>
+  import { SyncClient } from "/client/barosync.js";
+  import { useRealtimeCalendar } from "/app/hook.js";
+  const h = React.createElement;
+  window.start = (url, token) => {
+    const client = new SyncClient(url, { token, storage: "memory" });
+    window.client = client;
+    function Calendar() {
+      const { events, users, status, create } = useRealtimeCalendar(client, "p1");
+      window.createFromHook = create;
+      return h("div", null,
+        h("p", { id: "status" }, `${status.state} ${status.pending}`),
+        h("ul", { id: "users" }, users.map((u) => h("li", { key: u.id }, u.name))),
+        h("ul", { id: "events" }, events.map((e) => h("li", { key: e.id }, e.title))));
+    }
+    ReactDOM.createRoot(document.getElementById("root")).render(h(Calendar));
+  };
+  window.ready = true;
+</script>"""
+    context.route("**/test/react.html", lambda route: route.fulfill(body=page_html, content_type="text/html"))
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"http://127.0.0.1:{server.port}/test/react.html")
+    page.wait_for_function("window.ready === true")
+    page.evaluate("([url, token]) => window.start(url, token)", [server.ws, server.token("alice", name="Alice")])
+    page.wait_for_function("document.getElementById('status').textContent === 'connected 0'")
+    page.evaluate("window.createFromHook({title: 'From the hook', startDate: '2026-01-05T09:00:00Z', endDate: '2026-01-05T10:00:00Z'})")
+    other = Tab(new_context(chromium), server.port)
+    other.open_client(server.ws, server.token("bob", name="Bob"), storage="memory")
+    other.js("c.subscribe('p1')")
+    other.js(CREATE, ["c", "p1", {"title": "From Bob", "startDate": START, "endDate": END}])
+    page.wait_for_function("document.getElementById('events').textContent.includes('From Bob')")
+    page.wait_for_function("document.getElementById('users').textContent.includes('Bob')")
+    assert sorted(page.eval_on_selector_all("#events li", "els => els.map(e => e.textContent)")) == ["From Bob", "From the hook"]
+    assert errors == []
