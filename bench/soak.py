@@ -81,14 +81,16 @@ def load_process(n: int, port: int, secret: str, clients: int, rate: float, reco
         async def session(self) -> None:
             self.drop = trio.Event()
             async with open_websocket_url(f"ws://127.0.0.1:{port}/ws?token={self.token}", max_message_size=64 << 20) as ws:
-                self.ws = ws
                 payload: dict[str, Any] = {"projectId": self.project}
                 if self.last_seq is not None:
                     payload["since"] = self.last_seq
                 await ws.send_message(json.dumps({"type": "subscribe", "id": uuid.uuid4().hex, "payload": payload}))
+                # Only now may changes go out: one sent before the subscribe would be
+                # answered (with its seq) ahead of the replay of what was missed.
+                self.ws = ws
                 # What was in flight when the connection dropped is not resent (the
                 # soak watches the server, not a client's queue); its events go.
-                self.lost += [event_id for _, kind, event_id in self.sent.values() if kind != "create" and event_id]
+                self.lost += [event_id for _, kind, event_id in self.sent.values() if event_id]
                 self.sent.clear()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.read, ws, nursery)
@@ -118,7 +120,11 @@ def load_process(n: int, port: int, secret: str, clients: int, rate: float, reco
                     stats["errors"] += 1
                     self.sent.pop(msg["payload"].get("ref"), None)
                     continue
-                if kind in ("event:created", "event:updated", "event:deleted"):
+                if kind == "sync:snapshot":
+                    # A snapshot replaces the copy (also mid-resume, when history was
+                    # pruned between two pieces of a long replay).
+                    self.last_seq = msg["payload"]["seq"]
+                elif kind in ("event:created", "event:updated", "event:deleted"):
                     stats["deliveries"] += 1
                     self.seen(msg.get("seq"), own=False)
                 elif kind == "user:cursor":
@@ -133,6 +139,8 @@ def load_process(n: int, port: int, secret: str, clients: int, rate: float, reco
                 stats["duplicates"] += 1
             elif seq > self.last_seq + 1:
                 stats["gaps"] += 1
+                print(f"soak: gap in {self.project} for {self.user}: expected {self.last_seq + 1}, got {seq}"
+                      f" ({'own ack' if own else 'delivery'})", file=sys.stderr, flush=True)
             self.last_seq = max(self.last_seq, seq)
 
         async def mutate(self) -> None:
@@ -232,9 +240,11 @@ def _cpu() -> float:
 # -- the server and the report -----------------------------------------------------------
 
 
-def rss_kb(pid: int) -> int:
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """Resident KiB: VmRSS in all, or RssAnon (the heap: what a leak grows; the
+    rest is LMDB's file pages, which follow the data file)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -298,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     end = started + args.minutes * 60
     window: list[dict[str, Any]] = []
     next_report = started + args.report_every
-    log(f"{'min':>6} {'rss MB':>7} {'fds':>5} {'data MB':>8} {'mut/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
+    log(f"{'min':>6} {'rss MB':>7} {'anon MB':>7} {'fds':>5} {'data MB':>8} {'mut/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'errors':>6} {'gaps':>4} {'dups':>4} {'reconn':>6} {'load cpu %':>12}")
     try:
         while time.monotonic() < end:
@@ -320,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "minute": round((now - started) / 60, 2),
                 "rss_mb": round(rss_kb(server.pid) / 1024, 1),
+                "anon_mb": round(rss_kb(server.pid, "RssAnon") / 1024, 1),
                 "fds": fds(server.pid),
                 "data_mb": round((data / "data.mdb").stat().st_size / 2**20, 1),
                 "mutations_per_s": round(sum(w["mutations"] for w in window) / args.report_every),
@@ -332,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 totals[key] += row[key]
             window.clear()
             rows.append(row)
-            log(f"{row['minute']:>6} {row['rss_mb']:>7} {row['fds']:>5} {row['data_mb']:>8} {row['mutations_per_s']:>6} "
+            log(f"{row['minute']:>6} {row['rss_mb']:>7} {row['anon_mb']:>7} {row['fds']:>5} {row['data_mb']:>8} {row['mutations_per_s']:>6} "
                 f"{row['p50_ms']:>7} {row['p99_ms']:>7} {row['errors']:>6} {row['gaps']:>4} {row['duplicates']:>4} "
                 f"{row['reconnects']:>6} {'/'.join(map(str, row['load_cpu_pct'])):>12}")
             if args.json:
@@ -356,11 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     warm = rows[len(rows) // 3]  # the first third is warm-up
     last = rows[-1]
     rss_growth = last["rss_mb"] - warm["rss_mb"]
+    anon_growth = last["anon_mb"] - warm["anon_mb"]
     fd_growth = last["fds"] - warm["fds"]
     data_growth = last["data_mb"] - warm["data_mb"]
     busiest = max(max(r["load_cpu_pct"]) for r in rows)
     log(f"soak: after warm-up (from minute {warm['minute']}): RSS {warm['rss_mb']} -> {last['rss_mb']} MB "
-        f"({rss_growth:+.1f}), fds {warm['fds']} -> {last['fds']} ({fd_growth:+d}), data file "
+        f"({rss_growth:+.1f}; heap {warm['anon_mb']} -> {last['anon_mb']}, {anon_growth:+.1f}), fds {warm['fds']} -> {last['fds']} ({fd_growth:+d}), data file "
         f"{warm['data_mb']} -> {last['data_mb']} MB ({data_growth:+.1f}); totals: {totals}; busiest load process "
         f"{busiest}% of a core")
     ok = totals["gaps"] == 0 and totals["duplicates"] == 0 and server.returncode == 0

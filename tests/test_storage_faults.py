@@ -23,6 +23,7 @@ from barosync.writer import out_of_space
 from barosync.client import ServerError, SyncClient
 
 from attack_helpers import WS, Closed, ServerProcess, barosync_cmd, event_payload, mint, start_server, uid
+from browser import chromium  # noqa: F401  (the fixture)
 from conftest import http_exchange, open_client, running, token
 
 BIG = "x" * 4096  # a 4 KB description, as in the report that found the bug
@@ -305,5 +306,52 @@ async def test_a_failed_sync_stops_the_server_and_loses_nothing_acked(tmp_path: 
         snapshot = await next_of(reader, "sync:snapshot")
         stored = {e["id"] for e in snapshot["payload"]["events"]}
         assert set(acked) <= stored
+    finally:
+        server.stop()
+
+
+# -- the browser client keeps a refused change ---------------------------------------------
+
+
+def test_the_browser_client_keeps_changes_through_a_full_disk(small_disk: Path, chromium) -> None:
+    from test_web_client import Tab, new_context
+
+    data = small_disk / "data"
+    server = ServerProcess(data)
+    try:
+        tok = mint(data, "alice", "--all-projects")
+
+        def post(n: int) -> int:
+            body = json.dumps(event_payload("fill", title=f"fill {n}", description=BIG)).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{server.port}/api/events", data=body, method="POST",
+                                             headers={"Authorization": f"Bearer {tok}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        n = 0
+        while post(n) != 507:
+            n += 1
+            assert n < 3000, "the disk never filled"
+        tab = Tab(new_context(chromium), server.port)
+        tab.open_client(f"ws://127.0.0.1:{server.port}/ws", tok)
+        tab.js("c.subscribe('p1')")
+        tab.js("""() => { window.saved = null;
+            c.create('p1', {title: 'kept', startDate: '2026-01-05T09:00:00Z', endDate: '2026-01-05T10:00:00Z'})
+             .then((ev) => { window.saved = ev; }); }""")
+        tab.wait("cLog.some(e => e.type === 'sync' && e.detail.error && e.detail.error.code === 'storage_full')")
+        assert tab.js("c.syncStatus().pending") == 1 and tab.js("window.saved") is None
+        assert [e["title"] for e in tab.js("c.events('p1')")] == ["kept"]  # still shown, pending
+        grown = subprocess.run(["mount", "-o", "remount,size=32m", str(small_disk)], capture_output=True, text=True)
+        assert grown.returncode == 0, grown.stderr
+        tab.wait("window.saved !== null && c.syncStatus().status === 'synced'", timeout=20_000)
+        assert tab.js("window.saved.version") == 1
+        reader = urllib.request.Request(f"http://127.0.0.1:{server.port}/api/projects/p1/events",
+                                        headers={"Authorization": f"Bearer {tok}"})
+        with urllib.request.urlopen(reader, timeout=5) as response:
+            assert [e["title"] for e in json.loads(response.read())["events"]] == ["kept"]  # once
+        assert tab.real_errors() == []
     finally:
         server.stop()
