@@ -20,7 +20,7 @@ import logging
 import os
 import select
 import selectors
-from typing import Callable, Protocol
+from typing import Protocol
 
 import trio
 
@@ -97,14 +97,11 @@ class ReadPoller:
         """Serve readiness until cancelled; sockets may be registered once started."""
         try:
             if self._epoll is not None:
-                poll = self._epoll.poll
                 task_status.started()
-                await self._loop(self._epoll.fileno(), lambda: [fd for fd, _ in poll(0, MAX_EVENTS)])
+                await self._run_epoll(self._epoll)
             elif self._selector is not None:
-                select_ = self._selector.select
                 task_status.started()
-                await self._loop(self._selector.fileno(),  # type: ignore[attr-defined]
-                                 lambda: [key.fd for key, _ in select_(0)[:MAX_EVENTS]])
+                await self._run_selector(self._selector)
             else:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -113,23 +110,43 @@ class ReadPoller:
         finally:
             self.close()
 
-    async def _loop(self, set_fd: int, ready: Callable[[], list[int]]) -> None:
-        owners = self._owners
+    async def _run_epoll(self, epoll: "select.epoll") -> None:
+        # The hot path: one wake-up reads every ready socket (mostly acks); kept
+        # free of per-event allocations and calls beyond the owner's own.
+        poll, owners, set_fd = epoll.poll, self._owners, epoll.fileno()
         while True:
             await trio.lowlevel.wait_readable(set_fd)
-            for fd in ready():
+            for fd, _ in poll(0, MAX_EVENTS):
                 owner = owners.get(fd)
+                if owner is None:
+                    continue
+                try:
+                    owner.on_readable()
+                except Exception:
+                    self._failed(fd, owner)
+            await trio.lowlevel.checkpoint()
+
+    async def _run_selector(self, selector: selectors.BaseSelector) -> None:
+        owners, set_fd = self._owners, selector.fileno()  # type: ignore[attr-defined]
+        while True:
+            await trio.lowlevel.wait_readable(set_fd)
+            for key, _ in selector.select(0)[:MAX_EVENTS]:
+                owner = owners.get(key.fd)
                 if owner is not None:
-                    self._read(fd, owner)
+                    self._read(key.fd, owner)
             await trio.lowlevel.checkpoint()
 
     def _read(self, fd: int, owner: Readable) -> None:
         try:
             owner.on_readable()
-        except Exception:  # one connection's bug must not stop the others
-            log.exception("reading fd %d failed; closing that connection", fd)
-            self.unregister(fd)
-            owner.fail()
+        except Exception:
+            self._failed(fd, owner)
+
+    def _failed(self, fd: int, owner: Readable) -> None:
+        # One connection's bug must not stop the others.
+        log.exception("reading fd %d failed; closing that connection", fd)
+        self.unregister(fd)
+        owner.fail()
 
     async def _watch(self, fd: int, owner: Readable, scope: trio.CancelScope) -> None:
         with scope:
