@@ -66,3 +66,16 @@ test-binary: binary $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# Third-party browser code, vendored from the npm registry with its version and license
+# (no build step, no CDN at run time): FullCalendar's MIT standard bundle.
+FULLCALENDAR_VERSION := 6.1.22
+VENDOR := barosync/web/app/vendor
+.PHONY: vendor
+vendor:
+	@command -v npm >/dev/null || { echo "make vendor: npm is missing (apt-get install npm)"; exit 1; }
+	rm -rf build/vendor && mkdir -p build/vendor $(VENDOR)/fullcalendar
+	cd build/vendor && npm pack --silent fullcalendar@$(FULLCALENDAR_VERSION) && tar xzf fullcalendar-$(FULLCALENDAR_VERSION).tgz
+	cp build/vendor/package/index.global.min.js build/vendor/package/LICENSE.md $(VENDOR)/fullcalendar/
+	echo "fullcalendar $(FULLCALENDAR_VERSION) (npm), MIT: index.global.min.js is the standard bundle (daygrid, timegrid, list, multimonth, interaction)" > $(VENDOR)/fullcalendar/VERSION.txt
+	@echo "vendored fullcalendar $(FULLCALENDAR_VERSION) into $(VENDOR)/fullcalendar"

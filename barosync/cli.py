@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import logging
 import signal
 import sys
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8080)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--no-browser-link", action="store_true",
+                       help="do not print the owner's sign-in link (printed when listening on loopback)")
 
     token = sub.add_parser("token", help="mint access tokens")
     token.set_defaults(usage_parser=token)
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--project", action="append", default=[], metavar="P", help="a project the token may access (repeatable)")
     create.add_argument("--all-projects", action="store_true", help="the token may access every project")
     create.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS", help=f"lifetime (default {DEFAULT_TTL})")
+    create.add_argument("--link", action="store_true", help="print a sign-in link for the web calendar instead of the bare token")
+    create.add_argument("--url", metavar="URL", help="the server's address in the link (default: http://HOST:PORT from the config)")
 
     # Data-directory operations (barosync/ops.py, docs/operations.md).
     backup = sub.add_parser("backup", help="consistent hot copy of the data directory into DEST (safe while serving)")
@@ -114,8 +119,26 @@ def _token_create(args: argparse.Namespace) -> int:
     config = _config(args)
     secret = ensure_secret(config)
     projects = ALL_PROJECTS if args.all_projects else args.project
-    print(create_token(secret, user_id=args.user, name=args.name, projects=projects, ttl=args.ttl))
+    token = create_token(secret, user_id=args.user, name=args.name, projects=projects, ttl=args.ttl)
+    print(sign_in_link(args.url or f"http://{config.host}:{config.port}", token) if args.link else token)
     return 0
+
+
+def sign_in_link(base_url: str, token: str) -> str:
+    """The web calendar with a token in the fragment: browsers never send a fragment
+    to the server, so the token stays out of every access log."""
+    return f"{base_url.rstrip('/')}/#token={token}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+# The owner's link printed by `barosync serve` on loopback lasts this long.
+OWNER_LINK_TTL = 7 * 24 * 3600
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -129,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     try:
-        trio.run(_serve_until_signal, config)
+        trio.run(_serve_until_signal, config, not args.no_browser_link and config.browser_link)
     except KeyboardInterrupt:
         pass
     except (OSError, lmdb.Error, ConfigError, PluginError, StorageError, BaseExceptionGroup) as raised:
@@ -156,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signal(config: Config) -> None:
+async def _serve_until_signal(config: Config, link: bool = True) -> None:
     from .server import serve
 
     log = logging.getLogger("barosync")
@@ -172,6 +195,12 @@ async def _serve_until_signal(config: Config) -> None:
 
             app = await nursery.start(run)
             print(f"listening on http://{config.host}:{app.port}", flush=True)
+            if link and _is_loopback(config.host):
+                # Only on loopback (the Jupyter convention): whoever can read this
+                # terminal could reach the server anyway.
+                token = create_token(app.config.secret or "", user_id="owner", name="Owner", projects=ALL_PROJECTS,
+                                     ttl=OWNER_LINK_TTL)
+                print(f"open {sign_in_link(f'http://{config.host}:{app.port}', token)}", flush=True)
             async for _ in signals:
                 if app.stopping:
                     log.info("already shutting down")

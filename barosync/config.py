@@ -46,6 +46,8 @@ class Config:
     rate_limit: float = 200.0
     rate_burst: int = 400
     handshake_timeout: float = 10.0
+    # `barosync serve` on a loopback address prints the owner's sign-in link.
+    browser_link: bool = True
     # Browser Origins allowed to open /ws; empty means any (tokens still apply).
     allowed_origins: tuple[str, ...] = ()
     data_dir: Path = Path(DEFAULT_DATA)
@@ -104,6 +106,12 @@ def _str(value: Any) -> str:
     return value
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _str_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"expected a list of non-empty strings, got {value!r}")
@@ -136,6 +144,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "rate_burst": ("rate_burst", _int(1, 10_000_000)),
         "handshake_timeout": ("handshake_timeout", _seconds),
         "allowed_origins": ("allowed_origins", _str_list),
+        "browser_link": ("browser_link", _bool),
     },
     "storage": {
         "path": ("data_dir", _str),

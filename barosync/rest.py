@@ -82,6 +82,9 @@ async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: d
     if path == "/api/me":
         _allow(method, b"GET")
         return 200, _me(identity)
+    if path == "/api/projects":
+        _allow(method, b"GET")
+        return 200, {"projects": [{"id": p, "seq": seq} for p, seq in app.store.projects() if identity.may_access(p)]}
     if m := _PROJECT_EVENTS.fullmatch(path):
         _allow(method, b"GET")
         return await _list(app, identity, _unquote(m.group(1)), parse_qs(query))

@@ -252,10 +252,10 @@ async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Requ
     if (shipped := static.load(path)) is not None:
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", f"use GET {path}"), extra=[(b"allow", b"GET, HEAD")])
-        body, content_type, etag = shipped
-        if _headers(request).get(b"if-none-match") == etag:
-            return _response(conn, 304, b"", content_type=content_type, extra=static.headers(etag))
-        return _response(conn, 200, body, content_type=content_type, extra=static.headers(etag))
+        body, content_type, headers = shipped
+        if _headers(request).get(b"if-none-match") == headers[0][1]:
+            return _response(conn, 304, b"", content_type=content_type, extra=headers)
+        return _response(conn, 200, body, content_type=content_type, extra=headers)
     return _response(conn, 404, _json_error(404, "not_found", f"no such resource {path!r}; the WebSocket endpoint is /ws"))
 
 

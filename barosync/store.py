@@ -99,6 +99,11 @@ class Store(Commits):
         raw = txn.get(project_id.encode(), db=self.seqs)
         return _U64.unpack(raw)[0] if raw else 0
 
+    def projects(self) -> list[tuple[str, int]]:
+        """Every project that has had a change, with its last seq."""
+        with self.env.begin() as txn:
+            return [(bytes(k).decode(), _U64.unpack(v)[0]) for k, v in txn.cursor(db=self.seqs)]
+
     def project_of(self, event_id: str) -> str | None:
         with self.env.begin() as txn:
             raw = txn.get(event_id.encode(), db=self.index)

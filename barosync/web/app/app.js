@@ -1,0 +1,322 @@
+// The bundled web calendar: FullCalendar's grid on top of the barosync browser client.
+// Everything live comes from the client's events; this file only draws them.
+
+import { SyncClient } from "/client/barosync.js";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "barosync.token";
+const ME_KEY = "barosync.me";
+const PROJECT_KEY = "barosync.project";
+const PROJECTS_KEY = "barosync.projects";
+const FULL_MESSAGE = "server storage full — your changes are kept and will be sent";
+
+let client = null;
+let calendar = null;
+let projectId = null;
+let lastSynced = null;
+let editing = null; // the event open in the editor (null: a new one)
+let storageFull = false;
+let countdown = null;
+
+// -- sign-in --------------------------------------------------------------------------------
+
+/** A token from the sign-in link's fragment (never sent to any server), kept in this browser. */
+function tokenFromLink() {
+  const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  if (m) {
+    localStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return localStorage.getItem(TOKEN_KEY);
+}
+
+function showSignin(message) {
+  $("signin").hidden = false;
+  $("main").hidden = true;
+  $("signin-message").textContent = message;
+}
+
+function signOut() {
+  if (client) client.close();
+  client = null;
+  for (const key of [TOKEN_KEY, ME_KEY, PROJECTS_KEY]) localStorage.removeItem(key);
+  showSignin("Signed out. Open a sign-in link, or paste a token, to sign in again.");
+}
+
+async function api(path, token) {
+  const r = await fetch(path, { headers: { Authorization: `Bearer ${token}` } });
+  return { status: r.status, body: r.status < 300 ? await r.json() : null };
+}
+
+// -- start ------------------------------------------------------------------------------------
+
+async function main() {
+  if ("serviceWorker" in navigator) navigator.serviceWorker.register("/sw.js").catch(() => {});
+  $("signin-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    localStorage.setItem(TOKEN_KEY, $("signin-token").value.trim());
+    location.reload();
+  });
+  $("sign-out").addEventListener("click", signOut);
+  const token = tokenFromLink();
+  if (!token) return showSignin("Open the sign-in link that `barosync serve` printed, or paste a token.");
+  let me = null;
+  try {
+    const found = await api("/api/me", token);
+    if (found.status === 401 || found.status === 403) {
+      localStorage.removeItem(TOKEN_KEY);
+      return showSignin("This sign-in link is expired or was refused: ask for a new one (`barosync token create --link`).");
+    }
+    me = found.body;
+    localStorage.setItem(ME_KEY, JSON.stringify(me));
+  } catch (e) {
+    me = JSON.parse(localStorage.getItem(ME_KEY) || "null"); // offline: what we knew
+  }
+  if (!me) return showSignin("Cannot reach the server to sign in; try again when it is back.");
+  $("who").textContent = `${me.user.name} (${me.user.id})`;
+  const projects = await projectList(me, token);
+  start(token, projects);
+}
+
+async function projectList(me, token) {
+  let projects = Array.isArray(me.projects) ? me.projects : null;
+  if (!projects) {
+    try {
+      projects = (await api("/api/projects", token)).body.projects.map((p) => p.id);
+      localStorage.setItem(PROJECTS_KEY, JSON.stringify(projects));
+    } catch (e) {
+      projects = JSON.parse(localStorage.getItem(PROJECTS_KEY) || "[]");
+    }
+  }
+  return projects.length ? projects : ["demo"];
+}
+
+function start(token, projects) {
+  const picker = $("project");
+  for (const p of projects) picker.append(new Option(p, p));
+  const remembered = localStorage.getItem(PROJECT_KEY);
+  picker.value = projects.includes(remembered) ? remembered : projects[0];
+  picker.addEventListener("change", () => switchProject(picker.value));
+
+  client = new SyncClient(location.origin, { token: () => localStorage.getItem(TOKEN_KEY) });
+  client.addEventListener("state", showConnection);
+  client.addEventListener("sync", (e) => showSync(e.detail));
+  client.addEventListener("change", (e) => { if (e.detail.projectId === projectId && calendar) calendar.refetchEvents(); });
+  client.addEventListener("presence", (e) => { if (e.detail.projectId === projectId) showPresence(); });
+  client.addEventListener("cursor", (e) => { if (e.detail.projectId === projectId) showCursor(e.detail); });
+  client.addEventListener("conflict", (e) => openConflict(e.detail.conflict));
+
+  calendar = new FullCalendar.Calendar($("calendar"), {
+    initialView: "timeGridWeek",
+    headerToolbar: { left: "prev,next today", center: "title", right: "dayGridMonth,timeGridWeek,timeGridDay" },
+    selectable: true,
+    editable: true,
+    nowIndicator: true,
+    contentHeight: 640,
+    scrollTime: "08:00:00",
+    events: (info, success) => success(client.events(projectId).map(toCalendar)),
+    select: (info) => openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay }),
+    eventClick: (info) => openEditor(client.get(info.event.id)),
+    eventDrop: (info) => moved(info),
+    eventResize: (info) => moved(info),
+  });
+  calendar.render();
+  $("calendar-wrap").addEventListener("mousemove", (e) => {
+    const box = $("calendar-wrap").getBoundingClientRect();
+    client.moveCursor(projectId, (e.clientX - box.left) / box.width, (e.clientY - box.top) / box.height, "calendar");
+  });
+  $("new-event").addEventListener("click", () => {
+    const startAt = new Date(Math.ceil(Date.now() / 3600000) * 3600000);
+    openEditor(null, { startDate: startAt.toISOString(), endDate: new Date(+startAt + 3600000).toISOString(), allDay: false });
+  });
+  $("editor-form").addEventListener("submit", saveEditor);
+  $("conflict-form").addEventListener("submit", settleConflict);
+  switchProject(picker.value);
+}
+
+function switchProject(id) {
+  if (projectId) client.unsubscribe(projectId);
+  projectId = id;
+  localStorage.setItem(PROJECT_KEY, id);
+  $("cursors").replaceChildren();
+  client.subscribe(id).then(() => { lastSynced = new Date(); showSync(client.syncStatus()); });
+  calendar.refetchEvents();
+  showPresence();
+}
+
+// -- the grid ------------------------------------------------------------------------------
+
+function toCalendar(e) {
+  return {
+    id: e.id, title: e.title, start: e.startDate, end: e.endDate, allDay: !!e.allDay,
+    backgroundColor: e.color || undefined, borderColor: e.color || undefined,
+    classNames: e.pending ? ["pending"] : [],
+  };
+}
+
+function moved(info) {
+  const changes = { startDate: info.event.start.toISOString(), allDay: info.event.allDay,
+                    endDate: (info.event.end || new Date(+info.event.start + 3600000)).toISOString() };
+  client.update(info.event.id, changes).catch(() => calendar.refetchEvents());
+}
+
+// -- the editor ------------------------------------------------------------------------------
+
+const pad = (n) => String(n).padStart(2, "0");
+const toLocalInput = (iso) => {
+  const d = new Date(iso);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+};
+
+function openEditor(event, draft = {}) {
+  editing = event || null;
+  const source = event || draft;
+  const form = $("editor-form");
+  form.title.value = source.title || "";
+  form.allDay.checked = !!source.allDay;
+  form.start.value = toLocalInput(source.startDate);
+  form.end.value = toLocalInput(source.endDate);
+  form.location.value = source.location || "";
+  form.description.value = source.description || "";
+  form.attendees.value = (source.attendees || []).join(", ");
+  form.color.value = source.color || "#4363d8";
+  $("editor-title").textContent = event ? "Edit event" : "New event";
+  $("editor-delete").hidden = !event;
+  $("editor-error").textContent = "";
+  $("editor").showModal();
+  form.title.focus();
+}
+
+function saveEditor(e) {
+  const action = e.submitter ? e.submitter.value : "save";
+  const form = $("editor-form");
+  if (action === "cancel") return;
+  if (action === "delete") { client.delete(editing.id).catch(showEditorError); return; }
+  const fields = {
+    title: form.title.value.trim(), allDay: form.allDay.checked,
+    startDate: new Date(form.start.value).toISOString(), endDate: new Date(form.end.value).toISOString(),
+    location: form.location.value, description: form.description.value, color: form.color.value,
+    attendees: form.attendees.value.split(",").map((a) => a.trim()).filter(Boolean),
+  };
+  if (fields.endDate < fields.startDate) {
+    e.preventDefault();
+    $("editor-error").textContent = "The end is before the start.";
+    return;
+  }
+  const done = editing ? client.update(editing.id, fields) : client.create(projectId, fields);
+  done.catch(showEditorError);
+}
+
+function showEditorError(error) {
+  if (error.name === "ConflictError") return; // the conflict dialog takes it
+  alert(`The server refused the change: ${error.message}`);
+}
+
+// -- presence and cursors ---------------------------------------------------------------------
+
+function initials(name) { return name.split(/\s+/).map((w) => w[0] || "").join("").slice(0, 2).toUpperCase(); }
+
+function showPresence() {
+  const users = client.presence(projectId);
+  $("presence").replaceChildren(...users.map((u) => {
+    const li = document.createElement("li");
+    li.textContent = initials(u.name || u.id);
+    li.title = u.name || u.id;
+    li.dataset.user = u.id;
+    li.style.background = u.color;
+    return li;
+  }));
+  for (const el of [...$("cursors").children]) if (!users.some((u) => u.id === el.dataset.user)) el.remove();
+}
+
+function showCursor(c) {
+  if (client.user && c.userId === client.user.id) return;
+  const user = client.presence(projectId).find((u) => u.id === c.userId);
+  let el = [...$("cursors").children].find((x) => x.dataset.user === c.userId);
+  if (!el) {
+    el = document.createElement("div");
+    el.className = "cursor";
+    el.dataset.user = c.userId;
+    $("cursors").append(el);
+  }
+  el.textContent = user ? user.name : c.userId;
+  el.style.background = user ? user.color : "#555";
+  el.style.left = `${c.x * 100}%`;
+  el.style.top = `${c.y * 100}%`;
+}
+
+// -- status ---------------------------------------------------------------------------------------
+
+function showConnection() {
+  const el = $("connection");
+  clearInterval(countdown);
+  el.dataset.state = client.state;
+  const text = () => {
+    if (client.state === "reconnecting" && client.retryAt) {
+      return `reconnecting in ${Math.max(0, Math.ceil((client.retryAt - Date.now()) / 1000))} s`;
+    }
+    return { "needs-auth": "sign in again", closed: "signed out" }[client.state] || client.state;
+  };
+  el.textContent = text();
+  if (client.state === "reconnecting") countdown = setInterval(() => { el.textContent = text(); }, 1000);
+  if (client.state === "needs-auth") {
+    showSignin("Your sign-in expired or was refused: open a new sign-in link (`barosync token create --link`).");
+  }
+}
+
+function showSync(s) {
+  const el = $("sync");
+  if (s.error && s.error.code === "storage_full") storageFull = true;
+  if (s.pending === 0) { storageFull = false; lastSynced = new Date(); }
+  if (storageFull) el.dataset.full = "";
+  else delete el.dataset.full;
+  const when = lastSynced ? ` · last synced ${lastSynced.toLocaleTimeString()}` : "";
+  el.textContent = storageFull ? `${s.pending} waiting · ${FULL_MESSAGE}`
+    : s.pending ? `${s.pending} change${s.pending === 1 ? "" : "s"} waiting${when}` : `all changes saved${when}`;
+}
+
+// -- conflicts ----------------------------------------------------------------------------------
+
+let conflict = null;
+
+function openConflict(c) {
+  if ("resolved" in c && c.resolved) return; // the strategy settled it: nothing to ask
+  conflict = c;
+  const theirs = c.remoteVersion || {};
+  const mine = c.localVersion || {};
+  const base = c.base || {};
+  $("conflict-summary").textContent = c.remoteVersion ? `“${theirs.title}” was changed by someone else while you edited it.`
+    : "This event was deleted while you edited it.";
+  const fields = c.fields.length ? c.fields : Object.keys(mine);
+  $("conflict-fields").replaceChildren(...fields.map((f) => {
+    const row = document.createElement("tr");
+    const cell = (text) => { const td = document.createElement("td"); td.textContent = text === undefined ? "—" : String(text); return td; };
+    const pick = (side, value) => {
+      const td = cell(value);
+      const radio = document.createElement("input");
+      radio.type = "radio"; radio.name = `pick-${f}`; radio.value = side; radio.checked = side === "theirs";
+      radio.setAttribute("aria-label", `${f}: ${side}`);
+      td.prepend(radio);
+      return td;
+    };
+    row.append(cell(f), cell(base[f]), pick("mine", mine[f]), pick("theirs", theirs[f]));
+    return row;
+  }));
+  $("conflict").showModal();
+}
+
+function settleConflict(e) {
+  const c = conflict;
+  conflict = null;
+  if (!c) return;
+  const choice = e.submitter ? e.submitter.value : "remote";
+  if (choice !== "fields") { client.resolve(c, choice).catch(showEditorError); return; }
+  const fields = {};
+  for (const f of c.fields) {
+    const picked = document.querySelector(`input[name="pick-${f}"]:checked`);
+    fields[f] = (picked && picked.value === "mine" ? c.localVersion : c.remoteVersion || {})[f];
+  }
+  client.resolve(c, fields).catch(showEditorError);
+}
+
+main();
