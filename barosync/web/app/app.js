@@ -126,7 +126,11 @@ function start(token, projects) {
     client.moveCursor(projectId, (e.clientX - box.left) / box.width, (e.clientY - box.top) / box.height, "calendar");
   });
   $("new-event").addEventListener("click", () => {
-    const startAt = new Date(Math.ceil(Date.now() / 3600000) * 3600000);
+    // The next full hour, kept on today (late at night: today's last hour).
+    const now = new Date();
+    const startAt = new Date(now);
+    startAt.setMinutes(0, 0, 0);
+    startAt.setHours(Math.min(now.getHours() + 1, 23));
     openEditor(null, { startDate: startAt.toISOString(), endDate: new Date(+startAt + 3600000).toISOString(), allDay: false });
   });
   $("editor-form").addEventListener("submit", saveEditor);

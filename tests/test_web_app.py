@@ -1,0 +1,214 @@
+"""The web calendar at `/` in real Chromium, two users in two browser contexts against
+a real `barosync serve`: sign-in, creating by dragging, moving and editing, presence
+and cursors, offline and back, the conflict dialog, and a reload without network.
+Screenshots of the main states go to build/screenshots/."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from attack_helpers import ServerProcess, barosync_cmd, write_config
+from browser import chromium  # noqa: F401  (the fixture)
+from test_web_client import NETWORK_NOISE
+
+SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+
+
+class Server:
+    def __init__(self, tmp: Path, **config: Any) -> None:
+        self.data = tmp / "data"
+        self.proc = ServerProcess(self.data, config=write_config(tmp / "barosync.toml", **config) if config else None)
+        self.port = self.proc.port
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def link(self, user: str, name: str) -> str:
+        import subprocess
+        done = subprocess.run(barosync_cmd("token", "create", "--data", str(self.data), "--user", user, "--name", name,
+                                           "--project", "team", "--link", "--url", self.url),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def events(self) -> list[dict[str, Any]]:
+        token = self.link("checker", "Checker").split("#token=")[1]
+        request = urllib.request.Request(f"{self.url}/api/projects/team/events", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())["events"]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path)
+    yield s
+    s.proc.stop()
+
+
+class App:
+    def __init__(self, browser: Any, link: str) -> None:
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: m.type == "error" and not any(n in m.text for n in NETWORK_NOISE)
+                     and self.errors.append(m.text))
+        self.page.goto(link)
+
+    def wait_connected(self) -> None:
+        self.page.wait_for_function("() => document.getElementById('connection').dataset.state === 'connected'")
+
+    def text(self, selector: str) -> str:
+        return self.page.inner_text(selector)
+
+    def shot(self, name: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+    def slot(self, time: str) -> tuple[float, float]:
+        """The middle of today's column at a time of day (the week view)."""
+        column = self.page.locator("td.fc-day-today.fc-timegrid-col").bounding_box()
+        lane = self.page.locator(f'td.fc-timegrid-slot-lane[data-time="{time}"]').bounding_box()
+        assert column and lane
+        return column["x"] + column["width"] / 2, lane["y"] + lane["height"] / 2
+
+    def drag(self, start: tuple[float, float], end: tuple[float, float]) -> None:
+        mouse = self.page.mouse
+        mouse.move(*start)
+        mouse.down()
+        mouse.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, steps=5)
+        mouse.move(*end, steps=5)
+        mouse.up()
+
+    def fill_editor(self, title: str) -> None:
+        self.page.wait_for_selector("#editor[open]")
+        self.page.fill("#editor-form input[name=title]", title)
+        self.page.click("#editor-save")
+        self.page.wait_for_selector("#editor:not([open])", state="attached")
+
+    def event(self, title: str) -> Any:
+        return self.page.locator(".fc-event", has_text=title)
+
+
+def test_sign_in_link_and_a_refused_token(chromium, server) -> None:
+    alice = App(chromium, server.link("alice", "Alice Liddell"))
+    alice.wait_connected()
+    assert alice.page.evaluate("location.hash") == ""  # the token left the address bar
+    assert "Alice Liddell" in alice.text("#who")
+    assert alice.page.evaluate("localStorage.getItem('barosync.token')")
+    alice.shot("signed-in")
+    # The page's own headers: a strict policy, no sniffing.
+    with urllib.request.urlopen(server.url + "/", timeout=5) as response:
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        assert response.headers["x-content-type-options"] == "nosniff"
+    refused = App(chromium, f"{server.url}/#token=not-a-valid-token")
+    refused.page.wait_for_selector("#signin:not([hidden])")
+    assert "expired or was refused" in refused.text("#signin-message")
+    refused.shot("sign-in-refused")
+    alice.page.click("#sign-out")
+    alice.page.wait_for_selector("#signin:not([hidden])")
+    assert alice.errors == [] and refused.errors == []
+
+
+def test_two_users_create_move_edit_and_see_each_other(chromium, server) -> None:
+    alice, bob = App(chromium, server.link("alice", "Alice")), App(chromium, server.link("bob", "Bob"))
+    alice.wait_connected()
+    bob.wait_connected()
+    # Presence: avatars of both, with their names.
+    alice.page.wait_for_selector('#presence li[data-user="bob"]')
+    bob.page.wait_for_selector('#presence li[data-user="alice"]')
+    # A drag over the grid opens the editor; saving creates the event for both.
+    alice.drag(alice.slot("09:00:00"), alice.slot("10:30:00"))
+    alice.fill_editor("Planning")
+    bob.event("Planning").wait_for(timeout=1000)
+    [stored] = server.events()
+    assert stored["title"] == "Planning" and stored["createdBy"] == "alice"
+    # Bob moves it by dragging; Alice sees it move.
+    box = bob.event("Planning").bounding_box()
+    assert box
+    target = bob.slot("13:00:00")
+    bob.drag((box["x"] + box["width"] / 2, box["y"] + 8), (target[0], target[1] + 8))
+    alice.page.wait_for_function(
+        "(start) => [...document.querySelectorAll('.fc-event-time')].some(e => e.textContent !== start)",
+        arg=alice.page.inner_text(".fc-event-time"))
+    [moved] = server.events()
+    assert moved["version"] == 2 and moved["startDate"] != stored["startDate"]
+    # Alice edits it in the dialog (keyboard: Enter saves); Bob sees the new title.
+    alice.event("Planning").click()
+    alice.fill_editor("Planning (room 2)")
+    bob.event("Planning (room 2)").wait_for(timeout=1000)
+    # Bob's pointer over the grid shows on Alice's screen, labelled, and goes with him.
+    box = bob.page.locator("#calendar-wrap").bounding_box()
+    assert box
+    for step in range(5):
+        bob.page.mouse.move(box["x"] + 200 + 20 * step, box["y"] + 300)
+        bob.page.wait_for_timeout(60)
+    alice.page.wait_for_selector('.cursor[data-user="bob"]')
+    assert alice.text('.cursor[data-user="bob"]') == "Bob"
+    alice.shot("two-users")
+    bob.page.close()
+    alice.page.wait_for_selector('#presence li[data-user="bob"]', state="detached")
+    alice.page.wait_for_selector('.cursor[data-user="bob"]', state="detached")
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_offline_edits_wait_and_arrive_once_and_the_app_opens_offline(chromium, server) -> None:
+    alice, bob = App(chromium, server.link("alice", "Alice")), App(chromium, server.link("bob", "Bob"))
+    alice.wait_connected()
+    bob.wait_connected()
+    bob.page.evaluate("navigator.serviceWorker.ready")
+    bob.context.set_offline(True)
+    bob.page.wait_for_function("() => document.getElementById('connection').dataset.state === 'offline'")
+    bob.page.click("#new-event")
+    bob.fill_editor("Written offline")
+    bob.page.wait_for_function("() => document.getElementById('sync').textContent.includes('1 change waiting')")
+    bob.event("Written offline").wait_for()
+    bob.shot("offline-pending")
+    # A reload without network opens the app from the service worker, with the copy
+    # and the queue from IndexedDB.
+    bob.page.reload()
+    bob.page.wait_for_selector("#calendar .fc-timegrid")
+    bob.event("Written offline").wait_for()
+    assert "1 change waiting" in bob.text("#sync")
+    bob.context.set_offline(False)
+    alice.event("Written offline").wait_for(timeout=15_000)
+    bob.page.wait_for_function("() => document.getElementById('sync').textContent.startsWith('all changes saved')")
+    assert [e["title"] for e in server.events()] == ["Written offline"]  # exactly once
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_the_conflict_dialog_settles_each_way(chromium, tmp_path) -> None:
+    server = Server(tmp_path, conflict__default="manual")
+    try:
+        alice, bob = App(chromium, server.link("alice", "Alice")), App(chromium, server.link("bob", "Bob"))
+        alice.wait_connected()
+        bob.wait_connected()
+        alice.page.click("#new-event")
+        alice.fill_editor("Offsite")
+        bob.event("Offsite").wait_for()
+        for n, (button, expected) in enumerate((("#keep-mine", "bob 0"), ("#keep-theirs", "alice 1"), ("#keep-picked", "bob 2"))):
+            current = server.events()[0]["title"]
+            bob.context.set_offline(True)
+            bob.page.wait_for_function("() => document.getElementById('connection').dataset.state === 'offline'")
+            bob.event(current).first.click()
+            bob.fill_editor(f"bob {n}")
+            alice.event(current).first.click()
+            alice.fill_editor(f"alice {n}")
+            bob.context.set_offline(False)
+            bob.page.wait_for_selector("#conflict[open]")
+            assert "title" in bob.text("#conflict-fields") and f"alice {n}" in bob.text("#conflict-fields")
+            if n == 0:
+                bob.shot("conflict-dialog")
+            if button == "#keep-picked":
+                bob.page.check('input[name="pick-title"][value="mine"]')
+            bob.page.click(button)
+            bob.page.wait_for_selector("#conflict:not([open])", state="attached")
+            alice.event(expected).wait_for(timeout=5000)
+            assert [e["title"] for e in server.events()] == [expected]
+            assert not bob.page.is_visible("#conflict")  # closed for good
+        assert alice.errors == [] and bob.errors == []
+    finally:
+        server.proc.stop()
