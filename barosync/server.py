@@ -180,6 +180,10 @@ async def _handle(app: App, front: Front, stream: trio.SocketStream) -> None:
                 return
             if request is None:
                 return
+            if request.http_version not in (b"1.0", b"1.1"):
+                await stream.send_all(_response(conn, 505, _json_error(
+                    505, "http_version_not_supported", "this server speaks HTTP/1.1 (and WebSocket over it)")))
+                return
             target = urlsplit(request.target.decode("latin-1"))
             if target.path == "/ws":
                 session = await _upgrade(app, front, conn, stream, request, target.query)

@@ -1,4 +1,8 @@
-"""Debian's Chromium driven by Playwright, for the tests that need a real browser."""
+"""Debian's Chromium driven by Playwright, for the tests that need a real browser.
+
+The ``chromium`` fixture is registered once, in conftest.py: one Playwright per test
+session (its sync API cannot start twice in one process).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
 def chromium() -> Iterator[Any]:
     """A launched Chromium (Playwright's sync API); skipped where it is missing."""
     if shutil.which(CHROMIUM) is None:

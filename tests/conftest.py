@@ -19,6 +19,8 @@ from barosync.config import Config
 from barosync.app import App
 from barosync.server import serve
 
+from browser import chromium as _chromium
+
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 _ids = itertools.count(1)
 
@@ -150,6 +152,10 @@ async def running(data_dir: Path, **overrides: Any) -> AsyncIterator[tuple[App, 
             yield app, clients
             clients.cancel_scope.cancel()
         app.stop()
+
+
+# Debian's Chromium through Playwright, for the browser tests (tests/browser.py).
+chromium = pytest.fixture(scope="session")(_chromium)
 
 
 @pytest.fixture

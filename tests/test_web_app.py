@@ -13,7 +13,6 @@ from typing import Any, Iterator
 import pytest
 
 from attack_helpers import ServerProcess, barosync_cmd, write_config
-from browser import chromium  # noqa: F401  (the fixture)
 from test_web_client import NETWORK_NOISE
 
 SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"

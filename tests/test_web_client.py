@@ -25,7 +25,6 @@ import pytest
 
 from attack_helpers import ServerProcess, mint, write_config
 from barosync.auth import create_token
-from browser import chromium  # noqa: F401  (the fixture)
 
 CLIENT_JS = resources.files("barosync").joinpath("web", "barosync.js").read_text()
 PAGE = """<!doctype html><meta charset=utf-8><title>barosync test</title>
