@@ -18,7 +18,7 @@
 /** @typedef {"connecting"|"connected"|"reconnecting"|"offline"|"needs-auth"|"closed"} ConnectionState */
 /** @typedef {{id: string, projectId: string, title: string, startDate: string, endDate: string, version: number, [k: string]: any}} CalendarEvent */
 
-const DB_VERSION = 1;
+const DB_VERSION = 2;
 const BACKOFF = { initial: 1000, factor: 1.5, max: 30000 };
 // Errors after which a queued change stays queued and goes again after `retryAfter`.
 const RETRYABLE = new Set(["rate_limited", "storage_full", "storage_failed"]);
@@ -61,14 +61,31 @@ export function backoffDelay(attempt, random = Math.random) {
 
 // -- persistence ------------------------------------------------------------------------
 
+// A project's copy is kept event by event, so a change costs one small write; a change
+// acked by the server is stored in the same transaction that removes it from the queue,
+// so a reload never finds it in neither place.
+//   queue:    envelopeId -> queued change
+//   projects: projectId  -> {projectId, seq, dataId}
+//   events:   [projectId, id] -> event (with __seq/__deleted while acked ahead of the copy)
+
 class MemoryStorage {
-  constructor() { this.kind = "memory"; this.queue = new Map(); this.projects = new Map(); }
+  constructor() { this.kind = "memory"; this.queue = new Map(); this.projects = new Map(); this.events = new Map(); }
   async open() { return this; }
   async allQueued() { return [...this.queue.values()].sort((a, b) => a.seqNo - b.seqNo); }
   async putQueued(item) { this.queue.set(item.envelopeId, item); }
-  async deleteQueued(envelopeId) { this.queue.delete(envelopeId); }
-  async getProject(projectId) { return this.projects.get(projectId); }
-  async putProject(state) { this.projects.set(state.projectId, state); }
+  async loadProject(projectId) {
+    const meta = this.projects.get(projectId);
+    if (!meta) return undefined;
+    return { ...meta, events: [...this.events.values()].filter((e) => e.projectId === projectId) };
+  }
+  async write({ meta, puts = [], deletes = [], replace = false, dequeue = null }) {
+    if (dequeue) this.queue.delete(dequeue);
+    if (!meta) return;
+    if (replace) for (const [k, e] of this.events) if (e.projectId === meta.projectId) this.events.delete(k);
+    for (const id of deletes) this.events.delete(`${meta.projectId}\0${id}`);
+    for (const e of puts) this.events.set(`${meta.projectId}\0${e.id}`, { ...e, projectId: meta.projectId });
+    this.projects.set(meta.projectId, meta);
+  }
   close() {}
 }
 
@@ -80,8 +97,10 @@ class IndexedDBStorage {
       const req = indexedDB.open(this.name, DB_VERSION);
       req.onupgradeneeded = () => {
         const db = req.result;
+        for (const name of [...db.objectStoreNames]) if (name !== "queue") db.deleteObjectStore(name);
         if (!db.objectStoreNames.contains("queue")) db.createObjectStore("queue", { keyPath: "envelopeId" });
-        if (!db.objectStoreNames.contains("projects")) db.createObjectStore("projects", { keyPath: "projectId" });
+        db.createObjectStore("projects", { keyPath: "projectId" });
+        db.createObjectStore("events", { keyPath: ["projectId", "id"] });
       };
       req.onsuccess = () => { this.db = req.result; resolve(this); };
       req.onerror = () => reject(req.error);
@@ -89,23 +108,46 @@ class IndexedDBStorage {
     });
   }
 
-  _tx(store, mode, fn) {
+  _tx(stores, mode, fn) {
     return new Promise((resolve, reject) => {
-      const tx = this.db.transaction(store, mode);
+      const tx = this.db.transaction(stores, mode);
       let result;
       tx.oncomplete = () => resolve(result);
       tx.onerror = () => reject(tx.error);
       tx.onabort = () => reject(tx.error);
-      const req = fn(tx.objectStore(store));
-      if (req) req.onsuccess = () => { result = req.result; };
+      fn(tx, (value) => { result = value; });
     });
   }
 
-  async allQueued() { return ((await this._tx("queue", "readonly", (s) => s.getAll())) || []).sort((a, b) => a.seqNo - b.seqNo); }
-  putQueued(item) { return this._tx("queue", "readwrite", (s) => s.put(item)); }
-  deleteQueued(envelopeId) { return this._tx("queue", "readwrite", (s) => s.delete(envelopeId)); }
-  getProject(projectId) { return this._tx("projects", "readonly", (s) => s.get(projectId)); }
-  putProject(state) { return this._tx("projects", "readwrite", (s) => s.put(state)); }
+  allQueued() {
+    return this._tx("queue", "readonly", (tx, done) => {
+      const req = tx.objectStore("queue").getAll();
+      req.onsuccess = () => done(req.result.sort((a, b) => a.seqNo - b.seqNo));
+    });
+  }
+
+  putQueued(item) { return this._tx("queue", "readwrite", (tx) => tx.objectStore("queue").put(item)); }
+
+  loadProject(projectId) {
+    return this._tx(["projects", "events"], "readonly", (tx, done) => {
+      const meta = tx.objectStore("projects").get(projectId);
+      const events = tx.objectStore("events").getAll(IDBKeyRange.bound([projectId], [projectId, []]));
+      events.onsuccess = () => done(meta.result ? { ...meta.result, events: events.result } : undefined);
+    });
+  }
+
+  write({ meta, puts = [], deletes = [], replace = false, dequeue = null }) {
+    return this._tx(["queue", "projects", "events"], "readwrite", (tx) => {
+      if (dequeue) tx.objectStore("queue").delete(dequeue);
+      if (!meta) return;
+      const events = tx.objectStore("events");
+      if (replace) events.delete(IDBKeyRange.bound([meta.projectId], [meta.projectId, []]));
+      for (const id of deletes) events.delete([meta.projectId, id]);
+      for (const e of puts) events.put({ ...e, projectId: meta.projectId });
+      tx.objectStore("projects").put(meta);
+    });
+  }
+
   close() { if (this.db) this.db.close(); this.db = null; }
 }
 
@@ -260,11 +302,14 @@ export class SyncClient extends EventTarget {
     const p = this._project(projectId);
     p.wanted = true;
     if (p.seq === null) {
-      const saved = await this._storage.getProject(projectId);
-      if (saved && (!this.hello || saved.dataId === this.hello.dataId)) {
+      const saved = await this._storage.loadProject(projectId);
+      if (saved && p.seq === null && (!this.hello || saved.dataId === this.hello.dataId)) {
         p.seq = saved.seq;
         p.dataId = saved.dataId;
-        p.events = new Map(saved.events.map((e) => [e.id, e]));
+        for (const e of saved.events) {
+          if (e.__seq > saved.seq) p.settled.set(e.id, e);
+          else if (!e.__deleted) p.events.set(e.id, stripped(e));
+        }
         this._emitChange(projectId, { kind: "snapshot" });
       }
     }
@@ -606,7 +651,6 @@ export class SyncClient extends EventTarget {
     proj.live = true;
     for (const resolve of this._subWaiters.get(projectId) || []) resolve();
     this._subWaiters.delete(projectId);
-    this._persist(projectId);
     this._emit("sync", { ...this.syncStatus(), projectId, live: true });
   }
 
@@ -617,6 +661,7 @@ export class SyncClient extends EventTarget {
     proj.events = new Map(p.events.map((e) => [e.id, e]));
     for (const [id, ev] of proj.settled) if (ev.__seq <= p.seq) proj.settled.delete(id);
     proj.target = p.seq;
+    this._write(p.projectId, { replace: true, puts: [...proj.events.values(), ...proj.settled.values()] });
     this._emitChange(p.projectId, { kind: "snapshot" });
     this._maybeLive(p.projectId);
   }
@@ -633,9 +678,9 @@ export class SyncClient extends EventTarget {
       return;
     }
     this._apply(proj, msg.type, p, seq);
+    this._write(projectId, msg.type === "event:deleted" ? { deletes: [p.id] } : { puts: [p] });
     this._emitChange(projectId, { kind: msg.type.slice(6), id: p.id, seq, userId: msg.userId, event: msg.type === "event:deleted" ? undefined : p });
     this._maybeLive(projectId);
-    this._persistSoon(projectId);
   }
 
   _apply(proj, type, p, seq) {
@@ -707,21 +752,25 @@ export class SyncClient extends EventTarget {
     this._queue.delete(envelopeId);
     this._inflight.delete(envelopeId);
     const proj = this._project(item.projectId);
+    let change = {};
     if (outcome.ok) {
       const a = outcome.answer;
       const ev = a.event;
       if (a.seq && (proj.seq === null || a.seq > proj.seq)) {
         if (proj.seq !== null && a.seq === proj.seq + 1) {
           this._apply(proj, ev ? "event:updated" : "event:deleted", ev || { id: item.eventId }, a.seq);
-          this._persistSoon(item.projectId);
+          change = ev ? { puts: [ev] } : { deletes: [item.eventId] };
         } else {
           // Acked before this copy reached its seq: shown as acked until it does.
-          proj.settled.set(item.eventId, ev ? { ...ev, __seq: a.seq } : { id: item.eventId, __deleted: true, __seq: a.seq });
+          const settled = ev ? { ...ev, __seq: a.seq } : { id: item.eventId, __deleted: true, __seq: a.seq };
+          proj.settled.set(item.eventId, settled);
+          change = { puts: [settled] };
         }
       }
     }
     if (tellOthers) {
-      await this._storage.deleteQueued(envelopeId);
+      // Out of the queue and into the copy in one transaction: a reload finds it in one.
+      await this._write(item.projectId, { ...change, dequeue: envelopeId });
       this._tell({ kind: "settled", envelopeId, outcome });
     }
     const waiter = this._promises.get(envelopeId);
@@ -748,16 +797,11 @@ export class SyncClient extends EventTarget {
     return p;
   }
 
-  _persistSoon(projectId) {
+  _write(projectId, change) {
     const p = this._project(projectId);
-    if (p.persistTimer) return;
-    p.persistTimer = this._later(() => { p.persistTimer = null; this._persist(projectId); }, 200);
-  }
-
-  _persist(projectId) {
-    const p = this._project(projectId);
-    if (p.seq === null || !this._storage) return;
-    this._storage.putProject({ projectId, seq: p.seq, dataId: p.dataId, events: [...p.events.values()] }).catch(() => {});
+    const meta = p.seq === null ? null : { projectId, seq: p.seq, dataId: p.dataId };
+    if (!this._storage || (!meta && !change.dequeue)) return Promise.resolve();
+    return this._storage.write({ meta, ...change }).catch((e) => this._emit("error", { code: "storage", message: String(e), ref: null }));
   }
 
   _setState(state) {
