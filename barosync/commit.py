@@ -141,7 +141,7 @@ class Commits:
         assert m.event is not None
         ekey = m.event.id.encode()
         if txn.get(ekey, db=self.index) is not None:
-            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids are never reused)", "id")
+            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids of deleted events are kept for the history retention)", "id")
         return self._commit_change(txn, m, idem_key, "create", event_to_wire(m.event), previous=None)
 
     def _update_or_delete(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:

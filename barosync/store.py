@@ -4,7 +4,8 @@ Sub-databases (keys are UTF-8; seqs and versions are 8-byte big-endian so that L
 byte order is numeric order):
 
 - ``events``    project \\0 event id    -> event JSON (current state; deleted events absent)
-- ``index``     event id                -> project id (kept after delete: ids are never reused)
+- ``index``     event id                -> project id (kept after delete until the deletion
+                                           leaves the history: an id is not reused before then)
 - ``changelog`` project \\0 seq         -> the change message JSON exactly as fanned out
 - ``versions``  event id \\0 version    -> seq of the change that produced that version
 - ``seqs``      project                 -> last seq
@@ -247,11 +248,16 @@ class Store(Commits):
         if raw is None:
             return False
         change = orjson.loads(raw)
+        event_id = change["payload"]["id"]
         txn.delete(key, db=self.changelog)
-        txn.delete(_k(change["payload"]["id"]) + b"\0" + _U64.pack(change["version"]), db=self.versions)
+        txn.delete(_k(event_id) + b"\0" + _U64.pack(change["version"]), db=self.versions)
         idem_key = txn.pop(key, db=self.idem_by_seq)
         if idem_key is not None:
             txn.delete(idem_key, db=self.idem)
+        if change["type"] == protocol.CHANGE_TYPES["delete"] and txn.get(_k(project_id, event_id), db=self.events) is None:
+            # Deleted longer ago than history is kept: its id is forgotten too, so
+            # the index stays bounded by the retention (the id may be used again).
+            txn.delete(event_id.encode(), db=self.index)
         return True
 
     def prune(self, *, now_ms: int, limit: int = 100_000) -> int:

@@ -105,3 +105,27 @@ def test_count_pruning_forgets_the_idempotency_records_of_forgotten_changes(tmp_
     assert old.status != "replayed"  # its record went with its change
     with store.env.begin() as txn:
         assert sum(1 for _ in txn.cursor(db=store.idem)) == sum(1 for _ in txn.cursor(db=store.idem_by_seq))
+
+
+def test_an_id_deleted_before_the_history_is_forgotten_with_it(tmp_path):
+    """The id index stays bounded by the retention: a deletion that left the history
+    takes its id along, while live events and recent deletions keep theirs."""
+    store = open_store(tmp_path, history_retention=60)
+    old = now_ms() - 3_600_000
+    kept, gone, recent = (create("alice", n, at=old) for n in range(3))
+    store.commit_batch([kept, gone, recent])
+
+    def delete(m: Mutation, n: int, at: int) -> Mutation:
+        return Mutation("delete", user_id="alice", envelope_id=f"del-{n}", project_id="p1", event_id=m.event_id,
+                        base_version=1, received_ms=at, reply=lambda m, o: None)
+
+    store.commit_batch([delete(gone, 1, old)])
+    store.commit_batch([delete(recent, 2, now_ms())])
+    store.prune(now_ms=now_ms())
+    assert store.project_of(kept.event_id) == "p1"  # alive: its id stays
+    assert store.project_of(recent.event_id) == "p1"  # deleted within the history: still refused
+    assert store.project_of(gone.event_id) is None  # deleted before it: forgotten
+    (again,) = store.commit_batch([create("bob", 9, id=gone.event_id)])
+    assert again.status == "applied"
+    (refused,) = store.commit_batch([create("bob", 10, id=recent.event_id)])
+    assert refused.status == "error" and refused.error.code == "exists"
