@@ -320,18 +320,8 @@ def test_the_browser_client_keeps_changes_through_a_full_disk(small_disk: Path, 
     try:
         tok = mint(data, "alice", "--all-projects")
 
-        def post(n: int) -> int:
-            body = json.dumps(event_payload("fill", title=f"fill {n}", description=BIG)).encode()
-            request = urllib.request.Request(f"http://127.0.0.1:{server.port}/api/events", data=body, method="POST",
-                                             headers={"Authorization": f"Bearer {tok}"})
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    return response.status
-            except urllib.error.HTTPError as e:
-                return e.code
-
         n = 0
-        while post(n) != 507:
+        while _post_big(server.port, tok, n) != 507:
             n += 1
             assert n < 3000, "the disk never filled"
         tab = Tab(new_context(chromium), server.port)
@@ -354,3 +344,41 @@ def test_the_browser_client_keeps_changes_through_a_full_disk(small_disk: Path, 
         assert tab.real_errors() == []
     finally:
         server.stop()
+
+
+def test_the_web_calendar_says_the_server_storage_is_full(small_disk: Path, chromium) -> None:
+    from test_web_app import App
+
+    data = small_disk / "data"
+    server = ServerProcess(data)
+    try:
+        tok = mint(data, "alice", "--all-projects")
+        n = 0
+        while _post_big(server.port, tok, n) != 507:
+            n += 1
+            assert n < 3000, "the disk never filled"
+        app = App(chromium, f"http://127.0.0.1:{server.port}/#token={tok}")
+        app.wait_connected()
+        app.page.click("#new-event")
+        app.fill_editor("Kept for later")
+        app.page.wait_for_function("() => document.getElementById('sync').textContent.includes('server storage full')")
+        assert "your changes are kept and will be sent" in app.text("#sync")
+        app.shot("storage-full")
+        grown = subprocess.run(["mount", "-o", "remount,size=32m", str(small_disk)], capture_output=True, text=True)
+        assert grown.returncode == 0, grown.stderr
+        app.page.wait_for_function("() => document.getElementById('sync').textContent.startsWith('all changes saved')",
+                                   timeout=20_000)
+        assert app.errors == []
+    finally:
+        server.stop()
+
+
+def _post_big(port: int, tok: str, n: int) -> int:
+    body = json.dumps(event_payload("fill", title=f"fill {n}", description=BIG)).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/events", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {tok}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
