@@ -5,46 +5,22 @@ Screenshots of the main states go to build/screenshots/."""
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from attack_helpers import ServerProcess, barosync_cmd, write_config
-from test_web_client import NETWORK_NOISE
+from test_web_client import NETWORK_NOISE, Server
 
 SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
-
-
-class Server:
-    def __init__(self, tmp: Path, **config: Any) -> None:
-        self.data = tmp / "data"
-        self.proc = ServerProcess(self.data, config=write_config(tmp / "barosync.toml", **config) if config else None)
-        self.port = self.proc.port
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def link(self, user: str, name: str) -> str:
-        import subprocess
-        done = subprocess.run(barosync_cmd("token", "create", "--data", str(self.data), "--user", user, "--name", name,
-                                           "--project", "team", "--link", "--url", self.url),
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
-    def events(self) -> list[dict[str, Any]]:
-        token = self.link("checker", "Checker").split("#token=")[1]
-        request = urllib.request.Request(f"{self.url}/api/projects/team/events", headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())["events"]
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     s = Server(tmp_path)
     yield s
-    s.proc.stop()
+    s.stop()
 
 
 class App:
@@ -122,8 +98,8 @@ def test_two_users_create_move_edit_and_see_each_other(chromium, server) -> None
     # A drag over the grid opens the editor; saving creates the event for both.
     alice.drag(alice.slot("09:00:00"), alice.slot("10:30:00"))
     alice.fill_editor("Planning")
-    bob.event("Planning").wait_for(timeout=1000)
-    [stored] = server.events()
+    bob.event("Planning").wait_for(timeout=10_000)
+    [stored] = server.events("team")
     assert stored["title"] == "Planning" and stored["createdBy"] == "alice"
     # Bob moves it by dragging; Alice sees it move.
     box = bob.event("Planning").bounding_box()
@@ -133,12 +109,12 @@ def test_two_users_create_move_edit_and_see_each_other(chromium, server) -> None
     alice.page.wait_for_function(
         "(start) => [...document.querySelectorAll('.fc-event-time')].some(e => e.textContent !== start)",
         arg=alice.page.inner_text(".fc-event-time"))
-    [moved] = server.events()
+    [moved] = server.events("team")
     assert moved["version"] == 2 and moved["startDate"] != stored["startDate"]
     # Alice edits it in the dialog (keyboard: Enter saves); Bob sees the new title.
     alice.event("Planning").click()
     alice.fill_editor("Planning (room 2)")
-    bob.event("Planning (room 2)").wait_for(timeout=1000)
+    bob.event("Planning (room 2)").wait_for(timeout=10_000)
     # Bob's pointer over the grid shows on Alice's screen, labelled, and goes with him.
     box = bob.page.locator("#calendar-wrap").bounding_box()
     assert box
@@ -175,7 +151,7 @@ def test_offline_edits_wait_and_arrive_once_and_the_app_opens_offline(chromium, 
     bob.context.set_offline(False)
     alice.event("Written offline").wait_for(timeout=15_000)
     bob.page.wait_for_function("() => document.getElementById('sync').textContent.startsWith('all changes saved')")
-    assert [e["title"] for e in server.events()] == ["Written offline"]  # exactly once
+    assert [e["title"] for e in server.events("team")] == ["Written offline"]  # exactly once
     assert alice.errors == [] and bob.errors == []
 
 
@@ -189,7 +165,7 @@ def test_the_conflict_dialog_settles_each_way(chromium, tmp_path) -> None:
         alice.fill_editor("Offsite")
         bob.event("Offsite").wait_for()
         for n, (button, expected) in enumerate((("#keep-mine", "bob 0"), ("#keep-theirs", "alice 1"), ("#keep-picked", "bob 2"))):
-            current = server.events()[0]["title"]
+            current = server.events("team")[0]["title"]
             bob.context.set_offline(True)
             bob.page.wait_for_function("() => document.getElementById('connection').dataset.state === 'offline'")
             bob.event(current).first.click()
@@ -205,9 +181,9 @@ def test_the_conflict_dialog_settles_each_way(chromium, tmp_path) -> None:
                 bob.page.check('input[name="pick-title"][value="mine"]')
             bob.page.click(button)
             bob.page.wait_for_selector("#conflict:not([open])", state="attached")
-            alice.event(expected).wait_for(timeout=5000)
-            assert [e["title"] for e in server.events()] == [expected]
+            alice.event(expected).wait_for(timeout=10_000)
+            assert [e["title"] for e in server.events("team")] == [expected]
             assert not bob.page.is_visible("#conflict")  # closed for good
         assert alice.errors == [] and bob.errors == []
     finally:
-        server.proc.stop()
+        server.stop()

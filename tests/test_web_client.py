@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from attack_helpers import ServerProcess, mint, write_config
+from attack_helpers import ServerProcess, barosync_cmd, write_config
 from barosync.auth import create_token
 
 CLIENT_JS = resources.files("barosync").joinpath("web", "barosync.js").read_text()
@@ -40,7 +40,7 @@ NETWORK_NOISE = ("WebSocket connection to", "net::ERR_", "Failed to load resourc
 
 
 class Server:
-    """A `barosync serve` subprocess that can be killed and restarted on its port."""
+    """A `barosync serve` subprocess for browser tests: tokens, links, and what it stored."""
 
     def __init__(self, tmp: Path, **config: Any) -> None:
         self.data = tmp / "data"
@@ -55,6 +55,18 @@ class Server:
     @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def link(self, user: str, name: str, project: str = "team") -> str:
+        """A sign-in link from the real CLI (`barosync token create --link`)."""
+        done = subprocess.run(barosync_cmd("token", "create", "--data", str(self.data), "--user", user, "--name", name,
+                                           "--project", project, "--link", "--url", self.url),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
 
     def events(self, project: str) -> list[dict[str, Any]]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/projects/{project}/events",
