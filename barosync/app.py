@@ -97,13 +97,18 @@ class App:
 
     # -- questions every transport asks --------------------------------------------------
 
-    async def authenticate(self, token: str) -> Identity | None:
+    async def authenticate(self, token: str, *, scope: str = "access") -> Identity | None:
+        """The identity of a token good for ``scope``: a feed token opens only the
+        ICS feed, and nothing else opens a feed."""
         try:
-            return await call_first(self.pm.hook.barosync_authenticate, is_async=self._async_authenticate,
-                                    token=token, config=self.config)
+            identity = await call_first(self.pm.hook.barosync_authenticate, is_async=self._async_authenticate,
+                                        token=token, config=self.config)
         except Exception:
             log.exception("auth plugin failed; refusing the token")
             return None
+        if identity is None or identity.scope != scope:
+            return None
+        return identity
 
     async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
+from urllib.parse import quote
 import logging
 import signal
 import sys
@@ -51,7 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--all-projects", action="store_true", help="the token may access every project")
     create.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS", help=f"lifetime (default {DEFAULT_TTL})")
     create.add_argument("--link", action="store_true", help="print a sign-in link for the web calendar instead of the bare token")
+    create.add_argument("--admin", action="store_true", help="the token may open the sync inspector (/admin)")
+    create.add_argument("--feed", action="store_true",
+                        help="a feed-only token: it opens the read-only ICS feed of its projects and nothing else; "
+                             "prints the feed's URL (with --url, or the configured address)")
     create.add_argument("--url", metavar="URL", help="the server's address in the link (default: http://HOST:PORT from the config)")
+
+    revoke = token_sub.add_parser("revoke", help="refuse a token from now on (the token itself, or its id)")
+    _common(revoke)
+    revoke.add_argument("token", metavar="TOKEN", help="the token, or its id (the jti claim)")
 
     # Data-directory operations (barosync/ops.py, docs/operations.md).
     backup = sub.add_parser("backup", help="consistent hot copy of the data directory into DEST (safe while serving)")
@@ -89,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "token" and args.token_command == "create":
             return _token_create(args)
+        if args.command == "token" and args.token_command == "revoke":
+            return _token_revoke(args)
         if args.command in ("watch", "import"):
             from .watch import import_main, watch_main
 
@@ -119,8 +130,30 @@ def _token_create(args: argparse.Namespace) -> int:
     config = _config(args)
     secret = ensure_secret(config)
     projects = ALL_PROJECTS if args.all_projects else args.project
-    token = create_token(secret, user_id=args.user, name=args.name, projects=projects, ttl=args.ttl)
-    print(sign_in_link(args.url or f"http://{config.host}:{config.port}", token) if args.link else token)
+    if args.feed and (args.all_projects or len(args.project) != 1 or args.admin or args.link):
+        print("barosync: a feed token is for one --project P (and neither --admin nor --link)", file=sys.stderr)
+        return 2
+    token = create_token(secret, user_id=args.user, name=args.name, projects=projects, ttl=args.ttl,
+                         admin=True if args.admin else None, scope="feed" if args.feed else None)
+    base = (args.url or f"http://{config.host}:{config.port}").rstrip("/")
+    if args.feed:
+        print(f"{base}/ics/{quote(args.project[0], safe='')}.ics?token={token}")
+    else:
+        print(sign_in_link(base, token) if args.link else token)
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from .auth import revoke, token_id
+
+    jti = token_id(args.token) if args.token.count(".") == 2 else args.token
+    if not jti:
+        print("barosync: that is neither a token nor a token id (tokens made before ids existed cannot be revoked; "
+              "change [auth] secret to refuse every token)", file=sys.stderr)
+        return 2
+    config = _config(args)
+    revoke(config.data_dir, jti)
+    print(f"revoked token {jti}")
     return 0
 
 

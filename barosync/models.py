@@ -78,6 +78,11 @@ class Identity:
     expires_at: float | None = None
     avatar: str | None = None
     color: str | None = None
+    # What the token is for: "access" (WebSocket, REST, the web app) or "feed" (the
+    # read-only ICS feed of its projects, nothing else).
+    scope: str = "access"
+    admin: bool = False  # may use the sync inspector (/admin, /api/admin/...)
+    token_id: str | None = None  # the token's jti: what `barosync token revoke` names
 
     def may_access(self, project_id: str) -> bool:
         return self.projects == ALL_PROJECTS or project_id in self.projects

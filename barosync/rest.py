@@ -7,6 +7,7 @@ envelope id, per user), conflict strategies, and the same broadcast to subscribe
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import uuid
@@ -17,7 +18,7 @@ from urllib.parse import parse_qs, unquote
 import orjson
 import trio
 
-from . import protocol
+from . import ics, protocol
 from .models import Identity, ValidationError, check_id, parse_instant
 from .mutations import prepare_mutation
 from .protocol import ProtocolError
@@ -41,6 +42,8 @@ STATUS = {
 }
 
 _PROJECT_EVENTS = re.compile(r"/api/projects/([^/]+)/events")
+_PROJECT_IMPORT = re.compile(r"/api/projects/([^/]+)/import")
+_FEED = re.compile(r"/ics/([^/]+)\.ics")
 _EVENT = re.compile(r"/api/events/([^/]+)")
 
 Response = tuple[int, Any]
@@ -85,6 +88,9 @@ async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: d
     if path == "/api/projects":
         _allow(method, b"GET")
         return 200, {"projects": [{"id": p, "seq": seq} for p, seq in app.store.projects() if identity.may_access(p)]}
+    if m := _PROJECT_IMPORT.fullmatch(path):
+        _allow(method, b"POST")
+        return await _import(app, identity, _unquote(m.group(1)), parse_qs(query), body)
     if m := _PROJECT_EVENTS.fullmatch(path):
         _allow(method, b"GET")
         return await _list(app, identity, _unquote(m.group(1)), parse_qs(query))
@@ -220,3 +226,73 @@ async def _mutate(app: "App", identity: Identity, kind: str, key: str, payload: 
     if outcome.conflict is not None:
         body["conflict"] = outcome.conflict
     return (201 if kind == "create" else 200), body
+
+
+# -- ICS: the read-only feed and the import ---------------------------------------------
+
+
+async def feed(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes]) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
+    """``GET /ics/{projectId}.ics?token=…``: (status, body, content type, headers).
+    Only a feed token for that project opens it; the ETag is the project's seq in
+    this data directory, so polling apps get 304 until something changes."""
+    m = _FEED.fullmatch(path)
+    if m is None:
+        return _feed_error(404, "not_found", f"no such feed {path!r}: /ics/PROJECT.ics")
+    if method not in (b"GET", b"HEAD"):
+        status, body, content_type, _ = _feed_error(405, "method_not_allowed", "use GET")
+        return status, body, content_type, [(b"allow", b"GET, HEAD")]
+    project_id = _unquote(m.group(1))
+    token = (parse_qs(query).get("token") or [None])[0]
+    identity = await app.authenticate(token, scope="feed") if token else None
+    if identity is None:
+        return _feed_error(401, "unauthorized", "missing, expired, revoked or not a feed token "
+                                                "(make one with `barosync token create --feed --project P`)")
+    if not await app.authorize(identity, "subscribe", project_id):
+        return _feed_error(403, protocol.E_FORBIDDEN, f"this feed token is not for project {project_id!r}")
+    seq, events = app.store.snapshot(project_id)
+    etag = f'"{app.store.data_id}-{seq}"'.encode()
+    extra = [(b"etag", etag), (b"cache-control", b"no-cache")]
+    if headers.get(b"if-none-match") == etag:
+        return 304, b"", b"text/calendar; charset=utf-8", extra
+    events.sort(key=lambda e: e["startDate"])
+    return 200, ics.feed(project_id, events), b"text/calendar; charset=utf-8", extra
+
+
+def _feed_error(status: int, code: str, message: str) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
+    return status, orjson.dumps({"error": code, "message": message}), b"application/json", []
+
+
+async def _import(app: "App", identity: Identity, project_id: str, query: dict[str, list[str]], body: bytes) -> Response:
+    """``POST /api/projects/{id}/import`` with an ``.ics`` body: each event through the
+    one write path, keyed by its UID, so importing the same file twice changes nothing
+    the second time. Recurrences are expanded within ``from``/``to`` (ics.py says why)."""
+    if not await app.authorize(identity, "create", project_id):
+        raise HttpError(403, protocol.E_FORBIDDEN, f"not allowed to create in project {project_id!r}")
+    window = None
+    if "from" in query or "to" in query:
+        if not ("from" in query and "to" in query):
+            raise HttpError(400, protocol.E_INVALID, "give both `from` and `to` (the window recurrences are expanded in)")
+        window = (_utc(query["from"][0], "from"), _utc(query["to"][0], "to"))
+    try:
+        found = ics.parse(body, project_id=project_id, window=window)
+    except ics.IcsError as e:
+        raise HttpError(400, protocol.E_INVALID, str(e)) from None
+    counts = {"created": 0, "updated": 0, "unchanged": 0}
+    refused = []
+    for fields in found:
+        stored = app.store.get_event(project_id, fields["id"]) if app.store.project_of(fields["id"]) == project_id else None
+        if stored is not None and all(stored.get(k) == v for k, v in fields.items() if k != "projectId"):
+            counts["unchanged"] += 1
+            continue
+        if stored is None:
+            kind, payload = "create", fields
+        else:
+            kind, payload = "update", {k: v for k, v in fields.items() if k != "projectId"} | {"version": stored["version"]}
+        key = "ics-" + hashlib.sha256(orjson.dumps([kind, payload], option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+        try:
+            await _mutate(app, identity, kind, key, payload)
+        except HttpError as e:
+            refused.append({"id": fields["id"], **e.body})
+            continue
+        counts["created" if kind == "create" else "updated"] += 1
+    return 200, {"projectId": project_id, **counts, "refused": refused, "events": len(found)}

@@ -244,6 +244,9 @@ async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Requ
     if path.startswith("/api/"):
         status, answer, headers = await rest.handle(app, method, path, query, _headers(request), body)
         return _response(conn, status, answer, extra=headers)
+    if path.startswith("/ics/"):
+        status, data, content_type, headers = await rest.feed(app, method, path, query, _headers(request))
+        return _response(conn, status, data, content_type=content_type, extra=headers)
     if path == "/healthz":
         if method not in (b"GET", b"HEAD"):
             return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /healthz"), extra=[(b"allow", b"GET, HEAD")])

@@ -198,7 +198,15 @@ class ProgressBar:
         self.stream.flush()
 
 
-def load_events(path: str | os.PathLike[str]) -> list[Any]:
+def load_events(path: str | os.PathLike[str], project: str | None = None) -> list[Any]:
+    """A JSON list of events, or the VEVENTs of an ``.ics`` file (recurrences
+    expanded, see ics.py) for ``project``."""
+    if str(path).lower().endswith(".ics"):
+        from . import ics
+
+        if project is None:
+            raise ValueError("an .ics file needs --project P (iCalendar has no project)")
+        return ics.parse(Path(path).read_bytes(), project_id=project)
     data = orjson.loads(Path(path).read_bytes())
     if isinstance(data, dict) and isinstance(data.get("events"), list):
         data = data["events"]
@@ -211,7 +219,7 @@ async def run_import(url: str, token: str, path: str, project: str | None, store
                      *, stderr: TextIO = sys.stderr, client_options: dict[str, Any] | None = None) -> ImportResult:
     from .client import ConnectionState, StateChanged, SyncClient
 
-    plan = plan_import(load_events(path), project)
+    plan = plan_import(load_events(path, project), project)
     bar = ProgressBar(stderr)
     async with SyncClient(url, token=token, store=store, **(client_options or {})) as client:
         def report(note: StateChanged) -> None:
@@ -237,7 +245,7 @@ def add_watch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE.json", help="a JSON list of events")
+    p.add_argument("file", metavar="FILE", help="a JSON list of events, or an iCalendar file (.ics, with --project)")
     p.add_argument("--url", required=True, help="server WebSocket URL, e.g. ws://127.0.0.1:8080/ws")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                    help=f"access token (default: ${TOKEN_ENV})")
@@ -288,7 +296,7 @@ def import_main(args: argparse.Namespace) -> int:
         print(f"barosync: import needs --token (or ${TOKEN_ENV})", file=sys.stderr)
         return 2
     try:
-        plan_import(load_events(args.file), args.project)
+        plan_import(load_events(args.file, args.project), args.project)
     except (OSError, ValueError) as e:
         print(f"barosync: import: {args.file}: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,174 @@
+"""iCalendar (RFC 5545) in and out, through the ``icalendar`` library. No IO, no trio.
+
+Out: a project's events as one VCALENDAR (the read-only feed calendar apps subscribe
+to). In: the VEVENTs of an ``.ics`` file as barosync event fields (ICS import).
+
+Recurring events are expanded into single events within a window the caller gives
+(``recurring-ical-events`` applies RRULE, RDATE, EXDATE and RECURRENCE-ID overrides):
+the event model has no recurrence yet, and expanding keeps every client — the seed's
+browser client included — working without learning RRULE. Each occurrence gets an id
+derived from the UID and its start, so importing the same file again finds the same
+events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any, Iterable
+
+import icalendar
+import recurring_ical_events
+
+PRODID = "-//barosync//barosync calendar//EN"
+MAX_ID = 128
+# Without a window from the caller: a month back, a year ahead.
+DEFAULT_WINDOW = (timedelta(days=-31), timedelta(days=366))
+
+
+class IcsError(ValueError):
+    """The data is not an iCalendar file barosync can read; the message says why."""
+
+
+# -- out ----------------------------------------------------------------------------------
+
+
+def _instant(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _day(value: str) -> date:
+    return _instant(value).date() if "T" in value else date.fromisoformat(value[:10])
+
+
+def _stamp(ms: int | None) -> datetime:
+    return datetime.fromtimestamp((ms or 0) / 1000, tz=timezone.utc)
+
+
+def feed(project_id: str, events: Iterable[dict[str, Any]], *, name: str | None = None) -> bytes:
+    """The project's events as an RFC 5545 VCALENDAR."""
+    cal = icalendar.Calendar()
+    cal.add("prodid", PRODID)
+    cal.add("version", "2.0")
+    cal.add("calscale", "GREGORIAN")
+    cal.add("x-wr-calname", name or project_id)
+    for e in events:
+        cal.add_component(to_vevent(e))
+    return cal.to_ical()
+
+
+def to_vevent(e: dict[str, Any]) -> icalendar.Event:
+    v = icalendar.Event()
+    v.add("uid", e["id"])
+    v.add("summary", e["title"])
+    if e.get("allDay"):
+        start = _day(e["startDate"])
+        end = _day(e["endDate"])
+        v.add("dtstart", start)
+        v.add("dtend", end if end > start else start + timedelta(days=1))  # DTEND is exclusive
+    else:
+        v.add("dtstart", _instant(e["startDate"]))
+        v.add("dtend", _instant(e["endDate"]))
+    v.add("dtstamp", _stamp(e.get("updatedAt")))
+    v.add("created", _stamp(e.get("createdAt")))
+    v.add("last-modified", _stamp(e.get("updatedAt")))
+    # SEQUENCE counts revisions from 0; barosync's versions count from 1.
+    v.add("sequence", max(0, int(e.get("version", 1)) - 1))
+    for key, prop in (("location", "location"), ("description", "description"), ("color", "color")):
+        if e.get(key):
+            v.add(prop, e[key])
+    for who in e.get("attendees") or []:
+        address = icalendar.vCalAddress(f"mailto:{who}" if "@" in who else f"urn:barosync:user:{who}")
+        address.params["cn"] = icalendar.vText(who)
+        v.add("attendee", address, encode=0)
+    return v
+
+
+# -- in -------------------------------------------------------------------------------------
+
+
+def parse(data: bytes | str, *, project_id: str, window: tuple[datetime, datetime] | None = None,
+          now: datetime | None = None) -> list[dict[str, Any]]:
+    """Event fields (with ``id``) for every VEVENT, recurrences expanded into
+    ``window`` (default: a month back to a year ahead of ``now``)."""
+    try:
+        cal = icalendar.Calendar.from_ical(data)
+    except (ValueError, KeyError, IndexError) as e:
+        raise IcsError(f"not an iCalendar file: {e}") from None
+    if cal.name != "VCALENDAR":
+        raise IcsError(f"expected a VCALENDAR, found {cal.name}")
+    if window is None:
+        now = now or datetime.now(timezone.utc)
+        window = (now + DEFAULT_WINDOW[0], now + DEFAULT_WINDOW[1])
+    out: list[dict[str, Any]] = []
+    recurring = set()
+    for v in cal.walk("VEVENT"):
+        if v.get("rrule") is not None or v.get("rdate") is not None or v.get("recurrence-id") is not None:
+            recurring.add(str(v.get("uid")))
+        else:
+            out.append(_fields(v, project_id, occurrence=None))
+    if recurring:
+        for v in recurring_ical_events.of(cal).between(window[0], window[1]):
+            if str(v.get("uid")) in recurring:
+                # Named by the occurrence it replaces, so a moved one keeps its id.
+                which = v.decoded("recurrence-id") if v.get("recurrence-id") is not None else v.decoded("dtstart")
+                out.append(_fields(v, project_id, occurrence=_as_utc(which)))
+    return out
+
+
+def _as_utc(value: date | datetime) -> datetime:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return datetime.combine(value, time(), tzinfo=timezone.utc)
+
+
+def _iso(value: date | datetime) -> str:
+    return _as_utc(value).isoformat().replace("+00:00", "Z")
+
+
+def event_id(uid: str, occurrence: datetime | None) -> str:
+    """The barosync id of a VEVENT (or one occurrence of it): the UID when it fits."""
+    base = uid if occurrence is None else f"{uid}/{occurrence.strftime('%Y%m%dT%H%M%SZ')}"
+    if 0 < len(base.encode()) <= MAX_ID and "\0" not in base:
+        return base
+    return "ics-" + hashlib.sha256(base.encode()).hexdigest()[:40]
+
+
+def _fields(v: icalendar.Event, project_id: str, occurrence: datetime | None) -> dict[str, Any]:
+    uid = v.get("uid")
+    if not uid:
+        raise IcsError("a VEVENT has no UID")
+    start = v.decoded("dtstart", None)
+    if start is None:
+        raise IcsError(f"VEVENT {uid} has no DTSTART")
+    all_day = not isinstance(start, datetime)
+    if v.get("dtend") is not None:
+        end = v.decoded("dtend")
+    elif v.get("duration") is not None:
+        end = start + v.decoded("duration")
+    else:
+        end = start + timedelta(days=1) if all_day else start
+    fields: dict[str, Any] = {
+        "id": event_id(str(uid), occurrence),
+        "projectId": project_id,
+        "title": str(v.get("summary") or "(no title)")[:500],
+        "startDate": _iso(start),
+        "endDate": _iso(end),
+        "allDay": all_day,
+    }
+    for prop, key in (("location", "location"), ("description", "description"), ("color", "color")):
+        if v.get(prop):
+            fields[key] = str(v.get(prop))
+    attendees = v.get("attendee")
+    if attendees is not None:
+        found = attendees if isinstance(attendees, list) else [attendees]
+        fields["attendees"] = [_who(a) for a in found]
+    return fields
+
+
+def _who(address: Any) -> str:
+    value = str(address)
+    for prefix in ("mailto:", "MAILTO:", "urn:barosync:user:"):
+        if value.startswith(prefix):
+            return value[len(prefix):]
+    return value
