@@ -52,6 +52,8 @@ class App:
         self.started_at = time.time()
         self._stop = trio.Event()
         self._sessions_gone = trio.Event()
+        # The inspector's previous reading of hub.committed, for changes per second.
+        self.admin_sample: tuple[float, dict[str, int]] = (0.0, {})
 
     def stop(self) -> None:
         self._stop.set()

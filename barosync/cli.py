@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
-from urllib.parse import quote
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import quote
 
 import lmdb
 import trio
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(revoke)
     revoke.add_argument("token", metavar="TOKEN", help="the token, or its id (the jti claim)")
 
+    status = sub.add_parser("status", help="the sync inspector's summary in the terminal (needs an admin token)")
+    _common(status)
+    status.add_argument("--url", help="the server (default: http://HOST:PORT from the config)")
+    status.add_argument("--token", default=os.environ.get("BAROSYNC_TOKEN"),
+                        help="an admin token (`barosync token create --admin`; default: $BAROSYNC_TOKEN)")
+    status.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+
     # Data-directory operations (barosync/ops.py, docs/operations.md).
     backup = sub.add_parser("backup", help="consistent hot copy of the data directory into DEST (safe while serving)")
     backup.add_argument("dest", metavar="DEST", help="a new or empty directory for the backup")
@@ -100,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token_create(args)
         if args.command == "token" and args.token_command == "revoke":
             return _token_revoke(args)
+        if args.command == "status":
+            return _status(args)
         if args.command in ("watch", "import"):
             from .watch import import_main, watch_main
 
@@ -140,6 +150,48 @@ def _token_create(args: argparse.Namespace) -> int:
         print(f"{base}/ics/{quote(args.project[0], safe='')}.ics?token={token}")
     else:
         print(sign_in_link(base, token) if args.link else token)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    if not args.token:
+        print("barosync: status needs an admin token: --token T or $BAROSYNC_TOKEN (`barosync token create --admin`)",
+              file=sys.stderr)
+        return 2
+    config = _config(args)
+    base = (args.url or f"http://{config.host}:{config.port}").rstrip("/")
+    request = urllib.request.Request(base + "/api/admin/summary", headers={"Authorization": f"Bearer {args.token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            found = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        print(f"barosync: status: {base} answered {e.code}: {json.loads(e.read()).get('message', '')}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"barosync: status: cannot reach {base} ({getattr(e, 'reason', e)}); is the server running? (--url)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    server = found["server"]
+    lmdb = server["lmdb"]
+    print(f"barosync {server['version']} at {base}: {server['health']}, up {server['uptime']:.0f} s, "
+          f"LMDB {lmdb['usedBytes'] / 2**20:.1f} of {lmdb['mapBytes'] / 2**20:.0f} MiB, "
+          f"plugins: {', '.join(p['name'] for p in server['plugins'])}")
+    print(f"{len(found['projects'])} projects:")
+    for p in found["projects"]:
+        rate = f", {p['changesPerSecond']}/s" if p["changesPerSecond"] else ""
+        print(f"  {p['id']}: seq {p['head']} (history from {p['historyFrom']}), {p['subscribers']} subscribers, "
+              f"present: {', '.join(p['present']) or '-'}{rate}")
+    print(f"{len(found['connections'])} connections:")
+    for c in found["connections"]:
+        projects = "; ".join(f"{p['id']} acked {p['acked']}/{p['head']}" for p in c["projects"]) or "no subscriptions"
+        print(f"  {c['id']} {c['user']} via {c['codec']}: {projects}; outbox {c['outboxBytes']} B, "
+              f"{c['unacked']} unacked, heard {c['lastHeard']} s ago")
     return 0
 
 

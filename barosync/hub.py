@@ -116,6 +116,8 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self._hook = hook
         self.deliveries = 0
+        # Changes committed per project since start (the inspector's commits/s).
+        self.committed: dict[str, int] = {}
         self.cursor_interval = 1.0 / cursor_rate
         self._cursor_rooms: set[str] = set()  # projects with cursors waiting
         self._cursor_wakeup = trio.lowlevel.ParkingLot()
@@ -246,7 +248,9 @@ class Hub:
                 changes.setdefault(outcome.project_id, []).append((out, f"{outcome.project_id}:{outcome.seq}", m, outcome))
             else:
                 self._reply(m, outcome)
+        committed = self.committed
         for project_id, items in changes.items():
+            committed[project_id] = committed.get(project_id, 0) + len(items)
             self._fan_out(project_id, items)
             if self._hook.barosync_change_committed.get_hookimpls():
                 for _, _, _, outcome in items:

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, unquote
 import orjson
 import trio
 
-from . import ics, protocol
+from . import admin, ics, protocol
 from .models import Identity, ValidationError, check_id, parse_instant
 from .mutations import prepare_mutation
 from .protocol import ProtocolError
@@ -44,6 +44,7 @@ STATUS = {
 _PROJECT_EVENTS = re.compile(r"/api/projects/([^/]+)/events")
 _PROJECT_IMPORT = re.compile(r"/api/projects/([^/]+)/import")
 _FEED = re.compile(r"/ics/([^/]+)\.ics")
+_ADMIN_CLOSE = re.compile(r"/api/admin/connections/([^/]+)/close")
 _EVENT = re.compile(r"/api/events/([^/]+)")
 
 Response = tuple[int, Any]
@@ -82,6 +83,8 @@ async def handle(app: "App", method: bytes, path: str, query: str, headers: dict
 
 async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:
     identity = await _identity(app, headers)
+    if path.startswith("/api/admin/"):
+        return _admin(app, identity, method, path)
     if path == "/api/me":
         _allow(method, b"GET")
         return 200, _me(identity)
@@ -113,6 +116,22 @@ async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: d
     raise HttpError(404, "not_found", f"no such resource {path!r}")
 
 
+def _admin(app: "App", identity: Identity, method: bytes, path: str) -> Response:
+    if not identity.admin:
+        raise HttpError(403, protocol.E_FORBIDDEN, "the sync inspector needs a token with the admin claim "
+                                                   "(`barosync token create --admin`)")
+    if path == "/api/admin/summary":
+        _allow(method, b"GET")
+        return 200, admin.summary(app)
+    if m := _ADMIN_CLOSE.fullmatch(path):
+        _allow(method, b"POST")
+        session_id = _unquote(m.group(1))
+        if not admin.close_connection(app, session_id):
+            raise HttpError(404, protocol.E_NOT_FOUND, f"no open connection {session_id!r}")
+        return 200, {"closed": session_id}
+    raise HttpError(404, "not_found", f"no such resource {path!r} (/api/admin/summary, /api/admin/connections/ID/close)")
+
+
 def _me(identity: Identity) -> dict[str, Any]:
     """Who the token says the caller is (browsers cannot see why a WebSocket
     handshake was refused; this answers 401 for the same token)."""
@@ -120,6 +139,7 @@ def _me(identity: Identity) -> dict[str, Any]:
     return {
         "user": {"id": identity.user_id, "name": identity.name, "avatar": identity.avatar, "color": identity.color},
         "projects": identity.projects if isinstance(identity.projects, str) else sorted(identity.projects),
+        "admin": identity.admin,
         "expiresAt": int(expires * 1000) if expires is not None and math.isfinite(expires) else None,
     }
 

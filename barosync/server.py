@@ -306,6 +306,7 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
     ]))
     trailing, _closed = conn.trailing_data
     session = Session(app, front.poller, stream, bytes(trailing), identity, codec)
+    session.origin = origin.decode("latin-1") if origin is not None else None
     # The 101 must be the first bytes of the connection's outbox, then hello.
     session.send_frame(response)
     config = app.config

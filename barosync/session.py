@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
@@ -36,12 +37,15 @@ ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", pro
 
 
 class Session(Connection):
-    __slots__ = ("subscriptions", "_rate", "_burst", "_tokens", "_tick", "_refused", "_refused_window")
+    __slots__ = ("subscriptions", "_rate", "_burst", "_tokens", "_tick", "_refused", "_refused_window", "origin",
+                 "connected_at")
 
     def __init__(self, app: "App", poller: "ReadPoller", stream: trio.SocketStream, received: bytes, identity: Identity,
                  codec: "Codec") -> None:
         super().__init__(app, poller, stream, received, identity, codec)
         self.subscriptions: set[str] = set()
+        self.origin: str | None = None  # the browser's Origin header, for the inspector
+        self.connected_at = time.time()
         # Token bucket for client messages; acks and cursors are not counted.
         self._rate = app.config.rate_limit
         self._burst = float(app.config.rate_burst)

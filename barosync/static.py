@@ -27,6 +27,7 @@ CSP = (b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'
        b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 ALIASES = {
     "/": ("app", "index.html"),
+    "/admin": ("app", "admin.html"),
     "/sw.js": ("app", "sw.js"),
     "/client/barosync.js": ("barosync.js",),
     "/client/barosync.d.ts": ("barosync.d.ts",),
