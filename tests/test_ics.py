@@ -138,6 +138,13 @@ async def test_an_import_goes_through_the_write_path_once(data_dir) -> None:
         assert status == 200 and (first["created"], first["unchanged"], first["refused"]) == (4, 0, [])
         created = [await watcher.recv_type("event:created") for _ in range(4)]
         assert sorted(m["seq"] for m in created) == [1, 2, 3, 4]
+        # Round trip: the project's feed reads back as what the file said.
+        feed_token = create_token(SECRET, user_id="alice", projects=["team"], scope="feed")
+        status, body, _ = await trio.to_thread.run_sync(fetch, feed_url(app.port, "team", feed_token))
+        window = (datetime(2026, 12, 1, tzinfo=timezone.utc), datetime(2027, 1, 31, tzinfo=timezone.utc))
+        expected = {e["id"]: e for e in ics.parse(SAMPLE.read_bytes(), project_id="team", window=window)}
+        back = {e["id"]: e for e in ics.parse(body, project_id="team", window=window)}
+        assert status == 200 and back == expected
         status, _, again = await http_exchange(app.port, "POST", path, body, tok=token("alice", ["team"]))
         assert status == 200 and (again["created"], again["updated"], again["unchanged"]) == (0, 0, 4)
         assert app.store.current_seq("team") == 4  # nothing changed the second time
