@@ -3,7 +3,8 @@
 Framing (websockets' sans-IO protocol), the shared read poller, the writer task that
 drains the outbox (outbox.py), the heartbeat, and the close handshake with its close
 codes live here. What each client message means is the protocol layer's
-(session.py), which subclasses this and implements ``_handle`` and ``_left``.
+(session.py), which subclasses this and implements ``_on_message``, ``_on_closing`` and
+``_on_ended``.
 """
 
 from __future__ import annotations
