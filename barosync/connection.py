@@ -162,6 +162,11 @@ class Connection(Outbox):
         finally:
             self._closing = True
             self._on_ended()
+            # websockets' parser is a generator that holds its protocol object: a
+            # reference cycle only a full collection frees, and those grow rarer as
+            # the heap grows (the soak's slow heap growth). Closing it frees the
+            # connection's protocol state now.
+            self._ws.parser.close()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
 

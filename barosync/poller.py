@@ -124,6 +124,7 @@ class ReadPoller:
                     owner.on_readable()
                 except Exception:
                     self._failed(fd, owner)
+            owner = None  # not kept alive by this frame while we wait
             await trio.lowlevel.checkpoint()
 
     async def _run_selector(self, selector: selectors.BaseSelector) -> None:
@@ -134,6 +135,7 @@ class ReadPoller:
                 owner = owners.get(key.fd)
                 if owner is not None:
                     self._read(key.fd, owner)
+            owner = None
             await trio.lowlevel.checkpoint()
 
     def _read(self, fd: int, owner: Readable) -> None:

@@ -437,3 +437,29 @@ async def test_ids_too_long_in_utf8_bytes_are_refused_and_nothing_is_stored(app,
     answer = await c.create("\U0001F600" * 120)  # 120 characters, 480 bytes
     assert answer["type"] == "error" and answer["payload"]["field"] == "projectId"
     assert (await c.create("ok"))["payload"]["seq"] == 1
+
+
+async def test_a_closed_connection_is_freed_without_waiting_for_the_cycle_collector(app, client_factory):
+    """Each connection's protocol object must not outlive it in a reference cycle:
+    with thousands of reconnects those piled up until a rare full collection."""
+    import gc
+    import weakref
+
+    from websockets.protocol import Protocol
+
+    client = await client_factory()
+    await client.subscribe()
+    [session] = app.sessions
+    protocol_ref = weakref.ref(session._ws)
+    assert isinstance(protocol_ref(), Protocol)
+    del session
+    gc.disable()
+    try:
+        await client.ws.aclose()
+        with trio.fail_after(5):
+            while app.sessions:
+                await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        assert protocol_ref() is None
+    finally:
+        gc.enable()
