@@ -9,7 +9,6 @@ server keeps anyway, when asked: nothing is counted on the delivery path for thi
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +85,6 @@ def _projects(app: "App") -> list[dict[str, Any]]:
 def _connection(app: "App", session: Any) -> dict[str, Any]:
     ident = session.identity
     now = trio.current_time()
-    expires = ident.expires_at
     return {
         "id": session.id,
         "user": ident.user_id,
@@ -97,7 +95,7 @@ def _connection(app: "App", session: Any) -> dict[str, Any]:
         "projects": [_progress(app, session, p) for p in sorted(session.subscriptions)],
         "outboxBytes": session.outbox_bytes,
         "unacked": len(session.unacked),
-        "tokenExpiresAt": int(expires * 1000) if expires is not None and math.isfinite(expires) else None,
+        "tokenExpiresAt": ident.expires_ms,
         "lastHeard": round(now - session.last_recv, 1),  # seconds since the client last sent anything
         "closing": session.close_code is not None,
     }

@@ -7,6 +7,7 @@ reject the same things with the same words. Errors name the wire field.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import uuid
 from datetime import date, datetime
@@ -83,6 +84,12 @@ class Identity:
     scope: str = "access"
     admin: bool = False  # may use the sync inspector (/admin, /api/admin/...)
     token_id: str | None = None  # the token's jti: what `barosync token revoke` names
+
+    @property
+    def expires_ms(self) -> int | None:
+        """When the token expires, in milliseconds as the wire gives times (None: never)."""
+        expires = self.expires_at
+        return int(expires * 1000) if expires is not None and math.isfinite(expires) else None
 
     def may_access(self, project_id: str) -> bool:
         return self.projects == ALL_PROJECTS or project_id in self.projects

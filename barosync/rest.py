@@ -135,12 +135,11 @@ def _admin(app: "App", identity: Identity, method: bytes, path: str) -> Response
 def _me(identity: Identity) -> dict[str, Any]:
     """Who the token says the caller is (browsers cannot see why a WebSocket
     handshake was refused; this answers 401 for the same token)."""
-    expires = identity.expires_at
     return {
         "user": {"id": identity.user_id, "name": identity.name, "avatar": identity.avatar, "color": identity.color},
         "projects": identity.projects if isinstance(identity.projects, str) else sorted(identity.projects),
         "admin": identity.admin,
-        "expiresAt": int(expires * 1000) if expires is not None and math.isfinite(expires) else None,
+        "expiresAt": identity.expires_ms,
     }
 
 

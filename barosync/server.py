@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -325,7 +324,7 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
         # Changes when the data directory is replaced: a client whose `since` came
         # from another history must start from a snapshot.
         "dataId": app.store.data_id,
-        "tokenExpiresAt": int(identity.expires_at * 1000) if identity.expires_at and math.isfinite(identity.expires_at) else None,
+        "tokenExpiresAt": identity.expires_ms,
     }))
     return session
 

@@ -286,8 +286,7 @@ class Session(Connection):
                 self.app.hub.leave(self, project_id)
                 self.send_json(protocol.error(ProtocolError(
                     protocol.E_FORBIDDEN, f"the new token does not allow project {project_id!r}: unsubscribed", field="projectId")))
-        expires = identity.expires_at
-        self.send_json(protocol.ack(env.id, {"expiresAt": int(expires * 1000) if expires is not None else None}))
+        self.send_json(protocol.ack(env.id, {"expiresAt": identity.expires_ms}))
 
 
 def _is_utf8(data: bytes) -> bool:
