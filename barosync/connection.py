@@ -297,15 +297,19 @@ class Connection(Outbox):
                 self._poller.unregister(self._fd)
 
     def _settle_acks(self, items: list[Any]) -> bool:
-        """Handle a message here if it is nothing but acks (the common case)."""
+        """Handle a message here if it is nothing but well-formed acks (the common
+        case); anything else goes to the reader task, which answers errors."""
         for item in items:
             if type(item) is not dict or item.get("type") != protocol.ACK:
                 return False
-        unacked = self.unacked
+            payload = item.get("payload")
+            if payload:
+                try:
+                    protocol.ack_up_to(payload)
+                except ProtocolError:
+                    return False
         for item in items:
-            msg_id = item.get("id")
-            if type(msg_id) is str:
-                unacked.pop(msg_id, None)
+            self.settle_ack(item)
         return True
 
     async def _reader(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from . import protocol
 from .protocol import Outgoing
@@ -67,6 +67,26 @@ class Outbox:
             unacked[msg_id] = None
         while len(unacked) > MAX_UNACKED:
             del unacked[next(iter(unacked))]
+
+    def settle_ack(self, item: dict[str, Any]) -> None:
+        """A client's ack: by ``id`` (one message), or cumulative (``payload``
+        ``{projectId, seq}``: every change of that project up to ``seq``). Raises
+        ProtocolError for a malformed cumulative ack."""
+        up_to = protocol.ack_up_to(item.get("payload"))
+        unacked = self.unacked
+        if up_to is None:
+            msg_id = item.get("id")
+            if type(msg_id) is str:
+                unacked.pop(msg_id, None)
+            return
+        project_id, seq = up_to
+        # Changes are tracked as "project:seq"; a project's are few and in order.
+        prefix = project_id + ":"
+        cut = len(prefix)
+        for msg_id in [m for m in unacked if m.startswith(prefix)]:
+            tail = msg_id[cut:]
+            if tail.isdigit() and int(tail) <= seq:
+                del unacked[msg_id]
 
     def send_out(self, out: Outgoing) -> None:
         """Send one shared message (its frame for this codec is made once)."""

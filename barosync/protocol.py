@@ -232,6 +232,22 @@ def frame(msg_type: str, payload: Any = None, **kw: Any) -> bytes:
     return text_frame(encode(msg_type, payload, **kw))
 
 
+def ack_up_to(payload: Any) -> tuple[str, int] | None:
+    """A client's cumulative ack, ``{"projectId", "seq"}``: it settles every change of
+    that project up to ``seq`` it was sent. None for an ack by ``id`` (no payload, or
+    an empty one); ProtocolError for a malformed one."""
+    if not payload:
+        return None
+    if type(payload) is not dict:
+        raise ProtocolError(E_BAD_ENVELOPE, "`payload` of an ack must be a JSON object", field="payload")
+    project_id, seq = payload.get("projectId"), payload.get("seq")
+    if type(project_id) is not str or not project_id or len(project_id) > 128:
+        raise ProtocolError(E_INVALID, "a cumulative ack needs `projectId` (a string)", field="projectId")
+    if type(seq) is not int or seq < 0:
+        raise ProtocolError(E_INVALID, "a cumulative ack needs `seq` (an integer >= 0)", field="seq")
+    return project_id, seq
+
+
 def ack(ref: str, payload: Any = None) -> bytes:
     # An ack answers a client message and reuses its id, as the seed client expects.
     return encode(ACK, payload, id=ref)

@@ -321,6 +321,9 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
         "rateLimit": {"perSecond": config.rate_limit, "burst": config.rate_burst},
         # Cursors fanned out per user per second: a client need not send more.
         "cursorRate": config.cursor_rate,
+        # Acks may be cumulative, {"projectId", "seq"}: one every ~100 ms instead of
+        # one per change (docs/protocol.md, "Acks").
+        "cumulativeAcks": True,
         # Changes when the data directory is replaced: a client whose `since` came
         # from another history must start from a snapshot.
         "dataId": app.store.data_id,

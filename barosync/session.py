@@ -89,9 +89,11 @@ class Session(Connection):
                 kind = None  # the envelope check below says what is wrong
             # Acks are as frequent as deliveries: settle them before anything else.
             if kind == protocol.ACK:
-                msg_id = item.get("id")
-                if type(msg_id) is str:
-                    self.unacked.pop(msg_id, None)
+                try:
+                    self.settle_ack(item)
+                except ProtocolError as e:
+                    e.ref = item.get("id") if type(item.get("id")) is str and len(item["id"]) <= 128 else None
+                    self.send_json(protocol.error(e))
                 continue
             # Acks, pings and cursors are not rate limited: acks are bounded by what
             # the server sends, a ping costs one pong (and a refused ping would look

@@ -491,6 +491,8 @@ async def test_gives_up_after_max_attempts_and_reconnect_starts_again(tmp_path: 
 
 
 async def test_acks_every_server_message_with_an_id_except_acks_and_pongs(tmp_path: Path) -> None:
+    """Changes are acked cumulatively (hello offers it), one ack per project per
+    ACK_INTERVAL; everything else with an id is acked by id, once, in order."""
     async with harness(tmp_path) as h:
         pa, pb = await h.proxy(record=True), await h.proxy()
         async with h.client(pa, "alice", heartbeat=HeartbeatPolicy(interval=0.05, timeout=5)) as a:
@@ -512,12 +514,22 @@ async def test_acks_every_server_message_with_an_id_except_acks_and_pongs(tmp_pa
         assert created["id"] == "x"
         [conn] = pa.connections
         ups, downs = (([m for m in side if "__close__" not in m]) for side in transcript(conn))
-        must_ack = [m["id"] for m in downs if isinstance(m.get("id"), str) and m["type"] not in ("ack", "pong")]
+        changes = ("event:created", "event:updated", "event:deleted")
+        must_ack = [m["id"] for m in downs
+                    if isinstance(m.get("id"), str) and m["type"] not in ("ack", "pong", *changes)]
         acks = [m for m in ups if m.get("type") == "ack"]
-        assert [m["id"] for m in acks] == must_ack  # each once, in order, nothing else
+        by_id = [m for m in acks if "payload" not in m]
+        assert [m["id"] for m in by_id] == must_ack  # each once, in order, nothing else
+        assert all(set(m) == {"type", "id"} for m in by_id)
+        cumulative = [m["payload"] for m in acks if "payload" in m]
+        assert all(set(m) == {"type", "payload"} for m in acks if "payload" in m)
+        seen = [m["seq"] for m in downs if m["type"] in changes]
+        assert seen == [1, 2, 3]
+        upto = [p["seq"] for p in cumulative]
+        assert {p["projectId"] for p in cumulative} == {"p1"}
+        assert upto == sorted(set(upto)) and upto[-1] == 3  # rising, covering every change
         assert {m["type"] for m in downs} >= {"hello", "sync:snapshot", "user:joined", "user:left", "event:created",
                                               "event:updated", "event:deleted", "user:cursor", "ack", "pong", "error"}
-        assert all(set(m) == {"type", "id"} for m in acks)
         assert {m["type"] for m in ups} <= {"ack", "ping", "subscribe", "event:create"}
 
 

@@ -324,3 +324,16 @@ def test_client_user_id_never_changes_the_decoded_envelope(body):
         assert (info.value.code, info.value.ref) == (e.code, e.ref)
     else:
         assert decode_envelope(json.dumps(with_user)) == expected
+
+
+def test_ack_up_to_reads_a_cumulative_ack_and_leaves_acks_by_id_alone() -> None:
+    assert protocol.ack_up_to(None) is None and protocol.ack_up_to({}) is None
+    assert protocol.ack_up_to({"projectId": "demo", "seq": 0}) == ("demo", 0)
+    assert protocol.ack_up_to({"projectId": "demo", "seq": 42, "extra": 1}) == ("demo", 42)
+    for bad, field in (({"projectId": "demo", "seq": 1.5}, "seq"), ({"projectId": "demo", "seq": True}, "seq"),
+                       ({"projectId": "", "seq": 1}, "projectId"), ({"projectId": "x" * 129, "seq": 1}, "projectId")):
+        with pytest.raises(protocol.ProtocolError) as raised:
+            protocol.ack_up_to(bad)
+        assert raised.value.field == field and raised.value.code == protocol.E_INVALID
+    with pytest.raises(protocol.ProtocolError):
+        protocol.ack_up_to([1, 2])

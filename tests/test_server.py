@@ -10,6 +10,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from barosync import admin
 from barosync.auth import create_token
 from barosync.app import App
 
@@ -96,6 +97,50 @@ async def test_acks_without_payload_or_id_are_accepted_and_tracked(app, client_f
     await b.send_raw(json.dumps({"type": "ping"}))
     assert (await b.recv())["type"] == "pong"  # both acks were read and answered nothing
     assert created["id"] not in session.unacked
+
+
+async def test_cumulative_ack_settles_that_projects_changes_up_to_its_seq(app, client_factory):
+    a = await client_factory("alice", projects=["p1", "p2"])
+    b = await client_factory("bob", projects=["p1", "p2"])
+    assert b.hello["payload"]["cumulativeAcks"] is True
+    await b.subscribe("p1")
+    await b.subscribe("p2")
+    await a.subscribe("p1")
+    await a.subscribe("p2")
+    for project in ("p1", "p1", "p1", "p2"):
+        await a.create(project)
+    got = [await b.recv_type("event:created") for _ in range(4)]
+    session = next(s for s in app.sessions if s.identity.user_id == "bob")
+    assert set(session.unacked) >= {"p1:1", "p1:2", "p1:3", "p2:1"}
+    await b.send_raw(json.dumps({"type": "ack", "payload": {"projectId": "p1", "seq": 2}}))
+    await b.send_raw(json.dumps({"type": "ping"}))
+    assert (await b.recv())["type"] == "pong"
+    assert {m for m in session.unacked if ":" in m} == {"p1:3", "p2:1"}  # exact: p1 up to 2, nothing else
+    progress = admin._progress(app, session, "p1")
+    assert progress["acked"] == 2 and progress["behind"] == 1
+    # A cumulative ack and an ack by id in one breath, then one past the head
+    await b.send_raw(json.dumps({"type": "ack", "id": got[3]["id"]}))
+    await b.send_raw(json.dumps({"type": "ack", "payload": {"projectId": "p1", "seq": 99}}))
+    await b.send_raw(json.dumps({"type": "ping"}))
+    assert (await b.recv())["type"] == "pong"
+    assert not [m for m in session.unacked if ":" in m]
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"projectId": "p1"}, "seq"),
+    ({"projectId": "p1", "seq": -1}, "seq"),
+    ({"projectId": "p1", "seq": "3"}, "seq"),
+    ({"seq": 3}, "projectId"),
+    ({"projectId": 7, "seq": 3}, "projectId"),
+])
+async def test_malformed_cumulative_ack_gets_an_error_and_the_connection_stays(client_factory, payload, field):
+    c = await client_factory()
+    await c.send_raw(json.dumps({"type": "ack", "id": "a-1", "payload": payload}))
+    err = await c.recv()
+    assert err["type"] == "error"
+    assert err["payload"]["code"] == "invalid" and err["payload"]["field"] == field
+    assert err["payload"]["ref"] == "a-1"
+    assert (await c.subscribe("p1"))["type"] == "ack"
 
 
 async def test_client_sent_user_id_is_ignored(client_factory):

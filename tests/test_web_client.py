@@ -155,6 +155,14 @@ def test_two_browsers_see_each_others_changes(chromium, server) -> None:
     # One change arrived once each, in seq order, and the server has it so.
     seqs = a.js("cLog.filter(e => e.type === 'change' && e.detail.seq).map(e => e.detail.seq)")
     assert seqs == sorted(set(seqs)) and seqs[-1] == 3
+    # Changes are acked cumulatively (the hello offers it): one {projectId, seq} per
+    # ~100 ms, rising to the last seq; no ack by id for a change.
+    a.page.wait_for_timeout(300)  # the ack interval, with Playwright's events pumped
+    upto = [m["payload"] for m in a.sent if m.get("type") == "ack" and "payload" in m]
+    assert upto and {u["projectId"] for u in upto} == {"p1"} and upto[-1]["seq"] == 3
+    assert [u["seq"] for u in upto] == sorted({u["seq"] for u in upto})
+    by_id = [m["id"] for m in a.sent if m.get("type") == "ack" and "payload" not in m]
+    assert not [i for i in by_id if i.startswith("p1:")]
     assert server.events("p1") == []
     assert a.real_errors() == [] and b.real_errors() == []
 

@@ -23,6 +23,11 @@ from .sync import _leaves
 
 log = logging.getLogger("barosync.client")
 
+# How long an applied change may wait for its ack: the acks of everything applied
+# meanwhile go out together, one cumulative ack per project (docs/protocol.md, "Acks").
+ACK_INTERVAL = 0.1
+_CHANGES = frozenset({"event:created", "event:updated", "event:deleted"})
+
 
 class ClientConnection:
     """SyncClient's connection half (a mixin; the state it uses is SyncClient's)."""
@@ -182,6 +187,7 @@ class ClientConnection:
         self._outbox = deque()
         self.hello = hello.get("payload") or {}
         self._pong = trio.Event()
+        self._ack_up_to.clear()
         self._connected = True
         self._send_ack(hello)
         self._set_state(ConnectionState.CONNECTED)
@@ -210,6 +216,8 @@ class ClientConnection:
                 n.start_soon(beat)
                 n.start_soon(self._writer, ws, self._outbox)
                 n.start_soon(self._refresh_loop, self.hello or {})
+                if (self.hello or {}).get("cumulativeAcks"):
+                    n.start_soon(self._acker)
         finally:
             self._session_scope = None
             self._ws = None
@@ -311,8 +319,30 @@ class ClientConnection:
 
     def _send_ack(self, msg: dict[str, Any]) -> None:
         msg_id = msg.get("id")
-        if isinstance(msg_id, str) and msg.get("type") not in ("ack", "pong"):
-            self._send({"type": "ack", "id": msg_id})
+        if not isinstance(msg_id, str) or msg.get("type") in ("ack", "pong"):
+            return
+        project_id, seq = msg.get("projectId"), msg.get("seq")
+        if (msg.get("type") in _CHANGES and isinstance(project_id, str) and type(seq) is int
+                and (self.hello or {}).get("cumulativeAcks")):
+            if seq > self._ack_up_to.get(project_id, -1):
+                self._ack_up_to[project_id] = seq
+                self._ack_lot.unpark_all()
+            return
+        self._send({"type": "ack", "id": msg_id})
+
+    async def _acker(self) -> None:
+        """Acks applied changes at most every ACK_INTERVAL: one message per project
+        instead of one per change."""
+        while True:
+            while not self._ack_up_to:
+                await self._ack_lot.park()
+            await trio.sleep(ACK_INTERVAL)
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        for project_id, seq in self._ack_up_to.items():
+            self._send({"type": "ack", "payload": {"projectId": project_id, "seq": seq}})
+        self._ack_up_to.clear()
 
     def _send_subscribe(self, project_id: str) -> None:
         st = self._project(project_id)

@@ -124,6 +124,10 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         self._ws: WebSocketConnection | None = None
         self._outbox: deque[str] | None = None
         self._outbox_lot = trio.lowlevel.ParkingLot()
+        # Changes applied but not acked yet, newest seq per project: sent as one
+        # cumulative ack per project every ACK_INTERVAL (when the server offers it).
+        self._ack_up_to: dict[str, int] = {}
+        self._ack_lot = trio.lowlevel.ParkingLot()
         self._connected = False
         self.hello: dict[str, Any] | None = None
         self._pong = trio.Event()
@@ -175,6 +179,7 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
             # A clean close: acks and anything else already said go out first; then
             # the connection task closes with 1000 (it owns the WebSocket, whose
             # reader must live on to complete the close handshake) and stops.
+            self._flush_acks()
             with trio.move_on_after(self._close_timeout):
                 await self.wait_for(lambda: not self._outbox or not self._connected)
             if self._session_scope is not None:

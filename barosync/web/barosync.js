@@ -25,6 +25,10 @@ const RETRYABLE = new Set(["rate_limited", "storage_full", "storage_failed"]);
 const AUTH_CLOSE_CODES = new Set([4001, 4003]);
 // Sent at most this many at once; the rest wait for answers.
 const MAX_IN_FLIGHT = 32;
+// Changes applied within this many ms are acked together, one cumulative ack
+// ({projectId, seq}) per project, when the server's hello offers it (docs/protocol.md).
+const ACK_INTERVAL_MS = 100;
+const CHANGE_TYPES = new Set(["event:created", "event:updated", "event:deleted"]);
 const SERVER_FIELDS = new Set(["version", "createdAt", "updatedAt", "createdBy", "updatedBy"]);
 
 /** A change the server refused; `code` is the protocol's error code. */
@@ -195,6 +199,8 @@ export class SyncClient extends EventTarget {
     this._subWaiters = new Map(); // projectId -> [resolve]
     this._pausedUntil = 0;
     this._pingSentAt = null;
+    this._ackUpTo = new Map(); // projectId -> newest seq applied and not acked yet
+    this._ackTimer = null;
     this._cursorTimer = null;
     this._cursorPending = null;
     this._cursorSentAt = 0;
@@ -238,6 +244,7 @@ export class SyncClient extends EventTarget {
     this._closed = true;
     for (const t of this._timers) clearTimeout(t);
     this._timers.clear();
+    this._flushAcks();
     for (const [target, type, fn] of this._listeners) target.removeEventListener(type, fn);
     this._listeners = [];
     if (this._ws) { this._ws.onclose = null; this._ws.close(1000, "client closed"); this._ws = null; }
@@ -462,6 +469,7 @@ export class SyncClient extends EventTarget {
     this._ws = null;
     this._inflight.clear();
     this._pingSentAt = null;
+    this._ackUpTo.clear();
     for (const p of this._projects.values()) { p.live = false; p.presence.clear(); }
     this.closeCode = code;
     this.closeReason = reason;
@@ -607,7 +615,23 @@ export class SyncClient extends EventTarget {
     }
   }
 
-  _ackServer(msg) { if (msg.id) this._send({ type: "ack", id: msg.id }); }
+  _ackServer(msg) {
+    if (!msg.id) return;
+    if (this.hello && this.hello.cumulativeAcks && CHANGE_TYPES.has(msg.type)
+        && Number.isInteger(msg.seq) && typeof msg.projectId === "string") {
+      const acked = this._ackUpTo.get(msg.projectId);
+      if (acked === undefined || msg.seq > acked) this._ackUpTo.set(msg.projectId, msg.seq);
+      if (this._ackTimer === null) this._ackTimer = this._later(() => this._flushAcks(), ACK_INTERVAL_MS);
+      return;
+    }
+    this._send({ type: "ack", id: msg.id });
+  }
+
+  _flushAcks() {
+    this._ackTimer = null;
+    for (const [projectId, seq] of this._ackUpTo) this._send({ type: "ack", payload: { projectId, seq } });
+    this._ackUpTo.clear();
+  }
 
   _onHello(msg, p) {
     const previous = this.hello;
