@@ -34,6 +34,7 @@ by the server's per-user throttle) and whether they came in order.
 from __future__ import annotations
 
 import base64
+import collections
 import errno
 import os
 import resource
@@ -146,7 +147,7 @@ class Client:
         "idx", "sock", "fd", "state", "rbuf", "wbuf", "frag", "project", "token",
         "writer", "mode", "window", "rate", "next_send", "inflight", "sub_id",
         "subscribed", "last_seq", "attempts", "next_ping", "t_start",
-        "mover", "cur_count", "cur_last",
+        "mover", "cur_count", "cur_last", "ack_upto", "ack_due",
     )
 
     def __init__(self, idx: int, project: str, token: str, writer: bool, mode: str,
@@ -176,6 +177,9 @@ class Client:
         # cursors received, per mover index: how many, and the last count (y) seen
         self.cur_count: list[int] | None = None
         self.cur_last: list[int] | None = None
+        # cumulative acks: newest (project, seq) received and not acked, and when to
+        self.ack_upto: tuple[str, int] | None = None
+        self.ack_due = 0
 
 
 class LoadGen:
@@ -195,6 +199,11 @@ class LoadGen:
         self.t_last_subscribed = 0
         self.stalled = 0
         self.ack = bool(cfg.get("ack", True))  # False only for the --no-acks diagnosis
+        # "id": one ack per message, as the seed client; "upto": our clients' cumulative
+        # ack, {"projectId", "seq"}, at most every ack_interval (ids of non-changes as "id")
+        self.ack_mode = str(cfg.get("ack_mode", "id"))
+        self.ack_interval_ns = int(float(cfg.get("ack_interval", 0.1)) * 1e9)
+        self.ack_pending: collections.deque[Client] = collections.deque()
         # Wire codec asked for at the handshake (barosync's ?codec=): json, batch, deflate.
         self.codec = str(cfg.get("codec", "json"))
         self.bytes_in = 0
@@ -576,6 +585,12 @@ class LoadGen:
             return
         if t == "event:created":
             seq = m.get("seq")
+            if self.ack_mode == "upto" and self.ack and type(seq) is int:
+                if c.ack_upto is None:
+                    c.ack_due = now + self.ack_interval_ns
+                    self.ack_pending.append(c)
+                c.ack_upto = (m.get("projectId"), seq)
+                mid = None  # acked cumulatively by flush_acks()
             if seq is not None:
                 if seq <= c.last_seq:
                     self.out_of_order += 1
@@ -636,6 +651,16 @@ class LoadGen:
         if mid is not None and self.ack:
             out.append(ack_frame(mid))
             self.acks_out += 1
+
+    def flush_acks(self, now: int) -> None:
+        pending = self.ack_pending
+        while pending and pending[0].ack_due <= now:
+            c = pending.popleft()
+            if c.ack_upto is not None and c.state == OPEN:
+                project, seq = c.ack_upto
+                self.send(c, text_frame(b'{"type":"ack","payload":{"projectId":' + dumps(project) + b',"seq":%d}}' % seq))
+                self.acks_out += 1
+            c.ack_upto = None
 
     # ---------------------------------------------------------------- commands
     def on_stdin(self) -> None:
@@ -826,8 +851,12 @@ class LoadGen:
                     if c.state == OPEN and now >= c.next_ping:
                         c.next_ping = now + self.ping_interval_ns
                         self.send(c, text_frame(b'{"type":"ping","timestamp":%d}' % (time.time_ns() // 1_000_000)))
+            if self.ack_pending:
+                self.flush_acks(now)
             # ---- timeout for the poll
             timeout = 0.05
+            if self.ack_pending:
+                timeout = min(timeout, max(0.0, (self.ack_pending[0].ack_due - now) / 1e9))
             if self.phase == "run":
                 for c in self.writers:
                     if c.mode == "rate" or c.mode == "cursor":

@@ -3,7 +3,7 @@ end, with each figure checked against its target (TARGETS in harness.py).
 """
 
 from __future__ import annotations
-from harness import SCENARIOS, TARGETS, disturbed_pct
+from harness import SCENARIOS, TARGETS, base_of, disturbed_pct
 
 
 
@@ -13,6 +13,7 @@ def per_delivery(r: dict) -> float | None:
 
 
 def headline(sc: str, r: dict) -> str:
+    sc = base_of(sc)
     if sc == "fanout":
         return (f"p50 {fmt(r['latency_p50_ms'])} ms, p99 {fmt(r['latency_p99_ms'])} ms, "
                 f"{r['deliveries']}/{r['expected_deliveries']} deliveries, in order: {r['in_order']}, "
@@ -26,6 +27,9 @@ def headline(sc: str, r: dict) -> str:
     if sc == "durable":
         return (f"{fmt(r['acked_per_s'])} acked/s, ack p50 {fmt(r['ack_p50_ms'])} ms, "
                 f"p99 {fmt(r['ack_p99_ms'])} ms")
+    if sc == "create_cost":
+        return (f"{fmt(r['acked_per_s'])} acked/s of {fmt(r['params']['rate_per_s'])} asked, "
+                f"{fmt(r['server_cpu_us_per_mutation'])} us of server CPU per create, server CPU {fmt(r['server_cpu_pct'])}%")
     if sc == "cursors":
         return (f"{fmt(r['cursor_deliveries_per_s'])} cursor deliveries/s, p50 {fmt(r['latency_p50_ms'])} ms, "
                 f"p99 {fmt(r['latency_p99_ms'])} ms, server CPU {fmt(r['server_cpu_pct'])}%, "
@@ -91,6 +95,14 @@ ROWS = [
     ("durable", "server_cpu_pct", "server CPU (%)"),
     ("durable", "server_cpu_us_per_mutation", "server CPU us/mutation"),
     ("durable", "creates_failed", "failed (error answers)"),
+    ("durable", "deliveries_per_s", "deliveries/s (to the other writers)"),
+    ("durable", "loadgen_cpu_pct", "load gen CPU (%)"),
+    ("create_cost", "acked_per_s", "acked creates/s"),
+    ("create_cost", "server_cpu_us_per_mutation", "server CPU us/create"),
+    ("create_cost", "server_cpu_pct", "server CPU (%)"),
+    ("create_cost", "ack_p50_ms", "ack latency p50 (ms)"),
+    ("create_cost", "ack_p99_ms", "ack latency p99 (ms)"),
+    ("create_cost", "creates_failed", "failed (error answers)"),
     ("cursors", "cursor_deliveries_per_s", "cursor deliveries/s"),
     ("cursors", "server_cpu_pct", "server CPU (%)"),
     ("cursors", "server_cpu_us_per_delivery", "server CPU us/delivery"),
@@ -162,7 +174,7 @@ def table(report: dict) -> str:
             if r is not None and r.get("status") != "ok":
                 lines.append(f"  {s}: ERROR {r.get('error')}")
         for rsc, key, label in ROWS:
-            if rsc != sc:
+            if rsc != base_of(sc):
                 continue
             vb = getpath(rb, key) if rb and rb.get("status") == "ok" else None
             vp = getpath(rp, key) if rp and rp.get("status") == "ok" else None

@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cap-hold", type=float, default=2.0, help="seconds to hold the idle connections")
     ap.add_argument("--cap-procs", type=int, default=1, help="load processes for capacity")
     ap.add_argument("--durable-writers", type=int, default=100)
-    ap.add_argument("--durable-window", type=int, default=1, help="creates in flight per writer")
+    ap.add_argument("--durable-window", type=int, default=0,
+                    help="creates in flight per writer (default: 1, and 4 in the *_w4 scenarios)")
     ap.add_argument("--durable-duration", type=float, default=10.0)
     ap.add_argument("--cursor-clients", type=int, default=1000)
     ap.add_argument("--cursor-movers", type=int, default=100, help="clients moving cursors, one user each")

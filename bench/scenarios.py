@@ -17,6 +17,7 @@ from harness import (
     DISTURBED_PCT,
     Load,
     PEER_SCENARIOS,
+    VARIANTS,
     PROJECT,
     SERVER_CURSOR_RATE,
     Server,
@@ -198,7 +199,7 @@ class Bench:
             prof.kill()
 
     # -- scenarios ----------------------------------------------------
-    def fanout(self, srv: Server, label: str) -> dict:
+    def fanout(self, srv: Server, label: str, *, ack_mode: str = "id") -> dict:
         a = self.a
         n = a.fanout_clients
         procs = self.procs_for(n, a.load_procs)
@@ -209,8 +210,8 @@ class Bench:
             if i == 0:
                 groups.insert(0, {"count": 1, "project": PROJECT, "token": srv.tokens["writer"],
                                   "writer": True, "mode": "rate", "rate": a.fanout_rate})
-            configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.fanout_duration))
-        r = self.drive(srv, label, configs, a.fanout_duration, profile_name="fanout")
+            configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.fanout_duration, ack_mode=ack_mode))
+        r = self.drive(srv, label, configs, a.fanout_duration, profile_name=label.split("/")[-1])
         r["expected_deliveries"] = (r["creates_sent"] - r["creates_failed"]) * (n - 1)
         r["complete"] = r["deliveries"] == r["expected_deliveries"] and r["deliveries"] > 0
         r["in_order"] = r["out_of_order"] == 0 and r["gaps"] == 0
@@ -219,7 +220,8 @@ class Bench:
         r["latency_max_ms"] = r["latency_ms"]["max"]
         r["server_cpu_us_per_delivery"] = per_delivery(r)
         r["bytes_per_delivery"] = r["bytes_in"] / r["deliveries"] if r["deliveries"] else None
-        r["params"] = {"clients": n, "rate_per_s": a.fanout_rate, "duration_s": a.fanout_duration}
+        r["params"] = {"clients": n, "rate_per_s": a.fanout_rate, "duration_s": a.fanout_duration,
+                       "acks": "cumulative every 100 ms" if ack_mode == "upto" else "one per message (seed client)"}
         return r
 
     def saturation(self, srv: Server, label: str) -> dict:
@@ -279,28 +281,54 @@ class Bench:
         r["params"] = {"connections": n, "hold_s": hold}
         return r
 
-    def durable(self, srv: Server, label: str) -> dict:
+    def durable(self, srv: Server, label: str, *, window: int, one_project: bool) -> dict:
         a = self.a
         w = a.durable_writers
+        window = a.durable_window or window
         procs = self.procs_for(w, a.load_procs)
         configs = []
         k = 0
         for cnt in split(w, procs):
             groups = []
             for _ in range(cnt):
-                # each writer alone in its own project: measures the durable write path,
-                # not fan-out
-                groups.append({"count": 1, "project": f"{PROJECT}-d{k}", "token": srv.tokens["writer"],
-                               "writer": True, "mode": "window", "window": a.durable_window})
+                # each writer alone in its own project measures the durable write path
+                # without fan-out; in one project, every writer also sees the others'
+                groups.append({"count": 1, "project": PROJECT if one_project else f"{PROJECT}-d{k}",
+                               "token": srv.tokens["writer"], "writer": True, "mode": "window", "window": window})
                 k += 1
             configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.durable_duration))
-        r = self.drive(srv, label, configs, a.durable_duration, profile_name="durable")
+        r = self.drive(srv, label, configs, a.durable_duration, profile_name=label.split("/")[-1])
         r["acked_per_s"] = r["creates_acked"] / r["window_s"]
         r["ack_p50_ms"] = r["ack_latency_ms"]["p50"]
         r["ack_p99_ms"] = r["ack_latency_ms"]["p99"]
         r["ack_max_ms"] = r["ack_latency_ms"]["max"]
+        r["deliveries_per_s"] = r["deliveries"] / r["window_s"] if one_project else None
         r["server_cpu_us_per_mutation"] = (r["server_cpu_s"] * 1e6 / r["creates_acked"]) if r["creates_acked"] else None
-        r["params"] = {"writers": w, "window": a.durable_window, "duration_s": a.durable_duration}
+        r["params"] = {"writers": w, "window": window, "projects": 1 if one_project else w,
+                       "duration_s": a.durable_duration}
+        return r
+
+    def create_cost(self, srv: Server, label: str, *, rate: float) -> dict:
+        """50 writers, each in its own project, creating at a steady rate (open loop):
+        what a create costs the server when commits are small."""
+        a = self.a
+        w = 50
+        procs = self.procs_for(w, a.load_procs)
+        configs = []
+        k = 0
+        for cnt in split(w, procs):
+            groups = []
+            for _ in range(cnt):
+                groups.append({"count": 1, "project": f"{PROJECT}-c{k}", "token": srv.tokens["writer"],
+                               "writer": True, "mode": "rate", "rate": rate / w})
+                k += 1
+            configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.durable_duration))
+        r = self.drive(srv, label, configs, a.durable_duration, profile_name=label.split("/")[-1])
+        r["acked_per_s"] = r["creates_acked"] / r["window_s"]
+        r["ack_p50_ms"] = r["ack_latency_ms"]["p50"]
+        r["ack_p99_ms"] = r["ack_latency_ms"]["p99"]
+        r["server_cpu_us_per_mutation"] = (r["server_cpu_s"] * 1e6 / r["creates_acked"]) if r["creates_acked"] else None
+        r["params"] = {"writers": w, "rate_per_s": rate, "duration_s": a.durable_duration}
         return r
 
     def cursors(self, srv: Server, label: str) -> dict:
@@ -435,7 +463,8 @@ class Bench:
             log(f"[{label}] starting {kind} ...")
             srv.start()
             log(f"[{label}] {kind} pid {srv.pid} listening on {srv.host}:{srv.port}")
-            res = getattr(self, sc)(srv, label)
+            method, variant = VARIANTS[sc]
+            res = getattr(self, method)(srv, label, **variant)
             res["status"] = "ok"
         except Exception as e:  # report and go on with the next scenario
             res = {"status": "error", "error": f"{type(e).__name__}: {e}"}
