@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cursor-movers", type=int, default=100, help="clients moving cursors, one user each")
     ap.add_argument("--cursor-rate", type=float, default=20.0, help="cursor moves/s per mover")
     ap.add_argument("--cursor-duration", type=float, default=10.0)
+    ap.add_argument("--cursor-sample", type=int, default=50,
+                    help="listeners that parse every cursor (latency, order, throttle); the rest count them")
+    ap.add_argument("--cursor-procs", type=int, default=2, help="load processes for the cursor scenario")
     ap.add_argument("--load-procs", type=int, default=1, help="load processes for the other scenarios")
     ap.add_argument("--connect-window", type=int, default=200, help="handshakes in flight per load process")
     ap.add_argument("--ping-interval", type=float, default=15.0, help="client JSON ping interval (s)")
