@@ -177,8 +177,14 @@ class Session(Connection):
             # previous one is out, so catching up never needs more memory than that.
             found = app.store.replay(project_id, since, max_bytes=self._outbox_limit) if since is not None else None
             if found is None:
-                self._send_snapshot(env.id, project_id, since, acked)
-                break
+                if not sub.snapshot_parts:
+                    self._send_snapshot(env.id, project_id, since, acked)
+                    break
+                # In parts, with waits for the socket in between: changes committed
+                # meanwhile are replayed after the snapshot's seq, then we join.
+                since = await self._stream_snapshot(env.id, project_id, since, acked)
+                acked = True
+                continue
             changes, complete = found
             if not acked:
                 last = app.store.current_seq(project_id)
@@ -194,20 +200,44 @@ class Session(Connection):
         app.hub.join(self, project_id)
         self.subscriptions.add(project_id)
 
+    def _snapshot_ack(self, ref: str | None, project_id: str, seq: int, since: int | None) -> None:
+        answer: dict[str, Any] = {"projectId": project_id, "seq": seq, "mode": "snapshot"}
+        if since is not None:
+            # Say why the client gets a snapshot instead of what it asked for.
+            answer["reason"] = "since_ahead" if since > seq else "history_pruned"
+        self.send_json(protocol.ack(ref, answer))
+
     def _send_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> None:
-        app = self.app
-        seq, events = app.store.snapshot(project_id)
-        if not acked:
-            answer: dict[str, Any] = {"projectId": project_id, "seq": seq, "mode": "snapshot"}
-            if since is not None:
-                # Say why the client gets a snapshot instead of what it asked for.
-                answer["reason"] = "since_ahead" if since > seq else "history_pruned"
-            self.send_json(protocol.ack(ref, answer))
-        snapshot_id = protocol.next_id()
-        self._track((snapshot_id,))
-        self._send_catch_up([protocol.encode("sync:snapshot", {
-            "projectId": project_id, "seq": seq, "events": events, "since": since,
-        }, id=snapshot_id)])
+        """The whole snapshot as one message (clients that did not ask for parts)."""
+        with self.app.store.snapshot_pages(project_id, max_bytes=2**62) as (seq, pages):
+            if not acked:
+                self._snapshot_ack(ref, project_id, seq, since)
+            snapshot_id = protocol.next_id()
+            self._track((snapshot_id,))
+            self._send_catch_up([protocol.snapshot_message(snapshot_id, project_id, seq, next(pages), since)])
+
+    async def _stream_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> int:
+        """The snapshot in parts of at most max_message_bytes from one consistent read,
+        never more than about the outbox cap queued at once; returns its seq."""
+        part_bytes = max(1024, self.app.config.max_message_bytes - 512)
+        with self.app.store.snapshot_pages(project_id, max_bytes=part_bytes) as (seq, pages):
+            if not acked:
+                self._snapshot_ack(ref, project_id, seq, since)
+            page = next(pages)
+            part = 0
+            while True:
+                following = next(pages, None)
+                snapshot_id = protocol.next_id()
+                self._track((snapshot_id,))
+                self._send_catch_up([protocol.snapshot_message(
+                    snapshot_id, project_id, seq, page, since, part=part, more=following is not None)])
+                if following is None or self._closing:
+                    return seq
+                page, part = following, part + 1
+                if self._outbox_bytes >= self._outbox_limit:
+                    await self._wait_drained()
+                else:
+                    await trio.lowlevel.checkpoint()  # a big snapshot does not hold up the others
 
     async def _wait_drained(self) -> None:
         while (self._outbox or self._batch) and not self._closing:

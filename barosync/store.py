@@ -21,6 +21,7 @@ which is also what makes it safe to grow the map between batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = ["Store", "Mutation", "Outcome", "now_ms", "SCHEMA_VERSION"]
 log = logging.getLogger("barosync.store")
 
 SCHEMA_VERSION = 1
+# Read transactions open at once (LMDB's default is 126).
+MAX_READERS = 2048
 # Grow the map when less than this share of it is free before a batch.
 GROW_WHEN_FREE_BELOW = 0.25
 
@@ -58,6 +61,9 @@ class Store(Commits):
             str(self.path),
             map_size=map_size,
             max_dbs=16,
+            # Every snapshot being sent holds a read transaction (sent in pieces from
+            # one consistent view): 100 subscribers joining at once need 100.
+            max_readers=MAX_READERS,
             sync=True,
             metasync=True,
             # Readers are short and the writer is one thread; no TLS ties a reader
@@ -128,6 +134,31 @@ class Store(Commits):
                         break
                     events.append(orjson.loads(value))
         return seq, events
+
+    @contextlib.contextmanager
+    def snapshot_pages(self, project_id: str, *, max_bytes: int) -> Iterator[tuple[int, Iterator[list[bytes]]]]:
+        """A consistent snapshot: its seq, and its events' stored JSON in pages of
+        about ``max_bytes`` (at least one event each). The pages come from one read
+        transaction, open until the block ends, so a big snapshot can be sent in
+        pieces, waiting for the socket in between."""
+        with self.env.begin() as txn:
+            yield self.current_seq(project_id, txn), self._pages(txn, project_id, max_bytes)
+
+    def _pages(self, txn: lmdb.Transaction, project_id: str, max_bytes: int) -> Iterator[list[bytes]]:
+        prefix = project_id.encode() + b"\0"
+        cursor = txn.cursor(db=self.events)
+        page: list[bytes] = []
+        size = 0
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not key.startswith(prefix):
+                    break
+                if page and size + len(value) > max_bytes:
+                    yield page
+                    page, size = [], 0
+                page.append(value)
+                size += len(value) + 1
+        yield page
 
     def changes_since(self, project_id: str, since: int) -> list[bytes] | None:
         """Every change message after ``since`` in seq order, or None when the

@@ -412,8 +412,8 @@ async def test_resume_with_since_after_the_server_restarts(tmp_path: Path) -> No
             await a.wait_for(lambda: a.last_seq("p1") == 5 and a.is_live("p1"))
             assert a.events("p1") == server_view(h) and len(server_view(h)) == 5
         subscribes = sent(pa, "subscribe")
-        assert subscribes[0]["payload"] == {"projectId": "p1"}
-        assert subscribes[-1]["payload"] == {"projectId": "p1", "since": 3}
+        assert subscribes[0]["payload"] == {"projectId": "p1", "snapshotParts": True}
+        assert subscribes[-1]["payload"] == {"projectId": "p1", "snapshotParts": True, "since": 3}
         answer = next(m for m in transcript(pa.connections[-1])[1] if m.get("id") == subscribes[-1]["id"])
         assert answer["payload"] == {"projectId": "p1", "seq": 5, "mode": "changes", "count": 2}
 

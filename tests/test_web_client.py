@@ -182,6 +182,9 @@ def test_a_thousand_event_snapshot_loads_and_the_module_is_served(chromium, serv
     reader.open_client(server.ws, server.token("bob"), storage="memory")
     took = reader.js("async () => { const t0 = performance.now(); await c.subscribe('big'); return performance.now() - t0; }")
     assert reader.js("c.events('big').length") == 1000
+    # ~300 KB of events: asked for in parts (each within the server's message size)
+    [sub] = [m for m in reader.sent if m.get("type") == "subscribe"]
+    assert sub["payload"] == {"projectId": "big", "snapshotParts": True}
     print(f"\n1,000-event snapshot: subscribe to caught up in {took:.0f} ms")
     # The server ships the module with its type, an ETag and revalidation.
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/client/barosync.js", timeout=5) as response:

@@ -351,7 +351,8 @@ class ClientConnection:
         st.phase = "syncing"
         st.error = None
         self._sub_refs[ref] = project_id
-        payload: dict[str, Any] = {"projectId": project_id}
+        # A big snapshot comes in parts of at most the server's message size.
+        payload: dict[str, Any] = {"projectId": project_id, "snapshotParts": True}
         if st.last_seq is not None:
             payload["since"] = st.last_seq
         self._send({"type": "subscribe", "id": ref, "payload": payload, "timestamp": _now_ms()})

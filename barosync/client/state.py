@@ -132,6 +132,8 @@ class _Project:
     settled: dict[int, tuple[str, str, dict[str, Any] | None]] = attrs.field(factory=dict)
     presence: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     cursors: dict[str, CursorMoved] = attrs.field(factory=dict)
+    # Events of a snapshot that comes in parts, gathered until its last part.
+    snapshot_events: list[dict[str, Any]] = attrs.field(factory=list)
 
 
 @attrs.define

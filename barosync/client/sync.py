@@ -90,6 +90,7 @@ class ClientSync:
             return
         if p.get("mode") == "snapshot":
             st.phase = "snapshot"
+            st.snapshot_events = []
         else:
             st.phase = "replaying"
             st.target_seq = int(p.get("seq") or 0)
@@ -108,6 +109,11 @@ class ClientSync:
             return
         seq = int(p.get("seq") or 0)
         events = [e for e in p.get("events") or [] if isinstance(e, dict) and isinstance(e.get("id"), str)]
+        if p.get("more") is True:  # a part: the state changes once the last one is in
+            st.snapshot_events.extend(events)
+            return
+        if st.snapshot_events:
+            events, st.snapshot_events = st.snapshot_events + events, []
         batch = Batch()
         batch.clear_project(st.project_id)
         for event in events:

@@ -546,7 +546,9 @@ export class SyncClient extends EventTarget {
     const p = this._project(projectId);
     const id = uuid();
     this._subRefs.set(id, projectId);
-    const payload = { projectId };
+    p.snapshotParts = null;
+    // A big snapshot comes in parts of at most the server's message size.
+    const payload = { projectId, snapshotParts: true };
     if (p.seq !== null && p.dataId === this.hello.dataId) payload.since = p.seq;
     this._send({ type: "subscribe", id, payload });
   }
@@ -680,6 +682,13 @@ export class SyncClient extends EventTarget {
 
   _onSnapshot(p) {
     const proj = this._project(p.projectId);
+    // A big snapshot comes in parts; the state changes once the last one is in.
+    if (p.more === true) {
+      if (!proj.snapshotParts) proj.snapshotParts = [];
+      for (const e of p.events) proj.snapshotParts.push(e);
+      return;
+    }
+    if (proj.snapshotParts) { p = { ...p, events: proj.snapshotParts.concat(p.events) }; proj.snapshotParts = null; }
     proj.seq = p.seq;
     proj.dataId = this.hello.dataId;
     proj.events = new Map(p.events.map((e) => [e.id, e]));
