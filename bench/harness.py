@@ -42,6 +42,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "create_1k": ("create_cost", {"rate": 1000.0}),
     "create_5k": ("create_cost", {"rate": 5000.0}),
     "cursors": ("cursors", {}),
+    "snapshot": ("snapshot", {}),
+    # load held, nothing lost (each starts, restarts and kills its own server)
+    "storm": ("storm", {}),
+    "hostile": ("hostile", {}),
 }
 SCENARIOS = tuple(VARIANTS)
 SERVERS = ("barosync", "websockets")
@@ -87,6 +91,8 @@ TARGETS = {
     # a single-threaded server at >= 95 % of its core is saturated: that is no "< 100 %"
     ("cursors", "server_cpu_pct"): ("<", 95.0, "< 100 % (>= 95 saturated)"),
     ("cursors", "throttle_held"): ("==", True, "<= 20/s per mover"),
+    ("storm", "nothing_lost"): ("==", True, "0 gaps/dups/lost, all converged"),
+    ("hostile", "crashes"): ("==", 0, "0"),
 }
 
 

@@ -30,6 +30,17 @@ def headline(sc: str, r: dict) -> str:
     if sc == "create_cost":
         return (f"{fmt(r['acked_per_s'])} acked/s of {fmt(r['params']['rate_per_s'])} asked, "
                 f"{fmt(r['server_cpu_us_per_mutation'])} us of server CPU per create, server CPU {fmt(r['server_cpu_pct'])}%")
+    if sc == "snapshot":
+        return (f"one subscriber {fmt(r['one_seconds'])} s for {fmt(r['one_events'])} events "
+                f"({fmt(r['one_parts'])} parts), {r['params']['joiners']} at once {fmt(r['many_wall_seconds'])} s, "
+                f"resume of {fmt(r['resume_changes'])} in {fmt(r['resume_seconds'])} s")
+    if sc == "storm":
+        return (f"{r['converged']}/{r['clients']} converged, {r['gaps']} gaps, {r['duplicates']} duplicates, "
+                f"{r['lost']} lost, {r['applied_twice']} applied twice, {r['acked_mutations']} acked, "
+                f"{r['resent']} resent")
+    if sc == "hostile":
+        return (f"{fmt(r['frames'])} frames, {fmt(r['error_answers'])} error answers, server alive {r['server_alive']}, "
+                f"serves afterwards {r['serves_afterwards']}, RSS max +{fmt(r['rss_max_growth_mb'])} MB")
     if sc == "cursors":
         return (f"{fmt(r['cursor_deliveries_per_s'])} cursor deliveries/s, p50 {fmt(r['latency_p50_ms'])} ms, "
                 f"p99 {fmt(r['latency_p99_ms'])} ms, server CPU {fmt(r['server_cpu_pct'])}%, "
@@ -103,6 +114,44 @@ ROWS = [
     ("create_cost", "ack_p50_ms", "ack latency p50 (ms)"),
     ("create_cost", "ack_p99_ms", "ack latency p99 (ms)"),
     ("create_cost", "creates_failed", "failed (error answers)"),
+    ("snapshot", "fill_seconds", "time to create the events (s)"),
+    ("snapshot", "one_seconds", "one subscriber: snapshot (s)"),
+    ("snapshot", "one_events", "  events received"),
+    ("snapshot", "one_parts", "  parts"),
+    ("snapshot", "one_mb", "  MB on the wire"),
+    ("snapshot", "one_peak_rss_delta_mb", "  server peak RSS growth (MB)"),
+    ("snapshot", "whole_seconds", "one subscriber, one message (s)"),
+    ("snapshot", "whole_peak_rss_delta_mb", "  server peak RSS growth (MB)"),
+    ("snapshot", "many_wall_seconds", "joiners at once: all done (s)"),
+    ("snapshot", "many_p50_seconds", "  p50 per joiner (s)"),
+    ("snapshot", "many_complete", "  joiners complete"),
+    ("snapshot", "many_mb", "  MB on the wire"),
+    ("snapshot", "many_peak_rss_delta_mb", "  server peak RSS growth (MB)"),
+    ("snapshot", "rss_after_mb", "server RSS after (MB)"),
+    ("snapshot", "resume_seconds", "resume of missed changes (s)"),
+    ("snapshot", "resume_changes", "  changes received"),
+    ("snapshot", "resume_per_s", "  changes/s"),
+    ("snapshot", "resume_gaps", "  gaps"),
+    ("storm", "acked_mutations", "mutations acked"),
+    ("storm", "resent", "  resent after a reconnect"),
+    ("storm", "reconnects", "reconnects"),
+    ("storm", "storm_recover_s", "all back after the storm (s)"),
+    ("storm", "restart_recover_s", "all back after a restart (s, worst)"),
+    ("storm", "gaps", "gaps"),
+    ("storm", "duplicates", "duplicates"),
+    ("storm", "lost", "acked changes lost"),
+    ("storm", "applied_twice", "mutations applied twice"),
+    ("storm", "converged", "clients converged"),
+    ("storm", "nothing_lost", "nothing lost"),
+    ("storm", "rss_growth_mb", "server RSS growth (MB)"),
+    ("hostile", "frames", "hostile frames"),
+    ("hostile", "frames_per_s", "  per second"),
+    ("hostile", "error_answers", "error answers"),
+    ("hostile", "closing_frames", "frames that must close"),
+    ("hostile", "connections", "connections"),
+    ("hostile", "crashes", "crashes"),
+    ("hostile", "serves_afterwards", "serves afterwards"),
+    ("hostile", "rss_max_growth_mb", "server RSS max growth (MB)"),
     ("cursors", "cursor_deliveries_per_s", "cursor deliveries/s"),
     ("cursors", "server_cpu_pct", "server CPU (%)"),
     ("cursors", "server_cpu_us_per_delivery", "server CPU us/delivery"),

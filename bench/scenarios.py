@@ -38,10 +38,11 @@ from harness import (
     split,
 )
 from report import headline, per_delivery
+from scale import OWN_SERVER, ScaleScenarios
 
 
 
-class Bench:
+class Bench(ScaleScenarios):
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
         self.nofile = raise_nofile()
@@ -446,6 +447,19 @@ class Bench:
         return {"meta": meta, "servers": results,
                 "targets": {f"{s}.{f}": lbl for (s, f), (_, _, lbl) in TARGETS.items()}}
 
+    def run_own(self, sc: str, label: str) -> dict:
+        t0 = time.monotonic()
+        try:
+            res = getattr(self, sc)(label)
+            res["status"] = "ok"
+        except Exception as e:  # report and go on with the next scenario
+            res = {"status": "error", "error": f"{type(e).__name__}: {e}"}
+            log(f"[{label}] ERROR {res['error']}")
+        res["elapsed_s"] = time.monotonic() - t0
+        if res["status"] == "ok":
+            log(f"[{label}] done in {res['elapsed_s']:.1f} s: {headline(sc, res)}")
+        return res
+
     def wait_quiet(self, label: str, max_s: float) -> float:
         """Wait (up to max_s) until other processes use < DISTURBED_PCT of a core."""
         deadline = time.monotonic() + max_s
@@ -468,6 +482,9 @@ class Bench:
         users = ["writer", "reader"]
         if sc == "cursors":
             users += [mover_user(i) for i in range(min(a.cursor_movers, a.cursor_clients))]
+        method, variant = VARIANTS[sc]
+        if method in OWN_SERVER:
+            return self.run_own(sc, label)
         srv = Server(kind, self.server_cpus, users, config=a.barosync_config)
         t0 = time.monotonic()
         keep = Path(a.json).parent / "logs" / f"{kind}-{sc}.log"
@@ -475,7 +492,6 @@ class Bench:
             log(f"[{label}] starting {kind} ...")
             srv.start()
             log(f"[{label}] {kind} pid {srv.pid} listening on {srv.host}:{srv.port}")
-            method, variant = VARIANTS[sc]
             res = getattr(self, method)(srv, label, **variant)
             res["status"] = "ok"
         except Exception as e:  # report and go on with the next scenario

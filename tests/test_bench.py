@@ -30,10 +30,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
     servers = report["servers"]
     assert set(servers) == {"barosync", "websockets"}
 
+    own = ("fanout_upto", "durable", "durable_w4", "durable_one", "durable_one_w4", "create_1k", "create_5k",
+           "snapshot", "storm", "hostile")
     for name, scenarios in servers.items():
-        expected = {"fanout", "saturation", "capacity", "cursors"} | ({"durable"} if name == "barosync" else set())
+        expected = {"fanout", "saturation", "capacity", "cursors"} | (set(own) if name == "barosync" else set())
         assert set(scenarios) == expected, name
         for scenario, r in scenarios.items():
+            if scenario in ("snapshot", "storm", "hostile"):
+                assert r["status"] == "ok", (name, scenario, r.get("error"))
+                continue
             assert r["status"] == "ok", (name, scenario, r.get("error"))
             assert r["subscribed"] == r["connections"], (name, scenario)
             assert r["errors"] == 0, (name, scenario, r["error_samples"])
@@ -53,10 +58,24 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert cap["held"] == cap["connections"] > 0, name
         assert _number(cap["rss_kb_per_conn"]) and _number(cap["connect_all_s"]), name
 
-    durable = servers["barosync"]["durable"]
-    assert durable["creates_acked"] > 0
-    assert durable["creates_failed"] == 0
-    assert _number(durable["acked_per_s"]) and _number(durable["ack_p99_ms"])
+    b = servers["barosync"]
+    for scenario in ("durable", "durable_w4", "durable_one", "durable_one_w4", "create_1k", "create_5k"):
+        assert b[scenario]["creates_acked"] > 0, scenario
+        assert b[scenario]["creates_failed"] == 0, scenario
+        assert _number(b[scenario]["acked_per_s"]) and _number(b[scenario]["ack_p99_ms"]), scenario
+    assert b["durable_one"]["deliveries"] > 0  # the writers of one project see each other's
+    upto = b["fanout_upto"]
+    assert upto["complete"] and upto["in_order"] and upto["acks_out"] < upto["deliveries"]
+    snap = b["snapshot"]
+    assert snap["one_events"] == snap["events"] and snap["one_parts"] > 1
+    assert snap["many_complete"] == snap["joiners"] and snap["resume_changes"] == snap["params"]["resume"] > 0
+    assert snap["resume_gaps"] == 0
+    storm = b["storm"]
+    assert storm["nothing_lost"] is True and storm["converged"] == storm["clients"] > 0
+    assert [x["exit_code"] for x in storm["restarts"]] == [0, -9]
+    hostile = b["hostile"]
+    assert hostile["crashes"] == 0 and hostile["serves_afterwards"] is True
+    assert hostile["frames"] >= 2000 and hostile["error_answers"] > 0 and hostile["closing_frames"] > 0
 
     for name, scenarios in servers.items():
         cur = scenarios["cursors"]
