@@ -31,6 +31,10 @@ log = logging.getLogger("barosync.session")
 # A client refused more messages within this many seconds than the rate allows in
 # them (plus the burst) is flooding and is closed (1008).
 FLOOD_GRACE = 5.0
+# A snapshot in parts holds a read transaction (and so LMDB's old pages) while it waits
+# for the client's socket; a client that reads none of it for this long is closed
+# (4008) rather than keeping the data file from reusing space.
+SNAPSHOT_STALL = 30.0
 _UNLIMITED = frozenset({protocol.USER_CURSOR, protocol.PING})
 
 ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", protocol.EVENT_DELETE: "delete"}
@@ -235,7 +239,13 @@ class Session(Connection):
                     return seq
                 page, part = following, part + 1
                 if self._outbox_bytes >= self._outbox_limit:
-                    await self._wait_drained()
+                    with trio.move_on_after(SNAPSHOT_STALL) as waited:
+                        await self._wait_drained()
+                    if waited.cancelled_caught:
+                        log.info("session=%s user=%s closed: read no snapshot part for %g s",
+                                 self.id, self.identity.user_id, SNAPSHOT_STALL)
+                        self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+                        return seq
                 else:
                     await trio.lowlevel.checkpoint()  # a big snapshot does not hold up the others
 

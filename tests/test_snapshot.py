@@ -118,3 +118,22 @@ async def test_changes_committed_while_a_snapshot_streams_follow_it_once(tmp_pat
                 assert msg["payload"]["id"] not in state
                 state[msg["payload"]["id"]] = msg["payload"]
         assert seqs == list(range(1501, 1521))  # after the snapshot's seq, once, in order
+
+
+async def test_a_client_that_reads_no_part_is_closed_too_slow(tmp_path, monkeypatch) -> None:
+    from barosync import session as session_module
+
+    monkeypatch.setattr(session_module, "SNAPSHOT_STALL", 0.5)
+    async with running(tmp_path / "data", max_message_bytes=4 * 1024, outbox_bytes=64 * 1024,
+                       rate_limit=100000.0, rate_burst=100000) as (app, nursery):
+        writer = await open_client(nursery, app, token("alice", ["big"]))
+        await _fill(writer, "big", 1500)
+        reader = await WS.connect(app.port, token("bob", ["big"]), rcvbuf=4096)
+        await reader.send("subscribe", {"projectId": "big", "snapshotParts": True})
+        session = next(s for s in app.sessions if s.identity.user_id == "bob")
+        with trio.fail_after(10):
+            while session.close_code is None:
+                await trio.sleep(0.05)
+        assert session.close_code == 4008 and "big" not in session.subscriptions
+        # The others are served as before.
+        assert (await writer.request("event:create", event_payload("big")))["type"] == "ack"
