@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # a team's shared calendar: the 100 writers in one project, each subscribed to it
     "durable_one": ("durable", {"window": 1, "one_project": True}),
     "durable_one_w4": ("durable", {"window": 4, "one_project": True}),
+    # the same project, writers that do not subscribe: the storage path alone
+    "durable_one_nosub": ("durable", {"window": 1, "one_project": True, "subscribed": False}),
     # the cost of a create at moderate, steady load (open loop)
     "create_1k": ("create_cost", {"rate": 1000.0}),
     "create_5k": ("create_cost", {"rate": 5000.0}),

@@ -229,7 +229,8 @@ class LoadGen:
                 ))
                 if g.get("mode") == "cursor":
                     self.clients[-1].mover = int(g["mover"])
-                self.clients[-1].count_only = bool(g.get("count_only"))
+                # None marks a client that does not subscribe (a writer only)
+                self.clients[-1].count_only = None if g.get("subscribe") is False else bool(g.get("count_only"))
         self.writers = [c for c in self.clients if c.writer]
         # cursors (presence scenario): movers across all load processes
         self.movers_total = int(cfg.get("movers_total", 0))
@@ -403,6 +404,10 @@ class LoadGen:
         c.rbuf = b""
         c.sub_id = self.next_id()
         c.next_ping = monotonic_ns() + self.ping_interval_ns + (c.idx * 7919) % max(1, self.ping_interval_ns)
+        if c.count_only is None:  # a writer that does not subscribe: ready at once
+            c.count_only = False
+            self.on_subscribed(c)
+            return buf[end + 4:]
         self.send(c, text_frame(dumps({
             "type": "subscribe", "id": c.sub_id, "payload": {"projectId": c.project},
             "timestamp": time.time_ns() // 1_000_000,

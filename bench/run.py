@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cursor-movers", type=int, default=100, help="clients moving cursors, one user each")
     ap.add_argument("--cursor-rate", type=float, default=20.0, help="cursor moves/s per mover")
     ap.add_argument("--cursor-duration", type=float, default=10.0)
-    ap.add_argument("--cursor-sample", type=int, default=50,
+    ap.add_argument("--cursor-sample", type=int, default=20,
                     help="listeners that parse every cursor (latency, order, throttle); the rest count them")
     ap.add_argument("--cursor-procs", type=int, default=2, help="load processes for the cursor scenario")
     ap.add_argument("--snap-events", type=int, default=100_000, help="events in the snapshot scenario's project")

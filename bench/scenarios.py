@@ -282,7 +282,7 @@ class Bench(ScaleScenarios):
         r["params"] = {"connections": n, "hold_s": hold}
         return r
 
-    def durable(self, srv: Server, label: str, *, window: int, one_project: bool) -> dict:
+    def durable(self, srv: Server, label: str, *, window: int, one_project: bool, subscribed: bool = True) -> dict:
         a = self.a
         w = a.durable_writers
         window = a.durable_window or window
@@ -295,7 +295,8 @@ class Bench(ScaleScenarios):
                 # each writer alone in its own project measures the durable write path
                 # without fan-out; in one project, every writer also sees the others'
                 groups.append({"count": 1, "project": PROJECT if one_project else f"{PROJECT}-d{k}",
-                               "token": srv.tokens["writer"], "writer": True, "mode": "window", "window": window})
+                               "token": srv.tokens["writer"], "writer": True, "mode": "window", "window": window,
+                               "subscribe": subscribed})
                 k += 1
             configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.durable_duration))
         r = self.drive(srv, label, configs, a.durable_duration, profile_name=label.split("/")[-1])
@@ -306,7 +307,7 @@ class Bench(ScaleScenarios):
         r["deliveries_per_s"] = r["deliveries"] / r["window_s"] if one_project else None
         r["server_cpu_us_per_mutation"] = (r["server_cpu_s"] * 1e6 / r["creates_acked"]) if r["creates_acked"] else None
         r["params"] = {"writers": w, "window": window, "projects": 1 if one_project else w,
-                       "duration_s": a.durable_duration}
+                       "subscribed": subscribed, "duration_s": a.durable_duration}
         return r
 
     def create_cost(self, srv: Server, label: str, *, rate: float) -> dict:
