@@ -30,7 +30,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     servers = report["servers"]
     assert set(servers) == {"barosync", "websockets"}
 
-    own = ("fanout_upto", "durable", "durable_w4", "durable_one", "durable_one_w4", "create_1k", "create_5k",
+    own = ("fanout_upto", "durable", "durable_w4", "durable_one", "durable_one_w4", "durable_one_nosub",
+           "create_1k", "create_5k",
            "snapshot", "storm", "hostile")
     for name, scenarios in servers.items():
         expected = {"fanout", "saturation", "capacity", "cursors"} | (set(own) if name == "barosync" else set())
@@ -59,11 +60,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert _number(cap["rss_kb_per_conn"]) and _number(cap["connect_all_s"]), name
 
     b = servers["barosync"]
-    for scenario in ("durable", "durable_w4", "durable_one", "durable_one_w4", "create_1k", "create_5k"):
+    for scenario in ("durable", "durable_w4", "durable_one", "durable_one_w4", "durable_one_nosub", "create_1k",
+                     "create_5k"):
         assert b[scenario]["creates_acked"] > 0, scenario
         assert b[scenario]["creates_failed"] == 0, scenario
         assert _number(b[scenario]["acked_per_s"]) and _number(b[scenario]["ack_p99_ms"]), scenario
     assert b["durable_one"]["deliveries"] > 0  # the writers of one project see each other's
+    assert b["durable_one_nosub"]["deliveries"] == 0  # ... unless they do not subscribe
     upto = b["fanout_upto"]
     assert upto["complete"] and upto["in_order"] and upto["acks_out"] < upto["deliveries"]
     snap = b["snapshot"]
