@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import struct
 import sys
 import tempfile
@@ -199,12 +200,20 @@ def well_behaved(port: int, token: str) -> bool:
 
 
 def run(frames: int, conns: int) -> dict:
-    from barosync.auth import create_token
-
     tmp = Path(tempfile.mkdtemp(prefix="barosync-hostile-"))
     config = tmp / "hostile.toml"
     config.write_text(CONFIG)
     server = Server(tmp / "data", config)
+    try:
+        return _run(server, tmp, frames, conns)
+    finally:
+        server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(server: Server, tmp: Path, frames: int, conns: int) -> dict:
+    from barosync.auth import create_token
+
     server.start()
     secret = (tmp / "data" / "secret").read_text().strip()
     token = create_token(secret, user_id="mallory", projects=["p"], ttl=3600)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,6 +262,12 @@ class Server:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=30)
 
+    def kill(self) -> None:
+        """Whatever happened: no server left behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def rss_kb(self) -> int:
         assert self.proc is not None
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -278,12 +284,20 @@ class Server:
 
 
 def run(clients: int, procs: int, rate: float) -> dict[str, Any]:
-    from barosync.auth import create_token
-
     tmp = Path(tempfile.mkdtemp(prefix="barosync-storm-"))
     config = tmp / "storm.toml"
     config.write_text(CONFIG)
     server = Server(tmp / "data", config)
+    try:
+        return _run(server, tmp, clients, procs, rate)
+    finally:
+        server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float) -> dict[str, Any]:
+    from barosync.auth import create_token
+
     server.start()
     secret = (tmp / "data" / "secret").read_text().strip()
     checker = create_token(secret, user_id="checker", projects="*", ttl=3600)
@@ -370,6 +384,8 @@ def run(clients: int, procs: int, rate: float) -> dict[str, Any]:
     server.stop()
     for w in workers:
         w.join(timeout=10)
+        if w.is_alive():
+            w.kill()
     return out
 
 
