@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -37,6 +38,8 @@ END = "2026-01-05T10:00:00Z"
 # What a page may log while the network is deliberately down (Chromium logs failed
 # WebSocket handshakes and fetches itself).
 NETWORK_NOISE = ("WebSocket connection to", "net::ERR_", "Failed to load resource")
+# How long a test waits for a promise it evaluates in the page (see Tab.js).
+JS_TIMEOUT_MS = 20_000
 
 
 class Server:
@@ -107,8 +110,26 @@ class Tab:
                 pass
         ws.on("framesent", sent)
 
-    def js(self, script: str, arg: Any = None) -> Any:
-        return self.page.evaluate(script, arg)
+    def js(self, script: str, arg: Any = None, timeout: float = JS_TIMEOUT_MS) -> Any:
+        """Evaluate ``script`` (an expression, or a function of ``arg``) and await its
+        promise, at most ``timeout`` ms: Playwright's evaluate has no timeout of its own,
+        so a promise that never settles would hang the suite. On timeout the error
+        carries the client's state, for the test's failure message."""
+        is_function = re.match(r"\s*(async\s+)?(\(|function\b|[A-Za-z_$][\w$]*\s*=>)", script) is not None
+        call = f"({script})(arg)" if is_function else f"({script})"
+        wrapped = f"""async (arg) => {{
+            const value = {call};
+            if (!value || typeof value.then !== "function") return value;  // no promise: no timer
+            let timer;
+            const late = new Promise((_, reject) => {{ timer = setTimeout(() => reject(new Error(
+                "no answer within {timeout:g} ms; client state: " + JSON.stringify(Object.fromEntries(
+                    Object.keys(window).filter((k) => window[k] && window[k].syncStatus).map((k) => [k, {{
+                        state: window[k].state, leader: window[k]._leader, queued: window[k]._queue.size,
+                        inflight: window[k]._inflight.size, sync: window[k].syncStatus()}}]))))), {timeout:g}); }});
+            try {{ return await Promise.race([value, late]); }}
+            finally {{ clearTimeout(timer); }}
+        }}"""
+        return self.page.evaluate(wrapped, arg)
 
     def wait(self, condition: str, arg: Any = None, timeout: float = 10_000) -> Any:
         return self.page.wait_for_function(condition, arg=arg, timeout=timeout)
