@@ -298,18 +298,16 @@ class Connection(Outbox):
 
     def _settle_acks(self, items: list[Any]) -> bool:
         """Handle a message here if it is nothing but well-formed acks (the common
-        case); anything else goes to the reader task, which answers errors."""
+        case); anything else goes to the reader task, which settles the acks again
+        (harmless) and answers the malformed one."""
         for item in items:
             if type(item) is not dict or item.get("type") != protocol.ACK:
                 return False
-            payload = item.get("payload")
-            if payload:
-                try:
-                    protocol.ack_up_to(payload)
-                except ProtocolError:
-                    return False
-        for item in items:
-            self.settle_ack(item)
+        try:
+            for item in items:
+                self.settle_ack(item)
+        except ProtocolError:
+            return False
         return True
 
     async def _reader(self) -> None:

@@ -71,15 +71,15 @@ class Outbox:
     def settle_ack(self, item: dict[str, Any]) -> None:
         """A client's ack: by ``id`` (one message), or cumulative (``payload``
         ``{projectId, seq}``: every change of that project up to ``seq``). Raises
-        ProtocolError for a malformed cumulative ack."""
-        up_to = protocol.ack_up_to(item.get("payload"))
+        ProtocolError for a malformed cumulative ack. Settling twice is harmless."""
         unacked = self.unacked
-        if up_to is None:
+        payload = item.get("payload")
+        if not payload:  # by id: the seed client's, one per message
             msg_id = item.get("id")
             if type(msg_id) is str:
                 unacked.pop(msg_id, None)
             return
-        project_id, seq = up_to
+        project_id, seq = protocol.ack_up_to(payload)  # type: ignore[misc]
         # Changes are tracked as "project:seq"; a project's are few and in order.
         prefix = project_id + ":"
         cut = len(prefix)

@@ -14,7 +14,7 @@ import attrs
 import orjson
 from websockets.frames import Frame, Opcode
 
-from .models import ValidationError, check_id
+from .models import MAX_ID_CHARS, ValidationError, check_id
 
 PROTOCOL_VERSION = 1
 
@@ -106,12 +106,17 @@ def decode_envelope(data: str | bytes) -> Envelope:
     return envelope_from_obj(raw)
 
 
+def ref_for(msg_id: Any) -> str | None:
+    """What an `error` may name as its `ref`: the client's id when it is a usable one."""
+    return msg_id if isinstance(msg_id, str) and len(msg_id) <= MAX_ID_CHARS else None
+
+
 def envelope_from_obj(raw: Any) -> Envelope:
     """Check one parsed client envelope (a codec may carry several per frame)."""
     if not isinstance(raw, dict):
         raise ProtocolError(E_BAD_ENVELOPE, "frame must be a JSON object (an envelope)")
     msg_id = raw.get("id")
-    ref = msg_id if isinstance(msg_id, str) and len(msg_id) <= 128 else None
+    ref = ref_for(msg_id)
     msg_type = raw.get("type")
     if not isinstance(msg_type, str):
         raise ProtocolError(E_BAD_ENVELOPE, "envelope needs a string `type`", ref=ref, field="type")
@@ -259,7 +264,7 @@ def ack_up_to(payload: Any) -> tuple[str, int] | None:
     if type(payload) is not dict:
         raise ProtocolError(E_BAD_ENVELOPE, "`payload` of an ack must be a JSON object", field="payload")
     project_id, seq = payload.get("projectId"), payload.get("seq")
-    if type(project_id) is not str or not project_id or len(project_id) > 128:
+    if type(project_id) is not str or not project_id or len(project_id) > MAX_ID_CHARS:
         raise ProtocolError(E_INVALID, "a cumulative ack needs `projectId` (a string)", field="projectId")
     if type(seq) is not int or seq < 0:
         raise ProtocolError(E_INVALID, "a cumulative ack needs `seq` (an integer >= 0)", field="seq")

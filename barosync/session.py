@@ -19,7 +19,7 @@ from .connection import Connection
 from .models import Identity, ValidationError
 from .mutations import prepare_mutation
 from .protocol import Envelope, ProtocolError
-from .store import Mutation, Outcome, now_ms
+from .store import WHOLE, Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
     from .app import App
@@ -96,7 +96,7 @@ class Session(Connection):
                 try:
                     self.settle_ack(item)
                 except ProtocolError as e:
-                    e.ref = item.get("id") if type(item.get("id")) is str and len(item["id"]) <= 128 else None
+                    e.ref = protocol.ref_for(item.get("id"))
                     self.send_json(protocol.error(e))
                 continue
             # Acks, pings and cursors are not rate limited: acks are bounded by what
@@ -140,7 +140,7 @@ class Session(Connection):
         else:
             self.send_json(protocol.error(ProtocolError(
                 protocol.E_RATE_LIMITED, f"more than {self._rate:g} messages per second: slow down and resend",
-                ref=ref if isinstance(ref, str) and len(ref) <= 128 else None)))
+                ref=protocol.ref_for(ref))))
         return True
 
     def _take_token(self) -> bool:
@@ -213,7 +213,7 @@ class Session(Connection):
 
     def _send_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> None:
         """The whole snapshot as one message (clients that did not ask for parts)."""
-        with self.app.store.snapshot_pages(project_id, max_bytes=2**62) as (seq, pages):
+        with self.app.store.snapshot_pages(project_id, max_bytes=WHOLE) as (seq, pages):
             if not acked:
                 self._snapshot_ack(ref, project_id, seq, since)
             snapshot_id = protocol.next_id()

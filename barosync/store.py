@@ -35,11 +35,13 @@ from . import protocol
 from .commit import _U64, Commits, Mutation, Outcome, _k, _seq_key, now_ms  # noqa: F401
 from .config import Config, ConfigError
 
-__all__ = ["Store", "Mutation", "Outcome", "now_ms", "SCHEMA_VERSION"]
+__all__ = ["Store", "Mutation", "Outcome", "now_ms", "SCHEMA_VERSION", "WHOLE"]
 
 log = logging.getLogger("barosync.store")
 
 SCHEMA_VERSION = 1
+# A page size that takes a whole project in one page.
+WHOLE = 2**62
 # Read transactions open at once (LMDB's default is 126).
 MAX_READERS = 2048
 # Grow the map when less than this share of it is free before a batch.
@@ -122,18 +124,9 @@ class Store(Commits):
         return orjson.loads(raw) if raw is not None else None
 
     def snapshot(self, project_id: str) -> tuple[int, list[dict[str, Any]]]:
-        """The project's events and the seq they are current as of, consistently."""
-        prefix = project_id.encode() + b"\0"
-        with self.env.begin() as txn:
-            seq = self.current_seq(project_id, txn)
-            events = []
-            cursor = txn.cursor(db=self.events)
-            if cursor.set_range(prefix):
-                for key, value in cursor:
-                    if not key.startswith(prefix):
-                        break
-                    events.append(orjson.loads(value))
-        return seq, events
+        """The project's events (decoded) and the seq they are current as of, consistently."""
+        with self.snapshot_pages(project_id, max_bytes=WHOLE) as (seq, pages):
+            return seq, [orjson.loads(raw) for raw in next(pages)]
 
     @contextlib.contextmanager
     def snapshot_pages(self, project_id: str, *, max_bytes: int) -> Iterator[tuple[int, Iterator[list[bytes]]]]:

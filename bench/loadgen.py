@@ -149,7 +149,7 @@ class Client:
         "idx", "sock", "fd", "state", "rbuf", "wbuf", "frag", "project", "token",
         "writer", "mode", "window", "rate", "next_send", "inflight", "sub_id",
         "subscribed", "last_seq", "attempts", "next_ping", "t_start",
-        "mover", "cur_count", "cur_last", "ack_upto", "ack_due", "count_only", "tail",
+        "mover", "cur_count", "cur_last", "ack_upto", "ack_due", "count_only", "tail", "subscribe",
     )
 
     def __init__(self, idx: int, project: str, token: str, writer: bool, mode: str,
@@ -186,6 +186,7 @@ class Client:
         # the raw bytes (no frame or JSON parsing) so one load process can take ~2M/s
         self.count_only = False
         self.tail = b""
+        self.subscribe = True  # False: a writer that never subscribes (ready at once)
 
 
 class LoadGen:
@@ -229,8 +230,8 @@ class LoadGen:
                 ))
                 if g.get("mode") == "cursor":
                     self.clients[-1].mover = int(g["mover"])
-                # None marks a client that does not subscribe (a writer only)
-                self.clients[-1].count_only = None if g.get("subscribe") is False else bool(g.get("count_only"))
+                self.clients[-1].count_only = bool(g.get("count_only"))
+                self.clients[-1].subscribe = g.get("subscribe", True) is not False
         self.writers = [c for c in self.clients if c.writer]
         # cursors (presence scenario): movers across all load processes
         self.movers_total = int(cfg.get("movers_total", 0))
@@ -404,8 +405,7 @@ class LoadGen:
         c.rbuf = b""
         c.sub_id = self.next_id()
         c.next_ping = monotonic_ns() + self.ping_interval_ns + (c.idx * 7919) % max(1, self.ping_interval_ns)
-        if c.count_only is None:  # a writer that does not subscribe: ready at once
-            c.count_only = False
+        if not c.subscribe:
             self.on_subscribed(c)
             return buf[end + 4:]
         self.send(c, text_frame(dumps({

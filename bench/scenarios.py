@@ -448,19 +448,6 @@ class Bench(ScaleScenarios):
         return {"meta": meta, "servers": results,
                 "targets": {f"{s}.{f}": lbl for (s, f), (_, _, lbl) in TARGETS.items()}}
 
-    def run_own(self, sc: str, label: str) -> dict:
-        t0 = time.monotonic()
-        try:
-            res = getattr(self, sc)(label)
-            res["status"] = "ok"
-        except Exception as e:  # report and go on with the next scenario
-            res = {"status": "error", "error": f"{type(e).__name__}: {e}"}
-            log(f"[{label}] ERROR {res['error']}")
-        res["elapsed_s"] = time.monotonic() - t0
-        if res["status"] == "ok":
-            log(f"[{label}] done in {res['elapsed_s']:.1f} s: {headline(sc, res)}")
-        return res
-
     def wait_quiet(self, label: str, max_s: float) -> float:
         """Wait (up to max_s) until other processes use < DISTURBED_PCT of a core."""
         deadline = time.monotonic() + max_s
@@ -484,26 +471,30 @@ class Bench(ScaleScenarios):
         if sc == "cursors":
             users += [mover_user(i) for i in range(min(a.cursor_movers, a.cursor_clients))]
         method, variant = VARIANTS[sc]
-        if method in OWN_SERVER:
-            return self.run_own(sc, label)
-        srv = Server(kind, self.server_cpus, users, config=a.barosync_config)
+        # storm and hostile start, restart and kill their own server
+        srv = None if method in OWN_SERVER else Server(kind, self.server_cpus, users, config=a.barosync_config)
         t0 = time.monotonic()
         keep = Path(a.json).parent / "logs" / f"{kind}-{sc}.log"
         try:
-            log(f"[{label}] starting {kind} ...")
-            srv.start()
-            log(f"[{label}] {kind} pid {srv.pid} listening on {srv.host}:{srv.port}")
-            res = getattr(self, method)(srv, label, **variant)
+            if srv is None:
+                res = getattr(self, method)(label, **variant)
+            else:
+                log(f"[{label}] starting {kind} ...")
+                srv.start()
+                log(f"[{label}] {kind} pid {srv.pid} listening on {srv.host}:{srv.port}")
+                res = getattr(self, method)(srv, label, **variant)
             res["status"] = "ok"
         except Exception as e:  # report and go on with the next scenario
             res = {"status": "error", "error": f"{type(e).__name__}: {e}"}
             log(f"[{label}] ERROR {res['error']}")
         finally:
-            srv.stop(keep_log=keep)
-        res["server_log"] = str(keep)
-        if srv.exit_code not in (0, None) or res["status"] != "ok":
-            res["server_log_tail"] = errors_from_log(keep)
-        res["server_exit_code"] = srv.exit_code
+            if srv is not None:
+                srv.stop(keep_log=keep)
+        if srv is not None:
+            res["server_log"] = str(keep)
+            if srv.exit_code not in (0, None) or res["status"] != "ok":
+                res["server_log_tail"] = errors_from_log(keep)
+            res["server_exit_code"] = srv.exit_code
         res["elapsed_s"] = time.monotonic() - t0
         if res["status"] == "ok":
             log(f"[{label}] done in {res['elapsed_s']:.1f} s: {headline(sc, res)}")

@@ -216,8 +216,7 @@ def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate:
                 mode["writing"] = False
             elif command == "status":
                 results.put({"proc": n, "status": True, "live": sum(m.live for m in members),
-                             "pending": sum(len(m.pending) for m in members), **stats,
-                             "heads": {m.project: m.last_seq for m in members}})
+                             "pending": sum(len(m.pending) for m in members), **stats})
             elif command == "report":
                 results.put({"proc": n, "report": True, **stats, "clients": [
                     {"project": m.project, "last_seq": m.last_seq, "copy": m.copy, "acked": len(m.acked),
