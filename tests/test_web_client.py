@@ -178,8 +178,13 @@ def test_two_browsers_see_each_others_changes(chromium, server) -> None:
     assert seqs == sorted(set(seqs)) and seqs[-1] == 3
     # Changes are acked cumulatively (the hello offers it): one {projectId, seq} per
     # ~100 ms, rising to the last seq; no ack by id for a change.
-    a.page.wait_for_timeout(300)  # the ack interval, with Playwright's events pumped
-    upto = [m["payload"] for m in a.sent if m.get("type") == "ack" and "payload" in m]
+    def upto_sent() -> list[dict[str, Any]]:
+        return [m["payload"] for m in a.sent if m.get("type") == "ack" and "payload" in m]
+
+    deadline = time.monotonic() + 10
+    while not (upto_sent() and upto_sent()[-1]["seq"] == 3) and time.monotonic() < deadline:
+        a.page.wait_for_timeout(50)  # pumps Playwright's frame events
+    upto = upto_sent()
     assert upto and {u["projectId"] for u in upto} == {"p1"} and upto[-1]["seq"] == 3
     assert [u["seq"] for u in upto] == sorted({u["seq"] for u in upto})
     by_id = [m["id"] for m in a.sent if m.get("type") == "ack" and "payload" not in m]
@@ -189,6 +194,18 @@ def test_two_browsers_see_each_others_changes(chromium, server) -> None:
 
     size = len(CLIENT_JS.encode())
     print(f"\nbarosync.js: {size} bytes, {len(gzip.compress(CLIENT_JS.encode()))} gzipped")
+
+
+def test_subscribing_again_to_a_live_project_resolves(chromium, server) -> None:
+    """subscribe() answers at the next caught-up point even when the project is live
+    already (as when the hello subscribed it while subscribe() was loading the stored
+    copy): it used to wait for ever."""
+    tab = Tab(new_context(chromium), server.port)
+    tab.open_client(server.ws, server.token("alice"), storage="memory")
+    tab.js("c.subscribe('p1')")
+    tab.js(CREATE, ["c", "p1", {"title": "x", "startDate": START, "endDate": END}])
+    tab.js("c.subscribe('p1')", timeout=5_000)
+    assert tab.js("c.events('p1').length") == 1
 
 
 def test_a_thousand_event_snapshot_loads_and_the_module_is_served(chromium, server) -> None:

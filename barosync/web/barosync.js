@@ -673,10 +673,14 @@ export class SyncClient extends EventTarget {
 
   _maybeLive(projectId) {
     const proj = this._project(projectId);
-    if (proj.live || proj.target === undefined || proj.seq === null || proj.seq < proj.target) return;
-    proj.live = true;
+    if (proj.target === undefined || proj.seq === null || proj.seq < proj.target) return;
+    // Every subscribe() waiting is answered at a caught-up point, also when the project
+    // was live already: a subscribe() whose first answer came while it was still
+    // loading the stored copy (the hello had already subscribed) waits for the next.
     for (const resolve of this._subWaiters.get(projectId) || []) resolve();
     this._subWaiters.delete(projectId);
+    if (proj.live) return;
+    proj.live = true;
     this._emit("sync", { ...this.syncStatus(), projectId, live: true });
   }
 
