@@ -201,6 +201,7 @@ export class SyncClient extends EventTarget {
     this._pingSentAt = null;
     this._ackUpTo = new Map(); // projectId -> newest seq applied and not acked yet
     this._ackTimer = null;
+    this._wakeAfterClose = false; // `online` came while an attempt begun offline was failing
     this._cursorTimer = null;
     this._cursorPending = null;
     this._cursorSentAt = 0;
@@ -459,7 +460,7 @@ export class SyncClient extends EventTarget {
     const ws = new this._WebSocket(`${this.url}?token=${encodeURIComponent(token)}`);
     this._ws = ws;
     let opened = false;
-    ws.onopen = () => { opened = true; };
+    ws.onopen = () => { opened = true; this._wakeAfterClose = false; };
     ws.onmessage = (m) => this._onFrame(m.data);
     ws.onclose = (e) => this._onClose(ws, e.code, e.reason, opened);
   }
@@ -518,14 +519,20 @@ export class SyncClient extends EventTarget {
 
   _scheduleReconnect() {
     const offline = globalThis.navigator && navigator.onLine === false;
-    const delay = backoffDelay(this._attempt++);
+    // The network came back while an attempt begun offline was still failing: that
+    // is the `online` event's immediate retry, not one more backoff step.
+    const woken = this._wakeAfterClose && !offline;
+    this._wakeAfterClose = false;
+    const delay = woken ? 0 : backoffDelay(this._attempt++);
     this.retryAt = Date.now() + delay;
     this._setState(offline ? "offline" : "reconnecting");
     this._reconnectTimer = this._later(() => { this._reconnectTimer = null; this._connect(); }, delay);
   }
 
   _wake() {
-    if (this._closed || this._ws || this.state === "needs-auth") return;
+    if (this._closed || this.state === "needs-auth") return;
+    this._attempt = 0;  // the network or the page is back: the backoff starts over
+    if (this._ws) { this._wakeAfterClose = this._ws.readyState !== 1; return; }
     if (this._reconnectTimer) { clearTimeout(this._reconnectTimer); this._timers.delete(this._reconnectTimer); this._reconnectTimer = null; }
     this._connect();
   }
