@@ -57,11 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--feed", action="store_true",
                         help="a feed-only token: it opens the read-only ICS feed of its projects and nothing else; "
                              "prints the feed's URL (with --url, or the configured address)")
+    create.add_argument("--app-password", action="store_true",
+                        help="an app password for calendar apps (CalDAV, HTTP Basic): prints the user name and a long "
+                             "random password; only its hash is kept (--name labels it, e.g. \"Alice's phone\")")
     create.add_argument("--url", metavar="URL", help="the server's address in the link (default: http://HOST:PORT from the config)")
 
-    revoke = token_sub.add_parser("revoke", help="refuse a token from now on (the token itself, or its id)")
+    listing = token_sub.add_parser("list", help="list the app passwords (access tokens are not stored, so not listed)")
+    _common(listing)
+    listing.add_argument("--user", metavar="ID", help="only this user's")
+
+    revoke = token_sub.add_parser("revoke", help="refuse a token or app password from now on")
     _common(revoke)
-    revoke.add_argument("token", metavar="TOKEN", help="the token, or its id (the jti claim)")
+    revoke.add_argument("token", metavar="TOKEN", help="the token or its id (the jti claim); or an app password or its id (ap…)")
 
     status = sub.add_parser("status", help="the sync inspector's summary in the terminal (needs an admin token)")
     _common(status)
@@ -108,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token_create(args)
         if args.command == "token" and args.token_command == "revoke":
             return _token_revoke(args)
+        if args.command == "token" and args.token_command == "list":
+            return _token_list(args)
         if args.command == "status":
             return _status(args)
         if args.command in ("watch", "import"):
@@ -134,6 +143,8 @@ def _token_create(args: argparse.Namespace) -> int:
     if not args.project and not args.all_projects:
         print("barosync: token create needs --project P (repeatable) or --all-projects", file=sys.stderr)
         return 2
+    if args.app_password:
+        return _app_password_create(args)
     if args.ttl <= 0:
         print("barosync: --ttl must be a positive number of seconds", file=sys.stderr)
         return 2
@@ -195,9 +206,57 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app_password_create(args: argparse.Namespace) -> int:
+    from . import app_passwords
+
+    if args.feed or args.admin or args.link:
+        print("barosync: an app password is for calendar apps: leave out --feed, --admin and --link", file=sys.stderr)
+        return 2
+    config = _config(args)
+    try:
+        password, entry = app_passwords.create(config.data_dir, user_id=args.user, name=args.name,
+                                               projects=ALL_PROJECTS if args.all_projects else args.project)
+    except app_passwords.AppPasswordError as e:
+        print(f"barosync: {e}", file=sys.stderr)
+        return 2
+    base = (args.url or f"http://{config.host}:{config.port}").rstrip("/")
+    print(f"server:    {base}/dav/  (apps that ask for a CalDAV account; some find it from {base} alone)")
+    print(f"user name: {entry['user']}")
+    print(f"password:  {password}")
+    print(f"(id {entry['id']}, \"{entry['name']}\"; shown once: only its hash is kept. "
+          f"`barosync token revoke {entry['id']}` turns it off.)")
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from . import app_passwords
+
+    config = _config(args)
+    found = [e for e in app_passwords.listing(config.data_dir) if args.user in (None, e["user"])]
+    if not found:
+        print("no app passwords (make one with `barosync token create --user U --project P --app-password`)")
+        return 0
+    for e in found:
+        created = datetime.fromtimestamp(e["created"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        projects = e["projects"] if isinstance(e["projects"], str) else ", ".join(e["projects"])
+        print(f"{e['id']}  {e['user']:<16} {e['name']!r:<28} {created}  projects: {projects}")
+    return 0
+
+
 def _token_revoke(args: argparse.Namespace) -> int:
+    from . import app_passwords
     from .auth import revoke, token_id
 
+    if args.token.startswith(("ap", app_passwords.PREFIX)) and args.token.count(".") != 2:
+        gone = app_passwords.revoke(_config(args).data_dir, args.token)
+        if gone is not None:
+            print(f"revoked app password {gone['id']} ({gone['user']}, {gone['name']!r})")
+            return 0
+        if args.token.startswith(app_passwords.PREFIX):
+            print("barosync: no such app password (see `barosync token list`)", file=sys.stderr)
+            return 2
     jti = token_id(args.token) if args.token.count(".") == 2 else args.token
     if not jti:
         print("barosync: that is neither a token nor a token id (tokens made before ids existed cannot be revoked; "

@@ -60,6 +60,9 @@ class Mutation:
     received_ms: int = 0
     client_ms: int | None = None  # the envelope's timestamp: when the client made the edit
     origin: Any = None  # the session it came from, which gets the ack, not the broadcast
+    # create: may bring back the id of an event deleted in this project (CalDAV apps
+    # put a UID back; the event continues one version past its deletion)
+    revive: bool = False
 
 
 @attrs.define(slots=True)
@@ -140,7 +143,13 @@ class Commits:
     def _create(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
         assert m.event is not None
         ekey = m.event.id.encode()
-        if txn.get(ekey, db=self.index) is not None:
+        home = txn.get(ekey, db=self.index)
+        if home is not None and m.revive and bytes(home) == m.project_id.encode() and \
+                txn.get(_k(m.project_id, m.event.id), db=self.events) is None:
+            version = self._last_change(txn, m.event.id)[0] + 1
+            revived = event_to_wire(attrs.evolve(m.event, version=version))
+            return self._commit_change(txn, m, idem_key, "create", revived, previous=None)
+        if home is not None:
             return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids of deleted events are kept for the history retention)", "id")
         return self._commit_change(txn, m, idem_key, "create", event_to_wire(m.event), previous=None)
 

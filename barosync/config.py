@@ -68,6 +68,9 @@ class Config:
     conflict_default: str = "merge"
     merge_tiebreak: str = "manual"
     conflict_projects: dict[str, str] = attrs.field(factory=dict)
+    # CalDAV's Basic sign-in is refused over plain HTTP on a non-loopback address
+    # unless a TLS-terminating proxy sets this header to "https".
+    caldav_tls_header: str | None = None
     plugin_paths: tuple[Path, ...] = ()
     plugins_disable: tuple[str, ...] = ()
     # [plugins.<name>] tables, handed to plugins as they are.
@@ -167,6 +170,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "default": ("conflict_default", _str),
         "merge_tiebreak": ("merge_tiebreak", _str),
         # "projects" is a table of project id -> strategy, checked below.
+    },
+    "caldav": {
+        "tls_header": ("caldav_tls_header", _str),
     },
     "plugins": {
         "paths": ("plugin_paths", _str_list),

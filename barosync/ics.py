@@ -1,12 +1,12 @@
 """iCalendar (RFC 5545) in and out, through the ``icalendar`` library. No IO, no trio.
 
-Out: a project's events as one VCALENDAR (the read-only feed calendar apps subscribe
-to). In: the VEVENTs of an ``.ics`` file as barosync event fields (ICS import).
+The VEVENTs of an ``.ics`` file as barosync event fields (ICS import). The other
+direction — events as iCalendar for the feed and CalDAV — is ical.py.
 
 Recurring events are expanded into single events within a window the caller gives
 (``recurring-ical-events`` applies RRULE, RDATE, EXDATE and RECURRENCE-ID overrides):
-the event model has no recurrence yet, and expanding keeps every client — the seed's
-browser client included — working without learning RRULE. Each occurrence gets an id
+an import is a one-off copy, and expanding keeps every client — the seed's browser
+client included — working without learning ``recurrence``. Each occurrence gets an id
 derived from the UID and its start, so importing the same file again finds the same
 events.
 """
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Any, Iterable
+from typing import Any
 
 import icalendar
 import recurring_ical_events
 
-PRODID = "-//barosync//barosync calendar//EN"
+from .ical import address
+
 MAX_ID = 128
 # Without a window from the caller: a month back, a year ahead.
 DEFAULT_WINDOW = (timedelta(days=-31), timedelta(days=366))
@@ -28,60 +29,6 @@ DEFAULT_WINDOW = (timedelta(days=-31), timedelta(days=366))
 
 class IcsError(ValueError):
     """The data is not an iCalendar file barosync can read; the message says why."""
-
-
-# -- out ----------------------------------------------------------------------------------
-
-
-def _instant(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _day(value: str) -> date:
-    return _instant(value).date() if "T" in value else date.fromisoformat(value[:10])
-
-
-def _stamp(ms: int | None) -> datetime:
-    return datetime.fromtimestamp((ms or 0) / 1000, tz=timezone.utc)
-
-
-def feed(project_id: str, events: Iterable[dict[str, Any]], *, name: str | None = None) -> bytes:
-    """The project's events as an RFC 5545 VCALENDAR."""
-    cal = icalendar.Calendar()
-    cal.add("prodid", PRODID)
-    cal.add("version", "2.0")
-    cal.add("calscale", "GREGORIAN")
-    cal.add("x-wr-calname", name or project_id)
-    for e in events:
-        cal.add_component(to_vevent(e))
-    return cal.to_ical()
-
-
-def to_vevent(e: dict[str, Any]) -> icalendar.Event:
-    v = icalendar.Event()
-    v.add("uid", e["id"])
-    v.add("summary", e["title"])
-    if e.get("allDay"):
-        start = _day(e["startDate"])
-        end = _day(e["endDate"])
-        v.add("dtstart", start)
-        v.add("dtend", end if end > start else start + timedelta(days=1))  # DTEND is exclusive
-    else:
-        v.add("dtstart", _instant(e["startDate"]))
-        v.add("dtend", _instant(e["endDate"]))
-    v.add("dtstamp", _stamp(e.get("updatedAt")))
-    v.add("created", _stamp(e.get("createdAt")))
-    v.add("last-modified", _stamp(e.get("updatedAt")))
-    # SEQUENCE counts revisions from 0; barosync's versions count from 1.
-    v.add("sequence", max(0, int(e.get("version", 1)) - 1))
-    for key, prop in (("location", "location"), ("description", "description"), ("color", "color")):
-        if e.get(key):
-            v.add(prop, e[key])
-    for who in e.get("attendees") or []:
-        address = icalendar.vCalAddress(f"mailto:{who}" if "@" in who else f"urn:barosync:user:{who}")
-        address.params["cn"] = icalendar.vText(who)
-        v.add("attendee", address, encode=0)
-    return v
 
 
 # -- in -------------------------------------------------------------------------------------
@@ -166,9 +113,4 @@ def _fields(v: icalendar.Event, project_id: str, occurrence: datetime | None) ->
     return fields
 
 
-def _who(address: Any) -> str:
-    value = str(address)
-    for prefix in ("mailto:", "MAILTO:", "urn:barosync:user:"):
-        if value.startswith(prefix):
-            return value[len(prefix):]
-    return value
+_who = address

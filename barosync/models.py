@@ -6,16 +6,16 @@ reject the same things with the same words. Errors name the wire field.
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 import uuid
-from datetime import date, datetime
 from typing import Any
 
 import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from . import recurrence
+from .validation import ValidationError, check_dates, parse_instant
 
 MAX_ID_CHARS = 128
 MAX_ID_BYTES = 160
@@ -26,15 +26,6 @@ MAX_ATTENDEE_CHARS = 320
 MAX_COLOR_CHARS = 32
 
 ALL_PROJECTS = "*"
-
-
-class ValidationError(Exception):
-    """A field of a client's message is not acceptable."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
 
 
 @attrs.define
@@ -51,6 +42,11 @@ class Event:
     location: str | None = None
     attendees: list[str] = attrs.field(factory=list)
     color: str | None = None
+    # The calendar-app parts (recurrence.py): a recurrence set, the zone the times
+    # were given in, and what an app sent that barosync does not model.
+    recurrence: dict[str, Any] | None = None
+    time_zone: str | None = None
+    ical: str | None = None
     # Server-owned: whatever a client sends for these is ignored.
     version: int = 0
     created_at: int = 0
@@ -117,6 +113,9 @@ CLIENT_FIELDS = {
     "location": "location",
     "attendees": "attendees",
     "color": "color",
+    "recurrence": "recurrence",
+    "timeZone": "time_zone",
+    "ical": "ical",
 }
 REQUIRED_ON_CREATE = ("title", "startDate", "endDate")
 
@@ -151,38 +150,6 @@ def _optional_text(value: Any, field: str, limit: int) -> str | None:
     return value
 
 
-# What browsers' Date parsing and every calendar client reads: a date, or an RFC 3339
-# date-time (offset optional). Python would accept more (week dates, "20260105",
-# a trailing NUL) that clients could not parse back.
-_INSTANT = re.compile(
-    r"\d{4}-\d{2}-\d{2}"
-    r"(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2})?)?"
-)
-
-
-def parse_instant(value: Any, field: str) -> datetime:
-    if not isinstance(value, str):
-        raise ValidationError(field, "must be a date (2026-01-31) or an RFC 3339 date-time (2026-01-31T09:00:00Z)")
-    try:
-        return _instant(value)
-    except ValueError as e:
-        raise ValidationError(field, str(e)[:200]) from None
-
-
-@functools.lru_cache(maxsize=4096)
-def _instant(value: str) -> datetime:
-    # Cached: every create and update checks its dates twice (each field, then the
-    # pair), and calendars repeat the same times a lot.
-    if not _INSTANT.fullmatch(value):
-        raise ValueError(f"must be a date (2026-01-31) or an RFC 3339 date-time (2026-01-31T09:00:00Z), got {value!r}")
-    try:
-        if len(value) == 10:
-            return datetime.combine(date.fromisoformat(value), datetime.min.time())
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"is not a real date or time: {value!r}") from None
-
-
 def _check_field(wire: str, value: Any) -> Any:
     if wire == "title":
         if not isinstance(value, str) or not value.strip():
@@ -215,16 +182,13 @@ def _check_field(wire: str, value: Any) -> Any:
                 )
         # Order kept, duplicates dropped: attendees behave as a set.
         return list(dict.fromkeys(value))
+    if wire == "recurrence":
+        return recurrence.check_recurrence(value)
+    if wire == "timeZone":
+        return recurrence.check_time_zone(value)
+    if wire == "ical":
+        return recurrence.check_ical(value)
     raise AssertionError(wire)
-
-
-def check_dates(start: str, end: str) -> None:
-    s = parse_instant(start, "startDate")
-    e = parse_instant(end, "endDate")
-    if (s.tzinfo is None) != (e.tzinfo is None):
-        raise ValidationError("endDate", "startDate and endDate must both have a UTC offset or both have none")
-    if e < s:
-        raise ValidationError("endDate", "must not be before startDate")
 
 
 def new_event(payload: dict[str, Any], *, user_id: str, now_ms: int) -> Event:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+import trio
+
 from . import protocol
 from .models import Identity, ValidationError, changed_fields, check_id, check_version, new_event
 from .protocol import ProtocolError
@@ -24,11 +26,13 @@ async def prepare_mutation(
     reply: Callable[[Mutation, Outcome], None],
     client_ms: int | None = None,
     origin: Any = None,
+    revive: bool = False,
 ) -> Mutation:
     """Validate and authorize; raises ProtocolError (with ``ref`` = the envelope id)
     for anything the writer should never see."""
     try:
         m = await _build(app, identity, kind, envelope_id, payload, reply=reply, client_ms=client_ms, origin=origin)
+        m.revive = revive
     except ValidationError as e:
         raise ProtocolError(protocol.E_INVALID, f"`{e.field}` {e.message}", ref=envelope_id, field=e.field) from None
     if not await app.authorize(identity, m.kind, m.project_id):
@@ -62,3 +66,22 @@ async def _build(app: "App", identity: Identity, kind: str, envelope_id: str, p:
                         changes=changed_fields(p), **common)
     version = check_version(p["version"]) if p.get("version") is not None else None
     return Mutation(kind, project_id=project_id, event_id=event_id, base_version=version, **common)
+
+
+async def run_mutation(app: "App", identity: Identity, kind: str, envelope_id: str, payload: dict[str, Any], *,
+                       revive: bool = False) -> Outcome:
+    """Prepare, submit and wait for the writer's outcome (REST and CalDAV: one
+    request, one change). Raises ProtocolError like prepare_mutation. ``revive``: a
+    create may reuse the id of an event deleted in the same project (a calendar app
+    putting a UID back)."""
+    done = trio.Event()
+    result: list[Outcome] = []
+
+    def reply(m: Mutation, outcome: Outcome) -> None:
+        result.append(outcome)
+        done.set()
+
+    m = await prepare_mutation(app, identity, kind, envelope_id, payload, reply=reply, revive=revive)
+    await app.writer.submit(m)
+    await done.wait()
+    return result[0]

@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 import orjson
-import trio
 
-from . import admin, ics, protocol
+from . import admin, ical, ics, protocol
 from .models import Identity, ValidationError, check_id, parse_instant
-from .mutations import prepare_mutation
+from .mutations import run_mutation
 from .protocol import ProtocolError
-from .store import Mutation, Outcome
 
 if TYPE_CHECKING:
     from .app import App
@@ -225,17 +223,7 @@ async def _mutate(app: "App", identity: Identity, kind: str, key: str, payload: 
         key = check_id(key, "Idempotency-Key")
     except ValidationError as e:
         raise HttpError(400, protocol.E_INVALID, f"Idempotency-Key {e.message}") from None
-    done = trio.Event()
-    result: list[Outcome] = []
-
-    def reply(m: Mutation, outcome: Outcome) -> None:
-        result.append(outcome)
-        done.set()
-
-    m = await prepare_mutation(app, identity, kind, key, payload, reply=reply)
-    await app.writer.submit(m)
-    await done.wait()
-    outcome = result[0]
+    outcome = await run_mutation(app, identity, kind, key, payload)
     if outcome.status == "error":
         assert outcome.error is not None
         raise _error(outcome.error)
@@ -274,7 +262,7 @@ async def feed(app: "App", method: bytes, path: str, query: str, headers: dict[b
     if headers.get(b"if-none-match") == etag:
         return 304, b"", b"text/calendar; charset=utf-8", extra
     events.sort(key=lambda e: e["startDate"])
-    return 200, ics.feed(project_id, events), b"text/calendar; charset=utf-8", extra
+    return 200, ical.feed(project_id, events), b"text/calendar; charset=utf-8", extra
 
 
 def _feed_error(status: int, code: str, message: str) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:

@@ -19,7 +19,7 @@ import orjson
 import trio
 from websockets.utils import accept_key
 
-from . import __version__, protocol, rest, static
+from . import __version__, caldav, protocol, rest, static
 from .app import App
 from .codecs import DEFAULT_CODEC
 from .config import Config, ConfigError, ensure_secret
@@ -43,10 +43,11 @@ PRUNES_PER_RETENTION = 4
 
 class Front:
     """What the HTTP and WebSocket front holds beside the app: the read poller its
-    connections share and the metrics registry /metrics serves."""
+    connections share, the CalDAV front and the metrics registry /metrics serves."""
 
     def __init__(self, app: App) -> None:
         self.poller = ReadPoller()
+        self.caldav = caldav.CalDav(app)
         self.metrics = CollectorRegistry()
         self.metrics.register(Metrics(app))
 
@@ -240,6 +241,11 @@ async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int
 
 async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
     method = request.method
+    if path.startswith(caldav.ROOT) or path in ("/dav", caldav.WELL_KNOWN, caldav.WELL_KNOWN + "/") or (
+            path == "/" and method in (b"PROPFIND", b"REPORT", b"OPTIONS")):
+        # Some apps (DAVx⁵, GNOME) probe the server's root before the well-known URL.
+        status, data, content_type, headers = await front.caldav.handle(method, path, _headers(request), body)
+        return _response(conn, status, data, content_type=content_type, extra=headers)
     if path.startswith("/api/"):
         status, answer, headers = await rest.handle(app, method, path, query, _headers(request), body)
         return _response(conn, status, answer, extra=headers)

@@ -386,6 +386,10 @@ FIELD_VALUES = {
     "location": TEXT,
     "attendees": PEOPLE,
     "color": TEXT,
+    "recurrence": st.sampled_from([None, {"rrule": "FREQ=WEEKLY", "rdates": [], "exdates": [], "overrides": []},
+                                   {"rrule": "FREQ=DAILY;COUNT=3", "rdates": [], "exdates": [], "overrides": []}]),
+    "timeZone": st.sampled_from([None, "Europe/Berlin", "America/New_York"]),
+    "ical": st.sampled_from([None, "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nEND:VCALENDAR\r\n"]),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import icalendar
 import trio
 
-from barosync import ics
+from barosync import ical, ics
 from barosync.auth import create_token
 
 from attack_helpers import WS, Rejected, ServerProcess, barosync_cmd, mint, start_server
@@ -49,7 +49,7 @@ def test_the_feed_parses_back_to_the_events() -> None:
         {"id": "b", "projectId": "p1", "title": "Holidays", "startDate": "2026-12-24T00:00:00Z", "endDate": "2026-12-27T00:00:00Z",
          "allDay": True, "version": 1, "createdAt": 1764000000000, "updatedAt": 1764000000000},
     ]
-    cal = icalendar.Calendar.from_ical(ics.feed("p1", events, name="Team"))
+    cal = icalendar.Calendar.from_ical(ical.feed("p1", events, name="Team"))
     assert str(cal["x-wr-calname"]) == "Team" and str(cal["version"]) == "2.0"
     vevents = {str(v["uid"]): v for v in cal.walk("VEVENT")}
     a, b = vevents["a"], vevents["b"]
@@ -58,7 +58,7 @@ def test_the_feed_parses_back_to_the_events() -> None:
     assert sorted(str(x) for x in a["attendee"]) == ["mailto:bob@example.com", "urn:barosync:user:alice"]
     assert str(b.decoded("dtstart")) == "2026-12-24" and str(b.decoded("dtend")) == "2026-12-27"  # DATE values
     # And what a calendar app would import from it is what the project holds.
-    back = {e["id"]: e for e in ics.parse(ics.feed("p1", events), project_id="p1", now=NOW)}
+    back = {e["id"]: e for e in ics.parse(ical.feed("p1", events), project_id="p1", now=NOW)}
     for e in events:
         for key in ("title", "startDate", "endDate", "location", "description", "attendees", "color"):
             assert back[e["id"]].get(key) == e.get(key), key

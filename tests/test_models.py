@@ -256,7 +256,7 @@ def test_wire_form_uses_camel_case_names():
     wire = event_to_wire(create(id="e1", allDay=False))
     assert set(wire) == {
         "id", "projectId", "title", "description", "startDate", "endDate", "allDay", "location",
-        "attendees", "color", "version", "createdAt", "updatedAt", "createdBy", "updatedBy",
+        "attendees", "color", "recurrence", "timeZone", "ical", "version", "createdAt", "updatedAt", "createdBy", "updatedBy",
     }
     assert wire["projectId"] == "p1" and wire["startDate"] == "2026-01-05T09:00:00Z" and wire["createdBy"] == "alice"
 
