@@ -25,11 +25,14 @@ from icalendar.timezone import tzp
 PRODID = "-//barosync//barosync calendar//EN"
 # Written from event fields on the way out; never kept in ``ical``.
 MODELED = ("SUMMARY", "DTSTART", "DTEND", "DURATION", "LOCATION", "DESCRIPTION", "COLOR", "RRULE", "RDATE",
-           "EXDATE", "DTSTAMP", "LAST-MODIFIED", "CREATED")
+           "EXDATE", "DTSTAMP", "LAST-MODIFIED")
 # An override (RECURRENCE-ID) keeps its own attendees, colour and SEQUENCE: the
 # event model has no place for them per occurrence.
 OVERRIDE_MODELED = ("SUMMARY", "DTSTART", "DTEND", "DURATION", "LOCATION", "DESCRIPTION", "DTSTAMP",
-                    "LAST-MODIFIED", "CREATED")
+                    "LAST-MODIFIED")
+# Modeled text whose parameters (LANGUAGE, ALTREP) an app may have set: kept in
+# ``ical`` with an empty value, so the parameters come back around the current text.
+TEXT_WITH_PARAMS = ("SUMMARY", "LOCATION", "DESCRIPTION", "COLOR")
 UNSUPPORTED = ("VTODO", "VJOURNAL", "VFREEBUSY")
 
 
@@ -77,10 +80,25 @@ def from_resource(data: bytes | str, *, project_id: str, event_id: str) -> dict[
     fields["timeZone"] = str(zone) if zone else None
     fields["recurrence"] = _recurrence(master, [v for v in vevents if v is not master])
     for v in vevents:
-        for name in MODELED if v is master else OVERRIDE_MODELED:
-            v.pop(name, None)
+        _strip(v, MODELED if v is master else OVERRIDE_MODELED)
     fields["ical"] = cal.to_ical().decode()
     return fields
+
+
+def _strip(v: icalendar.Event, modeled: tuple[str, ...]) -> None:
+    """Take the modeled values out of a VEVENT, leaving the parameters of modeled text
+    (on an empty value) and whether the end was given as DURATION."""
+    for name in modeled:
+        prop = v.get(name)
+        if prop is None:
+            continue
+        if name in TEXT_WITH_PARAMS and not isinstance(prop, list) and getattr(prop, "params", None):
+            v[name] = icalendar.vText("")
+            v[name].params.update(prop.params)
+        elif name == "DURATION" and v.get("dtend") is None:
+            v[name] = icalendar.vDuration(timedelta(0))
+        else:
+            v.pop(name)
 
 
 def _fields(v: icalendar.Event) -> dict[str, Any]:
@@ -292,6 +310,8 @@ def to_resource(e: dict[str, Any]) -> icalendar.Calendar:
 
 def _write(v: icalendar.Event, f: dict[str, Any], e: dict[str, Any], tz: tzinfo | None, tzid: str | None, *,
            master: bool) -> None:
+    params = {name: v[name].params for name in TEXT_WITH_PARAMS if name in v and not isinstance(v[name], list)}
+    as_duration = v.get("duration") is not None
     for name in MODELED if master else OVERRIDE_MODELED:
         v.pop(name, None)
     all_day = bool(f.get("allDay"))
@@ -301,20 +321,30 @@ def _write(v: icalendar.Event, f: dict[str, Any], e: dict[str, Any], tz: tzinfo 
     if all_day and end <= start:
         end = start + timedelta(days=1)  # DTEND is exclusive
     _add_when(v, "dtstart", start, tzid)
-    _add_when(v, "dtend", end, tzid)
+    if as_duration:
+        v.add("duration", end - start)
+    else:
+        _add_when(v, "dtend", end, tzid)
     v.add("dtstamp", _stamp(e.get("updatedAt")))
-    v.add("created", _stamp(e.get("createdAt")))
+    # CREATED and SEQUENCE: an app's own stay as it sent them; events made elsewhere
+    # get barosync's.
+    native = not e.get("ical")
+    if native and master:
+        v.add("created", _stamp(e.get("createdAt")))
     v.add("last-modified", _stamp(e.get("updatedAt")))
     for key in ("location", "description"):
         if f.get(key):
             v.add(key, f[key])
+    if master and f.get("color"):
+        v.add("color", f["color"])
+    for name, kept in params.items():
+        if name in v:
+            v[name].params.update(kept)
     if not master:
         return
-    if v.get("sequence") is None:
+    if native:
         # SEQUENCE counts revisions from 0; barosync's versions count from 1.
         v.add("sequence", max(0, int(e.get("version", 1)) - 1))
-    if f.get("color"):
-        v.add("color", f["color"])
     # Attendees as listed in the event, each with the parameters an app gave it.
     known = {address(a).lower(): a for a in _list(v.pop("ATTENDEE", None))}
     for who in f.get("attendees") or []:
