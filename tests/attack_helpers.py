@@ -41,7 +41,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"listening on http://[0-9.]+:(\d+)")
 START_TIMEOUT = 30
 _ids = itertools.count(1)
 
