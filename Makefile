@@ -68,8 +68,12 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info
 
 # Third-party browser code, vendored from the npm registry with its version and license
-# (no build step, no CDN at run time): FullCalendar's MIT standard bundle.
+# (no build step, no CDN at run time): FullCalendar's MIT standard bundle, and its rrule
+# plugin with the rrule library it drives (recurring events).
 FULLCALENDAR_VERSION := 6.1.22
+# The newest @fullcalendar/rrule release; it runs on the 6.1.22 core.
+FULLCALENDAR_RRULE_VERSION := 6.1.21
+RRULE_VERSION := 2.8.1
 VENDOR := barosync/web/app/vendor
 .PHONY: vendor
 vendor:
@@ -78,4 +82,11 @@ vendor:
 	cd build/vendor && npm pack --silent fullcalendar@$(FULLCALENDAR_VERSION) && tar xzf fullcalendar-$(FULLCALENDAR_VERSION).tgz
 	cp build/vendor/package/index.global.min.js build/vendor/package/LICENSE.md $(VENDOR)/fullcalendar/
 	echo "fullcalendar $(FULLCALENDAR_VERSION) (npm), MIT: index.global.min.js is the standard bundle (daygrid, timegrid, list, multimonth, interaction)" > $(VENDOR)/fullcalendar/VERSION.txt
+	mkdir -p $(VENDOR)/fullcalendar-rrule $(VENDOR)/rrule build/vendor/fcrrule build/vendor/rrule
+	cd build/vendor && npm pack --silent @fullcalendar/rrule@$(FULLCALENDAR_RRULE_VERSION) rrule@$(RRULE_VERSION) \
+	  && tar xzf fullcalendar-rrule-$(FULLCALENDAR_RRULE_VERSION).tgz -C fcrrule && tar xzf rrule-$(RRULE_VERSION).tgz -C rrule
+	cp build/vendor/fcrrule/package/index.global.min.js build/vendor/fcrrule/package/LICENSE.md $(VENDOR)/fullcalendar-rrule/
+	echo "@fullcalendar/rrule $(FULLCALENDAR_RRULE_VERSION) (npm), MIT: index.global.min.js, the global build (needs rrule.js loaded first)" > $(VENDOR)/fullcalendar-rrule/VERSION.txt
+	cp build/vendor/rrule/package/dist/es5/rrule.min.js build/vendor/rrule/package/LICENCE $(VENDOR)/rrule/
+	echo "rrule $(RRULE_VERSION) (npm), BSD-3-Clause: dist/es5/rrule.min.js, the UMD build (window.rrule)" > $(VENDOR)/rrule/VERSION.txt
 	@echo "vendored fullcalendar $(FULLCALENDAR_VERSION) into $(VENDOR)/fullcalendar"

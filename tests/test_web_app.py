@@ -187,3 +187,31 @@ def test_the_conflict_dialog_settles_each_way(chromium, tmp_path) -> None:
         assert alice.errors == [] and bob.errors == []
     finally:
         server.stop()
+
+
+def test_a_recurring_event_from_a_calendar_app_shows_every_occurrence(chromium, server) -> None:
+    """A phone's weekly series arrives live and the calendar expands it (FullCalendar's
+    rrule plugin): the EXDATE is skipped, the overridden occurrence shows where it moved."""
+    from datetime import datetime, timedelta, timezone
+
+    from caldav_helpers import Http, app_password
+
+    alice = App(chromium, server.link("alice", "Alice"))
+    alice.wait_connected()
+    alice.page.click(".fc-dayGridMonth-button")
+    first = datetime.now(timezone.utc).replace(day=1, hour=9, minute=0, second=0, microsecond=0)
+    at = lambda weeks, hour=9: (first + timedelta(weeks=weeks)).replace(hour=hour).strftime("%Y%m%dT%H%M%SZ")  # noqa: E731
+    body = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//phone//EN\r\n"
+            f"BEGIN:VEVENT\r\nUID:weekly-1\r\nDTSTAMP:20260101T000000Z\r\nDTSTART:{at(0)}\r\nDTEND:{at(0, 10)}\r\n"
+            f"SUMMARY:Weekly sync\r\nRRULE:FREQ=WEEKLY;COUNT=4\r\nEXDATE:{at(1)}\r\nEND:VEVENT\r\n"
+            f"BEGIN:VEVENT\r\nUID:weekly-1\r\nDTSTAMP:20260101T000000Z\r\nRECURRENCE-ID:{at(2)}\r\n"
+            f"DTSTART:{at(2, 14)}\r\nDTEND:{at(2, 15)}\r\nSUMMARY:Moved sync\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+    http = Http(server.port, "alice", app_password(server.data, "alice", "team"))
+    assert http("PUT", "/dav/calendars/alice/team/weekly-1.ics", body)[0] == 201
+    alice.event("Moved sync").wait_for(timeout=10_000)
+    alice.page.wait_for_function("() => document.querySelectorAll('.fc-event.recurring').length === 3")
+    assert alice.event("Weekly sync").count() == 2  # weeks 0 and 3; week 1 is an EXDATE, week 2 moved
+    [stored] = server.events("team")
+    assert stored["recurrence"]["rrule"] == "FREQ=WEEKLY;COUNT=4"
+    alice.shot("recurring-from-a-phone")
+    assert alice.errors == []

@@ -14,6 +14,13 @@ export interface CalendarEvent {
   location?: string;
   attendees?: string[];
   color?: string;
+  /** A recurring event's rule, extra and skipped starts and changed occurrences
+   * (docs/protocol.md); startDate/endDate are the first occurrence. */
+  recurrence?: Recurrence | null;
+  /** The zone calendar apps show the times in (an IANA or Windows name). */
+  timeZone?: string | null;
+  /** What a calendar app sent that barosync does not model; leave it as it is. */
+  ical?: string | null;
   version: number;
   createdAt?: number;
   updatedAt?: number;
@@ -21,6 +28,14 @@ export interface CalendarEvent {
   updatedBy?: string;
   /** True while this client's change to it waits for the server. */
   pending?: boolean;
+}
+
+export interface Recurrence {
+  rrule: string | null;
+  rdates: string[];
+  exdates: string[];
+  overrides: Array<{ recurrenceId: string; startDate: string; endDate: string; title?: string;
+                     location?: string; description?: string; allDay?: boolean }>;
 }
 
 export type EventFields = Partial<Omit<CalendarEvent, "version" | "createdAt" | "updatedAt" | "createdBy" | "updatedBy" | "pending">>;

@@ -114,7 +114,7 @@ function start(token, projects) {
     nowIndicator: true,
     contentHeight: 640,
     scrollTime: "08:00:00",
-    events: (info, success) => success(client.events(projectId).map(toCalendar)),
+    events: (info, success) => success(client.events(projectId).flatMap(toCalendar)),
     select: (info) => openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay }),
     eventClick: (info) => openEditor(client.get(info.event.id)),
     eventDrop: (info) => moved(info),
@@ -150,12 +150,33 @@ function switchProject(id) {
 
 // -- the grid ------------------------------------------------------------------------------
 
+// One event, or a recurring event's series (FullCalendar's rrule plugin expands it)
+// plus each overridden occurrence on its own.
 function toCalendar(e) {
-  return {
+  const base = {
     id: e.id, title: e.title, start: e.startDate, end: e.endDate, allDay: !!e.allDay,
     backgroundColor: e.color || undefined, borderColor: e.color || undefined,
     classNames: e.pending ? ["pending"] : [],
   };
+  const rec = e.recurrence;
+  if (!rec || !window.FullCalendar?.RRule) return [base];
+  const stamp = (s) => (e.allDay ? s.slice(0, 10).replaceAll("-", "")
+    : new Date(s).toISOString().replace(/[-:]/g, "").replace(/\.\d{3}/, ""));
+  const overrides = rec.overrides || [];
+  const lines = [`DTSTART:${stamp(e.startDate)}`];
+  if (rec.rrule) lines.push(`RRULE:${rec.rrule}`);
+  if (rec.rdates?.length) lines.push(`RDATE:${rec.rdates.map(stamp).join(",")}`);
+  const skipped = [...(rec.exdates || []), ...overrides.map((o) => o.recurrenceId)];
+  if (skipped.length) lines.push(`EXDATE:${skipped.map(stamp).join(",")}`);
+  // Dragging one occurrence would move the whole series: a series is edited in the
+  // editor (or in a calendar app), not by drag and drop.
+  const series = { ...base, start: undefined, end: undefined, rrule: lines.join("\n"),
+                   duration: Math.max(0, new Date(e.endDate) - new Date(e.startDate)), editable: false,
+                   classNames: [...base.classNames, "recurring"] };
+  return [series, ...overrides.map((o) => ({
+    ...base, title: o.title || e.title, start: o.startDate, end: o.endDate, allDay: o.allDay ?? !!e.allDay,
+    editable: false, classNames: [...base.classNames, "recurring"],
+  }))];
 }
 
 function moved(info) {
