@@ -22,6 +22,8 @@ import icalendar
 import recurring_ical_events
 from icalendar.timezone import tzp
 
+from .recurrence import known_valid
+
 PRODID = "-//barosync//barosync calendar//EN"
 # Written from event fields on the way out; never kept in ``ical``.
 MODELED = ("SUMMARY", "DTSTART", "DTEND", "DURATION", "LOCATION", "DESCRIPTION", "COLOR", "RRULE", "RDATE",
@@ -82,6 +84,7 @@ def from_resource(data: bytes | str, *, project_id: str, event_id: str) -> dict[
     for v in vevents:
         _strip(v, MODELED if v is master else OVERRIDE_MODELED)
     fields["ical"] = cal.to_ical().decode()
+    known_valid(fields["ical"])  # written from a parsed calendar: no need to parse it again
     return fields
 
 

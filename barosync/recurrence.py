@@ -14,6 +14,7 @@ back unchanged (ical.py).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import icalendar
@@ -114,15 +115,32 @@ def check_time_zone(value: Any) -> str | None:
     return value
 
 
+# ``ical`` texts known to parse: the ones ical.from_resource just wrote from a parsed
+# calendar, and the last ones checked (an app's edits resend the same text), so a PUT
+# is not parsed twice.
+_VALID: OrderedDict[str, None] = OrderedDict()
+VALID_REMEMBERED = 512
+
+
+def known_valid(value: str) -> None:
+    _VALID[value] = None
+    _VALID.move_to_end(value)
+    while len(_VALID) > VALID_REMEMBERED:
+        _VALID.popitem(last=False)
+
+
 def check_ical(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > MAX_ICAL_CHARS:
         raise ValidationError("ical", f"must be iCalendar text of at most {MAX_ICAL_CHARS} characters, or null")
+    if value in _VALID:
+        return value
     try:
         cal = icalendar.Calendar.from_ical(value)
     except (ValueError, KeyError, IndexError) as e:
         raise ValidationError("ical", f"is not iCalendar text: {e}"[:300]) from None
     if cal.name != "VCALENDAR":
         raise ValidationError("ical", "must be a VCALENDAR")
+    known_valid(value)
     return value

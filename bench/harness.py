@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # load held, nothing lost (each starts, restarts and kills its own server)
     "storm": ("storm", {}),
     "hostile": ("hostile", {}),
+    # CalDAV sync beside Radicale (bench/caldav_sync.py runs both servers)
+    "caldav": ("caldav", {}),
 }
 SCENARIOS = tuple(VARIANTS)
 SERVERS = ("barosync", "websockets")

@@ -38,6 +38,10 @@ def headline(sc: str, r: dict) -> str:
         return (f"{r['converged']}/{r['clients']} converged, {r['gaps']} gaps, {r['duplicates']} duplicates, "
                 f"{r['lost']} lost, {r['applied_twice']} applied twice, {r['acked_mutations']} acked, "
                 f"{r['resent']} resent")
+    if sc == "caldav":
+        b, p = r["barosync"], r["radicale"]
+        return (f"first full sync of {r['events']:,}: {fmt(b['full_seconds'])} s (Radicale {fmt(p['full_seconds'])} s), "
+                f"incremental of {r['changes']}: {fmt(b['incremental_seconds'])} s (Radicale {fmt(p['incremental_seconds'])} s)")
     if sc == "hostile":
         return (f"{fmt(r['frames'])} frames, {fmt(r['error_answers'])} error answers, server alive {r['server_alive']}, "
                 f"serves afterwards {r['serves_afterwards']}, RSS max +{fmt(r['rss_max_growth_mb'])} MB")
@@ -144,6 +148,20 @@ ROWS = [
     ("storm", "converged", "clients converged"),
     ("storm", "nothing_lost", "nothing lost"),
     ("storm", "rss_growth_mb", "server RSS growth (MB)"),
+    ("caldav", "barosync.full_seconds", "first full sync (s)"),
+    ("caldav", "radicale.full_seconds", "  Radicale (s)"),
+    ("caldav", "full_seconds_ratio", "  barosync / Radicale"),
+    ("caldav", "barosync.full_server_cpu_s", "  server CPU (s)"),
+    ("caldav", "radicale.full_server_cpu_s", "  Radicale server CPU (s)"),
+    ("caldav", "barosync.warm_full_seconds", "full sync again, warm (s)"),
+    ("caldav", "radicale.warm_full_seconds", "  Radicale (s)"),
+    ("caldav", "barosync.edit_seconds", "changes by PUT (s)"),
+    ("caldav", "radicale.edit_seconds", "  Radicale (s)"),
+    ("caldav", "barosync.incremental_seconds", "incremental sync (s)"),
+    ("caldav", "radicale.incremental_seconds", "  Radicale (s)"),
+    ("caldav", "incremental_seconds_ratio", "  barosync / Radicale"),
+    ("caldav", "seed_puts_per_s", "seeding PUTs/s (8 connections)"),
+    ("caldav", "barosync.rss_growth_mb", "server RSS growth (MB)"),
     ("hostile", "frames", "hostile frames"),
     ("hostile", "frames_per_s", "  per second"),
     ("hostile", "error_answers", "error answers"),

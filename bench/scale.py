@@ -1,8 +1,9 @@
 """Scenarios at scale, as a mixin of scenarios.Bench: a 100,000-event project's
 snapshot (one subscriber, 100 at once, a resume of 10,000 missed changes), and "load
 held, nothing lost": 1,000 clients through a disconnect storm and two restarts
-(bench/storm.py), 100,000 hostile frames (bench/hostile.py). storm and hostile start
-and restart their own server (OWN_SERVER)."""
+(bench/storm.py), 100,000 hostile frames (bench/hostile.py); CalDAV sync of a
+10,000-event calendar beside Radicale (bench/caldav_sync.py). Those three start their
+own servers (OWN_SERVER)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 from harness import BENCH, Server, log, pinned
 
 # Scenarios that run their own server (they restart or kill it).
-OWN_SERVER = ("storm", "hostile")
+OWN_SERVER = ("storm", "hostile", "caldav")
 
 
 def _script(name: str, *args: str) -> dict:
@@ -63,6 +64,13 @@ class ScaleScenarios:
                              and r["applied_twice"] == 0 and r["converged"] == r["clients"])
         r["rss_growth_mb"] = (r["rss_end_kb"] - r["rss_start_kb"]) / 1024
         r["params"] = {"clients": a.storm_clients, "load_procs": a.storm_procs}
+        return r
+
+    def caldav(self, label: str) -> dict:
+        a = self.a  # type: ignore[attr-defined]
+        log(f"[{label}] {a.caldav_events:,} events, {a.caldav_changes} changes, barosync and Radicale")
+        r = _script("caldav_sync.py", "--events", str(a.caldav_events), "--changes", str(a.caldav_changes))
+        r["params"] = {"events": a.caldav_events, "changes": a.caldav_changes}
         return r
 
     def hostile(self, label: str) -> dict:

@@ -32,12 +32,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     own = ("fanout_upto", "durable", "durable_w4", "durable_one", "durable_one_w4", "durable_one_nosub",
            "create_1k", "create_5k",
-           "snapshot", "storm", "hostile")
+           "snapshot", "storm", "hostile", "caldav")
     for name, scenarios in servers.items():
         expected = {"fanout", "saturation", "capacity", "cursors"} | (set(own) if name == "barosync" else set())
         assert set(scenarios) == expected, name
         for scenario, r in scenarios.items():
-            if scenario in ("snapshot", "storm", "hostile"):
+            if scenario in ("snapshot", "storm", "hostile", "caldav"):
                 assert r["status"] == "ok", (name, scenario, r.get("error"))
                 continue
             assert r["status"] == "ok", (name, scenario, r.get("error"))
@@ -76,6 +76,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     storm = b["storm"]
     assert storm["nothing_lost"] is True and storm["converged"] == storm["clients"] > 0
     assert [x["exit_code"] for x in storm["restarts"]] == [0, -9]
+    caldav = b["caldav"]
+    for server in ("barosync", "radicale"):
+        assert caldav[server]["incremental_items"] == caldav["changes"] > 0, server
+        assert _number(caldav[server]["full_seconds"]) and _number(caldav[server]["incremental_seconds"]), server
     hostile = b["hostile"]
     assert hostile["crashes"] == 0 and hostile["serves_afterwards"] is True
     assert hostile["frames"] >= 2000 and hostile["error_answers"] > 0 and hostile["closing_frames"] > 0
