@@ -391,8 +391,7 @@ class CalDav(Writes):
             if method == b"PROPFIND":
                 return _multistatus([_props_response(self._event_href(identity, project, event_id),
                                                      self._event_props(stored), dav.propfind(body))])
-            data = self.render(stored)
-            return 200, data if method == b"GET" else b"", ICS, [(b"etag", etag(stored).encode())]
+            return 200, self.render(stored), ICS, [(b"etag", etag(stored).encode())]
         if method == b"PUT":
             return await self._put(identity, project, event_id, home, stored, path, headers, body)
         if method == b"DELETE":

@@ -8,6 +8,7 @@ every WebSocket with 1001, lets the writer commit what it has, and returns.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 from typing import Any
@@ -138,11 +139,17 @@ async def _close_sessions(app: App, code: int, reason: str) -> None:
 # -- HTTP -----------------------------------------------------------------------------
 
 
-def _response(conn: h11.Connection, status: int, body: Any, content_type: bytes = b"application/json", extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+def _response(conn: h11.Connection, status: int, body: Any, content_type: bytes = b"application/json",
+              extra: list[tuple[bytes, bytes]] | None = None, *, head: bool = False) -> bytes:
+    """The whole response; for a HEAD request, the headers of the GET (its length
+    included) and no body, as h11 insists."""
     data = body if isinstance(body, bytes) else orjson.dumps(body)
     headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode()), (b"server", b"barosync/" + __version__.encode())]
     headers += extra or []
-    return conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage())
+    out = conn.send(h11.Response(status_code=status, headers=headers))
+    if not head and data:
+        out += conn.send(h11.Data(data=data))
+    return out + conn.send(h11.EndOfMessage())
 
 
 def _json_error(status: int, code: str, message: str) -> dict[str, Any]:
@@ -241,34 +248,35 @@ async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int
 
 async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
     method = request.method
+    respond = functools.partial(_response, conn, head=method == b"HEAD")
     if path.startswith(caldav.ROOT) or path in ("/dav", caldav.WELL_KNOWN, caldav.WELL_KNOWN + "/") or (
             path == "/" and method in (b"PROPFIND", b"REPORT", b"OPTIONS")):
         # Some apps (DAVx⁵, GNOME) probe the server's root before the well-known URL.
         status, data, content_type, headers = await front.caldav.handle(method, path, _headers(request), body)
-        return _response(conn, status, data, content_type=content_type, extra=headers)
+        return respond(status, data, content_type=content_type, extra=headers)
     if path.startswith("/api/"):
         status, answer, headers = await rest.handle(app, method, path, query, _headers(request), body)
-        return _response(conn, status, answer, extra=headers)
+        return respond(status, answer, extra=headers)
     if path.startswith("/ics/"):
         status, data, content_type, headers = await rest.feed(app, method, path, query, _headers(request))
-        return _response(conn, status, data, content_type=content_type, extra=headers)
+        return respond(status, data, content_type=content_type, extra=headers)
     if path == "/healthz":
         if method not in (b"GET", b"HEAD"):
-            return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /healthz"), extra=[(b"allow", b"GET, HEAD")])
+            return respond(405, _json_error(405, "method_not_allowed", "use GET /healthz"), extra=[(b"allow", b"GET, HEAD")])
         health = app.health()
-        return _response(conn, 200 if health["status"] == "ok" else 503, health)
+        return respond(200 if health["status"] == "ok" else 503, health)
     if path == "/metrics":
         if method not in (b"GET", b"HEAD"):
-            return _response(conn, 405, _json_error(405, "method_not_allowed", "use GET /metrics"), extra=[(b"allow", b"GET, HEAD")])
-        return _response(conn, 200, generate_latest(front.metrics), content_type=CONTENT_TYPE_LATEST.encode())
+            return respond(405, _json_error(405, "method_not_allowed", "use GET /metrics"), extra=[(b"allow", b"GET, HEAD")])
+        return respond(200, generate_latest(front.metrics), content_type=CONTENT_TYPE_LATEST.encode())
     if (shipped := static.load(path)) is not None:
         if method not in (b"GET", b"HEAD"):
-            return _response(conn, 405, _json_error(405, "method_not_allowed", f"use GET {path}"), extra=[(b"allow", b"GET, HEAD")])
+            return respond(405, _json_error(405, "method_not_allowed", f"use GET {path}"), extra=[(b"allow", b"GET, HEAD")])
         body, content_type, headers = shipped
         if _headers(request).get(b"if-none-match") == headers[0][1]:
-            return _response(conn, 304, b"", content_type=content_type, extra=headers)
-        return _response(conn, 200, body, content_type=content_type, extra=headers)
-    return _response(conn, 404, _json_error(404, "not_found", f"no such resource {path!r}; the WebSocket endpoint is /ws"))
+            return respond(304, b"", content_type=content_type, extra=headers)
+        return respond(200, body, content_type=content_type, extra=headers)
+    return respond(404, _json_error(404, "not_found", f"no such resource {path!r}; the WebSocket endpoint is /ws"))
 
 
 def _headers(request: h11.Request) -> dict[bytes, bytes]:

@@ -14,7 +14,7 @@ from barosync import admin
 from barosync.auth import create_token
 from barosync.app import App
 
-from conftest import Client, event_payload, new_id, open_client, running, token, ws_url
+from conftest import Client, event_payload, http_exchange, new_id, open_client, running, token, ws_url
 
 
 
@@ -508,3 +508,15 @@ async def test_a_closed_connection_is_freed_without_waiting_for_the_cycle_collec
         assert protocol_ref() is None
     finally:
         gc.enable()
+
+
+async def test_head_answers_with_the_get_headers_and_no_body(app) -> None:
+    """HEAD of the web app, /healthz and a static file: the GET's length and
+    no body (h11 refused a body here, and the connection used to drop unanswered)."""
+    for path in ("/", "/healthz", "/app/app.js"):
+        status, headers, body = await http_exchange(app.port, "GET", path)
+        assert status == 200, path
+        status, head_headers, head_body = await http_exchange(app.port, "HEAD", path)
+        assert status == 200 and head_body in (b"", None), path
+        if path != "/healthz":  # its uptime changes the length
+            assert head_headers["content-length"] == headers["content-length"] == str(len(body)), path
