@@ -50,6 +50,7 @@ ALLOW = b"OPTIONS, GET, HEAD, PUT, DELETE, PROPFIND, PROPPATCH, REPORT"
 SYNC_PREFIX = "http://barosync.org/ns/sync/"
 # Rendered resources kept in memory (keyed by id and ETag, so never stale).
 CACHE_ENTRIES = 20_000
+SCRYPT_CHECKS = 2  # password checks running at once
 PALETTE = ("#3b82f6", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316")
 
 
@@ -74,6 +75,9 @@ class CalDav(Writes):
     def __init__(self, app: "App") -> None:
         self.app = app
         self.verifier = Verifier(app.config.data_dir)
+        # scrypt takes ~16 MiB and ~50 ms per check: a burst of wrong passwords must
+        # not take the server's memory with it.
+        self._scrypt = trio.CapacityLimiter(SCRYPT_CHECKS)
         self._rendered: dict[tuple[str, str], bytes] = {}
 
     def render(self, e: dict[str, Any]) -> bytes:
@@ -151,7 +155,8 @@ class CalDav(Writes):
         except (binascii.Error, UnicodeDecodeError):
             raise Fail(401, "malformed Basic credentials", headers=challenge) from None
         entry, known = self.verifier.lookup(user, password)
-        if entry is None or not (known or await trio.to_thread.run_sync(self.verifier.check, entry, password)):
+        if entry is None or not (known or await trio.to_thread.run_sync(self.verifier.check, entry, password,
+                                                                         limiter=self._scrypt)):
             raise Fail(401, "wrong user name or app password (or it was revoked)", headers=challenge)
         return app_identity(entry)
 
@@ -335,8 +340,7 @@ class CalDav(Writes):
                        condition="number-of-matches-within-limits")
         out = []
         if not report.sync_token:
-            with store.snapshot_pages(project, max_bytes=1 << 62) as (seq, pages):
-                events = [orjson.loads(raw) for raw in next(pages)]
+            seq, events = store.snapshot(project)
             for e in events:
                 out.append(_props_response(self._event_href(identity, project, e["id"]), self._event_props(e), report.props))
             return _multistatus(out, sync_token=sync_token(store.data_id, seq))
@@ -365,11 +369,12 @@ class CalDav(Writes):
         return int(seq)
 
     def _id_from_href(self, identity: Identity, project: str, href: str) -> str | None:
-        path = urlsplit(href).path
-        prefix = self._calendar_href(identity, project)
+        # Compared unquoted: apps differ in what they percent-encode (an "@" or not).
+        path = unquote(urlsplit(href).path)
+        prefix = f"{ROOT}calendars/{identity.user_id}/{project}/"
         if not path.startswith(prefix) or not path.endswith(".ics"):
             return None
-        return unquote(path[len(prefix):-4]) or None
+        return path[len(prefix):-4] or None
 
     # -- methods on events ----------------------------------------------------------------
 

@@ -74,11 +74,20 @@ class Writes:
             fields = ical.from_resource(body, project_id=project, event_id=event_id)
         except ical.IcalError as e:
             raise Fail(403, str(e), condition=e.precondition, ns=CALDAV) from None
-        base = _version_of(if_match.decode("latin-1")) if if_match is not None and if_match.strip() != b"*" else None
-        if if_match is not None and (stored is None and base is None or if_match.strip() == b"*" and stored is None):
-            raise Fail(412, "no such event to match (If-Match)")
-        if if_match is not None and if_match.strip() != b"*" and base is None:
-            raise Fail(412, f"If-Match {if_match.decode('latin-1')!r} is not an ETag this server gave")
+        base = None
+        if if_match is not None:
+            condition = if_match.decode("latin-1").strip()
+            if condition == "*":
+                if stored is None:
+                    raise Fail(412, "no such event to match (If-Match: *)")
+            else:
+                base = _version_of(condition)
+                if base is None:
+                    raise Fail(412, f"If-Match {condition!r} is not an ETag this server gave")
+                if stored is None and home is None:
+                    raise Fail(412, "no such event to match (If-Match)")
+        # An If-Match of an event deleted since goes to the conflict strategy, like a
+        # browser's edit of it would.
         if stored is None and base is None:
             kind, payload = "create", fields
         else:

@@ -28,6 +28,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from barosync import __version__
+from caldav_helpers import Http
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BINARY = ROOT / "dist" / "barosync"
@@ -352,6 +353,21 @@ async def test_binary_serves_two_clients_with_a_plugin_and_stops_on_sigterm(bina
             body = await trio.to_thread.run_sync(get_text, f"http://127.0.0.1:{server.port}{path}")
             assert marker in body, path
 
+        # A calendar app over CalDAV: an app password from the binary's CLI, a PUT in a
+        # zone (zoneinfo data and icalendar inside the binary), the GET gives it back.
+        made = await trio.to_thread.run_sync(lambda: run(binary, "token", "create", "--config", str(config), "--user",
+                                                         "carol", "--project", "p2", "--app-password", env=tmpdir_env))
+        assert made.returncode == 0, made.stderr
+        password = re.search(r"password:\s+(\S+)", made.stdout).group(1)  # type: ignore[union-attr]
+        dav = Http(server.port, "carol", password)
+        ics = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//t//EN\r\nBEGIN:VEVENT\r\nUID:z-1\r\n"
+               "DTSTAMP:20260101T000000Z\r\nDTSTART;TZID=Europe/Berlin:20260706T090000\r\n"
+               "DTEND;TZID=Europe/Berlin:20260706T100000\r\nSUMMARY:Zoned\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+        status, _, _ = await trio.to_thread.run_sync(lambda: dav("PUT", "/dav/calendars/carol/p2/z-1.ics", ics))
+        assert status == 201
+        status, _, got = await trio.to_thread.run_sync(lambda: dav("GET", "/dav/calendars/carol/p2/z-1.ics"))
+        assert status == 200 and b"DTSTART;TZID=Europe/Berlin:20260706T090000" in got
+
         tokens = {}
         for user in ("alice", "bob"):
             minted = await trio.to_thread.run_sync(lambda: run(binary, "token", "create", "--config", str(config),
@@ -403,7 +419,7 @@ async def test_binary_serves_two_clients_with_a_plugin_and_stops_on_sigterm(bina
 
     checked = run(binary, "check", "--config", str(config), env=tmpdir_env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert checked.stdout.strip().endswith("1 projects, 2 events, 2 changes, 2 idempotency records: ok")
+    assert checked.stdout.strip().endswith("2 projects, 3 events, 3 changes, 3 idempotency records: ok")
 
 
 async def test_binary_kill_9_never_corrupts_the_data_directory(binary, tmp_path, tmpdir_env):

@@ -348,3 +348,24 @@ async def test_live_both_ways_with_a_websocket_subscriber(tmp_path: Path) -> Non
         await ws.abort()
     finally:
         await trio.to_thread.run_sync(srv.stop)
+
+
+def test_edits_of_a_deleted_event_and_hrefs_however_encoded(server: ServerProcess) -> None:
+    http = Http(server.port, "alice", app_password(server.data_dir, "alice", "team"))
+    base = "/dav/calendars/alice/team/"
+    assert http("PUT", base + "ghost.ics", event_ics("ghost", "Never was"), If_Match='"1-1"')[0] == 412
+    etag = http("PUT", base + "gone.ics", event_ics("gone", "Soon deleted"))[1]["etag"]
+    assert http("DELETE", base + "gone.ics", If_Match=etag)[0] == 204
+    # The phone still has it and edits it: merge keeps the deletion and says so.
+    status, _, body = http("PUT", base + "gone.ics", event_ics("gone", "Edited offline"), If_Match=etag)
+    assert status == 412 and b"conflict strategy" in body
+    assert http("GET", base + "gone.ics")[0] == 404
+    # An id with an "@" (as many apps' UIDs have), asked for encoded and not.
+    assert http("PUT", base + "a%40b.ics", event_ics("a@b", "At sign"))[0] == 201
+    body = ('<C:calendar-multiget xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop><D:getetag/>'
+            f'</D:prop><D:href>{base}a%40b.ics</D:href><D:href>{base}a@b.ics</D:href>'
+            f'<D:href>http://127.0.0.1:{server.port}{base}a@b.ics</D:href></C:calendar-multiget>')
+    status, _, answer = http("REPORT", base, body)
+    assert status == 207
+    assert [r.findtext("{DAV:}status") or r.find("{DAV:}propstat/{DAV:}status").text for r in responses(answer).values()] \
+        == ["HTTP/1.1 200 OK"] * 3
