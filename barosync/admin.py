@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 HIDDEN = "<hidden>"
 # Config keys whose values never leave the server.
-SECRET_KEYS = frozenset({"secret"})
+SECRET_KEYS = frozenset({"secret", "cluster_postgres"})
 
 
 def summary(app: "App") -> dict[str, Any]:
@@ -43,7 +43,9 @@ def _server(app: "App") -> dict[str, Any]:
         "uptime": round(time.time() - app.started_at, 1),
         "dataId": app.store.data_id,
         "health": app.health()["status"],
-        "lmdb": {"usedBytes": used, "mapBytes": size, "usedShare": round(used / size, 4) if size else None},
+        "storage": app.store.kind,
+        "lmdb": ({"usedBytes": used, "mapBytes": size, "usedShare": round(used / size, 4) if size else None}
+                 if app.store.kind == "lmdb" else None),
         "plugins": plugins,
         "config": config,
     }

@@ -34,7 +34,12 @@ class App:
         self.config = config
         self.pm = build_plugin_manager(config)
         check_strategies(config, strategy_names(self.pm))
-        self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
+        if config.cluster_postgres:
+            from .pg_store import PgStore  # psycopg is needed only for a cluster
+
+            self.store: Store = PgStore(config.cluster_postgres, hook=self.pm.hook, config=config)  # type: ignore[assignment]
+        else:
+            self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
         self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
         if DEFAULT_CODEC not in self.codecs:

@@ -189,9 +189,10 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(found, indent=2))
         return 0
     server = found["server"]
-    lmdb = server["lmdb"]
-    print(f"barosync {server['version']} at {base}: {server['health']}, up {server['uptime']:.0f} s, "
-          f"LMDB {lmdb['usedBytes'] / 2**20:.1f} of {lmdb['mapBytes'] / 2**20:.0f} MiB, "
+    lmdb = server.get("lmdb")
+    storage = (f"LMDB {lmdb['usedBytes'] / 2**20:.1f} of {lmdb['mapBytes'] / 2**20:.0f} MiB" if lmdb
+               else f"log in {server.get('storage', '?')}")
+    print(f"barosync {server['version']} at {base}: {server['health']}, up {server['uptime']:.0f} s, {storage}, "
           f"plugins: {', '.join(p['name'] for p in server['plugins'])}")
     print(f"{len(found['projects'])} projects:")
     for p in found["projects"]:

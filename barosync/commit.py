@@ -80,7 +80,12 @@ class Outcome:
 
 class Commits:
     """The write path of Store (store.py): runs in the writer's thread, one batch at
-    a time. The reads of history it needs are Store's."""
+    a time. The reads of history it needs are Store's. PgStore (pg_store.py) keeps
+    the same rules on SQL tables: it reuses the conflict handling and the validation
+    plugins' call, and writes its own storage steps."""
+
+    # Errors of the storage itself (writer.py sorts them: degrade or stop).
+    faults: tuple[type[BaseException], ...] = (lmdb.Error, OSError)
 
     if TYPE_CHECKING:
         env: lmdb.Environment
@@ -258,15 +263,9 @@ class Commits:
         hook = self.hook.barosync_validate_mutation
         if not hook.get_hookimpls():
             return None, []
-        prefix = m.project_id.encode() + b"\0"
 
         def project_events() -> Iterator[dict[str, Any]]:
-            cursor = txn.cursor(db=self.events)
-            if cursor.set_range(prefix):
-                for key, value in cursor:
-                    if not key.startswith(prefix):
-                        break
-                    yield orjson.loads(value)
+            return self._project_events(txn, m.project_id)
 
         warnings = []
         for found in hook(operation=kind, event=event, previous=previous, project_events=project_events,
@@ -278,6 +277,16 @@ class Commits:
                     return protocol.ProtocolError(problem.code, problem.message, ref=m.envelope_id, field=problem.field), []
                 warnings.append({"code": problem.code, "message": problem.message, "field": problem.field})
         return None, warnings
+
+    def _project_events(self, txn: lmdb.Transaction, project_id: str) -> Iterator[dict[str, Any]]:
+        """Every current event of a project, in the write transaction (for plugins)."""
+        prefix = project_id.encode() + b"\0"
+        cursor = txn.cursor(db=self.events)
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not key.startswith(prefix):
+                    break
+                yield orjson.loads(value)
 
     def _commit_change(
         self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes, kind: str,
@@ -301,19 +310,7 @@ class Commits:
             version = event["version"]
             payload = event
             txn.put(_k(m.project_id, m.event_id), orjson.dumps(event), db=self.events)
-        change = orjson.dumps({
-            "type": protocol.CHANGE_TYPES[kind],
-            "id": f"{m.project_id}:{seq}",
-            "seq": seq,
-            "projectId": m.project_id,
-            "userId": m.user_id,
-            "version": version,
-            "timestamp": m.received_ms,
-            # When the author made the edit (never later than it arrived): what
-            # last_write_wins compares.
-            "editedAt": min(m.client_ms or m.received_ms, m.received_ms),
-            "payload": payload,
-        })
+        change = change_message(m, kind, seq, version, payload)
         txn.put(_seq_key(m.project_id, seq), change, db=self.changelog)
         keep = self.config.history_max_changes
         if keep and seq > keep:
@@ -328,6 +325,23 @@ class Commits:
         txn.put(idem_key, orjson.dumps(answer), db=self.idem)
         txn.put(_seq_key(m.project_id, seq), idem_key, db=self.idem_by_seq)
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
+
+
+def change_message(m: Mutation, kind: str, seq: int, version: int, payload: dict[str, Any]) -> bytes:
+    """The change as it is stored and fanned out (every store writes the same)."""
+    return orjson.dumps({
+        "type": protocol.CHANGE_TYPES[kind],
+        "id": f"{m.project_id}:{seq}",
+        "seq": seq,
+        "projectId": m.project_id,
+        "userId": m.user_id,
+        "version": version,
+        "timestamp": m.received_ms,
+        # When the author made the edit (never later than it arrived): what
+        # last_write_wins compares.
+        "editedAt": min(m.client_ms or m.received_ms, m.received_ms),
+        "payload": payload,
+    })
 
 
 class _Poisoned(Exception):

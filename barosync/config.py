@@ -71,6 +71,9 @@ class Config:
     # CalDAV's Basic sign-in is refused over plain HTTP on a non-loopback address
     # unless a TLS-terminating proxy sets this header to "https".
     caldav_tls_header: str | None = None
+    # Several nodes: the durable log in PostgreSQL instead of this node's LMDB
+    # (pg_store.py); a libpq URL, e.g. postgresql://barosync@db.internal/barosync.
+    cluster_postgres: str | None = attrs.field(default=None, repr=False)
     plugin_paths: tuple[Path, ...] = ()
     plugins_disable: tuple[str, ...] = ()
     # [plugins.<name>] tables, handed to plugins as they are.
@@ -173,6 +176,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     },
     "caldav": {
         "tls_header": ("caldav_tls_header", _str),
+    },
+    "cluster": {
+        "postgres": ("cluster_postgres", _str),
     },
     "plugins": {
         "paths": ("plugin_paths", _str_list),

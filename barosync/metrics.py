@@ -42,6 +42,7 @@ class Metrics(Collector):
         yield CounterMetricFamily(
             "barosync_storage_refused_writes", "Writes refused because storage was full or had failed.",
             value=app.writer.refused)
-        used, size = app.store.map_usage()
-        yield GaugeMetricFamily("barosync_lmdb_used_bytes", "Bytes of the LMDB map in use.", value=used)
-        yield GaugeMetricFamily("barosync_lmdb_map_bytes", "Current LMDB map size.", value=size)
+        if app.store.kind == "lmdb":
+            used, size = app.store.map_usage()
+            yield GaugeMetricFamily("barosync_lmdb_used_bytes", "Bytes of the LMDB map in use.", value=used)
+            yield GaugeMetricFamily("barosync_lmdb_map_bytes", "Current LMDB map size.", value=size)

@@ -48,6 +48,8 @@ MAX_READERS = 2048
 GROW_WHEN_FREE_BELOW = 0.25
 
 class Store(Commits):
+    kind = "lmdb"
+
     def __init__(self, path: Path, *, map_size: int, hook: Any = None, config: Config | None = None) -> None:
         self.config = config or Config()
         if hook is None:

@@ -126,7 +126,10 @@ class Writer:
     def _refusal(self, m: Mutation) -> Outcome:
         if self.failure is None:
             # A retry of a change stored before the disk filled still gets its answer.
-            answer = self.store.previous_answer(m.user_id, m.envelope_id)
+            try:
+                answer = self.store.previous_answer(m.user_id, m.envelope_id)
+            except self.store.faults:
+                answer = None  # the database is what is unreachable
             if answer is not None:
                 return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
         self.refused += 1
@@ -137,9 +140,10 @@ class Writer:
                 "the server's storage failed and the server is stopping; this change was not stored: send it again once it is back",
                 ref=m.envelope_id, retry_after=FAILED_RETRY_AFTER)
         else:
+            what = "unavailable" if self.store.kind == "postgresql" else "full"
             error = ProtocolError(
                 protocol.E_STORAGE_FULL,
-                f"server storage full ({self.degraded}); this change was not stored: keep it and send it again "
+                f"server storage {what} ({self.degraded}); this change was not stored: keep it and send it again "
                 f"after {SPACE_PROBE_INTERVAL:g} s",
                 ref=m.envelope_id, retry_after=SPACE_PROBE_INTERVAL)
         return Outcome("error", m.project_id, error=error)
@@ -207,7 +211,7 @@ class Writer:
         async with self._write_lock:
             try:
                 return await trio.to_thread.run_sync(lambda: self.store.prune(now_ms=now_ms()))
-            except (lmdb.Error, OSError) as e:
+            except self.store.faults as e:
                 self._fault(e)
                 return 0
 
@@ -234,7 +238,7 @@ class Writer:
                 if outcomes is None:  # the map filled up: nothing was committed
                     self.store.grow_if_needed(force=True)
                     continue
-            except (lmdb.Error, OSError) as e:
+            except self.store.faults as e:
                 # Nothing of this batch is stored: each sender hears so, with its ref.
                 self._fault(e)
                 self._on_batch([(m, self._refusal(m)) for m in batch])
@@ -246,9 +250,17 @@ class Writer:
         self._on_batch(list(zip(batch, outcomes)))
 
     def _fault(self, e: BaseException) -> None:
-        reason = out_of_space(e, self.store.path)
+        reason = (self.store.degraded_reason(e) if self.store.kind == "postgresql"
+                  else out_of_space(e, self.store.path))
         if reason is None:
             self._fail(f"storage failed in {self.store.path}: {e}")
+        elif self.degraded is None and self.store.kind == "postgresql":
+            self.degraded = reason
+            self.degraded_since = trio.current_time()
+            self._last_log = self.degraded_since
+            self._refused_since_log = 0
+            log.warning("%s: writes are refused with storage_full (never acked) until it answers again; "
+                        "reads of this node's own state, presence and cursors go on", reason)
         elif self.degraded is None:
             self.degraded = reason
             self.degraded_since = trio.current_time()
@@ -277,7 +289,7 @@ class Writer:
                 try:
                     self.store.grow_if_needed()
                     await trio.to_thread.run_sync(self.store.probe_space, SPACE_PROBE_BYTES)
-                except (lmdb.Error, OSError) as e:
+                except self.store.faults as e:
                     self._fault(e)
                     self._log_still_degraded()
                     continue

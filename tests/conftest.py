@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,31 @@ SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 _ids = itertools.count(1)
 
 
+# BAROSYNC_TEST_POSTGRES=1: every in-process server keeps its log in a real PostgreSQL
+# (tests/pg_helpers.py), one database per data directory, so the same tests check the
+# cluster's log store (`make test` runs the protocol suites that way too).
+_PG: Any = None
+_PG_DATABASES: dict[Path, str] = {}
+
+
+def pytest_configure(config: Any) -> None:
+    global _PG
+    if os.environ.get("BAROSYNC_TEST_POSTGRES") == "1":
+        from pg_helpers import Postgres
+
+        _PG = Postgres()
+
+
+def pytest_unconfigure(config: Any) -> None:
+    if _PG is not None:
+        _PG.close()
+
+
 def make_config(data_dir: Path, **overrides: Any) -> Config:
+    if _PG is not None and "cluster_postgres" not in overrides:
+        if data_dir not in _PG_DATABASES:
+            _PG_DATABASES[data_dir] = _PG.new_database()
+        overrides["cluster_postgres"] = _PG_DATABASES[data_dir]
     return Config(host="127.0.0.1", port=0, data_dir=data_dir, secret=SECRET, **overrides)
 
 

@@ -28,7 +28,11 @@ async def test_the_summary_shows_each_client_behind_or_not(data_dir) -> None:
         server = found["server"]
         assert server["config"]["secret"] == "<hidden>" and server["health"] == "ok"
         assert {"name": "auth", "hooks": ["barosync_authenticate", "barosync_authorize"]} in server["plugins"]
-        assert server["lmdb"]["usedBytes"] > 0
+        if server["storage"] == "lmdb":
+            assert server["lmdb"]["usedBytes"] > 0
+        else:  # BAROSYNC_TEST_POSTGRES=1
+            assert server["storage"] == "postgresql" and server["lmdb"] is None
+            assert server["config"]["cluster_postgres"] == "<hidden>"
         [project] = found["projects"]
         assert (project["id"], project["head"], project["subscribers"], project["present"]) == ("p1", 2, 2, ["alice", "bob"])
         by_user = {c["user"]: c for c in found["connections"]}

@@ -23,6 +23,7 @@ COMMENTED_IN_EXAMPLE = {
     ("auth", "secret"): "default None: generated into the data directory",
     ("plugins", "paths"): "default depends on whether plugins/ exists beside the file",
     ("caldav", "tls_header"): "default None: no proxy header is trusted",
+    ("cluster", "postgres"): "default None: the embedded LMDB",
 }
 # Config attributes that a file holds relative to itself.
 PATH_ATTRS = {"data_dir", "plugin_paths"}

@@ -1,0 +1,439 @@
+"""The durable log in PostgreSQL, shared by several nodes (``[cluster] postgres``).
+
+The same role as store.py's LMDB environment, and the same write path: commit.py's
+rules (idempotency, validation plugins, conflicts decided by the project's strategy)
+run here on SQL tables instead of LMDB keys. A node's writer commits a whole batch in
+one transaction that first locks the head rows of the batch's projects (in project
+order, so two nodes never deadlock), which gives every project gap-free seqs in commit
+order across nodes; the answer goes out only after COMMIT returned, with
+``synchronous_commit = on``. Idempotency records never expire here: a retry on any node,
+however late, gets the original answer.
+
+Tables (``barosync_`` prefix):
+
+- ``heads``     project -> seq, epoch
+- ``events``    (project, id) -> the event's JSON (current state; deleted events absent)
+- ``index``     id -> project (kept after a delete until its deletion leaves the history)
+- ``changelog`` (project, seq) -> event id, version, time, the change message JSON as fanned out
+- ``idem``      (user, envelope id) -> project, seq, the original answer
+- ``meta``      key -> value (``data_id``, ``schema``)
+
+Reads run on the event loop, each a short query on a connection of their own; the
+writer's transaction runs in the writer's worker thread on another connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from typing import Any, Iterator
+
+import attrs
+import orjson
+import psycopg
+from psycopg import errors as pgerrors
+
+from . import protocol
+from .commit import Commits, Mutation, Outcome, change_message
+from .config import Config, ConfigError
+from .models import ValidationError, apply_changes, event_from_wire, event_to_wire
+
+log = logging.getLogger("barosync.pg_store")
+
+SCHEMA_VERSION = 1
+CONNECT_TIMEOUT = 5  # seconds
+STATEMENT_TIMEOUT_MS = 10_000
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS barosync_meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS barosync_heads (project text PRIMARY KEY, seq bigint NOT NULL, epoch bigint NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS barosync_events (project text NOT NULL, id text NOT NULL, body bytea NOT NULL,
+    PRIMARY KEY (project, id));
+CREATE TABLE IF NOT EXISTS barosync_index (id text PRIMARY KEY, project text NOT NULL);
+CREATE TABLE IF NOT EXISTS barosync_changelog (project text NOT NULL, seq bigint NOT NULL, event_id text NOT NULL,
+    version bigint NOT NULL, ts bigint NOT NULL, change bytea NOT NULL, PRIMARY KEY (project, seq));
+CREATE INDEX IF NOT EXISTS barosync_changelog_versions ON barosync_changelog (event_id, version);
+CREATE TABLE IF NOT EXISTS barosync_idem (user_id text NOT NULL, envelope_id text NOT NULL, project text NOT NULL,
+    seq bigint, answer bytea NOT NULL, PRIMARY KEY (user_id, envelope_id));
+"""
+
+
+class _Replayed(Exception):
+    """Another node stored this envelope first (its idempotency row won)."""
+
+
+class PgStore(Commits):
+    kind = "postgresql"
+
+    def __init__(self, dsn: str, *, hook: Any, config: Config) -> None:
+        self.config = config
+        self.hook = hook
+        self.dsn = dsn
+        # Where the node's own files are (secret, app passwords); messages name it.
+        self.path = config.data_dir
+        self._reads: psycopg.Connection | None = None
+        self._writes: psycopg.Connection | None = None
+        self._lock = threading.Lock()
+        try:
+            conn = self._connect(autocommit=True)
+        except psycopg.OperationalError as e:
+            raise ConfigError(config.source, "[cluster] postgres",
+                              f"cannot connect to PostgreSQL: {str(e).strip()}; start it, or check the URL") from None
+        with conn:
+            conn.execute("SELECT pg_advisory_lock(727274)")  # one node creates the schema at a time
+            conn.execute(SCHEMA)
+            found = conn.execute("SELECT value FROM barosync_meta WHERE key = 'schema'").fetchone()
+            if found is None:
+                conn.execute("INSERT INTO barosync_meta VALUES ('schema', %s), ('data_id', %s) ON CONFLICT DO NOTHING",
+                             (str(SCHEMA_VERSION), uuid.uuid4().hex))
+            elif int(found[0]) != SCHEMA_VERSION:
+                raise ConfigError(config.source, "[cluster] postgres",
+                                  f"the database holds barosync schema {found[0]}; this barosync reads {SCHEMA_VERSION}")
+            self.data_id = conn.execute("SELECT value FROM barosync_meta WHERE key = 'data_id'").fetchone()[0]
+            conn.execute("SELECT pg_advisory_unlock(727274)")
+
+    def _connect(self, *, autocommit: bool) -> psycopg.Connection:
+        return psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT,
+                               options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c synchronous_commit=on")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[psycopg.Connection]:
+        """The event loop's connection (reconnected when it broke)."""
+        if self._reads is None or self._reads.closed or self._reads.broken:
+            self._reads = self._connect(autocommit=True)
+        try:
+            yield self._reads
+        except psycopg.OperationalError:
+            self._reads.close()
+            self._reads = None
+            raise
+
+    def _writer(self) -> psycopg.Connection:
+        if self._writes is None or self._writes.closed or self._writes.broken:
+            self._writes = self._connect(autocommit=False)
+        return self._writes
+
+    def close(self) -> None:
+        for conn in (self._reads, self._writes):
+            if conn is not None:
+                conn.close()
+
+    # -- storage faults (writer.py) ---------------------------------------------------
+
+    faults: tuple[type[BaseException], ...] = (psycopg.Error, OSError)
+
+    def degraded_reason(self, e: BaseException) -> str | None:
+        """Why writes are refused for now (PostgreSQL unreachable), or None when the
+        error is not one that passes."""
+        if isinstance(e, (psycopg.OperationalError, pgerrors.QueryCanceled, pgerrors.AdminShutdown, OSError)):
+            return f"PostgreSQL unreachable: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        return None
+
+    def grow_if_needed(self, *, force: bool = False) -> bool:
+        return False
+
+    def map_usage(self) -> tuple[int, int]:
+        return 0, 0
+
+    def probe_space(self, nbytes: int) -> None:
+        """Whether PostgreSQL takes writes again (writer.py's probe)."""
+        conn = self._writer()
+        try:
+            with conn.transaction():
+                conn.execute("SELECT 1")
+        except psycopg.Error:
+            conn.close()
+            raise
+
+    # -- reads --------------------------------------------------------------------------
+
+    def current_seq(self, project_id: str, txn: Any = None) -> int:
+        with self._read() as conn:
+            row = conn.execute("SELECT seq FROM barosync_heads WHERE project = %s", (project_id,)).fetchone()
+        return row[0] if row else 0
+
+    def projects(self) -> list[tuple[str, int]]:
+        with self._read() as conn:
+            return [(p, s) for p, s in conn.execute("SELECT project, seq FROM barosync_heads WHERE seq > 0 ORDER BY project")]
+
+    def project_of(self, event_id: str) -> str | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT project FROM barosync_index WHERE id = %s", (event_id,)).fetchone()
+        return row[0] if row else None
+
+    def get_event(self, project_id: str, event_id: str) -> dict[str, Any] | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT body FROM barosync_events WHERE project = %s AND id = %s",
+                               (project_id, event_id)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def _consistent(self, project_id: str) -> tuple[int, list[bytes]]:
+        with self._read() as conn:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = conn.execute("SELECT seq FROM barosync_heads WHERE project = %s", (project_id,)).fetchone()
+                bodies = [bytes(b) for (b,) in conn.execute(
+                    "SELECT body FROM barosync_events WHERE project = %s ORDER BY id", (project_id,))]
+        return (row[0] if row else 0), bodies
+
+    def snapshot(self, project_id: str) -> tuple[int, list[dict[str, Any]]]:
+        seq, bodies = self._consistent(project_id)
+        return seq, [orjson.loads(b) for b in bodies]
+
+    @contextlib.contextmanager
+    def snapshot_pages(self, project_id: str, *, max_bytes: int) -> Iterator[tuple[int, Iterator[list[bytes]]]]:
+        # Read whole in one REPEATABLE READ transaction (a cursor held open across the
+        # parts would tie up the event loop's connection), then paged.
+        seq, bodies = self._consistent(project_id)
+
+        def pages() -> Iterator[list[bytes]]:
+            page: list[bytes] = []
+            size = 0
+            for raw in bodies:
+                if page and size + len(raw) > max_bytes:
+                    yield page
+                    page, size = [], 0
+                page.append(raw)
+                size += len(raw) + 1
+            yield page
+        yield seq, pages()
+
+    def changes_since(self, project_id: str, since: int) -> list[bytes] | None:
+        found = self.replay(project_id, since)
+        return None if found is None else found[0]
+
+    def replay(self, project_id: str, since: int, *, max_bytes: int | None = None) -> tuple[list[bytes], bool] | None:
+        with self._read() as conn:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = conn.execute("SELECT seq FROM barosync_heads WHERE project = %s", (project_id,)).fetchone()
+                last = row[0] if row else 0
+                if since > last:
+                    return None
+                if since == last:
+                    return [], True
+                rows = conn.execute("SELECT seq, change FROM barosync_changelog WHERE project = %s AND seq > %s "
+                                    "ORDER BY seq", (project_id, since)).fetchall()
+        out: list[bytes] = []
+        expected = since + 1
+        size = 0
+        for seq, change in rows:
+            if seq != expected:
+                return None
+            if out and max_bytes is not None and size + len(change) > max_bytes:
+                return out, False
+            size += len(change)
+            out.append(bytes(change))
+            expected += 1
+        return (out, True) if expected == last + 1 else None
+
+    def first_kept_seq(self, project_id: str) -> int | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT min(seq) FROM barosync_changelog WHERE project = %s", (project_id,)).fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    def iter_changelog(self, project_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT seq, change FROM barosync_changelog WHERE project = %s ORDER BY seq",
+                                (project_id,)).fetchall()
+        for seq, change in rows:
+            yield seq, orjson.loads(change)
+
+    def previous_answer(self, user_id: str, envelope_id: str) -> dict[str, Any] | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT answer FROM barosync_idem WHERE user_id = %s AND envelope_id = %s",
+                               (user_id, envelope_id)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    # -- history the write path reads (in the writer's transaction) -----------------------
+
+    def change_at_version(self, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:
+        row = txn.execute("SELECT change FROM barosync_changelog WHERE event_id = %s AND version = %s",
+                          (event_id, version)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def event_at_version(self, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:
+        change = self.change_at_version(event_id, version, txn)
+        if change is None or change["type"] == protocol.CHANGE_TYPES["delete"]:
+            return None
+        return change["payload"]
+
+    def _last_change(self, txn: Any, event_id: str) -> tuple[int, int]:
+        row = txn.execute("SELECT version, change FROM barosync_changelog WHERE event_id = %s "
+                          "ORDER BY version DESC LIMIT 1", (event_id,)).fetchone()
+        if row is None:
+            return 0, 0
+        change = orjson.loads(row[1])
+        return row[0], min(change.get("editedAt") or change["timestamp"], change["timestamp"])
+
+    def _project_events(self, txn: Any, project_id: str) -> Iterator[dict[str, Any]]:
+        for (body,) in txn.execute("SELECT body FROM barosync_events WHERE project = %s", (project_id,)).fetchall():
+            yield orjson.loads(body)
+
+    # -- the write path -------------------------------------------------------------------
+
+    def commit_batch(self, batch: list[Mutation]) -> list[Outcome] | None:
+        conn = self._writer()
+        try:
+            with conn.transaction():
+                cur = conn.cursor()
+                projects = sorted({m.project_id for m in batch})
+                cur.execute("INSERT INTO barosync_heads (project, seq) SELECT p, 0 FROM unnest(%s::text[]) AS p "
+                            "ON CONFLICT DO NOTHING", (projects,))
+                # The head rows, locked in project order: gap-free seqs across nodes,
+                # and two nodes' batches never wait on each other in a circle.
+                cur.execute("SELECT project FROM barosync_heads WHERE project = ANY(%s) ORDER BY project FOR UPDATE",
+                            (projects,))
+                out = []
+                for i, m in enumerate(batch):
+                    out.append(self._apply_one(conn, cur, m, i))
+            return out
+        except psycopg.OperationalError:
+            conn.close()
+            raise
+
+    def _apply_one(self, conn: psycopg.Connection, cur: Any, m: Mutation, index: int) -> Outcome:
+        try:
+            with conn.transaction():  # a savepoint: a refused mutation leaves nothing behind
+                return self._apply(cur, m, index)
+        except _Replayed:
+            answer = self._answer_of(cur, m)
+            assert answer is not None
+            return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
+        except pgerrors.UniqueViolation as e:
+            if "barosync_index" in str(e):
+                return self._error(m, protocol.E_EXISTS, f"an event with id {m.event_id!r} already exists", "id")
+            answer = self._answer_of(cur, m)
+            if answer is not None:  # another node stored this envelope meanwhile
+                return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer,
+                               seq=answer.get("seq", 0))
+            log.exception("mutation %s failed", m.envelope_id)
+            return self._error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
+        except psycopg.OperationalError:
+            raise
+        except Exception:
+            log.exception("mutation %s failed", m.envelope_id)
+            return self._error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
+
+    def _answer_of(self, cur: Any, m: Mutation) -> dict[str, Any] | None:
+        row = cur.execute("SELECT answer FROM barosync_idem WHERE user_id = %s AND envelope_id = %s",
+                          (m.user_id, m.envelope_id)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def _apply(self, cur: Any, m: Mutation, index: int) -> Outcome:
+        answer = self._answer_of(cur, m)
+        if answer is not None:
+            return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
+        try:
+            if m.kind == "create":
+                return self._create(cur, m, b"")
+            return self._update_or_delete(cur, m, b"")
+        except ValidationError as e:
+            return self._error(m, protocol.E_INVALID, f"`{e.field}` {e.message}", e.field)
+
+    def _create(self, cur: Any, m: Mutation, idem_key: bytes) -> Outcome:
+        assert m.event is not None
+        row = cur.execute("SELECT project FROM barosync_index WHERE id = %s", (m.event.id,)).fetchone()
+        if row is not None and m.revive and row[0] == m.project_id and cur.execute(
+                "SELECT 1 FROM barosync_events WHERE project = %s AND id = %s", (m.project_id, m.event.id)).fetchone() is None:
+            version = self._last_change(cur, m.event.id)[0] + 1
+            return self._commit_change(cur, m, idem_key, "create", event_to_wire(attrs.evolve(m.event, version=version)),
+                                       previous=None)
+        if row is not None:
+            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids of deleted "
+                                                     "events are kept for the history retention)", "id")
+        return self._commit_change(cur, m, idem_key, "create", event_to_wire(m.event), previous=None)
+
+    def _update_or_delete(self, cur: Any, m: Mutation, idem_key: bytes) -> Outcome:
+        row = cur.execute("SELECT body FROM barosync_events WHERE project = %s AND id = %s FOR UPDATE",
+                          (m.project_id, m.event_id)).fetchone()
+        if row is None:
+            if m.kind == "update" and m.base_version is not None and m.base_version < self._last_change(cur, m.event_id)[0]:
+                return self._conflict(cur, m, idem_key, None)
+            return self._error(m, protocol.E_NOT_FOUND, f"no event {m.event_id!r} (it was deleted)", "id")
+        stored = orjson.loads(row[0])
+        if m.base_version is not None and m.base_version != stored["version"]:
+            if m.base_version > stored["version"]:
+                return self._error(m, protocol.E_INVALID, f"`version` {m.base_version} is ahead of the stored version "
+                                                          f"{stored['version']}", "version")
+            return self._conflict(cur, m, idem_key, stored)
+        if m.kind == "delete":
+            return self._commit_change(cur, m, idem_key, "delete", None, previous=stored)
+        updated = apply_changes(event_from_wire(stored), m.changes or {}, user_id=m.user_id, now_ms=m.received_ms)
+        return self._commit_change(cur, m, idem_key, "update", event_to_wire(updated), previous=stored)
+
+    def _commit_change(self, cur: Any, m: Mutation, idem_key: bytes, kind: str, event: dict[str, Any] | None, *,
+                       previous: dict[str, Any] | None) -> Outcome:
+        refused, warnings = self._validate(cur, m, kind, event, previous)
+        if refused is not None:
+            return Outcome("error", m.project_id, error=refused)
+        seq = cur.execute("UPDATE barosync_heads SET seq = seq + 1 WHERE project = %s RETURNING seq",
+                          (m.project_id,)).fetchone()[0]
+        if kind == "create" and previous is None:
+            cur.execute("INSERT INTO barosync_index (id, project) VALUES (%s, %s) ON CONFLICT (id) DO UPDATE "
+                        "SET project = EXCLUDED.project WHERE barosync_index.project = EXCLUDED.project",
+                        (m.event_id, m.project_id))
+            if cur.rowcount == 0:
+                raise pgerrors.UniqueViolation("barosync_index: the id is taken in another project")
+        if event is None:
+            assert previous is not None
+            version = previous["version"] + 1
+            payload: dict[str, Any] = {"id": m.event_id, "projectId": m.project_id, "version": version}
+            cur.execute("DELETE FROM barosync_events WHERE project = %s AND id = %s", (m.project_id, m.event_id))
+        else:
+            version = event["version"]
+            payload = event
+            cur.execute("INSERT INTO barosync_events (project, id, body) VALUES (%s, %s, %s) "
+                        "ON CONFLICT (project, id) DO UPDATE SET body = EXCLUDED.body",
+                        (m.project_id, m.event_id, orjson.dumps(event)))
+        change = change_message(m, kind, seq, version, payload)
+        cur.execute("INSERT INTO barosync_changelog (project, seq, event_id, version, ts, change) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)", (m.project_id, seq, m.event_id, version, m.received_ms, change))
+        keep = self.config.history_max_changes
+        if keep and seq > keep:
+            self._forget(cur, m.project_id, seq - keep)
+        if event is None:
+            answer: dict[str, Any] = {**payload, "seq": seq}
+        else:
+            answer = {"event": payload, "projectId": m.project_id, "seq": seq}
+        if warnings:
+            answer["warnings"] = warnings
+        try:
+            cur.execute("INSERT INTO barosync_idem (user_id, envelope_id, project, seq, answer) VALUES (%s, %s, %s, %s, %s)",
+                        (m.user_id, m.envelope_id, m.project_id, seq, orjson.dumps(answer)))
+        except pgerrors.UniqueViolation:
+            raise _Replayed() from None
+        return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
+
+    def _forget(self, cur: Any, project_id: str, seq: int) -> int:
+        """Drop changes up to ``seq`` from the history (idempotency records stay), and
+        the ids of events deleted in what was dropped."""
+        rows = cur.execute("DELETE FROM barosync_changelog WHERE project = %s AND seq <= %s RETURNING event_id, change",
+                           (project_id, seq)).fetchall()
+        gone = [event_id for event_id, change in rows if orjson.loads(change)["type"] == protocol.CHANGE_TYPES["delete"]]
+        if gone:
+            cur.execute("DELETE FROM barosync_index i WHERE i.id = ANY(%s) AND i.project = %s AND NOT EXISTS "
+                        "(SELECT 1 FROM barosync_events e WHERE e.project = i.project AND e.id = i.id)",
+                        (gone, project_id))
+        return len(rows)
+
+    def prune(self, *, now_ms: int, limit: int = 100_000) -> int:
+        """``history_retention`` for the changelog (idempotency records are kept)."""
+        cutoff = now_ms - int(self.config.history_retention * 1000)
+        conn = self._writer()
+        dropped = 0
+        try:
+            with conn.transaction():
+                cur = conn.cursor()
+                for project, seq in cur.execute(
+                        "SELECT project, max(seq) FROM barosync_changelog WHERE ts < %s GROUP BY project",
+                        (cutoff,)).fetchall():
+                    cur.execute("SELECT 1 FROM barosync_heads WHERE project = %s FOR UPDATE", (project,))
+                    dropped += self._forget(cur, project, seq)
+                    if dropped >= limit:
+                        break
+        except psycopg.OperationalError:
+            conn.close()
+            raise
+        return dropped
