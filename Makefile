@@ -21,8 +21,16 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.installed
 	$(BIN)/barosync serve $(ARGS)
 
+# The whole suite, then the protocol suites again with the log in a real PostgreSQL
+# (BAROSYNC_TEST_POSTGRES=1: the cluster's log store passes the same tests).
+CLUSTER_CONFORMANCE := tests/test_server.py tests/test_rest.py tests/test_conflicts.py tests/test_snapshot.py tests/test_presence.py
+
 test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "make: the protocol suites again, with the log in PostgreSQL"; \
+	  BAROSYNC_TEST_POSTGRES=1 $(BIN)/python -m pytest -q $(CLUSTER_CONFORMANCE) $(PYTEST_ARGS); \
+	else echo "make: PostgreSQL is missing (as root: apt-get install postgresql); the cluster conformance run is skipped"; fi
 
 # TypeScript, to check barosync.d.ts against the browser client, and React 18 (its UMD
 # build), to run the hook of docs/web-client.md (tests/test_web_client.py).
@@ -32,11 +40,20 @@ $(VENV)/node/.installed: | $(BIN)/python
 	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent typescript@5 react@18 react-dom@18 && touch $@; \
 	else echo "make: npm is missing (apt-get install npm); the TypeScript check will skip"; fi
 
-# Debian packages the tests use: Chromium for the browser tests (Playwright drives
-# /usr/bin/chromium). Installed when missing and we are root; otherwise those tests
-# skip and say why.
+# Debian packages the tests use: PostgreSQL for the cluster tests (started by the
+# fixtures in temp dirs, never as a system service) and Chromium for the browser tests
+# (Playwright drives /usr/bin/chromium). Installed when missing and we are root;
+# otherwise those tests skip and say why.
 .PHONY: system-deps
 system-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing Debian's postgresql for the cluster tests"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	  else \
+	    echo "make: PostgreSQL is missing (as root: apt-get install postgresql); the cluster tests will skip"; \
+	  fi; \
+	fi
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "make: installing Debian's chromium for the browser tests"; \

@@ -246,6 +246,36 @@ class PgStore(Commits):
                                (user_id, envelope_id)).fetchone()
         return orjson.loads(row[0]) if row else None
 
+    def check(self) -> tuple[str, list[str]]:
+        """The log's invariants, as `barosync check` reports them: each head is the
+        last seq of its changelog, seqs have no gap from the oldest kept, every
+        current event is indexed to its project, every answer points at a kept or
+        pruned seq of its project. (A summary line, the problems found.)"""
+        problems: list[str] = []
+        with self._read() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            heads = conn.execute("SELECT project, seq FROM barosync_heads ORDER BY project").fetchall()
+            for project, head in heads:
+                low, high, count = conn.execute("SELECT min(seq), max(seq), count(*) FROM barosync_changelog "
+                                                "WHERE project = %s", (project,)).fetchone()
+                if count and high != head:
+                    problems.append(f"project {project!r}: head seq {head}, but the changelog ends at {high}")
+                if count and high - low + 1 != count:
+                    problems.append(f"project {project!r}: {high - low + 1 - count} seqs missing between {low} and {high}")
+            for project, event_id in conn.execute(
+                    "SELECT e.project, e.id FROM barosync_events e LEFT JOIN barosync_index i ON i.id = e.id "
+                    "WHERE i.project IS DISTINCT FROM e.project").fetchall():
+                problems.append(f"event {event_id!r} in {project!r} is not indexed to its project")
+            for user, envelope, project, seq in conn.execute(
+                    "SELECT d.user_id, d.envelope_id, d.project, d.seq FROM barosync_idem d "
+                    "LEFT JOIN barosync_heads h ON h.project = d.project WHERE h.seq IS NULL OR d.seq > h.seq").fetchall():
+                problems.append(f"the answer to {user}'s {envelope!r} names seq {seq} of {project!r}, past its head")
+            events = conn.execute("SELECT count(*) FROM barosync_events").fetchone()[0]
+            changes = conn.execute("SELECT count(*) FROM barosync_changelog").fetchone()[0]
+            answers = conn.execute("SELECT count(*) FROM barosync_idem").fetchone()[0]
+        return (f"PostgreSQL log: {len(heads)} projects, {events} events, {changes} changes, {answers} idempotency "
+                f"records"), problems
+
     # -- history the write path reads (in the writer's transaction) -----------------------
 
     def change_at_version(self, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:

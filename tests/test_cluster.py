@@ -206,3 +206,30 @@ def test_the_changelog_tables_hold_the_invariants(postgres: Postgres, tmp_path: 
             assert seqs == list(range(1, seq + 1))
         change = conn.execute("SELECT change FROM barosync_changelog WHERE project = 'team' AND seq = 6").fetchone()[0]
         assert orjson.loads(change)["type"] == "event:deleted"
+
+
+def test_check_reads_the_postgres_log_and_backup_points_to_pg_dump(postgres: Postgres, tmp_path: Path) -> None:
+    import psycopg
+
+    url = postgres.new_database()
+    config = write_config(tmp_path / "node.toml", auth__secret=SECRET, cluster__postgres=url)
+    srv = ServerProcess(tmp_path / "n", config=config)
+    try:
+        async def fill() -> None:
+            ws = await WS.connect(srv.port, token("alice", ["team"]))
+            for n in range(5):
+                await ws.request("event:create", create(n))
+            await ws.abort()
+        trio.run(fill)
+    finally:
+        srv.stop()
+    cli = lambda *a: subprocess.run(barosync_cmd(*a, "--config", str(config), "--data", str(tmp_path / "n")),  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    done = cli("check")
+    assert done.returncode == 0 and "1 projects, 5 events, 5 changes, 5 idempotency records: ok" in done.stdout, done
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM barosync_changelog WHERE project = 'team' AND seq = 3")
+    done = cli("check")
+    assert done.returncode == 1 and "1 seqs missing between 1 and 5" in done.stdout
+    done = cli("backup", str(tmp_path / "b"))
+    assert done.returncode == 1 and "pg_dump" in done.stderr
