@@ -187,6 +187,7 @@ export class SyncClient extends EventTarget {
     this.storageKind = null;
     this._token = null;
     this._ws = null;
+    this._refreshRef = null;  // the auth:refresh waiting for its ack
     this._attempt = 0;
     this._closed = false;
     this._timers = new Set();
@@ -583,17 +584,21 @@ export class SyncClient extends EventTarget {
     this._hbTimer = this._later(tick, interval);
   }
 
-  _scheduleRefresh() {
-    const exp = this.hello.tokenExpiresAt;
+  // Before the token expires, a fresh one from the token source goes to the server
+  // (auth:refresh); its ack carries the new expiry, and the next refresh is scheduled
+  // from that, for as long as the connection lives.
+  _scheduleRefresh(exp = this.hello.tokenExpiresAt) {
     if (!exp || typeof this._tokenSource !== "function") return;
+    const ws = this._ws;
     const left = exp - Date.now();
     const wait = Math.max(1000, Math.min(left - 60000, left / 2));
     this._later(async () => {
       let token = null;
       try { token = await this._tokenSource(); } catch (e) { /* keep the current one */ }
-      if (token && token !== this._token && this._ws) {
+      if (token && token !== this._token && this._ws && this._ws === ws) {
         this._token = token;
-        this._send({ type: "auth:refresh", id: uuid(), payload: { token } });
+        this._refreshRef = uuid();
+        this._send({ type: "auth:refresh", id: this._refreshRef, payload: { token } });
       }
     }, wait);
   }
@@ -661,6 +666,11 @@ export class SyncClient extends EventTarget {
 
   _onAck(msg, p) {
     const ref = msg.id;
+    if (ref && ref === this._refreshRef) {
+      this._refreshRef = null;
+      if (Number.isFinite(p.expiresAt)) this._scheduleRefresh(p.expiresAt);
+      return;
+    }
     if (this._subRefs.has(ref)) {
       const projectId = this._subRefs.get(ref);
       this._subRefs.delete(ref);
