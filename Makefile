@@ -40,18 +40,22 @@ $(VENV)/node/.installed: | $(BIN)/python
 	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent typescript@5 react@18 react-dom@18 && touch $@; \
 	else echo "make: npm is missing (apt-get install npm); the TypeScript check will skip"; fi
 
-# Debian packages the tests use: PostgreSQL for the cluster tests (started by the
-# fixtures in temp dirs, never as a system service) and Chromium for the browser tests
+# Debian packages the tests use: PostgreSQL and Redis for the cluster tests (started
+# by the fixtures in temp dirs on free ports, never as system services; Debian's
+# postinst may start its own, which the tests leave alone) and Chromium for the browser tests
 # (Playwright drives /usr/bin/chromium). Installed when missing and we are root;
 # otherwise those tests skip and say why.
 .PHONY: system-deps
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "make: installing Debian's postgresql for the cluster tests"; \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	    echo "make: installing Debian's$$missing for the cluster tests"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	  else \
-	    echo "make: PostgreSQL is missing (as root: apt-get install postgresql); the cluster tests will skip"; \
+	    echo "make:$$missing missing (as root: apt-get install$$missing); the cluster tests will skip"; \
 	  fi; \
 	fi
 	@if [ ! -x /usr/bin/chromium ]; then \

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 HIDDEN = "<hidden>"
 # Config keys whose values never leave the server.
-SECRET_KEYS = frozenset({"secret", "cluster_postgres"})
+SECRET_KEYS = frozenset({"secret", "cluster_postgres", "cluster_redis"})
 
 
 def summary(app: "App") -> dict[str, Any]:
@@ -44,6 +44,8 @@ def _server(app: "App") -> dict[str, Any]:
         "dataId": app.store.data_id,
         "health": app.health()["status"],
         "storage": app.store.kind,
+        "bus": ({"connected": app.bus.connected, "published": app.bus.published, "received": app.bus.received,
+                 "filledFromLog": app.bus.filled} if app.bus is not None else None),
         "lmdb": ({"usedBytes": used, "mapBytes": size, "usedShare": round(used / size, 4) if size else None}
                  if app.store.kind == "lmdb" else None),
         "plugins": plugins,

@@ -10,6 +10,7 @@ none of them.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -48,6 +49,14 @@ class App:
         self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
         self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail)
+        # Several nodes: the live bus between them (bus.py).
+        self.bus = None
+        if config.cluster_redis:
+            from .bus import RedisBus
+
+            self.bus = self.hub.bus = RedisBus(config.cluster_redis, hub=self.hub, store=self.store, writer=self.writer)
+            # Test hook (tests/test_cluster.py): a node that dies between commit and publish.
+            self.bus.drop_publishes = os.environ.get("BAROSYNC_TEST_SKIP_PUBLISH") == "1"
         # Set when storage failed: the server closes every connection with 1011 and stops.
         self.failure: str | None = None
         # Open WebSocket connections (the transport adds and removes them).

@@ -74,6 +74,8 @@ class Config:
     # Several nodes: the durable log in PostgreSQL instead of this node's LMDB
     # (pg_store.py); a libpq URL, e.g. postgresql://barosync@db.internal/barosync.
     cluster_postgres: str | None = attrs.field(default=None, repr=False)
+    # ... and the live bus between nodes (bus.py): a redis:// URL.
+    cluster_redis: str | None = attrs.field(default=None, repr=False)
     plugin_paths: tuple[Path, ...] = ()
     plugins_disable: tuple[str, ...] = ()
     # [plugins.<name>] tables, handed to plugins as they are.
@@ -179,6 +181,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     },
     "cluster": {
         "postgres": ("cluster_postgres", _str),
+        "redis": ("cluster_redis", _str),
     },
     "plugins": {
         "paths": ("plugin_paths", _str_list),
@@ -244,6 +247,9 @@ def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Config:
     elif (base_dir / "plugins").is_dir():
         values["plugin_paths"] = (base_dir / "plugins",)
     config = Config(**values)
+    if config.cluster_redis and not config.cluster_postgres:
+        raise ConfigError(source, "[cluster] redis", "needs [cluster] postgres too: the bus carries what the shared "
+                                                     "log holds (docs/cluster.md)")
     if config.heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(
             source,

@@ -93,11 +93,24 @@ class Presence:
         self.joined = protocol.Outgoing(protocol.encode("user:joined", self.info))
 
 
+def _joined(info: dict[str, Any]) -> protocol.Outgoing:
+    return protocol.Outgoing(protocol.encode("user:joined", info))
+
+
+def _left(user_id: str, project_id: str) -> protocol.Outgoing:
+    return protocol.Outgoing(protocol.encode("user:left", {"id": user_id, "projectId": project_id}))
+
+
 class Room:
-    __slots__ = ("project_id", "subscribers", "users", "cursor_budget", "cursor_pending")
+    __slots__ = ("project_id", "subscribers", "users", "cursor_budget", "cursor_pending", "last", "remote")
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
+        # Several nodes (bus.py): the last seq delivered to every member; -1 before
+        # the first member joined. A single node does not need it.
+        self.last = -1
+        # Several nodes: users present on other nodes only (user id -> presence info).
+        self.remote: dict[str, dict[str, Any]] = {}
         # A dict used as an ordered set: fan-out order is join order.
         self.subscribers: dict["Subscriber", None] = {}
         self.users: dict[str, Presence] = {}
@@ -121,24 +134,36 @@ class Hub:
         self.cursor_interval = 1.0 / cursor_rate
         self._cursor_rooms: set[str] = set()  # projects with cursors waiting
         self._cursor_wakeup = trio.lowlevel.ParkingLot()
+        # Several nodes: changes from the others, in seq order (bus.py); None alone.
+        self.bus: Any = None
 
     # -- membership and presence ---------------------------------------------------
 
-    def join(self, session: "Subscriber", project_id: str) -> None:
-        """Add a subscriber; the newcomer learns who is present in one write and the
-        others hear of the newcomer if this is the user's first connection here."""
+    def join(self, session: "Subscriber", project_id: str, at: int | None = None) -> None:
+        """Add a subscriber that has every change up to seq ``at``; the newcomer learns
+        who is present in one write and the others hear of the newcomer if this is
+        the user's first connection here."""
         room = self.rooms.get(project_id)
+        bus = self.bus
         if room is None:
             room = self.rooms[project_id] = Room(project_id)
+            if bus is not None:
+                bus.room_opened(project_id)
         if session in room.subscribers:
             return  # subscribing again: it knows who is here already
+        if bus is not None and at is not None:
+            bus.on_join(room, session, at)
         user_id = session.identity.user_id
-        session.send_many([p.joined for p in room.users.values() if p.user_id != user_id])
+        present = [p.joined for p in room.users.values() if p.user_id != user_id]
+        present += [_joined(info) for u, info in room.remote.items() if u != user_id and u not in room.users]
+        session.send_many(present)
         room.subscribers[session] = None
         presence = room.users.get(user_id)
         if presence is None:
             presence = room.users[user_id] = Presence(session.identity, project_id)
             room.fan_out(presence.joined, skip=session)
+            if bus is not None:
+                bus.present(project_id, user_id, presence.info)
         presence.connections += 1
 
     def leave(self, session: "Subscriber", project_id: str) -> None:
@@ -154,9 +179,37 @@ class Hub:
                 del room.users[user_id]
                 room.cursor_pending.pop(user_id, None)
                 room.cursor_budget.pop(user_id, None)
-                room.fan_out(protocol.Outgoing(protocol.encode("user:left", {"id": user_id, "projectId": project_id})))
+                if self.bus is not None:
+                    self.bus.present(project_id, user_id, None)
+                if user_id not in room.remote:  # still here through another node
+                    room.fan_out(_left(user_id, project_id))
         if not room.subscribers:
             del self.rooms[project_id]
+
+    def remote_presence(self, project_id: str, others: dict[str, dict[str, Any]]) -> None:
+        """Several nodes: who is present on the other nodes now (bus.py); users who
+        appear or disappear there, and are not here, join or leave for everyone."""
+        room = self.rooms.get(project_id)
+        if room is None:
+            return
+        before = room.remote
+        room.remote = others
+        for user_id, info in others.items():
+            if user_id not in before and user_id not in room.users:
+                room.fan_out(_joined(info))
+        for user_id in before:
+            if user_id not in others and user_id not in room.users:
+                room.fan_out(_left(user_id, project_id))
+
+    def remote_cursors(self, project_id: str, messages: list[dict[str, Any]]) -> None:
+        """Several nodes: one tick of another node's cursors, to every subscriber here."""
+        room = self.rooms.get(project_id)
+        if room is None or not messages:
+            return
+        everyone = [(m["payload"]["userId"], protocol.Outgoing(orjson.dumps(m))) for m in messages]
+        blob = b"".join(out.text for _, out in everyone)
+        for session in room.subscribers:
+            session.send_cursors(everyone, blob)
 
     def leave_all(self, session: "Subscriber", project_ids: Iterable[str]) -> None:
         for project_id in list(project_ids):
@@ -226,6 +279,8 @@ class Hub:
             self._cursor_rooms.discard(project_id)
         everyone = [(user, out) for user, out, _ in items]
         blob = b"".join(out.text for _, out in everyone)
+        if self.bus is not None:
+            self.bus.cursors(project_id, [out.json for _, out in everyone])
         senders = {sender for _, _, sender in items}
         for session in room.subscribers:
             if session in senders:  # a mover does not get its own cursor back
@@ -249,9 +304,15 @@ class Hub:
             else:
                 self._reply(m, outcome)
         committed = self.committed
+        bus = self.bus
         for project_id, items in changes.items():
             committed[project_id] = committed.get(project_id, 0) + len(items)
+            if bus is not None:
+                items = self._in_order(project_id, items)
             self._fan_out(project_id, items)
+            if bus is not None:
+                for _, _, _, outcome in items:
+                    bus.publish(project_id, outcome.change)
             if self._hook.barosync_change_committed.get_hookimpls():
                 for _, _, _, outcome in items:
                     try:
@@ -259,6 +320,37 @@ class Hub:
                             project_id=project_id, seq=outcome.seq, change=orjson.loads(outcome.change))  # type: ignore[arg-type]
                     except Exception:
                         log.exception("barosync_change_committed hook failed for %s seq %d", project_id, outcome.seq)
+
+    def _in_order(self, project_id: str, items: list[tuple[Any, str, Mutation, Outcome]]) -> list[tuple[Any, str, Mutation, Outcome]]:
+        """Several nodes: this node's commits go out after the other nodes' earlier
+        ones (read from the log when the bus has not brought them yet); a change
+        this room already got from the log is only acked to its sender."""
+        room = self.rooms.get(project_id)
+        if room is None or room.last < 0:
+            return items
+        first = items[0][3].seq
+        if first > room.last + 1:
+            self.bus.catch_up(room, first - 1)
+        fresh = []
+        for item in items:
+            if item[3].seq <= room.last:
+                self._reply(item[2], item[3])
+            else:
+                fresh.append(item)
+        if fresh:
+            room.last = fresh[-1][3].seq
+        return fresh
+
+    def deliver_plain(self, room: Room, items: list[tuple[protocol.Outgoing, str]]) -> None:
+        """Changes committed elsewhere, to every member of a room in one write each."""
+        if len(items) == 1:
+            out, msg_id = items[0]
+            for session in room.subscribers:
+                session.deliver(out, msg_id)
+        else:
+            for session in room.subscribers:
+                session.deliver_many(items)
+        self.deliveries += len(items) * len(room.subscribers)
 
     def _fan_out(self, project_id: str, items: list[tuple[Any, str, Mutation, Outcome]]) -> None:
         room = self.rooms.get(project_id)

@@ -67,6 +67,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         async with trio.open_nursery() as root:
             await root.start(app.writer.run)
             root.start_soon(app.hub.run_cursors)
+            if app.bus is not None:
+                await root.start(app.bus.run)
             await root.start(front.poller.run)
             root.start_soon(_maintain, app)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
@@ -84,6 +86,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
                 else:
                     await _close_sessions(app, protocol.CLOSE_GOING_AWAY, "server going away: reconnect")
                 connections.cancel_scope.cancel()
+            if app.bus is not None:
+                await app.bus.forget()  # this node's users leave the others' rooms now
             await call_each(app.pm.hook.barosync_shutdown, config=config)
             app.writer.close()
             await app.writer.closed.wait()

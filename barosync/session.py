@@ -182,7 +182,7 @@ class Session(Connection):
             found = app.store.replay(project_id, since, max_bytes=self._outbox_limit) if since is not None else None
             if found is None:
                 if not sub.snapshot_parts:
-                    self._send_snapshot(env.id, project_id, since, acked)
+                    since = self._send_snapshot(env.id, project_id, since, acked)
                     break
                 # In parts, with waits for the socket in between: changes committed
                 # meanwhile are replayed after the snapshot's seq, then we join.
@@ -201,7 +201,7 @@ class Session(Connection):
             if complete:
                 break
             await self._wait_drained()
-        app.hub.join(self, project_id)
+        app.hub.join(self, project_id, at=since)
         self.subscriptions.add(project_id)
 
     def _snapshot_ack(self, ref: str | None, project_id: str, seq: int, since: int | None) -> None:
@@ -211,14 +211,16 @@ class Session(Connection):
             answer["reason"] = "since_ahead" if since > seq else "history_pruned"
         self.send_json(protocol.ack(ref, answer))
 
-    def _send_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> None:
-        """The whole snapshot as one message (clients that did not ask for parts)."""
+    def _send_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> int:
+        """The whole snapshot as one message (clients that did not ask for parts);
+        returns its seq."""
         with self.app.store.snapshot_pages(project_id, max_bytes=WHOLE) as (seq, pages):
             if not acked:
                 self._snapshot_ack(ref, project_id, seq, since)
             snapshot_id = protocol.next_id()
             self._track((snapshot_id,))
             self._send_catch_up([protocol.snapshot_message(snapshot_id, project_id, seq, next(pages), since)])
+        return seq
 
     async def _stream_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> int:
         """The snapshot in parts of at most max_message_bytes from one consistent read,

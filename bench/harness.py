@@ -50,6 +50,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "hostile": ("hostile", {}),
     # CalDAV sync beside Radicale (bench/caldav_sync.py runs both servers)
     "caldav": ("caldav", {}),
+    # two nodes on PostgreSQL + Redis (bench/cluster.py): the writer on one node and
+    # the subscribers over both; 100 writers over both
+    "cluster_fanout": ("fanout", {"cluster": True}),
+    "cluster_durable": ("durable", {"window": 1, "one_project": False, "cluster": True}),
 }
 SCENARIOS = tuple(VARIANTS)
 SERVERS = ("barosync", "websockets")

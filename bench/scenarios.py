@@ -52,9 +52,11 @@ class Bench(ScaleScenarios):
             str(Path(sys.executable).with_name("py-spy")) if Path(sys.executable).with_name("py-spy").exists() else None)
 
     # -- shared driver ------------------------------------------------
-    def base_cfg(self, srv: Server) -> dict:
+    def base_cfg(self, srv: Server, proc: int = 0) -> dict:
+        """A load process's config; on a cluster, process i talks to node i mod 2."""
         a = self.a
-        return {"host": srv.host, "port": srv.port, "connect_window": a.connect_window,
+        ports = getattr(srv, "ports", [srv.port])
+        return {"host": srv.host, "port": ports[proc % len(ports)], "connect_window": a.connect_window,
                 "ping_interval": a.ping_interval, "drain_idle": a.drain_idle,
                 "drain_max": a.drain_max, "setup_timeout": a.setup_timeout, "ack": not a.no_acks,
                 # The peer speaks only plain JSON frames; the codec is barosync's.
@@ -100,7 +102,8 @@ class Bench(ScaleScenarios):
                 info.update(on_ready())
             prof = self.start_profile(srv, profile_name)
             cpu_samples: list[float] = []
-            state = {"t": time.monotonic(), "cpu": proc_cpu_s(srv.pid)}
+            server_cpu = getattr(srv, "cpu_s", None) or (lambda: proc_cpu_s(srv.pid))
+            state = {"t": time.monotonic(), "cpu": server_cpu()}
             t_go = state["t"]
             cpu_go = state["cpu"]
             busy_go = machine_busy_s()
@@ -108,7 +111,7 @@ class Bench(ScaleScenarios):
             def tick() -> None:
                 now = time.monotonic()
                 if now - state["t"] >= 1.0 and srv.alive():
-                    cpu = proc_cpu_s(srv.pid)
+                    cpu = server_cpu()
                     cpu_samples.append(100.0 * (cpu - state["cpu"]) / (now - state["t"]))
                     state["t"], state["cpu"] = now, cpu
 
@@ -116,7 +119,7 @@ class Bench(ScaleScenarios):
             if duration >= 2:
                 log(f"[{label}] running for {duration:g} s ...")
             dones = load.wait_all("done", duration + self.a.drain_max + 60, tick=tick)
-            cpu_end = proc_cpu_s(srv.pid) if srv.alive() else cpu_go
+            cpu_end = server_cpu() if srv.alive() else cpu_go
             busy_end = machine_busy_s()
             t_end = time.monotonic()
             self.stop_profile(prof)
@@ -200,10 +203,10 @@ class Bench(ScaleScenarios):
             prof.kill()
 
     # -- scenarios ----------------------------------------------------
-    def fanout(self, srv: Server, label: str, *, ack_mode: str = "id") -> dict:
+    def fanout(self, srv: Server, label: str, *, ack_mode: str = "id", cluster: bool = False) -> dict:
         a = self.a
         n = a.fanout_clients
-        procs = self.procs_for(n, a.load_procs)
+        procs = max(2 if cluster else 1, self.procs_for(n, a.load_procs))
         counts = split(n - 1, procs)
         configs = []
         for i, cnt in enumerate(counts):
@@ -211,7 +214,7 @@ class Bench(ScaleScenarios):
             if i == 0:
                 groups.insert(0, {"count": 1, "project": PROJECT, "token": srv.tokens["writer"],
                                   "writer": True, "mode": "rate", "rate": a.fanout_rate})
-            configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.fanout_duration, ack_mode=ack_mode))
+            configs.append(dict(self.base_cfg(srv, i), groups=groups, duration=a.fanout_duration, ack_mode=ack_mode))
         r = self.drive(srv, label, configs, a.fanout_duration, profile_name=label.split("/")[-1])
         r["expected_deliveries"] = (r["creates_sent"] - r["creates_failed"]) * (n - 1)
         r["complete"] = r["deliveries"] == r["expected_deliveries"] and r["deliveries"] > 0
@@ -223,6 +226,8 @@ class Bench(ScaleScenarios):
         r["bytes_per_delivery"] = r["bytes_in"] / r["deliveries"] if r["deliveries"] else None
         r["params"] = {"clients": n, "rate_per_s": a.fanout_rate, "duration_s": a.fanout_duration,
                        "acks": "cumulative every 100 ms" if ack_mode == "upto" else "one per message (seed client)"}
+        if cluster:
+            r["params"]["nodes"] = "2 (writer on the first, subscribers over both)"
         return r
 
     def saturation(self, srv: Server, label: str) -> dict:
@@ -282,14 +287,15 @@ class Bench(ScaleScenarios):
         r["params"] = {"connections": n, "hold_s": hold}
         return r
 
-    def durable(self, srv: Server, label: str, *, window: int, one_project: bool, subscribed: bool = True) -> dict:
+    def durable(self, srv: Server, label: str, *, window: int, one_project: bool, subscribed: bool = True,
+                cluster: bool = False) -> dict:
         a = self.a
         w = a.durable_writers
         window = a.durable_window or window
-        procs = self.procs_for(w, a.load_procs)
+        procs = max(2 if cluster else 1, self.procs_for(w, a.load_procs))
         configs = []
         k = 0
-        for cnt in split(w, procs):
+        for i, cnt in enumerate(split(w, procs)):
             groups = []
             for _ in range(cnt):
                 # each writer alone in its own project measures the durable write path
@@ -298,7 +304,7 @@ class Bench(ScaleScenarios):
                                "token": srv.tokens["writer"], "writer": True, "mode": "window", "window": window,
                                "subscribe": subscribed})
                 k += 1
-            configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.durable_duration))
+            configs.append(dict(self.base_cfg(srv, i), groups=groups, duration=a.durable_duration))
         r = self.drive(srv, label, configs, a.durable_duration, profile_name=label.split("/")[-1])
         r["acked_per_s"] = r["creates_acked"] / r["window_s"]
         r["ack_p50_ms"] = r["ack_latency_ms"]["p50"]
@@ -308,6 +314,8 @@ class Bench(ScaleScenarios):
         r["server_cpu_us_per_mutation"] = (r["server_cpu_s"] * 1e6 / r["creates_acked"]) if r["creates_acked"] else None
         r["params"] = {"writers": w, "window": window, "projects": 1 if one_project else w,
                        "subscribed": subscribed, "duration_s": a.durable_duration}
+        if cluster:
+            r["params"]["nodes"] = "2 (writers alternate)"
         return r
 
     def create_cost(self, srv: Server, label: str, *, rate: float) -> dict:
@@ -318,13 +326,13 @@ class Bench(ScaleScenarios):
         procs = self.procs_for(w, a.load_procs)
         configs = []
         k = 0
-        for cnt in split(w, procs):
+        for i, cnt in enumerate(split(w, procs)):
             groups = []
             for _ in range(cnt):
                 groups.append({"count": 1, "project": f"{PROJECT}-c{k}", "token": srv.tokens["writer"],
                                "writer": True, "mode": "rate", "rate": rate / w})
                 k += 1
-            configs.append(dict(self.base_cfg(srv), groups=groups, duration=a.durable_duration))
+            configs.append(dict(self.base_cfg(srv, i), groups=groups, duration=a.durable_duration))
         r = self.drive(srv, label, configs, a.durable_duration, profile_name=label.split("/")[-1])
         r["acked_per_s"] = r["creates_acked"] / r["window_s"]
         r["ack_p50_ms"] = r["ack_latency_ms"]["p50"]
@@ -472,7 +480,12 @@ class Bench(ScaleScenarios):
             users += [mover_user(i) for i in range(min(a.cursor_movers, a.cursor_clients))]
         method, variant = VARIANTS[sc]
         # storm and hostile start, restart and kill their own server
-        srv = None if method in OWN_SERVER else Server(kind, self.server_cpus, users, config=a.barosync_config)
+        if variant.get("cluster"):
+            from cluster import ClusterServer
+
+            srv = ClusterServer(self.server_cpus, users)
+        else:
+            srv = None if method in OWN_SERVER else Server(kind, self.server_cpus, users, config=a.barosync_config)
         t0 = time.monotonic()
         keep = Path(a.json).parent / "logs" / f"{kind}-{sc}.log"
         try:

@@ -32,7 +32,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     own = ("fanout_upto", "durable", "durable_w4", "durable_one", "durable_one_w4", "durable_one_nosub",
            "create_1k", "create_5k",
-           "snapshot", "storm", "hostile", "caldav")
+           "snapshot", "storm", "hostile", "caldav", "cluster_fanout", "cluster_durable")
     for name, scenarios in servers.items():
         expected = {"fanout", "saturation", "capacity", "cursors"} | (set(own) if name == "barosync" else set())
         assert set(scenarios) == expected, name
@@ -67,6 +67,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert _number(b[scenario]["acked_per_s"]) and _number(b[scenario]["ack_p99_ms"]), scenario
     assert b["durable_one"]["deliveries"] > 0  # the writers of one project see each other's
     assert b["durable_one_nosub"]["deliveries"] == 0  # ... unless they do not subscribe
+    for scenario in ("cluster_fanout", "cluster_durable"):  # two nodes on PostgreSQL and Redis
+        assert b[scenario]["params"]["nodes"].startswith("2"), scenario
+    assert b["cluster_fanout"]["complete"] and b["cluster_fanout"]["in_order"]
+    assert b["cluster_durable"]["creates_acked"] > 0 and b["cluster_durable"]["creates_failed"] == 0
     upto = b["fanout_upto"]
     assert upto["complete"] and upto["in_order"] and upto["acks_out"] < upto["deliveries"]
     snap = b["snapshot"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import orjson
 import pytest
@@ -16,6 +16,7 @@ import trio
 from attack_helpers import WS, ServerProcess, barosync_cmd, write_config
 from conftest import SECRET, token
 from pg_helpers import Postgres, bindir
+from redis_helpers import Redis, installed as redis_installed
 
 pytestmark = pytest.mark.skipif(bindir() is None, reason="PostgreSQL is not installed (as root: apt-get install postgresql)")
 
@@ -28,20 +29,21 @@ def postgres() -> Iterator[Postgres]:
 
 
 class Cluster:
-    def __init__(self, tmp: Path, url: str) -> None:
+    def __init__(self, tmp: Path, url: str, redis: str | None = None) -> None:
         self.tmp, self.url = tmp, url
-        self.config = write_config(tmp / "node.toml", auth__secret=SECRET, cluster__postgres=url)
+        extra = {"cluster__redis": redis} if redis else {}
+        self.config = write_config(tmp / "node.toml", auth__secret=SECRET, cluster__postgres=url, **extra)
         self.nodes: list[ServerProcess] = []
 
-    def node(self, name: str) -> ServerProcess:
-        srv = ServerProcess(self.tmp / name, config=self.config, name=name)
+    def node(self, name: str, env: dict[str, str] | None = None) -> ServerProcess:
+        srv = ServerProcess(self.tmp / name, config=self.config, name=name, env=env)
         self.nodes.append(srv)
         return srv
 
     def stop(self) -> None:
-        for n in self.nodes:
-            if n.alive():
-                n.stop()
+        codes = [n.stop() for n in self.nodes if n.alive()]
+        # SIGTERM ends a node cleanly, bus and all.
+        assert all(code == 0 for code in codes), [(n.stderr_path, n.stderr[-2000:]) for n in self.nodes]
 
 
 @pytest.fixture
@@ -51,8 +53,57 @@ def cluster(tmp_path: Path, postgres: Postgres) -> Iterator[Cluster]:
     c.stop()
 
 
-async def start(cluster: Cluster, name: str) -> ServerProcess:
-    return await trio.to_thread.run_sync(lambda: cluster.node(name))
+@pytest.fixture(scope="module")
+def redis() -> Iterator[Redis]:
+    if not redis_installed():
+        pytest.skip("redis-server is not installed (as root: apt-get install redis-server)")
+    r = Redis()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def live(tmp_path: Path, postgres: Postgres, redis: Redis) -> Iterator[Cluster]:
+    """Nodes with the bus between them."""
+    c = Cluster(tmp_path, postgres.new_database(), redis.url)
+    yield c
+    c.stop()
+
+
+async def start(cluster: Cluster, name: str, env: dict[str, str] | None = None) -> ServerProcess:
+    return await trio.to_thread.run_sync(lambda: cluster.node(name, env))
+
+
+async def bus_of(node: ServerProcess) -> dict:
+    from conftest import http_exchange
+
+    status, _, found = await http_exchange(node.port, "GET", "/api/admin/summary", tok=token("root", "*", admin=True))
+    assert status == 200, found
+    return found["server"]["bus"]
+
+
+class Watcher:
+    """A subscriber that records the seqs it is sent (and acks, for its own writes)."""
+
+    def __init__(self, ws: WS) -> None:
+        self.ws = ws
+        self.seqs: list[int] = []
+
+    @classmethod
+    async def on(cls, port: int, user: str = "watcher") -> "Watcher":
+        ws = await WS.connect(port, token(user, ["team"]))
+        await ws.request("subscribe", {"projectId": "team"})
+        return cls(ws)
+
+    async def until(self, n: int, timeout: float = 10) -> list[int]:
+        with trio.fail_after(timeout):
+            while len(self.seqs) < n:
+                m = await self.ws.recv(None)
+                if m["type"].startswith("event:"):
+                    self.seqs.append(m["seq"])
+                elif m["type"] == "ack" and "seq" in m.get("payload", {}) and "event" in m["payload"]:
+                    self.seqs.append(m["payload"]["seq"])
+        return self.seqs
 
 
 def create(n: int, project: str = "team") -> dict:
@@ -233,3 +284,116 @@ def test_check_reads_the_postgres_log_and_backup_points_to_pg_dump(postgres: Pos
     assert done.returncode == 1 and "1 seqs missing between 1 and 5" in done.stdout
     done = cli("backup", str(tmp_path / "b"))
     assert done.returncode == 1 and "pg_dump" in done.stderr
+
+
+
+# -- the live bus (Redis) between nodes ------------------------------------------------------
+
+
+async def test_a_writer_on_one_node_reaches_subscribers_on_the_others_in_order(live: Cluster) -> None:
+    a, b, c = [await start(live, n) for n in ("a", "b", "c")]
+    on_b, on_c = await Watcher.on(b.port), await Watcher.on(c.port)
+    writer = await WS.connect(a.port, token("alice", ["team"]))
+    for n in range(50):
+        assert (await writer.request("event:create", create(n)))["type"] == "ack"
+    assert await on_b.until(50) == list(range(1, 51))
+    assert await on_c.until(50) == list(range(1, 51))
+    bus_b, bus_a = await bus_of(b), await bus_of(a)
+    assert bus_a["published"] == 50 and bus_b["received"] >= 50 and bus_b["connected"]  # carried by Redis
+
+
+async def test_writers_on_two_nodes_are_seen_identically_everywhere(live: Cluster) -> None:
+    a, b, c = [await start(live, n) for n in ("a", "b", "c")]
+    watchers = [await Watcher.on(port) for port in (a.port, b.port, c.port)]
+    # A writer that is subscribed too: it gets acks for its own, the others' as changes.
+    writer_a = await Watcher.on(a.port, "alice")
+
+    async def write(ws: WS, first: int) -> None:
+        for n in range(first, first + 40):
+            await ws.send("event:create", create(n), id=f"w-{n}")
+            await trio.sleep(0)
+
+    writer_b = await WS.connect(b.port, token("bob", ["team"]))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write, writer_a.ws, 0)
+        nursery.start_soon(write, writer_b, 1000)
+    for w in watchers + [writer_a]:
+        assert await w.until(80) == list(range(1, 81))
+
+
+async def test_a_node_that_never_publishes_still_reaches_the_others(live: Cluster) -> None:
+    """It died between commit and publish, as far as the others can tell: they find
+    the change in the log within the check interval."""
+    a = await start(live, "a", {"BAROSYNC_TEST_SKIP_PUBLISH": "1"})
+    b = await start(live, "b")
+    on_b = await Watcher.on(b.port)
+    writer = await WS.connect(a.port, token("alice", ["team"]))
+    await writer.request("event:create", create(1))
+    assert await on_b.until(1, timeout=2) == [1]
+    assert (await bus_of(a))["published"] == 0 and (await bus_of(b))["filledFromLog"] == 1
+
+
+async def test_redis_killed_and_back_loses_nothing(live: Cluster, redis: Redis) -> None:
+    a, b = await start(live, "a"), await start(live, "b")
+    on_b = await Watcher.on(b.port)
+    frank = await Watcher.on(a.port, "frank")  # present on a before Redis goes
+    writer = await WS.connect(a.port, token("alice", ["team"]))
+    await writer.request("event:create", create(0))
+    assert await on_b.until(1) == [1]
+    await trio.to_thread.run_sync(redis.kill)
+    try:
+        for n in range(1, 6):  # written while the bus is down: acked (the log has them)
+            assert (await writer.request("event:create", create(n)))["type"] == "ack"
+        assert await on_b.until(6, timeout=5) == list(range(1, 7))  # from the log, by the check
+    finally:
+        await trio.to_thread.run_sync(redis.start)
+    await trio.sleep(2)  # the nodes find Redis again (backoff)
+    for n in range(6, 11):
+        await writer.request("event:create", create(n))
+    assert await on_b.until(11, timeout=10) == list(range(1, 12))
+    # Presence is rebuilt in the new, empty Redis: someone joining on b now sees
+    # frank, who subscribed on a before Redis died.
+    erin = await WS.connect(b.port, token("erin", ["team"]))
+    await erin.request("subscribe", {"projectId": "team"})
+    await wait_presence(erin, lambda s: s.get("frank") is True)
+    assert frank.ws.close_code is None
+
+
+async def wait_presence(ws: WS, want: Callable[[dict[str, bool]], bool], timeout: float = 15) -> dict[str, bool]:
+    """Reads user:joined / user:left (user id -> present) until ``want`` holds."""
+    seen: dict[str, bool] = {}
+    with trio.move_on_after(timeout):
+        while not want(seen):
+            m = await ws.recv(None)
+            if m["type"] in ("user:joined", "user:left"):
+                seen[m["payload"]["id"]] = m["type"] == "user:joined"
+    assert want(seen), seen
+    return seen
+
+
+async def test_presence_and_cursors_cross_nodes_and_a_killed_nodes_users_leave(live: Cluster) -> None:
+    a, b = await start(live, "a"), await start(live, "b")
+    alice = await WS.connect(a.port, token("alice", ["team"]))
+    await alice.request("subscribe", {"projectId": "team"})
+    bob = await WS.connect(b.port, token("bob", ["team"]))
+    await bob.request("subscribe", {"projectId": "team"})
+    # Each hears of the other, though they are on different nodes.
+    await wait_presence(bob, lambda s: s.get("alice") is True)
+    await wait_presence(alice, lambda s: s.get("bob") is True)
+    # A cursor moved on a reaches b.
+    await alice.send("user:cursor", {"projectId": "team", "x": 0.25, "y": 0.5})
+    with trio.fail_after(5):
+        while True:
+            m = await bob.recv(None)
+            if m["type"] == "user:cursor":
+                break
+    assert (m["payload"]["userId"], m["payload"]["x"]) == ("alice", 0.25)
+    # carol joins on b and leaves cleanly: alice (on a) sees both.
+    carol = await WS.connect(b.port, token("carol", ["team"]))
+    await carol.request("subscribe", {"projectId": "team"})
+    await wait_presence(alice, lambda s: s.get("carol") is True)
+    await carol.abort()
+    await wait_presence(alice, lambda s: s.get("carol") is False)
+    # a is killed: alice leaves b's room once a's liveness key expires.
+    await trio.to_thread.run_sync(a.kill9)
+    await wait_presence(bob, lambda s: s.get("alice") is False, timeout=20)

@@ -24,6 +24,7 @@ COMMENTED_IN_EXAMPLE = {
     ("plugins", "paths"): "default depends on whether plugins/ exists beside the file",
     ("caldav", "tls_header"): "default None: no proxy header is trusted",
     ("cluster", "postgres"): "default None: the embedded LMDB",
+    ("cluster", "redis"): "default None: no bus between nodes",
 }
 # Config attributes that a file holds relative to itself.
 PATH_ATTRS = {"data_dir", "plugin_paths"}

@@ -1,0 +1,319 @@
+"""Changes between nodes: Redis pub/sub for what may be lost, the PostgreSQL log for
+what may not (``[cluster] redis``, with ``[cluster] postgres``).
+
+After a commit a node publishes each change on its project's channel. Every node
+delivers to its rooms in seq order only: a change at ``last + 1`` goes out, one at or
+below ``last`` is dropped (it was delivered already), and on a jump the missing seqs
+are read from the log first. About once a second, and whenever a subscriber joins, a
+room is compared with the log's head. So a message Redis lost, or a node that died
+between its commit and its publish, costs a short delay, never a gap.
+
+Presence is kept in Redis too: each node writes who is present on it in the project's
+hash ``barosync:{project}:presence`` (field ``node|user``) and renews its liveness key
+``barosync:node:NODE`` (TTL ``NODE_TTL``). A node reconciles a room with that hash
+whenever another node says it changed, and every ``CHECK_INTERVAL``: entries of a node
+whose liveness key expired (it was killed) are removed, and its users leave. Cursors
+are published at most once per tick per project per node and never stored.
+
+Key and channel names carry the project as a Redis Cluster hash tag,
+``barosync:{project}:…``, so sharded pub/sub can come later.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+
+from . import protocol
+
+if TYPE_CHECKING:
+    from .hub import Hub, Room, Subscriber
+    from .store import Store
+    from .writer import Writer
+
+log = logging.getLogger("barosync.bus")
+
+CHECK_INTERVAL = 1.0  # seconds between comparisons of every room with the log's head
+RECONNECT_MAX = 5.0  # seconds between attempts to reach Redis, at most
+PUBLISH_QUEUE = 100_000  # commands waiting for Redis before new ones are dropped (the checks cover them)
+NODE_TTL = 10  # seconds a node's liveness key lives without renewal
+RENEW_INTERVAL = 3.0
+PATTERN = "barosync:*"
+
+
+def channel(project_id: str, kind: str = "changes") -> str:
+    return f"barosync:{{{project_id}}}:{kind}"
+
+
+def _split(name: str) -> tuple[str, str]:
+    """barosync:{project}:kind -> (project, kind)"""
+    head, _, kind = name.rpartition(":")
+    return head[len("barosync:{"):-1], kind
+
+
+class RedisBus:
+    def __init__(self, url: str, *, hub: "Hub", store: "Store", writer: "Writer") -> None:
+        self.url = url
+        self.hub = hub
+        self.store = store
+        self.writer = writer
+        self._send, self._receive = trio.open_memory_channel[tuple[str, tuple]](PUBLISH_QUEUE)
+        self.node_id = uuid.uuid4().hex[:12]
+        # project -> users present here, as written to Redis (forget() removes them all)
+        self._mine: dict[str, set[str]] = {}
+        self._reconcile_send, self._reconcile_receive = trio.open_memory_channel[str](PUBLISH_QUEUE)
+        self.published = 0
+        self.received = 0
+        self.filled = 0  # changes read from the log to close a gap
+        self.connected = False
+        # Test hook: a node that "dies" between commit and publish (docs/cluster.md).
+        self.drop_publishes = False
+
+    # -- the event loop's side (never awaits) ---------------------------------------------
+
+    def _queue(self, command: str, *args: Any) -> None:
+        try:
+            self._send.send_nowait((command, args))
+        except trio.WouldBlock:
+            pass  # Redis is away or slow: the other nodes' checks read the log and the hash
+
+    def publish(self, project_id: str, change: bytes) -> None:
+        if not self.drop_publishes:
+            self._queue("publish", channel(project_id), change)
+
+    def present(self, project_id: str, user_id: str, info: dict[str, Any] | None) -> None:
+        """This node's presence of a user in a project changed (None: gone)."""
+        key, field = channel(project_id, "presence"), f"{self.node_id}|{user_id}"
+        mine = self._mine.setdefault(project_id, set())
+        if info is None:
+            mine.discard(user_id)
+            self._queue("hdel", key, [field])
+        else:
+            mine.add(user_id)
+            self._queue("hset", key, {field: orjson.dumps(info)})
+        self._queue("publish", channel(project_id, "presence"), self.node_id.encode())
+
+    def cursors(self, project_id: str, messages: list[bytes]) -> None:
+        """One tick's cursors of this node's movers (their JSON), for the others."""
+        self._queue("publish", channel(project_id, "cursors"), b"[" + b",".join(messages) + b"]")
+
+    def room_opened(self, project_id: str) -> None:
+        """A first local subscriber: learn who is present elsewhere now, not at the
+        next check."""
+        try:
+            self._reconcile_send.send_nowait(project_id)
+        except trio.WouldBlock:
+            pass
+
+    def catch_up(self, room: "Room", upto: int | None = None) -> None:
+        """Deliver to every member what the log has after ``room.last`` (up to
+        ``upto``, or its head), in order."""
+        found = self.store.replay(room.project_id, room.last)
+        if found is None:
+            # History pruned past what this room has: nothing to replay in order.
+            # Its members are told to resubscribe (they resume with `since`).
+            log.warning("project %s: the log no longer has seq %d; closing its subscribers so they resync",
+                        room.project_id, room.last + 1)
+            for session in list(room.subscribers):
+                session.close(protocol.CLOSE_TOO_SLOW, "fell behind the kept history: resubscribe")
+            return
+        changes, _complete = found
+        items = []
+        for raw in changes:
+            seq = room.last + 1 + len(items)
+            if upto is not None and seq > upto:
+                break
+            items.append((protocol.Outgoing(raw), f"{room.project_id}:{seq}"))
+        if items:
+            self.filled += len(items)
+            self.hub.deliver_plain(room, items)
+            room.last += len(items)
+
+    def on_join(self, room: "Room", session: "Subscriber", at: int) -> None:
+        """A subscriber that has everything up to ``at`` joins ``room``."""
+        if room.last < 0:
+            room.last = at
+            return
+        if at > room.last:
+            self.catch_up(room, at)  # the others are behind what the newcomer read: bring them up
+        if at < room.last:
+            found = self.store.replay(room.project_id, at)
+            changes = found[0][: room.last - at] if found else []
+            session.deliver_many([(protocol.Outgoing(raw), f"{room.project_id}:{at + 1 + i}")
+                                  for i, raw in enumerate(changes)])
+
+    def on_remote(self, project_id: str, change: bytes) -> None:
+        room = self.hub.rooms.get(project_id)
+        if room is None or room.last < 0:
+            return
+        seq = orjson.loads(change)["seq"]
+        if seq <= room.last:
+            return
+        if seq == room.last + 1:
+            self.hub.deliver_plain(room, [(protocol.Outgoing(change), f"{project_id}:{seq}")])
+            room.last = seq
+            return
+        self.catch_up(room)  # a jump: the log has what is missing (and this one)
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for task in (self._publisher, self._subscriber, self._checker, self._liveness, self._reconciler):
+                nursery.start_soon(self._quietly, task)
+            task_status.started()
+
+    async def _quietly(self, task: Any) -> None:
+        try:
+            await task()
+        except BaseException:
+            if trio.current_effective_deadline() != -math.inf:
+                raise
+            # Cancelled: the server is stopping. Closing a Redis connection mid-read
+            # may raise on the way out; nothing of it matters now, and SIGTERM must
+            # still end in a clean exit.
+
+    def _client(self) -> Any:
+        import coredis  # only a cluster needs it
+
+        return coredis.Redis.from_url(self.url)
+
+    async def _publisher(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                client = self._client()
+                async with client:
+                    await client.ping()
+                    delay = 0.1
+                    async for command, args in self._receive:
+                        await getattr(client, command)(*args)
+                        if command == "publish" and args[0].endswith(":changes"):
+                            self.published += 1
+            except Exception as e:  # Redis away: what is not published, the checks find in the log
+                log.warning("publishing to Redis failed (%s); retrying in %.1f s", e, delay)
+                await trio.sleep(delay)
+                delay = min(RECONNECT_MAX, delay * 2)
+
+    async def _subscriber(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                client = self._client()
+                async with client:
+                    async with client.pubsub(patterns=[PATTERN]) as pubsub:
+                        self.connected = True
+                        delay = 0.1
+                        log.info("listening for other nodes' changes on Redis")
+                        # (Re)subscribed: whatever passed meanwhile comes from the log.
+                        await self._check_all()
+                        async for message in pubsub:
+                            if not message or message.get("type") != "pmessage":
+                                continue
+                            project_id, kind = _split(message["channel"].decode())
+                            if kind == "changes":
+                                self.received += 1
+                                # A local commit of this project may be durable and not
+                                # yet fanned out: let it go first, so its sender gets an ack.
+                                await self.writer.wait_idle(project_id)
+                                self.on_remote(project_id, message["data"])
+                            elif kind == "presence" and message["data"] != self.node_id.encode():
+                                if project_id in self.hub.rooms:
+                                    await self._reconcile(client, project_id)
+                            elif kind == "cursors":
+                                self.hub.remote_cursors(project_id, orjson.loads(message["data"]))
+            except Exception as e:
+                self.connected = False
+                log.warning("listening on Redis failed (%s); retrying in %.1f s", e, delay)
+                await trio.sleep(delay)
+                delay = min(RECONNECT_MAX, delay * 2)
+
+    async def _checker(self) -> None:
+        while True:
+            await trio.sleep(CHECK_INTERVAL)
+            try:
+                await self._check_all()
+            except Exception:
+                log.exception("comparing rooms with the log failed; trying again")
+            try:
+                client = self._client()
+                async with client:
+                    for project_id in list(self.hub.rooms):
+                        await self._reconcile(client, project_id)
+            except Exception as e:
+                log.debug("presence check on Redis failed: %s", e)
+
+    async def _reconciler(self) -> None:
+        async for project_id in self._reconcile_receive:
+            try:
+                client = self._client()
+                async with client:
+                    await self._reconcile(client, project_id)
+            except Exception as e:
+                log.debug("presence of %s from Redis failed: %s", project_id, e)
+
+    async def _liveness(self) -> None:
+        """This node's liveness key, renewed; its presence entries are rewritten after
+        Redis came back empty."""
+        while True:
+            try:
+                client = self._client()
+                async with client:
+                    while True:
+                        fresh = await client.set(f"barosync:node:{self.node_id}", b"1", ex=NODE_TTL, get=True)
+                        if fresh is None:  # new, or Redis lost it: say again who is here
+                            for room in list(self.hub.rooms.values()):
+                                for presence in room.users.values():
+                                    self.present(room.project_id, presence.user_id, presence.info)
+                        await trio.sleep(RENEW_INTERVAL)
+            except Exception as e:
+                log.debug("renewing the liveness key failed: %s", e)
+                await trio.sleep(RENEW_INTERVAL)
+
+    async def _reconcile(self, client: Any, project_id: str) -> None:
+        """Other nodes' users present in a project, from its hash; entries of nodes
+        whose liveness key is gone are removed (and their users leave)."""
+        entries = await client.hgetall(channel(project_id, "presence"))
+        others: dict[str, dict[str, Any]] = {}
+        nodes: dict[str, bool] = {}
+        dead = []
+        for field, value in entries.items():
+            node, _, user = field.decode().partition("|")
+            if node == self.node_id:
+                continue
+            if node not in nodes:
+                nodes[node] = bool(await client.exists([f"barosync:node:{node}"]))
+            if not nodes[node]:
+                dead.append(field)
+                continue
+            others.setdefault(user, orjson.loads(value))
+        if dead:
+            await client.hdel(channel(project_id, "presence"), dead)
+        self.hub.remote_presence(project_id, others)
+
+    async def forget(self) -> None:
+        """At shutdown: this node's presence entries and liveness key go at once."""
+        with trio.move_on_after(2):
+            client = self._client()
+            async with client:
+                for project_id, users in self._mine.items():
+                    # Every user this node ever announced: the leave()s queued at
+                    # shutdown may not have reached Redis.
+                    await client.hdel(channel(project_id, "presence"), [f"{self.node_id}|{u}" for u in users] or ["-"])
+                    await client.publish(channel(project_id, "presence"), self.node_id.encode())
+                await client.delete([f"barosync:node:{self.node_id}"])
+
+    async def _check_all(self) -> None:
+        for project_id in list(self.hub.rooms):
+            await self.writer.wait_idle(project_id)
+            room = self.hub.rooms.get(project_id)
+            if room is None or room.last < 0:
+                continue
+            if self.store.current_seq(project_id) > room.last:
+                self.catch_up(room)
+            await trio.lowlevel.checkpoint()
