@@ -307,11 +307,13 @@ class Hub:
         bus = self.bus
         for project_id, items in changes.items():
             committed[project_id] = committed.get(project_id, 0) + len(items)
-            if bus is not None:
-                items = self._in_order(project_id, items)
-            self._fan_out(project_id, items)
-            if bus is not None:
-                for _, _, _, outcome in items:
+            if bus is None:
+                self._fan_out(project_id, items)
+            else:
+                fresh = self._in_order(project_id, items)
+                if fresh:
+                    self._fan_out(project_id, fresh)
+                for _, _, _, outcome in items:  # all of them: the other nodes may not have them
                     bus.publish(project_id, outcome.change)
             if self._hook.barosync_change_committed.get_hookimpls():
                 for _, _, _, outcome in items:
