@@ -21,16 +21,17 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.installed
 	$(BIN)/barosync serve $(ARGS)
 
-# The whole suite, then the protocol suites again with the log in a real PostgreSQL
-# (BAROSYNC_TEST_POSTGRES=1: the cluster's log store passes the same tests).
-CLUSTER_CONFORMANCE := tests/test_server.py tests/test_rest.py tests/test_conflicts.py tests/test_snapshot.py tests/test_presence.py
+# The whole suite, then the protocol suites again on a two-node cluster: every
+# in-process server gets a second node on the same PostgreSQL log and Redis bus, and
+# clients connect to the two in turn (BAROSYNC_TEST_CLUSTER=1, tests/conftest.py).
+CLUSTER_CONFORMANCE := tests/test_server.py tests/test_rest.py tests/test_conflicts.py tests/test_snapshot.py tests/test_presence.py tests/test_client.py
 
 test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  echo "make: the protocol suites again, with the log in PostgreSQL"; \
-	  BAROSYNC_TEST_POSTGRES=1 $(BIN)/python -m pytest -q $(CLUSTER_CONFORMANCE) $(PYTEST_ARGS); \
-	else echo "make: PostgreSQL is missing (as root: apt-get install postgresql); the cluster conformance run is skipped"; fi
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null; then \
+	  echo "make: the protocol suites again, on two nodes (PostgreSQL log, Redis bus)"; \
+	  BAROSYNC_TEST_CLUSTER=1 $(BIN)/python -m pytest $(CLUSTER_CONFORMANCE) $(PYTEST_ARGS); \
+	else echo "make: PostgreSQL or Redis is missing (as root: apt-get install postgresql redis-server); the cluster conformance run is skipped"; fi
 
 # TypeScript, to check barosync.d.ts against the browser client, and React 18 (its UMD
 # build), to run the hook of docs/web-client.md (tests/test_web_client.py).

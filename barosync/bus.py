@@ -100,7 +100,8 @@ class RedisBus:
 
     def cursors(self, project_id: str, messages: list[bytes]) -> None:
         """One tick's cursors of this node's movers (their JSON), for the others."""
-        self._queue("publish", channel(project_id, "cursors"), b"[" + b",".join(messages) + b"]")
+        self._queue("publish", channel(project_id, "cursors"),
+                    self.node_id.encode() + b"|[" + b",".join(messages) + b"]")
 
     def room_opened(self, project_id: str) -> None:
         """A first local subscriber: learn who is present elsewhere now, not at the
@@ -226,7 +227,9 @@ class RedisBus:
                                 if project_id in self.hub.rooms:
                                     await self._reconcile(client, project_id)
                             elif kind == "cursors":
-                                self.hub.remote_cursors(project_id, orjson.loads(message["data"]))
+                                node, _, data = message["data"].partition(b"|")
+                                if node != self.node_id.encode():  # our own came back: delivered already
+                                    self.hub.remote_cursors(project_id, orjson.loads(data))
             except Exception as e:
                 self.connected = False
                 log.warning("listening on Redis failed (%s); retrying in %.1f s", e, delay)

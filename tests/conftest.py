@@ -33,25 +33,65 @@ _PG: Any = None
 _PG_DATABASES: dict[Path, str] = {}
 
 
+# BAROSYNC_TEST_CLUSTER=1: the same, plus a Redis bus and a second node beside every
+# in-process server; clients connect to the two nodes in turn (ws_url).
+_REDIS: Any = None
+IN_CLUSTER = os.environ.get("BAROSYNC_TEST_CLUSTER") == "1"
+# For the few tests that look inside the one in-process node (its sessions, its
+# metrics, a plugin module's state): in cluster mode half the clients are elsewhere.
+one_node = pytest.mark.skipif(IN_CLUSTER, reason="inspects one node's in-process state")
+_SECOND: dict[int, int] = {}  # first node's port -> the second node's
+_turn = itertools.count()
+
+
 def pytest_configure(config: Any) -> None:
-    global _PG
-    if os.environ.get("BAROSYNC_TEST_POSTGRES") == "1":
+    global _PG, _REDIS
+    cluster = os.environ.get("BAROSYNC_TEST_CLUSTER") == "1"
+    if cluster or os.environ.get("BAROSYNC_TEST_POSTGRES") == "1":
         from pg_helpers import Postgres
 
         _PG = Postgres()
+    if cluster:
+        from redis_helpers import Redis
+
+        _REDIS = Redis()
 
 
 def pytest_unconfigure(config: Any) -> None:
     if _PG is not None:
         _PG.close()
+    if _REDIS is not None:
+        _REDIS.close()
 
 
 def make_config(data_dir: Path, **overrides: Any) -> Config:
     if _PG is not None and "cluster_postgres" not in overrides:
         if data_dir not in _PG_DATABASES:
             _PG_DATABASES[data_dir] = _PG.new_database()
+            if _REDIS is not None:
+                _REDIS.flush()  # presence and channels of earlier tests' nodes
         overrides["cluster_postgres"] = _PG_DATABASES[data_dir]
+        if _REDIS is not None:
+            overrides.setdefault("cluster_redis", _REDIS.url)
     return Config(host="127.0.0.1", port=0, data_dir=data_dir, secret=SECRET, **overrides)
+
+
+async def _start(nursery: trio.Nursery, data_dir: Path, **overrides: Any) -> App:
+    """A server, and with BAROSYNC_TEST_CLUSTER=1 its second node on the same log."""
+    app = await nursery.start(serve, make_config(data_dir, **overrides))
+    if _REDIS is not None:
+        config = make_config(data_dir, **overrides)
+        second = await nursery.start(serve, config.with_overrides(data_dir=data_dir.parent / (data_dir.name + "-node2")))
+        _SECOND[app.port] = second.port
+        app.cluster_peer = second  # type: ignore[attr-defined]
+    return app
+
+
+def _stop(app: App) -> None:
+    app.stop()
+    peer = getattr(app, "cluster_peer", None)
+    if peer is not None:
+        peer.stop()
 
 
 def token(user: str = "alice", projects: Any = ("p1",), **claims: Any) -> str:
@@ -147,7 +187,10 @@ async def http_exchange(port: int, method: str, path: str, body: Any = None, *, 
 
 
 def ws_url(app: App, tok: str | None = None) -> str:
-    url = f"ws://127.0.0.1:{app.port}/ws"
+    port = app.port
+    if app.port in _SECOND and next(_turn) % 2:
+        port = _SECOND[app.port]  # a cluster: every other client on the second node
+    url = f"ws://127.0.0.1:{port}/ws"
     return url + (f"?token={tok}" if tok else "")
 
 
@@ -172,11 +215,11 @@ async def running(data_dir: Path, **overrides: Any) -> AsyncIterator[tuple[App, 
     """A server on ``data_dir`` (config overrides as keywords) and a nursery for its
     clients, both gone when the block ends."""
     async with trio.open_nursery() as nursery:
-        app = await nursery.start(serve, make_config(data_dir, **overrides))
+        app = await _start(nursery, data_dir, **overrides)
         async with trio.open_nursery() as clients:
             yield app, clients
             clients.cancel_scope.cancel()
-        app.stop()
+        _stop(app)
 
 
 # Debian's Chromium through Playwright, for the browser tests (tests/browser.py).
@@ -190,9 +233,9 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def app(nursery: trio.Nursery, data_dir: Path) -> AsyncIterator[App]:
-    app = await nursery.start(serve, make_config(data_dir))
+    app = await _start(nursery, data_dir)
     yield app
-    app.stop()
+    _stop(app)
 
 
 @pytest.fixture

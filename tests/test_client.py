@@ -550,7 +550,7 @@ async def test_presence_cursors_and_remote_changes_are_observable(tmp_path: Path
                     assert cursor == CursorMoved("p1", "bob", 10, 20, "cell-3")
                     event = await b.create("p1", ev(title="Bob's"))
                     change = await notes.receive()
-                    assert isinstance(change, RemoteChange)
+                    assert isinstance(change, RemoteChange), change
                     assert (change.kind, change.user_id, change.seq, change.event) == ("created", "bob", 1, event)
                     await b.unsubscribe("p1")
                     left = await notes.receive()

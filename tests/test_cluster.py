@@ -397,3 +397,22 @@ async def test_presence_and_cursors_cross_nodes_and_a_killed_nodes_users_leave(l
     # a is killed: alice leaves b's room once a's liveness key expires.
     await trio.to_thread.run_sync(a.kill9)
     await wait_presence(bob, lambda s: s.get("alice") is False, timeout=20)
+
+
+async def test_a_cursor_reaches_a_subscriber_on_the_same_node_once(live: Cluster) -> None:
+    """The node hears its own cursor publish back from Redis: it must not deliver it
+    again (it did, before the node id went into the message)."""
+    a = await start(live, "a")
+    await start(live, "b")
+    alice = await WS.connect(a.port, token("alice", ["team"]))
+    await alice.request("subscribe", {"projectId": "team"})
+    bob = await WS.connect(a.port, token("bob", ["team"]))
+    await bob.request("subscribe", {"projectId": "team"})
+    await bob.send("user:cursor", {"projectId": "team", "x": 1, "y": 2})
+    cursors = []
+    with trio.move_on_after(1.5):
+        while True:
+            m = await alice.recv(None)
+            if m["type"] == "user:cursor":
+                cursors.append(m)
+    assert len(cursors) == 1, cursors

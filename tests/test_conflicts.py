@@ -37,7 +37,7 @@ from barosync.models import check_dates
 from barosync.app import App
 from barosync.server import serve
 
-from conftest import Client, make_config, open_client, running, token
+from conftest import Client, make_config, one_node, open_client, running, token
 
 T0 = 1_764_144_000_000  # ms
 
@@ -816,6 +816,7 @@ RECORDER = textwrap.dedent('''
 ''')
 
 
+@one_node
 async def test_client_time_is_the_envelope_timestamp_never_later_than_receipt(tmp_path, data_dir):
     plugins = tmp_path / "plugins"
     plugins.mkdir()

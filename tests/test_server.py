@@ -14,7 +14,7 @@ from barosync import admin
 from barosync.auth import create_token
 from barosync.app import App
 
-from conftest import Client, event_payload, http_exchange, new_id, open_client, running, token, ws_url
+from conftest import Client, event_payload, http_exchange, new_id, one_node, open_client, running, token, ws_url
 
 
 
@@ -456,6 +456,7 @@ async def test_healthz_and_unknown_paths(app):
     assert status == 426
 
 
+@one_node
 async def test_metrics_in_prometheus_text_format(app, client_factory):
     a = await client_factory("alice")
     b = await client_factory("bob")

@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 from attack_helpers import WS
-from conftest import Client, event_payload, open_client, running, token
+from conftest import Client, event_payload, one_node, open_client, running, token
 
 DESCRIPTION = "x" * 400
 
@@ -36,6 +36,7 @@ async def _subscribe(c: Client, project: str, **extra: Any) -> dict[str, Any]:
             return msg
 
 
+@one_node
 async def test_a_big_snapshot_comes_in_parts_within_the_message_size(tmp_path) -> None:
     async with running(tmp_path / "data", max_message_bytes=16 * 1024) as (app, nursery):
         writer = await open_client(nursery, app, token("alice", ["big"]))
