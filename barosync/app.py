@@ -52,8 +52,13 @@ class App:
         # Several nodes: the live bus between them (bus.py).
         self.bus = None
         if config.cluster_redis:
-            from .bus import RedisBus
+            from .bus import RedisBus, check_reachable
 
+            try:
+                check_reachable(config.cluster_redis)
+            except OSError as e:
+                raise ConfigError(config.source, "[cluster] redis",
+                                  f"cannot connect to Redis: {e}; start it, or check the URL") from None
             self.bus = self.hub.bus = RedisBus(config.cluster_redis, hub=self.hub, store=self.store, writer=self.writer)
             # Test hook (tests/test_cluster.py): a node that dies between commit and publish.
             self.bus.drop_publishes = os.environ.get("BAROSYNC_TEST_SKIP_PUBLISH") == "1"

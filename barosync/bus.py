@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import uuid
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -44,6 +46,25 @@ PUBLISH_QUEUE = 100_000  # commands waiting for Redis before new ones are droppe
 NODE_TTL = 10  # seconds a node's liveness key lives without renewal
 RENEW_INTERVAL = 3.0
 PATTERN = "barosync:*"
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Raise OSError (with why) unless a Redis answers PING at ``url``; at start, so a
+    node with a wrong URL says so instead of serving without its bus."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise OSError(f"not a redis:// URL: {url!r}")
+    if parts.scheme == "unix":
+        return
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        if parts.scheme == "rediss":
+            return  # TLS: the handshake is coredis's; reaching the port is what we check
+        conn.settimeout(timeout)
+        conn.sendall(b"PING\r\n")
+        reply = conn.recv(64)
+    if not reply.startswith((b"+PONG", b"-NOAUTH", b"-ERR AUTH")):
+        raise OSError(f"{host}:{port} does not answer like Redis ({reply[:40]!r})")
 
 
 def channel(project_id: str, kind: str = "changes") -> str:

@@ -72,7 +72,9 @@ def _cluster(command: str, config: Config) -> int:
                        "and keep each node's data directory (its secret and app passwords) with `tar`")
     if command == "restore":
         raise OpsError("the log is in PostgreSQL ([cluster] postgres): restore it with `pg_restore --dbname=DBNAME "
-                       "barosync.dump` into an empty database, with every node stopped; clients resume from it")
+                       "barosync.dump` into an empty database with every node stopped, then give the history a new id "
+                       "so that every client takes a snapshot instead of trusting a position from after the dump: "
+                       "psql DBNAME -c \"UPDATE barosync_meta SET value = md5(random()::text) WHERE key = 'data_id'\"")
     from .pg_store import PgStore
 
     store = PgStore(config.cluster_postgres or "", hook=None, config=config)

@@ -11,12 +11,13 @@ however late, gets the original answer.
 
 Tables (``barosync_`` prefix):
 
-- ``heads``     project -> seq, epoch
+- ``heads``     project -> seq
 - ``events``    (project, id) -> the event's JSON (current state; deleted events absent)
 - ``index``     id -> project (kept after a delete until its deletion leaves the history)
 - ``changelog`` (project, seq) -> event id, version, time, the change message JSON as fanned out
 - ``idem``      (user, envelope id) -> project, seq, the original answer
-- ``meta``      key -> value (``data_id``, ``schema``)
+- ``meta``      key -> value (``data_id``: the history's id, which clients compare; a
+                restored database gets a new one, see docs/cluster.md; ``schema``)
 
 Reads run on the event loop, each a short query on a connection of their own; the
 writer's transaction runs in the writer's worker thread on another connection.
@@ -47,7 +48,7 @@ CONNECT_TIMEOUT = 5  # seconds
 STATEMENT_TIMEOUT_MS = 10_000
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS barosync_meta (key text PRIMARY KEY, value text NOT NULL);
-CREATE TABLE IF NOT EXISTS barosync_heads (project text PRIMARY KEY, seq bigint NOT NULL, epoch bigint NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS barosync_heads (project text PRIMARY KEY, seq bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS barosync_events (project text NOT NULL, id text NOT NULL, body bytea NOT NULL,
     PRIMARY KEY (project, id));
 CREATE TABLE IF NOT EXISTS barosync_index (id text PRIMARY KEY, project text NOT NULL);

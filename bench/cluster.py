@@ -64,8 +64,29 @@ class ClusterServer:
     def proc(self):  # noqa: ANN201
         return self.nodes[0].proc
 
+    def engine_pids(self) -> list[int]:
+        """PostgreSQL's postmaster and its backends, and Redis."""
+        pids = [self.postgres.pid, self.redis.proc.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid == self.postgres.pid:
+                    pids.append(int(entry.name))
+        return pids
+
     def cpu_s(self) -> float:
-        return sum(proc_cpu_s(n.pid) for n in self.nodes if n.alive())
+        """Both nodes' CPU, and the engines': what the cluster costs in all (backends
+        that ended meanwhile are not counted)."""
+        total = sum(proc_cpu_s(n.pid) for n in self.nodes if n.alive())
+        for pid in self.engine_pids():
+            try:
+                total += proc_cpu_s(pid)
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
 
     def alive(self) -> bool:
         return all(n.alive() for n in self.nodes)

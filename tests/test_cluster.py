@@ -222,13 +222,22 @@ async def test_postgres_away_refuses_writes_then_they_resume(cluster: Cluster, p
     assert [m["payload"]["id"] for m in await replay_all(a.port)] == ["ev-1", "ev-2"]
 
 
-def test_an_unreachable_postgres_at_start_is_a_config_error_that_says_so(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "node.toml", cluster__postgres="postgresql://barosync@127.0.0.1:9/nowhere")
-    done = subprocess.run(barosync_cmd("serve", "--port", "0", "--data", str(tmp_path / "d"), "--config", str(config)),
-                          capture_output=True, text=True, timeout=60)
+def test_an_unreachable_engine_at_start_is_a_config_error_that_says_so(tmp_path: Path, postgres: Postgres) -> None:
+    def serve(**cluster: str) -> subprocess.CompletedProcess[str]:
+        config = write_config(tmp_path / "node.toml", **{f"cluster__{k}": v for k, v in cluster.items()})
+        return subprocess.run(barosync_cmd("serve", "--port", "0", "--data", str(tmp_path / "d"), "--config", str(config)),
+                              capture_output=True, text=True, timeout=60)
+
+    done = serve(postgres="postgresql://barosync@127.0.0.1:9/nowhere")
     assert done.returncode == 2
     assert "[cluster] postgres" in done.stderr and "cannot connect to PostgreSQL" in done.stderr
     assert "Traceback" not in done.stderr
+    done = serve(postgres=postgres.new_database(), redis="redis://127.0.0.1:9/0")
+    assert done.returncode == 2
+    assert "[cluster] redis" in done.stderr and "cannot connect to Redis" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = serve(redis="redis://127.0.0.1:9/0")
+    assert done.returncode == 2 and "needs [cluster] postgres too" in done.stderr
 
 
 def test_the_changelog_tables_hold_the_invariants(postgres: Postgres, tmp_path: Path) -> None:
