@@ -220,6 +220,7 @@ def _app_password_create(args: argparse.Namespace) -> int:
     except app_passwords.AppPasswordError as e:
         print(f"barosync: {e}", file=sys.stderr)
         return 2
+    _per_node_note(config, app_passwords.FILE)
     base = (args.url or f"http://{config.host}:{config.port}").rstrip("/")
     print(f"server:    {base}/dav/  (apps that ask for a CalDAV account; some find it from {base} alone)")
     print(f"user name: {entry['user']}")
@@ -254,6 +255,7 @@ def _token_revoke(args: argparse.Namespace) -> int:
         gone = app_passwords.revoke(_config(args).data_dir, args.token)
         if gone is not None:
             print(f"revoked app password {gone['id']} ({gone['user']}, {gone['name']!r})")
+            _per_node_note(_config(args), app_passwords.FILE)
             return 0
         if args.token.startswith(app_passwords.PREFIX):
             print("barosync: no such app password (see `barosync token list`)", file=sys.stderr)
@@ -266,7 +268,15 @@ def _token_revoke(args: argparse.Namespace) -> int:
     config = _config(args)
     revoke(config.data_dir, jti)
     print(f"revoked token {jti}")
+    _per_node_note(config, "revoked-tokens")
     return 0
+
+
+def _per_node_note(config: Config, name: str) -> None:
+    """Several nodes keep these files each in their own data directory."""
+    if config.cluster_postgres:
+        print(f"barosync: note: this changed {config.data_dir / name} on this node only; copy it to every node's "
+              "data directory (docs/cluster.md)", file=sys.stderr)
 
 
 def sign_in_link(base_url: str, token: str) -> str:

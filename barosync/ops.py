@@ -48,7 +48,12 @@ def run(command: str, args: argparse.Namespace, config: Config) -> int:
     """Dispatch ``barosync backup|restore|check`` (called by cli.main)."""
     try:
         if config.cluster_postgres:
-            return _cluster(command, config)
+            from . import pg_ops
+
+            try:
+                return pg_ops.run(command, args, config)
+            except pg_ops.OpsError as e:
+                raise OpsError(str(e)) from None
         if command == "backup":
             return backup(config.data_dir, Path(args.dest))
         if command == "restore":
@@ -62,30 +67,6 @@ def run(command: str, args: argparse.Namespace, config: Config) -> int:
         print(f"barosync {command}: {config.data_dir}: LMDB error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     raise ValueError(f"unknown operation {command!r}")
-
-
-def _cluster(command: str, config: Config) -> int:
-    """A cluster's log is PostgreSQL's: its own tools back it up; check reads it."""
-    if command == "backup":
-        raise OpsError("the log is in PostgreSQL ([cluster] postgres): back it up with PostgreSQL's tools, e.g. "
-                       "`pg_dump --format=custom --file=barosync.dump DBNAME` (or continuous archiving), "
-                       "and keep each node's data directory (its secret and app passwords) with `tar`")
-    if command == "restore":
-        raise OpsError("the log is in PostgreSQL ([cluster] postgres): restore it with `pg_restore --dbname=DBNAME "
-                       "barosync.dump` into an empty database with every node stopped, then give the history a new id "
-                       "so that every client takes a snapshot instead of trusting a position from after the dump: "
-                       "psql DBNAME -c \"UPDATE barosync_meta SET value = md5(random()::text) WHERE key = 'data_id'\"")
-    from .pg_store import PgStore
-
-    store = PgStore(config.cluster_postgres or "", hook=None, config=config)
-    try:
-        summary, problems = store.check()
-    finally:
-        store.close()
-    for problem in problems:
-        print(f"problem: {problem}")
-    print(f"{summary}: {'ok' if not problems else f'{len(problems)} problems'}")
-    return 0 if not problems else 1
 
 
 # -- opening ---------------------------------------------------------------------------

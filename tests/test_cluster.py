@@ -291,8 +291,42 @@ def test_check_reads_the_postgres_log_and_backup_points_to_pg_dump(postgres: Pos
         conn.execute("DELETE FROM barosync_changelog WHERE project = 'team' AND seq = 3")
     done = cli("check")
     assert done.returncode == 1 and "1 seqs missing between 1 and 5" in done.stdout
+
+    # barosync backup: pg_dump of the log, taken while a node serves.
+    with psycopg.connect(url, autocommit=True) as conn:  # mend what the check found
+        conn.execute("DELETE FROM barosync_changelog WHERE project = 'team' AND seq > 2")
+        conn.execute("UPDATE barosync_heads SET seq = 2")
+        conn.execute("DELETE FROM barosync_events WHERE id NOT IN ('ev-0', 'ev-1')")
+        conn.execute("DELETE FROM barosync_index WHERE id NOT IN ('ev-0', 'ev-1')")
+        conn.execute("DELETE FROM barosync_idem WHERE seq > 2")
+        before = conn.execute("SELECT value FROM barosync_meta WHERE key = 'data_id'").fetchone()[0]
     done = cli("backup", str(tmp_path / "b"))
-    assert done.returncode == 1 and "pg_dump" in done.stderr
+    assert done.returncode == 0 and (tmp_path / "b" / "barosync.pgdump").is_file(), done.stderr
+    srv = ServerProcess(tmp_path / "n", config=config)
+    try:
+        async def more() -> None:
+            ws = await WS.connect(srv.port, token("alice", ["team"]))
+            for n in range(10, 13):
+                await ws.request("event:create", create(n))
+            await ws.abort()
+        trio.run(more)
+    finally:
+        srv.stop()
+    # barosync restore: back to the dump, with a new history id.
+    done = cli("restore", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr
+    assert cli("check").stdout.strip().endswith("1 projects, 2 events, 2 changes, 2 idempotency records: ok")
+    srv = ServerProcess(tmp_path / "n", config=config)
+    try:
+        async def resume() -> None:
+            ws = await WS.connect(srv.port, token("alice", ["team"]))
+            assert ws.hello["payload"]["dataId"] != before  # a client from after the dump starts over
+            ack = await ws.request("subscribe", {"projectId": "team", "since": 5})
+            assert ack["payload"]["mode"] == "snapshot" and ack["payload"]["seq"] == 2
+            await ws.abort()
+        trio.run(resume)
+    finally:
+        srv.stop()
 
 
 
