@@ -253,7 +253,9 @@ def test_offline_edits_survive_a_reload_and_are_stored_once(chromium, server) ->
     tab.wait("window.ready === true")
     tab.open_client(server.ws, token)
     tab.js("void c.subscribe('p1')")
-    tab.wait("c.syncStatus().pending === 2")
+    # The queue is loaded with the client, the project's stored copy by subscribe():
+    # wait for both (checking right after the queue raced the copy's read).
+    tab.wait("c.syncStatus().pending === 2 && c.lastSeq('p1') === 1")
     assert sorted(e["title"] for e in tab.js("c.events('p1')")) == ["offline 1", "offline 2", "online"]
     context.set_offline(False)
     tab.wait("c.state === 'connected' && c.syncStatus().status === 'synced'")
