@@ -390,8 +390,8 @@ def occurrences(e: dict[str, Any], start: datetime, end: datetime) -> list[icale
 
 def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) -> bool:
     if not e.get("recurrence"):
-        s = _as_utc(_instant(e["startDate"]))
-        f = _as_utc(_instant(e["endDate"]))
+        s = as_utc(_instant(e["startDate"]))
+        f = as_utc(_instant(e["endDate"]))
         if f == s and not e.get("allDay"):
             f = s + timedelta(microseconds=1)  # an instant event occupies its start
         return (end is None or s < end) and (start is None or f > start)
@@ -399,7 +399,8 @@ def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) ->
                             end or datetime(2200, 1, 1, tzinfo=timezone.utc)))
 
 
-def _as_utc(value: date | datetime) -> datetime:
+def as_utc(value: date | datetime) -> datetime:
+    """A zoned instant in UTC; floating times and dates taken as UTC (ics.py uses it too)."""
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
     return datetime.combine(value, datetime.min.time(), tzinfo=timezone.utc)
@@ -419,12 +420,12 @@ def expanded(e: dict[str, Any], start: datetime, end: datetime) -> icalendar.Cal
                 continue
             out[name] = value
         s, f = v.decoded("dtstart"), v.decoded("dtend") if v.get("dtend") is not None else None
-        out.add("dtstart", _as_utc(s) if isinstance(s, datetime) else s)
+        out.add("dtstart", as_utc(s) if isinstance(s, datetime) else s)
         if f is not None:
-            out.add("dtend", _as_utc(f) if isinstance(f, datetime) else f)
+            out.add("dtend", as_utc(f) if isinstance(f, datetime) else f)
         if recurring:
             rid = v.decoded("recurrence-id") if v.get("recurrence-id") is not None else s
-            out.add("recurrence-id", _as_utc(rid) if isinstance(rid, datetime) else rid)
+            out.add("recurrence-id", as_utc(rid) if isinstance(rid, datetime) else rid)
         for sub in v.subcomponents:
             out.add_component(sub)
         cal.add_component(out)

@@ -14,13 +14,13 @@ events.
 from __future__ import annotations
 
 import hashlib
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import icalendar
 import recurring_ical_events
 
-from .ical import address
+from .ical import as_utc, address
 
 MAX_ID = 128
 # Without a window from the caller: a month back, a year ahead.
@@ -59,18 +59,12 @@ def parse(data: bytes | str, *, project_id: str, window: tuple[datetime, datetim
             if str(v.get("uid")) in recurring:
                 # Named by the occurrence it replaces, so a moved one keeps its id.
                 which = v.decoded("recurrence-id") if v.get("recurrence-id") is not None else v.decoded("dtstart")
-                out.append(_fields(v, project_id, occurrence=_as_utc(which)))
+                out.append(_fields(v, project_id, occurrence=as_utc(which)))
     return out
 
 
-def _as_utc(value: date | datetime) -> datetime:
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return datetime.combine(value, time(), tzinfo=timezone.utc)
-
-
 def _iso(value: date | datetime) -> str:
-    return _as_utc(value).isoformat().replace("+00:00", "Z")
+    return as_utc(value).isoformat().replace("+00:00", "Z")
 
 
 def event_id(uid: str, occurrence: datetime | None) -> str:
