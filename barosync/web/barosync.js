@@ -220,6 +220,10 @@ export class SyncClient extends EventTarget {
     this._emit("storage", { kind: this.storageKind });
     for (const item of await this._storage.allQueued()) this._queue.set(item.envelopeId, item);
     if (this._closed) return;
+    // A view drawn before the queue was read (right after a reload) shows its changes now.
+    for (const projectId of new Set([...this._queue.values()].map((i) => i.projectId))) {
+      this._emitChange(projectId, { kind: "queue" });
+    }
     this._channel = typeof BroadcastChannel !== "undefined" ? new BroadcastChannel(this._name) : null;
     if (this._channel) this._channel.onmessage = (e) => this._onTabMessage(e.data);
     this._listen(globalThis, "online", () => this._wake());
