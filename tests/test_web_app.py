@@ -173,7 +173,13 @@ def test_the_conflict_dialog_settles_each_way(chromium, tmp_path) -> None:
             alice.event(current).first.click()
             alice.fill_editor(f"alice {n}")
             bob.context.set_offline(False)
-            bob.page.wait_for_selector("#conflict[open]")
+            try:
+                bob.page.wait_for_selector("#conflict[open]")
+            except Exception:
+                # Say where bob's client was (a rare CI-only timeout here, not yet explained).
+                state = bob.page.evaluate("document.getElementById('connection').dataset.state")
+                pytest.fail(f"round {n}: no conflict dialog in 30 s; bob's connection {state!r}, "
+                            f"sync {bob.text('#sync')!r}, errors {bob.errors}, server events {server.events('team')}")
             assert "title" in bob.text("#conflict-fields") and f"alice {n}" in bob.text("#conflict-fields")
             if n == 0:
                 bob.shot("conflict-dialog")
