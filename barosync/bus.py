@@ -258,28 +258,40 @@ class RedisBus:
                 delay = min(RECONNECT_MAX, delay * 2)
 
     async def _checker(self) -> None:
+        """Every CHECK_INTERVAL: each room against the log's head (needs no Redis),
+        then presence against the hashes on a Redis connection kept between rounds."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._presence_rounds)
+            while True:
+                await trio.sleep(CHECK_INTERVAL)
+                try:
+                    await self._check_all()
+                except Exception:
+                    log.exception("comparing rooms with the log failed; trying again")
+
+    async def _presence_rounds(self) -> None:
         while True:
-            await trio.sleep(CHECK_INTERVAL)
-            try:
-                await self._check_all()
-            except Exception:
-                log.exception("comparing rooms with the log failed; trying again")
             try:
                 client = self._client()
                 async with client:
-                    for project_id in list(self.hub.rooms):
-                        await self._reconcile(client, project_id)
+                    while True:
+                        await trio.sleep(CHECK_INTERVAL)
+                        for project_id in list(self.hub.rooms):
+                            await self._reconcile(client, project_id)
             except Exception as e:
-                log.debug("presence check on Redis failed: %s", e)
+                log.debug("presence check on Redis failed (%s); trying again", e)
 
     async def _reconciler(self) -> None:
-        async for project_id in self._reconcile_receive:
+        """Rooms just opened: who is present elsewhere, at once."""
+        while True:
             try:
                 client = self._client()
                 async with client:
-                    await self._reconcile(client, project_id)
+                    async for project_id in self._reconcile_receive:
+                        await self._reconcile(client, project_id)
             except Exception as e:
-                log.debug("presence of %s from Redis failed: %s", project_id, e)
+                log.debug("presence from Redis failed (%s); trying again", e)
+                await trio.sleep(RENEW_INTERVAL)
 
     async def _liveness(self) -> None:
         """This node's liveness key, renewed; its presence entries are rewritten after

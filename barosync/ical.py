@@ -231,7 +231,7 @@ def zone(name: str | None) -> tzinfo | None:
         return None
 
 
-def _when(value: str, all_day: bool, tz: tzinfo | None, tzid: str | None) -> Any:
+def _when(value: str, all_day: bool, tz: tzinfo | None) -> Any:
     if all_day:
         return _day(value)
     found = _instant(value)
@@ -254,7 +254,7 @@ def _add_dates(component: icalendar.Component, name: str, values: list[str], all
                tzid: str | None) -> None:
     if not values:
         return
-    found = [_when(v, all_day, tz, tzid) for v in values]
+    found = [_when(v, all_day, tz) for v in values]
     component.add(name, found)
     prop = component[name]
     if tzid and tz is not None and not all_day and isinstance(found[0], datetime) and found[0].tzinfo is not None:
@@ -296,7 +296,7 @@ def to_resource(e: dict[str, Any]) -> icalendar.Calendar:
         if v is None:
             v = icalendar.Event()
             v.add("uid", uid)
-            rid = _when(o["recurrenceId"], all_day, tz, tzid)
+            rid = _when(o["recurrenceId"], all_day, tz)
             _add_when(v, "recurrence-id", rid, tzid)
         fields = {"title": o.get("title") or e["title"], "startDate": o["startDate"], "endDate": o["endDate"],
                   "allDay": o.get("allDay", all_day), "location": o.get("location"),
@@ -319,8 +319,8 @@ def _write(v: icalendar.Event, f: dict[str, Any], e: dict[str, Any], tz: tzinfo 
         v.pop(name, None)
     all_day = bool(f.get("allDay"))
     v.add("summary", f["title"])
-    start = _when(f["startDate"], all_day, tz, tzid)
-    end = _when(f["endDate"], all_day, tz, tzid)
+    start = _when(f["startDate"], all_day, tz)
+    end = _when(f["endDate"], all_day, tz)
     if all_day and end <= start:
         end = start + timedelta(days=1)  # DTEND is exclusive
     _add_when(v, "dtstart", start, tzid)

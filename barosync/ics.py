@@ -103,8 +103,6 @@ def _fields(v: icalendar.Event, project_id: str, occurrence: datetime | None) ->
     attendees = v.get("attendee")
     if attendees is not None:
         found = attendees if isinstance(attendees, list) else [attendees]
-        fields["attendees"] = [_who(a) for a in found]
+        fields["attendees"] = [address(a) for a in found]
     return fields
 
-
-_who = address
