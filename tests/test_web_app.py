@@ -5,6 +5,7 @@ Screenshots of the main states go to build/screenshots/."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -172,6 +173,12 @@ def test_the_conflict_dialog_settles_each_way(chromium, tmp_path) -> None:
             bob.fill_editor(f"bob {n}")
             alice.event(current).first.click()
             alice.fill_editor(f"alice {n}")
+            # Alice's edit must be stored before Bob comes back, or Alice is the one
+            # whose edit conflicts (the editor closes before the server has answered).
+            deadline = time.monotonic() + 10
+            while server.events("team")[0]["title"] != f"alice {n}" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.events("team")[0]["title"] == f"alice {n}"
             bob.context.set_offline(False)
             try:
                 bob.page.wait_for_selector("#conflict[open]")
