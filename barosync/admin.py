@@ -25,8 +25,17 @@ HIDDEN = "<hidden>"
 SECRET_KEYS = frozenset({"secret", "cluster_postgres", "cluster_redis"})
 
 
-def summary(app: "App") -> dict[str, Any]:
-    return {"server": _server(app), "projects": _projects(app), "connections": [_connection(app, s) for s in app.sessions]}
+async def summary(app: "App") -> dict[str, Any]:
+    # The log's side in one read (one thread hop and pooled connection on PostgreSQL).
+    heads, kept = await app.read(_log_view, app.store, set(app.hub.rooms))
+    return {"server": _server(app), "projects": _projects(app, heads, kept),
+            "connections": [_connection(app, s, heads) for s in app.sessions]}
+
+
+def _log_view(store: Any, rooms: set[str]) -> tuple[dict[str, int], dict[str, int | None]]:
+    """Every project's head, and its oldest kept seq."""
+    heads = dict(store.projects())
+    return heads, {p: store.first_kept_seq(p) for p in set(heads) | rooms}
 
 
 def _server(app: "App") -> dict[str, Any]:
@@ -45,7 +54,7 @@ def _server(app: "App") -> dict[str, Any]:
         "health": app.health()["status"],
         "storage": app.store.kind,
         "bus": ({"connected": app.bus.connected, "published": app.bus.published, "received": app.bus.received,
-                 "filledFromLog": app.bus.filled} if app.bus is not None else None),
+                 "filledFromLog": app.hub.sequencer.filled} if app.bus is not None else None),
         "lmdb": ({"usedBytes": used, "mapBytes": size, "usedShare": round(used / size, 4) if size else None}
                  if app.store.kind == "lmdb" else None),
         "plugins": plugins,
@@ -63,12 +72,11 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _projects(app: "App") -> list[dict[str, Any]]:
+def _projects(app: "App", heads: dict[str, int], kept: dict[str, int | None]) -> list[dict[str, Any]]:
     now = trio.current_time()
     previous_at, previous = app.admin_sample
     app.admin_sample = (now, dict(app.hub.committed))
     elapsed = now - previous_at
-    heads = dict(app.store.projects())
     out = []
     for project_id in sorted(set(heads) | set(app.hub.rooms)):
         room = app.hub.rooms.get(project_id)
@@ -77,7 +85,7 @@ def _projects(app: "App") -> list[dict[str, Any]]:
         out.append({
             "id": project_id,
             "head": heads.get(project_id, 0),
-            "historyFrom": app.store.first_kept_seq(project_id),
+            "historyFrom": kept.get(project_id),
             "subscribers": len(room.subscribers) if room else 0,
             "present": sorted(room.users) if room else [],
             "changes": count,
@@ -86,7 +94,7 @@ def _projects(app: "App") -> list[dict[str, Any]]:
     return out
 
 
-def _connection(app: "App", session: Any) -> dict[str, Any]:
+def _connection(app: "App", session: Any, heads: dict[str, int]) -> dict[str, Any]:
     ident = session.identity
     now = trio.current_time()
     return {
@@ -96,7 +104,7 @@ def _connection(app: "App", session: Any) -> dict[str, Any]:
         "origin": session.origin,
         "connectedAt": int(session.connected_at * 1000),
         "codec": session.codec.name,
-        "projects": [_progress(app, session, p) for p in sorted(session.subscriptions)],
+        "projects": [_progress(session, p, heads.get(p, 0)) for p in sorted(session.subscriptions)],
         "outboxBytes": session.outbox_bytes,
         "unacked": len(session.unacked),
         "tokenExpiresAt": ident.expires_ms,
@@ -105,11 +113,10 @@ def _connection(app: "App", session: Any) -> dict[str, Any]:
     }
 
 
-def _progress(app: "App", session: Any, project_id: str) -> dict[str, Any]:
+def _progress(session: Any, project_id: str, head: int) -> dict[str, Any]:
     """Delivered: every change the room fanned out since the client joined it, so the
     head as far as the hub is concerned. Acked: below the oldest change it has not
     acked (unacked ids are "project:seq"; at most the newest 1,000 are remembered)."""
-    head = app.store.current_seq(project_id)
     oldest = None
     prefix = project_id + ":"
     for msg_id in session.unacked:

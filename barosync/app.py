@@ -22,6 +22,8 @@ from .config import Config, ConfigError
 from .hub import Hub, Subscriber
 from .models import Identity
 from .plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_names
+from .reads import Reads
+from .sequencer import Sequencer
 from .store import Store
 from .writer import Writer
 
@@ -42,13 +44,18 @@ class App:
         else:
             self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
+        # Store reads from the event loop: ``await app.read(app.store.snapshot, p)``.
+        self.read = Reads(self.store)
+        if self.read.blocking:
+            # Reads that yield need each room kept in log order by a task of its own.
+            self.hub.sequencer = Sequencer(hub=self.hub, store=self.store, read=self.read)
         self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
         if DEFAULT_CODEC not in self.codecs:
             raise PluginError(f"no plugin provides the {DEFAULT_CODEC!r} wire codec every browser client needs (is 'codecs' in [plugins] disable?)")
         # Known once: plugins do not change while the server runs.
         self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
-        self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail)
+        self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail, read=self.read)
         # Several nodes: the live bus between them (bus.py).
         self.bus = None
         if config.cluster_redis:
@@ -59,7 +66,7 @@ class App:
             except OSError as e:
                 raise ConfigError(config.source, "[cluster] redis",
                                   f"cannot connect to Redis: {e}; start it, or check the URL") from None
-            self.bus = self.hub.bus = RedisBus(config.cluster_redis, hub=self.hub, store=self.store, writer=self.writer)
+            self.bus = self.hub.bus = RedisBus(config.cluster_redis, hub=self.hub, writer=self.writer)
             # Test hook (tests/test_cluster.py): a node that dies between commit and publish.
             self.bus.drop_publishes = os.environ.get("BAROSYNC_TEST_SKIP_PUBLISH") == "1"
         # Set when storage failed: the server closes every connection with 1011 and stops.

@@ -2,11 +2,12 @@
 what may not (``[cluster] redis``, with ``[cluster] postgres``).
 
 After a commit a node publishes each change on its project's channel. Every node
-delivers to its rooms in seq order only: a change at ``last + 1`` goes out, one at or
-below ``last`` is dropped (it was delivered already), and on a jump the missing seqs
-are read from the log first. About once a second, and whenever a subscriber joins, a
-room is compared with the log's head. So a message Redis lost, or a node that died
-between its commit and its publish, costs a short delay, never a gap.
+hands what it hears to the room's sequencer (sequencer.py), which delivers in seq
+order only: a change at ``last + 1`` goes out, one at or below ``last`` is dropped (it
+was delivered already), and on a jump the missing seqs are read from the log first.
+About once a second, and whenever the bus (re)subscribed, every room is compared with
+the log's head. So a message Redis lost, or a node that died between its commit and
+its publish, costs a short delay, never a gap.
 
 Presence is kept in Redis too: each node writes who is present on it in the project's
 hash ``barosync:{project}:presence`` (field ``node|user``) and renews its liveness key
@@ -31,16 +32,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from . import protocol
 
 if TYPE_CHECKING:
-    from .hub import Hub, Room, Subscriber
-    from .store import Store
+    from .hub import Hub
     from .writer import Writer
 
 log = logging.getLogger("barosync.bus")
 
-CHECK_INTERVAL = 1.0  # seconds between comparisons of every room with the log's head
+CHECK_INTERVAL = 1.0  # seconds between comparisons of presence with the Redis hashes
 RECONNECT_MAX = 5.0  # seconds between attempts to reach Redis, at most
 PUBLISH_QUEUE = 100_000  # commands waiting for Redis before new ones are dropped (the checks cover them)
 NODE_TTL = 10  # seconds a node's liveness key lives without renewal
@@ -78,10 +77,9 @@ def _split(name: str) -> tuple[str, str]:
 
 
 class RedisBus:
-    def __init__(self, url: str, *, hub: "Hub", store: "Store", writer: "Writer") -> None:
+    def __init__(self, url: str, *, hub: "Hub", writer: "Writer") -> None:
         self.url = url
         self.hub = hub
-        self.store = store
         self.writer = writer
         self._send, self._receive = trio.open_memory_channel[tuple[str, tuple]](PUBLISH_QUEUE)
         self.node_id = uuid.uuid4().hex[:12]
@@ -90,7 +88,6 @@ class RedisBus:
         self._reconcile_send, self._reconcile_receive = trio.open_memory_channel[str](PUBLISH_QUEUE)
         self.published = 0
         self.received = 0
-        self.filled = 0  # changes read from the log to close a gap
         self.connected = False
         # Test hook: a node that "dies" between commit and publish (docs/cluster.md).
         self.drop_publishes = False
@@ -132,61 +129,11 @@ class RedisBus:
         except trio.WouldBlock:
             pass
 
-    def catch_up(self, room: "Room", upto: int | None = None) -> None:
-        """Deliver to every member what the log has after ``room.last`` (up to
-        ``upto``, or its head), in order."""
-        found = self.store.replay(room.project_id, room.last)
-        if found is None:
-            # History pruned past what this room has: nothing to replay in order.
-            # Its members are told to resubscribe (they resume with `since`).
-            log.warning("project %s: the log no longer has seq %d; closing its subscribers so they resync",
-                        room.project_id, room.last + 1)
-            for session in list(room.subscribers):
-                session.close(protocol.CLOSE_TOO_SLOW, "fell behind the kept history: resubscribe")
-            return
-        changes, _complete = found
-        items = []
-        for raw in changes:
-            seq = room.last + 1 + len(items)
-            if upto is not None and seq > upto:
-                break
-            items.append((protocol.Outgoing(raw), f"{room.project_id}:{seq}"))
-        if items:
-            self.filled += len(items)
-            self.hub.deliver_plain(room, items)
-            room.last += len(items)
-
-    def on_join(self, room: "Room", session: "Subscriber", at: int) -> None:
-        """A subscriber that has everything up to ``at`` joins ``room``."""
-        if room.last < 0:
-            room.last = at
-            return
-        if at > room.last:
-            self.catch_up(room, at)  # the others are behind what the newcomer read: bring them up
-        if at < room.last:
-            found = self.store.replay(room.project_id, at)
-            changes = found[0][: room.last - at] if found else []
-            session.deliver_many([(protocol.Outgoing(raw), f"{room.project_id}:{at + 1 + i}")
-                                  for i, raw in enumerate(changes)])
-
-    def on_remote(self, project_id: str, change: bytes) -> None:
-        room = self.hub.rooms.get(project_id)
-        if room is None or room.last < 0:
-            return
-        seq = orjson.loads(change)["seq"]
-        if seq <= room.last:
-            return
-        if seq == room.last + 1:
-            self.hub.deliver_plain(room, [(protocol.Outgoing(change), f"{project_id}:{seq}")])
-            room.last = seq
-            return
-        self.catch_up(room)  # a jump: the log has what is missing (and this one)
-
     # -- tasks ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for task in (self._publisher, self._subscriber, self._checker, self._liveness, self._reconciler):
+            for task in (self._publisher, self._subscriber, self._presence_rounds, self._liveness, self._reconciler):
                 nursery.start_soon(self._quietly, task)
             task_status.started()
 
@@ -233,7 +180,7 @@ class RedisBus:
                         delay = 0.1
                         log.info("listening for other nodes' changes on Redis")
                         # (Re)subscribed: whatever passed meanwhile comes from the log.
-                        await self._check_all()
+                        self.hub.sequencer.check_all()
                         async for message in pubsub:
                             if not message or message.get("type") != "pmessage":
                                 continue
@@ -243,7 +190,7 @@ class RedisBus:
                                 # A local commit of this project may be durable and not
                                 # yet fanned out: let it go first, so its sender gets an ack.
                                 await self.writer.wait_idle(project_id)
-                                self.on_remote(project_id, message["data"])
+                                self.hub.sequencer.remote(project_id, message["data"])
                             elif kind == "presence" and message["data"] != self.node_id.encode():
                                 if project_id in self.hub.rooms:
                                     await self._reconcile(client, project_id)
@@ -257,19 +204,9 @@ class RedisBus:
                 await trio.sleep(delay)
                 delay = min(RECONNECT_MAX, delay * 2)
 
-    async def _checker(self) -> None:
-        """Every CHECK_INTERVAL: each room against the log's head (needs no Redis),
-        then presence against the hashes on a Redis connection kept between rounds."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._presence_rounds)
-            while True:
-                await trio.sleep(CHECK_INTERVAL)
-                try:
-                    await self._check_all()
-                except Exception:
-                    log.exception("comparing rooms with the log failed; trying again")
-
     async def _presence_rounds(self) -> None:
+        """Every CHECK_INTERVAL: presence against the hashes, on a Redis connection
+        kept between rounds."""
         while True:
             try:
                 client = self._client()
@@ -343,13 +280,3 @@ class RedisBus:
                     await client.hdel(channel(project_id, "presence"), [f"{self.node_id}|{u}" for u in users] or ["-"])
                     await client.publish(channel(project_id, "presence"), self.node_id.encode())
                 await client.delete([f"barosync:node:{self.node_id}"])
-
-    async def _check_all(self) -> None:
-        for project_id in list(self.hub.rooms):
-            await self.writer.wait_idle(project_id)
-            room = self.hub.rooms.get(project_id)
-            if room is None or room.last < 0:
-                continue
-            if self.store.current_seq(project_id) > room.last:
-                self.catch_up(room)
-            await trio.lowlevel.checkpoint()

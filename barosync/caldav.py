@@ -165,7 +165,7 @@ class CalDav(Writes):
             raise Fail(403, f"this is {user}'s space; you are signed in as {identity.user_id}")
 
     async def _projects(self, identity: Identity) -> list[str]:
-        names = ([p for p, _ in self.app.store.projects()] if identity.projects == ALL_PROJECTS
+        names = ([p for p, _ in await self.app.read(self.app.store.projects)] if identity.projects == ALL_PROJECTS
                  else list(identity.projects))
         return sorted([p for p in names if await self.app.authorize(identity, "subscribe", p)])
 
@@ -210,7 +210,7 @@ class CalDav(Writes):
 
     async def _calendar_props(self, identity: Identity, project: str) -> dict[str, Callable[[], ET.Element]]:
         store = self.app.store
-        token = sync_token(store.data_id, store.current_seq(project))
+        token = sync_token(store.data_id, await self.app.read(store.current_seq, project))
         writable = await self.app.authorize(identity, "create", project)
         privileges = [tag(DAV, "read"), tag(CALDAV, "read-free-busy")]
         if writable:
@@ -277,7 +277,7 @@ class CalDav(Writes):
     async def _calendar(self, method: bytes, identity: Identity, project: str, headers: dict[bytes, bytes],
                         body: bytes) -> Answer:
         if method == b"REPORT":
-            return self._report(identity, project, dav.report(body))
+            return await self._report(identity, project, dav.report(body))
         if method in (b"GET", b"HEAD"):
             raise Fail(405, "a calendar collection has no body; use PROPFIND or REPORT (or the ICS feed, /ics/)",
                        headers=[(b"allow", ALLOW)])
@@ -285,19 +285,19 @@ class CalDav(Writes):
             raise Fail(405, f"{method.decode()} is for events ({{id}}.ics), not the calendar", headers=[(b"allow", ALLOW)])
         resources = [(self._calendar_href(identity, project), await self._calendar_props(identity, project))]
         if method == b"PROPFIND" and _depth(headers) > 0:
-            _seq, events = self.app.store.snapshot(project)
+            _seq, events = await self.app.read(self.app.store.snapshot, project)
             for e in events:
                 resources.append((self._event_href(identity, project, e["id"]), self._event_props(e)))
         return self._propfind_only(method, headers, body, resources)
 
-    def _report(self, identity: Identity, project: str, report: dav.Report) -> Answer:
+    async def _report(self, identity: Identity, project: str, report: dav.Report) -> Answer:
         if report.kind == "sync-collection":
-            return self._sync(identity, project, report)
+            return await self._sync(identity, project, report)
         if report.kind == "calendar-multiget":
             out = []
-            for h in report.hrefs:
-                event_id = self._id_from_href(identity, project, h)
-                e = self.app.store.get_event(project, event_id) if event_id is not None else None
+            ids = [self._id_from_href(identity, project, h) for h in report.hrefs]
+            found = await self.app.read(self._events, project, ids)
+            for h, e in zip(report.hrefs, found):
                 if e is None:
                     out.append(dav.response(h, status=404))
                 else:
@@ -305,7 +305,7 @@ class CalDav(Writes):
             return _multistatus(out)
         out = []
         if report.components[:2] == ("VCALENDAR", "VEVENT") or report.components == ("VCALENDAR",):
-            _seq, events = self.app.store.snapshot(project)
+            _seq, events = await self.app.read(self.app.store.snapshot, project)
             for e in events:
                 if (report.start or report.end) and not ical.overlaps(e, report.start, report.end):
                     continue
@@ -333,19 +333,23 @@ class CalDav(Writes):
                     return False
         return True
 
-    def _sync(self, identity: Identity, project: str, report: dav.Report) -> Answer:
+    def _events(self, project: str, ids: list[str | None]) -> list[dict[str, Any] | None]:
+        """Several events by id, in one read (None: no such event in the project)."""
+        return [self.app.store.get_event(project, i) if i is not None else None for i in ids]
+
+    async def _sync(self, identity: Identity, project: str, report: dav.Report) -> Answer:
         store = self.app.store
         if report.sync_level != "1":
             raise Fail(403, "only sync-level 1 is supported (a calendar has no sub-collections)",
                        condition="number-of-matches-within-limits")
         out = []
         if not report.sync_token:
-            seq, events = store.snapshot(project)
+            seq, events = await self.app.read(store.snapshot, project)
             for e in events:
                 out.append(_props_response(self._event_href(identity, project, e["id"]), self._event_props(e), report.props))
             return _multistatus(out, sync_token=sync_token(store.data_id, seq))
         since = self._parse_token(report.sync_token)
-        found = store.replay(project, since)
+        found = await self.app.read(store.replay, project, since)
         if found is None:
             raise Fail(403, "this sync token is older than the history kept (or from another server): sync from scratch",
                        condition="valid-sync-token")
@@ -355,8 +359,7 @@ class CalDav(Writes):
             payload = _change_id(raw)
             touched.pop(payload, None)
             touched[payload] = None
-        for event_id in touched:
-            e = store.get_event(project, event_id)
+        for event_id, e in zip(touched, await self.app.read(self._events, project, list(touched))):
             href = self._event_href(identity, project, event_id)
             out.append(dav.response(href, status=404) if e is None else _props_response(href, self._event_props(e), report.props))
         return _multistatus(out, sync_token=sync_token(store.data_id, since + len(changes)))
@@ -388,8 +391,8 @@ class CalDav(Writes):
         except ValidationError as e:
             raise Fail(403, f"the resource name {e.message} (before .ics)") from None
         store = self.app.store
-        home = store.project_of(event_id)
-        stored = store.get_event(project, event_id) if home == project else None
+        home = await self.app.read(store.project_of, event_id)
+        stored = await self.app.read(store.get_event, project, event_id) if home == project else None
         if method in (b"GET", b"HEAD", b"PROPFIND"):
             if stored is None:
                 raise Fail(404, f"no event {name!r} in {project!r}")

@@ -102,13 +102,18 @@ def _left(user_id: str, project_id: str) -> protocol.Outgoing:
 
 
 class Room:
-    __slots__ = ("project_id", "subscribers", "users", "cursor_budget", "cursor_pending", "last", "remote")
+    __slots__ = ("project_id", "subscribers", "users", "cursor_budget", "cursor_pending", "last", "remote",
+                 "inbox", "receive", "joining")
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
-        # Several nodes (bus.py): the last seq delivered to every member; -1 before
-        # the first member joined. A single node does not need it.
+        # PostgreSQL (sequencer.py): the last seq delivered to every member, -1 until
+        # known; the room's task's inbox; newcomers it has yet to admit. LMDB does not
+        # need them.
         self.last = -1
+        self.inbox: Any = None
+        self.receive: Any = None
+        self.joining = 0
         # Several nodes: users present on other nodes only (user id -> presence info).
         self.remote: dict[str, dict[str, Any]] = {}
         # A dict used as an ordered set: fan-out order is join order.
@@ -134,25 +139,35 @@ class Hub:
         self.cursor_interval = 1.0 / cursor_rate
         self._cursor_rooms: set[str] = set()  # projects with cursors waiting
         self._cursor_wakeup = trio.lowlevel.ParkingLot()
-        # Several nodes: changes from the others, in seq order (bus.py); None alone.
+        # Several nodes: presence and cursors from the others (bus.py); None alone.
         self.bus: Any = None
+        # PostgreSQL: each room's durable changes and newcomers, in log order
+        # (sequencer.py); None with LMDB, where they need no task of their own.
+        self.sequencer: Any = None
 
     # -- membership and presence ---------------------------------------------------
 
-    def join(self, session: "Subscriber", project_id: str, at: int | None = None) -> None:
-        """Add a subscriber that has every change up to seq ``at``; the newcomer learns
-        who is present in one write and the others hear of the newcomer if this is
-        the user's first connection here."""
+    def room(self, project_id: str) -> Room:
+        """The project's room, opened if nobody is in it yet."""
         room = self.rooms.get(project_id)
-        bus = self.bus
         if room is None:
             room = self.rooms[project_id] = Room(project_id)
-            if bus is not None:
-                bus.room_opened(project_id)
+            if self.sequencer is not None:
+                self.sequencer.opened(room)
+            if self.bus is not None:
+                self.bus.room_opened(project_id)
+        return room
+
+    def join(self, session: "Subscriber", project_id: str) -> None:
+        """Add a subscriber that has every change up to the last one fanned out."""
+        self.admit(self.room(project_id), session)
+
+    def admit(self, room: Room, session: "Subscriber") -> None:
+        """The newcomer learns who is present in one write and the others hear of the
+        newcomer if this is the user's first connection here."""
         if session in room.subscribers:
             return  # subscribing again: it knows who is here already
-        if bus is not None and at is not None:
-            bus.on_join(room, session, at)
+        bus, project_id = self.bus, room.project_id
         user_id = session.identity.user_id
         present = [p.joined for p in room.users.values() if p.user_id != user_id]
         present += [_joined(info) for u, info in room.remote.items() if u != user_id and u not in room.users]
@@ -183,8 +198,14 @@ class Hub:
                     self.bus.present(project_id, user_id, None)
                 if user_id not in room.remote:  # still here through another node
                     room.fan_out(_left(user_id, project_id))
-        if not room.subscribers:
-            del self.rooms[project_id]
+        self.drop_if_empty(room)
+
+    def drop_if_empty(self, room: Room) -> None:
+        """A room nobody is in (or about to be) goes."""
+        if not room.subscribers and not room.joining and self.rooms.get(room.project_id) is room:
+            del self.rooms[room.project_id]
+            if self.sequencer is not None:
+                self.sequencer.closed(room)
 
     def remote_presence(self, project_id: str, others: dict[str, dict[str, Any]]) -> None:
         """Several nodes: who is present on the other nodes now (bus.py); users who
@@ -302,18 +323,18 @@ class Hub:
                 out = protocol.Outgoing(outcome.change) if outcome.project_id in rooms else None
                 changes.setdefault(outcome.project_id, []).append((out, f"{outcome.project_id}:{outcome.seq}", m, outcome))
             else:
-                self._reply(m, outcome)
+                self.reply(m, outcome)
         committed = self.committed
-        bus = self.bus
+        sequencer, bus = self.sequencer, self.bus
         for project_id, items in changes.items():
             committed[project_id] = committed.get(project_id, 0) + len(items)
-            if bus is None:
-                self._fan_out(project_id, items)
+            room = rooms.get(project_id)
+            if sequencer is None or room is None:
+                self.fan_out_to(room, items)
             else:
-                fresh = self._in_order(project_id, items)
-                if fresh:
-                    self._fan_out(project_id, fresh)
-                for _, _, _, outcome in items:  # all of them: the other nodes may not have them
+                sequencer.local(room, items)  # in log order, after the other nodes' earlier ones
+            if bus is not None:
+                for _, _, _, outcome in items:
                     bus.publish(project_id, outcome.change)
             if self._hook.barosync_change_committed.get_hookimpls():
                 for _, _, _, outcome in items:
@@ -323,28 +344,9 @@ class Hub:
                     except Exception:
                         log.exception("barosync_change_committed hook failed for %s seq %d", project_id, outcome.seq)
 
-    def _in_order(self, project_id: str, items: list[tuple[Any, str, Mutation, Outcome]]) -> list[tuple[Any, str, Mutation, Outcome]]:
-        """Several nodes: this node's commits go out after the other nodes' earlier
-        ones (read from the log when the bus has not brought them yet); a change
-        this room already got from the log is only acked to its sender."""
-        room = self.rooms.get(project_id)
-        if room is None or room.last < 0:
-            return items
-        first = items[0][3].seq
-        if first > room.last + 1:
-            self.bus.catch_up(room, first - 1)
-        fresh = []
-        for item in items:
-            if item[3].seq <= room.last:
-                self._reply(item[2], item[3])
-            else:
-                fresh.append(item)
-        if fresh:
-            room.last = fresh[-1][3].seq
-        return fresh
-
     def deliver_plain(self, room: Room, items: list[tuple[protocol.Outgoing, str]]) -> None:
-        """Changes committed elsewhere, to every member of a room in one write each."""
+        """Changes read from the log or from another node, to every member of a room
+        in one write each."""
         if len(items) == 1:
             out, msg_id = items[0]
             for session in room.subscribers:
@@ -354,8 +356,9 @@ class Hub:
                 session.deliver_many(items)
         self.deliveries += len(items) * len(room.subscribers)
 
-    def _fan_out(self, project_id: str, items: list[tuple[Any, str, Mutation, Outcome]]) -> None:
-        room = self.rooms.get(project_id)
+    def fan_out_to(self, room: Room | None, items: list[tuple[Any, str, Mutation, Outcome]]) -> None:
+        """One project's changes of a group commit: their senders answered, the
+        room's members (if any) sent them."""
         members = room.subscribers if room is not None else {}
         # Senders first: the one who made a change hears "done" without waiting
         # behind a thousand deliveries. A sender subscribed to the project gets its
@@ -365,12 +368,12 @@ class Hub:
             if m.origin in members:
                 senders[m.origin] = None
             else:
-                self._reply(m, outcome)
+                self.reply(m, outcome)
         delivered = 0
         for sender in senders:
             for out, msg_id, m, outcome in items:
                 if m.origin is sender:
-                    self._reply(m, outcome)
+                    self.reply(m, outcome)
                 else:
                     sender.deliver(out, msg_id)
                     delivered += 1
@@ -393,7 +396,7 @@ class Hub:
         self.deliveries += delivered
 
     @staticmethod
-    def _reply(m: Mutation, outcome: Outcome) -> None:
+    def reply(m: Mutation, outcome: Outcome) -> None:
         try:
             m.reply(m, outcome)
         except Exception:  # a reply must never take the writer down

@@ -52,7 +52,7 @@ async def _build(app: "App", identity: Identity, kind: str, envelope_id: str, p:
         event = new_event(p, user_id=user, now_ms=received)
         return Mutation(kind, project_id=event.project_id, event_id=event.id, event=event, **common)
     event_id = check_id(p.get("id"), "id")
-    project_id = app.store.project_of(event_id)
+    project_id = await app.read(app.store.project_of, event_id)
     # An event in a project this user cannot see answers like one that does not
     # exist, so ids cannot be probed across projects.
     if project_id is None or not await app.authorize(identity, "subscribe", project_id):

@@ -19,8 +19,9 @@ Tables (``barosync_`` prefix):
 - ``meta``      key -> value (``data_id``: the history's id, which clients compare; a
                 restored database gets a new one, see docs/cluster.md; ``schema``)
 
-Reads run on the event loop, each a short query on a connection of their own; the
-writer's transaction runs in the writer's worker thread on another connection.
+Reads are short queries on pooled connections (psycopg-pool), called from worker
+threads (reads.py: at most ``READ_THREADS`` at once), never on the event loop; the
+writer's transaction runs in the writer's worker thread on a connection of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Iterator
 import attrs
 import orjson
 import psycopg
+import psycopg_pool
 from psycopg import errors as pgerrors
 
 from . import protocol
@@ -46,6 +48,9 @@ log = logging.getLogger("barosync.pg_store")
 SCHEMA_VERSION = 1
 CONNECT_TIMEOUT = 5  # seconds
 STATEMENT_TIMEOUT_MS = 10_000
+# Reads at once (threads, and pooled connections): subscribes, REST and CalDAV reads,
+# the rooms' gap fills. Each is one short query; more would only queue in PostgreSQL.
+READ_THREADS = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS barosync_meta (key text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE IF NOT EXISTS barosync_heads (project text PRIMARY KEY, seq bigint NOT NULL);
@@ -66,6 +71,9 @@ class _Replayed(Exception):
 
 class PgStore(Commits):
     kind = "postgresql"
+    # reads.py: each read is a network round trip, so it runs in a worker thread.
+    reads_block = True
+    read_threads = READ_THREADS
 
     def __init__(self, dsn: str, *, hook: Any, config: Config) -> None:
         self.config = config
@@ -73,7 +81,7 @@ class PgStore(Commits):
         self.dsn = dsn
         # Where the node's own files are (secret, app passwords); messages name it.
         self.path = config.data_dir
-        self._reads: psycopg.Connection | None = None
+        self._pool: psycopg_pool.ConnectionPool | None = None
         self._writes: psycopg.Connection | None = None
         self._lock = threading.Lock()
         try:
@@ -94,21 +102,25 @@ class PgStore(Commits):
             self.data_id = conn.execute("SELECT value FROM barosync_meta WHERE key = 'data_id'").fetchone()[0]
             conn.execute("SELECT pg_advisory_unlock(727274)")
 
+    def _options(self) -> str:
+        return f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c synchronous_commit=on"
+
     def _connect(self, *, autocommit: bool) -> psycopg.Connection:
-        return psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT,
-                               options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c synchronous_commit=on")
+        return psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT, options=self._options())
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[psycopg.Connection]:
-        """The event loop's connection (reconnected when it broke)."""
-        if self._reads is None or self._reads.closed or self._reads.broken:
-            self._reads = self._connect(autocommit=True)
-        try:
-            yield self._reads
-        except psycopg.OperationalError:
-            self._reads.close()
-            self._reads = None
-            raise
+        """A pooled connection for one read (a broken one is replaced by the pool).
+        Waiting for a free one, or for PostgreSQL to answer, ends after
+        CONNECT_TIMEOUT with an OperationalError (psycopg_pool.PoolTimeout)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = psycopg_pool.ConnectionPool(
+                    self.dsn, min_size=1, max_size=READ_THREADS, timeout=CONNECT_TIMEOUT, name="barosync-reads",
+                    kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "options": self._options()},
+                    open=True)
+        with self._pool.connection() as conn:
+            yield conn
 
     def _writer(self) -> psycopg.Connection:
         if self._writes is None or self._writes.closed or self._writes.broken:
@@ -116,9 +128,10 @@ class PgStore(Commits):
         return self._writes
 
     def close(self) -> None:
-        for conn in (self._reads, self._writes):
-            if conn is not None:
-                conn.close()
+        if self._pool is not None:
+            self._pool.close()
+        if self._writes is not None:
+            self._writes.close()
 
     # -- storage faults (writer.py) ---------------------------------------------------
 

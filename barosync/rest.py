@@ -82,13 +82,14 @@ async def handle(app: "App", method: bytes, path: str, query: str, headers: dict
 async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:
     identity = await _identity(app, headers)
     if path.startswith("/api/admin/"):
-        return _admin(app, identity, method, path)
+        return await _admin(app, identity, method, path)
     if path == "/api/me":
         _allow(method, b"GET")
         return 200, _me(identity)
     if path == "/api/projects":
         _allow(method, b"GET")
-        return 200, {"projects": [{"id": p, "seq": seq} for p, seq in app.store.projects() if identity.may_access(p)]}
+        return 200, {"projects": [{"id": p, "seq": seq} for p, seq in await app.read(app.store.projects)
+                              if identity.may_access(p)]}
     if m := _PROJECT_IMPORT.fullmatch(path):
         _allow(method, b"POST")
         return await _import(app, identity, _unquote(m.group(1)), parse_qs(query), body)
@@ -114,13 +115,13 @@ async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: d
     raise HttpError(404, "not_found", f"no such resource {path!r}")
 
 
-def _admin(app: "App", identity: Identity, method: bytes, path: str) -> Response:
+async def _admin(app: "App", identity: Identity, method: bytes, path: str) -> Response:
     if not identity.admin:
         raise HttpError(403, protocol.E_FORBIDDEN, "the sync inspector needs a token with the admin claim "
                                                    "(`barosync token create --admin`)")
     if path == "/api/admin/summary":
         _allow(method, b"GET")
-        return 200, admin.summary(app)
+        return 200, await admin.summary(app)
     if m := _ADMIN_CLOSE.fullmatch(path):
         _allow(method, b"POST")
         session_id = _unquote(m.group(1))
@@ -199,7 +200,7 @@ async def _list(app: "App", identity: Identity, project_id: str, query: dict[str
         raise HttpError(403, protocol.E_FORBIDDEN, f"not allowed to read project {project_id!r}")
     start = _utc(query["from"][0], "from") if "from" in query else None
     end = _utc(query["to"][0], "to") if "to" in query else None
-    seq, events = app.store.snapshot(project_id)
+    seq, events = await app.read(app.store.snapshot, project_id)
     if start is not None or end is not None:
         events = [
             e for e in events
@@ -211,8 +212,8 @@ async def _list(app: "App", identity: Identity, project_id: str, query: dict[str
 
 
 async def _get(app: "App", identity: Identity, event_id: str) -> Response:
-    project_id = app.store.project_of(event_id)
-    event = app.store.get_event(project_id, event_id) if project_id is not None else None
+    project_id = await app.read(app.store.project_of, event_id)
+    event = await app.read(app.store.get_event, project_id, event_id) if project_id is not None else None
     if event is None or not await app.authorize(identity, "subscribe", project_id):  # type: ignore[arg-type]
         raise HttpError(404, protocol.E_NOT_FOUND, f"no event {event_id!r}")
     return 200, event
@@ -256,7 +257,7 @@ async def feed(app: "App", method: bytes, path: str, query: str, headers: dict[b
                                                 "(make one with `barosync token create --feed --project P`)")
     if not await app.authorize(identity, "subscribe", project_id):
         return _feed_error(403, protocol.E_FORBIDDEN, f"this feed token is not for project {project_id!r}")
-    seq, events = app.store.snapshot(project_id)
+    seq, events = await app.read(app.store.snapshot, project_id)
     etag = f'"{app.store.data_id}-{seq}"'.encode()
     extra = [(b"etag", etag), (b"cache-control", b"no-cache")]
     if headers.get(b"if-none-match") == etag:
@@ -287,7 +288,8 @@ async def _import(app: "App", identity: Identity, project_id: str, query: dict[s
     counts = {"created": 0, "updated": 0, "unchanged": 0}
     refused = []
     for fields in found:
-        stored = app.store.get_event(project_id, fields["id"]) if app.store.project_of(fields["id"]) == project_id else None
+        home = await app.read(app.store.project_of, fields["id"])
+        stored = await app.read(app.store.get_event, project_id, fields["id"]) if home == project_id else None
         if stored is not None and all(stored.get(k) == v for k, v in fields.items() if k != "projectId"):
             counts["unchanged"] += 1
             continue

@@ -67,6 +67,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         async with trio.open_nursery() as root:
             await root.start(app.writer.run)
             root.start_soon(app.hub.run_cursors)
+            if app.hub.sequencer is not None:
+                await root.start(app.hub.sequencer.run)
             if app.bus is not None:
                 await root.start(app.bus.run)
             await root.start(front.poller.run)

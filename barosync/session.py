@@ -175,14 +175,19 @@ class Session(Connection):
             await app.writer.wait_idle(project_id)
             if self._closing:
                 return
-            # From here to join() nothing awaits: no change can slip between the
-            # last read and the join, so the client sees every seq exactly once.
+            # With LMDB, from here to join() nothing yields (reads.py: its reads run
+            # inline): no change can slip between the last read and the join, so the
+            # client sees every seq exactly once. With PostgreSQL the reads yield, and
+            # the room's sequencer makes up the difference when it admits us.
             # Long replays go in pieces of about the outbox cap, each once the
             # previous one is out, so catching up never needs more memory than that.
-            found = app.store.replay(project_id, since, max_bytes=self._outbox_limit) if since is not None else None
+            found = (await app.read(app.store.replay, project_id, since, max_bytes=self._outbox_limit)
+                     if since is not None else None)
+            if self._closing:
+                return
             if found is None:
                 if not sub.snapshot_parts:
-                    since = self._send_snapshot(env.id, project_id, since, acked)
+                    since = await self._send_snapshot(env.id, project_id, since, acked)
                     break
                 # In parts, with waits for the socket in between: changes committed
                 # meanwhile are replayed after the snapshot's seq, then we join.
@@ -191,7 +196,7 @@ class Session(Connection):
                 continue
             changes, complete = found
             if not acked:
-                last = app.store.current_seq(project_id)
+                last = since + len(changes) if complete else await app.read(app.store.current_seq, project_id)  # type: ignore[operator]
                 self.send_json(protocol.ack(env.id, {"projectId": project_id, "seq": last, "mode": "changes",
                                                      "count": last - since}))  # type: ignore[operator]
                 acked = True
@@ -201,7 +206,10 @@ class Session(Connection):
             if complete:
                 break
             await self._wait_drained()
-        app.hub.join(self, project_id, at=since)
+        if app.hub.sequencer is None:
+            app.hub.join(self, project_id)
+        else:
+            await app.hub.sequencer.join(self, project_id, at=since)
         self.subscriptions.add(project_id)
 
     def _snapshot_ack(self, ref: str | None, project_id: str, seq: int, since: int | None) -> None:
@@ -211,10 +219,10 @@ class Session(Connection):
             answer["reason"] = "since_ahead" if since > seq else "history_pruned"
         self.send_json(protocol.ack(ref, answer))
 
-    def _send_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> int:
+    async def _send_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> int:
         """The whole snapshot as one message (clients that did not ask for parts);
         returns its seq."""
-        with self.app.store.snapshot_pages(project_id, max_bytes=WHOLE) as (seq, pages):
+        async with self.app.read.snapshot_pages(project_id, max_bytes=WHOLE) as (seq, pages):
             if not acked:
                 self._snapshot_ack(ref, project_id, seq, since)
             snapshot_id = protocol.next_id()
@@ -226,7 +234,7 @@ class Session(Connection):
         """The snapshot in parts of at most max_message_bytes from one consistent read,
         never more than about the outbox cap queued at once; returns its seq."""
         part_bytes = max(1024, self.app.config.max_message_bytes - 512)
-        with self.app.store.snapshot_pages(project_id, max_bytes=part_bytes) as (seq, pages):
+        async with self.app.read.snapshot_pages(project_id, max_bytes=part_bytes) as (seq, pages):
             if not acked:
                 self._snapshot_ack(ref, project_id, seq, since)
             page = next(pages)

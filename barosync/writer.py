@@ -26,13 +26,14 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import lmdb
 import trio
 
 from . import protocol
 from .protocol import ProtocolError
+from .reads import Reads
 from .store import Mutation, Outcome, Store, now_ms
 
 log = logging.getLogger("barosync.writer")
@@ -91,8 +92,9 @@ class Writer:
     as one transaction off the event loop, then hands each outcome on in order."""
 
     def __init__(self, store: Store, on_batch: Callable[[list[tuple[Mutation, Outcome]]], None], *,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None, read: Reads | None = None) -> None:
         self.store = store
+        self._read = read if read is not None else Reads(store)
         self._on_batch = on_batch
         self._on_failure = on_failure
         self._send, self._receive = trio.open_memory_channel[Mutation](QUEUE_DEPTH)
@@ -116,20 +118,30 @@ class Writer:
 
     async def submit(self, m: Mutation) -> None:
         if self.degraded is not None or self.failure is not None:
-            self._on_batch([(m, self._refusal(m))])
+            await self._refuse([m])
             return
         try:
             self._send.send_nowait(m)
         except trio.WouldBlock:
             await self._send.send(m)
 
-    def _refusal(self, m: Mutation) -> Outcome:
+    async def _refuse(self, batch: list[Mutation]) -> None:
+        """Answer every mutation of ``batch`` that it was not stored (or, for a retry
+        of one stored before, with its original answer)."""
+        answers: list[dict[str, Any] | None] = [None] * len(batch)
         if self.failure is None:
             # A retry of a change stored before the disk filled still gets its answer.
             try:
-                answer = self.store.previous_answer(m.user_id, m.envelope_id)
+                answers = await self._read(self._previous_answers, batch)
             except self.store.faults:
-                answer = None  # the database is what is unreachable
+                pass  # the database is what is unreachable
+        self._on_batch([(m, self._refusal(m, answer)) for m, answer in zip(batch, answers)])
+
+    def _previous_answers(self, batch: list[Mutation]) -> list[dict[str, Any] | None]:
+        return [self.store.previous_answer(m.user_id, m.envelope_id) for m in batch]
+
+    def _refusal(self, m: Mutation, answer: dict[str, Any] | None) -> Outcome:
+        if self.failure is None:
             if answer is not None:
                 return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
         self.refused += 1
@@ -194,15 +206,14 @@ class Writer:
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
 
-    def _refuse_waiting(self) -> None:
+    async def _refuse_waiting(self) -> None:
         """Refuse what already waits for the writer: it would only fail too."""
-        waiting: list[Mutation] = []
         while True:
+            waiting: list[Mutation] = []
             self._drain_into(waiting)
             if not waiting:
                 return
-            self._on_batch([(m, self._refusal(m)) for m in waiting])
-            waiting.clear()
+            await self._refuse(waiting)
 
     async def prune(self) -> int:
         """Enforce the history retention now (the server calls this periodically)."""
@@ -227,7 +238,7 @@ class Writer:
 
     async def _commit_locked(self, batch: list[Mutation]) -> None:
         if self.degraded is not None or self.failure is not None:
-            self._on_batch([(m, self._refusal(m)) for m in batch])
+            await self._refuse(batch)
             return
         while True:
             # Not abandoned on cancel: a commit that started finishes, so an ack is
@@ -241,8 +252,8 @@ class Writer:
             except self.store.faults as e:
                 # Nothing of this batch is stored: each sender hears so, with its ref.
                 self._fault(e)
-                self._on_batch([(m, self._refusal(m)) for m in batch])
-                self._refuse_waiting()
+                await self._refuse(batch)
+                await self._refuse_waiting()
                 return
             break
         self.batches += 1

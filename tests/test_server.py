@@ -116,7 +116,7 @@ async def test_cumulative_ack_settles_that_projects_changes_up_to_its_seq(app, c
     await b.send_raw(json.dumps({"type": "ping"}))
     assert (await b.recv())["type"] == "pong"
     assert {m for m in session.unacked if ":" in m} == {"p1:3", "p2:1"}  # exact: p1 up to 2, nothing else
-    progress = admin._progress(app, session, "p1")
+    progress = admin._progress(session, "p1", app.store.current_seq("p1"))
     assert progress["acked"] == 2 and progress["behind"] == 1
     # A cumulative ack and an ack by id in one breath, then one past the head
     await b.send_raw(json.dumps({"type": "ack", "id": got[3]["id"]}))

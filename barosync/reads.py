@@ -1,0 +1,54 @@
+"""Store reads from the event loop: inline for LMDB, in worker threads for PostgreSQL.
+
+An LMDB read is a lookup in memory-mapped pages, a few microseconds: it runs inline,
+where handing it to a thread would cost ten times the read. And an inline read never
+yields to the scheduler, which session.py relies on: a subscriber's catch-up read and
+its join of the room happen in one step, so no change can pass in between.
+
+A PostgreSQL read is a network round trip, and PostgreSQL may be slow or away. Those
+run in worker threads (at most ``store.read_threads`` at once, one pooled connection
+each; pg_store.py), so one slow query never stalls every other connection. Since such
+a read does yield, rooms are then kept in log order by sequencer.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+class Reads:
+    """``await app.read(store.method, *args)``: the store's read, off the event loop
+    when the store's reads block."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.blocking: bool = bool(getattr(store, "reads_block", False))
+        self._limiter = trio.CapacityLimiter(getattr(store, "read_threads", 1)) if self.blocking else None
+
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._limiter is None:
+            return fn(*args, **kwargs)
+        # Not abandoned on cancel: the query ends by itself within statement_timeout,
+        # and its pooled connection must come back.
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+
+    @contextlib.asynccontextmanager
+    async def snapshot_pages(self, project_id: str, *, max_bytes: int) -> AsyncIterator[tuple[int, Iterator[list[bytes]]]]:
+        """store.snapshot_pages, entered in a thread when reads block. (PgStore reads
+        the whole snapshot on entry, so its pages come from memory; LMDB holds a read
+        transaction and reads its pages lazily, inline.)"""
+        manager = self.store.snapshot_pages(project_id, max_bytes=max_bytes)
+        if self._limiter is None:
+            with manager as found:
+                yield found
+            return
+        found = await self(manager.__enter__)
+        with contextlib.ExitStack() as stack:
+            stack.push(manager)  # its __exit__, entered above
+            yield found

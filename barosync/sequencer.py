@@ -1,0 +1,224 @@
+"""Rooms in log order when the log's reads yield (PostgreSQL; with or without bus.py).
+
+With LMDB a subscriber reads its catch-up and joins its room in one step of the event
+loop (session.py), so no change can pass in between. PostgreSQL reads are network
+round trips that run in worker threads (reads.py): while one runs, changes commit and
+fan out. With several nodes, changes also reach a room from two sides: this node's
+commits and the other nodes' (bus.py).
+
+So each room gets one task here, its sequencer, which alone delivers the room's
+durable changes and alone admits its members. It keeps ``room.last``, the last seq
+every member has (read from the log's head when the room opens), and takes, in
+arrival order:
+
+- this node's commits: they go out when they follow ``last``; after a gap the missing
+  seqs are read from the log first; a change the room already got from the log is
+  only answered to its sender;
+- other nodes' changes: ``last + 1`` goes out, ``<= last`` is dropped, a jump is read
+  from the log;
+- a newcomer that has everything up to ``at``: it is sent ``at+1 .. last`` from the
+  log (or the room is first brought up to ``at``), then it is a member;
+- checks: the log's head against ``last``, every ``CHECK_INTERVAL`` and when the bus
+  reconnected, so a lost message or a node that died between its commit and its
+  publish costs a delay, never a gap.
+
+The task may await a read anywhere: nothing else delivers to its room meanwhile, so
+every member sees every seq once and in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+
+from . import protocol
+
+if TYPE_CHECKING:
+    from .hub import Hub, Room, Subscriber
+    from .reads import Reads
+    from .store import Mutation, Outcome, Store
+
+log = logging.getLogger("barosync.sequencer")
+
+CHECK_INTERVAL = 1.0  # seconds between comparisons of every room with the log's head
+
+
+class _Join:
+    __slots__ = ("session", "at", "done", "abandoned")
+
+    def __init__(self, session: "Subscriber", at: int) -> None:
+        self.session, self.at = session, at
+        self.done = trio.Event()
+        self.abandoned = False  # its subscribe was cancelled while it waited
+
+
+class Sequencer:
+    def __init__(self, *, hub: "Hub", store: "Store", read: "Reads") -> None:
+        self.hub = hub
+        self.store = store
+        self.read = read
+        self.filled = 0  # changes read from the log to close a gap (the inspector's)
+        self._nursery: trio.Nursery | None = None
+        self._waiting: list["Room"] = []  # opened before run() started
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for room in self._waiting:
+                nursery.start_soon(self._sequence, room)
+            self._waiting.clear()
+            nursery.start_soon(self._checker)
+            task_status.started()
+
+    # -- the event loop's side (never awaits) ---------------------------------------------
+
+    def opened(self, room: "Room") -> None:
+        """A new room (hub.py): its task and its inbox."""
+        room.inbox, room.receive = trio.open_memory_channel(math.inf)
+        if self._nursery is None:
+            self._waiting.append(room)
+        else:
+            self._nursery.start_soon(self._sequence, room)
+
+    def closed(self, room: "Room") -> None:
+        """The room is gone (its last member left): its task ends once its inbox is
+        drained (commits in it still get their answers)."""
+        room.inbox.close()
+
+    def local(self, room: "Room", items: list[tuple[Any, str, "Mutation", "Outcome"]]) -> None:
+        room.inbox.send_nowait(("local", items))
+
+    def remote(self, project_id: str, change: bytes) -> None:
+        room = self.hub.rooms.get(project_id)
+        if room is not None:
+            room.inbox.send_nowait(("remote", change))
+
+    def check_all(self) -> None:
+        for room in list(self.hub.rooms.values()):
+            room.inbox.send_nowait(("check",))
+
+    async def join(self, session: "Subscriber", project_id: str, at: int) -> None:
+        """Make ``session``, which has every change up to ``at``, a member of the
+        project's room, with nothing missed or repeated in between."""
+        room = self.hub.room(project_id)
+        request = _Join(session, at)
+        room.joining += 1
+        room.inbox.send_nowait(("join", request))
+        try:
+            await request.done.wait()
+        except BaseException:
+            # Cancelled (the connection closed, the server stops): not a member after all.
+            if request.done.is_set():
+                self.hub.leave(session, project_id)
+            else:
+                request.abandoned = True
+            raise
+
+    # -- a room's task ----------------------------------------------------------------
+
+    async def _sequence(self, room: "Room") -> None:
+        project_id = room.project_id
+        try:
+            room.last = await self.read(self.store.current_seq, project_id)
+        except self.store.faults as e:  # PostgreSQL away: the first fill will tell
+            log.warning("project %s: reading the log's head failed (%s); starting from the first change seen",
+                        project_id, e)
+        async for message in room.receive:
+            try:
+                await self._take(room, message)
+            except self.store.faults as e:
+                # The log is away: deliver nothing out of order; the next check
+                # (or the next change) reads what is missing once it is back.
+                log.warning("project %s: reading the log failed (%s); the next check retries", project_id, e)
+                if message[0] == "local":
+                    for _, _, m, outcome in message[1]:
+                        self.hub.reply(m, outcome)
+                elif message[0] == "join":
+                    # What it missed cannot be read now: it resubscribes later.
+                    message[1].session.close(protocol.CLOSE_TOO_SLOW, "the log is unreachable for now: resume with since")
+                    self._admit(room, message[1], admit=False)
+
+    async def _take(self, room: "Room", message: tuple) -> None:
+        kind = message[0]
+        if kind == "local":
+            items = message[1]
+            first = items[0][3].seq
+            if room.last >= 0 and first > room.last + 1:
+                await self._fill(room, first - 1)
+            fresh = []
+            for item in items:
+                if item[3].seq <= room.last:
+                    self.hub.reply(item[2], item[3])
+                else:
+                    fresh.append(item)
+            if fresh:
+                room.last = fresh[-1][3].seq
+                self.hub.fan_out_to(room, fresh)
+        elif kind == "remote":
+            change = message[1]
+            seq = orjson.loads(change)["seq"]
+            if room.last < 0 or seq == room.last + 1:
+                room.last = seq
+                self.hub.deliver_plain(room, [(protocol.Outgoing(change), f"{room.project_id}:{seq}")])
+            elif seq > room.last:
+                await self._fill(room)  # a jump: the log has what is missing (and this one)
+        elif kind == "join":
+            request = message[1]
+            session, at = request.session, request.at
+            if request.abandoned:
+                self._admit(room, request, admit=False)
+                return
+            if room.last < 0:
+                room.last = at
+            elif at > room.last:
+                await self._fill(room, at)  # the others are behind what the newcomer read
+            elif at < room.last:
+                found = await self.read(self.store.replay, room.project_id, at)
+                changes = found[0][: room.last - at] if found is not None else []
+                if found is None:
+                    session.close(protocol.CLOSE_TOO_SLOW, "fell behind the kept history: resubscribe")
+                session.deliver_many([(protocol.Outgoing(raw), f"{room.project_id}:{at + 1 + i}")
+                                      for i, raw in enumerate(changes)])
+            self._admit(room, request, admit=not request.abandoned)
+        elif kind == "check":
+            if room.last >= 0 and await self.read(self.store.current_seq, room.project_id) > room.last:
+                await self._fill(room)
+
+    def _admit(self, room: "Room", request: "_Join", *, admit: bool = True) -> None:
+        room.joining -= 1
+        if admit:
+            self.hub.admit(room, request.session)
+        else:
+            self.hub.drop_if_empty(room)
+        request.done.set()
+
+    async def _fill(self, room: "Room", upto: int | None = None) -> None:
+        """Deliver to every member what the log has after ``room.last`` (up to
+        ``upto``, or its head), in order."""
+        found = await self.read(self.store.replay, room.project_id, room.last)
+        if found is None:
+            # History pruned past what this room has: nothing to replay in order.
+            # Its members are told to resubscribe (they resume with `since`).
+            log.warning("project %s: the log no longer has seq %d; closing its subscribers so they resync",
+                        room.project_id, room.last + 1)
+            for session in list(room.subscribers):
+                session.close(protocol.CLOSE_TOO_SLOW, "fell behind the kept history: resubscribe")
+            room.last = await self.read(self.store.current_seq, room.project_id)
+            return
+        changes, _complete = found
+        if upto is not None:
+            changes = changes[: max(0, upto - room.last)]
+        if changes:
+            items = [(protocol.Outgoing(raw), f"{room.project_id}:{room.last + 1 + i}") for i, raw in enumerate(changes)]
+            self.filled += len(items)
+            room.last += len(items)
+            self.hub.deliver_plain(room, items)
+
+    async def _checker(self) -> None:
+        while True:
+            await trio.sleep(CHECK_INTERVAL)
+            self.check_all()

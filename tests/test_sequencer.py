@@ -1,0 +1,159 @@
+"""Reads off the event loop on PostgreSQL, and rooms kept in log order meanwhile
+(reads.py, sequencer.py). In-process servers on a real PostgreSQL (tests/pg_helpers.py),
+real WebSocket clients; a read is held up with a real table lock or a slowed read."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import trio
+
+from barosync.server import serve
+from conftest import event_payload, http_exchange, make_config, open_client, token
+from pg_helpers import Postgres, bindir
+
+pytestmark = pytest.mark.skipif(bindir() is None, reason="PostgreSQL is not installed (as root: apt-get install postgresql)")
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres()
+    yield pg
+    pg.close()
+
+
+@pytest.fixture
+async def pg_app(nursery: trio.Nursery, tmp_path: Path, postgres: Postgres) -> Any:
+    app = await nursery.start(serve, make_config(tmp_path / "data", cluster_postgres=postgres.new_database()))
+    yield app
+    app.stop()
+
+
+async def wait_for(condition: Any, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not await condition():
+            await trio.sleep(0.02)
+
+
+async def test_a_read_held_up_in_postgres_does_not_stall_other_connections(pg_app: Any, nursery: trio.Nursery) -> None:
+    import psycopg
+
+    alice = await open_client(nursery, pg_app, token("alice"))
+    await alice.subscribe("p1")
+    await alice.create("p1")
+    listing: dict[str, Any] = {}
+
+    async def list_events() -> None:
+        listing["answer"] = await http_exchange(pg_app.port, "GET", "/api/projects/p1/events", tok=token("bob"))
+
+    with psycopg.connect(pg_app.config.cluster_postgres, autocommit=False) as lock:
+        lock.execute("LOCK TABLE barosync_events IN ACCESS EXCLUSIVE MODE")
+        nursery.start_soon(list_events)
+
+        async def read_waits() -> bool:
+            def query() -> bool:
+                with psycopg.connect(pg_app.config.cluster_postgres, autocommit=True) as c:
+                    return bool(c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                          "AND query LIKE '%barosync_events%'").fetchone()[0])
+            return await trio.to_thread.run_sync(query)
+
+        await wait_for(read_waits)
+        # The listing's read waits for the lock in PostgreSQL; the server still answers.
+        ping = await alice.send("ping")
+        pong = await alice.recv_type("pong")
+        assert pong["type"] == "pong" and ping
+        assert "answer" not in listing
+        lock.rollback()
+    await wait_for(lambda: _done(listing))
+    status, _, body = listing["answer"]
+    assert status == 200 and [e["title"] for e in body["events"]] == ["Standup"]
+
+
+async def _done(listing: dict[str, Any]) -> bool:
+    return "answer" in listing
+
+
+async def test_changes_committed_during_a_subscribers_read_reach_it_once_and_in_order(pg_app: Any, nursery: trio.Nursery) -> None:
+    """The subscriber's catch-up read is slow: five changes commit and fan out while it
+    runs. The room's sequencer sends it what its read missed before it joins."""
+    writer = await open_client(nursery, pg_app, token("alice"))
+    watcher = await open_client(nursery, pg_app, token("carol"))
+    await watcher.subscribe("p1")
+    for _ in range(2):
+        await writer.create("p1")
+    store = pg_app.store
+    original = store.replay
+    read_done = trio.Event()
+    token_ = trio.lowlevel.current_trio_token()
+    slowed = []
+
+    def slow_replay(*args: Any, **kwargs: Any) -> Any:
+        found = original(*args, **kwargs)
+        if not slowed:
+            slowed.append(args)
+            trio.from_thread.run_sync(read_done.set, trio_token=token_)
+            time.sleep(1.0)  # the writer commits meanwhile
+        return found
+
+    store.replay = slow_replay
+    late = await open_client(nursery, pg_app, token("bob"))
+    subscribed: dict[str, Any] = {}
+
+    async def subscribe() -> None:
+        subscribed["ack"] = await late.subscribe("p1", since=0)
+
+    nursery.start_soon(subscribe)
+    await read_done.wait()
+    for _ in range(5):
+        await writer.create("p1")
+    assert "ack" not in subscribed  # its read was taken before these five
+    with trio.fail_after(10):
+        while "ack" not in subscribed:
+            await trio.sleep(0.01)
+    assert subscribed["ack"]["payload"]["mode"] == "changes"
+    await writer.create("p1")  # the eighth, live
+    seqs = []
+    with trio.fail_after(10):
+        while len(seqs) < 8:
+            msg = await late.recv_type("event:created")
+            seqs.append(msg["seq"])
+    assert seqs == list(range(1, 9))
+    watched = [(await watcher.recv_type("event:created"))["seq"] for _ in range(8)]
+    assert watched == list(range(1, 9))
+
+
+async def test_writes_refused_while_postgres_is_away_do_not_stall_the_loop(pg_app: Any, nursery: trio.Nursery) -> None:
+    """Refusing a write looks up an earlier answer (a retry stored before). With the
+    database gone that read waits for its connect timeout: in a thread, while other
+    connections are answered."""
+    alice = await open_client(nursery, pg_app, token("alice"))
+    await alice.create("p1")
+    import psycopg
+
+    store = pg_app.store
+
+    def still_away(nbytes: int) -> None:
+        raise psycopg.OperationalError("still away (test)")
+
+    store.probe_space = still_away  # the writer's probe keeps it degraded
+    pg_app.writer.degraded = "PostgreSQL unreachable (test)"
+    original = store.previous_answer
+    entered = trio.Event()
+    token_ = trio.lowlevel.current_trio_token()
+
+    def slow_previous_answer(*args: Any) -> Any:
+        trio.from_thread.run_sync(entered.set, trio_token=token_)
+        time.sleep(1.0)
+        return original(*args)
+
+    store.previous_answer = slow_previous_answer
+    msg_id = await alice.send("event:create", event_payload())
+    await entered.wait()
+    bob = await open_client(nursery, pg_app, token("bob"))
+    await bob.send("ping")
+    assert (await bob.recv_type("pong"))["type"] == "pong"
+    refused = await alice.recv_type("error", timeout=10)
+    assert refused["payload"]["ref"] == msg_id and refused["payload"]["code"] == "storage_full"
