@@ -167,6 +167,12 @@ class PgStore(Commits):
             row = conn.execute("SELECT seq FROM barosync_heads WHERE project = %s", (project_id,)).fetchone()
         return row[0] if row else 0
 
+    def heads(self, project_ids: list[str]) -> dict[str, int]:
+        """Several projects' seqs in one query (sequencer.py's check)."""
+        with self._read() as conn:
+            return dict(conn.execute("SELECT project, seq FROM barosync_heads WHERE project = ANY(%s)",
+                                     (project_ids,)).fetchall())
+
     def projects(self) -> list[tuple[str, int]]:
         with self._read() as conn:
             return [(p, s) for p, s in conn.execute("SELECT project, seq FROM barosync_heads WHERE seq > 0 ORDER BY project")]

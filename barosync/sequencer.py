@@ -18,8 +18,8 @@ arrival order:
   from the log;
 - a newcomer that has everything up to ``at``: it is sent ``at+1 .. last`` from the
   log (or the room is first brought up to ``at``), then it is a member;
-- checks: the log's head against ``last``, every ``CHECK_INTERVAL`` and when the bus
-  reconnected, so a lost message or a node that died between its commit and its
+- checks: the log's head against ``last``, every ``CHECK_INTERVAL`` (one read for
+  every room's head) and when the bus reconnected, so a lost message or a node that died between its commit and its
   publish costs a delay, never a gap.
 
 The task may await a read anywhere: nothing else delivers to its room meanwhile, so
@@ -98,6 +98,7 @@ class Sequencer:
             room.inbox.send_nowait(("remote", change))
 
     def check_all(self) -> None:
+        """Every room against the log's head (after the bus reconnected)."""
         for room in list(self.hub.rooms.values()):
             room.inbox.send_nowait(("check",))
 
@@ -221,4 +222,17 @@ class Sequencer:
     async def _checker(self) -> None:
         while True:
             await trio.sleep(CHECK_INTERVAL)
-            self.check_all()
+            try:
+                await self._check_heads()
+            except self.store.faults as e:
+                log.warning("reading the log's heads failed (%s); trying again in %g s", e, CHECK_INTERVAL)
+
+    async def _check_heads(self) -> None:
+        """Every room's head in one read; only the rooms behind it read what they miss."""
+        rooms = list(self.hub.rooms.values())
+        if not rooms:
+            return
+        heads = await self.read(self.store.heads, [room.project_id for room in rooms])
+        for room in rooms:
+            if 0 <= room.last < heads.get(room.project_id, 0) and self.hub.rooms.get(room.project_id) is room:
+                room.inbox.send_nowait(("check",))
