@@ -23,6 +23,7 @@ from .hub import Hub, Subscriber
 from .models import Identity
 from .plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_names
 from .reads import Reads
+from .roles import Bus, LogStore
 from .sequencer import Sequencer
 from .store import Store
 from .writer import Writer
@@ -40,7 +41,7 @@ class App:
         if config.cluster_postgres:
             from .pg_store import PgStore  # psycopg is needed only for a cluster
 
-            self.store: Store = PgStore(config.cluster_postgres, hook=self.pm.hook, config=config)  # type: ignore[assignment]
+            self.store: LogStore = PgStore(config.cluster_postgres, hook=self.pm.hook, config=config)
         else:
             self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
@@ -57,7 +58,7 @@ class App:
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
         self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail, read=self.read)
         # Several nodes: the live bus between them (bus.py).
-        self.bus = None
+        self.bus: Bus | None = None
         if config.cluster_redis:
             from .bus import RedisBus, check_reachable
 

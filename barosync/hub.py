@@ -31,6 +31,7 @@ from .store import Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
     from .models import Identity
+    from .roles import Bus
 
 log = logging.getLogger("barosync.hub")
 
@@ -140,7 +141,7 @@ class Hub:
         self._cursor_rooms: set[str] = set()  # projects with cursors waiting
         self._cursor_wakeup = trio.lowlevel.ParkingLot()
         # Several nodes: presence and cursors from the others (bus.py); None alone.
-        self.bus: Any = None
+        self.bus: Bus | None = None
         # PostgreSQL: each room's durable changes and newcomers, in log order
         # (sequencer.py); None with LMDB, where they need no task of their own.
         self.sequencer: Any = None

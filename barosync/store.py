@@ -49,6 +49,9 @@ GROW_WHEN_FREE_BELOW = 0.25
 
 class Store(Commits):
     kind = "lmdb"
+    # reads.py: memory-mapped lookups of a few microseconds run inline, never yielding.
+    reads_block = False
+    read_threads = 1
 
     def __init__(self, path: Path, *, map_size: int, hook: Any = None, config: Config | None = None) -> None:
         self.config = config or Config()
@@ -109,6 +112,11 @@ class Store(Commits):
                 return self.current_seq(project_id, txn)
         raw = txn.get(project_id.encode(), db=self.seqs)
         return _U64.unpack(raw)[0] if raw else 0
+
+    def heads(self, project_ids: list[str]) -> dict[str, int]:
+        """Several projects' seqs (0 for one without changes) from one read transaction."""
+        with self.env.begin() as txn:
+            return {p: self.current_seq(p, txn) for p in project_ids}
 
     def projects(self) -> list[tuple[str, int]]:
         """Every project that has had a change, with its last seq."""
