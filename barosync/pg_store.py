@@ -65,10 +65,6 @@ CREATE TABLE IF NOT EXISTS barosync_idem (user_id text NOT NULL, envelope_id tex
 """
 
 
-class _Replayed(Exception):
-    """Another node stored this envelope first (its idempotency row won)."""
-
-
 class PgStore(Commits):
     kind = "postgresql"
     # reads.py: each read is a network round trip, so it runs in a worker thread.
@@ -83,6 +79,7 @@ class PgStore(Commits):
         self.path = config.data_dir
         self._pool: psycopg_pool.ConnectionPool | None = None
         self._writes: psycopg.Connection | None = None
+        self._seqs: dict[str, int] = {}  # the batch's projects' heads, counted in commit_batch
         self._lock = threading.Lock()
         try:
             conn = self._connect(autocommit=True)
@@ -324,34 +321,49 @@ class PgStore(Commits):
     # -- the write path -------------------------------------------------------------------
 
     def commit_batch(self, batch: list[Mutation]) -> list[Outcome] | None:
+        """One transaction, in pipeline mode: statements whose results are not read
+        go out together with the next one that is, so a create costs about three
+        round trips (its idempotency check, its id check, then its writes and
+        savepoint) instead of one per statement."""
         conn = self._writer()
         try:
-            with conn.transaction():
+            with conn.pipeline() as pipeline, conn.transaction():
                 cur = conn.cursor()
                 projects = sorted({m.project_id for m in batch})
                 cur.execute("INSERT INTO barosync_heads (project, seq) SELECT p, 0 FROM unnest(%s::text[]) AS p "
                             "ON CONFLICT DO NOTHING", (projects,))
                 # The head rows, locked in project order: gap-free seqs across nodes,
-                # and two nodes' batches never wait on each other in a circle.
-                cur.execute("SELECT project FROM barosync_heads WHERE project = ANY(%s) ORDER BY project FOR UPDATE",
-                            (projects,))
+                # and two nodes' batches never wait on each other in a circle. Held
+                # to the commit, so the seqs are counted here and written once.
+                self._seqs = dict(cur.execute("SELECT project, seq FROM barosync_heads WHERE project = ANY(%s) "
+                                              "ORDER BY project FOR UPDATE", (projects,)).fetchall())
+                first = dict(self._seqs)
                 out = []
                 for i, m in enumerate(batch):
-                    out.append(self._apply_one(conn, cur, m, i))
+                    out.append(self._apply_one(conn, pipeline, cur, m, i))
+                moved = [(p, seq) for p, seq in self._seqs.items() if seq != first[p]]
+                if moved:
+                    cur.execute("UPDATE barosync_heads h SET seq = n.seq FROM unnest(%s::text[], %s::bigint[]) "
+                                "AS n(project, seq) WHERE h.project = n.project",
+                                ([p for p, _ in moved], [seq for _, seq in moved]))
             return out
         except psycopg.OperationalError:
             conn.close()
             raise
 
-    def _apply_one(self, conn: psycopg.Connection, cur: Any, m: Mutation, index: int) -> Outcome:
+    def _apply_one(self, conn: psycopg.Connection, pipeline: Any, cur: Any, m: Mutation, index: int) -> Outcome:
+        seq_before = self._seqs[m.project_id]
         try:
-            with conn.transaction():  # a savepoint: a refused mutation leaves nothing behind
-                return self._apply(cur, m, index)
-        except _Replayed:
-            answer = self._answer_of(cur, m)
-            assert answer is not None
-            return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
-        except pgerrors.UniqueViolation as e:
+            try:
+                with conn.transaction():  # a savepoint: a refused mutation leaves nothing behind
+                    outcome = self._apply(cur, m, index)
+                    # This mutation's errors surface here, inside its own savepoint.
+                    pipeline.sync()
+                    return outcome
+            except BaseException:
+                self._seqs[m.project_id] = seq_before  # its seq was not used
+                raise
+        except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as e:
             if "barosync_index" in str(e):
                 return self._error(m, protocol.E_EXISTS, f"an event with id {m.event_id!r} already exists", "id")
             answer = self._answer_of(cur, m)
@@ -389,7 +401,7 @@ class PgStore(Commits):
                 "SELECT 1 FROM barosync_events WHERE project = %s AND id = %s", (m.project_id, m.event.id)).fetchone() is None:
             version = self._last_change(cur, m.event.id)[0] + 1
             return self._commit_change(cur, m, idem_key, "create", event_to_wire(attrs.evolve(m.event, version=version)),
-                                       previous=None)
+                                       previous=None, indexed=True)
         if row is not None:
             return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids of deleted "
                                                      "events are kept for the history retention)", "id")
@@ -414,18 +426,18 @@ class PgStore(Commits):
         return self._commit_change(cur, m, idem_key, "update", event_to_wire(updated), previous=stored)
 
     def _commit_change(self, cur: Any, m: Mutation, idem_key: bytes, kind: str, event: dict[str, Any] | None, *,
-                       previous: dict[str, Any] | None) -> Outcome:
+                       previous: dict[str, Any] | None, indexed: bool = False) -> Outcome:
         refused, warnings = self._validate(cur, m, kind, event, previous)
         if refused is not None:
             return Outcome("error", m.project_id, error=refused)
-        seq = cur.execute("UPDATE barosync_heads SET seq = seq + 1 WHERE project = %s RETURNING seq",
-                          (m.project_id,)).fetchone()[0]
-        if kind == "create" and previous is None:
+        seq = self._seqs[m.project_id] = self._seqs[m.project_id] + 1
+        if kind == "create" and previous is None and not indexed:
+            # Kept from an earlier life in this project: nothing to change. Taken in
+            # another project (by another node's create meanwhile): the NULL breaks the
+            # NOT NULL at the sync, without a round trip of its own (E_EXISTS).
             cur.execute("INSERT INTO barosync_index (id, project) VALUES (%s, %s) ON CONFLICT (id) DO UPDATE "
-                        "SET project = EXCLUDED.project WHERE barosync_index.project = EXCLUDED.project",
-                        (m.event_id, m.project_id))
-            if cur.rowcount == 0:
-                raise pgerrors.UniqueViolation("barosync_index: the id is taken in another project")
+                        "SET project = CASE WHEN barosync_index.project = EXCLUDED.project "
+                        "THEN EXCLUDED.project END", (m.event_id, m.project_id))
         if event is None:
             assert previous is not None
             version = previous["version"] + 1
@@ -449,11 +461,10 @@ class PgStore(Commits):
             answer = {"event": payload, "projectId": m.project_id, "seq": seq}
         if warnings:
             answer["warnings"] = warnings
-        try:
-            cur.execute("INSERT INTO barosync_idem (user_id, envelope_id, project, seq, answer) VALUES (%s, %s, %s, %s, %s)",
-                        (m.user_id, m.envelope_id, m.project_id, seq, orjson.dumps(answer)))
-        except pgerrors.UniqueViolation:
-            raise _Replayed() from None
+        # Stored meanwhile by another node (a racing retry): a UniqueViolation on
+        # barosync_idem_pkey at the sync, answered with the stored answer.
+        cur.execute("INSERT INTO barosync_idem (user_id, envelope_id, project, seq, answer) VALUES (%s, %s, %s, %s, %s)",
+                    (m.user_id, m.envelope_id, m.project_id, seq, orjson.dumps(answer)))
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
 
     def _forget(self, cur: Any, project_id: str, seq: int) -> int:
