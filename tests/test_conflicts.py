@@ -844,6 +844,7 @@ async def test_client_time_is_the_envelope_timestamp_never_later_than_receipt(tm
         assert won["payload"]["event"]["updatedAt"] == c.client_time  # = receive time
 
 
+@one_node  # the plugin module in sys.modules is one node's: the other node may decide the conflict
 async def test_merge_tiebreak_can_be_a_plugin_strategy(tmp_path, data_dir):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
