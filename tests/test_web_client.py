@@ -132,7 +132,17 @@ class Tab:
         return self.page.evaluate(wrapped, arg)
 
     def wait(self, condition: str, arg: Any = None, timeout: float = 10_000) -> Any:
-        return self.page.wait_for_function(condition, arg=arg, timeout=timeout)
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        try:
+            return self.page.wait_for_function(condition, arg=arg, timeout=timeout)
+        except PlaywrightTimeout:
+            # Say where the clients were, so a failure in CI explains itself.
+            where = self.page.evaluate("""() => JSON.stringify({online: navigator.onLine, clients: Object.fromEntries(
+                Object.keys(window).filter((k) => window[k] && window[k].syncStatus).map((k) => [k, {
+                    state: window[k].state, socket: window[k]._ws ? window[k]._ws.readyState : null,
+                    closeCode: window[k].closeCode, sync: window[k].syncStatus()}]))})""")
+            raise AssertionError(f"{condition!r} did not hold within {timeout:g} ms; {where}") from None
 
     def open_client(self, url: str, token: str, name: str = "c", **options: Any) -> None:
         self.js("""([url, token, name, options]) => {

@@ -228,10 +228,11 @@ export class SyncClient extends EventTarget {
     if (this._channel) this._channel.onmessage = (e) => this._onTabMessage(e.data);
     this._listen(globalThis, "online", () => this._wake());
     // The browser says the network is gone: a socket that looks open is dead or soon
-    // will be. Drop it now; the `online` event brings an immediate retry.
+    // will be. Drop it now, and say so now: its close handshake may never finish (or
+    // take long on a loaded machine). The `online` event brings an immediate retry.
     this._listen(globalThis, "offline", () => {
       if (this._ws) this._ws.close(1000, "browser offline");
-      else this._setState("offline");
+      this._setState("offline");
     });
     if (typeof document !== "undefined") {
       this._listen(document, "visibilitychange", () => { if (document.visibilityState === "visible") this._wake(); });
