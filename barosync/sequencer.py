@@ -40,7 +40,8 @@ from . import protocol
 if TYPE_CHECKING:
     from .hub import Hub, Room, Subscriber
     from .reads import Reads
-    from .store import Mutation, Outcome, Store
+    from .roles import LogStore
+    from .store import Mutation, Outcome
 
 log = logging.getLogger("barosync.sequencer")
 
@@ -57,7 +58,7 @@ class _Join:
 
 
 class Sequencer:
-    def __init__(self, *, hub: "Hub", store: "Store", read: "Reads") -> None:
+    def __init__(self, *, hub: "Hub", store: "LogStore", read: "Reads") -> None:
         self.hub = hub
         self.store = store
         self.read = read

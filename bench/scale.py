@@ -58,7 +58,8 @@ class ScaleScenarios:
     def storm(self, label: str) -> dict:
         a = self.a  # type: ignore[attr-defined]
         log(f"[{label}] {a.storm_clients:,} clients, a disconnect storm, a SIGTERM and a kill -9 restart")
-        r = _script("storm.py", "--clients", str(a.storm_clients), "--procs", str(a.storm_procs))
+        r = _script("storm.py", "--clients", str(a.storm_clients), "--procs", str(a.storm_procs),
+                    "--steady", str(a.storm_steady))
         r["restart_recover_s"] = max(x["recover_s"] for x in r["restarts"])
         r["nothing_lost"] = (r["gaps"] == 0 and r["duplicates"] == 0 and r["lost"] == 0
                              and r["applied_twice"] == 0 and r["converged"] == r["clients"])

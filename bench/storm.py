@@ -282,19 +282,20 @@ class Server:
             return {e["id"]: e["version"] for e in json.loads(r.read())["events"]}
 
 
-def run(clients: int, procs: int, rate: float) -> dict[str, Any]:
+def run(clients: int, procs: int, rate: float, steady: float = 3.0) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="barosync-storm-"))
     config = tmp / "storm.toml"
     config.write_text(CONFIG)
     server = Server(tmp / "data", config)
     try:
-        return _run(server, tmp, clients, procs, rate)
+        return _run(server, tmp, clients, procs, rate, steady)
     finally:
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float) -> dict[str, Any]:
+def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float, steady: float) -> dict[str, Any]:
+    """``steady``: seconds of steady writing before each disruption and after it."""
     from barosync.auth import create_token
 
     server.start()
@@ -328,13 +329,13 @@ def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float) -> di
 
     out["connect_s"] = wait_live("start", 120)
     out["rss_start_kb"] = server.rss_kb()
-    time.sleep(3)
+    time.sleep(steady)
     log("storm: every connection dropped at once")
     for q in commands:
         q.put("drop")
     time.sleep(0.5)  # every session has ended (they look every 50 ms)
     out["storm_recover_s"] = wait_live("disconnect storm", 120)
-    time.sleep(3)
+    time.sleep(steady)
     for how, sig in (("SIGTERM", signal.SIGTERM), ("kill -9", signal.SIGKILL)):
         log(f"restart: {how}")
         code = server.stop(sig)
@@ -342,7 +343,7 @@ def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float) -> di
         server.start()  # same port, same data directory
         time.sleep(0.5)
         out["restarts"].append({"how": how, "exit_code": code, "recover_s": wait_live(f"after {how}", 120)})
-        time.sleep(3)
+        time.sleep(steady)
     for q in commands:
         q.put("stop-writing")
     log("writes stopped; waiting for every client to catch up")
@@ -352,7 +353,7 @@ def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float) -> di
         if sum(s["pending"] for s in st) == 0 and sum(s["live"] for s in st) == clients:
             break
         time.sleep(1)
-    time.sleep(2)  # the last changes' fan-out
+    time.sleep(min(2.0, steady))  # the last changes' fan-out
     for q in commands:
         q.put("report")
     reports = [results.get(timeout=60) for _ in commands]
@@ -393,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--rate", type=float, default=200.0, help="mutations/s in all")
+    ap.add_argument("--steady", type=float, default=3.0, help="seconds of steady writing around each disruption")
     ap.add_argument("--json", help="write the result here (- for stdout)")
     a = ap.parse_args(argv)
-    out = run(a.clients, a.procs, a.rate)
+    out = run(a.clients, a.procs, a.rate, a.steady)
     text = json.dumps(out)
     if a.json == "-":
         print(text)
