@@ -125,7 +125,10 @@ class CalDav(Writes):
             return await self._home(method, identity, headers, body)
         project = parts[2]
         if project not in await self._projects(identity):
-            raise Fail(404, f"no calendar {project!r} for {identity.user_id}")
+            # The same answer whether the project exists or not: names cannot be probed.
+            raise Fail(404, f"no calendar {project!r} for {identity.user_id}: an app password reaches only the "
+                            f"projects it was made for (`barosync token create --app-password --user "
+                            f"{identity.user_id} --project {project}`)")
         if len(parts) == 3:
             return await self._calendar(method, identity, project, headers, body)
         return await self._object(method, identity, project, parts[3], path, headers, body)

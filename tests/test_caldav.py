@@ -216,6 +216,7 @@ def test_auth_matrix(tmp_path: Path, server: ServerProcess) -> None:
         for method in ("PROPFIND", "GET", "REPORT", "PUT", "DELETE"):
             status, _, body = http(method, path, Depth="1")
             assert status == 404 and b"Confidential" not in body, (method, path, status)
+            assert b"--project secret" in body  # what to do next
     _, _, body = http("PROPFIND", "/dav/calendars/alice/", Depth="1")
     assert not any("secret" in h for h in hrefs(body))
     listing = cli(server.data_dir, "token", "list")
