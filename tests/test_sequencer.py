@@ -157,3 +157,55 @@ async def test_writes_refused_while_postgres_is_away_do_not_stall_the_loop(pg_ap
     assert (await bob.recv_type("pong"))["type"] == "pong"
     refused = await alice.recv_type("error", timeout=10)
     assert refused["payload"]["ref"] == msg_id and refused["payload"]["code"] == "storage_full"
+
+
+async def test_a_join_the_log_cannot_complete_closes_the_subscriber_to_resume(pg_app: Any, nursery: trio.Nursery) -> None:
+    """The newcomer's read missed changes and the log is unreachable when the room's
+    sequencer reads them: the subscriber is closed with 4008 (resume with since), not
+    admitted with a gap. Once the log answers, the resume gets everything once."""
+    import psycopg
+    from trio_websocket import ConnectionClosed
+
+    writer = await open_client(nursery, pg_app, token("alice"))
+    watcher = await open_client(nursery, pg_app, token("carol"))
+    await watcher.subscribe("p1")  # the room exists, so its task knows the head
+    await writer.create("p1")
+    store = pg_app.store
+    original = store.replay
+    calls = []
+    read_done = trio.Event()
+    token_ = trio.lowlevel.current_trio_token()
+
+    def failing_replay(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:  # the subscriber's own read, then a wait while two commit
+            found = original(*args, **kwargs)
+            trio.from_thread.run_sync(read_done.set, trio_token=token_)
+            time.sleep(1.0)
+            return found
+        if len(calls) == 2:  # the sequencer's read of what it missed
+            raise psycopg.OperationalError("connection refused (test)")
+        return original(*args, **kwargs)
+
+    store.replay = failing_replay
+    late = await open_client(nursery, pg_app, token("bob"))
+    acked: dict[str, Any] = {}
+
+    async def subscribe() -> None:
+        acked["ack"] = await late.subscribe("p1", since=0)
+
+    nursery.start_soon(subscribe)
+    await read_done.wait()
+    for _ in range(2):
+        await writer.create("p1")
+    with trio.fail_after(10):
+        while "ack" not in acked:  # the ack goes out before the join
+            await trio.sleep(0.01)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await late.ws.get_message()
+    assert closed.value.reason.code == 4008 and "resume with since" in closed.value.reason.reason
+    again = await open_client(nursery, pg_app, token("bob"))
+    await again.subscribe("p1", since=0)
+    seqs = [(await again.recv_type("event:created"))["seq"] for _ in range(3)]
+    assert seqs == [1, 2, 3]
