@@ -99,6 +99,12 @@ class CalDav(Writes):
             return e.answer()
         except DavError as e:
             return 400, str(e).encode() + b"\n", b"text/plain; charset=utf-8", []
+        except Exception as e:
+            why = self.app.read.unreachable(e)
+            if why is None:
+                raise
+            return (503, f"the log is unreachable (PostgreSQL: {why}); try again later\n".encode(),
+                    b"text/plain; charset=utf-8", [(b"retry-after", b"2")])
 
     async def _dispatch(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
         if path.rstrip("/") == WELL_KNOWN:

@@ -38,6 +38,14 @@ class Reads:
         # and its pooled connection must come back.
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
 
+    def unreachable(self, e: BaseException) -> str | None:
+        """Why a read failed when it is the database that did not answer (a
+        transport then answers 503, or what its clients retry), else None (a bug)."""
+        if not self.blocking or not isinstance(e, self.store.faults):
+            return None
+        text = str(e).strip()
+        return text.splitlines()[0] if text else type(e).__name__
+
     @contextlib.asynccontextmanager
     async def snapshot_pages(self, project_id: str, *, max_bytes: int) -> AsyncIterator[tuple[int, Iterator[list[bytes]]]]:
         """store.snapshot_pages, entered in a thread when reads block. (PgStore reads

@@ -39,6 +39,10 @@ STATUS = {
     protocol.E_STORAGE_FAILED: 503,
 }
 
+# A read PostgreSQL did not answer: 503, and when to try again.
+UNREACHABLE_RETRY_AFTER = 2
+_RETRY_HEADERS = [(b"retry-after", str(UNREACHABLE_RETRY_AFTER).encode())]
+
 _PROJECT_EVENTS = re.compile(r"/api/projects/([^/]+)/events")
 _PROJECT_IMPORT = re.compile(r"/api/projects/([^/]+)/import")
 _FEED = re.compile(r"/ics/([^/]+)\.ics")
@@ -77,6 +81,12 @@ async def handle(app: "App", method: bytes, path: str, query: str, headers: dict
     except ProtocolError as e:
         err = _error(e)
         return err.status, err.body, err.headers
+    except Exception as e:
+        why = app.read.unreachable(e)
+        if why is None:
+            raise
+        return 503, {"error": "unavailable", "message": f"the log is unreachable (PostgreSQL: {why}); try again "
+                                                         f"in {UNREACHABLE_RETRY_AFTER} s"}, _RETRY_HEADERS
 
 
 async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:
@@ -257,7 +267,15 @@ async def feed(app: "App", method: bytes, path: str, query: str, headers: dict[b
                                                 "(make one with `barosync token create --feed --project P`)")
     if not await app.authorize(identity, "subscribe", project_id):
         return _feed_error(403, protocol.E_FORBIDDEN, f"this feed token is not for project {project_id!r}")
-    seq, events = await app.read(app.store.snapshot, project_id)
+    try:
+        seq, events = await app.read(app.store.snapshot, project_id)
+    except Exception as e:
+        why = app.read.unreachable(e)
+        if why is None:
+            raise
+        status, body, content_type, _ = _feed_error(503, "unavailable", f"the log is unreachable (PostgreSQL: {why}); "
+                                                                        f"try again in {UNREACHABLE_RETRY_AFTER} s")
+        return status, body, content_type, _RETRY_HEADERS
     etag = f'"{app.store.data_id}-{seq}"'.encode()
     extra = [(b"etag", etag), (b"cache-control", b"no-cache")]
     if headers.get(b"if-none-match") == etag:

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("barosync.session")
 
+# Seconds a client waits before it sends again what a read of an unreachable log
+# refused (the writer probes the database as often).
+UNREACHABLE_RETRY_AFTER = 2.0
+
 # A client refused more messages within this many seconds than the rate allows in
 # them (plus the burst) is flooding and is closed (1008).
 FLOOD_GRACE = 5.0
@@ -115,11 +119,32 @@ class Session(Connection):
                 self.send_json(protocol.error(ProtocolError(protocol.E_INVALID, f"`{e.field}` {e.message}", field=e.field)))
             except (trio.Cancelled, trio.ClosedResourceError, trio.BrokenResourceError):
                 raise
-            except Exception:
+            except Exception as e:
+                why = self.app.read.unreachable(e)
+                if why is not None:
+                    self._log_unreachable(kind, item, why)
+                    if self._closing:
+                        return
+                    continue
                 # A bug must cost one message, never the connection or the server.
                 log.exception("session=%s user=%s: internal error handling a message", self.id, self.identity.user_id)
                 ref = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
                 self.send_json(protocol.error(ProtocolError(protocol.E_INTERNAL, "internal server error; the message was not applied", ref=ref)))
+
+    def _log_unreachable(self, kind: str | None, item: Any, why: str) -> None:
+        """PostgreSQL did not answer a read this message needs: what our clients
+        already retry. A subscribe is closed with 4008 (they resume with ``since``);
+        a change is refused like a write while the log is away (they keep it and
+        send it again after ``retryAfter``)."""
+        log.warning("session=%s user=%s: the log is unreachable (%s)", self.id, self.identity.user_id, why)
+        if kind == "subscribe":
+            self.close(protocol.CLOSE_TOO_SLOW, "the log is unreachable for now: resume with since")
+            return
+        ref = item.get("id") if isinstance(item.get("id"), str) else None
+        self.send_json(protocol.error(ProtocolError(
+            protocol.E_STORAGE_FULL, f"server storage unavailable (PostgreSQL unreachable: {why}); this was not "
+            f"applied: keep it and send it again after {UNREACHABLE_RETRY_AFTER:g} s",
+            ref=ref, retry_after=UNREACHABLE_RETRY_AFTER)))
 
     def _limited(self, ref: Any) -> bool:
         """Take a token for one client message; when there is none, answer

@@ -209,3 +209,41 @@ async def test_a_join_the_log_cannot_complete_closes_the_subscriber_to_resume(pg
     await again.subscribe("p1", since=0)
     seqs = [(await again.recv_type("event:created"))["seq"] for _ in range(3)]
     assert seqs == [1, 2, 3]
+
+
+async def test_reads_of_an_unreachable_log_get_what_clients_retry(pg_app: Any, nursery: trio.Nursery) -> None:
+    """A subscribe whose read fails is closed with 4008 (resume with since); an edit
+    whose lookup fails is refused like a write while PostgreSQL is away; a REST read
+    gets 503 with Retry-After."""
+    import psycopg
+    from trio_websocket import ConnectionClosed
+
+    alice = await open_client(nursery, pg_app, token("alice"))
+    made = await alice.create("p1")
+    store = pg_app.store
+    replay, project_of = store.replay, store.project_of
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.OperationalError("connection refused (test)")
+
+    store.project_of = unreachable
+    msg_id = await alice.send("event:update", {"id": made["payload"]["event"]["id"], "version": 1, "title": "later"})
+    refused = await alice.recv_type("error")
+    assert refused["payload"]["ref"] == msg_id and refused["payload"]["code"] == "storage_full"
+    assert refused["payload"]["retryAfter"] > 0 and "PostgreSQL unreachable" in refused["payload"]["message"]
+    store.project_of = project_of
+    store.replay = unreachable
+    bob = await open_client(nursery, pg_app, token("bob"))
+    await bob.send("subscribe", {"projectId": "p1", "since": 0})
+    with trio.fail_after(10):
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await bob.ws.get_message()
+    assert closed.value.reason.code == 4008
+    store.snapshot = unreachable
+    status, headers, body = await http_exchange(pg_app.port, "GET", "/api/projects/p1/events", tok=token("bob"))
+    assert status == 503 and headers["retry-after"] == "2" and "PostgreSQL" in body["message"]
+    del store.snapshot
+    store.replay = replay
+    again = await open_client(nursery, pg_app, token("bob"))
+    assert (await again.subscribe("p1", since=0))["payload"]["seq"] == 1
