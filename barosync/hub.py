@@ -94,6 +94,24 @@ class Presence:
         self.joined = protocol.Outgoing(protocol.encode("user:joined", self.info))
 
 
+def _deliver(members: Iterable["Subscriber"], items: list[tuple[protocol.Outgoing, str]], skip: Any) -> int:
+    """Changes to every member not in ``skip``: one write per member for them all,
+    the same encoded frames for everyone. Returns the deliveries made."""
+    delivered = 0
+    if len(items) == 1:
+        out, msg_id = items[0]
+        for session in members:
+            if session not in skip:
+                session.deliver(out, msg_id)
+                delivered += 1
+    else:
+        for session in members:
+            if session not in skip:
+                session.deliver_many(items)
+                delivered += len(items)
+    return delivered
+
+
 def _joined(info: dict[str, Any]) -> protocol.Outgoing:
     return protocol.Outgoing(protocol.encode("user:joined", info))
 
@@ -144,7 +162,7 @@ class Hub:
         self.bus: Bus | None = None
         # PostgreSQL: each room's durable changes and newcomers, in log order
         # (sequencer.py); None with LMDB, where they need no task of their own.
-        self.sequencer: Any = None
+        self.sequencer: Any = None  # a sequencer.Sequencer (which imports this module)
 
     # -- membership and presence ---------------------------------------------------
 
@@ -348,14 +366,7 @@ class Hub:
     def deliver_plain(self, room: Room, items: list[tuple[protocol.Outgoing, str]]) -> None:
         """Changes read from the log or from another node, to every member of a room
         in one write each."""
-        if len(items) == 1:
-            out, msg_id = items[0]
-            for session in room.subscribers:
-                session.deliver(out, msg_id)
-        else:
-            for session in room.subscribers:
-                session.deliver_many(items)
-        self.deliveries += len(items) * len(room.subscribers)
+        self.deliveries += _deliver(room.subscribers, items, ())
 
     def fan_out_to(self, room: Room | None, items: list[tuple[Any, str, Mutation, Outcome]]) -> None:
         """One project's changes of a group commit: their senders answered, the
@@ -378,22 +389,8 @@ class Hub:
                 else:
                     sender.deliver(out, msg_id)
                     delivered += 1
-        if room is None:
-            return
-        # Everyone else: one write per subscriber for the whole group commit. Encoded
-        # once: the same frame bytes go to every recipient.
-        if len(items) == 1:
-            out, msg_id = items[0][0], items[0][1]
-            for session in members:
-                if session not in senders:
-                    session.deliver(out, msg_id)
-                    delivered += 1
-        else:
-            pairs = [(out, msg_id) for out, msg_id, _, _ in items]
-            for session in members:
-                if session not in senders:
-                    session.deliver_many(pairs)
-                    delivered += len(pairs)
+        if room is not None:
+            delivered += _deliver(members, [(out, msg_id) for out, msg_id, _, _ in items], senders)
         self.deliveries += delivered
 
     @staticmethod

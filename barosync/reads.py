@@ -21,6 +21,10 @@ import trio
 
 T = TypeVar("T")
 
+# Seconds a client is told to wait before it tries again what a read of an unreachable
+# database could not do (the writer probes the database as often).
+UNREACHABLE_RETRY_AFTER = 2
+
 
 class Reads:
     """``await app.read(store.method, *args)``: the store's read, off the event loop
@@ -39,12 +43,13 @@ class Reads:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
 
     def unreachable(self, e: BaseException) -> str | None:
-        """Why a read failed when it is the database that did not answer (a
-        transport then answers 503, or what its clients retry), else None (a bug)."""
+        """When a read failed because the database did not answer, what to tell the
+        client (each transport adds what to do: a 503, or what its clients retry);
+        else None (a bug)."""
         if not self.blocking or not isinstance(e, self.store.faults):
             return None
         text = str(e).strip()
-        return text.splitlines()[0] if text else type(e).__name__
+        return f"PostgreSQL unreachable ({text.splitlines()[0] if text else type(e).__name__})"
 
     @contextlib.asynccontextmanager
     async def snapshot_pages(self, project_id: str, *, max_bytes: int) -> AsyncIterator[tuple[int, Iterator[list[bytes]]]]:

@@ -21,6 +21,7 @@ from . import admin, ical, ics, protocol
 from .models import Identity, ValidationError, check_id, parse_instant
 from .mutations import run_mutation
 from .protocol import ProtocolError
+from .reads import UNREACHABLE_RETRY_AFTER
 
 if TYPE_CHECKING:
     from .app import App
@@ -40,8 +41,11 @@ STATUS = {
 }
 
 # A read PostgreSQL did not answer: 503, and when to try again.
-UNREACHABLE_RETRY_AFTER = 2
-_RETRY_HEADERS = [(b"retry-after", str(UNREACHABLE_RETRY_AFTER).encode())]
+RETRY_HEADERS = [(b"retry-after", str(UNREACHABLE_RETRY_AFTER).encode())]
+
+
+def _unavailable(why: str) -> str:
+    return f"{why}: the log cannot be read now; try again in {UNREACHABLE_RETRY_AFTER} s"
 
 _PROJECT_EVENTS = re.compile(r"/api/projects/([^/]+)/events")
 _PROJECT_IMPORT = re.compile(r"/api/projects/([^/]+)/import")
@@ -85,8 +89,7 @@ async def handle(app: "App", method: bytes, path: str, query: str, headers: dict
         why = app.read.unreachable(e)
         if why is None:
             raise
-        return 503, {"error": "unavailable", "message": f"the log is unreachable (PostgreSQL: {why}); try again "
-                                                         f"in {UNREACHABLE_RETRY_AFTER} s"}, _RETRY_HEADERS
+        return 503, {"error": "unavailable", "message": _unavailable(why)}, RETRY_HEADERS
 
 
 async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Response:
@@ -273,9 +276,8 @@ async def feed(app: "App", method: bytes, path: str, query: str, headers: dict[b
         why = app.read.unreachable(e)
         if why is None:
             raise
-        status, body, content_type, _ = _feed_error(503, "unavailable", f"the log is unreachable (PostgreSQL: {why}); "
-                                                                        f"try again in {UNREACHABLE_RETRY_AFTER} s")
-        return status, body, content_type, _RETRY_HEADERS
+        status, body, content_type, _ = _feed_error(503, "unavailable", _unavailable(why))
+        return status, body, content_type, RETRY_HEADERS
     etag = f'"{app.store.data_id}-{seq}"'.encode()
     extra = [(b"etag", etag), (b"cache-control", b"no-cache")]
     if headers.get(b"if-none-match") == etag:
@@ -306,8 +308,7 @@ async def _import(app: "App", identity: Identity, project_id: str, query: dict[s
     counts = {"created": 0, "updated": 0, "unchanged": 0}
     refused = []
     for fields in found:
-        home = await app.read(app.store.project_of, fields["id"])
-        stored = await app.read(app.store.get_event, project_id, fields["id"]) if home == project_id else None
+        stored = await app.read(app.store.get_event, project_id, fields["id"])  # None when it lives elsewhere
         if stored is not None and all(stored.get(k) == v for k, v in fields.items() if k != "projectId"):
             counts["unchanged"] += 1
             continue

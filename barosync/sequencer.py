@@ -65,6 +65,7 @@ class Sequencer:
         self.filled = 0  # changes read from the log to close a gap (the inspector's)
         self._nursery: trio.Nursery | None = None
         self._waiting: list["Room"] = []  # opened before run() started
+        self._check_now = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -99,9 +100,9 @@ class Sequencer:
             room.inbox.send_nowait(("remote", change))
 
     def check_all(self) -> None:
-        """Every room against the log's head (after the bus reconnected)."""
-        for room in list(self.hub.rooms.values()):
-            room.inbox.send_nowait(("check",))
+        """Every room against the log's head now, not at the next check (the bus
+        reconnected: what passed meanwhile is in the log)."""
+        self._check_now.set()
 
     async def join(self, session: "Subscriber", project_id: str, at: int) -> None:
         """Make ``session``, which has every change up to ``at``, a member of the
@@ -186,8 +187,8 @@ class Sequencer:
                 session.deliver_many([(protocol.Outgoing(raw), f"{room.project_id}:{at + 1 + i}")
                                       for i, raw in enumerate(changes)])
             self._admit(room, request, admit=not request.abandoned)
-        elif kind == "check":
-            if room.last >= 0 and await self.read(self.store.current_seq, room.project_id) > room.last:
+        elif kind == "check":  # the head was past room.last when it was read (_check_heads)
+            if room.last >= 0:
                 await self._fill(room)
 
     def _admit(self, room: "Room", request: "_Join", *, admit: bool = True) -> None:
@@ -222,7 +223,9 @@ class Sequencer:
 
     async def _checker(self) -> None:
         while True:
-            await trio.sleep(CHECK_INTERVAL)
+            with trio.move_on_after(CHECK_INTERVAL):
+                await self._check_now.wait()
+            self._check_now = trio.Event()
             try:
                 await self._check_heads()
             except self.store.faults as e:

@@ -19,6 +19,7 @@ from .connection import Connection
 from .models import Identity, ValidationError
 from .mutations import prepare_mutation
 from .protocol import Envelope, ProtocolError
+from .reads import UNREACHABLE_RETRY_AFTER
 from .store import WHOLE, Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
     from .poller import ReadPoller
 
 log = logging.getLogger("barosync.session")
-
-# Seconds a client waits before it sends again what a read of an unreachable log
-# refused (the writer probes the database as often).
-UNREACHABLE_RETRY_AFTER = 2.0
 
 # A client refused more messages within this many seconds than the rate allows in
 # them (plus the burst) is flooding and is closed (1008).
@@ -136,14 +133,14 @@ class Session(Connection):
         already retry. A subscribe is closed with 4008 (they resume with ``since``);
         a change is refused like a write while the log is away (they keep it and
         send it again after ``retryAfter``)."""
-        log.warning("session=%s user=%s: the log is unreachable (%s)", self.id, self.identity.user_id, why)
+        log.warning("session=%s user=%s: %s", self.id, self.identity.user_id, why)
         if kind == "subscribe":
             self.close(protocol.CLOSE_TOO_SLOW, "the log is unreachable for now: resume with since")
             return
         ref = item.get("id") if isinstance(item.get("id"), str) else None
         self.send_json(protocol.error(ProtocolError(
-            protocol.E_STORAGE_FULL, f"server storage unavailable (PostgreSQL unreachable: {why}); this was not "
-            f"applied: keep it and send it again after {UNREACHABLE_RETRY_AFTER:g} s",
+            protocol.E_STORAGE_FULL, f"{why}: this was not applied; keep it and send it again after "
+                                     f"{UNREACHABLE_RETRY_AFTER} s",
             ref=ref, retry_after=UNREACHABLE_RETRY_AFTER)))
 
     def _limited(self, ref: Any) -> bool:

@@ -4,7 +4,7 @@ real WebSocket clients; a read is held up with a real table lock or a slowed rea
 
 from __future__ import annotations
 
-import time
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +30,24 @@ async def pg_app(nursery: trio.Nursery, tmp_path: Path, postgres: Postgres) -> A
     app = await nursery.start(serve, make_config(tmp_path / "data", cluster_postgres=postgres.new_database()))
     yield app
     app.stop()
+
+
+class Gate:
+    """Holds a store read in its worker thread until the test lets it go, so what
+    happens meanwhile is ordered by the test, not by how long a sleep lasts."""
+
+    def __init__(self) -> None:
+        self.reached = trio.Event()
+        self._go = threading.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def hold(self) -> None:
+        """In the worker thread: say it got here, then wait."""
+        trio.from_thread.run_sync(self.reached.set, trio_token=self._token)
+        self._go.wait(timeout=30)
+
+    def release(self) -> None:
+        self._go.set()
 
 
 async def wait_for(condition: Any, timeout: float = 10) -> None:
@@ -86,16 +104,14 @@ async def test_changes_committed_during_a_subscribers_read_reach_it_once_and_in_
         await writer.create("p1")
     store = pg_app.store
     original = store.replay
-    read_done = trio.Event()
-    token_ = trio.lowlevel.current_trio_token()
+    gate = Gate()
     slowed = []
 
     def slow_replay(*args: Any, **kwargs: Any) -> Any:
         found = original(*args, **kwargs)
         if not slowed:
             slowed.append(args)
-            trio.from_thread.run_sync(read_done.set, trio_token=token_)
-            time.sleep(1.0)  # the writer commits meanwhile
+            gate.hold()  # the writer commits meanwhile
         return found
 
     store.replay = slow_replay
@@ -106,10 +122,13 @@ async def test_changes_committed_during_a_subscribers_read_reach_it_once_and_in_
         subscribed["ack"] = await late.subscribe("p1", since=0)
 
     nursery.start_soon(subscribe)
-    await read_done.wait()
-    for _ in range(5):
-        await writer.create("p1")
-    assert "ack" not in subscribed  # its read was taken before these five
+    await gate.reached.wait()
+    try:
+        for _ in range(5):
+            await writer.create("p1")
+        assert "ack" not in subscribed  # its read was taken before these five
+    finally:
+        gate.release()
     with trio.fail_after(10):
         while "ack" not in subscribed:
             await trio.sleep(0.01)
@@ -141,20 +160,21 @@ async def test_writes_refused_while_postgres_is_away_do_not_stall_the_loop(pg_ap
     store.probe_space = still_away  # the writer's probe keeps it degraded
     pg_app.writer.degraded = "PostgreSQL unreachable (test)"
     original = store.previous_answer
-    entered = trio.Event()
-    token_ = trio.lowlevel.current_trio_token()
+    gate = Gate()
 
     def slow_previous_answer(*args: Any) -> Any:
-        trio.from_thread.run_sync(entered.set, trio_token=token_)
-        time.sleep(1.0)
+        gate.hold()
         return original(*args)
 
     store.previous_answer = slow_previous_answer
     msg_id = await alice.send("event:create", event_payload())
-    await entered.wait()
-    bob = await open_client(nursery, pg_app, token("bob"))
-    await bob.send("ping")
-    assert (await bob.recv_type("pong"))["type"] == "pong"
+    await gate.reached.wait()
+    try:
+        bob = await open_client(nursery, pg_app, token("bob"))
+        await bob.send("ping")
+        assert (await bob.recv_type("pong"))["type"] == "pong"  # answered while the lookup is held
+    finally:
+        gate.release()
     refused = await alice.recv_type("error", timeout=10)
     assert refused["payload"]["ref"] == msg_id and refused["payload"]["code"] == "storage_full"
 
@@ -173,15 +193,13 @@ async def test_a_join_the_log_cannot_complete_closes_the_subscriber_to_resume(pg
     store = pg_app.store
     original = store.replay
     calls = []
-    read_done = trio.Event()
-    token_ = trio.lowlevel.current_trio_token()
+    gate = Gate()
 
     def failing_replay(*args: Any, **kwargs: Any) -> Any:
         calls.append(args)
-        if len(calls) == 1:  # the subscriber's own read, then a wait while two commit
+        if len(calls) == 1:  # the subscriber's own read, held while two commit
             found = original(*args, **kwargs)
-            trio.from_thread.run_sync(read_done.set, trio_token=token_)
-            time.sleep(1.0)
+            gate.hold()
             return found
         if len(calls) == 2:  # the sequencer's read of what it missed
             raise psycopg.OperationalError("connection refused (test)")
@@ -195,9 +213,12 @@ async def test_a_join_the_log_cannot_complete_closes_the_subscriber_to_resume(pg
         acked["ack"] = await late.subscribe("p1", since=0)
 
     nursery.start_soon(subscribe)
-    await read_done.wait()
-    for _ in range(2):
-        await writer.create("p1")
+    await gate.reached.wait()
+    try:
+        for _ in range(2):
+            await writer.create("p1")
+    finally:
+        gate.release()
     with trio.fail_after(10):
         while "ack" not in acked:  # the ack goes out before the join
             await trio.sleep(0.01)
