@@ -144,6 +144,24 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
 
 
+def proc_costs(pid: int) -> dict[str, float | None]:
+    """What a process has spent so far: user and kernel CPU seconds (all threads) and
+    the bytes it caused to be written to storage (/proc/PID/io ``write_bytes``: page
+    cache pages it dirtied, so socket writes do not count)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    costs: dict[str, float | None] = {"user_s": int(fields[11]) / CLK_TCK, "kernel_s": int(fields[12]) / CLK_TCK,
+                                      "storage_bytes": None}
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    costs["storage_bytes"] = float(line.split()[1])
+    except OSError:
+        pass  # a kernel without task I/O accounting: no storage figure
+    return costs
+
+
 def machine_busy_s() -> float:
     """CPU seconds all processes on the machine have used so far (/proc/stat)."""
     with open("/proc/stat") as f:

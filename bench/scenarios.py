@@ -23,6 +23,7 @@ from harness import (
     Server,
     TARGETS,
     cpu_plan,
+    proc_costs,
     disturbed_pct,
     errors_from_log,
     log,
@@ -40,6 +41,15 @@ from harness import (
 from report import headline, per_delivery
 from scale import OWN_SERVER, ScaleScenarios
 
+
+
+def per_mutation(r: dict) -> None:
+    """Where an acked create's server time went: kernel CPU (of the whole per-create
+    CPU) and bytes written to storage, when the server is one process."""
+    costs, acked = r.get("server_costs"), r["creates_acked"]
+    r["server_kernel_us_per_mutation"] = costs["kernel_s"] * 1e6 / acked if costs and acked else None
+    written = costs["storage_bytes"] if costs else None
+    r["storage_kb_per_mutation"] = written / 1024 / acked if written is not None and acked else None
 
 
 class Bench(ScaleScenarios):
@@ -103,6 +113,9 @@ class Bench(ScaleScenarios):
             prof = self.start_profile(srv, profile_name)
             cpu_samples: list[float] = []
             server_cpu = getattr(srv, "cpu_s", None) or (lambda: proc_cpu_s(srv.pid))
+            # One process (not a cluster): its user/kernel split and storage writes too.
+            single = getattr(srv, "cpu_s", None) is None
+            costs_go = proc_costs(srv.pid) if single else None
             state = {"t": time.monotonic(), "cpu": server_cpu()}
             t_go = state["t"]
             cpu_go = state["cpu"]
@@ -120,6 +133,7 @@ class Bench(ScaleScenarios):
                 log(f"[{label}] running for {duration:g} s ...")
             dones = load.wait_all("done", duration + self.a.drain_max + 60, tick=tick)
             cpu_end = server_cpu() if srv.alive() else cpu_go
+            costs_end = proc_costs(srv.pid) if costs_go is not None and srv.alive() else None
             busy_end = machine_busy_s()
             t_end = time.monotonic()
             self.stop_profile(prof)
@@ -130,6 +144,9 @@ class Bench(ScaleScenarios):
             info["server_cpu_pct"] = 100.0 * (cpu_end - cpu_go) / window
             info["server_cpu_pct_peak_1s"] = max(cpu_samples) if cpu_samples else info["server_cpu_pct"]
             info["window_s"] = window
+            if costs_go is not None and costs_end is not None:
+                info["server_costs"] = {k: None if costs_go[k] is None or costs_end[k] is None
+                                        else costs_end[k] - costs_go[k] for k in costs_go}
             # whatever else ran on the machine meanwhile (other jobs disturb the figures)
             other = (busy_end - busy_go) - (cpu_end - cpu_go) - info["loadgen_cpu_s"]
             info["other_cpu_pct"] = max(0.0, 100.0 * other / max(1e-6, t_end - t_go))
@@ -188,7 +205,7 @@ class Bench(ScaleScenarios):
         Path(self.a.profile).mkdir(parents=True, exist_ok=True)
         out = Path(self.a.profile) / f"{name}.txt"
         log(f"profiling server pid {srv.pid} with py-spy -> {out}")
-        return subprocess.Popen([self.profiler, "record", "--pid", str(srv.pid), "--rate", "250",
+        return subprocess.Popen([self.profiler, "record", "--pid", str(srv.pid), "--rate", "250", *(["--gil"] if self.a.profile_gil else []),
                                  "--nonblocking", "--format", "raw", "-o", str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 preexec_fn=pinned(self.load_cpus))
@@ -312,6 +329,7 @@ class Bench(ScaleScenarios):
         r["ack_max_ms"] = r["ack_latency_ms"]["max"]
         r["deliveries_per_s"] = r["deliveries"] / r["window_s"] if one_project else None
         r["server_cpu_us_per_mutation"] = (r["server_cpu_s"] * 1e6 / r["creates_acked"]) if r["creates_acked"] else None
+        per_mutation(r)
         r["params"] = {"writers": w, "window": window, "projects": 1 if one_project else w,
                        "subscribed": subscribed, "duration_s": a.durable_duration}
         if cluster:
@@ -338,6 +356,7 @@ class Bench(ScaleScenarios):
         r["ack_p50_ms"] = r["ack_latency_ms"]["p50"]
         r["ack_p99_ms"] = r["ack_latency_ms"]["p99"]
         r["server_cpu_us_per_mutation"] = (r["server_cpu_s"] * 1e6 / r["creates_acked"]) if r["creates_acked"] else None
+        per_mutation(r)
         r["params"] = {"writers": w, "rate_per_s": rate, "duration_s": a.durable_duration}
         return r
 
