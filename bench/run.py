@@ -32,7 +32,7 @@ from scenarios import Bench
 # ------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="barosync benchmark: barosync vs an asyncio+websockets peer")
-    ap.add_argument("--smoke", action="store_true", help="tiny run: a few clients, ~1 s per scenario")
+    ap.add_argument("--smoke", action="store_true", help="tiny run: a few clients, ~0.5 s of load per scenario")
     ap.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where to write all figures")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
     ap.add_argument("--servers", default="barosync,websockets", help="comma list of barosync,websockets")
