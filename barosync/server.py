@@ -79,10 +79,15 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             await call_each(app.pm.hook.barosync_startup, config=config)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
-                connections.start_soon(_accept, app, front, listeners, connections, accepting)
+                not_listening = trio.Event()
+                connections.start_soon(_accept, app, front, listeners, connections, accepting, not_listening)
                 task_status.started(app)
                 await app.wait_stopped()
+                # The port is closed before anyone hears 1001: a client that comes
+                # straight back is refused, not queued behind a listener about to
+                # close (its connection would be reset before the handshake).
                 accepting.cancel()
+                await not_listening.wait()
                 if app.failure is not None:
                     await _close_sessions(app, protocol.CLOSE_INTERNAL_ERROR, "server storage failed: reconnect later")
                 else:
@@ -131,9 +136,12 @@ async def _maintain(app: App) -> None:
 
 
 async def _accept(app: App, front: Front, listeners: list[trio.SocketListener], nursery: trio.Nursery,
-                  scope: trio.CancelScope) -> None:
-    with scope:
-        await trio.serve_listeners(lambda stream: _handle(app, front, stream), listeners, handler_nursery=nursery)
+                  scope: trio.CancelScope, not_listening: trio.Event) -> None:
+    try:
+        with scope:
+            await trio.serve_listeners(lambda stream: _handle(app, front, stream), listeners, handler_nursery=nursery)
+    finally:
+        not_listening.set()  # serve_listeners closed the listeners on its way out
 
 
 async def _close_sessions(app: App, code: int, reason: str) -> None:

@@ -230,6 +230,73 @@ async def test_serve_answers_health_then_closes_clients_with_1001_on_sigterm(tmp
         assert "Traceback" not in server.stderr
 
 
+async def test_clients_told_to_go_away_find_the_port_closed(tmp_path):
+    """On SIGTERM the server stops listening before it tells anyone 1001: a client
+    that reconnects the moment it reads its close frame is refused, never queued
+    behind a listener that is about to close. (Such a connection is reset before its
+    handshake, which trio-websocket, for one, only notices when its connect timeout
+    runs out: 60 s by default.)"""
+    from barosync.auth import create_token
+
+    data = tmp_path / "data"
+    async with serving(tmp_path, "--port", "0", "--data", str(data), "--log-level", "warning") as server:
+        secret = (data / "secret").read_text().strip()
+        # Enough connections that telling them all takes a while.
+        tokens = [create_token(secret, user_id=f"u{i % 8}", projects=["p1"], ttl=600) for i in range(300)]
+        ready = trio.Semaphore(0)
+        reconnects: list[str] = []
+
+        async def client(tok: str) -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await stream.send_all(
+                f"GET /ws?token={tok} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                buffer += await stream.receive_some()
+            assert buffer.startswith(b"HTTP/1.1 101"), buffer[:100]
+            buffer = buffer.split(b"\r\n\r\n", 1)[1]
+            ready.release()
+            while True:  # the server's frames (unmasked) until its close frame
+                while len(buffer) < 2 or len(buffer) < 2 + _payload_length(buffer)[1] + _payload_length(buffer)[0]:
+                    chunk = await stream.receive_some()
+                    assert chunk, "closed without a close frame"
+                    buffer += chunk
+                length, header = _payload_length(buffer)
+                opcode, buffer = buffer[0] & 0x0F, buffer[2 + header + length:]
+                if opcode == 0x8:
+                    break
+            try:  # as a client would, the moment it reads 1001
+                again = await trio.open_tcp_stream("127.0.0.1", server.port)
+            except OSError:
+                reconnects.append("refused")
+            else:
+                reconnects.append("connected")
+                await again.aclose()
+            await stream.aclose()
+
+        with trio.fail_after(RUN_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for tok in tokens:
+                    nursery.start_soon(client, tok)
+                for _ in tokens:
+                    await ready.acquire()
+                server.process.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+        assert reconnects.count("connected") == 0, f"{reconnects.count('connected')} of {len(tokens)} got in"
+        assert len(reconnects) == len(tokens)
+
+
+def _payload_length(frame: bytes) -> tuple[int, int]:
+    """An unmasked frame's payload length and the extra header bytes that gave it."""
+    length = frame[1] & 0x7F
+    if length == 126:
+        return (int.from_bytes(frame[2:4], "big"), 2) if len(frame) >= 4 else (1 << 30, 2)
+    if length == 127:
+        return (int.from_bytes(frame[2:10], "big"), 8) if len(frame) >= 10 else (1 << 30, 8)
+    return length, 0
+
+
 async def test_serve_exits_0_on_ctrl_c(tmp_path):
     async with serving(tmp_path, "--port", "0", "--data", str(tmp_path / "data")) as server:
         assert await server.stop(signal.SIGINT) == 0
