@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from barosync.models import (
     CLIENT_FIELDS,
+    MAX_ID_BYTES,
+    MAX_ID_CHARS,
     MAX_TITLE_CHARS,
     Event,
     ValidationError,
@@ -261,7 +263,8 @@ def test_wire_form_uses_camel_case_names():
     assert wire["projectId"] == "p1" and wire["startDate"] == "2026-01-05T09:00:00Z" and wire["createdBy"] == "alice"
 
 
-ids = st.text(min_size=1, max_size=128).filter(lambda s: "\0" not in s)
+# What check_id accepts: bounded in characters and in UTF-8 bytes, no NUL.
+ids = st.text(min_size=1, max_size=MAX_ID_CHARS).filter(lambda s: "\0" not in s and len(s.encode()) <= MAX_ID_BYTES)
 optional_text = st.none() | st.text(max_size=50)
 events = st.builds(
     Event,
