@@ -138,20 +138,23 @@ def pinned(cpus: set[int] | None):
     return fn
 
 
-def proc_cpu_s(pid: int) -> float:
+def _proc_times(pid: int) -> tuple[float, float]:
+    """User and kernel CPU seconds of a process, all threads (utime, stime)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_s(pid: int) -> float:
+    return sum(_proc_times(pid))
 
 
 def proc_costs(pid: int) -> dict[str, float | None]:
     """What a process has spent so far: user and kernel CPU seconds (all threads) and
     the bytes it caused to be written to storage (/proc/PID/io ``write_bytes``: page
     cache pages it dirtied, so socket writes do not count)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    costs: dict[str, float | None] = {"user_s": int(fields[11]) / CLK_TCK, "kernel_s": int(fields[12]) / CLK_TCK,
-                                      "storage_bytes": None}
+    user, kernel = _proc_times(pid)
+    costs: dict[str, float | None] = {"user_s": user, "kernel_s": kernel, "storage_bytes": None}
     try:
         with open(f"/proc/{pid}/io") as f:
             for line in f:
