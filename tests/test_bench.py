@@ -65,10 +65,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert b[scenario]["creates_acked"] > 0, scenario
         assert b[scenario]["creates_failed"] == 0, scenario
         assert _number(b[scenario]["acked_per_s"]) and _number(b[scenario]["ack_p99_ms"]), scenario
-        # Where a create's time went: the kernel's share of the server's CPU, and the
-        # storage it wrote (an fsynced commit writes at least a page).
+        # Where a create's time went: the kernel's share of the server's CPU (counted
+        # in 10 ms ticks, so a smoke run's may round to 0), and the storage it wrote
+        # (an fsynced commit writes at least a page).
         r = b[scenario]
-        assert 0 < r["server_kernel_us_per_mutation"] < r["server_cpu_us_per_mutation"], scenario
+        assert 0 <= r["server_kernel_us_per_mutation"] <= r["server_cpu_us_per_mutation"], scenario
         if Path("/proc/self/io").exists():  # the kernel accounts each task's I/O
             assert r["storage_kb_per_mutation"] > 0, scenario
     assert b["durable_one"]["deliveries"] > 0  # the writers of one project see each other's
