@@ -36,7 +36,7 @@ from . import dav, ical
 from .app_passwords import Verifier, identity as app_identity
 from .dav import CALDAV, CS, DAV, APPLE, DavError, element, tag
 from .models import ALL_PROJECTS, Identity, ValidationError, check_id
-from .reads import UNREACHABLE_RETRY_AFTER
+from .reads import UNREACHABLE_RETRY_AFTER, find_event
 from .caldav_writes import ICS, XML, Answer, Fail, Writes, etag
 
 if TYPE_CHECKING:
@@ -344,12 +344,6 @@ class CalDav(Writes):
                     return False
         return True
 
-    def _lookup(self, project: str, event_id: str) -> tuple[str | None, dict[str, Any] | None]:
-        """Where an id lives, and its event if that is this project; one read."""
-        store = self.app.store
-        home = store.project_of(event_id)
-        return home, store.get_event(project, event_id) if home == project else None
-
     def _events(self, project: str, ids: list[str | None]) -> list[dict[str, Any] | None]:
         """Several events by id, in one read (None: no such event in the project)."""
         return [self.app.store.get_event(project, i) if i is not None else None for i in ids]
@@ -407,7 +401,8 @@ class CalDav(Writes):
             check_id(event_id, "id")
         except ValidationError as e:
             raise Fail(403, f"the resource name {e.message} (before .ics)") from None
-        home, stored = await self.app.read(self._lookup, project, event_id)
+        home, found = await self.app.read(find_event, self.app.store, event_id)
+        stored = found if home == project else None
         if method in (b"GET", b"HEAD", b"PROPFIND"):
             if stored is None:
                 raise Fail(404, f"no event {name!r} in {project!r}")

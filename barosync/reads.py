@@ -26,6 +26,13 @@ T = TypeVar("T")
 UNREACHABLE_RETRY_AFTER = 2
 
 
+def find_event(store: Any, event_id: str) -> tuple[str | None, dict[str, Any] | None]:
+    """Where an event lives and the event, as one read (one thread hop on PostgreSQL):
+    ``await app.read(find_event, app.store, event_id)``."""
+    project_id = store.project_of(event_id)
+    return project_id, store.get_event(project_id, event_id) if project_id is not None else None
+
+
 class Reads:
     """``await app.read(store.method, *args)``: the store's read, off the event loop
     when the store's reads block."""

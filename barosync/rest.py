@@ -21,7 +21,7 @@ from . import admin, ical, ics, protocol
 from .models import Identity, ValidationError, check_id, parse_instant
 from .mutations import run_mutation
 from .protocol import ProtocolError
-from .reads import UNREACHABLE_RETRY_AFTER
+from .reads import UNREACHABLE_RETRY_AFTER, find_event
 
 if TYPE_CHECKING:
     from .app import App
@@ -225,8 +225,7 @@ async def _list(app: "App", identity: Identity, project_id: str, query: dict[str
 
 
 async def _get(app: "App", identity: Identity, event_id: str) -> Response:
-    project_id = await app.read(app.store.project_of, event_id)
-    event = await app.read(app.store.get_event, project_id, event_id) if project_id is not None else None
+    project_id, event = await app.read(find_event, app.store, event_id)
     if event is None or not await app.authorize(identity, "subscribe", project_id):  # type: ignore[arg-type]
         raise HttpError(404, protocol.E_NOT_FOUND, f"no event {event_id!r}")
     return 200, event

@@ -119,7 +119,7 @@ class Session(Connection):
             except Exception as e:
                 why = self.app.read.unreachable(e)
                 if why is not None:
-                    self._log_unreachable(kind, item, why)
+                    self._answer_unreachable(kind, item, why)
                     if self._closing:
                         return
                     continue
@@ -128,7 +128,7 @@ class Session(Connection):
                 ref = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
                 self.send_json(protocol.error(ProtocolError(protocol.E_INTERNAL, "internal server error; the message was not applied", ref=ref)))
 
-    def _log_unreachable(self, kind: str | None, item: Any, why: str) -> None:
+    def _answer_unreachable(self, kind: str | None, item: Any, why: str) -> None:
         """PostgreSQL did not answer a read this message needs: what our clients
         already retry. A subscribe is closed with 4008 (they resume with ``since``);
         a change is refused like a write while the log is away (they keep it and

@@ -112,10 +112,10 @@ class Bench(ScaleScenarios):
                 info.update(on_ready())
             prof = self.start_profile(srv, profile_name)
             cpu_samples: list[float] = []
-            server_cpu = getattr(srv, "cpu_s", None) or (lambda: proc_cpu_s(srv.pid))
-            # One process (not a cluster): its user/kernel split and storage writes too.
-            single = getattr(srv, "cpu_s", None) is None
-            costs_go = proc_costs(srv.pid) if single else None
+            cluster_cpu = getattr(srv, "cpu_s", None)  # several processes (cluster.py)
+            server_cpu = cluster_cpu or (lambda: proc_cpu_s(srv.pid))
+            # One process: its user/kernel split and storage writes too.
+            costs_go = proc_costs(srv.pid) if cluster_cpu is None else None
             state = {"t": time.monotonic(), "cpu": server_cpu()}
             t_go = state["t"]
             cpu_go = state["cpu"]
