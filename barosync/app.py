@@ -9,19 +9,21 @@ none of them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import trio
 
-from . import __version__
+from . import __version__, expansion
 from .codecs import DEFAULT_CODEC
 from .config import Config, ConfigError
 from .hub import Hub, Subscriber
-from .models import Identity
+from .models import Identity, identity_problem
 from .plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_names
+from .ratelimit import Limiter
 from .reads import Reads
 from .roles import Bus, LogStore
 from .sequencer import Sequencer
@@ -29,6 +31,8 @@ from .store import Store
 from .writer import Writer
 
 log = logging.getLogger("barosync.app")
+
+T = TypeVar("T")
 
 
 class App:
@@ -79,11 +83,23 @@ class App:
         self.started_at = time.time()
         self._stop = trio.Event()
         self._sessions_gone = trio.Event()
+        # HTTP requests (REST, CalDAV, the ICS feed) per identity: one allowance
+        # shared by the transports, at the WebSocket's per-connection rate.
+        self.requests = Limiter(config.rate_limit, config.rate_burst)
+        # Recurrence expansion runs in one worker thread at a time (expansion.py).
+        self._expanding = trio.CapacityLimiter(1)
         # The inspector's previous reading of hub.committed, for changes per second.
         self.admin_sample: tuple[float, dict[str, int]] = (0.0, {})
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def expand(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (work that expands recurrences) off the event loop, one at a
+        time, stopped with expansion.ExpansionLimit at expansion.DEADLINE: a request's
+        expansion never delays the loop, nor runs past its deadline."""
+        return await trio.to_thread.run_sync(functools.partial(expansion.run_guarded, fn, *args),
+                                             limiter=self._expanding)
 
     def fail(self, message: str) -> None:
         """Storage failed: stop, telling every client to come back later (1011)."""
@@ -136,6 +152,10 @@ class App:
             log.exception("auth plugin failed; refusing the token")
             return None
         if identity is None or identity.scope != scope:
+            return None
+        problem = identity_problem(identity)
+        if problem is not None:
+            log.warning("refused a token for user %r: %s", identity.user_id, problem)
             return None
         return identity
 

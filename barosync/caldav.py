@@ -24,18 +24,20 @@ import binascii
 import hashlib
 import ipaddress
 import logging
+import math
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 from xml.etree import ElementTree as ET
 
 import orjson
 import trio
 
-from . import dav, ical
+from . import caldav_query, dav, expansion, ical
 from .app_passwords import Verifier, identity as app_identity
 from .dav import CALDAV, CS, DAV, APPLE, DavError, element, tag
 from .models import ALL_PROJECTS, Identity, ValidationError, check_id
+from .ratelimit import Limiter
 from .reads import UNREACHABLE_RETRY_AFTER, find_event
 from .caldav_writes import ICS, XML, Answer, Fail, Writes, etag
 
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("barosync.caldav")
+
+T = TypeVar("T")
 
 ROOT = "/dav/"
 WELL_KNOWN = "/.well-known/caldav"
@@ -52,6 +56,8 @@ SYNC_PREFIX = "http://barosync.org/ns/sync/"
 # Rendered resources kept in memory (keyed by id and ETag, so never stale).
 CACHE_ENTRIES = 20_000
 SCRYPT_CHECKS = 2  # password checks running at once
+SIGN_IN_FAILURE_BURST = 10
+SIGN_IN_FAILURE_RATE = 0.2  # per second, once the burst is spent
 PALETTE = ("#3b82f6", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316")
 
 
@@ -79,6 +85,9 @@ class CalDav(Writes):
         # scrypt takes ~16 MiB and ~50 ms per check: a burst of wrong passwords must
         # not take the server's memory with it.
         self._scrypt = trio.CapacityLimiter(SCRYPT_CHECKS)
+        # Failed sign-ins per user name: a burst, then one every few seconds, so
+        # guessing (or keeping a core busy with scrypt) gets nowhere fast.
+        self._failed_sign_ins = Limiter(SIGN_IN_FAILURE_RATE, SIGN_IN_FAILURE_BURST)
         self._rendered: dict[tuple[str, str], bytes] = {}
 
     def render(self, e: dict[str, Any]) -> bytes:
@@ -165,11 +174,23 @@ class CalDav(Writes):
             user, _, password = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Fail(401, "malformed Basic credentials", headers=challenge) from None
+        now = trio.current_time()
+        wait = self._failed_sign_ins.refused(user, now)
+        if wait is not None:
+            raise Fail(429, f"too many failed sign-ins for {user!r}: try again in {math.ceil(wait)} s",
+                       headers=[(b"retry-after", str(math.ceil(wait)).encode())])
         entry, known = self.verifier.lookup(user, password)
         if entry is None or not (known or await trio.to_thread.run_sync(self.verifier.check, entry, password,
                                                                          limiter=self._scrypt)):
+            self._failed_sign_ins.take(user, now)
+            log.warning("CalDAV sign-in failed for user %r (wrong name or app password, or revoked)", user)
             raise Fail(401, "wrong user name or app password (or it was revoked)", headers=challenge)
-        return app_identity(entry)
+        identity = app_identity(entry)
+        wait = self.app.requests.take(identity.user_id, now)
+        if wait is not None:
+            raise Fail(429, f"more than {self.app.config.rate_limit:g} requests per second for this user: slow down",
+                       headers=[(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+        return identity
 
     def _own(self, identity: Identity, user: str) -> None:
         if user != identity.user_id:
@@ -244,6 +265,10 @@ class CalDav(Writes):
                     _attrs(element(tag(CALDAV, "calendar-data")), {"content-type": "text/calendar", "version": "2.0"})]),
                 tag(CALDAV, "max-resource-size"): lambda: element(tag(CALDAV, "max-resource-size"),
                                                                   str(self.app.config.max_message_bytes)),
+                tag(CALDAV, "max-instances"): lambda: element(tag(CALDAV, "max-instances"),
+                                                              str(expansion.MAX_INSTANCES)),
+                tag(CALDAV, "min-date-time"): lambda: element(tag(CALDAV, "min-date-time"), _ical_utc(expansion.MIN_DATE)),
+                tag(CALDAV, "max-date-time"): lambda: element(tag(CALDAV, "max-date-time"), _ical_utc(expansion.MAX_DATE)),
                 tag(CS, "getctag"): lambda: element(tag(CS, "getctag"), token),
                 tag(DAV, "sync-token"): lambda: element(tag(DAV, "sync-token"), token),
                 tag(DAV, "current-user-privilege-set"): privilege_set,
@@ -252,10 +277,11 @@ class CalDav(Writes):
                     element(tag(DAV, "supported-report"), children=[element(tag(DAV, "report"), children=[element(r)])])
                     for r in reports])}
 
-    def _event_props(self, e: dict[str, Any], expand: tuple[datetime, datetime] | None = None,
-                     ) -> dict[str, Callable[[], ET.Element]]:
+    def _event_props(self, e: dict[str, Any], expanded: bytes | None = None) -> dict[str, Callable[[], ET.Element]]:
+        """``expanded``: the calendar-data of an ``expand`` report, made in a worker
+        thread (CalDav._expand); else the stored event's resource."""
         def data() -> ET.Element:
-            text = ical.expanded(e, *expand).to_ical() if expand else self.render(e)
+            text = expanded if expanded is not None else self.render(e)
             return element(tag(CALDAV, "calendar-data"), text.decode())
 
         return {tag(DAV, "getetag"): lambda: element(tag(DAV, "getetag"), etag(e)),
@@ -304,45 +330,40 @@ class CalDav(Writes):
     async def _report(self, identity: Identity, project: str, report: dav.Report) -> Answer:
         if report.kind == "sync-collection":
             return await self._sync(identity, project, report)
+        _check_window(report.start, report.end)
+        if report.expand:
+            _check_window(*report.expand)
         if report.kind == "calendar-multiget":
-            out = []
             ids = [self._id_from_href(identity, project, h) for h in report.hrefs]
             found = await self.app.read(self._events, project, ids)
+            expanded = await self._expand(caldav_query.expanded_data, [e for e in found if e is not None], report) \
+                if report.expand else {}
+            out = []
             for h, e in zip(report.hrefs, found):
                 if e is None:
                     out.append(dav.response(h, status=404))
                 else:
-                    out.append(_props_response(h, self._event_props(e, report.expand), report.props))
+                    out.append(_props_response(h, self._event_props(e, expanded.get(e["id"])), report.props))
             return _multistatus(out)
         out = []
         if report.components[:2] == ("VCALENDAR", "VEVENT") or report.components == ("VCALENDAR",):
             _seq, events = await self.app.read(self.app.store.snapshot, project)
-            for e in events:
-                if (report.start or report.end) and not ical.overlaps(e, report.start, report.end):
-                    continue
-                if report.prop_filters and not self._matches(e, report.prop_filters):
-                    continue
+            matching = await self._expand(caldav_query.matching, events, report)
+            expanded = await self._expand(caldav_query.expanded_data, matching, report) if report.expand else {}
+            for e in matching:
                 out.append(_props_response(self._event_href(identity, project, e["id"]),
-                                           self._event_props(e, report.expand), report.props))
+                                           self._event_props(e, expanded.get(e["id"])), report.props))
         return _multistatus(out)
 
-    def _matches(self, e: dict[str, Any], filters: tuple[tuple[str, str | None, bool, bool], ...]) -> bool:
-        master = next(c for c in ical.to_resource(e).subcomponents
-                      if c.name == "VEVENT" and c.get("recurrence-id") is None)
-        for name, text, negate, missing in filters:
-            value = master.get(name)
-            if missing:
-                if value is not None:
-                    return False
-                continue
-            if value is None:
-                return False
-            if text is not None:
-                values = value if isinstance(value, list) else [value]
-                hit = any(text.lower() in str(v).lower() for v in values)
-                if hit == negate:
-                    return False
-        return True
+    async def _expand(self, fn: Callable[..., T], events: list[dict[str, Any]], report: dav.Report) -> T:
+        """fn(events, report) off the event loop under expansion's bounds (app.expand);
+        a limit reached is RFC 4791's max-instances precondition."""
+        try:
+            return await self.app.expand(fn, events, report)
+        except expansion.ExpansionLimit as e:
+            raise Fail(403, f"{e.message} (expanding recurring events: at most {expansion.MAX_INSTANCES} "
+                            f"occurrences per event, {expansion.DEADLINE:g} s per request); ask for a shorter range",
+                       condition="max-instances", ns=CALDAV) from None
 
     def _events(self, project: str, ids: list[str | None]) -> list[dict[str, Any] | None]:
         """Several events by id, in one read (None: no such event in the project)."""
@@ -415,6 +436,21 @@ class CalDav(Writes):
         if method == b"DELETE":
             return await self._delete(identity, project, event_id, stored, headers)
         raise Fail(405, f"{method.decode()} is not supported on an event", headers=[(b"allow", ALLOW)])
+
+
+def _ical_utc(value: datetime) -> str:
+    return value.strftime("%Y%m%dT%H%M%SZ")
+
+
+def _check_window(start: datetime | None, end: datetime | None) -> None:
+    """A time range wholly outside the dates barosync expands is RFC 4791's
+    min-date-time or max-date-time precondition; one that overlaps them is clipped."""
+    if start is not None and start >= expansion.MAX_DATE:
+        raise Fail(403, f"this calendar holds dates before {expansion.MAX_DATE:%Y-%m-%d}", condition="max-date-time",
+                   ns=CALDAV)
+    if end is not None and end <= expansion.MIN_DATE:
+        raise Fail(403, f"this calendar holds dates from {expansion.MIN_DATE:%Y-%m-%d}", condition="min-date-time",
+                   ns=CALDAV)
 
 
 def _change_id(raw: bytes) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .hookspecs import hookimpl
 from .models import CLIENT_FIELDS, ValidationError, check_dates
+from .recurrence import check_expandable
 # The value types live apart so that hookspecs.py need not import this module;
 # they stay importable from here.
 from .plugin_types import DEFAULT_TIEBREAK, Conflict, Resolution  # noqa: F401
@@ -104,6 +105,7 @@ def merge(c: Conflict) -> Resolution:
         # otherwise the stored values of the clashing fields stay
     try:
         check_dates(merged["startDate"], merged["endDate"])
+        check_expandable(merged.get("recurrence"), merged["startDate"])
     except ValidationError:
         # Each side's dates were valid alone but not together: a person must decide.
         return Resolution("keep", fields=tuple(sorted(set(clashes) | {"startDate", "endDate"})), manual=True)

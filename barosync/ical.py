@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import zoneinfo
 from datetime import date, datetime, timedelta, timezone, tzinfo
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import icalendar
 import recurring_ical_events
 from icalendar.timezone import tzp
 
+from . import expansion
 from .recurrence import known_valid
 
 PRODID = "-//barosync//barosync calendar//EN"
@@ -61,7 +62,19 @@ def parse_calendar(data: bytes | str) -> icalendar.Calendar:
 
 def from_resource(data: bytes | str, *, project_id: str, event_id: str) -> dict[str, Any]:
     """Event fields (with ``id``, ``projectId`` and every client field) for one
-    CalDAV resource: one UID, a master VEVENT and its RECURRENCE-ID overrides."""
+    CalDAV resource: one UID, a master VEVENT and its RECURRENCE-ID overrides.
+    Anything malformed is an IcalError saying what."""
+    try:
+        return _from_resource(data, project_id=project_id, event_id=event_id)
+    except IcalError:
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as e:
+        # icalendar decodes values lazily: a malformed DTSTART, DURATION, EXDATE or
+        # TZID surfaces only here.
+        raise IcalError(f"a property barosync cannot read: {type(e).__name__}: {e}"[:300]) from None
+
+
+def _from_resource(data: bytes | str, *, project_id: str, event_id: str) -> dict[str, Any]:
     cal = parse_calendar(data)
     kinds = {c.name for c in cal.subcomponents} - {"VTIMEZONE", "VEVENT"}
     if kinds & set(UNSUPPORTED) or not any(c.name == "VEVENT" for c in cal.subcomponents):
@@ -104,21 +117,39 @@ def _strip(v: icalendar.Event, modeled: tuple[str, ...]) -> None:
             v.pop(name)
 
 
-def _fields(v: icalendar.Event) -> dict[str, Any]:
-    start = v.decoded("dtstart", None)
-    if start is None:
-        raise IcalError(f"VEVENT {v.get('uid')} has no DTSTART")
+def span(v: icalendar.Component) -> tuple[date | datetime, date | datetime, bool]:
+    """A VEVENT's start, end and whether it is all-day, from DTSTART and DTEND or
+    DURATION (RFC 5545 §3.6.1 defaults), each checked to be what it says."""
+    uid = v.get("uid")
+    if v.get("dtstart") is None:
+        raise IcalError(f"VEVENT {uid} has no DTSTART")
+    start = v.decoded("dtstart")
+    if not isinstance(start, (date, datetime)):
+        raise IcalError(f"VEVENT {uid}: DTSTART is not a date or a date-time")
     all_day = not isinstance(start, datetime)
     if v.get("dtend") is not None:
         end = v.decoded("dtend")
+        if not isinstance(end, (date, datetime)):
+            raise IcalError(f"VEVENT {uid}: DTEND is not a date or a date-time")
     elif v.get("duration") is not None:
-        end = start + v.decoded("duration")
+        duration = v.decoded("duration")
+        if not isinstance(duration, timedelta):
+            raise IcalError(f"VEVENT {uid}: DURATION is not a duration (like PT1H)")
+        try:
+            end = start + duration
+        except OverflowError:
+            raise IcalError(f"VEVENT {uid}: DURATION runs past the year 9999") from None
     else:
         end = start + timedelta(days=1) if all_day else start
     if isinstance(end, datetime) != isinstance(start, datetime):
         raise IcalError("DTSTART and DTEND must both be dates or both be date-times")
-    if end < start:
+    if as_utc(end) < as_utc(start):
         raise IcalError("DTEND is before DTSTART")
+    return start, end, all_day
+
+
+def _fields(v: icalendar.Event) -> dict[str, Any]:
+    start, end, all_day = span(v)
     out: dict[str, Any] = {
         "title": str(v.get("summary") or "(no title)")[:500] or "(no title)",
         "startDate": iso(start),
@@ -382,10 +413,23 @@ def feed(project_id: str, events: Iterable[dict[str, Any]], *, name: str | None 
     return cal.to_ical()
 
 
-def occurrences(e: dict[str, Any], start: datetime, end: datetime) -> list[icalendar.Event]:
+def occurrences(e: dict[str, Any], start: datetime | None, end: datetime | None) -> list[icalendar.Event]:
     """The event's occurrences that overlap [start, end) (RFC 4791's time-range
-    rules, recurrences expanded)."""
-    return list(recurring_ical_events.of(to_resource(e)).between(start, end))
+    rules, recurrences expanded), within expansion.py's bounds: the window clipped to
+    the dates barosync expands, at most MAX_INSTANCES of them (else ExpansionLimit).
+    Run it under expansion.run_guarded: a rule can cost time before its first one."""
+    lo, hi = expansion.clip(start, end)
+    return expansion.bounded(between(to_resource(e), lo, hi), what=f"event {e['id']!r}")
+
+
+def between(cal: icalendar.Calendar, start: datetime, end: datetime) -> Iterator[icalendar.Event]:
+    """Every occurrence in [start, end) of every component, one at a time.
+    (recurring-ical-events' own between() lists them all before returning; its series
+    yield them one by one, so a count can stop the expansion.)"""
+    query = recurring_ical_events.of(cal)
+    for series in query.series:
+        for found in series.between(start, end):
+            yield found.as_component(query.keep_recurrence_attributes)
 
 
 def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) -> bool:
@@ -395,8 +439,8 @@ def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) ->
         if f == s and not e.get("allDay"):
             f = s + timedelta(microseconds=1)  # an instant event occupies its start
         return (end is None or s < end) and (start is None or f > start)
-    return bool(occurrences(e, start or datetime(1900, 1, 1, tzinfo=timezone.utc),
-                            end or datetime(2200, 1, 1, tzinfo=timezone.utc)))
+    lo, hi = expansion.clip(start, end)
+    return next(between(to_resource(e), lo, hi), None) is not None
 
 
 def as_utc(value: date | datetime) -> datetime:

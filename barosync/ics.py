@@ -18,13 +18,18 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import icalendar
-import recurring_ical_events
 
-from .ical import as_utc, address
+from . import expansion
+from .ical import IcalError, address, as_utc, between as ical_between, span
 
 MAX_ID = 128
 # Without a window from the caller: a month back, a year ahead.
 DEFAULT_WINDOW = (timedelta(days=-31), timedelta(days=366))
+# What one import may ask for: a window of at most ten years, at most this many
+# occurrences of one VEVENT in it, and this many events in all.
+MAX_WINDOW = timedelta(days=3653)
+MAX_OCCURRENCES = 1_000
+MAX_EVENTS = 10_000
 
 
 class IcsError(ValueError):
@@ -37,7 +42,22 @@ class IcsError(ValueError):
 def parse(data: bytes | str, *, project_id: str, window: tuple[datetime, datetime] | None = None,
           now: datetime | None = None) -> list[dict[str, Any]]:
     """Event fields (with ``id``) for every VEVENT, recurrences expanded into
-    ``window`` (default: a month back to a year ahead of ``now``)."""
+    ``window`` (default: a month back to a year ahead of ``now``). Bounded: at most
+    MAX_WINDOW long, MAX_OCCURRENCES per VEVENT and MAX_EVENTS in all, every rule
+    checked as a stored one is (expansion.check_rule); run it under
+    expansion.run_guarded, which bounds the time."""
+    try:
+        return _parse(data, project_id=project_id, window=window, now=now)
+    except (IcsError, expansion.ExpansionLimit):
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as e:
+        # icalendar reads values lazily: a malformed DTSTART, DURATION or EXDATE
+        # surfaces only when it is decoded.
+        raise IcsError(f"not an iCalendar file barosync can read: {type(e).__name__}: {e}"[:300]) from None
+
+
+def _parse(data: bytes | str, *, project_id: str, window: tuple[datetime, datetime] | None,
+           now: datetime | None) -> list[dict[str, Any]]:
     try:
         cal = icalendar.Calendar.from_ical(data)
     except (ValueError, KeyError, IndexError) as e:
@@ -47,20 +67,49 @@ def parse(data: bytes | str, *, project_id: str, window: tuple[datetime, datetim
     if window is None:
         now = now or datetime.now(timezone.utc)
         window = (now + DEFAULT_WINDOW[0], now + DEFAULT_WINDOW[1])
+    if window[1] - window[0] > MAX_WINDOW:
+        raise IcsError(f"the import window (from, to) may span at most {MAX_WINDOW.days} days")
     out: list[dict[str, Any]] = []
     recurring = set()
     for v in cal.walk("VEVENT"):
+        uid = str(v.get("uid"))
+        for rule in _rules(v):
+            try:
+                expansion.check_rule(rule)
+                expansion.check_span(rule, span(v)[0])
+            except expansion.RuleError as e:
+                raise IcsError(f"VEVENT {uid}: RRULE {rule[:100]!r} {e}") from None
         if v.get("rrule") is not None or v.get("rdate") is not None or v.get("recurrence-id") is not None:
-            recurring.add(str(v.get("uid")))
+            recurring.add(uid)
         else:
             out.append(_fields(v, project_id, occurrence=None))
+        _count(out)
     if recurring:
-        for v in recurring_ical_events.of(cal).between(window[0], window[1]):
-            if str(v.get("uid")) in recurring:
+        lo, hi = expansion.clip(*window)
+        per_uid: dict[str, int] = {}
+        for v in ical_between(cal, lo, hi):
+            uid = str(v.get("uid"))
+            if uid in recurring:
+                per_uid[uid] = per_uid.get(uid, 0) + 1
+                if per_uid[uid] > MAX_OCCURRENCES:
+                    raise IcsError(f"VEVENT {uid} has more than {MAX_OCCURRENCES} occurrences between from and to: "
+                                   "import a shorter window")
                 # Named by the occurrence it replaces, so a moved one keeps its id.
                 which = v.decoded("recurrence-id") if v.get("recurrence-id") is not None else v.decoded("dtstart")
                 out.append(_fields(v, project_id, occurrence=as_utc(which)))
+                _count(out)
     return out
+
+
+def _rules(v: icalendar.Event) -> list[str]:
+    found = v.get("rrule")
+    return [r.to_ical().decode() for r in (found if isinstance(found, list) else [found] if found is not None else [])]
+
+
+def _count(out: list[dict[str, Any]]) -> None:
+    if len(out) > MAX_EVENTS:
+        raise IcsError(f"the file yields more than {MAX_EVENTS} events (recurrences expanded): split it, "
+                       "or import a shorter window")
 
 
 def _iso(value: date | datetime) -> str:
@@ -79,16 +128,10 @@ def _fields(v: icalendar.Event, project_id: str, occurrence: datetime | None) ->
     uid = v.get("uid")
     if not uid:
         raise IcsError("a VEVENT has no UID")
-    start = v.decoded("dtstart", None)
-    if start is None:
-        raise IcsError(f"VEVENT {uid} has no DTSTART")
-    all_day = not isinstance(start, datetime)
-    if v.get("dtend") is not None:
-        end = v.decoded("dtend")
-    elif v.get("duration") is not None:
-        end = start + v.decoded("duration")
-    else:
-        end = start + timedelta(days=1) if all_day else start
+    try:
+        start, end, all_day = span(v)
+    except IcalError as e:
+        raise IcsError(str(e)) from None
     fields: dict[str, Any] = {
         "id": event_id(str(uid), occurrence),
         "projectId": project_id,

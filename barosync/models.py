@@ -7,6 +7,7 @@ reject the same things with the same words. Errors name the wire field.
 from __future__ import annotations
 
 import math
+import unicodedata
 import uuid
 from typing import Any
 
@@ -89,6 +90,26 @@ class Identity:
 
     def may_access(self, project_id: str) -> bool:
         return self.projects == ALL_PROJECTS or project_id in self.projects
+
+
+# Latest expiry a token may name: the end of year 9999, the last instant a date
+# type, JSON's integers and every client's clock can all hold.
+MAX_EXPIRES_AT = 253402300799.0
+# Characters that would let a name rewrite a log line or how it reads: line breaks and
+# other controls, and the bidirectional overrides (Trojan Source).
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def identity_problem(identity: Identity) -> str | None:
+    """Why an identity (from any auth plugin) cannot be used, or None. Its names
+    reach logs and other people's screens; its expiry reaches the wire."""
+    for what, value in (("user id", identity.user_id), ("name", identity.name)):
+        if any(ch in _BIDI or unicodedata.category(ch) == "Cc" for ch in value):
+            return f"its {what} holds a control or bidirectional-override character"
+    expires = identity.expires_at
+    if expires is not None and not (math.isfinite(expires) and 0 < expires <= MAX_EXPIRES_AT):
+        return "its expiry is not a time before the year 10000"
+    return None
 
 
 def _camel(name: str) -> str:
@@ -204,6 +225,7 @@ def new_event(payload: dict[str, Any], *, user_id: str, now_ms: int) -> Event:
         if wire in payload and not (payload[wire] is None and wire in ("allDay",))
     }
     check_dates(fields["start_date"], fields["end_date"])
+    recurrence.check_expandable(fields.get("recurrence"), fields["start_date"])
     return Event(
         id=event_id,
         project_id=project_id,
@@ -240,6 +262,8 @@ def apply_changes(event: Event, changes: dict[str, Any], *, user_id: str, now_ms
         **{CLIENT_FIELDS[wire]: value for wire, value in changes.items()},
     )
     check_dates(updated.start_date, updated.end_date)
+    if "recurrence" in changes or "startDate" in changes:
+        recurrence.check_expandable(updated.recurrence, updated.start_date)
     return updated
 
 

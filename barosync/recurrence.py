@@ -19,6 +19,7 @@ from typing import Any
 
 import icalendar
 
+from . import expansion
 from .validation import ValidationError, check_dates, parse_instant
 
 MAX_RRULE_CHARS = 1_000
@@ -51,6 +52,10 @@ def check_recurrence(value: Any) -> dict[str, Any] | None:
             raise ValidationError("recurrence.rrule", "needs FREQ (like FREQ=WEEKLY)")
         if "COUNT" in parsed and "UNTIL" in parsed:
             raise ValidationError("recurrence.rrule", "may have COUNT or UNTIL, not both")
+        try:
+            expansion.check_rule(rrule)
+        except expansion.RuleError as e:
+            raise ValidationError("recurrence.rrule", str(e)) from None
     out = {
         "rrule": rrule,
         "rdates": _dates(value.get("rdates"), "recurrence.rdates"),
@@ -60,6 +65,17 @@ def check_recurrence(value: Any) -> dict[str, Any] | None:
     if rrule is None and not out["rdates"] and not out["overrides"]:
         raise ValidationError("recurrence", "needs an rrule, rdates or overrides (or use null: not recurring)")
     return out
+
+
+def check_expandable(value: dict[str, Any] | None, start_date: str) -> None:
+    """The event's rule, from its start, within what barosync expands (expansion.py):
+    checked wherever a recurrence and a start meet (create, update, merge)."""
+    if not value or not value.get("rrule"):
+        return
+    try:
+        expansion.check_span(value["rrule"], parse_instant(start_date, "startDate"))
+    except expansion.RuleError as e:
+        raise ValidationError("recurrence.rrule", str(e)) from None
 
 
 def _dates(value: Any, field: str) -> list[str]:
