@@ -47,6 +47,10 @@ def _server(app: "App") -> dict[str, Any]:
         hooks = sorted(h.name for h in (app.pm.get_hookcallers(plugin) or []))
         plugins.append({"name": name, "hooks": hooks})
     config = {k: (HIDDEN if k in SECRET_KEYS and v else _plain(v)) for k, v in attrs.asdict(app.config, recurse=False).items()}
+    # A plugin's options may hold credentials (an API key, a webhook's token): the
+    # inspector names them and hides every value.
+    config["plugin_options"] = {name: {key: HIDDEN for key in options}
+                                for name, options in app.config.plugin_options.items()}
     return {
         "version": __version__,
         "uptime": round(time.time() - app.started_at, 1),

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .config import private_dir
 from .models import ALL_PROJECTS, Identity, ValidationError, check_id
 
 FILE = "app-passwords.json"
@@ -44,14 +45,14 @@ def _hash(secret: str, salt: bytes, params: dict[str, int]) -> bytes:
 def _locked(data_dir: Path) -> Iterator[dict[str, Any]]:
     """The file's content, to change in place; written back atomically (fsync,
     rename) under an exclusive lock so two CLI runs cannot lose each other's change."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     path = data_dir / FILE
-    with open(data_dir / (FILE + ".lock"), "a+") as lock:
+    with open(os.open(data_dir / (FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         content = _read(path)
         yield content
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=1)
             f.flush()
             os.fsync(f.fileno())

@@ -93,7 +93,8 @@ def token_id(token: str) -> str | None:
 
 
 def revoke(data_dir: Path, jti: str) -> None:
-    with open(Path(data_dir) / REVOKED_FILE, "a", encoding="utf-8") as f:
+    fd = os.open(Path(data_dir) / REVOKED_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with open(fd, "a", encoding="utf-8") as f:
         f.write(jti + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8080)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--no-browser-link", action="store_true",
-                       help="do not print the owner's sign-in link (printed when listening on loopback)")
+                       help="do not print the owner's sign-in link (printed on a data directory's first start, "
+                            "when listening on loopback)")
+    serve.add_argument("--sign-in-link", action="store_true",
+                       help="print a new sign-in link for the owner (on loopback), even if one was printed before")
 
     token = sub.add_parser("token", help="mint access tokens")
     token.set_defaults(usage_parser=token)
@@ -294,6 +297,8 @@ def _is_loopback(host: str) -> bool:
 
 # The owner's link printed by `barosync serve` on loopback lasts this long.
 OWNER_LINK_TTL = 7 * 24 * 3600
+# In the data directory once `serve` has printed the owner's link.
+LINK_SHOWN = "sign-in-link-shown"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -307,7 +312,8 @@ def _serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     try:
-        trio.run(_serve_until_signal, config, not args.no_browser_link and config.browser_link)
+        link = "always" if args.sign_in_link else "first" if not args.no_browser_link and config.browser_link else "never"
+        trio.run(_serve_until_signal, config, link)
     except KeyboardInterrupt:
         pass
     except (OSError, lmdb.Error, ConfigError, PluginError, StorageError, BaseExceptionGroup) as raised:
@@ -334,7 +340,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signal(config: Config, link: bool = True) -> None:
+async def _serve_until_signal(config: Config, link: str = "first") -> None:
+    """Serve until SIGTERM or SIGINT. ``link``: print the owner's sign-in link on
+    loopback "always", on the data directory's "first" start only (the link is a
+    credential: under systemd stdout goes to the journal), or "never"."""
     from .server import serve
 
     log = logging.getLogger("barosync")
@@ -350,12 +359,17 @@ async def _serve_until_signal(config: Config, link: bool = True) -> None:
 
             app = await nursery.start(run)
             print(f"listening on http://{config.host}:{app.port}", flush=True)
-            if link and _is_loopback(config.host):
+            shown = config.data_dir / LINK_SHOWN
+            if link != "never" and _is_loopback(config.host) and (link == "always" or not shown.exists()):
                 # Only on loopback (the Jupyter convention): whoever can read this
                 # terminal could reach the server anyway.
                 token = create_token(app.config.secret or "", user_id="owner", name="Owner", projects=ALL_PROJECTS,
                                      ttl=OWNER_LINK_TTL)
                 print(f"open {sign_in_link(f'http://{config.host}:{app.port}', token)}", flush=True)
+                shown.touch(mode=0o600)
+            elif link == "first" and _is_loopback(config.host):
+                log.info("the owner's sign-in link was printed on this data directory's first start; "
+                         "`barosync serve --sign-in-link` prints a new one")
             async for _ in signals:
                 if app.stopping:
                     log.info("already shutting down")

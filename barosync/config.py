@@ -126,6 +126,19 @@ def _str_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+# HS256 keys shorter than the hash (RFC 7518 §3.2) can be guessed offline from one
+# token; then anyone can mint tokens for anyone.
+MIN_SECRET_BYTES = 32
+
+
+def _secret(value: Any) -> str:
+    text = _str(value)
+    if len(text.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes (a short secret lets anyone forge tokens); "
+                         "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+    return text
+
+
 def _rate_limit(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 10_000_000:
         raise ValueError(f"expected messages per second (a positive number), got {value!r}")
@@ -162,7 +175,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "history_max_changes": ("history_max_changes", _int(0, 1 << 62)),
     },
     "auth": {
-        "secret": ("secret", _str),
+        "secret": ("secret", _secret),
     },
     "heartbeat": {
         "interval": ("heartbeat_interval", _seconds),
@@ -259,18 +272,35 @@ def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Config:
     return config
 
 
+def private_dir(path: Path) -> Path:
+    """The data directory, created 0700 (and made so, if an older release made it
+    readable by others): it holds events, password hashes and the signing secret."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except OSError:
+        pass  # not ours to change: the files inside are still created 0600
+    return path
+
+
 def ensure_secret(config: Config) -> str:
     """The signing secret: configured, or generated once into the data directory."""
     if config.secret:
-        return config.secret
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return _secret(config.secret)
+        except ValueError as e:
+            raise ConfigError(config.source, "[auth] secret", str(e)) from None
+    private_dir(config.data_dir)
     path = config.data_dir / SECRET_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         secret = path.read_text().strip()
-        if not secret:
-            raise ConfigError(str(path), "[auth] secret", "the generated secret file is empty; delete it to generate a new one") from None
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(str(path), "[auth] secret", f"the secret file holds fewer than {MIN_SECRET_BYTES} bytes "
+                                                           "(a short secret lets anyone forge tokens); delete it to "
+                                                           "generate a new one (every token minted with it stops working)") from None
         return secret
     secret = secrets.token_urlsafe(48)
     with os.fdopen(fd, "w") as f:

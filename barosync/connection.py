@@ -32,8 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("barosync.session")
 
 RECEIVE_BYTES = 64 * 1024
-# Messages the poller may queue for a connection before it stops reading from it.
+# Messages, and bytes of them, the poller may queue for a connection before it stops
+# reading from it: a connection whose reader waits (a snapshot drain) holds at most
+# about this much, not 256 messages of max_message_bytes each.
 INBOX_LIMIT = 256
+INBOX_BYTES = 1024 * 1024
 # How long a closing connection waits for the peer's close frame / its last bytes.
 CLOSE_TIMEOUT = 5.0
 
@@ -43,6 +46,7 @@ class Connection(Outbox):
     __slots__ = (
         "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed", "_close_deadline", "_nursery",
         "_parts", "_parts_text", "close_code", "last_recv", "_inbox", "_inbox_lot", "_eof", "_protocol_closing",
+        "_inbox_bytes",
     )
 
     def __init__(self, app: "App", poller: "ReadPoller", stream: trio.SocketStream, received: bytes, identity: Identity,
@@ -67,6 +71,7 @@ class Connection(Outbox):
         # connections; the inbox is short-lived and short.
         self._inbox: list[tuple[bytes, bool, list[Any] | None]] = []
         self._inbox_lot = trio.lowlevel.ParkingLot()
+        self._inbox_bytes = 0
         self._drained: trio.Event | None = None  # made only while a catch-up waits
         self._eof = False
         self._protocol_closing = False
@@ -286,13 +291,14 @@ class Connection(Outbox):
             if not inbox and items is not None and self._settle_acks(items):
                 continue
             inbox.append((message, text, items))
+            self._inbox_bytes += len(message)
         if ws.state is not State.OPEN:
             self._protocol_closing = True
         else:
             self._send_protocol_output()  # pongs
         if inbox or self._protocol_closing:
             self._inbox_lot.unpark()
-            if len(inbox) >= INBOX_LIMIT:
+            if len(inbox) >= INBOX_LIMIT or self._inbox_bytes >= INBOX_BYTES:
                 # Backpressure: stop reading until the reader task catches up.
                 self._poller.unregister(self._fd)
 
@@ -321,6 +327,7 @@ class Connection(Outbox):
             while True:
                 while inbox:
                     message, text, items = inbox.pop(0)
+                    self._inbox_bytes -= len(message)
                     if not self._closing:
                         await self._on_message(message, text, items)
                 if self._protocol_closing:

@@ -7,6 +7,7 @@ envelope id, per user), conflict strategies, and the same broadcast to subscribe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 import orjson
+import trio
 
-from . import admin, ical, ics, protocol
+from . import admin, expansion, ical, ics, protocol
 from .models import Identity, ValidationError, check_id, parse_instant
 from .mutations import run_mutation
 from .protocol import ProtocolError
@@ -179,7 +181,17 @@ async def _identity(app: "App", headers: dict[bytes, bytes]) -> Identity:
     identity = await app.authenticate(auth[7:].strip().decode("latin-1"))
     if identity is None:
         raise HttpError(401, "unauthorized", "token invalid or expired")
+    limited(app, identity)
     return identity
+
+
+def limited(app: "App", identity: Identity) -> None:
+    """Spend one of the identity's HTTP requests (app.requests), or answer 429."""
+    wait = app.requests.take(identity.user_id, trio.current_time())
+    if wait is not None:
+        raise HttpError(429, protocol.E_RATE_LIMITED, f"more than {app.config.rate_limit:g} requests per second "
+                                                      "for this user: slow down and try again", retryAfter=wait,
+                        headers=[(b"retry-after", str(max(1, math.ceil(wait))).encode())])
 
 
 def _idempotency_key(headers: dict[bytes, bytes]) -> str:
@@ -270,6 +282,10 @@ async def feed(app: "App", method: bytes, path: str, query: str, headers: dict[b
     if not await app.authorize(identity, "subscribe", project_id):
         return _feed_error(403, protocol.E_FORBIDDEN, f"this feed token is not for project {project_id!r}")
     try:
+        limited(app, identity)
+    except HttpError as e:
+        return e.status, orjson.dumps(e.body), b"application/json", e.headers
+    try:
         seq, events = await app.read(app.store.snapshot, project_id)
     except Exception as e:
         why = app.read.unreachable(e)
@@ -301,9 +317,13 @@ async def _import(app: "App", identity: Identity, project_id: str, query: dict[s
             raise HttpError(400, protocol.E_INVALID, "give both `from` and `to` (the window recurrences are expanded in)")
         window = (_utc(query["from"][0], "from"), _utc(query["to"][0], "to"))
     try:
-        found = ics.parse(body, project_id=project_id, window=window)
+        # Off the event loop and under a deadline: a file's rules may ask for a lot.
+        found = await app.expand(functools.partial(ics.parse, body, project_id=project_id, window=window))
     except ics.IcsError as e:
         raise HttpError(400, protocol.E_INVALID, str(e)) from None
+    except expansion.ExpansionLimit as e:
+        raise HttpError(413, protocol.E_LIMIT, f"expanding the file's recurring events {e.message}: import a shorter "
+                                               "window (from, to) or fewer events", limit=e.limit) from None
     counts = {"created": 0, "updated": 0, "unchanged": 0}
     refused = []
     for fields in found:
@@ -320,6 +340,9 @@ async def _import(app: "App", identity: Identity, project_id: str, query: dict[s
             await _mutate(app, identity, kind, key, payload)
         except HttpError as e:
             refused.append({"id": fields["id"], **e.body})
+            continue
+        except ProtocolError as e:
+            refused.append({"id": fields["id"], **_error(e).body})
             continue
         counts["created" if kind == "create" else "updated"] += 1
     return 200, {"projectId": project_id, **counts, "refused": refused, "events": len(found)}

@@ -22,8 +22,9 @@ from websockets.utils import accept_key
 
 from . import __version__, caldav, protocol, rest, static
 from .app import App
+from .buglog import BugLog
 from .codecs import DEFAULT_CODEC
-from .config import Config, ConfigError, ensure_secret
+from .config import Config, ConfigError, ensure_secret, private_dir
 from .metrics import Metrics
 from .plugins import call_each
 from .poller import ReadPoller
@@ -31,6 +32,7 @@ from .session import Session
 from .writer import StorageError
 
 log = logging.getLogger("barosync.server")
+_bugs = BugLog(log)
 
 MAX_REQUEST_HEAD = 16 * 1024
 # After SIGTERM, how long connections get to take their 1001 close.
@@ -107,7 +109,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
 
 
 def _lock_data_dir(config: Config) -> int:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.data_dir)
     fd = os.open(config.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -261,6 +263,18 @@ async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int
 
 
 async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
+    """The answer to one HTTP request. A bug in a handler costs that request a 500,
+    never the connection without an answer (nor a traceback per request in the log)."""
+    try:
+        return await _answer(app, front, conn, request, path, query, body)
+    except Exception as e:
+        _bugs.report(f"{request.method.decode(errors='replace')} {path!r}", e)
+        return _response(conn, 500, _json_error(500, protocol.E_INTERNAL, "internal server error: the request was not "
+                                                "completed (the server's log says why); try again later"),
+                         head=request.method == b"HEAD")
+
+
+async def _answer(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
     method = request.method
     respond = functools.partial(_response, conn, head=method == b"HEAD")
     if path.startswith(caldav.ROOT) or path in ("/dav", caldav.WELL_KNOWN, caldav.WELL_KNOWN + "/") or (

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import trio
 
 from . import protocol
+from .buglog import BugLog
 from .connection import Connection
 from .models import Identity, ValidationError
 from .mutations import prepare_mutation
 from .protocol import Envelope, ProtocolError
+from .ratelimit import TokenBucket
 from .reads import UNREACHABLE_RETRY_AFTER
 from .store import WHOLE, Mutation, Outcome, now_ms
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from .poller import ReadPoller
 
 log = logging.getLogger("barosync.session")
+_bugs = BugLog(log)
 
 # A client refused more messages within this many seconds than the rate allows in
 # them (plus the burst) is flooding and is closed (1008).
@@ -42,7 +45,7 @@ ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", pro
 
 
 class Session(Connection):
-    __slots__ = ("subscriptions", "_rate", "_burst", "_tokens", "_tick", "_refused", "_refused_window", "origin",
+    __slots__ = ("subscriptions", "_rate", "_burst", "_bucket", "_refused", "_refused_window", "origin",
                  "connected_at")
 
     def __init__(self, app: "App", poller: "ReadPoller", stream: trio.SocketStream, received: bytes, identity: Identity,
@@ -51,11 +54,10 @@ class Session(Connection):
         self.subscriptions: set[str] = set()
         self.origin: str | None = None  # the browser's Origin header, for the inspector
         self.connected_at = time.time()
-        # Token bucket for client messages; acks and cursors are not counted.
+        # Client messages per connection; acks and cursors are not counted.
         self._rate = app.config.rate_limit
         self._burst = float(app.config.rate_burst)
-        self._tokens = self._burst
-        self._tick = self.last_recv
+        self._bucket = TokenBucket(self._rate, self._burst, self.last_recv)
         self._refused = 0  # refusals in the current window of FLOOD_GRACE seconds
         self._refused_window = self.last_recv
 
@@ -124,7 +126,7 @@ class Session(Connection):
                         return
                     continue
                 # A bug must cost one message, never the connection or the server.
-                log.exception("session=%s user=%s: internal error handling a message", self.id, self.identity.user_id)
+                _bugs.report(f"session={self.id} user={self.identity.user_id!r}: a {kind!r} message", e)
                 ref = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
                 self.send_json(protocol.error(ProtocolError(protocol.E_INTERNAL, "internal server error; the message was not applied", ref=ref)))
 
@@ -146,7 +148,7 @@ class Session(Connection):
     def _limited(self, ref: Any) -> bool:
         """Take a token for one client message; when there is none, answer
         `rate_limited` (or close with 1008 when it keeps on) and say so."""
-        if self._take_token():
+        if self._bucket.take(trio.current_time()):
             return False
         now = trio.current_time()
         if now - self._refused_window > FLOOD_GRACE:
@@ -164,16 +166,6 @@ class Session(Connection):
                 protocol.E_RATE_LIMITED, f"more than {self._rate:g} messages per second: slow down and resend",
                 ref=protocol.ref_for(ref))))
         return True
-
-    def _take_token(self) -> bool:
-        now = trio.current_time()
-        tokens = self._tokens + (now - self._tick) * self._rate
-        self._tick = now
-        if tokens >= 1.0:
-            self._tokens = min(tokens, self._burst) - 1.0
-            return True
-        self._tokens = tokens
-        return False
 
     async def _on_ping(self, env: Envelope) -> None:
         self.send_json(protocol.encode("pong", {}, timestamp=env.timestamp if env.timestamp is not None else now_ms()))
@@ -290,8 +282,10 @@ class Session(Connection):
     def _send_catch_up(self, messages: list[bytes]) -> None:
         """A replay or snapshot is queued at once and may exceed the outbox cap by
         itself: it is allowed on top of the cap while it is queued, or a client that
-        fell behind could never catch up. The allowance ends with the backlog."""
-        self._replay_allowance += sum(len(m) for m in messages)
+        fell behind could never catch up. The allowance ends with the backlog. It is
+        one catch-up's worth, never a sum: a client that re-subscribes without reading
+        is a slow reader past the cap plus one catch-up, and is closed with 4008."""
+        self._replay_allowance = max(self._replay_allowance, sum(len(m) for m in messages))
         for message in messages:
             self.send_json(message)
         if not self._outbox and not self._batch:
@@ -306,6 +300,15 @@ class Session(Connection):
 
     async def _on_mutation(self, env: Envelope) -> None:
         assert env.id is not None
+        expires = self.identity.expires_at
+        if expires is not None and time.time() >= expires:
+            # The heartbeat closes an expired connection too, but it may be asleep
+            # until a longer token's expiry (auth:refresh can shorten it).
+            self.send_json(protocol.error(ProtocolError(
+                protocol.E_FORBIDDEN, "token expired: the change was not applied; reconnect with a fresh token",
+                ref=env.id)))
+            self.close(protocol.CLOSE_TOKEN_INVALID, "token expired: reconnect with a fresh token")
+            return
         m = await prepare_mutation(
             self.app, self.identity, ACTIONS[env.type], env.id, env.payload,
             reply=self._answer, client_ms=int(env.timestamp) if env.timestamp is not None else None, origin=self,

@@ -33,7 +33,7 @@ import orjson
 from . import protocol
 # Mutation, Outcome and now_ms are re-exported: the writer, hub and transports use them.
 from .commit import _U64, Commits, Mutation, Outcome, _k, _seq_key, now_ms  # noqa: F401
-from .config import Config, ConfigError
+from .config import Config, ConfigError, private_dir
 
 __all__ = ["Store", "Mutation", "Outcome", "now_ms", "SCHEMA_VERSION", "WHOLE"]
 
@@ -61,7 +61,7 @@ class Store(Commits):
             hook = build_plugin_manager(self.config).hook
         self.hook = hook
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path)
         if self.config.max_map_size:
             map_size = min(map_size, self.config.max_map_size)
         self.env = lmdb.open(
@@ -73,6 +73,7 @@ class Store(Commits):
             max_readers=MAX_READERS,
             sync=True,
             metasync=True,
+            mode=0o600,
             # Readers are short and the writer is one thread; no TLS ties a reader
             # to the thread that created it.
             lock=True,

@@ -427,9 +427,21 @@ async def test_serve_prints_the_owners_sign_in_link_on_loopback_only_when_wanted
         me = await trio.to_thread.run_sync(_get_me, server.port, token)
         assert me["user"]["id"] == "owner" and me["projects"] == "*"
         assert await server.stop(signal.SIGTERM) == 0
-    async with serving(tmp_path, "--port", "0", "--data", str(data), "--no-browser-link") as server:
+    # Printed once per data directory (a link is a credential, and a service's stdout
+    # is kept in its journal); again only on request.
+    async with serving(tmp_path, "--port", "0", "--data", str(data)) as server:
         assert await server.stop(signal.SIGTERM) == 0
         assert server.early + await server.rest_of_stdout() == b""  # nothing after the listening line
+        assert "--sign-in-link" in server.stderr
+    async with serving(tmp_path, "--port", "0", "--data", str(data), "--sign-in-link") as server:
+        assert await server.stop(signal.SIGTERM) == 0
+        assert (server.early + await server.rest_of_stdout()).startswith(b"open http://127.0.0.1:")
+    async with serving(tmp_path, "--port", "0", "--data", str(data), "--no-browser-link", "--sign-in-link") as server:
+        assert await server.stop(signal.SIGTERM) == 0
+        assert (server.early + await server.rest_of_stdout()).startswith(b"open http://127.0.0.1:")
+    async with serving(tmp_path, "--port", "0", "--data", str(data), "--no-browser-link") as server:
+        assert await server.stop(signal.SIGTERM) == 0
+        assert server.early + await server.rest_of_stdout() == b""
     done = await trio.run_process(barosync("token", "create", "--data", str(data), "--user", "bob", "--project", "p1",
                                            "--link", "--url", "https://calendar.example.com/"),
                                   capture_stdout=True, check=False)
