@@ -426,9 +426,15 @@ def between(cal: icalendar.Calendar, start: datetime, end: datetime) -> Iterator
     """Every occurrence in [start, end) of every component, one at a time.
     (recurring-ical-events' own between() lists them all before returning; its series
     yield them one by one, so a count can stop the expansion.)"""
-    query = recurring_ical_events.of(cal)
+    with expansion.stepping():
+        query = recurring_ical_events.of(cal)
     for series in query.series:
-        for found in series.between(start, end):
+        occurrences = series.between(start, end)
+        while True:
+            with expansion.stepping():  # the rule engine may loop long between two
+                found = next(occurrences, None)
+            if found is None:
+                break
             yield found.as_component(query.keep_recurrence_attributes)
 
 

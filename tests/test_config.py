@@ -118,6 +118,8 @@ def test_every_key_in_the_example_has_a_comment_above_it():
         ("[storage]\npath = 5\n", "[storage] path"),
         ("[storage]\nmap_size = 1\n", "[storage] map_size"),
         ("[auth]\nsecret = ''\n", "[auth] secret"),
+        ("[auth]\nsecret = 'x'\n", "[auth] secret"),
+        ("[auth]\nsecret = 'thirty-one-bytes-is-not-enough!'\n", "[auth] secret"),
         ("[heartbeat]\ninterval = '30s'\n", "[heartbeat] interval"),
         ("[heartbeat]\ninterval = 0\n", "[heartbeat] interval"),
         ("[heartbeat]\ninterval = -5.0\n", "[heartbeat] interval"),
@@ -271,3 +273,17 @@ def test_empty_secret_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         ensure_secret(Config(data_dir=tmp_path))
     assert str(tmp_path / SECRET_FILE) in str(info.value)
+
+
+def test_a_short_secret_is_refused_with_how_to_make_a_good_one(tmp_path):
+    """Under 32 bytes anyone can guess an HS256 key from one token, then mint tokens."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[auth]\nsecret = 'hunter2'\n"))
+    assert "at least 32 bytes" in info.value.message and "secrets.token_urlsafe" in info.value.message
+    short = Config(data_dir=tmp_path / "data", secret="hunter2")  # made in code, not read from a file
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        ensure_secret(short)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "secret").write_text("short\n")
+    with pytest.raises(ConfigError, match="delete it to generate a new one"):
+        ensure_secret(Config(data_dir=tmp_path / "data"))
