@@ -14,6 +14,8 @@ from the same version do not both change ``ical`` (they would clash in a merge).
 
 from __future__ import annotations
 
+import functools
+import logging
 import zoneinfo
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Any, Iterable, Iterator
@@ -24,6 +26,8 @@ from icalendar.timezone import tzp
 
 from . import expansion
 from .recurrence import known_valid
+
+log = logging.getLogger(__name__)
 
 PRODID = "-//barosync//barosync calendar//EN"
 # Written from event fields on the way out; never kept in ``ical``.
@@ -419,7 +423,35 @@ def occurrences(e: dict[str, Any], start: datetime | None, end: datetime | None)
     the dates barosync expands, at most MAX_INSTANCES of them (else ExpansionLimit).
     Run it under expansion.run_guarded: a rule can cost time before its first one."""
     lo, hi = expansion.clip(start, end)
-    return expansion.bounded(between(to_resource(e), lo, hi), what=f"event {e['id']!r}")
+    return expansion.bounded(between(to_resource(sound(e)), lo, hi), what=f"event {e['id']!r}")
+
+
+def sound(e: dict[str, Any]) -> dict[str, Any]:
+    """The event as it may be expanded: a rule that an older release stored and that
+    barosync refuses today (expansion.unexpandable) is set aside, so the event counts
+    as its first occurrence (and its RDATEs and overrides) and never makes a query of
+    its calendar fail or run to its deadline."""
+    recurrence = e.get("recurrence") or {}
+    rule = recurrence.get("rrule")
+    if not rule:
+        return e
+    try:
+        why = expansion.unexpandable(rule, _instant(e["startDate"]))
+    except ValueError as err:
+        why = str(err)
+    if why is None:
+        return e
+    _log_set_aside(e.get("projectId"), e["id"], rule, why)
+    rest = {**recurrence, "rrule": None}
+    keep = rest.get("rdates") or rest.get("overrides")
+    return {**e, "recurrence": rest if keep else None}
+
+
+@functools.lru_cache(maxsize=1024)
+def _log_set_aside(project_id: str | None, event_id: str, rule: str, why: str) -> None:
+    # Once per event and rule: queries ask again and again.
+    log.warning("event %r in %r: its stored RRULE %r %s; expanded as its first occurrence only "
+                "(an edit of the event replaces the rule)", event_id, project_id, rule[:100], why)
 
 
 def between(cal: icalendar.Calendar, start: datetime, end: datetime) -> Iterator[icalendar.Event]:
@@ -446,7 +478,7 @@ def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) ->
             f = s + timedelta(microseconds=1)  # an instant event occupies its start
         return (end is None or s < end) and (start is None or f > start)
     lo, hi = expansion.clip(start, end)
-    return next(between(to_resource(e), lo, hi), None) is not None
+    return next(between(to_resource(sound(e)), lo, hi), None) is not None
 
 
 def as_utc(value: date | datetime) -> datetime:

@@ -72,23 +72,34 @@ def test_everyday_rules_are_accepted(rrule: str, start: str) -> None:
     assert create(rrule, start).recurrence["rrule"] == rrule
 
 
-def test_a_stored_rule_that_never_meets_is_stopped_by_the_deadline_and_the_guard_goes() -> None:
-    """What an older release may have stored: the query ends at its deadline instead
-    of dateutil stepping day by day to 9999 (9 s of one core here), and the thread's
-    profiler is restored."""
-    event = stored("FREQ=MINUTELY;BYMONTH=2;BYMONTHDAY=30")
+def test_an_expansion_that_runs_long_inside_the_rule_engine_is_stopped_at_its_deadline() -> None:
+    """dateutil steps day by day to 9999 for a rule whose BY* parts never meet (9 s of
+    one core here) without returning: the guard stops it at the deadline, and the
+    thread's profiler is restored."""
+    cal = ical.to_resource(stored("FREQ=MINUTELY;BYMONTH=2;BYMONTHDAY=30"))
     with pytest.raises(expansion.ExpansionLimit) as stopped:
-        expansion.run_guarded(ical.occurrences, event, datetime(2026, 3, 1, tzinfo=UTC),
-                              datetime(2026, 3, 2, tzinfo=UTC), seconds=0.2)
+        expansion.run_guarded(lambda: list(ical.between(cal, datetime(2026, 3, 1, tzinfo=UTC),
+                                                        datetime(2026, 3, 2, tzinfo=UTC))), seconds=0.2)
     assert stopped.value.limit == "deadline"
     assert sys.getprofile() is None
 
 
+@pytest.mark.parametrize("rrule", ["FREQ=MINUTELY;BYMONTH=2;BYMONTHDAY=30", "FREQ=DAILY;INTERVAL=0",
+                                   "FREQ=MONTHLY;BYSETPOS=999999;BYDAY=MO", "FREQ=SECONDLY"])
+def test_a_rule_stored_by_an_older_release_and_refused_today_counts_as_its_first_occurrence(rrule: str) -> None:
+    """One such event must not make every query of its calendar fail or time out."""
+    event = stored(rrule)
+    found = expansion.run_guarded(ical.occurrences, event, datetime(2026, 1, 1, tzinfo=UTC),
+                                  datetime(2027, 1, 1, tzinfo=UTC))
+    assert [o.decoded("dtstart") for o in found] == [datetime(2026, 1, 5, 9, tzinfo=UTC)]
+    assert not ical.overlaps(event, datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 2, tzinfo=UTC))
+
+
 def test_an_answer_holds_at_most_max_instances_of_one_event() -> None:
-    event = stored("FREQ=MINUTELY;INTERVAL=15")  # 96 a day, no end: stored before the check
+    event = stored("FREQ=MINUTELY;INTERVAL=15;COUNT=150000")  # 96 a day, for four years
     window = (datetime(2026, 1, 5, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC))
     with pytest.raises(expansion.ExpansionLimit) as stopped:
-        expansion.run_guarded(ical.occurrences, event, *window)
+        expansion.run_guarded(ical.occurrences, event, *window, seconds=60)  # the count stops it, not the clock
     assert stopped.value.limit == "instances" and str(expansion.MAX_INSTANCES) in stopped.value.message
     week = (datetime(2026, 1, 5, tzinfo=UTC), datetime(2026, 1, 12, tzinfo=UTC))
     assert len(expansion.run_guarded(ical.occurrences, event, *week)) == 7 * 96 - 36  # from 09:00 on the 5th
