@@ -33,7 +33,7 @@ from xml.etree import ElementTree as ET
 import orjson
 import trio
 
-from . import caldav_query, dav, expansion, ical
+from . import caldav_query, dav, expansion, ical, protocol
 from .app_passwords import Verifier, identity as app_identity
 from .dav import CALDAV, CS, DAV, APPLE, DavError, element, tag
 from .models import ALL_PROJECTS, Identity, ValidationError, check_id
@@ -178,7 +178,7 @@ class CalDav(Writes):
         wait = self._failed_sign_ins.refused(user, now)
         if wait is not None:
             raise Fail(429, f"too many failed sign-ins for {user!r}: try again in {math.ceil(wait)} s",
-                       headers=[(b"retry-after", str(math.ceil(wait)).encode())])
+                       headers=[protocol.retry_after_header(wait)])
         entry, known = self.verifier.lookup(user, password)
         if entry is None or not (known or await trio.to_thread.run_sync(self.verifier.check, entry, password,
                                                                          limiter=self._scrypt)):
@@ -189,7 +189,7 @@ class CalDav(Writes):
         wait = self.app.requests.take(identity.user_id, now)
         if wait is not None:
             raise Fail(429, f"more than {self.app.config.rate_limit:g} requests per second for this user: slow down",
-                       headers=[(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+                       headers=[protocol.retry_after_header(wait)])
         return identity
 
     def _own(self, identity: Identity, user: str) -> None:

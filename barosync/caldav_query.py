@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import dav, ical
+from . import dav, ical, occurrences
 from .dav import CALDAV, tag
 
 PropFilters = tuple[tuple[str, str | None, bool, bool], ...]  # name, text, negate, is-not-defined
@@ -18,7 +18,7 @@ PropFilters = tuple[tuple[str, str | None, bool, bool], ...]  # name, text, nega
 def matching(events: list[dict[str, Any]], report: dav.Report) -> list[dict[str, Any]]:
     """The events the report's time range and property filters select."""
     return [e for e in events
-            if (not (report.start or report.end) or ical.overlaps(e, report.start, report.end))
+            if (not (report.start or report.end) or occurrences.overlaps(e, report.start, report.end))
             and (not report.prop_filters or matches(e, report.prop_filters))]
 
 
@@ -26,7 +26,7 @@ def expanded_data(events: list[dict[str, Any]], report: dav.Report) -> dict[str,
     """calendar-data with ``expand``, by event id, when the report asks for it."""
     if report.expand is None or not report.props or tag(CALDAV, "calendar-data") not in report.props:
         return {}
-    return {e["id"]: ical.expanded(e, *report.expand).to_ical() for e in events}
+    return {e["id"]: occurrences.expanded(e, *report.expand).to_ical() for e in events}
 
 
 def matches(e: dict[str, Any], filters: PropFilters) -> bool:

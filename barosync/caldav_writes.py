@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 XML = b"application/xml; charset=utf-8"
 ICS = b"text/calendar; charset=utf-8"
-# protocol error -> HTTP status for a PUT or DELETE
-STATUS = {protocol.E_INVALID: 403, protocol.E_FORBIDDEN: 403, protocol.E_NOT_FOUND: 404, protocol.E_EXISTS: 409,
-          protocol.E_RATE_LIMITED: 429, protocol.E_STORAGE_FULL: 507, protocol.E_STORAGE_FAILED: 503}
+# protocol error -> HTTP status for a PUT or DELETE: RFC 4791 reports a failed
+# precondition (what `invalid` means here) as 403.
+STATUS = protocol.HTTP_STATUS | {protocol.E_INVALID: 403}
 
 Answer = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]
 
@@ -135,11 +135,13 @@ class Writes:
         try:
             outcome = await run_mutation(self.app, identity, kind, key, payload, revive=revive)
         except ProtocolError as e:
-            raise Fail(STATUS.get(e.code, 400), e.message) from None
+            raise Fail(protocol.http_status(e.code, STATUS), e.message) from None
         if outcome.status == "error":
             err = outcome.error
-            headers = [(b"retry-after", str(int(err.retry_after) + 1).encode())] if err and err.retry_after else []
-            raise Fail(STATUS.get(err.code, 400) if err else 500, err.message if err else "failed", headers=headers)
+            if err is None:
+                raise Fail(500, "the change failed inside the server; try again later")
+            headers = [protocol.retry_after_header(err.retry_after)] if err.retry_after else []
+            raise Fail(protocol.http_status(err.code, STATUS), err.message, headers=headers)
         return outcome
 
 

@@ -20,6 +20,7 @@ import lmdb
 import orjson
 
 from . import protocol
+from .buglog import BugLog
 from .conflicts import Conflict, Resolution, changed_by_client
 from .models import CLIENT_FIELDS, Event, ValidationError, apply_changes, event_from_wire, event_to_wire
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger("barosync.store")
+_bugs = BugLog(log)
 
 _U64 = struct.Struct(">Q")
 
@@ -139,7 +141,7 @@ class Commits:
         except lmdb.MapFullError:
             raise
         except Exception as e:
-            log.exception("mutation %s failed", m.envelope_id)
+            _bugs.report(f"mutation {m.envelope_id!r} by {m.user_id!r}", e)
             raise _Poisoned(index) from e
 
     def _error(self, m: Mutation, code: str, message: str, field: str | None = None) -> Outcome:

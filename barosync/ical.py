@@ -14,20 +14,14 @@ from the same version do not both change ``ical`` (they would clash in a merge).
 
 from __future__ import annotations
 
-import functools
-import logging
 import zoneinfo
 from datetime import date, datetime, timedelta, timezone, tzinfo
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import icalendar
-import recurring_ical_events
 from icalendar.timezone import tzp
 
-from . import expansion
 from .recurrence import known_valid
-
-log = logging.getLogger(__name__)
 
 PRODID = "-//barosync//barosync calendar//EN"
 # Written from event fields on the way out; never kept in ``ical``.
@@ -236,14 +230,15 @@ def iso(value: date | datetime) -> str:
 # -- out ------------------------------------------------------------------------------------
 
 
-def _instant(value: str) -> date | datetime:
+def instant(value: str) -> date | datetime:
+    """A stored date (YYYY-MM-DD) or date-time as Python's value."""
     if "T" not in value:
         return date.fromisoformat(value[:10])
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _day(value: str) -> date:
-    found = _instant(value)
+    found = instant(value)
     return found.date() if isinstance(found, datetime) else found
 
 
@@ -269,7 +264,7 @@ def zone(name: str | None) -> tzinfo | None:
 def _when(value: str, all_day: bool, tz: tzinfo | None) -> Any:
     if all_day:
         return _day(value)
-    found = _instant(value)
+    found = instant(value)
     if not isinstance(found, datetime):
         found = datetime.combine(found, datetime.min.time())
     if found.tzinfo is not None and tz is not None:
@@ -417,98 +412,8 @@ def feed(project_id: str, events: Iterable[dict[str, Any]], *, name: str | None 
     return cal.to_ical()
 
 
-def occurrences(e: dict[str, Any], start: datetime | None, end: datetime | None) -> list[icalendar.Event]:
-    """The event's occurrences that overlap [start, end) (RFC 4791's time-range
-    rules, recurrences expanded), within expansion.py's bounds: the window clipped to
-    the dates barosync expands, at most MAX_INSTANCES of them (else ExpansionLimit).
-    Run it under expansion.run_guarded: a rule can cost time before its first one."""
-    lo, hi = expansion.clip(start, end)
-    return expansion.bounded(between(to_resource(sound(e)), lo, hi), what=f"event {e['id']!r}")
-
-
-def sound(e: dict[str, Any]) -> dict[str, Any]:
-    """The event as it may be expanded: a rule that an older release stored and that
-    barosync refuses today (expansion.unexpandable) is set aside, so the event counts
-    as its first occurrence (and its RDATEs and overrides) and never makes a query of
-    its calendar fail or run to its deadline."""
-    recurrence = e.get("recurrence") or {}
-    rule = recurrence.get("rrule")
-    if not rule:
-        return e
-    try:
-        why = expansion.unexpandable(rule, _instant(e["startDate"]))
-    except ValueError as err:
-        why = str(err)
-    if why is None:
-        return e
-    _log_set_aside(e.get("projectId"), e["id"], rule, why)
-    rest = {**recurrence, "rrule": None}
-    keep = rest.get("rdates") or rest.get("overrides")
-    return {**e, "recurrence": rest if keep else None}
-
-
-@functools.lru_cache(maxsize=1024)
-def _log_set_aside(project_id: str | None, event_id: str, rule: str, why: str) -> None:
-    # Once per event and rule: queries ask again and again.
-    log.warning("event %r in %r: its stored RRULE %r %s; expanded as its first occurrence only "
-                "(an edit of the event replaces the rule)", event_id, project_id, rule[:100], why)
-
-
-def between(cal: icalendar.Calendar, start: datetime, end: datetime) -> Iterator[icalendar.Event]:
-    """Every occurrence in [start, end) of every component, one at a time.
-    (recurring-ical-events' own between() lists them all before returning; its series
-    yield them one by one, so a count can stop the expansion.)"""
-    with expansion.stepping():
-        query = recurring_ical_events.of(cal)
-    for series in query.series:
-        occurrences = series.between(start, end)
-        while True:
-            with expansion.stepping():  # the rule engine may loop long between two
-                found = next(occurrences, None)
-            if found is None:
-                break
-            yield found.as_component(query.keep_recurrence_attributes)
-
-
-def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) -> bool:
-    if not e.get("recurrence"):
-        s = as_utc(_instant(e["startDate"]))
-        f = as_utc(_instant(e["endDate"]))
-        if f == s and not e.get("allDay"):
-            f = s + timedelta(microseconds=1)  # an instant event occupies its start
-        return (end is None or s < end) and (start is None or f > start)
-    lo, hi = expansion.clip(start, end)
-    return next(between(to_resource(sound(e)), lo, hi), None) is not None
-
-
 def as_utc(value: date | datetime) -> datetime:
     """A zoned instant in UTC; floating times and dates taken as UTC (ics.py uses it too)."""
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
     return datetime.combine(value, datetime.min.time(), tzinfo=timezone.utc)
-
-
-def expanded(e: dict[str, Any], start: datetime, end: datetime) -> icalendar.Calendar:
-    """RFC 4791 §9.6.5 ``expand``: the occurrences in the range as single VEVENTs in
-    UTC, each with its RECURRENCE-ID, and no recurrence properties."""
-    cal = icalendar.Calendar()
-    cal.add("prodid", PRODID)
-    cal.add("version", "2.0")
-    recurring = bool(e.get("recurrence"))
-    for v in occurrences(e, start, end):
-        out = icalendar.Event()
-        for name, value in v.items():
-            if name in ("RRULE", "RDATE", "EXDATE", "DTSTART", "DTEND", "RECURRENCE-ID", "DURATION"):
-                continue
-            out[name] = value
-        s, f = v.decoded("dtstart"), v.decoded("dtend") if v.get("dtend") is not None else None
-        out.add("dtstart", as_utc(s) if isinstance(s, datetime) else s)
-        if f is not None:
-            out.add("dtend", as_utc(f) if isinstance(f, datetime) else f)
-        if recurring:
-            rid = v.decoded("recurrence-id") if v.get("recurrence-id") is not None else s
-            out.add("recurrence-id", as_utc(rid) if isinstance(rid, datetime) else rid)
-        for sub in v.subcomponents:
-            out.add_component(sub)
-        cal.add_component(out)
-    return cal

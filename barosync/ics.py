@@ -20,7 +20,8 @@ from typing import Any
 import icalendar
 
 from . import expansion
-from .ical import IcalError, address, as_utc, between as ical_between, span
+from .ical import IcalError, address, as_utc, span
+from .occurrences import between
 
 MAX_ID = 128
 # Without a window from the caller: a month back, a year ahead.
@@ -87,7 +88,7 @@ def _parse(data: bytes | str, *, project_id: str, window: tuple[datetime, dateti
     if recurring:
         lo, hi = expansion.clip(*window)
         per_uid: dict[str, int] = {}
-        for v in ical_between(cal, lo, hi):
+        for v in between(cal, lo, hi):
             uid = str(v.get("uid"))
             if uid in recurring:
                 per_uid[uid] = per_uid.get(uid, 0) + 1

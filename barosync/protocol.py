@@ -7,6 +7,7 @@ unmasked WebSocket header); the same bytes then go to every recipient.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import Any
 
@@ -54,6 +55,24 @@ E_INTERNAL = "internal"
 # the disk (or the map's ceiling) is full, or storage failed and the server is stopping.
 E_STORAGE_FULL = "storage_full"
 E_STORAGE_FAILED = "storage_failed"
+
+# Each code's HTTP status (REST; CalDAV maps `invalid` to 403, RFC 4791's
+# preconditions). Codes not here are validation plugins' refusals: 400.
+HTTP_STATUS = {
+    E_BAD_JSON: 400, E_BAD_ENVELOPE: 400, E_INVALID: 400, E_FORBIDDEN: 403, E_NOT_FOUND: 404, E_EXISTS: 409,
+    E_LIMIT: 413, E_RATE_LIMITED: 429, E_INTERNAL: 500, E_STORAGE_FAILED: 503, E_STORAGE_FULL: 507,
+}
+
+
+def http_status(code: str, table: dict[str, int] = HTTP_STATUS) -> int:
+    """The HTTP status of an error code: a server fault is 5xx (calendar apps drop
+    an edit that got a 4xx), a plugin's refusal 400."""
+    return table.get(code, 400)
+
+
+def retry_after_header(seconds: float) -> tuple[bytes, bytes]:
+    return b"retry-after", str(max(1, math.ceil(seconds))).encode()
+
 
 # Close codes of the contract.
 CLOSE_GOING_AWAY = 1001

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import re
 import uuid
 from datetime import datetime, timezone
@@ -27,20 +26,6 @@ from .reads import UNREACHABLE_RETRY_AFTER, find_event
 
 if TYPE_CHECKING:
     from .app import App
-
-# Error codes of the protocol -> HTTP status.
-STATUS = {
-    protocol.E_BAD_JSON: 400,
-    protocol.E_BAD_ENVELOPE: 400,
-    protocol.E_INVALID: 400,
-    protocol.E_FORBIDDEN: 403,
-    protocol.E_NOT_FOUND: 404,
-    protocol.E_EXISTS: 409,
-    protocol.E_RATE_LIMITED: 429,
-    protocol.E_INTERNAL: 500,
-    protocol.E_STORAGE_FULL: 507,
-    protocol.E_STORAGE_FAILED: 503,
-}
 
 # A read PostgreSQL did not answer: 503, and when to try again.
 RETRY_HEADERS = [(b"retry-after", str(UNREACHABLE_RETRY_AFTER).encode())]
@@ -73,8 +58,8 @@ def _error(err: ProtocolError) -> HttpError:
     headers = []
     if err.retry_after is not None:
         extra["retryAfter"] = err.retry_after
-        headers.append((b"retry-after", str(math.ceil(err.retry_after)).encode()))
-    return HttpError(STATUS.get(err.code, 400), err.code, err.message, headers=headers, **extra)
+        headers.append(protocol.retry_after_header(err.retry_after))
+    return HttpError(protocol.http_status(err.code), err.code, err.message, headers=headers, **extra)
 
 
 async def handle(app: "App", method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
@@ -191,7 +176,7 @@ def limited(app: "App", identity: Identity) -> None:
     if wait is not None:
         raise HttpError(429, protocol.E_RATE_LIMITED, f"more than {app.config.rate_limit:g} requests per second "
                                                       "for this user: slow down and try again", retryAfter=wait,
-                        headers=[(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+                        headers=[protocol.retry_after_header(wait)])
 
 
 def _idempotency_key(headers: dict[bytes, bytes]) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from barosync import expansion, ical, ics
+from barosync import expansion, ical, ics, occurrences
 from barosync.models import ValidationError, new_event
 
 UTC = timezone.utc
@@ -78,7 +78,7 @@ def test_an_expansion_that_runs_long_inside_the_rule_engine_is_stopped_at_its_de
     thread's profiler is restored."""
     cal = ical.to_resource(stored("FREQ=MINUTELY;BYMONTH=2;BYMONTHDAY=30"))
     with pytest.raises(expansion.ExpansionLimit) as stopped:
-        expansion.run_guarded(lambda: list(ical.between(cal, datetime(2026, 3, 1, tzinfo=UTC),
+        expansion.run_guarded(lambda: list(occurrences.between(cal, datetime(2026, 3, 1, tzinfo=UTC),
                                                         datetime(2026, 3, 2, tzinfo=UTC))), seconds=0.2)
     assert stopped.value.limit == "deadline"
     assert sys.getprofile() is None
@@ -89,20 +89,20 @@ def test_an_expansion_that_runs_long_inside_the_rule_engine_is_stopped_at_its_de
 def test_a_rule_stored_by_an_older_release_and_refused_today_counts_as_its_first_occurrence(rrule: str) -> None:
     """One such event must not make every query of its calendar fail or time out."""
     event = stored(rrule)
-    found = expansion.run_guarded(ical.occurrences, event, datetime(2026, 1, 1, tzinfo=UTC),
+    found = expansion.run_guarded(occurrences.of, event, datetime(2026, 1, 1, tzinfo=UTC),
                                   datetime(2027, 1, 1, tzinfo=UTC))
     assert [o.decoded("dtstart") for o in found] == [datetime(2026, 1, 5, 9, tzinfo=UTC)]
-    assert not ical.overlaps(event, datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 2, tzinfo=UTC))
+    assert not occurrences.overlaps(event, datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 2, tzinfo=UTC))
 
 
 def test_an_answer_holds_at_most_max_instances_of_one_event() -> None:
     event = stored("FREQ=MINUTELY;INTERVAL=15;COUNT=150000")  # 96 a day, for four years
     window = (datetime(2026, 1, 5, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC))
     with pytest.raises(expansion.ExpansionLimit) as stopped:
-        expansion.run_guarded(ical.occurrences, event, *window, seconds=60)  # the count stops it, not the clock
+        expansion.run_guarded(occurrences.of, event, *window, seconds=60)  # the count stops it, not the clock
     assert stopped.value.limit == "instances" and str(expansion.MAX_INSTANCES) in stopped.value.message
     week = (datetime(2026, 1, 5, tzinfo=UTC), datetime(2026, 1, 12, tzinfo=UTC))
-    assert len(expansion.run_guarded(ical.occurrences, event, *week)) == 7 * 96 - 36  # from 09:00 on the 5th
+    assert len(expansion.run_guarded(occurrences.of, event, *week)) == 7 * 96 - 36  # from 09:00 on the 5th
 
 
 def test_an_open_window_is_clipped_to_the_dates_barosync_expands() -> None:
@@ -163,7 +163,7 @@ def test_every_expansion_is_refused_or_ends_within_its_bounds(rule: str, start_h
     lo = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=window_start)
     tracemalloc.start()
     try:
-        found = expansion.run_guarded(ical.occurrences, event, lo, lo + timedelta(hours=window_hours), seconds=0.5)
+        found = expansion.run_guarded(occurrences.of, event, lo, lo + timedelta(hours=window_hours), seconds=0.5)
         assert len(found) <= expansion.MAX_INSTANCES
     except expansion.ExpansionLimit as e:
         assert e.limit in ("deadline", "instances")

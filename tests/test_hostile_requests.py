@@ -354,3 +354,37 @@ async def test_the_inspector_names_plugin_options_but_hides_their_values(tmp_pat
             lambda: Http(app.port)("GET", "/api/admin/summary", Authorization=f"Bearer {admin}"))
         assert status == 200 and b"s3cret-value" not in body
         assert json.loads(body)["server"]["config"]["plugin_options"] == {"webhook": {"url": "<hidden>", "token": "<hidden>"}}
+
+
+FAILING_VALIDATOR = '''
+from barosync import hookimpl
+
+@hookimpl
+def barosync_validate_mutation(operation, event):
+    if event is not None and event.get("title") == "trip the bug":
+        raise RuntimeError("a validation plugin's bug")
+'''
+
+
+@one_node
+async def test_a_server_fault_on_a_caldav_put_is_a_5xx_never_a_4xx_an_app_would_drop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Calendar apps treat a 4xx as final and may drop the user's edit: a fault of the
+    server's (here a validation plugin that raises) must be a 500."""
+    data, plugins = tmp_path / "data", tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "failing_validator.py").write_text(FAILING_VALIDATOR)
+    caplog.set_level(logging.ERROR)
+    async with running(data, plugin_paths=(str(plugins),)) as (app, _):
+        password = await trio.to_thread.run_sync(lambda: app_passwords.create(data, user_id="alice", projects=["p1"])[0])
+        dav = Http(app.port, "alice", password)
+        for n in range(2):
+            status, _, body = await trio.to_thread.run_sync(lambda: dav(
+                "PUT", f"/dav/calendars/alice/p1/bug-{n}.ics", event_ics(f"bug-{n}", "trip the bug"),
+                Content_Type="text/calendar"))
+            assert status == 500, (status, body)
+        status, _, _ = await trio.to_thread.run_sync(lambda: dav(
+            "PUT", "/dav/calendars/alice/p1/fine.ics", event_ics("fine", "Fine"), Content_Type="text/calendar"))
+        assert status == 201
+    failures = [r for r in caplog.records if "a validation plugin's bug" in r.getMessage()]
+    assert len(failures) == 2 and sum(r.exc_info is not None for r in failures) == 1

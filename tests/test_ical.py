@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import icalendar
 import pytest
 
-from barosync import ical
+from barosync import ical, occurrences
 from barosync.models import ValidationError, apply_changes, changed_fields, event_from_wire, event_to_wire, new_event
 from barosync.recurrence import check_recurrence
 
@@ -77,14 +77,14 @@ def test_recurrence_and_overrides_expand_into_a_range() -> None:
     data = split_by_uid((CORPUS / "apple-weekly-override.ics").read_bytes())["5F2B-1@apple"]
     e = stored(data)
     start, end = datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 2, 1, tzinfo=timezone.utc)
-    got = sorted(v.decoded("dtstart").astimezone(timezone.utc) for v in ical.occurrences(e, start, end))
+    got = sorted(v.decoded("dtstart").astimezone(timezone.utc) for v in occurrences.of(e, start, end))
     # Mondays 5, 19 (moved to 13:00Z), 26; the 12th is an EXDATE.
     assert got == [datetime(2026, 1, 5, 8, tzinfo=timezone.utc), datetime(2026, 1, 19, 13, tzinfo=timezone.utc),
                    datetime(2026, 1, 26, 8, tzinfo=timezone.utc)]
-    assert ical.overlaps(e, datetime(2026, 1, 12, tzinfo=timezone.utc), datetime(2026, 1, 13, tzinfo=timezone.utc)) is False
-    assert ical.overlaps(e, datetime(2026, 3, 2, tzinfo=timezone.utc), datetime(2026, 3, 3, tzinfo=timezone.utc)) is True
-    assert ical.overlaps(e, datetime(2026, 6, 1, tzinfo=timezone.utc), None) is False  # COUNT=10 is over by then
-    expanded = ical.expanded(e, start, end)
+    assert occurrences.overlaps(e, datetime(2026, 1, 12, tzinfo=timezone.utc), datetime(2026, 1, 13, tzinfo=timezone.utc)) is False
+    assert occurrences.overlaps(e, datetime(2026, 3, 2, tzinfo=timezone.utc), datetime(2026, 3, 3, tzinfo=timezone.utc)) is True
+    assert occurrences.overlaps(e, datetime(2026, 6, 1, tzinfo=timezone.utc), None) is False  # COUNT=10 is over by then
+    expanded = occurrences.expanded(e, start, end)
     rids = sorted(str(v["recurrence-id"].to_ical().decode()) for v in expanded.walk("VEVENT"))
     assert rids == ["20260105T080000Z", "20260119T080000Z", "20260126T080000Z"]
     assert all(v.get("rrule") is None for v in expanded.walk("VEVENT"))
