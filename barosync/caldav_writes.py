@@ -94,7 +94,17 @@ class Writes:
             kind = "update"
             version = base if base is not None else stored["version"]  # type: ignore[index]
             payload = {k: v for k, v in fields.items() if k != "projectId"} | {"version": version}
-        key = _key(identity, b"PUT", path, if_match or f"v{stored['version'] if stored else 0}".encode(), body)
+        if if_match is not None:
+            condition = if_match
+        elif stored is not None:
+            condition = f"v{stored['version']}".encode()
+        else:
+            # A create: the same bytes PUT again after a DELETE (an app's undo, a file
+            # restored in a synced folder) must create again, not get the first
+            # creation's answer back. The project's head tells the two apart, while a
+            # retry of a create that changed nothing yet still finds its answer.
+            condition = f"new@{await self.app.read(self.app.store.current_seq, project)}".encode()
+        key = _key(identity, b"PUT", path, condition, body)
         outcome = await self._run(identity, kind, key, payload, revive=kind == "create")
         if outcome.status == "conflict":
             return self._settled(outcome.conflict or {}, 204)

@@ -132,6 +132,24 @@ def test_put_get_delete_with_etags_and_preconditions(server: ServerProcess) -> N
     assert status == 201 and headers["etag"].startswith('"4-')
 
 
+def test_the_same_bytes_put_again_after_a_delete_come_back(server: ServerProcess) -> None:
+    """An app's undo, a file restored in a synced folder, an .ics imported again: the
+    PUT's bytes are those of the first creation, and it used to get that creation's
+    answer back (201, the old ETag) and store nothing."""
+    http = Http(server.port, "alice", app_password(server.data_dir, "alice", "team"))
+    url = "/dav/calendars/alice/team/u-1.ics"
+    body = event_ics("u-1", "Undo me")
+    status, headers, _ = http("PUT", url, body, Content_Type="text/calendar")
+    assert status == 201
+    first = headers["etag"]
+    assert http("DELETE", url)[0] == 204
+    for _ in range(2):  # and once more: a retry of the restore changes nothing
+        status, headers, _ = http("PUT", url, body, Content_Type="text/calendar")
+        assert status in (201, 204)
+        status, got, answer = http("GET", url)
+        assert status == 200 and b"SUMMARY:Undo me" in answer and got["etag"] != first
+
+
 def test_a_retried_put_is_stored_once(server: ServerProcess) -> None:
     http = Http(server.port, "alice", app_password(server.data_dir, "alice", "team"))
     url = "/dav/calendars/alice/team/r-1.ics"
