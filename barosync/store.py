@@ -15,8 +15,9 @@ A change, its seq and its idempotency record are written in one transaction. The
 single writer task (writer.py) commits every waiting mutation as one transaction
 (group commit), with fsync, in a worker thread; the ack is sent only after that
 commit returned.
-Reads happen directly on the event loop: they are short and never span an await,
-which is also what makes it safe to grow the map between batches.
+Reads happen directly on the event loop and are short, except a streamed snapshot's,
+which holds its read transaction across awaits: ``readers_open`` counts those, and
+the map is grown only when none is open (writer.py waits for them when it must).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class Store(Commits):
 
             hook = build_plugin_manager(self.config).hook
         self.hook = hook
+        # Read transactions held open across awaits (streamed snapshots), and whether
+        # a resize of the map waits for them: LMDB's set_mapsize is undefined while
+        # any transaction of the process is open, and it does not check.
+        self.readers_open = 0
+        self.resize_waiting = False
         self.path = Path(path)
         private_dir(self.path)
         if self.config.max_map_size:
@@ -145,8 +151,24 @@ class Store(Commits):
         about ``max_bytes`` (at least one event each). The pages come from one read
         transaction, open until the block ends, so a big snapshot can be sent in
         pieces, waiting for the socket in between."""
-        with self.env.begin() as txn:
-            yield self.current_seq(project_id, txn), self._pages(txn, project_id, max_bytes)
+        txn = self.env.begin()
+        self.readers_open += 1
+        try:
+            seq = self.current_seq(project_id, txn)
+            if not self.resize_waiting:
+                yield seq, self._pages(txn, project_id, max_bytes)
+                return
+            # A resize waits for every reader to close (LMDB remaps without checking
+            # for them): this one reads its pages now and closes at once.
+            pages = list(self._pages(txn, project_id, max_bytes))
+            txn.abort()
+            txn = None
+            self.readers_open -= 1
+            yield seq, iter(pages)
+        finally:
+            if txn is not None:
+                txn.abort()
+                self.readers_open -= 1
 
     def _pages(self, txn: lmdb.Transaction, project_id: str, max_bytes: int) -> Iterator[list[bytes]]:
         prefix = project_id.encode() + b"\0"
@@ -245,9 +267,14 @@ class Store(Commits):
 
     def grow_if_needed(self, *, force: bool = False) -> bool:
         """Double the map while less than a quarter of it is free, up to
-        ``[storage] max_map_size`` (0: no ceiling). Only called when no transaction
-        is open in this process (LMDB's rule for resizing). Raises MapFullError when
-        the map must grow (``force``) but is at its ceiling."""
+        ``[storage] max_map_size`` (0: no ceiling). Never while a read transaction is
+        open (LMDB's rule for resizing): then only a forced grow waits for them to
+        close (writer.py), and an ordinary one is left for a later batch. Raises
+        MapFullError when the map must grow (``force``) but is at its ceiling."""
+        if self.readers_open:
+            if force:
+                raise RuntimeError("the map cannot be resized while a snapshot's read transaction is open")
+            return False
         used, size = self.map_usage()
         ceiling = self.config.max_map_size or float("inf")
         new = size

@@ -37,6 +37,8 @@ from .reads import Reads
 from .store import Mutation, Outcome, Store, now_ms
 
 log = logging.getLogger("barosync.writer")
+# How often a map resize that waits for snapshot readers looks again (seconds).
+READER_POLL = 0.01
 
 # Most mutations one group commit takes; bounds the latency of the batch behind it.
 MAX_BATCH = 2048
@@ -247,6 +249,7 @@ class Writer:
                 self.store.grow_if_needed()
                 outcomes = await trio.to_thread.run_sync(self.store.commit_batch, batch)
                 if outcomes is None:  # the map filled up: nothing was committed
+                    await self._wait_for_readers()
                     self.store.grow_if_needed(force=True)
                     continue
             except self.store.faults as e:
@@ -259,6 +262,21 @@ class Writer:
         self.batches += 1
         self.committed += len(batch)
         self._on_batch(list(zip(batch, outcomes)))
+
+    async def _wait_for_readers(self) -> None:
+        """Until no streamed snapshot holds a read transaction (LMDB's map may not be
+        resized under one); snapshots that start meanwhile read their pages at once
+        instead of holding one. Each open one ends within the session's stall limit."""
+        readers = getattr(self.store, "readers_open", 0)
+        if not readers:
+            return
+        log.info("the map is full: waiting for %d snapshot reader(s) to finish before it grows", readers)
+        self.store.resize_waiting = True
+        try:
+            while self.store.readers_open:
+                await trio.sleep(READER_POLL)
+        finally:
+            self.store.resize_waiting = False
 
     def _fault(self, e: BaseException) -> None:
         reason = (self.store.degraded_reason(e) if self.store.kind == "postgresql"

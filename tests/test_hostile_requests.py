@@ -388,3 +388,53 @@ async def test_a_server_fault_on_a_caldav_put_is_a_5xx_never_a_4xx_an_app_would_
         assert status == 201
     failures = [r for r in caplog.records if "a validation plugin's bug" in r.getMessage()]
     assert len(failures) == 2 and sum(r.exc_info is not None for r in failures) == 1
+
+
+@one_node
+async def test_the_map_never_grows_under_a_paused_snapshot_reader(tmp_path: Path) -> None:
+    """LMDB's set_mapsize is undefined while any read transaction of the process is
+    open, and a streamed snapshot holds one while its client is slow. A grow the map
+    needs waits for it; snapshots that start meanwhile read their pages at once."""
+    if make_config(tmp_path).cluster_postgres:
+        pytest.skip("LMDB only")
+    async with running(tmp_path / "data", map_size=8 * 1024 * 1024, rate_limit=100_000.0) as (app, _):
+        await fill(app, "p1", 560, 8000)  # a snapshot over the 4 MiB outbox cap: its reader pauses in it
+        size = app.store.env.info()["map_size"]
+        reader = await WS.connect(app.port, token("reader", ["p1"]), rcvbuf=4096)
+        await reader.send("subscribe", {"projectId": "p1", "snapshotParts": True})
+        with trio.fail_after(10):
+            while app.store.readers_open == 0:
+                await trio.sleep(0.01)
+        writer = await WS.connect(app.port, token("writer", ["p2"]))
+        acked: set[str] = set()
+
+        async def collect() -> None:
+            while True:
+                msg = await writer.recv(None)
+                if msg["type"] == "ack":
+                    acked.add(msg["id"])
+
+        async with trio.open_nursery() as acks:
+            acks.start_soon(collect)
+            used, mapped = app.store.map_usage()
+            # More than the map has room for (each create stores its event and its change).
+            sent = [await writer.send("event:create", event_payload("p2", title=f"w{i}", description="z" * 8000))
+                    for i in range((mapped - used) // 16_000 + 50)]
+            with trio.fail_after(30):
+                while not app.store.resize_waiting:
+                    await trio.sleep(0.01)
+            assert app.store.readers_open == 1 and app.store.env.info()["map_size"] == size
+            assert len(acked) < len(sent)  # the one that needs the room waits, unacked
+            # Another subscriber meanwhile reads its snapshot at once instead of holding one.
+            other = await WS.connect(app.port, token("other", ["p1"]))
+            answer = await other.request("subscribe", {"projectId": "p1", "snapshotParts": True})
+            assert answer["type"] == "ack" and app.store.readers_open == 1
+            await reader.abort()
+            with trio.fail_after(30):
+                while len(acked) < len(sent):
+                    await trio.sleep(0.01)
+            acks.cancel_scope.cancel()
+        assert app.store.env.info()["map_size"] > size and app.store.readers_open == 0
+        assert len(app.store.snapshot("p2")[1]) == len(sent)
+        await writer.abort()
+        await other.abort()
