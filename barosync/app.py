@@ -94,11 +94,11 @@ class App:
     def stop(self) -> None:
         self._stop.set()
 
-    async def expand(self, fn: Callable[..., T], *args: Any) -> T:
+    async def expand(self, fn: Callable[..., T], *args: Any, seconds: float = expansion.DEADLINE) -> T:
         """``fn(*args)`` (work that expands recurrences) off the event loop, one at a
-        time, stopped with expansion.ExpansionLimit at expansion.DEADLINE: a request's
+        time, stopped with expansion.ExpansionLimit after ``seconds``: a request's
         expansion never delays the loop, nor runs past its deadline."""
-        return await trio.to_thread.run_sync(functools.partial(expansion.run_guarded, fn, *args),
+        return await trio.to_thread.run_sync(functools.partial(expansion.run_guarded, fn, *args, seconds=seconds),
                                              limiter=self._expanding)
 
     def fail(self, message: str) -> None:

@@ -36,6 +36,9 @@ class Config:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_message_bytes: int = 64 * 1024
+    # Largest `.ics` body an import may send (a whole calendar export); other HTTP
+    # bodies are held to max_message_bytes.
+    max_import_bytes: int = 16 * 1024 * 1024
     # Bytes one connection may have waiting to be written before it counts as too
     # slow and is closed with 4008 (it resumes with `since`, nothing is lost).
     outbox_bytes: int = 4 * 1024 * 1024
@@ -158,6 +161,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "host": ("host", _str),
         "port": ("port", _int(0, 65535)),
         "max_message_bytes": ("max_message_bytes", _int(1024, 16 * 1024 * 1024)),
+        "max_import_bytes": ("max_import_bytes", _int(1024, 1024 * 1024 * 1024)),
         "outbox_bytes": ("outbox_bytes", _int(64 * 1024, 1024 * 1024 * 1024)),
         "max_subscriptions": ("max_subscriptions", _int(1, 100_000)),
         "max_connections_per_user": ("max_connections_per_user", _int(1, 1_000_000)),

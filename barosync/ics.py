@@ -30,7 +30,7 @@ DEFAULT_WINDOW = (timedelta(days=-31), timedelta(days=366))
 # occurrences of one VEVENT in it, and this many events in all.
 MAX_WINDOW = timedelta(days=3653)
 MAX_OCCURRENCES = 1_000
-MAX_EVENTS = 10_000
+MAX_EVENTS = 50_000
 
 
 class IcsError(ValueError):

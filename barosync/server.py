@@ -217,15 +217,16 @@ async def _handle(app: App, front: Front, stream: trio.SocketStream) -> None:
                     await _run_session(app, session)
                     return
             else:
+                limit, key = await _body_limit(app, request, target.path)
                 try:
-                    body = await _read_body(conn, stream, app.config.max_message_bytes, app.config.handshake_timeout)
+                    body = await _read_body(conn, stream, limit, app.config.handshake_timeout)
                 except h11.RemoteProtocolError as e:
                     await stream.send_all(_response(conn, e.error_status_hint, _json_error(
                         e.error_status_hint, "bad_request", f"malformed request body: {e}")))
                     return
                 if body is None:
                     await stream.send_all(_response(conn, 413, _json_error(
-                        413, "too_large", f"request body larger than {app.config.max_message_bytes} bytes ([server] max_message_bytes)")))
+                        413, "too_large", f"request body larger than {limit} bytes ([server] {key})")))
                     return
                 await stream.send_all(await _route(app, front, conn, request, target.path, target.query, body))
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -240,6 +241,17 @@ async def _handle(app: App, front: Front, stream: trio.SocketStream) -> None:
         log.exception("connection handler failed")
     finally:
         await trio.aclose_forcefully(stream)
+
+
+async def _body_limit(app: App, request: h11.Request, path: str) -> tuple[int, str]:
+    """How large a body this request may send, and the config key that says so: an
+    import with a valid token may send a whole calendar export, the rest a message."""
+    config = app.config
+    if request.method == b"POST" and rest.is_import(path):
+        token = _token(_headers(request), "")
+        if token and await app.authenticate(token) is not None:
+            return config.max_import_bytes, "max_import_bytes"
+    return config.max_message_bytes, "max_message_bytes"
 
 
 async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int, timeout: float) -> bytes | None:

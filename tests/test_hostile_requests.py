@@ -438,3 +438,32 @@ async def test_the_map_never_grows_under_a_paused_snapshot_reader(tmp_path: Path
         assert len(app.store.snapshot("p2")[1]) == len(sent)
         await writer.abort()
         await other.abort()
+
+
+async def test_a_whole_calendar_export_imports_in_group_commits_and_bad_events_are_named(tmp_path: Path) -> None:
+    """10,000 events, several MB, in one POST: all stored but the one the server
+    refuses, which the answer names; committed in groups, not one fsync per event."""
+    good = [f"UID:ev-{i}\r\nDTSTART:2026{1 + i % 12:02d}{1 + i % 28:02d}T{i % 24:02d}0000Z\r\nDURATION:PT1H\r\n"
+            f"SUMMARY:Event {i}\r\nDESCRIPTION:{'d' * 200}" for i in range(10_000)]
+    bad = "UID:too-long\r\nDTSTART:20260105T090000Z\r\nSUMMARY:Where?\r\nLOCATION:" + "x" * 20_000
+    body = calendar(*good[:5000], bad, *good[5000:])
+    assert len(body) > 64 * 1024 * 30  # far over max_message_bytes
+    async with running(tmp_path / "data", rate_limit=1000.0) as (app, _):
+        tok = token("alice", ["p1"])
+        batches = app.writer.batches
+        url = "/api/projects/p1/import?from=2025-12-01T00:00:00Z&to=2027-01-01T00:00:00Z"
+        status, _, answer = await trio.to_thread.run_sync(
+            lambda: Http(app.port)("POST", url, body, Authorization=f"Bearer {tok}"))
+        assert status == 200, answer[:300]
+        result = json.loads(answer)
+        assert (result["created"], result["events"]) == (10_000, 10_001), {k: v for k, v in result.items() if k != "refused"}
+        assert [(r["id"], r["field"]) for r in result["refused"]] == [("too-long", "location")]
+        assert len(app.store.snapshot("p1")[1]) == 10_000
+        assert app.writer.batches - batches <= 10_000 // 100, app.writer.batches - batches
+        # Without a token the body is held to max_message_bytes.
+        status, _, answer = await trio.to_thread.run_sync(lambda: Http(app.port)("POST", url, body))
+        assert status == 413 and b"max_message_bytes" in answer
+        # Importing the same file again changes nothing.
+        status, _, answer = await trio.to_thread.run_sync(
+            lambda: Http(app.port)("POST", url, body, Authorization=f"Bearer {tok}"))
+        assert json.loads(answer)["unchanged"] == 10_000
