@@ -32,7 +32,9 @@ async def prepare_mutation(
     for anything the writer should never see."""
     try:
         m = await _build(app, identity, kind, envelope_id, payload, reply=reply, client_ms=client_ms, origin=origin)
-        m.revive = revive
+        # `restore: true` on a create brings back an event deleted in its project,
+        # with its id and history (an undo), as a calendar app's PUT of a UID does.
+        m.revive = revive or (kind == "create" and payload.get("restore") is True)
     except ValidationError as e:
         raise ProtocolError(protocol.E_INVALID, f"`{e.field}` {e.message}", ref=envelope_id, field=e.field) from None
     if not await app.authorize(identity, m.kind, m.project_id):

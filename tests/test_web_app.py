@@ -228,3 +228,61 @@ def test_a_recurring_event_from_a_calendar_app_shows_every_occurrence(chromium, 
     assert stored["recurrence"]["rrule"] == "FREQ=WEEKLY;COUNT=4"
     alice.shot("recurring-from-a-phone")
     assert alice.errors == []
+
+
+def wait_for_events(server: Server, project: str, check: Any, timeout: float = 10) -> list[dict[str, Any]]:
+    """The project's stored events once ``check(events)`` holds (fails at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = server.events(project)
+        if check(found) or time.monotonic() > deadline:
+            assert check(found), found
+            return found
+        time.sleep(0.05)
+
+
+def test_enter_saves_delete_asks_nothing_but_can_be_undone_and_a_save_sends_what_changed(chromium, server) -> None:
+    """Enter in the editor used to press the hidden Delete button (deleting an existing
+    event, or crashing on a new one and losing its title); Delete had no undo; and a
+    save wrote color, location and description the user never touched."""
+    alice, bob = App(chromium, server.link("alice", "Alice")), App(chromium, server.link("bob", "Bob"))
+    alice.wait_connected()
+    bob.wait_connected()
+    # A new event: type a title, press Enter.
+    alice.page.click("#new-event")
+    alice.page.wait_for_selector("#editor[open]")
+    alice.page.fill("#editor-form input[name=title]", "Typed then Enter")
+    alice.page.press("#editor-form input[name=title]", "Enter")
+    [created] = wait_for_events(server, "team", lambda es: len(es) == 1)
+    assert created["title"] == "Typed then Enter"
+    assert (created.get("color"), created.get("location"), created.get("description")) == (None, None, None)
+    bob.event("Typed then Enter").wait_for(timeout=10_000)
+    # An existing one: Enter in the title saves it, it does not delete it.
+    alice.event("Typed then Enter").click()
+    alice.page.wait_for_selector("#editor[open]")
+    alice.page.fill("#editor-form input[name=title]", "Renamed with Enter")
+    alice.page.press("#editor-form input[name=title]", "Enter")
+    [renamed] = wait_for_events(server, "team", lambda es: len(es) == 1 and es[0]["title"] == "Renamed with Enter")
+    # Only the title went: the untouched fields stay unset.
+    assert renamed["version"] == 2
+    assert (renamed.get("color"), renamed.get("location"), renamed.get("description")) == (None, None, None)
+    # Opened and saved unchanged: nothing is sent.
+    alice.event("Renamed with Enter").click()
+    alice.page.wait_for_selector("#editor[open]")
+    alice.page.click("#editor-save")
+    # Delete, then Undo from the toast: back with its id and history, for Bob too.
+    alice.event("Renamed with Enter").click()
+    alice.page.wait_for_selector("#editor[open]")
+    alice.page.click("#editor-delete")
+    alice.page.wait_for_selector("#toast:not([hidden])")
+    assert "Renamed with Enter" in alice.text("#toast-text")
+    wait_for_events(server, "team", lambda es: es == [])
+    bob.event("Renamed with Enter").wait_for(state="detached", timeout=10_000)
+    alice.shot("deleted-with-undo")
+    alice.page.click("#toast-undo")
+    [back] = wait_for_events(server, "team", lambda es: len(es) == 1)
+    assert back["id"] == created["id"] and back["title"] == "Renamed with Enter"
+    assert back["version"] == 4 and back["createdBy"] == "alice"  # one past its deletion (version 3)
+    bob.event("Renamed with Enter").wait_for(timeout=10_000)
+    assert alice.page.locator("#toast").is_hidden()
+    assert alice.errors == [] and bob.errors == []

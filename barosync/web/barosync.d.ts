@@ -134,6 +134,8 @@ export class SyncClient extends EventTarget {
 
   create(projectId: string, fields: EventFields): Promise<CalendarEvent>;
   update(id: string, changes: EventFields): Promise<CalendarEvent>;
+  /** Bring back an event deleted in its project (undo): same id, fields and history. */
+  restore(event: CalendarEvent): Promise<CalendarEvent>;
   delete(id: string): Promise<void>;
   resolve(conflict: Conflict, choice: "local" | "remote" | EventFields): Promise<CalendarEvent | undefined>;
   moveCursor(projectId: string, x: number, y: number, elementId?: string): void;

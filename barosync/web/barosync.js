@@ -358,6 +358,16 @@ export class SyncClient extends EventTarget {
     return this._enqueue("event:update", current.projectId, id, { ...clientFields(changes), id }, current.version);
   }
 
+  /**
+   * Bring back an event deleted in its project (an undo), with its id, its fields and
+   * its history: it continues one version past its deletion, and everyone who saw it
+   * go sees it come back. Queued like any change, so it works offline too.
+   */
+  restore(event) {
+    return this._enqueue("event:create", event.projectId, event.id,
+      { ...clientFields(event), projectId: event.projectId, id: event.id, restore: true });
+  }
+
   delete(id) {
     const current = this.get(id);
     if (!current) return Promise.reject(new MutationRefused("not_found", `no event ${id} in a subscribed project`, "id"));

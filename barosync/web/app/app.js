@@ -9,6 +9,10 @@ const ME_KEY = "barosync.me";
 const PROJECT_KEY = "barosync.project";
 const PROJECTS_KEY = "barosync.projects";
 const FULL_MESSAGE = "server storage full — your changes are kept and will be sent";
+// The colour input shows this for an event with none; it is sent only when changed.
+const DEFAULT_COLOR = "#4363d8";
+// How long a deletion can be undone from its toast.
+const UNDO_MS = 8000;
 
 let client = null;
 let calendar = null;
@@ -17,6 +21,7 @@ let lastSynced = null;
 let editing = null; // the event open in the editor (null: a new one)
 let storageFull = false;
 let countdown = null;
+let toastTimer = null;
 
 // -- sign-in --------------------------------------------------------------------------------
 
@@ -134,6 +139,8 @@ function start(token, projects) {
     openEditor(null, { startDate: startAt.toISOString(), endDate: new Date(+startAt + 3600000).toISOString(), allDay: false });
   });
   $("editor-form").addEventListener("submit", saveEditor);
+  $("editor-cancel").addEventListener("click", () => $("editor").close());
+  $("editor-delete").addEventListener("click", deleteEditing);
   $("conflict-form").addEventListener("submit", settleConflict);
   switchProject(picker.value);
 }
@@ -204,7 +211,7 @@ function openEditor(event, draft = {}) {
   form.location.value = source.location || "";
   form.description.value = source.description || "";
   form.attendees.value = (source.attendees || []).join(", ");
-  form.color.value = source.color || "#4363d8";
+  form.color.value = source.color || DEFAULT_COLOR;
   $("editor-title").textContent = event ? "Edit event" : "New event";
   $("editor-delete").hidden = !event;
   $("editor-error").textContent = "";
@@ -212,24 +219,86 @@ function openEditor(event, draft = {}) {
   form.title.focus();
 }
 
-function saveEditor(e) {
-  const action = e.submitter ? e.submitter.value : "save";
-  const form = $("editor-form");
-  if (action === "cancel") return;
-  if (action === "delete") { client.delete(editing.id).catch(showEditorError); return; }
-  const fields = {
+/** What the form says, as event fields (optional ones left out when empty). */
+function formFields(form) {
+  return {
     title: form.title.value.trim(), allDay: form.allDay.checked,
     startDate: new Date(form.start.value).toISOString(), endDate: new Date(form.end.value).toISOString(),
-    location: form.location.value, description: form.description.value, color: form.color.value,
+    location: form.location.value || null, description: form.description.value || null, color: form.color.value,
     attendees: form.attendees.value.split(",").map((a) => a.trim()).filter(Boolean),
   };
+}
+
+/**
+ * Only what the user changed in the editor: a save never rewrites a field they did not
+ * touch (it could collide with someone else's edit of it and ask them about a conflict
+ * that does not exist). Compared as the form shows each field.
+ */
+function changedFields(form, event) {
+  const was = {
+    title: event.title || "", allDay: !!event.allDay,
+    start: toLocalInput(event.startDate), end: toLocalInput(event.endDate),
+    location: event.location || "", description: event.description || "",
+    color: event.color || DEFAULT_COLOR, attendees: (event.attendees || []).join(", "),
+  };
+  const now = formFields(form);
+  const changes = {};
+  if (form.title.value.trim() !== was.title) changes.title = now.title;
+  if (now.allDay !== was.allDay) changes.allDay = now.allDay;
+  if (form.start.value !== was.start || now.allDay !== was.allDay) changes.startDate = now.startDate;
+  if (form.end.value !== was.end || now.allDay !== was.allDay) changes.endDate = now.endDate;
+  if (form.location.value !== was.location) changes.location = now.location;
+  if (form.description.value !== was.description) changes.description = now.description;
+  if (form.color.value !== was.color) changes.color = now.color;
+  if (now.attendees.join(", ") !== was.attendees) changes.attendees = now.attendees;
+  return changes;
+}
+
+function saveEditor(e) {
+  const form = $("editor-form");
+  const fields = formFields(form);
   if (fields.endDate < fields.startDate) {
     e.preventDefault();
     $("editor-error").textContent = "The end is before the start.";
     return;
   }
-  const done = editing ? client.update(editing.id, fields) : client.create(projectId, fields);
-  done.catch(showEditorError);
+  if (!editing) {
+    const { color, location: where, description, ...rest } = fields;
+    const draft = { ...rest, ...(where ? { location: where } : {}), ...(description ? { description } : {}),
+                    ...(color !== DEFAULT_COLOR ? { color } : {}) };
+    client.create(projectId, draft).catch(showEditorError);
+    return;
+  }
+  const changes = changedFields(form, editing);
+  if (Object.keys(changes).length) client.update(editing.id, changes).catch(showEditorError);
+}
+
+/** Delete is never a default button: a click only, then a few seconds to undo it. */
+function deleteEditing() {
+  const gone = editing;
+  $("editor").close();
+  if (!gone) return;
+  client.delete(gone.id).catch(showEditorError);
+  showUndo(gone);
+}
+
+function showUndo(event) {
+  clearTimeout(toastTimer);
+  $("toast-text").textContent = `Deleted “${event.title}”.`;
+  $("toast").hidden = false;
+  $("toast-undo").onclick = () => {
+    hideToast();
+    // Back with its id, fields and history, for everyone who saw it go; queued like
+    // any change, so it works offline too.
+    client.restore(event).catch(showEditorError);
+  };
+  toastTimer = setTimeout(hideToast, UNDO_MS);
+}
+
+function hideToast() {
+  clearTimeout(toastTimer);
+  $("toast").hidden = true;
+  $("toast-undo").onclick = null;
 }
 
 function showEditorError(error) {
