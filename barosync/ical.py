@@ -35,6 +35,8 @@ OVERRIDE_MODELED = ("SUMMARY", "DTSTART", "DTEND", "DURATION", "LOCATION", "DESC
 # ``ical`` with an empty value, so the parameters come back around the current text.
 TEXT_WITH_PARAMS = ("SUMMARY", "LOCATION", "DESCRIPTION", "COLOR")
 UNSUPPORTED = ("VTODO", "VJOURNAL", "VFREEBUSY")
+# In ``ical`` only: the app gave this VEVENT neither DTEND nor DURATION.
+DEFAULT_END = "X-BAROSYNC-DEFAULT-END"
 
 
 class IcalError(ValueError):
@@ -93,7 +95,12 @@ def _from_resource(data: bytes | str, *, project_id: str, event_id: str) -> dict
     fields["timeZone"] = str(zone) if zone else None
     fields["recurrence"] = _recurrence(master, [v for v in vevents if v is not master])
     for v in vevents:
+        no_end = v.get("dtend") is None and v.get("duration") is None
         _strip(v, MODELED if v is master else OVERRIDE_MODELED)
+        if no_end:
+            # RFC 5545's default end (a day for a date, none for a date-time): given
+            # back as the app stored it, with no DTEND, while the end is that default.
+            v.add(DEFAULT_END, "TRUE")
     fields["ical"] = cal.to_ical().decode()
     known_valid(fields["ical"])  # written from a parsed calendar: no need to parse it again
     return fields
@@ -345,6 +352,7 @@ def _write(v: icalendar.Event, f: dict[str, Any], e: dict[str, Any], tz: tzinfo 
            master: bool) -> None:
     params = {name: v[name].params for name in TEXT_WITH_PARAMS if name in v and not isinstance(v[name], list)}
     as_duration = v.get("duration") is not None
+    default_end = v.pop(DEFAULT_END, None) is not None
     for name in MODELED if master else OVERRIDE_MODELED:
         v.pop(name, None)
     all_day = bool(f.get("allDay"))
@@ -354,7 +362,9 @@ def _write(v: icalendar.Event, f: dict[str, Any], e: dict[str, Any], tz: tzinfo 
     if all_day and end <= start:
         end = start + timedelta(days=1)  # DTEND is exclusive
     _add_when(v, "dtstart", start, tzid)
-    if as_duration:
+    if default_end and end == (start + timedelta(days=1) if all_day else start):
+        pass  # no DTEND, as the app stored it (to_resource parses ``ical`` afresh each time)
+    elif as_duration:
         v.add("duration", end - start)
     else:
         _add_when(v, "dtend", end, tzid)

@@ -134,3 +134,19 @@ def test_the_feed_carries_recurrence_and_each_zone_once() -> None:
     zones = [str(z["tzid"]) for z in cal.walk("VTIMEZONE")]
     assert len(zones) == len(set(zones)) and "Europe/Berlin" in zones
     assert any(v.get("rrule") is not None for v in cal.walk("VEVENT"))
+
+
+@pytest.mark.parametrize("start, default_end", [("DTSTART;VALUE=DATE:20261207", "2026-12-08"),
+                                                ("DTSTART:20261207T090000Z", "2026-12-07T09:00:00Z")])
+def test_an_event_stored_without_an_end_comes_back_without_one(start: str, default_end: str) -> None:
+    """RFC 5545's default end (a day for a date, the start for a date-time) is the
+    event's end, but the app stored no DTEND: it gets none back, until the end moves."""
+    text = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:no-end\r\n"
+            f"DTSTAMP:20261201T000000Z\r\n{start}\r\nSUMMARY:Holiday\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+    fields = ical.from_resource(text, project_id="p1", event_id="no-end")
+    assert fields["endDate"] == default_end
+    event = {**fields, "version": 1, "createdAt": 1, "updatedAt": 1}
+    back = ical.resource_bytes(event)
+    assert b"DTEND" not in back and b"DURATION" not in back and b"X-BAROSYNC" not in back, back
+    moved = {**event, "endDate": "2026-12-10" if "VALUE=DATE" in start else "2026-12-07T10:00:00Z"}
+    assert b"DTEND" in ical.resource_bytes(moved)
