@@ -30,7 +30,7 @@ from .config import SECRET_FILE, Config
 from .store import SCHEMA_VERSION
 
 DATA_FILE = "data.mdb"
-SUB_DATABASES = ("events", "index", "changelog", "versions", "seqs", "idem", "meta")
+SUB_DATABASES = ("events", "index", "changelog", "versions", "seqs", "idem", "idem_by_seq", "meta")
 # A badly damaged store could produce a line per record; the first ones say enough.
 MAX_PROBLEM_LINES = 200
 
@@ -318,6 +318,25 @@ def inspect(env: lmdb.Environment) -> Report:
             if change is not None and change.event_id != answered:
                 problem(f"{where} answers for event {answered!r}, but seq {seq} of project {project!r} "
                         f"changed event {change.event_id!r}")
+
+        # Which idempotency record each change was recorded under (pruning a change
+        # forgets its record through this): it must name a record of that change.
+        for key, value in txn.cursor(db=dbs["idem_by_seq"]):
+            raw = bytes(key)
+            if len(raw) < 9 or raw[-9] != 0:
+                problem(f"idem_by_seq: key {raw[:80]!r} is not a project, NUL and an 8-byte seq")
+                continue
+            project, seq = raw[:-9].decode(errors="replace"), _U64.unpack(raw[-8:])[0]
+            where = f"idem_by_seq: seq {seq} of project {project!r}"
+            if seq > counters.get(project, 0):
+                problem(f"{where} is beyond the project's seq counter {counters.get(project, 0)}")
+                continue
+            record = txn.get(bytes(value), db=dbs["idem"])
+            answer = _loads(record) if record is not None else None
+            if record is None:
+                problem(f"{where} names an idempotency record that is not there")
+            elif not isinstance(answer, dict) or (answer.get("projectId"), answer.get("seq")) != (project, seq):
+                problem(f"{where} names a record that answers for another change")
     return report
 
 

@@ -115,8 +115,9 @@ async def test_backlog_goes_out_as_batches_with_every_change_in_order(app, nurse
         for n in range(total):
             # Hex compresses only about 2:1, so even deflate fills the socket.
             await writer.send("event:create", event_payload(title=f"e{n}", description=os.urandom(4000).hex()))
-        while app.writer.committed < total:
-            await trio.sleep(0.01)
+        with trio.fail_after(30):
+            while app.writer.committed < total:
+                await trio.sleep(0.01)
         seqs = []
         with trio.fail_after(10):
             while len(seqs) < total:

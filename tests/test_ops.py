@@ -340,6 +340,19 @@ CORRUPTIONS = {
         lambda txn, db: txn.put(b"bob\0lost", orjson.dumps({"id": "x", "projectId": "p9", "seq": 1}), db=db["idem"]),
         "idem: record 'lost' of user 'bob' is dangling: seq 1 is beyond project 'p9''s seq counter 0",
     ),
+    "idempotency record lost, its change kept": (
+        lambda txn, db: txn.delete(bytes(txn.get(b"p1\0" + U64.pack(2), db=db["idem_by_seq"])), db=db["idem"]),
+        "idem_by_seq: seq 2 of project 'p1' names an idempotency record that is not there",
+    ),
+    "idem_by_seq naming another change's record": (
+        lambda txn, db: txn.put(b"p1\0" + U64.pack(2), bytes(txn.get(b"p1\0" + U64.pack(3), db=db["idem_by_seq"])),
+                                db=db["idem_by_seq"]),
+        "idem_by_seq: seq 2 of project 'p1' names a record that answers for another change",
+    ),
+    "idem_by_seq beyond the seq counter": (
+        lambda txn, db: txn.put(b"p1\0" + U64.pack(42), b"alice\0x", db=db["idem_by_seq"]),
+        "idem_by_seq: seq 42 of project 'p1' is beyond the project's seq counter 5",
+    ),
 }
 
 
