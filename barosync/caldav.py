@@ -422,8 +422,8 @@ class CalDav(Writes):
             check_id(event_id, "id")
         except ValidationError as e:
             raise Fail(403, f"the resource name {e.message} (before .ics)") from None
-        home, found = await self.app.read(find_event, self.app.store, event_id)
-        stored = found if home == project else None
+        known, stored = await self.app.read(find_event, self.app.store, project, event_id)
+        home = project if known else None
         if method in (b"GET", b"HEAD", b"PROPFIND"):
             if stored is None:
                 raise Fail(404, f"no event {name!r} in {project!r}")

@@ -64,8 +64,6 @@ class Writes:
 
     async def _put(self, identity: Identity, project: str, event_id: str, home: str | None,
                    stored: dict[str, Any] | None, path: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
-        if home is not None and home != project:
-            raise Fail(409, f"an event named {event_id!r} is in another calendar", condition="no-uid-conflict", ns=CALDAV)
         if_match = headers.get(b"if-match")
         if_none = headers.get(b"if-none-match")
         if if_none is not None and if_none.strip() == b"*" and stored is not None:

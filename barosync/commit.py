@@ -37,6 +37,16 @@ def _k(*parts: str) -> bytes:
     return "\0".join(parts).encode()
 
 
+def _index_key(event_id: str, project_id: str) -> bytes:
+    """``index``: an id, then each project it is known in (live, or deleted within the
+    history retention), so a lookup by id alone finds its projects."""
+    return _k(event_id, project_id)
+
+
+def _version_key(project_id: str, event_id: str, version: int) -> bytes:
+    return _k(project_id, event_id) + b"\0" + _U64.pack(version)
+
+
 def _seq_key(project_id: str, seq: int) -> bytes:
     return project_id.encode() + b"\0" + _U64.pack(seq)
 
@@ -101,9 +111,11 @@ class Commits:
         idem: Any
         idem_by_seq: Any
 
-        def event_at_version(self, event_id: str, version: int, txn: lmdb.Transaction) -> dict[str, Any] | None: ...
+        def event_at_version(self, project_id: str, event_id: str, version: int,
+                             txn: lmdb.Transaction) -> dict[str, Any] | None: ...
 
-        def change_at_version(self, event_id: str, version: int, txn: lmdb.Transaction) -> dict[str, Any] | None: ...
+        def change_at_version(self, project_id: str, event_id: str, version: int,
+                              txn: lmdb.Transaction) -> dict[str, Any] | None: ...
 
         def _forget_change(self, txn: lmdb.Transaction, project_id: str, seq: int) -> bool: ...
 
@@ -149,21 +161,22 @@ class Commits:
 
     def _create(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
         assert m.event is not None
-        ekey = m.event.id.encode()
-        home = txn.get(ekey, db=self.index)
-        if home is not None and m.revive and bytes(home) == m.project_id.encode() and \
-                txn.get(_k(m.project_id, m.event.id), db=self.events) is None:
-            version = self._last_change(txn, m.event.id)[0] + 1
+        # An event is (project, id): the same id in another project is another event.
+        known = txn.get(_index_key(m.event.id, m.project_id), db=self.index) is not None
+        if known and m.revive and txn.get(_k(m.project_id, m.event.id), db=self.events) is None:
+            version = self._last_change(txn, m.project_id, m.event.id)[0] + 1
             revived = event_to_wire(attrs.evolve(m.event, version=version))
             return self._commit_change(txn, m, idem_key, "create", revived, previous=None)
-        if home is not None:
-            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids of deleted events are kept for the history retention)", "id")
+        if known:
+            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists in this project "
+                                                     "(ids of deleted events are kept for the history retention)", "id")
         return self._commit_change(txn, m, idem_key, "create", event_to_wire(m.event), previous=None)
 
     def _update_or_delete(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
         raw = txn.get(_k(m.project_id, m.event_id), db=self.events)
         if raw is None:
-            if m.kind == "update" and m.base_version is not None and m.base_version < self._last_change(txn, m.event_id)[0]:
+            if m.kind == "update" and m.base_version is not None and \
+                    m.base_version < self._last_change(txn, m.project_id, m.event_id)[0]:
                 # Edited (from a version before the deletion) after someone deleted
                 # it: the strategy decides.
                 return self._conflict(txn, m, idem_key, None)
@@ -179,12 +192,12 @@ class Commits:
         return self._commit_change(txn, m, idem_key, "update", event_to_wire(updated), previous=stored)
 
     def _conflict(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes, stored: dict[str, Any] | None) -> Outcome:
-        base = self.event_at_version(m.event_id, m.base_version or 0, txn)
+        base = self.event_at_version(m.project_id, m.event_id, m.base_version or 0, txn)
         changes = m.changes or {}
         local = {**base, **changes} if base is not None and m.kind == "update" else None
-        last_version, remote_time = self._last_change(txn, m.event_id)
+        last_version, remote_time = self._last_change(txn, m.project_id, m.event_id)
         if stored is not None:
-            produced = self.change_at_version(m.event_id, stored["version"], txn)
+            produced = self.change_at_version(m.project_id, m.event_id, stored["version"], txn)
             remote_time = _edited_at(produced) if produced is not None else stored["updatedAt"]
         tiebreak_name = self.config.merge_tiebreak
 
@@ -245,19 +258,18 @@ class Commits:
             outcome.conflict = info
         return outcome
 
-    def _last_change(self, txn: lmdb.Transaction, event_id: str) -> tuple[int, int]:
+    def _last_change(self, txn: lmdb.Transaction, project_id: str, event_id: str) -> tuple[int, int]:
         """The latest version of an event and when it was written (ms), from history."""
-        prefix = _k(event_id) + b"\0"
+        prefix = _k(project_id, event_id) + b"\0"
         cursor = txn.cursor(db=self.versions)
-        if cursor.set_range(_k(event_id) + b"\x01"):
+        if cursor.set_range(_k(project_id, event_id) + b"\x01"):
             found = cursor.prev()
         else:
             found = cursor.last()
         if not found or not cursor.key().startswith(prefix):
             return 0, 0
         version = _U64.unpack(cursor.key()[len(prefix):])[0]
-        project = txn.get(event_id.encode(), db=self.index) or b""
-        change = txn.get(project + b"\0" + cursor.value(), db=self.changelog)
+        change = txn.get(project_id.encode() + b"\0" + cursor.value(), db=self.changelog)
         return version, (_edited_at(orjson.loads(change)) if change else 0)
 
     def _validate(self, txn: lmdb.Transaction, m: Mutation, kind: str, event: dict[str, Any] | None,
@@ -302,7 +314,7 @@ class Commits:
         seq = (_U64.unpack(raw)[0] if raw else 0) + 1
         txn.put(pkey, _U64.pack(seq), db=self.seqs)
         if kind == "create" and previous is None:
-            txn.put(m.event_id.encode(), pkey, db=self.index)
+            txn.put(_index_key(m.event_id, m.project_id), b"", db=self.index)
         if event is None:
             assert previous is not None
             version = previous["version"] + 1
@@ -317,7 +329,7 @@ class Commits:
         keep = self.config.history_max_changes
         if keep and seq > keep:
             self._forget_change(txn, m.project_id, seq - keep)
-        txn.put(_k(m.event_id) + b"\0" + _U64.pack(version), _U64.pack(seq), db=self.versions)
+        txn.put(_version_key(m.project_id, m.event_id, version), _U64.pack(seq), db=self.versions)
         if event is None:
             answer: dict[str, Any] = {**payload, "seq": seq}
         else:

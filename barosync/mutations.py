@@ -54,13 +54,7 @@ async def _build(app: "App", identity: Identity, kind: str, envelope_id: str, p:
         event = new_event(p, user_id=user, now_ms=received)
         return Mutation(kind, project_id=event.project_id, event_id=event.id, event=event, **common)
     event_id = check_id(p.get("id"), "id")
-    project_id = await app.read(app.store.project_of, event_id)
-    # An event in a project this user cannot see answers like one that does not
-    # exist, so ids cannot be probed across projects.
-    if project_id is None or not await app.authorize(identity, "subscribe", project_id):
-        raise ProtocolError(protocol.E_NOT_FOUND, f"no event {event_id!r}", ref=envelope_id, field="id")
-    if "projectId" in p and p["projectId"] != project_id:
-        raise ValidationError("projectId", "an event cannot move between projects")
+    project_id = await locate(app, identity, event_id, p.get("projectId"), ref=envelope_id)
     if kind == "update":
         if "version" not in p:
             raise ValidationError("version", "is required: the version your edit is based on")
@@ -68,6 +62,27 @@ async def _build(app: "App", identity: Identity, kind: str, envelope_id: str, p:
                         changes=changed_fields(p), **common)
     version = check_version(p["version"]) if p.get("version") is not None else None
     return Mutation(kind, project_id=project_id, event_id=event_id, base_version=version, **common)
+
+
+async def locate(app: "App", identity: Identity, event_id: str, project_id: Any, *, ref: str | None) -> str:
+    """The project of the event an update, delete or read names. An event is
+    (project, id): with ``projectId`` that project; without it (older clients), the
+    one project among this user's that knows the id. An event in a project this user
+    cannot read answers like one that does not exist, so ids cannot be probed."""
+    if project_id is not None:
+        project_id = check_id(project_id, "projectId")
+        if await app.authorize(identity, "subscribe", project_id):
+            return project_id
+        raise ProtocolError(protocol.E_NOT_FOUND, f"no event {event_id!r} in {project_id!r}", ref=ref, field="id")
+    found = [p for p in await app.read(app.store.projects_of, event_id)
+             if await app.authorize(identity, "subscribe", p)]
+    if not found:
+        raise ProtocolError(protocol.E_NOT_FOUND, f"no event {event_id!r}", ref=ref, field="id")
+    if len(found) > 1:
+        raise ProtocolError(protocol.E_INVALID, f"event id {event_id!r} is in several of your projects "
+                                                f"({', '.join(sorted(found))}): send projectId too", ref=ref,
+                            field="projectId")
+    return found[0]
 
 
 async def run_mutation(app: "App", identity: Identity, kind: str, envelope_id: str, payload: dict[str, Any], *,

@@ -158,6 +158,10 @@ def inspect(env: lmdb.Environment) -> Report:
         schema = txn.get(b"schema", db=dbs["meta"])
         if schema is None:
             problem("meta: no schema version recorded")
+        elif schema == b"1":
+            problem("meta: schema 1 (barosync 0.1.0): start `barosync serve` on it once to migrate it in place, "
+                    "then check again")
+            return report
         elif schema != str(SCHEMA_VERSION).encode():
             problem(f"meta: schema {schema.decode(errors='replace')}, this barosync reads {SCHEMA_VERSION}")
 
@@ -237,12 +241,8 @@ def inspect(env: lmdb.Environment) -> Report:
                 continue
             if event.get("id") != event_id or event.get("projectId") != project:
                 problem(f"events: {where} says it is event {event.get('id')!r} of project {event.get('projectId')!r}")
-            indexed = txn.get(event_b, db=dbs["index"])
-            if indexed is None:
+            if txn.get(event_b + b"\0" + project_b, db=dbs["index"]) is None:
                 problem(f"index: {where} is not in the index")
-            elif indexed != project_b:
-                problem(f"index: maps event {event_id!r} to project {indexed.decode(errors='replace')!r}, "
-                        f"but it is stored in project {project!r}")
             found = last_change.get((project, event_id))
             if found is None:
                 if project not in pruned:
@@ -261,33 +261,31 @@ def inspect(env: lmdb.Environment) -> Report:
                 problem(f"events: event {event_id!r} of project {project!r} is missing, but its last change "
                         f"(seq {seq}, {last.type}) did not delete it")
             if (project, event_id) not in present:  # (present ones were checked above)
-                indexed = txn.get(event_id.encode(), db=dbs["index"])
-                if indexed is None:
+                if txn.get(event_id.encode() + b"\0" + project.encode(), db=dbs["index"]) is None:
                     problem(f"index: event {event_id!r} of project {project!r} (seq {seq}) is not in the index")
-                elif indexed.decode(errors="replace") != project:
-                    problem(f"index: maps event {event_id!r} to project {indexed.decode(errors='replace')!r}, "
-                            f"but its changes are in project {project!r}")
 
-        for key, value in txn.cursor(db=dbs["index"]):
-            project = bytes(value).decode(errors="replace")
-            if project not in counters:
-                problem(f"index: maps event {bytes(key).decode(errors='replace')!r} to project {project!r}, "
-                        "which has no seq counter")
+        for key in txn.cursor(db=dbs["index"]).iternext(keys=True, values=False):
+            event_b, sep, project_b = bytes(key).partition(b"\0")
+            event_id, project = event_b.decode(errors="replace"), project_b.decode(errors="replace")
+            if not sep:
+                problem(f"index: malformed key {bytes(key)!r} (event id, NUL, project)")
+            elif project not in counters:
+                problem(f"index: knows event {event_id!r} in project {project!r}, which has no seq counter")
 
         # Version history: each entry names the changelog entry that made that version.
         for key, value in txn.cursor(db=dbs["versions"]):
             split = _split_seq_key(key)
-            if split is None or len(value) != 8:
-                problem(f"versions: malformed entry {bytes(key)!r}")
+            owner, sep, event_b = bytes(key)[:-9].partition(b"\0") if split is not None else (b"", b"", b"")
+            if split is None or not sep or len(value) != 8:
+                problem(f"versions: malformed entry {bytes(key)!r} (project, NUL, event id, NUL, version)")
                 continue
-            event_id, version = split
+            version = split[1]
+            project, event_id = owner.decode(errors="replace"), event_b.decode(errors="replace")
             seq = _U64.unpack(value)[0]
-            where = f"versions: event {event_id!r} version {version}"
-            indexed = txn.get(event_id.encode(), db=dbs["index"])
-            if indexed is None:
+            where = f"versions: event {event_id!r} of project {project!r} version {version}"
+            if txn.get(event_b + b"\0" + owner, db=dbs["index"]) is None:
                 problem(f"{where}: the event is not in the index")
                 continue
-            project = indexed.decode(errors="replace")
             change = changes.get((project, seq))
             if change is None:
                 problem(f"{where} points at seq {seq} of project {project!r}, which is not in the changelog")

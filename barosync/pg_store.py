@@ -45,21 +45,31 @@ from .models import ValidationError, apply_changes, event_from_wire, event_to_wi
 
 log = logging.getLogger("barosync.pg_store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONNECT_TIMEOUT = 5  # seconds
 STATEMENT_TIMEOUT_MS = 10_000
 # Reads at once (threads, and pooled connections): subscribes, REST and CalDAV reads,
 # the rooms' gap fills. Each is one short query; more would only queue in PostgreSQL.
 READ_THREADS = 4
+# Schema 1 (release 0.1.0) -> 2: an event is (project, id), so an id may be in
+# several projects. One transaction, under the schema lock: all or nothing.
+MIGRATE_FROM_1 = """
+ALTER TABLE barosync_index DROP CONSTRAINT barosync_index_pkey;
+ALTER TABLE barosync_index ADD PRIMARY KEY (id, project);
+DROP INDEX IF EXISTS barosync_changelog_versions;
+CREATE INDEX IF NOT EXISTS barosync_changelog_event_versions ON barosync_changelog (project, event_id, version);
+UPDATE barosync_meta SET value = '2' WHERE key = 'schema';
+"""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS barosync_meta (key text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE IF NOT EXISTS barosync_heads (project text PRIMARY KEY, seq bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS barosync_events (project text NOT NULL, id text NOT NULL, body bytea NOT NULL,
     PRIMARY KEY (project, id));
-CREATE TABLE IF NOT EXISTS barosync_index (id text PRIMARY KEY, project text NOT NULL);
+CREATE TABLE IF NOT EXISTS barosync_index (id text NOT NULL, project text NOT NULL, PRIMARY KEY (id, project));
 CREATE TABLE IF NOT EXISTS barosync_changelog (project text NOT NULL, seq bigint NOT NULL, event_id text NOT NULL,
     version bigint NOT NULL, ts bigint NOT NULL, change bytea NOT NULL, PRIMARY KEY (project, seq));
-CREATE INDEX IF NOT EXISTS barosync_changelog_versions ON barosync_changelog (event_id, version);
+CREATE INDEX IF NOT EXISTS barosync_changelog_event_versions ON barosync_changelog (project, event_id, version);
 CREATE TABLE IF NOT EXISTS barosync_idem (user_id text NOT NULL, envelope_id text NOT NULL, project text NOT NULL,
     seq bigint, answer bytea NOT NULL, PRIMARY KEY (user_id, envelope_id));
 """
@@ -93,6 +103,11 @@ class PgStore(Commits):
             if found is None:
                 conn.execute("INSERT INTO barosync_meta VALUES ('schema', %s), ('data_id', %s) ON CONFLICT DO NOTHING",
                              (str(SCHEMA_VERSION), uuid.uuid4().hex))
+            elif int(found[0]) == 1:
+                with conn.transaction():
+                    conn.execute(MIGRATE_FROM_1)
+                log.warning("migrated the PostgreSQL log from schema 1 to %d: events are (project, id) now",
+                            SCHEMA_VERSION)
             elif int(found[0]) != SCHEMA_VERSION:
                 raise ConfigError(config.source, "[cluster] postgres",
                                   f"the database holds barosync schema {found[0]}; this barosync reads {SCHEMA_VERSION}")
@@ -174,10 +189,15 @@ class PgStore(Commits):
         with self._read() as conn:
             return [(p, s) for p, s in conn.execute("SELECT project, seq FROM barosync_heads WHERE seq > 0 ORDER BY project")]
 
-    def project_of(self, event_id: str) -> str | None:
+    def projects_of(self, event_id: str) -> list[str]:
         with self._read() as conn:
-            row = conn.execute("SELECT project FROM barosync_index WHERE id = %s", (event_id,)).fetchone()
-        return row[0] if row else None
+            return [p for (p,) in conn.execute("SELECT project FROM barosync_index WHERE id = %s ORDER BY project",
+                                               (event_id,))]
+
+    def known(self, project_id: str, event_id: str) -> bool:
+        with self._read() as conn:
+            return conn.execute("SELECT 1 FROM barosync_index WHERE id = %s AND project = %s",
+                                (event_id, project_id)).fetchone() is not None
 
     def get_event(self, project_id: str, event_id: str) -> dict[str, Any] | None:
         with self._read() as conn:
@@ -263,52 +283,22 @@ class PgStore(Commits):
                                (user_id, envelope_id)).fetchone()
         return orjson.loads(row[0]) if row else None
 
-    def check(self) -> tuple[str, list[str]]:
-        """The log's invariants, as `barosync check` reports them: each head is the
-        last seq of its changelog, seqs have no gap from the oldest kept, every
-        current event is indexed to its project, every answer points at a kept or
-        pruned seq of its project. (A summary line, the problems found.)"""
-        problems: list[str] = []
-        with self._read() as conn, conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            heads = conn.execute("SELECT project, seq FROM barosync_heads ORDER BY project").fetchall()
-            for project, head in heads:
-                low, high, count = conn.execute("SELECT min(seq), max(seq), count(*) FROM barosync_changelog "
-                                                "WHERE project = %s", (project,)).fetchone()
-                if count and high != head:
-                    problems.append(f"project {project!r}: head seq {head}, but the changelog ends at {high}")
-                if count and high - low + 1 != count:
-                    problems.append(f"project {project!r}: {high - low + 1 - count} seqs missing between {low} and {high}")
-            for project, event_id in conn.execute(
-                    "SELECT e.project, e.id FROM barosync_events e LEFT JOIN barosync_index i ON i.id = e.id "
-                    "WHERE i.project IS DISTINCT FROM e.project").fetchall():
-                problems.append(f"event {event_id!r} in {project!r} is not indexed to its project")
-            for user, envelope, project, seq in conn.execute(
-                    "SELECT d.user_id, d.envelope_id, d.project, d.seq FROM barosync_idem d "
-                    "LEFT JOIN barosync_heads h ON h.project = d.project WHERE h.seq IS NULL OR d.seq > h.seq").fetchall():
-                problems.append(f"the answer to {user}'s {envelope!r} names seq {seq} of {project!r}, past its head")
-            events = conn.execute("SELECT count(*) FROM barosync_events").fetchone()[0]
-            changes = conn.execute("SELECT count(*) FROM barosync_changelog").fetchone()[0]
-            answers = conn.execute("SELECT count(*) FROM barosync_idem").fetchone()[0]
-        return (f"PostgreSQL log: {len(heads)} projects, {events} events, {changes} changes, {answers} idempotency "
-                f"records"), problems
-
     # -- history the write path reads (in the writer's transaction) -----------------------
 
-    def change_at_version(self, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:
-        row = txn.execute("SELECT change FROM barosync_changelog WHERE event_id = %s AND version = %s",
-                          (event_id, version)).fetchone()
+    def change_at_version(self, project_id: str, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:
+        row = txn.execute("SELECT change FROM barosync_changelog WHERE project = %s AND event_id = %s AND version = %s",
+                          (project_id, event_id, version)).fetchone()
         return orjson.loads(row[0]) if row else None
 
-    def event_at_version(self, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:
-        change = self.change_at_version(event_id, version, txn)
+    def event_at_version(self, project_id: str, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:
+        change = self.change_at_version(project_id, event_id, version, txn)
         if change is None or change["type"] == protocol.CHANGE_TYPES["delete"]:
             return None
         return change["payload"]
 
-    def _last_change(self, txn: Any, event_id: str) -> tuple[int, int]:
-        row = txn.execute("SELECT version, change FROM barosync_changelog WHERE event_id = %s "
-                          "ORDER BY version DESC LIMIT 1", (event_id,)).fetchone()
+    def _last_change(self, txn: Any, project_id: str, event_id: str) -> tuple[int, int]:
+        row = txn.execute("SELECT version, change FROM barosync_changelog WHERE project = %s AND event_id = %s "
+                          "ORDER BY version DESC LIMIT 1", (project_id, event_id)).fetchone()
         if row is None:
             return 0, 0
         change = orjson.loads(row[1])
@@ -396,22 +386,25 @@ class PgStore(Commits):
 
     def _create(self, cur: Any, m: Mutation, idem_key: bytes) -> Outcome:
         assert m.event is not None
-        row = cur.execute("SELECT project FROM barosync_index WHERE id = %s", (m.event.id,)).fetchone()
-        if row is not None and m.revive and row[0] == m.project_id and cur.execute(
+        # An event is (project, id): the same id in another project is another event.
+        row = cur.execute("SELECT 1 FROM barosync_index WHERE id = %s AND project = %s",
+                          (m.event.id, m.project_id)).fetchone()
+        if row is not None and m.revive and cur.execute(
                 "SELECT 1 FROM barosync_events WHERE project = %s AND id = %s", (m.project_id, m.event.id)).fetchone() is None:
-            version = self._last_change(cur, m.event.id)[0] + 1
+            version = self._last_change(cur, m.project_id, m.event.id)[0] + 1
             return self._commit_change(cur, m, idem_key, "create", event_to_wire(attrs.evolve(m.event, version=version)),
                                        previous=None, indexed=True)
         if row is not None:
-            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists (ids of deleted "
-                                                     "events are kept for the history retention)", "id")
+            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists in this project "
+                                                     "(ids of deleted events are kept for the history retention)", "id")
         return self._commit_change(cur, m, idem_key, "create", event_to_wire(m.event), previous=None)
 
     def _update_or_delete(self, cur: Any, m: Mutation, idem_key: bytes) -> Outcome:
         row = cur.execute("SELECT body FROM barosync_events WHERE project = %s AND id = %s FOR UPDATE",
                           (m.project_id, m.event_id)).fetchone()
         if row is None:
-            if m.kind == "update" and m.base_version is not None and m.base_version < self._last_change(cur, m.event_id)[0]:
+            if m.kind == "update" and m.base_version is not None and \
+                    m.base_version < self._last_change(cur, m.project_id, m.event_id)[0]:
                 return self._conflict(cur, m, idem_key, None)
             return self._error(m, protocol.E_NOT_FOUND, f"no event {m.event_id!r} (it was deleted)", "id")
         stored = orjson.loads(row[0])
@@ -432,12 +425,11 @@ class PgStore(Commits):
             return Outcome("error", m.project_id, error=refused)
         seq = self._seqs[m.project_id] = self._seqs[m.project_id] + 1
         if kind == "create" and previous is None and not indexed:
-            # Kept from an earlier life in this project: nothing to change. Taken in
-            # another project (by another node's create meanwhile): the NULL breaks the
-            # NOT NULL at the sync, without a round trip of its own (E_EXISTS).
-            cur.execute("INSERT INTO barosync_index (id, project) VALUES (%s, %s) ON CONFLICT (id) DO UPDATE "
-                        "SET project = CASE WHEN barosync_index.project = EXCLUDED.project "
-                        "THEN EXCLUDED.project END", (m.event_id, m.project_id))
+            # Known from an earlier life in this project (brought back by a conflict's
+            # resolution): nothing to change. Two nodes cannot race here: a batch
+            # holds its projects' head rows.
+            cur.execute("INSERT INTO barosync_index (id, project) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                        (m.event_id, m.project_id))
         if event is None:
             assert previous is not None
             version = previous["version"] + 1

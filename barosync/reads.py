@@ -26,11 +26,12 @@ T = TypeVar("T")
 UNREACHABLE_RETRY_AFTER = 2
 
 
-def find_event(store: Any, event_id: str) -> tuple[str | None, dict[str, Any] | None]:
-    """Where an event lives and the event, as one read (one thread hop on PostgreSQL):
-    ``await app.read(find_event, app.store, event_id)``."""
-    project_id = store.project_of(event_id)
-    return project_id, store.get_event(project_id, event_id) if project_id is not None else None
+def find_event(store: Any, project_id: str, event_id: str) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the id is known in the project (live, or deleted within the history)
+    and the event if live, as one read (one thread hop on PostgreSQL):
+    ``await app.read(find_event, app.store, project_id, event_id)``."""
+    event = store.get_event(project_id, event_id)
+    return (event is not None or store.known(project_id, event_id)), event
 
 
 class Reads:

@@ -20,9 +20,9 @@ import trio
 
 from . import admin, expansion, ical, ics, protocol
 from .models import Identity, ValidationError, check_id, parse_instant
-from .mutations import run_mutation
+from .mutations import locate, run_mutation
 from .protocol import ProtocolError
-from .reads import UNREACHABLE_RETRY_AFTER, find_event
+from .reads import UNREACHABLE_RETRY_AFTER
 
 if TYPE_CHECKING:
     from .app import App
@@ -112,11 +112,14 @@ async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: d
         return await _mutate(app, identity, "create", key, _json_body(body))
     if m := _EVENT.fullmatch(path):
         event_id = _unquote(m.group(1))
+        project_id = (parse_qs(query).get("projectId") or [None])[0]
         if method == b"GET":
-            return await _get(app, identity, event_id)
+            return await _get(app, identity, event_id, project_id)
         _allow(method, b"GET", b"PUT", b"DELETE")
         payload = _json_body(body) if method == b"PUT" or body else {}
         payload["id"] = event_id
+        if project_id is not None:
+            payload.setdefault("projectId", project_id)
         if method == b"DELETE" and "version" not in payload:
             version = parse_qs(query).get("version")
             if version:
@@ -231,9 +234,13 @@ async def _list(app: "App", identity: Identity, project_id: str, query: dict[str
     return 200, {"projectId": project_id, "seq": seq, "events": events}
 
 
-async def _get(app: "App", identity: Identity, event_id: str) -> Response:
-    project_id, event = await app.read(find_event, app.store, event_id)
-    if event is None or not await app.authorize(identity, "subscribe", project_id):  # type: ignore[arg-type]
+async def _get(app: "App", identity: Identity, event_id: str, project_id: str | None) -> Response:
+    try:
+        project = await locate(app, identity, event_id, project_id, ref=None)
+    except ValidationError as e:
+        raise HttpError(400, protocol.E_INVALID, f"`{e.field}` {e.message}", field=e.field) from None
+    event = await app.read(app.store.get_event, project, event_id)
+    if event is None:
         raise HttpError(404, protocol.E_NOT_FOUND, f"no event {event_id!r}")
     return 200, event
 

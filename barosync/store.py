@@ -4,12 +4,20 @@ Sub-databases (keys are UTF-8; seqs and versions are 8-byte big-endian so that L
 byte order is numeric order):
 
 - ``events``    project \\0 event id    -> event JSON (current state; deleted events absent)
-- ``index``     event id                -> project id (kept after delete until the deletion
-                                           leaves the history: an id is not reused before then)
+- ``index``     event id \\0 project    -> b"" (kept after delete until the deletion leaves
+                                           the history: an id is not reused in its project
+                                           before then; the same id in another project is
+                                           another event)
 - ``changelog`` project \\0 seq         -> the change message JSON exactly as fanned out
-- ``versions``  event id \\0 version    -> seq of the change that produced that version
+- ``versions``  project \\0 event id \\0 version -> seq of the change that produced that version
 - ``seqs``      project                 -> last seq
 - ``idem``      user \\0 envelope id    -> the original answer (JSON)
+- ``idem_by_seq`` project \\0 seq       -> the ``idem`` key that change was recorded under
+- ``meta``      ``schema``, ``data_id``
+
+Schema 1 (release 0.1.0) kept ``index`` as event id -> project and ``versions`` as
+event id \\0 version: one id per server. Opening it migrates it in place, in one write
+transaction (crash-safe: an interrupted migration leaves schema 1 to migrate again).
 
 A change, its seq and its idempotency record are written in one transaction. The
 single writer task (writer.py) commits every waiting mutation as one transaction
@@ -33,14 +41,14 @@ import orjson
 
 from . import protocol
 # Mutation, Outcome and now_ms are re-exported: the writer, hub and transports use them.
-from .commit import _U64, Commits, Mutation, Outcome, _k, _seq_key, now_ms  # noqa: F401
+from .commit import _U64, Commits, Mutation, Outcome, _index_key, _k, _seq_key, _version_key, now_ms  # noqa: F401
 from .config import Config, ConfigError, private_dir
 
 __all__ = ["Store", "Mutation", "Outcome", "now_ms", "SCHEMA_VERSION", "WHOLE"]
 
 log = logging.getLogger("barosync.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # A page size that takes a whole project in one page.
 WHOLE = 2**62
 # Read transactions open at once (LMDB's default is 126).
@@ -94,10 +102,24 @@ class Store(Commits):
         # forgetting a change forgets its idempotency record too.
         self.idem_by_seq = self.env.open_db(b"idem_by_seq")
         self.meta = self.env.open_db(b"meta")
+        self.data_id = ""  # read (or made) by _open_meta
+        while True:
+            try:
+                self._open_meta()
+                break
+            except lmdb.MapFullError:
+                # A migration rewrites the indexes in one transaction: give it room
+                # (no transaction is open here, so the map may grow).
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def _open_meta(self) -> None:
+        """Record or check the schema (migrating schema 1 in place) and the data id."""
         with self.env.begin(write=True) as txn:
             found = txn.get(b"schema", db=self.meta)
             if found is None:
                 txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.meta)
+            elif int(found) == 1:
+                self._migrate_from_1(txn)
             elif int(found) != SCHEMA_VERSION:
                 raise ConfigError(
                     str(self.path), "[storage] path",
@@ -107,6 +129,28 @@ class Store(Commits):
                 txn.put(b"data_id", uuid.uuid4().hex.encode(), db=self.meta)
             # Identifies this history: a restored backup keeps it, a new directory does not.
             self.data_id = txn.get(b"data_id", db=self.meta).decode()
+
+    def _migrate_from_1(self, txn: lmdb.Transaction) -> None:
+        """Schema 1 -> 2: an event's identity becomes (project, id). Inside the
+        opening write transaction, so it commits whole or not at all."""
+        homes = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.index)}
+        versions = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.versions)]
+        txn.drop(self.index, delete=False)
+        txn.drop(self.versions, delete=False)
+        for event_id, project in homes.items():
+            txn.put(event_id + b"\0" + project, b"", db=self.index)
+        lost = 0
+        for key, seq in versions:
+            event_id, packed = key[:-9], key[-8:]
+            project = homes.get(event_id)
+            if project is None:
+                lost += 1  # its id left the history already: nothing points at it
+                continue
+            txn.put(project + b"\0" + event_id + b"\0" + packed, seq, db=self.versions)
+        txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.meta)
+        log.warning("migrated the data in %s from schema 1 to %d: events are (project, id) now (%d ids, %d versions%s)",
+                    self.path, SCHEMA_VERSION, len(homes), len(versions) - lost,
+                    f"; {lost} version entries of forgotten ids dropped" if lost else "")
 
     def close(self) -> None:
         self.env.close()
@@ -130,10 +174,23 @@ class Store(Commits):
         with self.env.begin() as txn:
             return [(bytes(k).decode(), _U64.unpack(v)[0]) for k, v in txn.cursor(db=self.seqs)]
 
-    def project_of(self, event_id: str) -> str | None:
+    def projects_of(self, event_id: str) -> list[str]:
+        """The projects an id is known in (live, or deleted within the history)."""
+        prefix = event_id.encode() + b"\0"
+        out = []
         with self.env.begin() as txn:
-            raw = txn.get(event_id.encode(), db=self.index)
-        return raw.decode() if raw is not None else None
+            cursor = txn.cursor(db=self.index)
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    out.append(bytes(key[len(prefix):]).decode())
+        return out
+
+    def known(self, project_id: str, event_id: str) -> bool:
+        """Whether the id is known in the project (live, or deleted within the history)."""
+        with self.env.begin() as txn:
+            return txn.get(_index_key(event_id, project_id), db=self.index) is not None
 
     def get_event(self, project_id: str, event_id: str) -> dict[str, Any] | None:
         with self.env.begin() as txn:
@@ -241,19 +298,20 @@ class Store(Commits):
                         break
                     yield _U64.unpack(key[len(prefix):])[0], orjson.loads(value)
 
-    def change_at_version(self, event_id: str, version: int, txn: lmdb.Transaction) -> dict[str, Any] | None:
+    def change_at_version(self, project_id: str, event_id: str, version: int,
+                          txn: lmdb.Transaction) -> dict[str, Any] | None:
         """The changelog entry that produced ``version`` of an event, if history has it."""
-        raw = txn.get(_k(event_id) + b"\0" + _U64.pack(version), db=self.versions)
-        project = txn.get(event_id.encode(), db=self.index)
-        if raw is None or project is None:
+        raw = txn.get(_version_key(project_id, event_id, version), db=self.versions)
+        if raw is None:
             return None
-        change = txn.get(project + b"\0" + raw, db=self.changelog)
+        change = txn.get(project_id.encode() + b"\0" + raw, db=self.changelog)
         return orjson.loads(change) if change is not None else None
 
-    def event_at_version(self, event_id: str, version: int, txn: lmdb.Transaction) -> dict[str, Any] | None:
+    def event_at_version(self, project_id: str, event_id: str, version: int,
+                         txn: lmdb.Transaction) -> dict[str, Any] | None:
         """The event as it was at ``version``, from history (the base of a merge);
         None when history no longer has it or that version is its deletion."""
-        change = self.change_at_version(event_id, version, txn)
+        change = self.change_at_version(project_id, event_id, version, txn)
         if change is None or change["type"] == protocol.CHANGE_TYPES["delete"]:
             return None
         return change["payload"]
@@ -312,14 +370,14 @@ class Store(Commits):
         change = orjson.loads(raw)
         event_id = change["payload"]["id"]
         txn.delete(key, db=self.changelog)
-        txn.delete(_k(event_id) + b"\0" + _U64.pack(change["version"]), db=self.versions)
+        txn.delete(_version_key(project_id, event_id, change["version"]), db=self.versions)
         idem_key = txn.pop(key, db=self.idem_by_seq)
         if idem_key is not None:
             txn.delete(idem_key, db=self.idem)
         if change["type"] == protocol.CHANGE_TYPES["delete"] and txn.get(_k(project_id, event_id), db=self.events) is None:
             # Deleted longer ago than history is kept: its id is forgotten too, so
             # the index stays bounded by the retention (the id may be used again).
-            txn.delete(event_id.encode(), db=self.index)
+            txn.delete(_index_key(event_id, project_id), db=self.index)
         return True
 
     def prune(self, *, now_ms: int, limit: int = 100_000) -> int:

@@ -459,3 +459,62 @@ async def test_a_cursor_reaches_a_subscriber_on_the_same_node_once(live: Cluster
             if m["type"] == "user:cursor":
                 cursors.append(m)
     assert len(cursors) == 1, cursors
+
+
+# The PostgreSQL schema of release 0.1.0 (an id unique on the whole log).
+SCHEMA_1 = """
+CREATE TABLE barosync_meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE barosync_heads (project text PRIMARY KEY, seq bigint NOT NULL);
+CREATE TABLE barosync_events (project text NOT NULL, id text NOT NULL, body bytea NOT NULL, PRIMARY KEY (project, id));
+CREATE TABLE barosync_index (id text PRIMARY KEY, project text NOT NULL);
+CREATE TABLE barosync_changelog (project text NOT NULL, seq bigint NOT NULL, event_id text NOT NULL,
+    version bigint NOT NULL, ts bigint NOT NULL, change bytea NOT NULL, PRIMARY KEY (project, seq));
+CREATE INDEX barosync_changelog_versions ON barosync_changelog (event_id, version);
+CREATE TABLE barosync_idem (user_id text NOT NULL, envelope_id text NOT NULL, project text NOT NULL,
+    seq bigint, answer bytea NOT NULL, PRIMARY KEY (user_id, envelope_id));
+INSERT INTO barosync_meta VALUES ('schema', '1'), ('data_id', 'release-0-1-0-log');
+"""
+
+
+def test_a_log_of_release_0_1_0_is_migrated_at_start_and_ids_are_per_project(tmp_path: Path, postgres: Postgres) -> None:
+    import psycopg
+
+    url = postgres.new_database()
+    event = {"id": "standup", "projectId": "team", "title": "Standup", "startDate": "2026-12-07T09:00:00Z",
+             "endDate": "2026-12-07T10:00:00Z", "allDay": False, "version": 1, "createdAt": 1, "updatedAt": 1,
+             "createdBy": "alice", "updatedBy": "alice", "attendees": []}
+    change = {"type": "event:created", "id": "team:1", "seq": 1, "projectId": "team", "version": 1, "userId": "alice",
+              "timestamp": 1, "payload": event}
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SCHEMA_1)
+        conn.execute("INSERT INTO barosync_heads VALUES ('team', 1)")
+        conn.execute("INSERT INTO barosync_events VALUES ('team', 'standup', %s)", (orjson.dumps(event),))
+        conn.execute("INSERT INTO barosync_index VALUES ('standup', 'team')")
+        conn.execute("INSERT INTO barosync_changelog VALUES ('team', 1, 'standup', 1, 1, %s)", (orjson.dumps(change),))
+    c = Cluster(tmp_path, url)
+    try:
+        node = c.node("a")
+        assert "migrated the PostgreSQL log" in node.stderr
+
+        async def main() -> None:
+            ws = await WS.connect(node.port, token("alice", ["team", "ops"]))
+            answer = await ws.request("event:update", {"id": "standup", "projectId": "team", "version": 1,
+                                                      "title": "Daily standup"})
+            assert answer["type"] == "ack", answer
+            # The same id in another project is another event now.
+            answer = await ws.request("event:create", {"id": "standup", "projectId": "ops", "title": "Ops standup",
+                                                      "startDate": "2026-12-07T09:00:00Z", "endDate": "2026-12-07T09:15:00Z"})
+            assert answer["type"] == "ack" and answer["payload"]["event"]["version"] == 1, answer
+            await ws.abort()
+
+        trio.run(main)
+        done = subprocess.run(barosync_cmd("check", "--config", str(c.config), "--data", str(tmp_path / "a")),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        c.stop()
+    second = Cluster(tmp_path, url).node("b")  # once: a second start migrates nothing
+    try:
+        assert "migrated" not in second.stderr
+    finally:
+        second.stop()

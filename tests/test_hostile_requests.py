@@ -199,7 +199,8 @@ async def test_a_handler_bug_answers_500_and_logs_one_traceback(tmp_path: Path, 
         status, _, _ = await trio.to_thread.run_sync(lambda: http("GET", "/healthz"))
         assert status == 200
     failures = [r for r in caplog.records if "failed" in r.getMessage() and "/api/me" in r.getMessage()]
-    assert len(failures) == 3 and sum(r.exc_info is not None for r in failures) == 1
+    # One line each; a traceback at most once a minute (tests/test_buglog.py).
+    assert len(failures) == 3 and sum(r.exc_info is not None for r in failures) <= 1
 
 
 @pytest.mark.parametrize("claims, why", [
@@ -387,7 +388,7 @@ async def test_a_server_fault_on_a_caldav_put_is_a_5xx_never_a_4xx_an_app_would_
             "PUT", "/dav/calendars/alice/p1/fine.ics", event_ics("fine", "Fine"), Content_Type="text/calendar"))
         assert status == 201
     failures = [r for r in caplog.records if "a validation plugin's bug" in r.getMessage()]
-    assert len(failures) == 2 and sum(r.exc_info is not None for r in failures) == 1
+    assert len(failures) == 2 and sum(r.exc_info is not None for r in failures) <= 1
 
 
 @one_node

@@ -302,7 +302,7 @@ CORRUPTIONS = {
     ),
     "first changelog entry deleted (not retention: its version still points at it)": (
         lambda txn, db: txn.delete(b"p1\0" + U64.pack(1), db=db["changelog"]),
-        "versions: event 'a' version 1 points at seq 1 of project 'p1', which is not in the changelog",
+        "versions: event 'a' of project 'p1' version 1 points at seq 1 of project 'p1', which is not in the changelog",
     ),
     "seq counter behind the changelog": (
         lambda txn, db: txn.put(b"p2", U64.pack(0), db=db["seqs"]),
@@ -320,17 +320,17 @@ CORRUPTIONS = {
         _resurrect_c,
         "events: event 'c' of project 'p1' was deleted at seq 5 but is still stored",
     ),
-    "index points at another project": (
-        lambda txn, db: txn.put(b"a", b"p2", db=db["index"]),
-        "index: maps event 'a' to project 'p2', but it is stored in project 'p1'",
+    "index entry in a project without history": (
+        lambda txn, db: txn.put(b"a\0p7", b"", db=db["index"]),
+        "index: knows event 'a' in project 'p7', which has no seq counter",
     ),
     "index entry missing": (
-        lambda txn, db: txn.delete(b"d", db=db["index"]),
+        lambda txn, db: txn.delete(b"d\0p2", db=db["index"]),
         "index: event 'd' of project 'p2' is not in the index",
     ),
     "dangling versions entry": (
-        lambda txn, db: txn.put(b"a\0" + U64.pack(9), U64.pack(77), db=db["versions"]),
-        "versions: event 'a' version 9 points at seq 77 of project 'p1', which is not in the changelog",
+        lambda txn, db: txn.put(b"p1\0a\0" + U64.pack(9), U64.pack(77), db=db["versions"]),
+        "versions: event 'a' of project 'p1' version 9 points at seq 77 of project 'p1', which is not in the changelog",
     ),
     "dangling idempotency record": (
         lambda txn, db: txn.put(b"alice\0ghost", orjson.dumps({"event": {"id": "zz"}, "projectId": "p1", "seq": 99}), db=db["idem"]),
@@ -387,7 +387,7 @@ async def test_check_accepts_history_pruned_like_retention_does(store):
         # What retention does: drop the oldest changes and the versions pointing at them.
         for seq, event_id, version in [(1, "a", 1), (2, "b", 1)]:
             txn.delete(b"p1\0" + U64.pack(seq), db=db["changelog"])
-            txn.delete(f"{event_id}\0".encode() + U64.pack(version), db=db["versions"])
+            txn.delete(f"p1\0{event_id}\0".encode() + U64.pack(version), db=db["versions"])
 
     corrupt(store, prune)
     found = report(store)

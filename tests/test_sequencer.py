@@ -242,17 +242,17 @@ async def test_reads_of_an_unreachable_log_get_what_clients_retry(pg_app: Any, n
     alice = await open_client(nursery, pg_app, token("alice"))
     made = await alice.create("p1")
     store = pg_app.store
-    replay, project_of = store.replay, store.project_of
+    replay, projects_of = store.replay, store.projects_of
 
     def unreachable(*args: Any, **kwargs: Any) -> Any:
         raise psycopg.OperationalError("connection refused (test)")
 
-    store.project_of = unreachable
+    store.projects_of = unreachable
     msg_id = await alice.send("event:update", {"id": made["payload"]["event"]["id"], "version": 1, "title": "later"})
     refused = await alice.recv_type("error")
     assert refused["payload"]["ref"] == msg_id and refused["payload"]["code"] == "storage_full"
     assert refused["payload"]["retryAfter"] > 0 and "PostgreSQL unreachable" in refused["payload"]["message"]
-    store.project_of = project_of
+    store.projects_of = projects_of
     store.replay = unreachable
     bob = await open_client(nursery, pg_app, token("bob"))
     await bob.send("subscribe", {"projectId": "p1", "since": 0})

@@ -122,9 +122,9 @@ def test_an_id_deleted_before_the_history_is_forgotten_with_it(tmp_path):
     store.commit_batch([delete(gone, 1, old)])
     store.commit_batch([delete(recent, 2, now_ms())])
     store.prune(now_ms=now_ms())
-    assert store.project_of(kept.event_id) == "p1"  # alive: its id stays
-    assert store.project_of(recent.event_id) == "p1"  # deleted within the history: still refused
-    assert store.project_of(gone.event_id) is None  # deleted before it: forgotten
+    assert store.projects_of(kept.event_id) == ["p1"]  # alive: its id stays
+    assert store.projects_of(recent.event_id) == ["p1"]  # deleted within the history: still refused
+    assert store.projects_of(gone.event_id) == []  # deleted before it: forgotten
     (again,) = store.commit_batch([create("bob", 9, id=gone.event_id)])
     assert again.status == "applied"
     (refused,) = store.commit_batch([create("bob", 10, id=recent.event_id)])

@@ -355,7 +355,8 @@ export class SyncClient extends EventTarget {
   update(id, changes) {
     const current = this.get(id);
     if (!current) return Promise.reject(new MutationRefused("not_found", `no event ${id} in a subscribed project`, "id"));
-    return this._enqueue("event:update", current.projectId, id, { ...clientFields(changes), id }, current.version);
+    return this._enqueue("event:update", current.projectId, id,
+      { ...clientFields(changes), id, projectId: current.projectId }, current.version);
   }
 
   /**
@@ -371,7 +372,7 @@ export class SyncClient extends EventTarget {
   delete(id) {
     const current = this.get(id);
     if (!current) return Promise.reject(new MutationRefused("not_found", `no event ${id} in a subscribed project`, "id"));
-    return this._enqueue("event:delete", current.projectId, id, { id }, current.version);
+    return this._enqueue("event:delete", current.projectId, id, { id, projectId: current.projectId }, current.version);
   }
 
   /**
@@ -389,13 +390,15 @@ export class SyncClient extends EventTarget {
       return this.create(conflict.projectId, rest);
     }
     if (conflict.operation === "delete" && choice === "local") {
-      return this._enqueue("event:delete", conflict.projectId, conflict.id, { id: conflict.id }, remote.version);
+      return this._enqueue("event:delete", conflict.projectId, conflict.id,
+        { id: conflict.id, projectId: conflict.projectId }, remote.version);
     }
     const changes = {};
     for (const [k, v] of Object.entries(clientFields(fields))) {
       if (JSON.stringify(v) !== JSON.stringify(remote[k])) changes[k] = v;
     }
-    return this._enqueue("event:update", conflict.projectId, conflict.id, { ...changes, id: conflict.id }, remote.version);
+    return this._enqueue("event:update", conflict.projectId, conflict.id,
+      { ...changes, id: conflict.id, projectId: conflict.projectId }, remote.version);
   }
 
   /** Share the pointer; throttled to the server's cursor rate, the latest position wins. */
