@@ -84,8 +84,8 @@ class App:
         self._stop = trio.Event()
         self._sessions_gone = trio.Event()
         # HTTP requests (REST, CalDAV, the ICS feed) per identity: one allowance
-        # shared by the transports, at the WebSocket's per-connection rate.
-        self.requests = Limiter(config.rate_limit, config.rate_burst)
+        # shared by the three transports.
+        self.requests = Limiter(config.http_rate_limit, config.http_rate_burst)
         # Recurrence expansion runs in one worker thread at a time (expansion.py).
         self._expanding = trio.CapacityLimiter(1)
         # The inspector's previous reading of hub.committed, for changes per second.

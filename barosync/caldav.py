@@ -188,7 +188,7 @@ class CalDav(Writes):
         identity = app_identity(entry)
         wait = self.app.requests.take(identity.user_id, now)
         if wait is not None:
-            raise Fail(429, f"more than {self.app.config.rate_limit:g} requests per second for this user: slow down",
+            raise Fail(429, f"more than {self.app.config.http_rate_limit:g} requests per second for this user: slow down",
                        headers=[protocol.retry_after_header(wait)])
         return identity
 

@@ -48,6 +48,10 @@ class Config:
     # what the server sends), with a burst allowance.
     rate_limit: float = 200.0
     rate_burst: int = 400
+    # HTTP requests (REST, CalDAV, the ICS feed together) per second per identity, and
+    # the burst: a calendar app's sync comes in bursts of many small requests.
+    http_rate_limit: float = 200.0
+    http_rate_burst: int = 2000
     handshake_timeout: float = 10.0
     # `barosync serve` on a loopback address prints the owner's sign-in link.
     browser_link: bool = True
@@ -167,6 +171,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "max_connections_per_user": ("max_connections_per_user", _int(1, 1_000_000)),
         "rate_limit": ("rate_limit", _rate_limit),
         "rate_burst": ("rate_burst", _int(1, 10_000_000)),
+        "http_rate_limit": ("http_rate_limit", _rate_limit),
+        "http_rate_burst": ("http_rate_burst", _int(1, 10_000_000)),
         "handshake_timeout": ("handshake_timeout", _seconds),
         "allowed_origins": ("allowed_origins", _str_list),
         "browser_link": ("browser_link", _bool),

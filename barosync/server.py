@@ -160,7 +160,10 @@ def _response(conn: h11.Connection, status: int, body: Any, content_type: bytes 
     """The whole response; for a HEAD request, the headers of the GET (its length
     included) and no body, as h11 insists."""
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode()), (b"server", b"barosync/" + __version__.encode())]
+    # The usual capitals: header names are case-insensitive, but a proxy or test tool
+    # that edits responses as text may look for "Content-Type" (python-caldav's does).
+    headers = [(b"Content-Type", content_type), (b"Content-Length", str(len(data)).encode()),
+               (b"Server", b"barosync/" + __version__.encode())]
     headers += extra or []
     out = conn.send(h11.Response(status_code=status, headers=headers))
     if not head and data:

@@ -89,7 +89,7 @@ def run_suite(python: str, suite: Path, name: str, url: str, password: str, work
     report = work / f"{name}.xml"
     env = {**os.environ, "PYTHON_CALDAV_TEST_EMBEDDED": "0", "PYTHON_CALDAV_TEST_DOCKER": "0"}
     print(f"caldav_suite: running tests/test_caldav.py against {name} ({url}) ...", flush=True)
-    subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_caldav.py",
+    subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "asyncio_default_fixture_loop_scope=function", "tests/test_caldav.py",
                     f"--junitxml={report}"], cwd=suite, env=env, stdout=open(work / f"{name}.out", "wb"),
                    stderr=subprocess.STDOUT, timeout=3600)
     config.unlink()
@@ -124,7 +124,7 @@ def main() -> None:
     radicale, rport = start_radicale(args.radicale, work)
     barosync, bport, password = start_barosync(work)
     try:
-        reports = {"radicale": run_suite(args.radicale, args.suite, "radicale", f"http://127.0.0.1:{rport}/",
+        reports = {"radicale": run_suite(args.radicale, args.suite, "radicale-peer", f"http://127.0.0.1:{rport}/",
                                          "", work),
                    "barosync": run_suite(args.radicale, args.suite, "barosync", f"http://127.0.0.1:{bport}/",
                                          password, work)}

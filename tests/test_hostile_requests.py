@@ -247,7 +247,7 @@ async def test_writes_stop_once_a_refreshed_shorter_token_expires(tmp_path: Path
 @one_node
 async def test_rest_caldav_and_the_feed_share_one_request_limit_per_identity(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    async with running(data, rate_limit=2.0, rate_burst=4) as (app, _):
+    async with running(data, http_rate_limit=2.0, http_rate_burst=4) as (app, _):
         password = await trio.to_thread.run_sync(lambda: app_passwords.create(data, user_id="alice", projects=["p1"])[0])
         rest, dav = Http(app.port), Http(app.port, "alice", password)
         me = token("alice", ["p1"])
@@ -449,7 +449,7 @@ async def test_a_whole_calendar_export_imports_in_group_commits_and_bad_events_a
     bad = "UID:too-long\r\nDTSTART:20260105T090000Z\r\nSUMMARY:Where?\r\nLOCATION:" + "x" * 20_000
     body = calendar(*good[:5000], bad, *good[5000:])
     assert len(body) > 64 * 1024 * 30  # far over max_message_bytes
-    async with running(tmp_path / "data", rate_limit=1000.0) as (app, _):
+    async with running(tmp_path / "data") as (app, _):
         tok = token("alice", ["p1"])
         batches = app.writer.batches
         url = "/api/projects/p1/import?from=2025-12-01T00:00:00Z&to=2027-01-01T00:00:00Z"
