@@ -27,6 +27,7 @@ import orjson
 import trio
 
 from . import protocol
+from .ratelimit import TokenBucket
 from .store import Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ class Room:
         # A dict used as an ordered set: fan-out order is join order.
         self.subscribers: dict["Subscriber", None] = {}
         self.users: dict[str, Presence] = {}
-        self.cursor_budget: dict[str, tuple[float, float]] = {}  # user -> (cursor tokens, as of when)
+        self.cursor_budget: dict[str, TokenBucket] = {}  # user -> their cursors' bucket
         # user -> (x, y, elementId, timestamp, sending session): the newest position
         self.cursor_pending: dict[str, tuple[Any, Any, Any, int, "Subscriber"]] = {}
 
@@ -297,13 +298,11 @@ class Hub:
         rate = 1.0 / self.cursor_interval
         due = []
         for user in pending:
-            tokens, then = budget.get(user, (CURSOR_BURST, now))
-            tokens = min(CURSOR_BURST, tokens + (now - then) * rate)
-            if tokens >= 1.0:
+            bucket = budget.get(user)
+            if bucket is None:
+                bucket = budget[user] = TokenBucket(rate, CURSOR_BURST, now)
+            if bucket.take(now):
                 due.append(user)
-                budget[user] = (tokens - 1.0, now)
-            else:
-                budget[user] = (tokens, now)
         if not due:
             return
         items: list[tuple[str, protocol.Outgoing, Any]] = []
