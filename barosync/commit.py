@@ -44,7 +44,9 @@ def _index_key(event_id: str, project_id: str) -> bytes:
 
 
 def _version_key(project_id: str, event_id: str, version: int) -> bytes:
-    return _k(project_id, event_id) + b"\0" + _U64.pack(version)
+    """``versions``: ordered like ``index`` (id first), so ids made in sequence are
+    appended in place rather than spread over every project's pages."""
+    return _k(event_id, project_id) + b"\0" + _U64.pack(version)
 
 
 def _seq_key(project_id: str, seq: int) -> bytes:
@@ -260,9 +262,9 @@ class Commits:
 
     def _last_change(self, txn: lmdb.Transaction, project_id: str, event_id: str) -> tuple[int, int]:
         """The latest version of an event and when it was written (ms), from history."""
-        prefix = _k(project_id, event_id) + b"\0"
+        prefix = _k(event_id, project_id) + b"\0"
         cursor = txn.cursor(db=self.versions)
-        if cursor.set_range(_k(project_id, event_id) + b"\x01"):
+        if cursor.set_range(_k(event_id, project_id) + b"\x01"):
             found = cursor.prev()
         else:
             found = cursor.last()

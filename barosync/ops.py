@@ -275,9 +275,9 @@ def inspect(env: lmdb.Environment) -> Report:
         # Version history: each entry names the changelog entry that made that version.
         for key, value in txn.cursor(db=dbs["versions"]):
             split = _split_seq_key(key)
-            owner, sep, event_b = bytes(key)[:-9].partition(b"\0") if split is not None else (b"", b"", b"")
+            event_b, sep, owner = bytes(key)[:-9].partition(b"\0") if split is not None else (b"", b"", b"")
             if split is None or not sep or len(value) != 8:
-                problem(f"versions: malformed entry {bytes(key)!r} (project, NUL, event id, NUL, version)")
+                problem(f"versions: malformed entry {bytes(key)!r} (event id, NUL, project, NUL, version)")
                 continue
             version = split[1]
             project, event_id = owner.decode(errors="replace"), event_b.decode(errors="replace")

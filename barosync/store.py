@@ -9,7 +9,7 @@ byte order is numeric order):
                                            before then; the same id in another project is
                                            another event)
 - ``changelog`` project \\0 seq         -> the change message JSON exactly as fanned out
-- ``versions``  project \\0 event id \\0 version -> seq of the change that produced that version
+- ``versions``  event id \\0 project \\0 version -> seq of the change that produced that version
 - ``seqs``      project                 -> last seq
 - ``idem``      user \\0 envelope id    -> the original answer (JSON)
 - ``idem_by_seq`` project \\0 seq       -> the ``idem`` key that change was recorded under
@@ -146,7 +146,7 @@ class Store(Commits):
             if project is None:
                 lost += 1  # its id left the history already: nothing points at it
                 continue
-            txn.put(project + b"\0" + event_id + b"\0" + packed, seq, db=self.versions)
+            txn.put(event_id + b"\0" + project + b"\0" + packed, seq, db=self.versions)
         txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.meta)
         log.warning("migrated the data in %s from schema 1 to %d: events are (project, id) now (%d ids, %d versions%s)",
                     self.path, SCHEMA_VERSION, len(homes), len(versions) - lost,

@@ -329,7 +329,7 @@ CORRUPTIONS = {
         "index: event 'd' of project 'p2' is not in the index",
     ),
     "dangling versions entry": (
-        lambda txn, db: txn.put(b"p1\0a\0" + U64.pack(9), U64.pack(77), db=db["versions"]),
+        lambda txn, db: txn.put(b"a\0p1\0" + U64.pack(9), U64.pack(77), db=db["versions"]),
         "versions: event 'a' of project 'p1' version 9 points at seq 77 of project 'p1', which is not in the changelog",
     ),
     "dangling idempotency record": (
@@ -387,7 +387,7 @@ async def test_check_accepts_history_pruned_like_retention_does(store):
         # What retention does: drop the oldest changes and the versions pointing at them.
         for seq, event_id, version in [(1, "a", 1), (2, "b", 1)]:
             txn.delete(b"p1\0" + U64.pack(seq), db=db["changelog"])
-            txn.delete(f"p1\0{event_id}\0".encode() + U64.pack(version), db=db["versions"])
+            txn.delete(f"{event_id}\0p1\0".encode() + U64.pack(version), db=db["versions"])
 
     corrupt(store, prune)
     found = report(store)
