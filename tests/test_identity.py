@@ -6,7 +6,6 @@ start, once and crash-safe."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess

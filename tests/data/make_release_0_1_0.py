@@ -2,7 +2,7 @@
 (LMDB schema 1: an event id unique on the whole server) left it. Run with that release
 (commit 85f2db6 or before), then `tar czf release-0.1.0.tar.gz -C DIR data.mdb secret`;
 tests/test_identity.py opens it with this one. Not a test: kept to show what is inside."""
-import sys, uuid
+import sys
 from pathlib import Path
 from barosync.config import Config
 from barosync.store import Store, Mutation
