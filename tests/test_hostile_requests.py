@@ -247,7 +247,9 @@ async def test_writes_stop_once_a_refreshed_shorter_token_expires(tmp_path: Path
 @one_node
 async def test_rest_caldav_and_the_feed_share_one_request_limit_per_identity(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    async with running(data, http_rate_limit=2.0, http_rate_burst=4) as (app, _):
+    # One request per 10 s after a burst of 4: however slow the machine, no token
+    # comes back during the test.
+    async with running(data, http_rate_limit=0.1, http_rate_burst=4) as (app, _):
         password = await trio.to_thread.run_sync(lambda: app_passwords.create(data, user_id="alice", projects=["p1"])[0])
         rest, dav = Http(app.port), Http(app.port, "alice", password)
         me = token("alice", ["p1"])
