@@ -417,28 +417,38 @@ async def test_the_map_never_grows_under_a_paused_snapshot_reader(tmp_path: Path
                 if msg["type"] == "ack":
                     acked.add(msg["id"])
 
+        used, mapped = app.store.map_usage()
+        # More than the map has room for (each create stores its event and its change).
+        total = (mapped - used) // 16_000 + 50
+        sent: list[str] = []
+
+        async def write() -> None:
+            # At most 20 in flight: the acks (8 KB each) never pile up to the outbox cap.
+            for i in range(total):
+                while len(sent) - len(acked) >= 20:
+                    await trio.sleep(0.005)
+                sent.append(await writer.send("event:create", event_payload("p2", title=f"w{i}",
+                                                                            description="z" * 8000)))
+
         async with trio.open_nursery() as acks:
             acks.start_soon(collect)
-            used, mapped = app.store.map_usage()
-            # More than the map has room for (each create stores its event and its change).
-            sent = [await writer.send("event:create", event_payload("p2", title=f"w{i}", description="z" * 8000))
-                    for i in range((mapped - used) // 16_000 + 50)]
+            acks.start_soon(write)
             with trio.fail_after(30):
                 while not app.store.resize_waiting:
                     await trio.sleep(0.01)
             assert app.store.readers_open == 1 and app.store.env.info()["map_size"] == size
-            assert len(acked) < len(sent)  # the one that needs the room waits, unacked
+            assert len(acked) < total  # the one that needs the room waits, unacked
             # Another subscriber meanwhile reads its snapshot at once instead of holding one.
             other = await WS.connect(app.port, token("other", ["p1"]))
             answer = await other.request("subscribe", {"projectId": "p1", "snapshotParts": True})
             assert answer["type"] == "ack" and app.store.readers_open == 1
             await reader.abort()
             with trio.fail_after(30):
-                while len(acked) < len(sent):
+                while len(acked) < total:
                     await trio.sleep(0.01)
             acks.cancel_scope.cancel()
         assert app.store.env.info()["map_size"] > size and app.store.readers_open == 0
-        assert len(app.store.snapshot("p2")[1]) == len(sent)
+        assert len(app.store.snapshot("p2")[1]) == total
         await writer.abort()
         await other.abort()
 
