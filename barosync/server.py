@@ -35,6 +35,10 @@ log = logging.getLogger("barosync.server")
 _bugs = BugLog(log)
 
 MAX_REQUEST_HEAD = 16 * 1024
+# How long, and how much, a refused request's unread body is read and dropped before
+# the connection closes (_linger).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024 * 1024
 # After SIGTERM, how long connections get to take their 1001 close.
 SHUTDOWN_GRACE = 5.0
 LOCK_FILE = "serve.lock"
@@ -230,6 +234,7 @@ async def _handle(app: App, front: Front, stream: trio.SocketStream) -> None:
                 if body is None:
                     await stream.send_all(_response(conn, 413, _json_error(
                         413, "too_large", f"request body larger than {limit} bytes ([server] {key})")))
+                    await _linger(stream)
                     return
                 await stream.send_all(await _route(app, front, conn, request, target.path, target.query, body))
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -255,6 +260,20 @@ async def _body_limit(app: App, request: h11.Request, path: str) -> tuple[int, s
         if token and await app.authenticate(token) is not None:
             return config.max_import_bytes, "max_import_bytes"
     return config.max_message_bytes, "max_message_bytes"
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """After answering a request whose body we did not read, read the rest for a while
+    before closing: closing with unread bytes makes the kernel reset the connection,
+    and a client still sending would lose the answer to the reset."""
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(LINGER_SECONDS):
+            drained = 0
+            while drained < LINGER_BYTES and (data := await stream.receive_some(65536)):
+                drained += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int, timeout: float) -> bytes | None:
