@@ -534,3 +534,20 @@ def test_the_react_hook_in_the_docs_renders_live_changes(chromium, server) -> No
     page.wait_for_function("document.getElementById('users').textContent.includes('Bob')")
     assert sorted(page.eval_on_selector_all("#events li", "els => els.map(e => e.textContent)")) == ["From Bob", "From the hook"]
     assert errors == []
+
+
+def test_the_same_id_in_two_projects_is_read_and_changed_where_it_was_asked(chromium, server) -> None:
+    """An event is (project, id): a calendar app's UID may be in two calendars, and the
+    client reads and changes the one of the project it is asked for."""
+    tab = Tab(new_context(chromium), server.port)
+    tab.open_client(server.ws, server.token("alice"), storage="memory")
+    for project in ("p1", "p2"):
+        tab.js("c.subscribe(arg)", project)
+        tab.js(CREATE, ["c", project, {"id": "shared", "title": f"in {project}", "startDate": START, "endDate": END}])
+    assert tab.js("c.get('shared', 'p2').title") == "in p2"
+    tab.js("c.update('shared', {title: 'p2 renamed'}, 'p2')")
+    tab.js("c.delete('shared', 'p1')")
+    assert [e["title"] for e in server.events("p2")] == ["p2 renamed"] and server.events("p1") == []
+    sent = [m for m in tab.sent if m.get("type") in ("event:update", "event:delete")]
+    assert [(m["type"], m["payload"]["projectId"]) for m in sent] == [("event:update", "p2"), ("event:delete", "p1")]
+    assert tab.errors == []

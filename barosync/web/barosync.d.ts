@@ -127,16 +127,17 @@ export class SyncClient extends EventTarget {
   subscribe(projectId: string): Promise<void>;
   unsubscribe(projectId: string): void;
   events(projectId: string): CalendarEvent[];
-  get(id: string): CalendarEvent | undefined;
+  /** An event by id, in projectId when given (the same id may be in two projects). */
+  get(id: string, projectId?: string): CalendarEvent | undefined;
   presence(projectId: string): PresentUser[];
   lastSeq(projectId: string): number | null;
   syncStatus(): SyncStatus;
 
   create(projectId: string, fields: EventFields): Promise<CalendarEvent>;
-  update(id: string, changes: EventFields): Promise<CalendarEvent>;
+  update(id: string, changes: EventFields, projectId?: string): Promise<CalendarEvent>;
   /** Bring back an event deleted in its project (undo): same id, fields and history. */
   restore(event: CalendarEvent): Promise<CalendarEvent>;
-  delete(id: string): Promise<void>;
+  delete(id: string, projectId?: string): Promise<void>;
   resolve(conflict: Conflict, choice: "local" | "remote" | EventFields): Promise<CalendarEvent | undefined>;
   moveCursor(projectId: string, x: number, y: number, elementId?: string): void;
 

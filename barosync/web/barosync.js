@@ -286,9 +286,15 @@ export class SyncClient extends EventTarget {
   }
 
   /** One event from any subscribed project's local view, or undefined. */
-  get(id) {
-    for (const projectId of this._projects.keys()) {
-      const found = this.events(projectId).find((e) => e.id === id);
+  /**
+   * An event by id: in ``projectId`` when given (an event is (project, id): the same id
+   * may be in two projects, a calendar app's UID in two calendars), else the first
+   * project this client knows that has it.
+   */
+  get(id, projectId) {
+    const where = projectId !== undefined ? [projectId] : [...this._projects.keys()];
+    for (const p of where) {
+      const found = this._projects.has(p) ? this.events(p).find((e) => e.id === id) : undefined;
       if (found) return found;
     }
     return undefined;
@@ -352,8 +358,8 @@ export class SyncClient extends EventTarget {
   }
 
   /** Change fields of an event; based on the version this client has. */
-  update(id, changes) {
-    const current = this.get(id);
+  update(id, changes, projectId) {
+    const current = this.get(id, projectId);
     if (!current) return Promise.reject(new MutationRefused("not_found", `no event ${id} in a subscribed project`, "id"));
     return this._enqueue("event:update", current.projectId, id,
       { ...clientFields(changes), id, projectId: current.projectId }, current.version);
@@ -369,8 +375,8 @@ export class SyncClient extends EventTarget {
       { ...clientFields(event), projectId: event.projectId, id: event.id, restore: true });
   }
 
-  delete(id) {
-    const current = this.get(id);
+  delete(id, projectId) {
+    const current = this.get(id, projectId);
     if (!current) return Promise.reject(new MutationRefused("not_found", `no event ${id} in a subscribed project`, "id"));
     return this._enqueue("event:delete", current.projectId, id, { id, projectId: current.projectId }, current.version);
   }

@@ -121,7 +121,7 @@ function start(token, projects) {
     scrollTime: "08:00:00",
     events: (info, success) => success(client.events(projectId).flatMap(toCalendar)),
     select: (info) => openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay }),
-    eventClick: (info) => openEditor(client.get(info.event.id)),
+    eventClick: (info) => openEditor(client.get(info.event.id, projectId)),
     eventDrop: (info) => moved(info),
     eventResize: (info) => moved(info),
   });
@@ -189,7 +189,7 @@ function toCalendar(e) {
 function moved(info) {
   const changes = { startDate: info.event.start.toISOString(), allDay: info.event.allDay,
                     endDate: (info.event.end || new Date(+info.event.start + 3600000)).toISOString() };
-  client.update(info.event.id, changes).catch(() => calendar.refetchEvents());
+  client.update(info.event.id, changes, projectId).catch(() => calendar.refetchEvents());
 }
 
 // -- the editor ------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ function saveEditor(e) {
     return;
   }
   const changes = changedFields(form, editing);
-  if (Object.keys(changes).length) client.update(editing.id, changes).catch(showEditorError);
+  if (Object.keys(changes).length) client.update(editing.id, changes, editing.projectId).catch(showEditorError);
 }
 
 /** Delete is never a default button: a click only, then a few seconds to undo it. */
@@ -278,7 +278,7 @@ function deleteEditing() {
   const gone = editing;
   $("editor").close();
   if (!gone) return;
-  client.delete(gone.id).catch(showEditorError);
+  client.delete(gone.id, gone.projectId).catch(showEditorError);
   showUndo(gone);
 }
 
