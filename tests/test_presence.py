@@ -179,6 +179,9 @@ async def test_slow_reader_holds_one_cursor_per_user_and_changes_still_arrive(ap
     await alice.subscribe()
     slow = await RawClient.connect(app.port, token("slow"))
     await slow.send("subscribe", {"projectId": "p1"}, id="s")
+    # Subscribed before the first change: on two nodes the join happens after the
+    # subscribe's read, and a change committed before it would be in the snapshot.
+    await slow.read_until(lambda m: m["type"] == "ack" and m.get("id") == "s", timeout=10)
     session = next(s for s in app.sessions if s.identity.user_id == "slow")
     # Fill the slow reader's socket until the server has to queue for it.
     n = 0
