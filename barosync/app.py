@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, TypeVar
@@ -93,6 +94,15 @@ class App:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def request_refused(self, identity: Identity) -> tuple[str, float] | None:
+        """Spend one of the identity's HTTP requests (REST, CalDAV, the ICS feed share
+        them); when none is left, what to tell the client and how many seconds to wait."""
+        wait = self.requests.take(identity.user_id, trio.current_time())
+        if wait is None:
+            return None
+        return (f"more than {self.config.http_rate_limit:g} requests per second for this user: slow down and try "
+                f"again in {math.ceil(wait)} s", wait)
 
     async def expand(self, fn: Callable[..., T], *args: Any, seconds: float = expansion.DEADLINE) -> T:
         """``fn(*args)`` (work that expands recurrences) off the event loop, one at a

@@ -186,10 +186,10 @@ class CalDav(Writes):
             log.warning("CalDAV sign-in failed for user %r (wrong name or app password, or revoked)", user)
             raise Fail(401, "wrong user name or app password (or it was revoked)", headers=challenge)
         identity = app_identity(entry)
-        wait = self.app.requests.take(identity.user_id, now)
-        if wait is not None:
-            raise Fail(429, f"more than {self.app.config.http_rate_limit:g} requests per second for this user: slow down",
-                       headers=[protocol.retry_after_header(wait)])
+        refused = self.app.request_refused(identity)
+        if refused is not None:
+            message, wait = refused
+            raise Fail(429, message, headers=[protocol.retry_after_header(wait)])
         return identity
 
     def _own(self, identity: Identity, user: str) -> None:

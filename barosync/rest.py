@@ -185,11 +185,10 @@ async def _identity(app: "App", headers: dict[bytes, bytes]) -> Identity:
 
 def limited(app: "App", identity: Identity) -> None:
     """Spend one of the identity's HTTP requests (app.requests), or answer 429."""
-    wait = app.requests.take(identity.user_id, trio.current_time())
-    if wait is not None:
-        raise HttpError(429, protocol.E_RATE_LIMITED, f"more than {app.config.http_rate_limit:g} requests per second "
-                                                      "for this user: slow down and try again", retryAfter=wait,
-                        headers=[protocol.retry_after_header(wait)])
+    refused = app.request_refused(identity)
+    if refused is not None:
+        message, wait = refused
+        raise HttpError(429, protocol.E_RATE_LIMITED, message, retryAfter=wait, headers=[protocol.retry_after_header(wait)])
 
 
 def _idempotency_key(headers: dict[bytes, bytes]) -> str:

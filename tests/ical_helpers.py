@@ -76,3 +76,9 @@ def same_calendar(a: bytes, b: bytes) -> tuple[bool, str]:
     if left == right:
         return True, ""
     return False, f"sent:\n{left}\n\ngot back:\n{right}"
+
+
+def calendar(*vevents: str) -> str:
+    """A VCALENDAR around VEVENTs given as their property lines (CRLF-separated)."""
+    body = "".join(f"BEGIN:VEVENT\r\n{v}\r\nEND:VEVENT\r\n" for v in vevents)
+    return f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\n{body}END:VCALENDAR\r\n"

@@ -16,6 +16,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from barosync import expansion, ical, ics, occurrences
 from barosync.models import ValidationError, new_event
 
+from ical_helpers import calendar
+
 UTC = timezone.utc
 
 
@@ -174,11 +176,6 @@ def test_every_expansion_is_refused_or_ends_within_its_bounds(rule: str, start_h
 
 
 # -- ICS import -------------------------------------------------------------------------------
-
-def calendar(*vevents: str) -> str:
-    body = "".join(f"BEGIN:VEVENT\r\n{v}\r\nEND:VEVENT\r\n" for v in vevents)
-    return f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\n{body}END:VCALENDAR\r\n"
-
 
 DAY = (datetime(2026, 1, 5, tzinfo=UTC), datetime(2026, 1, 6, tzinfo=UTC))
 

@@ -31,6 +31,7 @@ from barosync.store import Store
 
 from attack_helpers import WS, Closed, Rejected, ServerProcess
 from caldav_helpers import Http, app_password, event_ics
+from ical_helpers import calendar
 from conftest import SECRET, event_payload, make_config, one_node, running, token
 
 QUERY = ('<c:calendar-query xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:caldav"><d:prop><d:getetag/>{data}</d:prop>'
@@ -42,11 +43,6 @@ def query(start: str, end: str, *, expand: bool = False) -> str:
     """A calendar-query for a time range (with ``expand``: every occurrence in it)."""
     data = f'<c:calendar-data><c:expand start="{start}" end="{end}"/></c:calendar-data>' if expand else ""
     return QUERY.format(start=start, end=end, data=data)
-
-
-def calendar(*vevents: str) -> bytes:
-    body = "".join(f"BEGIN:VEVENT\r\n{v}\r\nEND:VEVENT\r\n" for v in vevents)
-    return f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\n{body}END:VCALENDAR\r\n".encode()
 
 
 def store_legacy_rule(data_dir: Path, rrule: str) -> None:
