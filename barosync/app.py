@@ -52,9 +52,6 @@ class App:
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
         # Store reads from the event loop: ``await app.read(app.store.snapshot, p)``.
         self.read = Reads(self.store)
-        if self.read.blocking:
-            # Reads that yield need each room kept in log order by a task of its own.
-            self.hub.sequencer = Sequencer(hub=self.hub, store=self.store, read=self.read)
         self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
         if DEFAULT_CODEC not in self.codecs:
             raise PluginError(f"no plugin provides the {DEFAULT_CODEC!r} wire codec every browser client needs (is 'codecs' in [plugins] disable?)")
@@ -62,6 +59,10 @@ class App:
         self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
         self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail, read=self.read)
+        if self.read.blocking:
+            # Reads that yield need each room kept in log order by a task of its own.
+            self.hub.sequencer = Sequencer(hub=self.hub, store=self.store, read=self.read,
+                                           answered=self.writer.answered)
         # Several nodes: the live bus between them (bus.py).
         self.bus: Bus | None = None
         if config.cluster_redis:

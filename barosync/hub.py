@@ -123,7 +123,7 @@ def _left(user_id: str, project_id: str) -> protocol.Outgoing:
 
 class Room:
     __slots__ = ("project_id", "subscribers", "users", "cursor_budget", "cursor_pending", "last", "remote",
-                 "inbox", "receive", "joining")
+                 "inbox", "receive", "joining", "answers")
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
@@ -134,6 +134,9 @@ class Room:
         self.inbox: Any = None
         self.receive: Any = None
         self.joining = 0
+        # seq -> the answers (acks) that stand for that change: sent in its place, to
+        # their senders, when the sequencer delivers it (sequencer.py).
+        self.answers: dict[int, list[tuple[Mutation, Outcome]]] = {}
         # Several nodes: users present on other nodes only (user id -> presence info).
         self.remote: dict[str, dict[str, Any]] = {}
         # A dict used as an ordered set: fan-out order is join order.
@@ -334,21 +337,30 @@ class Hub:
         order: answer each sender, then fan the committed changes out."""
         changes: dict[str, list[tuple[protocol.Outgoing | None, str, Mutation, Outcome]]] = {}
         rooms = self.rooms
+        sequencer, bus = self.sequencer, self.bus
         for m, outcome in batch:
             if outcome.status == "applied":
                 assert outcome.change is not None
                 # Frames are made only for projects someone is watching.
                 out = protocol.Outgoing(outcome.change) if outcome.project_id in rooms else None
                 changes.setdefault(outcome.project_id, []).append((out, f"{outcome.project_id}:{outcome.seq}", m, outcome))
+            elif sequencer is not None and outcome.status == "replayed" and outcome.seq > 0:
+                # The retry's answer names a seq the room may not have delivered yet
+                # (a change made through another node, or still in the sequencer's
+                # inbox): it goes out in that change's place, in order.
+                room = rooms.get(outcome.project_id)
+                if room is not None and m.origin in room.subscribers:
+                    sequencer.answer(room, m, outcome)
+                else:
+                    self.reply(m, outcome)
             else:
                 self.reply(m, outcome)
         committed = self.committed
-        sequencer, bus = self.sequencer, self.bus
         for project_id, items in changes.items():
             committed[project_id] = committed.get(project_id, 0) + len(items)
             room = rooms.get(project_id)
             if sequencer is None or room is None:
-                self.fan_out_to(room, items)
+                self.fan_out_to(room, [(out, msg_id, ((m, outcome),)) for out, msg_id, m, outcome in items])
             else:
                 sequencer.local(room, items)  # in log order, after the other nodes' earlier ones
             if bus is not None:
@@ -362,34 +374,35 @@ class Hub:
                     except Exception:
                         log.exception("barosync_change_committed hook failed for %s seq %d", project_id, outcome.seq)
 
-    def deliver_plain(self, room: Room, items: list[tuple[protocol.Outgoing, str]]) -> None:
-        """Changes read from the log or from another node, to every member of a room
-        in one write each."""
-        self.deliveries += _deliver(room.subscribers, items, ())
-
-    def fan_out_to(self, room: Room | None, items: list[tuple[Any, str, Mutation, Outcome]]) -> None:
-        """One project's changes of a group commit: their senders answered, the
-        room's members (if any) sent them."""
+    def fan_out_to(self, room: Room | None,
+                   items: list[tuple[Any, str, tuple[tuple[Mutation, Outcome], ...] | list[tuple[Mutation, Outcome]]]]) -> None:
+        """One project's changes, in seq order, each with the answers that stand for
+        it: every answer goes to its sender, and a member that sent a change gets its
+        answer in that change's place; the room's other members (if any) get the
+        changes."""
         members = room.subscribers if room is not None else {}
         # Senders first: the one who made a change hears "done" without waiting
         # behind a thousand deliveries. A sender subscribed to the project gets its
         # own changes as acks, in seq order with everyone else's changes.
         senders: dict[Any, None] = {}
-        for out, msg_id, m, outcome in items:
-            if m.origin in members:
-                senders[m.origin] = None
-            else:
-                self.reply(m, outcome)
+        for _, _, answers in items:
+            for m, outcome in answers:
+                if m.origin in members:
+                    senders[m.origin] = None
+                else:
+                    self.reply(m, outcome)
         delivered = 0
         for sender in senders:
-            for out, msg_id, m, outcome in items:
-                if m.origin is sender:
-                    self.reply(m, outcome)
+            for out, msg_id, answers in items:
+                mine = [(m, outcome) for m, outcome in answers if m.origin is sender]
+                if mine:
+                    for m, outcome in mine:
+                        self.reply(m, outcome)
                 else:
                     sender.deliver(out, msg_id)
                     delivered += 1
         if room is not None:
-            delivered += _deliver(members, [(out, msg_id) for out, msg_id, _, _ in items], senders)
+            delivered += _deliver(members, [(out, msg_id) for out, msg_id, _ in items], senders)
         self.deliveries += delivered
 
     @staticmethod

@@ -12,8 +12,11 @@ every member has (read from the log's head when the room opens), and takes, in
 arrival order:
 
 - this node's commits: they go out when they follow ``last``; after a gap the missing
-  seqs are read from the log first; a change the room already got from the log is
-  only answered to its sender;
+  seqs are read from the log first; a change the room already got from the log was
+  answered to its sender then;
+- a retry's answer (``replayed``) to a member: it names a seq that may not have
+  reached the room yet (made through another node, or still in this inbox), so it
+  waits for that seq and goes out in its place;
 - other nodes' changes: ``last + 1`` goes out, ``<= last`` is dropped, a jump is read
   from the log;
 - a newcomer that has everything up to ``at``: it is sent ``at+1 .. last`` from the
@@ -24,13 +27,20 @@ arrival order:
 
 The task may await a read anywhere: nothing else delivers to its room meanwhile, so
 every member sees every seq once and in order.
+
+Every delivery takes the answers that stand for its seqs (``room.answers``: acks of
+this node's commits, registered when the writer hands them over, and retries'
+answers): a member that sent a change gets its answer in the change's place, never
+both. A read of the log can find this node's commit before the writer has handed it
+over (the commit is durable before its worker thread returns), so a fill first waits
+for every commit begun to be answered (``Writer.answered``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
 import trio
@@ -58,10 +68,13 @@ class _Join:
 
 
 class Sequencer:
-    def __init__(self, *, hub: "Hub", store: "LogStore", read: "Reads") -> None:
+    def __init__(self, *, hub: "Hub", store: "LogStore", read: "Reads",
+                 answered: Callable[[], Awaitable[None]] | None = None) -> None:
         self.hub = hub
         self.store = store
         self.read = read
+        # Until this node's commits begun so far are answered (Writer.answered).
+        self._answered = answered
         self.filled = 0  # changes read from the log to close a gap (the inspector's)
         self._nursery: trio.Nursery | None = None
         self._waiting: list["Room"] = []  # opened before run() started
@@ -92,7 +105,18 @@ class Sequencer:
         room.inbox.close()
 
     def local(self, room: "Room", items: list[tuple[Any, str, "Mutation", "Outcome"]]) -> None:
-        room.inbox.send_nowait(("local", items))
+        """This node's commits to the project (one group commit's, in seq order):
+        their answers wait in the room for their changes' delivery."""
+        answers = room.answers
+        for _, _, m, outcome in items:
+            answers.setdefault(outcome.seq, []).append((m, outcome))
+        room.inbox.send_nowait(("local", [(out, outcome.seq) for out, _, _, outcome in items]))
+
+    def answer(self, room: "Room", m: "Mutation", outcome: "Outcome") -> None:
+        """A retry's original answer to a member: sent once the room has delivered
+        every seq up to its own, in that seq's place."""
+        room.answers.setdefault(outcome.seq, []).append((m, outcome))
+        room.inbox.send_nowait(("answer", outcome.seq))
 
     def remote(self, project_id: str, change: bytes) -> None:
         room = self.hub.rooms.get(project_id)
@@ -138,8 +162,10 @@ class Sequencer:
                 # (or the next change) reads what is missing once it is back.
                 log.warning("project %s: reading the log failed (%s); the next check retries", project_id, e)
                 if message[0] == "local":
-                    for _, _, m, outcome in message[1]:
-                        self.hub.reply(m, outcome)
+                    for _, seq in message[1]:
+                        self._answer_now(room, seq)
+                elif message[0] == "answer":
+                    self._answer_now(room, message[1])
                 elif message[0] == "join":
                     # What it missed cannot be read now: it resubscribes later.
                     message[1].session.close(protocol.CLOSE_TOO_SLOW, "the log is unreachable for now: resume with since")
@@ -148,25 +174,30 @@ class Sequencer:
     async def _take(self, room: "Room", message: tuple) -> None:
         kind = message[0]
         if kind == "local":
-            items = message[1]
-            first = items[0][3].seq
+            changes = message[1]
+            first = changes[0][1]
             if room.last >= 0 and first > room.last + 1:
                 await self._fill(room, first - 1)
             fresh = []
-            for item in items:
-                if item[3].seq <= room.last:
-                    self.hub.reply(item[2], item[3])
+            for out, seq in changes:
+                if seq <= room.last:
+                    self._answer_now(room, seq)  # delivered from the log: answered then
                 else:
-                    fresh.append(item)
+                    fresh.append((out, seq))
             if fresh:
-                room.last = fresh[-1][3].seq
-                self.hub.fan_out_to(room, fresh)
+                room.last = fresh[-1][1]
+                self._deliver(room, fresh)
+        elif kind == "answer":
+            seq = message[1]
+            if room.last >= 0 and seq > room.last:
+                await self._fill(room, seq)
+            self._answer_now(room, seq)  # unless the fill delivered it
         elif kind == "remote":
             change = message[1]
             seq = orjson.loads(change)["seq"]
             if room.last < 0 or seq == room.last + 1:
                 room.last = seq
-                self.hub.deliver_plain(room, [(protocol.Outgoing(change), f"{room.project_id}:{seq}")])
+                self._deliver(room, [(protocol.Outgoing(change), seq)])
             elif seq > room.last:
                 await self._fill(room)  # a jump: the log has what is missing (and this one)
         elif kind == "join":
@@ -203,6 +234,10 @@ class Sequencer:
         """Deliver to every member what the log has after ``room.last`` (up to
         ``upto``, or its head), in order."""
         found = await self.read(self.store.replay, room.project_id, room.last)
+        if self._answered is not None:
+            # What the read found of this node's commits is answered (its acks are
+            # in room.answers) before any of it is delivered.
+            await self._answered()
         if found is None:
             # History pruned past what this room has: nothing to replay in order.
             # Its members are told to resubscribe (they resume with `since`).
@@ -216,10 +251,20 @@ class Sequencer:
         if upto is not None:
             changes = changes[: max(0, upto - room.last)]
         if changes:
-            items = [(protocol.Outgoing(raw), f"{room.project_id}:{room.last + 1 + i}") for i, raw in enumerate(changes)]
-            self.filled += len(items)
-            room.last += len(items)
-            self.hub.deliver_plain(room, items)
+            first = room.last + 1
+            self.filled += len(changes)
+            room.last += len(changes)
+            self._deliver(room, [(protocol.Outgoing(raw), first + i) for i, raw in enumerate(changes)])
+
+    def _deliver(self, room: "Room", changes: list[tuple[protocol.Outgoing, int]]) -> None:
+        """Changes in seq order to the room, each with the answers that stand for it."""
+        answers, project_id = room.answers, room.project_id
+        self.hub.fan_out_to(room, [(out, f"{project_id}:{seq}", answers.pop(seq, ())) for out, seq in changes])
+
+    def _answer_now(self, room: "Room", seq: int) -> None:
+        """The answers still waiting for ``seq`` (the room has it, or cannot get it)."""
+        for m, outcome in room.answers.pop(seq, ()):
+            self.hub.reply(m, outcome)
 
     async def _checker(self) -> None:
         while True:

@@ -141,7 +141,8 @@ class Session(Connection):
             return
         ref = item.get("id") if isinstance(item.get("id"), str) else None
         self.send_json(protocol.error(ProtocolError(
-            protocol.E_STORAGE_FULL, f"{why}: this was not applied; keep it and send it again after "
+            protocol.E_STORAGE_FULL, f"{why}: this was not applied now (if an earlier send was, resending gets "
+                                     f"its answer); keep it and send it again after "
                                      f"{UNREACHABLE_RETRY_AFTER} s",
             ref=ref, retry_after=UNREACHABLE_RETRY_AFTER)))
 

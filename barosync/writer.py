@@ -109,6 +109,11 @@ class Writer:
         self._write_lock = trio.Lock()
         self.batches = 0
         self.committed = 0
+        # Commits begun and answered (handed to on_batch, or refused). A change read
+        # from the log may be this node's, committed but not yet answered: the room's
+        # sequencer waits for ``answered()`` before delivering it (sequencer.py).
+        self._begun = 0
+        self._ended = 0
         # Why writes are refused with storage_full right now (None: they are not).
         self.degraded: str | None = None
         self.degraded_since = 0.0  # trio clock
@@ -131,18 +136,19 @@ class Writer:
         """Answer every mutation of ``batch`` that it was not stored (or, for a retry
         of one stored before, with its original answer)."""
         answers: list[dict[str, Any] | None] = [None] * len(batch)
+        known = True  # whether a missing answer means "never stored"
         if self.failure is None:
             # A retry of a change stored before the disk filled still gets its answer.
             try:
                 answers = await self._read(self._previous_answers, batch)
             except self.store.faults:
-                pass  # the database is what is unreachable
-        self._on_batch([(m, self._refusal(m, answer)) for m, answer in zip(batch, answers)])
+                known = False  # the database is what is unreachable
+        self._on_batch([(m, self._refusal(m, answer, known=known)) for m, answer in zip(batch, answers)])
 
     def _previous_answers(self, batch: list[Mutation]) -> list[dict[str, Any] | None]:
         return [self.store.previous_answer(m.user_id, m.envelope_id) for m in batch]
 
-    def _refusal(self, m: Mutation, answer: dict[str, Any] | None) -> Outcome:
+    def _refusal(self, m: Mutation, answer: dict[str, Any] | None, *, known: bool = True) -> Outcome:
         if self.failure is None:
             if answer is not None:
                 return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
@@ -155,9 +161,13 @@ class Writer:
                 ref=m.envelope_id, retry_after=FAILED_RETRY_AFTER)
         else:
             what = "unavailable" if self.store.kind == "postgresql" else "full"
+            # Without the idempotency table this may be a retry of a stored change:
+            # resending it is still right (it is applied once), "not stored" is not.
+            stored = ("this was not applied now (if an earlier send was, resending gets its answer)" if not known
+                      else "this change was not stored")
             error = ProtocolError(
                 protocol.E_STORAGE_FULL,
-                f"server storage {what} ({self.degraded}); this change was not stored: keep it and send it again "
+                f"server storage {what} ({self.degraded}); {stored}: keep it and send it again "
                 f"after {SPACE_PROBE_INTERVAL:g} s",
                 ref=m.envelope_id, retry_after=SPACE_PROBE_INTERVAL)
         return Outcome("error", m.project_id, error=error)
@@ -228,12 +238,21 @@ class Writer:
                 self._fault(e)
                 return 0
 
+    async def answered(self) -> None:
+        """Until every commit begun so far has been answered: what a read of the log
+        finds of this node's commits has then reached ``on_batch``."""
+        begun = self._begun
+        while self._ended < begun:
+            await self._batch_done.wait()
+
     async def _commit(self, batch: list[Mutation]) -> None:
         self.busy_projects = {m.project_id for m in batch}
+        self._begun += 1
         try:
             async with self._write_lock:
                 await self._commit_locked(batch)
         finally:
+            self._ended += 1
             self.busy_projects = set()
             self._batch_done.set()
             self._batch_done = trio.Event()

@@ -179,6 +179,31 @@ async def test_writes_refused_while_postgres_is_away_do_not_stall_the_loop(pg_ap
     assert refused["payload"]["ref"] == msg_id and refused["payload"]["code"] == "storage_full"
 
 
+async def test_a_retry_refused_while_postgres_is_away_is_not_told_it_was_never_stored(
+        pg_app: Any, nursery: trio.Nursery) -> None:
+    """With writes refused and the idempotency table unreadable, the server cannot
+    tell a retry of a stored change from a new one: it says to send it again (which
+    is right either way), not that it was never stored."""
+    import psycopg
+
+    alice = await open_client(nursery, pg_app, token("alice"))
+    first = await alice.request("event:create", event_payload(), id="stored-1")
+    assert first["type"] == "ack"
+    store = pg_app.store
+
+    def away(*args: Any) -> Any:
+        raise psycopg.OperationalError("still away (test)")
+
+    store.probe_space = away
+    store.previous_answer = away
+    pg_app.writer.degraded = "PostgreSQL unreachable (test)"
+    refused = await alice.request("event:create", event_payload(), id="stored-1")
+    assert refused["type"] == "error" and refused["payload"]["code"] == "storage_full"
+    message = refused["payload"]["message"]
+    assert "not stored" not in message and "if an earlier send was, resending gets its answer" in message
+    assert refused["payload"]["retryAfter"] > 0
+
+
 async def test_a_join_the_log_cannot_complete_closes_the_subscriber_to_resume(pg_app: Any, nursery: trio.Nursery) -> None:
     """The newcomer's read missed changes and the log is unreachable when the room's
     sequencer reads them: the subscriber is closed with 4008 (resume with since), not
@@ -268,3 +293,94 @@ async def test_reads_of_an_unreachable_log_get_what_clients_retry(pg_app: Any, n
     store.replay = replay
     again = await open_client(nursery, pg_app, token("bob"))
     assert (await again.subscribe("p1", since=0))["payload"]["seq"] == 1
+
+
+async def test_a_writer_gets_its_ack_in_place_of_its_change_when_a_newcomers_read_finds_it_first(
+        pg_app: Any, nursery: trio.Nursery) -> None:
+    """A commit is durable before its worker thread returns. A newcomer's read finds it
+    in that moment, and the room's sequencer brings the room up to what the newcomer
+    read: the writer gets its ack in the change's place, never `event:created` too."""
+    writer = await open_client(nursery, pg_app, token("alice"))
+    await writer.subscribe("p1")
+    await writer.create("p1")
+    store = pg_app.store
+    replay, commit_batch = store.replay, store.commit_batch
+    read_gate, commit_gate = Gate(), Gate()
+    held: list[str] = []
+
+    def held_replay(*args: Any, **kwargs: Any) -> Any:
+        if not held:
+            held.append("read")
+            read_gate.hold()  # the writer's commit lands before this read
+        return replay(*args, **kwargs)
+
+    def held_commit(batch: Any) -> Any:
+        outcomes = commit_batch(batch)
+        commit_gate.hold()  # durable, not yet answered
+        return outcomes
+
+    store.replay = held_replay
+    late = await open_client(nursery, pg_app, token("bob"))
+    subscribed: dict[str, Any] = {}
+
+    async def subscribe() -> None:
+        subscribed["ack"] = await late.subscribe("p1", since=1)
+
+    nursery.start_soon(subscribe)
+    await read_gate.reached.wait()
+    store.commit_batch = held_commit
+    msg_id = await writer.send("event:create", event_payload())
+    await commit_gate.reached.wait()
+    store.commit_batch = commit_batch
+    try:
+        read_gate.release()
+        with trio.fail_after(10):
+            while "ack" not in subscribed:
+                await trio.sleep(0.01)
+        assert subscribed["ack"]["payload"]["seq"] == 2  # the read found the writer's commit
+        assert (await late.recv_type("event:created"))["seq"] == 2
+        with trio.move_on_after(0.5):  # the room is brought up to seq 2 now, or waits
+            early = await writer.recv_type("event:created", "ack")
+            pytest.fail(f"the writer got {early} before its commit was answered")
+    finally:
+        commit_gate.release()
+    answer = await writer.recv_type("event:created", "ack", timeout=10)
+    assert answer["type"] == "ack" and answer["id"] == msg_id and answer["payload"]["seq"] == 2
+    await late.create("p1")
+    assert (await writer.recv_type("event:created", "ack"))["seq"] == 3  # seq 2 never came as a change
+
+
+async def test_a_retry_through_another_node_is_answered_in_its_place_in_the_stream(
+        nursery: trio.Nursery, tmp_path: Path, postgres: Postgres, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create went through node A and its answer was lost; the client, subscribed on
+    node B, sends the same envelope again. Its answer names a seq node B's room has
+    not delivered yet: it comes after every earlier seq, in that seq's place (a client
+    that tracks seqs sees no gap and no duplicate)."""
+    from barosync import sequencer
+
+    monkeypatch.setattr(sequencer, "CHECK_INTERVAL", 600.0)  # B hears of A's commits only through the retry
+    dsn = postgres.new_database()
+    node_a = await nursery.start(serve, make_config(tmp_path / "a", cluster_postgres=dsn))
+    node_b = await nursery.start(serve, make_config(tmp_path / "b", cluster_postgres=dsn))
+    try:
+        alice_b = await open_client(nursery, node_b, token("alice"))
+        await alice_b.subscribe("p1")
+        bob_a = await open_client(nursery, node_a, token("bob"))
+        alice_a = await open_client(nursery, node_a, token("alice"))
+        await bob_a.create("p1")  # seq 1
+        first = await alice_a.request("event:create", event_payload(title="lost answer"), id="offline-1")
+        assert first["payload"]["seq"] == 2
+        await alice_b.send("event:create", event_payload(title="lost answer"), id="offline-1")
+        got = []
+        with trio.fail_after(10):
+            while not (got and got[-1]["type"] == "ack"):
+                got.append(await alice_b.recv_type("event:created", "ack", timeout=10))
+        assert [(m["type"], m["seq"] if m["type"] != "ack" else m["payload"]["seq"]) for m in got] == [
+            ("event:created", 1), ("ack", 2)]
+        assert got[-1]["id"] == "offline-1" and got[-1]["payload"] == first["payload"]
+        bob_b = await open_client(nursery, node_b, token("bob"))
+        await bob_b.create("p1")
+        assert (await alice_b.recv_type("event:created", "ack"))["seq"] == 3  # seq 2 never came as a change
+    finally:
+        node_a.stop()
+        node_b.stop()
