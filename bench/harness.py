@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "snapshot": ("snapshot", {}),
     # load held, nothing lost (each starts, restarts and kills its own server)
     "storm": ("storm", {}),
+    # the same clients over three nodes on PostgreSQL + Redis, moving between them,
+    # through a node's kill -9, a Redis restart and a PostgreSQL crash
+    "cluster_storm": ("cluster_storm", {}),
     "hostile": ("hostile", {}),
     # CalDAV sync beside Radicale (bench/caldav_sync.py runs both servers)
     "caldav": ("caldav", {}),
@@ -100,6 +103,8 @@ TARGETS = {
     ("cursors", "server_cpu_pct"): ("<", 95.0, "< 100 % (>= 95 saturated)"),
     ("cursors", "throttle_held"): ("==", True, "<= 20/s per mover"),
     ("storm", "nothing_lost"): ("==", True, "0 gaps/dups/lost, all converged"),
+    ("cluster_storm", "nothing_lost"): ("==", True, "0 gaps/dups/lost, all converged, nodes agree"),
+    ("cluster_storm", "presence_in_window"): ("==", True, "<= 11 s (docs/cluster.md)"),
     ("hostile", "crashes"): ("==", 0, "0"),
 }
 

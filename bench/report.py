@@ -38,6 +38,11 @@ def headline(sc: str, r: dict) -> str:
         return (f"{r['converged']}/{r['clients']} converged, {r['gaps']} gaps, {r['duplicates']} duplicates, "
                 f"{r['lost']} lost, {r['applied_twice']} applied twice, {r['acked_mutations']} acked, "
                 f"{r['resent']} resent")
+    if sc == "cluster_storm":
+        return (f"{r['converged']}/{r['clients']} converged over {r['nodes']} nodes, {r['gaps']} gaps, "
+                f"{r['duplicates']} duplicates, {r['own_echoes']} own echoes, {r['lost']} lost, "
+                f"{r['applied_twice']} applied twice, nodes agree {r['nodes_agree']}, "
+                f"killed node's users gone after {fmt(r['presence_gone_s'])} s")
     if sc == "caldav":
         b, p = r["barosync"], r["radicale"]
         return (f"first full sync of {r['events']:,}: {fmt(b['full_seconds'])} s (Radicale {fmt(p['full_seconds'])} s), "
@@ -147,11 +152,29 @@ ROWS = [
     ("storm", "restart_recover_s", "all back after a restart (s, worst)"),
     ("storm", "gaps", "gaps"),
     ("storm", "duplicates", "duplicates"),
+    ("storm", "own_echoes", "own change sent to its writer"),
     ("storm", "lost", "acked changes lost"),
     ("storm", "applied_twice", "mutations applied twice"),
     ("storm", "converged", "clients converged"),
     ("storm", "nothing_lost", "nothing lost"),
     ("storm", "rss_growth_mb", "server RSS growth (MB)"),
+    ("cluster_storm", "acked_mutations", "mutations acked (3 nodes)"),
+    ("cluster_storm", "resent", "  resent, through another node"),
+    ("cluster_storm", "refused", "  refused (PostgreSQL away), resent"),
+    ("cluster_storm", "reconnects", "reconnects (each to the next node)"),
+    ("cluster_storm", "recover_worst_s", "all back after each step (s, worst)"),
+    ("cluster_storm", "gaps", "gaps"),
+    ("cluster_storm", "duplicates", "duplicates"),
+    ("cluster_storm", "own_echoes", "own change sent to its writer"),
+    ("cluster_storm", "lost", "acked changes lost"),
+    ("cluster_storm", "applied_twice", "mutations applied twice"),
+    ("cluster_storm", "converged", "clients converged"),
+    ("cluster_storm", "nodes_agree", "REST on every node agrees"),
+    ("cluster_storm", "snapshots_agree", "snapshots from every node agree"),
+    ("cluster_storm", "quiet_s", "converged after quiet (s)"),
+    ("cluster_storm", "presence_gone_s", "killed node's users gone after (s)"),
+    ("cluster_storm", "presence_in_window", "  within the liveness window"),
+    ("cluster_storm", "nothing_lost", "nothing lost"),
     ("caldav", "barosync.full_seconds", "first full sync (s)"),
     ("caldav", "radicale.full_seconds", "  Radicale (s)"),
     ("caldav", "full_seconds_ratio", "  barosync / Radicale"),

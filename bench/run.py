@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny run: a few clients, ~0.5 s of load per scenario")
     ap.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where to write all figures")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
+    ap.add_argument("--skip", default="", help="comma list of scenarios not to run")
     ap.add_argument("--servers", default="barosync,websockets", help="comma list of barosync,websockets")
     ap.add_argument("--fanout-clients", type=int, default=1000)
     ap.add_argument("--fanout-rate", type=float, default=20.0, help="events/s from the one writer")
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--storm-clients", type=int, default=1000)
     ap.add_argument("--storm-procs", type=int, default=4, help="load processes for the storm")
     ap.add_argument("--storm-steady", type=float, default=3.0, help="seconds of steady writing around each disruption")
+    ap.add_argument("--cluster-storm-clients", type=int, default=450, help="clients of the storm over three nodes")
+    ap.add_argument("--cluster-storm-procs", type=int, default=3, help="load processes for the cluster storm")
     ap.add_argument("--hostile-frames", type=int, default=100_000)
     ap.add_argument("--hostile-conns", type=int, default=20)
     ap.add_argument("--caldav-events", type=int, default=10_000, help="events in the CalDAV calendar")
@@ -117,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         small("storm_clients", 40)
         small("storm_procs", 2)
         small("storm_steady", 0.3)
+        small("cluster_storm_clients", 30)
+        small("cluster_storm_procs", 1)
         small("hostile_frames", 2000)
         small("hostile_conns", 4)
         small("caldav_events", 200)
@@ -126,10 +131,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         small("setup_timeout", 30.0)
         small("quiet_wait", 0.0)
         small("retry_disturbed", 0)
-    a.scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    a.scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip() and s.strip() not in skip]
     a.servers = [("websockets" if s.strip() in ("peer", "websockets") else s.strip())
                  for s in a.servers.split(",") if s.strip()]
-    for s in a.scenarios:
+    for s in [*a.scenarios, *skip]:
         if s not in SCENARIOS:
             ap.error(f"unknown scenario {s!r}")
     for s in a.servers:

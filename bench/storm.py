@@ -60,16 +60,22 @@ def log(msg: str) -> None:
 # -- one load process -----------------------------------------------------------------
 
 
-def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate: float,
-                 commands: "mp.Queue[str]", results: "mp.Queue[dict[str, Any]]") -> None:
+def load_process(n: int, procs: int, ports: list[int], secret: str, clients: int, rate: float,
+                 commands: "mp.Queue[str]", results: "mp.Queue[dict[str, Any]]", lose: float = 0.0) -> None:
+    """Clients of one load process. With several ``ports`` (nodes of one cluster) each
+    client starts on one and moves to the next at every reconnect, so its offline
+    queue is resent through another node than the one that took it. ``lose``: the
+    share of mutations after which the writer drops its connection at once, as if
+    the answer were lost on the way (it resends through the next node)."""
     import trio
     from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
     from barosync.auth import create_token
 
     random.seed(n)
-    stats = {"gaps": 0, "duplicates": 0, "reconnects": 0, "resent": 0, "errors": 0, "snapshots": 0}
-    mode = {"writing": True, "drop": 0}
+    stats = {"gaps": 0, "duplicates": 0, "own_echoes": 0, "reconnects": 0, "resent": 0, "errors": 0,
+             "refused": 0, "snapshots": 0, "answers_lost": 0}
+    mode = {"writing": True}
 
     class Member:
         def __init__(self, i: int) -> None:
@@ -84,6 +90,10 @@ def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate:
             self.pending: dict[str, dict[str, Any]] = {}  # envelope id -> message, until acked
             self.acked: dict[str, int] = {}  # envelope id -> seq
             self.mine: dict[str, int] = {}  # own event id -> version of its last acked change
+            self.resent: set[str] = set()  # envelope ids sent on more than one connection
+            self.node = k  # which of `ports` it connects to next
+            self.hang_up: Any = None  # a trio.Event: end this connection now
+            self.hung_up = False  # away because it hung up on purpose (not counted as behind)
             self.ws: Any = None
             self.live = False  # caught up with the head its last subscribe ack named
             self.target: int | None = None
@@ -96,11 +106,13 @@ def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate:
                     pass
                 self.ws = None
                 self.live = False
+                self.node += 1
                 stats["reconnects"] += 1
                 await trio.sleep(random.uniform(0.05, 1.0))  # jittered, as real clients back off
 
         async def session(self) -> None:
-            gen = mode["drop"]
+            self.hang_up = trio.Event()
+            port = ports[self.node % len(ports)]
             async with open_websocket_url(f"ws://127.0.0.1:{port}/ws?token={self.token}",
                                           max_message_size=64 << 20) as ws:
                 payload: dict[str, Any] = {"projectId": self.project, "snapshotParts": True}
@@ -109,16 +121,23 @@ def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate:
                 await ws.send_message(json.dumps({"type": "subscribe", "id": "sub-" + uuid.uuid4().hex,
                                                   "payload": payload}))
                 self.ws = ws
-                for msg in list(self.pending.values()):  # the offline queue, same envelope ids
+                self.hung_up = False
+                for envelope, msg in list(self.pending.items()):  # the offline queue, same envelope ids
                     stats["resent"] += 1
+                    self.resent.add(envelope)
                     await ws.send_message(json.dumps(msg))
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.read, ws)
-                    while mode["drop"] == gen:
-                        await trio.sleep(0.05)
+                    nursery.start_soon(self.read, ws, nursery)
+                    await self.hang_up.wait()  # every connection dropped, or an answer "lost"
                     nursery.cancel_scope.cancel()
 
-        async def read(self, ws: Any) -> None:
+        async def resend(self, ws: Any, envelope: str, after: float) -> None:
+            await trio.sleep(min(after, 5.0))
+            if envelope in self.pending and ws is self.ws:
+                stats["resent"] += 1
+                await ws.send_message(json.dumps(self.pending[envelope]))
+
+        async def read(self, ws: Any, nursery: trio.Nursery) -> None:
             parts: list[dict[str, Any]] = []
             while True:
                 msg = json.loads(await ws.get_message())
@@ -129,10 +148,16 @@ def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate:
                         self.acked[msg["id"]] = p["seq"]
                         if "event" in p:
                             self.mine[p["event"]["id"]] = p["event"]["version"]
-                            # A resent mutation's original answer may name a seq the
-                            # resume already replayed: that is the retry, not a duplicate.
                             if self.last_seq is None or p["seq"] > self.last_seq:
                                 self.apply(p["seq"], p["event"]["id"], p["event"]["version"], own=True)
+                            elif msg["id"] not in self.resent:
+                                # Sent once, on this connection: the ack is its only copy
+                                # of the change (protocol.md), so it came as a change too.
+                                stats["own_echoes"] += 1
+                                print(f"storm: {self.user} in {self.project} was sent its own seq {p['seq']} "
+                                      f"before its ack", file=sys.stderr, flush=True)
+                            # A resent mutation's original answer may name a seq the
+                            # resume already replayed: that is the retry, not a duplicate.
                     elif p.get("mode") == "changes":
                         self.target = p["seq"]
                         self.live = (self.last_seq or 0) >= self.target
@@ -140,6 +165,14 @@ def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate:
                         self.target = p["seq"]
                     continue
                 if kind == "error":
+                    ref = p.get("ref")
+                    if p.get("code") in ("storage_full", "rate_limited") and ref in self.pending:
+                        # Not applied now (the log is away): kept, sent again after
+                        # retryAfter with the same envelope id, as clients do.
+                        stats["refused"] += 1
+                        self.resent.add(ref)
+                        nursery.start_soon(self.resend, ws, ref, float(p.get("retryAfter") or 1.0))
+                        continue
                     stats["errors"] += 1
                     print(f"storm: error {p}", file=sys.stderr, flush=True)
                     continue
@@ -190,6 +223,10 @@ def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate:
                 await self.ws.send_message(json.dumps(msg))
             except Exception:
                 pass  # resent after the reconnect
+            if lose and random.random() < lose:
+                stats["answers_lost"] += 1
+                self.hung_up = True
+                self.hang_up.set()
 
     members = [Member(i) for i in range(clients)]
     writers = [m for m in members if m.writer]
@@ -211,11 +248,13 @@ def load_process(n: int, procs: int, port: int, secret: str, clients: int, rate:
                 await trio.sleep(0.05)
                 continue
             if command == "drop":
-                mode["drop"] += 1
+                for m in members:
+                    if m.hang_up is not None:
+                        m.hang_up.set()
             elif command == "stop-writing":
                 mode["writing"] = False
             elif command == "status":
-                results.put({"proc": n, "status": True, "live": sum(m.live for m in members),
+                results.put({"proc": n, "status": True, "live": sum(m.live or m.hung_up for m in members),
                              "pending": sum(len(m.pending) for m in members), **stats})
             elif command == "report":
                 results.put({"proc": n, "report": True, **stats, "clients": [
@@ -282,6 +321,41 @@ class Server:
             return {e["id"]: e["version"] for e in json.loads(r.read())["events"]}
 
 
+STAT_KEYS = ("gaps", "duplicates", "own_echoes", "reconnects", "resent", "refused", "errors", "snapshots",
+             "answers_lost")
+
+
+def summarize(reports: list[dict[str, Any]], stored: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The load processes' reports against what the server stores (project -> event
+    id -> version): nothing lost, nothing applied twice, every copy converged."""
+    members = [c for r in reports for c in r["clients"]]
+    out: dict[str, Any] = {key: sum(r[key] for r in reports) for key in STAT_KEYS}
+    converged = lost = doubled = wrong_version = 0
+    for project, events in stored.items():
+        mine = [c for c in members if c["project"] == project]
+        acked = {e for c in mine for e in c["acked_ids"]}
+        head = max((c["last_seq"] or 0) for c in mine)
+        # Each acked mutation (retries included) is one seq: nothing applied twice.
+        doubled += max(0, head - len(acked))
+        for c in mine:
+            for event_id, version in c["mine"].items():
+                if event_id not in events:
+                    lost += 1
+                elif events[event_id] != version:
+                    wrong_version += 1
+            converged += c["copy"] == events and c["last_seq"] == head
+    out.update(converged=converged, lost=lost, applied_twice=doubled, stale_versions=wrong_version,
+               still_pending=sum(c["pending"] for c in members), acked_mutations=sum(c["acked"] for c in members))
+    return out
+
+
+def sound(out: dict[str, Any]) -> bool:
+    """Every promise held: no gap, no duplicate (nor a writer sent its own change),
+    nothing lost or applied twice, every client converged."""
+    return (out["gaps"] == 0 and out["duplicates"] == 0 and out["own_echoes"] == 0 and out["lost"] == 0
+            and out["applied_twice"] == 0 and out["stale_versions"] == 0 and out["converged"] == out["clients"])
+
+
 def run(clients: int, procs: int, rate: float, steady: float = 3.0) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="barosync-storm-"))
     config = tmp / "storm.toml"
@@ -303,7 +377,7 @@ def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float, stead
     checker = create_token(secret, user_id="checker", projects="*", ttl=3600)
     commands = [mp.Queue() for _ in range(procs)]
     results: mp.Queue = mp.Queue()
-    workers = [mp.Process(target=load_process, args=(n, procs, server.port, secret, clients // procs + (n < clients % procs),
+    workers = [mp.Process(target=load_process, args=(n, procs, [server.port], secret, clients // procs + (n < clients % procs),
                                                      rate / procs, commands[n], results), daemon=True)
                for n in range(procs)]
     for w in workers:
@@ -358,29 +432,7 @@ def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float, stead
         q.put("report")
     reports = [results.get(timeout=60) for _ in commands]
     out["rss_end_kb"] = server.rss_kb()
-    members = [c for r in reports for c in r["clients"]]
-    for key in ("gaps", "duplicates", "reconnects", "resent", "errors", "snapshots"):
-        out[key] = sum(r[key] for r in reports)
-    # What the server has, per project.
-    converged = lost = doubled = wrong_version = 0
-    pending = sum(c["pending"] for c in members)
-    for p in range(PROJECTS):
-        project = f"p{p}"
-        stored = server.events(project, checker)
-        mine = [c for c in members if c["project"] == project]
-        acked = {e for c in mine for e in c["acked_ids"]}
-        head = max((c["last_seq"] or 0) for c in mine)
-        # Each acked mutation (retries included) is one seq: nothing applied twice.
-        doubled += max(0, head - len(acked))
-        for c in mine:
-            for event_id, version in c["mine"].items():
-                if event_id not in stored:
-                    lost += 1
-                elif stored[event_id] != version:
-                    wrong_version += 1
-            converged += c["copy"] == stored and c["last_seq"] == head
-    out.update(converged=converged, lost=lost, applied_twice=doubled, stale_versions=wrong_version,
-               still_pending=pending, acked_mutations=sum(c["acked"] for c in members))
+    out.update(summarize(reports, {f"p{p}": server.events(f"p{p}", checker) for p in range(PROJECTS)}))
     server.stop()
     for w in workers:
         w.join(timeout=10)
@@ -403,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     elif a.json:
         Path(a.json).write_text(text)
-    ok = out["gaps"] == 0 and out["duplicates"] == 0 and out["lost"] == 0 and out["applied_twice"] == 0 \
-        and out["converged"] == out["clients"]
+    ok = sound(out)
     log(f"{'ok' if ok else 'FAILED'}: {out['converged']}/{out['clients']} converged, {out['gaps']} gaps, "
         f"{out['duplicates']} duplicates, {out['lost']} lost, {out['applied_twice']} applied twice, "
         f"{out['acked_mutations']} mutations acked, {out['reconnects']} reconnects, {out['resent']} resent")

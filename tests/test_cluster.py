@@ -414,7 +414,8 @@ async def wait_presence(ws: WS, want: Callable[[dict[str, bool]], bool], timeout
     return seen
 
 
-async def test_presence_and_cursors_cross_nodes_and_a_killed_nodes_users_leave(live: Cluster) -> None:
+async def test_presence_and_cursors_cross_nodes(live: Cluster) -> None:
+    """(A killed node's users leaving: tests/test_cluster_storm.py, in a storm.)"""
     a, b = await start(live, "a"), await start(live, "b")
     alice = await WS.connect(a.port, token("alice", ["team"]))
     await alice.request("subscribe", {"projectId": "team"})
@@ -437,9 +438,6 @@ async def test_presence_and_cursors_cross_nodes_and_a_killed_nodes_users_leave(l
     await wait_presence(alice, lambda s: s.get("carol") is True)
     await carol.abort()
     await wait_presence(alice, lambda s: s.get("carol") is False)
-    # a is killed: alice leaves b's room once a's liveness key expires.
-    await trio.to_thread.run_sync(a.kill9)
-    await wait_presence(bob, lambda s: s.get("alice") is False, timeout=20)
 
 
 async def test_a_cursor_reaches_a_subscriber_on_the_same_node_once(live: Cluster) -> None:
