@@ -25,12 +25,16 @@ serve: $(VENV)/.installed
 # in-process server gets a second node on the same PostgreSQL log and Redis bus, and
 # clients connect to the two in turn (BAROSYNC_TEST_CLUSTER=1, tests/conftest.py).
 CLUSTER_CONFORMANCE := tests/test_server.py tests/test_rest.py tests/test_conflicts.py tests/test_snapshot.py tests/test_presence.py tests/test_client.py
+# Two pytest workers (pytest-xdist), each taking whole files: most tests wait on
+# sockets, subprocesses and the browser, so two run in about 60% of the time of one.
+# `make test PARALLEL=` runs them in one process.
+PARALLEL ?= -n 2 --dist loadfile
 
 test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null; then \
 	  echo "make: the protocol suites again, on two nodes (PostgreSQL log, Redis bus)"; \
-	  BAROSYNC_TEST_CLUSTER=1 $(BIN)/python -m pytest $(CLUSTER_CONFORMANCE) $(PYTEST_ARGS); \
+	  BAROSYNC_TEST_CLUSTER=1 $(BIN)/python -m pytest $(PARALLEL) $(CLUSTER_CONFORMANCE) $(PYTEST_ARGS); \
 	else echo "make: PostgreSQL or Redis is missing (as root: apt-get install postgresql redis-server); the cluster conformance run is skipped"; fi
 
 # TypeScript, to check barosync.d.ts against the browser client, and React 18 (its UMD
