@@ -2,11 +2,17 @@
 
 The names below are the public API for plugin authors::
 
-    from barosync import hookimpl, Problem
+    from barosync import hookimpl, Problem, Resolution, strategy
 
     @hookimpl
     def barosync_validate_mutation(operation, event):
         ...
+
+    @strategy("always_remote")
+    def always_remote(conflict):
+        return Resolution("keep")
+
+Tests of a plugin: ``barosync.testing``.
 
 See docs/plugins.md.
 """
@@ -18,6 +24,7 @@ from .config import Config  # noqa: E402
 from .plugin_types import Codec, Conflict, Resolution  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .models import Event, Identity, Problem  # noqa: E402
+from .conflicts import strategy  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -29,4 +36,5 @@ __all__ = [
     "Problem",
     "Resolution",
     "hookimpl",
+    "strategy",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, TypeVar
 
@@ -23,7 +22,7 @@ from .codecs import DEFAULT_CODEC
 from .config import Config, ConfigError
 from .hub import Hub, Subscriber
 from .models import Identity, identity_problem
-from .plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_names
+from .plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_resolvers
 from .ratelimit import Limiter
 from .reads import Reads
 from .roles import Bus, LogStore
@@ -42,19 +41,28 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pm = build_plugin_manager(config)
-        check_strategies(config, strategy_names(self.pm))
+        strategies = strategy_resolvers(self.pm)
+        check_strategies(config, list(strategies))
+        self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
+        if DEFAULT_CODEC not in self.codecs:
+            raise PluginError(f"no plugin provides the {DEFAULT_CODEC!r} wire codec every browser client needs (is 'codecs' in [plugins] disable?)")
         if config.cluster_postgres:
             from .pg_store import PgStore  # psycopg is needed only for a cluster
 
             self.store: LogStore = PgStore(config.cluster_postgres, hook=self.pm.hook, config=config)
         else:
             self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
+        self.store.strategies = strategies
+        try:
+            self._build(config)
+        except BaseException:
+            self.store.close()  # a failed start leaves no environment open in the process
+            raise
+
+    def _build(self, config: Config) -> None:
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
         # Store reads from the event loop: ``await app.read(app.store.snapshot, p)``.
         self.read = Reads(self.store)
-        self.codecs = {c.name: c for found in self.pm.hook.barosync_wire_codecs() for c in (found or [])}
-        if DEFAULT_CODEC not in self.codecs:
-            raise PluginError(f"no plugin provides the {DEFAULT_CODEC!r} wire codec every browser client needs (is 'codecs' in [plugins] disable?)")
         # Known once: plugins do not change while the server runs.
         self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
@@ -73,9 +81,7 @@ class App:
             except OSError as e:
                 raise ConfigError(config.source, "[cluster] redis",
                                   f"cannot connect to Redis: {e}; start it, or check the URL") from None
-            self.bus = self.hub.bus = RedisBus(config.cluster_redis, hub=self.hub, writer=self.writer)
-            # Test hook (tests/test_cluster.py): a node that dies between commit and publish.
-            self.bus.drop_publishes = os.environ.get("BAROSYNC_TEST_SKIP_PUBLISH") == "1"
+            self.bus = self.hub.bus = RedisBus(config.cluster_redis, hub=self.hub)
         # Set when storage failed: the server closes every connection with 1011 and stops.
         self.failure: str | None = None
         # Open WebSocket connections (the transport adds and removes them).

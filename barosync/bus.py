@@ -27,7 +27,7 @@ import math
 import socket
 import uuid
 from urllib.parse import urlsplit
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
 import trio
@@ -35,7 +35,6 @@ import trio
 
 if TYPE_CHECKING:
     from .hub import Hub
-    from .writer import Writer
 
 log = logging.getLogger("barosync.bus")
 
@@ -77,10 +76,9 @@ def _split(name: str) -> tuple[str, str]:
 
 
 class RedisBus:
-    def __init__(self, url: str, *, hub: "Hub", writer: "Writer") -> None:
+    def __init__(self, url: str, *, hub: "Hub") -> None:
         self.url = url
         self.hub = hub
-        self.writer = writer
         self._send, self._receive = trio.open_memory_channel[tuple[str, tuple]](PUBLISH_QUEUE)
         self.node_id = uuid.uuid4().hex[:12]
         # project -> users present here, as written to Redis (forget() removes them all)
@@ -124,10 +122,13 @@ class RedisBus:
     def room_opened(self, project_id: str) -> None:
         """A first local subscriber: learn who is present elsewhere now, not at the
         next check."""
+        self._reconcile_soon(project_id)
+
+    def _reconcile_soon(self, project_id: str) -> None:
         try:
             self._reconcile_send.send_nowait(project_id)
         except trio.WouldBlock:
-            pass
+            pass  # a full queue: the next round (CHECK_INTERVAL) reconciles it
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -152,7 +153,10 @@ class RedisBus:
 
         return coredis.Redis.from_url(self.url)
 
-    async def _publisher(self) -> None:
+    async def _with_redis(self, what: str, body: "Callable[[Any], Awaitable[None]]", *,
+                          on_error: "Callable[[], None] | None" = None) -> None:
+        """Run ``body`` on a connected client, for ever: after a failure, reconnect
+        with backoff (0.1 s doubling to RECONNECT_MAX). Every Redis task uses this."""
         delay = 0.1
         while True:
             try:
@@ -160,93 +164,87 @@ class RedisBus:
                 async with client:
                     await client.ping()
                     delay = 0.1
-                    async for command, args in self._receive:
-                        await getattr(client, command)(*args)
-                        if command == "publish" and args[0].endswith(":changes"):
-                            self.published += 1
-            except Exception as e:  # Redis away: what is not published, the checks find in the log
-                log.warning("publishing to Redis failed (%s); retrying in %.1f s", e, delay)
+                    await body(client)
+            except Exception as e:
+                if on_error is not None:
+                    on_error()
+                log.warning("%s on Redis failed (%s); retrying in %.1f s", what, e, delay)
                 await trio.sleep(delay)
                 delay = min(RECONNECT_MAX, delay * 2)
 
+    async def _publisher(self) -> None:
+        async def publish(client: Any) -> None:
+            async for command, args in self._receive:
+                await getattr(client, command)(*args)
+                if command == "publish" and args[0].endswith(":changes"):
+                    self.published += 1
+
+        # Redis away: what is not published, the others' checks find in the log.
+        await self._with_redis("publishing", publish)
+
     async def _subscriber(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                client = self._client()
-                async with client:
-                    async with client.pubsub(patterns=[PATTERN]) as pubsub:
-                        self.connected = True
-                        delay = 0.1
-                        log.info("listening for other nodes' changes on Redis")
-                        # (Re)subscribed: whatever passed meanwhile comes from the log.
-                        self.hub.sequencer.check_all()
-                        async for message in pubsub:
-                            if not message or message.get("type") != "pmessage":
-                                continue
-                            project_id, kind = _split(message["channel"].decode())
-                            if kind == "changes":
-                                self.received += 1
-                                # A local commit of this project may be durable and not
-                                # yet fanned out: let it go first, so its sender gets an ack.
-                                await self.writer.wait_idle(project_id)
-                                self.hub.sequencer.remote(project_id, message["data"])
-                            elif kind == "presence" and message["data"] != self.node_id.encode():
-                                if project_id in self.hub.rooms:
-                                    await self._reconcile(client, project_id)
-                            elif kind == "cursors":
-                                node, _, data = message["data"].partition(b"|")
-                                if node != self.node_id.encode():  # our own came back: delivered already
-                                    self.hub.remote_cursors(project_id, orjson.loads(data))
-            except Exception as e:
-                self.connected = False
-                log.warning("listening on Redis failed (%s); retrying in %.1f s", e, delay)
-                await trio.sleep(delay)
-                delay = min(RECONNECT_MAX, delay * 2)
+        """Other nodes' messages. Nothing here awaits per message: changes go to
+        their room's sequencer (which orders them with this node's commits), presence
+        news to the reconciler's queue, so no project waits behind another."""
+        def lost() -> None:
+            self.connected = False
+
+        async def listen(client: Any) -> None:
+            async with client.pubsub(patterns=[PATTERN]) as pubsub:
+                self.connected = True
+                log.info("listening for other nodes' changes on Redis")
+                # (Re)subscribed: whatever passed meanwhile comes from the log.
+                self.hub.sequencer.check_all()
+                async for message in pubsub:
+                    if not message or message.get("type") != "pmessage":
+                        continue
+                    project_id, kind = _split(message["channel"].decode())
+                    if kind == "changes":
+                        self.received += 1
+                        self.hub.sequencer.remote(project_id, message["data"])
+                    elif kind == "presence" and message["data"] != self.node_id.encode():
+                        if project_id in self.hub.rooms:
+                            self._reconcile_soon(project_id)  # by the reconciler's task
+                    elif kind == "cursors":
+                        node, _, data = message["data"].partition(b"|")
+                        if node != self.node_id.encode():  # our own came back: delivered already
+                            self.hub.remote_cursors(project_id, orjson.loads(data))
+
+        await self._with_redis("listening", listen, on_error=lost)
 
     async def _presence_rounds(self) -> None:
         """Every CHECK_INTERVAL: presence against the hashes, on a Redis connection
         kept between rounds."""
-        while True:
-            try:
-                client = self._client()
-                async with client:
-                    while True:
-                        await trio.sleep(CHECK_INTERVAL)
-                        for project_id in list(self.hub.rooms):
-                            await self._reconcile(client, project_id)
-            except Exception as e:
-                log.debug("presence check on Redis failed (%s); trying again", e)
+        async def rounds(client: Any) -> None:
+            while True:
+                await trio.sleep(CHECK_INTERVAL)
+                for project_id in list(self.hub.rooms):
+                    await self._reconcile(client, project_id)
+
+        await self._with_redis("the presence check", rounds)
 
     async def _reconciler(self) -> None:
-        """Rooms just opened: who is present elsewhere, at once."""
-        while True:
-            try:
-                client = self._client()
-                async with client:
-                    async for project_id in self._reconcile_receive:
-                        await self._reconcile(client, project_id)
-            except Exception as e:
-                log.debug("presence from Redis failed (%s); trying again", e)
-                await trio.sleep(RENEW_INTERVAL)
+        """Rooms just opened, and presence news from other nodes: who is present
+        elsewhere, at once."""
+        async def reconcile(client: Any) -> None:
+            async for project_id in self._reconcile_receive:
+                await self._reconcile(client, project_id)
+
+        await self._with_redis("reading presence", reconcile)
 
     async def _liveness(self) -> None:
         """This node's liveness key, renewed; its presence entries are rewritten after
         Redis came back empty."""
-        while True:
-            try:
-                client = self._client()
-                async with client:
-                    while True:
-                        fresh = await client.set(f"barosync:node:{self.node_id}", b"1", ex=NODE_TTL, get=True)
-                        if fresh is None:  # new, or Redis lost it: say again who is here
-                            for room in list(self.hub.rooms.values()):
-                                for presence in room.users.values():
-                                    self.present(room.project_id, presence.user_id, presence.info)
-                        await trio.sleep(RENEW_INTERVAL)
-            except Exception as e:
-                log.debug("renewing the liveness key failed: %s", e)
+        async def renew(client: Any) -> None:
+            while True:
+                fresh = await client.set(f"barosync:node:{self.node_id}", b"1", ex=NODE_TTL, get=True)
+                if fresh is None:  # new, or Redis lost it: say again who is here
+                    for room in list(self.hub.rooms.values()):
+                        for presence in room.users.values():
+                            self.present(room.project_id, presence.user_id, presence.info)
                 await trio.sleep(RENEW_INTERVAL)
+
+        await self._with_redis("renewing the liveness key", renew)
 
     async def _reconcile(self, client: Any, project_id: str) -> None:
         """Other nodes' users present in a project, from its hash; entries of nodes

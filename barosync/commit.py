@@ -100,6 +100,9 @@ class Commits:
 
     # Errors of the storage itself (writer.py sorts them: degrade or stop).
     faults: tuple[type[BaseException], ...] = (lmdb.Error, OSError)
+    # Strategy name -> the resolver of the plugin providing it (set by the app from
+    # plugins.strategy_resolvers); None asks the hook as a whole.
+    strategies: "dict[str, Any] | None" = None
 
     if TYPE_CHECKING:
         env: lmdb.Environment
@@ -204,7 +207,7 @@ class Commits:
         tiebreak_name = self.config.merge_tiebreak
 
         def tiebreak(c: Conflict) -> Resolution | None:
-            return self.hook.barosync_resolve_conflict(strategy=tiebreak_name, conflict=c)
+            return self._resolve(tiebreak_name, c)
 
         conflict = Conflict(
             operation=m.kind,  # type: ignore[arg-type]
@@ -216,10 +219,12 @@ class Commits:
             remote_time=remote_time,
             user_id=m.user_id,
             merge_tiebreak=tiebreak_name,
+            project_id=m.project_id,
+            event_id=m.event_id,
             tiebreak=tiebreak,
         )
         strategy = self.config.strategy_for(m.project_id)
-        resolution = self.hook.barosync_resolve_conflict(strategy=strategy, conflict=conflict)
+        resolution = self._resolve(strategy, conflict)
         if resolution is None:
             resolution = Resolution("keep", fields=changed_by_client(conflict), manual=True)
         info: dict[str, Any] = {
@@ -259,6 +264,14 @@ class Commits:
             info["resolved"] = outcome.answer.get("event") if outcome.answer else None
             outcome.conflict = info
         return outcome
+
+    def _resolve(self, strategy: str, conflict: Conflict) -> Resolution | None:
+        """Ask only the plugin that provides ``strategy`` (plugins.strategy_resolvers)."""
+        resolvers = self.strategies
+        if resolvers is None:
+            return self.hook.barosync_resolve_conflict(strategy=strategy, conflict=conflict)
+        ask = resolvers.get(strategy)
+        return ask(strategy=strategy, conflict=conflict) if ask is not None else None
 
     def _last_change(self, txn: lmdb.Transaction, project_id: str, event_id: str) -> tuple[int, int]:
         """The latest version of an event and when it was written (ms), from history."""

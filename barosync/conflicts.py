@@ -12,6 +12,8 @@ be synchronous, quick, and do no IO.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .hookspecs import hookimpl
 from .models import CLIENT_FIELDS, ValidationError, check_dates
 from .recurrence import check_expandable
@@ -123,12 +125,17 @@ STRATEGY_FUNCTIONS = {
 
 
 class Strategy:
-    """A built-in strategy as an ordinary plugin: the same hooks a third-party
-    strategy implements."""
+    """One named conflict strategy as a plugin: the two hooks every strategy
+    implements, from one function. The plugin loader registers each ``Strategy``
+    found at the top level of a plugin module (plugins.py), so ``@strategy`` is all
+    a plugin file needs; the built-ins are four of them."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, resolve: "Callable[[Conflict], Resolution | None]") -> None:
         self.name = name
-        self._resolve = STRATEGY_FUNCTIONS[name]
+        self.resolve = resolve
+
+    def __repr__(self) -> str:
+        return f"<strategy {self.name!r}>"
 
     @hookimpl
     def barosync_conflict_strategies(self) -> list[str]:
@@ -138,10 +145,29 @@ class Strategy:
     def barosync_resolve_conflict(self, strategy: str, conflict: Conflict) -> Resolution | None:
         if strategy != self.name:
             return None
-        return self._resolve(conflict)
+        return self.resolve(conflict)
 
 
-LAST_WRITE_WINS = Strategy("last_write_wins")
-FIRST_WRITE_WINS = Strategy("first_write_wins")
-MERGE = Strategy("merge")
-MANUAL = Strategy("manual")
+def strategy(name: str) -> "Callable[[Callable[[Conflict], Resolution | None]], Strategy]":
+    """Make a function ``(Conflict) -> Resolution | None`` the conflict strategy
+    ``name`` (``from barosync import strategy``)::
+
+        @strategy("always_remote")
+        def always_remote(conflict):
+            return Resolution("keep", fields=tuple(conflict.changes))
+
+    It is asked only about conflicts in projects configured with ``name``; None
+    leaves the conflict to the sender, as ``manual`` does."""
+    if not isinstance(name, str) or not name:
+        raise TypeError("@strategy needs the strategy's name, e.g. @strategy(\"always_remote\")")
+
+    def make(resolve: "Callable[[Conflict], Resolution | None]") -> Strategy:
+        return Strategy(name, resolve)
+
+    return make
+
+
+LAST_WRITE_WINS = Strategy("last_write_wins", last_write_wins)
+FIRST_WRITE_WINS = Strategy("first_write_wins", first_write_wins)
+MERGE = Strategy("merge", merge)
+MANUAL = Strategy("manual", manual)

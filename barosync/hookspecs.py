@@ -3,7 +3,9 @@
 Every hook may be implemented by any number of plugins; the built-in behaviour is
 itself a set of ordinary plugins (see ``barosync.plugins.DEFAULT_PLUGINS``).
 Hooks marked ``firstresult`` stop at the first plugin that returns something other
-than None. Hooks are called on the server's event loop and must not block.
+than None. Most hooks are called on the server's event loop and must not block;
+the write-path hooks (``barosync_resolve_conflict``, ``barosync_validate_mutation``)
+run in the writer's thread inside the write transaction: synchronous, quick, no IO.
 """
 
 from __future__ import annotations

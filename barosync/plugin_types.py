@@ -50,6 +50,8 @@ class Conflict:
     remote_time: int  # when the stored version was written (ms)
     user_id: str
     merge_tiebreak: str = DEFAULT_TIEBREAK
+    project_id: str = ""  # the project the event is in
+    event_id: str = ""  # the event's id
     # How the server asks the tie-break strategy (any plugin's) about clashing fields;
     # without it the built-in of that name decides.
     tiebreak: "Callable[[Conflict], Resolution | None] | None" = attrs.field(default=None, eq=False, repr=False)

@@ -22,6 +22,7 @@ import pluggy
 
 from . import hookspecs
 from .config import Config
+from .conflicts import Strategy
 
 log = logging.getLogger("barosync.plugins")
 
@@ -92,6 +93,10 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, where: str) -> N
         pm.register(plugin, name=name)
     except (ValueError, pluggy.PluginValidationError) as e:
         raise PluginError(f"{where}: {e}") from e
+    if inspect.ismodule(plugin):  # its @strategy functions are plugins of their own
+        for value in list(vars(plugin).values()):
+            if isinstance(value, Strategy) and pm.get_name(value) is None:
+                _register(pm, value, f"{name}.{value.name}", where)
     for caller in pm.get_hookcallers(plugin) or []:
         for impl in caller.get_hookimpls():
             if impl.plugin is plugin and inspect.iscoroutinefunction(impl.function) and caller.name not in ASYNC_HOOKS:
@@ -180,8 +185,22 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+def strategy_resolvers(pm: pluggy.PluginManager) -> dict[str, Any]:
+    """Each strategy name -> the ``barosync_resolve_conflict`` of the one plugin that
+    provides it, so a plugin that answers without looking at ``strategy`` cannot
+    decide other strategies' conflicts. A name provided twice is refused."""
+    found: dict[str, Any] = {}
+    for impl in pm.hook.barosync_conflict_strategies.get_hookimpls():
+        for name in impl.function() or []:
+            if name in found:
+                raise PluginError(
+                    f"conflict strategy {name!r} is provided by both {pm.get_name(found[name])!r} and "
+                    f"{pm.get_name(impl.plugin)!r}: rename one, or disable one in [plugins] disable")
+            found[name] = impl.plugin
+    others = pm.get_plugins()
+    return {name: pm.subset_hook_caller("barosync_resolve_conflict", [p for p in others if p is not provider])
+            for name, provider in found.items()}
+
+
 def strategy_names(pm: pluggy.PluginManager) -> list[str]:
-    names: list[str] = []
-    for provided in pm.hook.barosync_conflict_strategies():
-        names.extend(provided or [])
-    return names
+    return list(strategy_resolvers(pm))

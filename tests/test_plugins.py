@@ -19,6 +19,7 @@ import trio
 
 import barosync
 from barosync import hookspecs
+from barosync.app import App
 from barosync.config import Config, ConfigError
 from barosync.models import new_event
 from barosync.plugins import PluginError, build_plugin_manager, load_plugin_file, strategy_names
@@ -621,3 +622,102 @@ def _leaf(error: BaseException, kind: type[BaseException]) -> BaseException | No
             if (found := _leaf(inner, kind)) is not None:
                 return found
     return None
+
+
+# -- the plugin author's kit: @strategy, one provider per name, barosync.testing ----------
+
+
+UNGUARDED = """
+    from barosync import Resolution, hookimpl
+
+    @hookimpl
+    def barosync_conflict_strategies():
+        return ["greedy"]
+
+    @hookimpl
+    def barosync_resolve_conflict(strategy, conflict):  # forgot to look at `strategy`
+        return Resolution("keep", fields=("hijacked",))
+"""
+
+
+async def test_a_strategy_is_asked_only_about_its_own_name(tmp_path, data_dir):
+    """A plugin that answers every conflict, whatever the strategy, is not asked about
+    projects configured with another strategy (it would have decided all of them)."""
+    write_plugin(tmp_path / "plugins", "greedy", UNGUARDED)
+    async with running(data_dir, plugin_paths=(tmp_path / "plugins",), conflict_default="last_write_wins",
+                       conflict_projects={"p2": "greedy"}) as (app, nursery):
+        a = await open_client(nursery, app, token("alice", ["p1", "p2"]))
+        for project in ("p1", "p2"):
+            made = (await a.create(project, title="Base"))["payload"]["event"]
+            await a.request("event:update", {"id": made["id"], "projectId": project, "version": 1, "title": "One"})
+            stale = await a.request("event:update", {"id": made["id"], "projectId": project, "version": 1,
+                                                     "title": "Two"})
+            if project == "p1":  # last_write_wins: the stale edit is stored
+                assert stale["type"] == "ack" and stale["payload"]["event"]["title"] == "Two"
+            else:
+                assert stale["type"] == "conflict:detected" and stale["payload"]["fields"] == ["hijacked"]
+
+
+def test_a_strategy_name_provided_twice_stops_start_up_naming_both(tmp_path):
+    write_plugin(tmp_path / "plugins", "mine", """
+        from barosync import Resolution, strategy
+
+        @strategy("merge")
+        def my_merge(conflict):
+            return Resolution("keep")
+    """)
+    with pytest.raises(PluginError) as info:
+        App(Config(plugin_paths=(tmp_path / "plugins",), data_dir=tmp_path / "data", secret="s" * 32))
+    message = str(info.value)
+    assert "'merge'" in message and "'merge'" in message and "'mine.merge'" in message and "disable" in message
+
+
+def test_a_strategy_decorator_is_a_plugin_with_both_hooks(tmp_path):
+    write_plugin(tmp_path / "plugins", "two", """
+        from barosync import Resolution, strategy
+
+        @strategy("keep_all")
+        def keep_all(conflict):
+            return Resolution("keep", fields=("x",))
+
+        @strategy("delete_all")
+        def delete_all(conflict):
+            return Resolution("delete")
+    """)
+    pm = build_plugin_manager(Config(plugin_paths=(tmp_path / "plugins",)))
+    assert {"keep_all", "delete_all"} <= set(strategy_names(pm))
+    assert pm.get_plugin("two.keep_all") is not None and pm.get_plugin("two.delete_all") is not None
+    with pytest.raises(TypeError):
+        barosync.strategy(lambda c: None)  # type: ignore[arg-type]  # the name is missing
+
+
+def test_the_strategy_walkthrough_in_the_docs_runs(tmp_path):
+    """docs/plugins.md, "A conflict strategy in 15 minutes": its plugin file and its
+    tests, as written there, pass under pytest (a fresh process, as an author runs them)."""
+    text = DOCS.read_text()
+    section = text[text.index("## A conflict strategy in 15 minutes"):text.index("## Packaging a plugin")]
+    blocks = re.findall(r"```python\n(# (\S+).*?\n.*?)```", section, re.DOTALL)
+    written = {}
+    for code, path in blocks:
+        target = tmp_path / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(code)
+        written[path] = target
+    assert set(written) == {"plugins/owner_wins.py", "tests/test_owner_wins.py"}
+    (tmp_path / "pyproject.toml").write_text("[tool.pytest.ini_options]\ntrio_mode = true\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_owner_wins.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "2 passed" in done.stdout
+
+
+def test_make_conflict_gives_what_the_server_gives_a_strategy():
+    from barosync.testing import make_conflict
+
+    stored = {"id": "e1", "title": "Theirs", "startDate": "2026-01-05T09:00:00Z", "endDate": "2026-01-05T10:00:00Z"}
+    c = make_conflict(base={**stored, "title": "Base"}, changes={"title": "Mine"}, remote=stored, user_id="bob")
+    assert (c.operation, c.local["title"], c.remote["title"], c.user_id) == ("update", "Mine", "Theirs", "bob")
+    assert (c.project_id, c.event_id) == ("p1", "e1")
+    assert barosync.conflicts.merge(c).action in ("store", "keep")
+    gone = make_conflict(base=stored, remote=None, operation="delete")
+    assert gone.local is None and gone.changes == {}
