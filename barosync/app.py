@@ -30,7 +30,11 @@ from .sequencer import Sequencer
 from .store import Store
 from .writer import Writer
 
-log = logging.getLogger("barosync.app")
+log = logging.getLogger(__name__)
+# How often history past [storage] history_retention is pruned: hourly, or four
+# times per retention window when that is shorter.
+PRUNE_INTERVAL = 3600.0
+PRUNES_PER_RETENTION = 4
 
 T = TypeVar("T")
 
@@ -98,6 +102,37 @@ class App:
         self._expanding = trio.CapacityLimiter(1)
         # The inspector's previous reading of hub.committed, for changes per second.
         self.admin_sample: tuple[float, dict[str, int]] = (0.0, {})
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The core's own tasks: the writer, cursor ticks and history pruning; with
+        several nodes the rooms' sequencers and the bus. Transports start this, then
+        their listeners; ``drain`` ends the writing before they cancel it."""
+        async with trio.open_nursery() as tasks:
+            await tasks.start(self.writer.run)
+            tasks.start_soon(self.hub.run_cursors)
+            for part in (self.hub.sequencer, self.bus):
+                if part is not None:
+                    await tasks.start(part.run)
+            tasks.start_soon(self._prune_periodically)
+            task_status.started()
+
+    async def drain(self) -> None:
+        """No more mutations: returns once everything submitted is committed and answered."""
+        self.writer.close()
+        await self.writer.closed.wait()
+
+    async def _prune_periodically(self) -> None:
+        """Prune history past the retention window, now and then every PRUNE_INTERVAL
+        (or a quarter of the window when that is shorter)."""
+        interval = min(PRUNE_INTERVAL, max(1.0, self.config.history_retention / PRUNES_PER_RETENTION))
+        while True:
+            try:
+                dropped = await self.writer.prune()
+                if dropped:
+                    log.info("pruned %d changes older than the history retention", dropped)
+            except Exception:
+                log.exception("history pruning failed; will try again")
+            await trio.sleep(interval)
 
     def stop(self) -> None:
         self._stop.set()

@@ -36,7 +36,7 @@ import trio
 if TYPE_CHECKING:
     from .hub import Hub
 
-log = logging.getLogger("barosync.bus")
+log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0  # seconds between comparisons of presence with the Redis hashes
 RECONNECT_MAX = 5.0  # seconds between attempts to reach Redis, at most

@@ -44,7 +44,7 @@ from .caldav_writes import ICS, XML, Answer, Fail, Writes, etag
 if TYPE_CHECKING:
     from .app import App
 
-log = logging.getLogger("barosync.caldav")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from .models import CLIENT_FIELDS, Event, ValidationError, apply_changes, event_
 if TYPE_CHECKING:
     from .config import Config
 
-log = logging.getLogger("barosync.store")
+log = logging.getLogger(__name__)
 _bugs = BugLog(log)
 
 _U64 = struct.Struct(">Q")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .plugin_types import Codec
     from .poller import ReadPoller
 
-log = logging.getLogger("barosync.session")
+log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 64 * 1024
 # Messages, and bytes of them, the poller may queue for a connection before it stops

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .models import Identity
     from .roles import Bus
 
-log = logging.getLogger("barosync.hub")
+log = logging.getLogger(__name__)
 
 DEFAULT_CURSOR_RATE = 20.0
 # Cursor ticks per per-user interval: more ticks, lower latency, more writes.

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .models import Identity
     from .plugin_types import Codec
 
-log = logging.getLogger("barosync.session")
+log = logging.getLogger(__name__)
 
 # Unacked server messages remembered per connection; beyond it the oldest are
 # forgotten (and counted), so a client that never acks cannot grow memory.

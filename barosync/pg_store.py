@@ -43,7 +43,9 @@ from .commit import Commits, Mutation, Outcome, change_message
 from .config import Config, ConfigError
 from .models import ValidationError, apply_changes, event_from_wire, event_to_wire
 
-log = logging.getLogger("barosync.pg_store")
+log = logging.getLogger(__name__)
+# Changes fetched per round trip while a catch-up pages through the log.
+REPLAY_BATCH = 256
 
 SCHEMA_VERSION = 2
 CONNECT_TIMEOUT = 5  # seconds
@@ -72,6 +74,7 @@ CREATE TABLE IF NOT EXISTS barosync_changelog (project text NOT NULL, seq bigint
 CREATE INDEX IF NOT EXISTS barosync_changelog_event_versions ON barosync_changelog (project, event_id, version);
 CREATE TABLE IF NOT EXISTS barosync_idem (user_id text NOT NULL, envelope_id text NOT NULL, project text NOT NULL,
     seq bigint, answer bytea NOT NULL, PRIMARY KEY (user_id, envelope_id));
+CREATE INDEX IF NOT EXISTS barosync_idem_by_seq ON barosync_idem (project, seq);
 """
 
 
@@ -250,19 +253,23 @@ class PgStore(Commits):
                     return None
                 if since == last:
                     return [], True
-                rows = conn.execute("SELECT seq, change FROM barosync_changelog WHERE project = %s AND seq > %s "
-                                    "ORDER BY seq", (project_id, since)).fetchall()
-        out: list[bytes] = []
-        expected = since + 1
-        size = 0
-        for seq, change in rows:
-            if seq != expected:
-                return None
-            if out and max_bytes is not None and size + len(change) > max_bytes:
-                return out, False
-            size += len(change)
-            out.append(bytes(change))
-            expected += 1
+                # A server-side cursor: a page of a long backlog reads that page (and
+                # at most one batch more), not the whole rest of the backlog each time.
+                with conn.cursor(name="barosync_replay") as rows:
+                    rows.itersize = REPLAY_BATCH
+                    rows.execute("SELECT seq, change FROM barosync_changelog WHERE project = %s AND seq > %s "
+                                 "ORDER BY seq", (project_id, since))
+                    out: list[bytes] = []
+                    expected = since + 1
+                    size = 0
+                    for seq, change in rows:
+                        if seq != expected:
+                            return None
+                        if out and max_bytes is not None and size + len(change) > max_bytes:
+                            return out, False
+                        size += len(change)
+                        out.append(bytes(change))
+                        expected += 1
         return (out, True) if expected == last + 1 else None
 
     def first_kept_seq(self, project_id: str) -> int | None:
@@ -472,7 +479,8 @@ class PgStore(Commits):
         return len(rows)
 
     def prune(self, *, now_ms: int, limit: int = 100_000) -> int:
-        """``history_retention`` for the changelog (idempotency records are kept)."""
+        """``history_retention``: changes older than it go, and the idempotency
+        records that answered for them (as LMDB's do)."""
         cutoff = now_ms - int(self.config.history_retention * 1000)
         conn = self._writer()
         dropped = 0
@@ -484,6 +492,7 @@ class PgStore(Commits):
                         (cutoff,)).fetchall():
                     cur.execute("SELECT 1 FROM barosync_heads WHERE project = %s FOR UPDATE", (project,))
                     dropped += self._forget(cur, project, seq)
+                    cur.execute("DELETE FROM barosync_idem WHERE project = %s AND seq <= %s", (project, seq))
                     if dropped >= limit:
                         break
         except psycopg.OperationalError:

@@ -24,7 +24,7 @@ from . import hookspecs
 from .config import Config
 from .conflicts import Strategy
 
-log = logging.getLogger("barosync.plugins")
+log = logging.getLogger(__name__)
 
 # (name, module, attribute or None for the module itself)
 DEFAULT_PLUGINS: tuple[tuple[str, str, str | None], ...] = (

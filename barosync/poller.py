@@ -24,7 +24,7 @@ from typing import Protocol
 
 import trio
 
-log = logging.getLogger("barosync.poller")
+log = logging.getLogger(__name__)
 
 # Ready sockets handled per wake-up before yielding to other tasks.
 MAX_EVENTS = 1024

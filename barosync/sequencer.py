@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from .roles import LogStore
     from .store import Mutation, Outcome
 
-log = logging.getLogger("barosync.sequencer")
+log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0  # seconds between comparisons of every room with the log's head
 

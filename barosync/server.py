@@ -31,7 +31,7 @@ from .poller import ReadPoller
 from .session import Session
 from .writer import StorageError
 
-log = logging.getLogger("barosync.server")
+log = logging.getLogger(__name__)
 _bugs = BugLog(log)
 
 MAX_REQUEST_HEAD = 16 * 1024
@@ -42,10 +42,6 @@ LINGER_BYTES = 64 * 1024 * 1024
 # After SIGTERM, how long connections get to take their 1001 close.
 SHUTDOWN_GRACE = 5.0
 LOCK_FILE = "serve.lock"
-# How often history past [storage] history_retention is pruned: hourly, or four
-# times per retention window when that is shorter.
-PRUNE_INTERVAL = 3600.0
-PRUNES_PER_RETENTION = 4
 
 
 class Front:
@@ -71,14 +67,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         raise
     try:
         async with trio.open_nursery() as root:
-            await root.start(app.writer.run)
-            root.start_soon(app.hub.run_cursors)
-            if app.hub.sequencer is not None:
-                await root.start(app.hub.sequencer.run)
-            if app.bus is not None:
-                await root.start(app.bus.run)
+            await root.start(app.run)
             await root.start(front.poller.run)
-            root.start_soon(_maintain, app)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
             app.config = config = config.with_overrides(port=app.port)
@@ -102,8 +92,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             if app.bus is not None:
                 await app.bus.forget()  # this node's users leave the others' rooms now
             await call_each(app.pm.hook.barosync_shutdown, config=config)
-            app.writer.close()
-            await app.writer.closed.wait()
+            await app.drain()
             root.cancel_scope.cancel()
     finally:
         app.store.close()
@@ -125,20 +114,6 @@ def _lock_data_dir(config: Config) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
-
-
-async def _maintain(app: App) -> None:
-    """Prune history past the retention window, now and then every PRUNE_INTERVAL
-    (or a quarter of the window when that is shorter)."""
-    interval = min(PRUNE_INTERVAL, max(1.0, app.config.history_retention / PRUNES_PER_RETENTION))
-    while True:
-        try:
-            dropped = await app.writer.prune()
-            if dropped:
-                log.info("pruned %d changes older than the history retention", dropped)
-        except Exception:
-            log.exception("history pruning failed; will try again")
-        await trio.sleep(interval)
 
 
 async def _accept(app: App, front: Front, listeners: list[trio.SocketListener], nursery: trio.Nursery,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .plugin_types import Codec
     from .poller import ReadPoller
 
-log = logging.getLogger("barosync.session")
+log = logging.getLogger(__name__)
 _bugs = BugLog(log)
 
 # A client refused more messages within this many seconds than the rate allows in

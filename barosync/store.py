@@ -46,7 +46,7 @@ from .config import Config, ConfigError, private_dir
 
 __all__ = ["Store", "Mutation", "Outcome", "now_ms", "SCHEMA_VERSION", "WHOLE"]
 
-log = logging.getLogger("barosync.store")
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 # A page size that takes a whole project in one page.

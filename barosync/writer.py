@@ -36,7 +36,7 @@ from .protocol import ProtocolError
 from .reads import Reads
 from .store import Mutation, Outcome, Store, now_ms
 
-log = logging.getLogger("barosync.writer")
+log = logging.getLogger(__name__)
 # How often a map resize that waits for snapshot readers looks again (seconds).
 READER_POLL = 0.01
 

@@ -528,3 +528,37 @@ def test_a_log_of_release_0_1_0_is_migrated_at_start_and_ids_are_per_project(tmp
         assert "migrated" not in second.stderr
     finally:
         second.stop()
+
+
+def test_retention_prunes_old_changes_and_their_idempotency_records(postgres: Postgres, tmp_path: Path) -> None:
+    """As on one node: a change past history_retention goes with the record that
+    answered its retries; newer ones and their records stay."""
+    import psycopg
+
+    from barosync.config import Config
+    from barosync.models import new_event
+    from barosync.pg_store import PgStore
+    from barosync.plugins import build_plugin_manager
+    from barosync.store import Mutation, now_ms
+
+    url = postgres.new_database()
+    config = Config(data_dir=tmp_path, history_retention=60, cluster_postgres=url)
+    store = PgStore(url, hook=build_plugin_manager(config).hook, config=config)
+    try:
+        def create(n: int, at: int) -> Mutation:
+            event = new_event({"projectId": "team", "title": f"e{n}", "startDate": "2026-01-05T09:00:00Z",
+                               "endDate": "2026-01-05T10:00:00Z"}, user_id="alice", now_ms=at)
+            return Mutation("create", user_id="alice", envelope_id=f"env-{n}", project_id="team", event_id=event.id,
+                            event=event, received_ms=at, reply=lambda m, o: None)
+
+        old = now_ms() - 3_600_000
+        store.commit_batch([create(n, old) for n in range(3)])
+        store.commit_batch([create(n, now_ms()) for n in range(3, 5)])
+        assert store.prune(now_ms=now_ms()) == 3
+        with psycopg.connect(url) as conn:
+            kept = sorted(e for (e,) in conn.execute("SELECT envelope_id FROM barosync_idem"))
+        assert kept == ["env-3", "env-4"]
+        assert store.previous_answer("alice", "env-0") is None and store.previous_answer("alice", "env-4") is not None
+        assert len(store.snapshot("team")[1]) == 5  # the events stay; only history goes
+    finally:
+        store.close()

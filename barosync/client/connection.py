@@ -21,7 +21,7 @@ from .store import QueueItem
 from .state import new_id, _now_ms, _End, _WatchedNursery, AUTH_CLOSE_CODES, AUTH_HTTP_STATUSES
 from .sync import _leaves
 
-log = logging.getLogger("barosync.client")
+log = logging.getLogger(__name__)
 
 # How long an applied change may wait for its ack: the acks of everything applied
 # meanwhile go out together, one cumulative ack per project (docs/protocol.md, "Acks").

@@ -58,7 +58,7 @@ from .state import (
 from .connection import ClientConnection
 from .sync import ClientSync, _client_fields, _copy
 
-log = logging.getLogger("barosync.client")
+log = logging.getLogger(__name__)
 
 
 # -- the client -------------------------------------------------------------------------

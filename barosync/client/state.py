@@ -16,7 +16,7 @@ import trio
 from .model import ClientError, CursorMoved, MutationKind, Notification
 from .store import QueueItem
 
-log = logging.getLogger("barosync.client")
+log = logging.getLogger(__name__)
 
 
 TokenSource = Union[str, Callable[[], Union[str, None, Awaitable[Union[str, None]]]]]

@@ -31,7 +31,7 @@ from .model import (
 from .store import Batch, QueueItem
 from .state import new_id, _now_ms, _Waiter, PendingMutation, _Project, RETRYABLE_STORAGE, CHANGE_KINDS
 
-log = logging.getLogger("barosync.client")
+log = logging.getLogger(__name__)
 
 
 class ClientSync:
