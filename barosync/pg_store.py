@@ -6,18 +6,11 @@ run here on SQL tables instead of LMDB keys. A node's writer commits a whole bat
 one transaction that first locks the head rows of the batch's projects (in project
 order, so two nodes never deadlock), which gives every project gap-free seqs in commit
 order across nodes; the answer goes out only after COMMIT returned, with
-``synchronous_commit = on``. Idempotency records never expire here: a retry on any node,
-however late, gets the original answer.
+``synchronous_commit = on``. An idempotency record lives as long as the change it
+answered (``history_retention``), as in LMDB: a retry on any node gets the original
+answer.
 
-Tables (``barosync_`` prefix):
-
-- ``heads``     project -> seq
-- ``events``    (project, id) -> the event's JSON (current state; deleted events absent)
-- ``index``     id -> project (kept after a delete until its deletion leaves the history)
-- ``changelog`` (project, seq) -> event id, version, time, the change message JSON as fanned out
-- ``idem``      (user, envelope id) -> project, seq, the original answer
-- ``meta``      key -> value (``data_id``: the history's id, which clients compare; a
-                restored database gets a new one, see docs/cluster.md; ``schema``)
+The tables and their migrations: pg_schema.py.
 
 Reads are short queries on pooled connections (psycopg-pool), called from worker
 threads (reads.py: at most ``READ_THREADS`` at once), never on the event loop; the
@@ -29,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import uuid
 from typing import Any, Iterator
 
 import attrs
@@ -42,40 +34,17 @@ from . import protocol
 from .commit import Commits, Mutation, Outcome, change_message
 from .config import Config, ConfigError
 from .models import ValidationError, apply_changes, event_from_wire, event_to_wire
+from .pg_schema import prepare
 
 log = logging.getLogger(__name__)
 # Changes fetched per round trip while a catch-up pages through the log.
 REPLAY_BATCH = 256
 
-SCHEMA_VERSION = 2
 CONNECT_TIMEOUT = 5  # seconds
 STATEMENT_TIMEOUT_MS = 10_000
 # Reads at once (threads, and pooled connections): subscribes, REST and CalDAV reads,
 # the rooms' gap fills. Each is one short query; more would only queue in PostgreSQL.
 READ_THREADS = 4
-# Schema 1 (release 0.1.0) -> 2: an event is (project, id), so an id may be in
-# several projects. One transaction, under the schema lock: all or nothing.
-MIGRATE_FROM_1 = """
-ALTER TABLE barosync_index DROP CONSTRAINT barosync_index_pkey;
-ALTER TABLE barosync_index ADD PRIMARY KEY (id, project);
-DROP INDEX IF EXISTS barosync_changelog_versions;
-CREATE INDEX IF NOT EXISTS barosync_changelog_event_versions ON barosync_changelog (project, event_id, version);
-UPDATE barosync_meta SET value = '2' WHERE key = 'schema';
-"""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS barosync_meta (key text PRIMARY KEY, value text NOT NULL);
-CREATE TABLE IF NOT EXISTS barosync_heads (project text PRIMARY KEY, seq bigint NOT NULL);
-CREATE TABLE IF NOT EXISTS barosync_events (project text NOT NULL, id text NOT NULL, body bytea NOT NULL,
-    PRIMARY KEY (project, id));
-CREATE TABLE IF NOT EXISTS barosync_index (id text NOT NULL, project text NOT NULL, PRIMARY KEY (id, project));
-CREATE TABLE IF NOT EXISTS barosync_changelog (project text NOT NULL, seq bigint NOT NULL, event_id text NOT NULL,
-    version bigint NOT NULL, ts bigint NOT NULL, change bytea NOT NULL, PRIMARY KEY (project, seq));
-CREATE INDEX IF NOT EXISTS barosync_changelog_event_versions ON barosync_changelog (project, event_id, version);
-CREATE TABLE IF NOT EXISTS barosync_idem (user_id text NOT NULL, envelope_id text NOT NULL, project text NOT NULL,
-    seq bigint, answer bytea NOT NULL, PRIMARY KEY (user_id, envelope_id));
-CREATE INDEX IF NOT EXISTS barosync_idem_by_seq ON barosync_idem (project, seq);
-"""
 
 
 class PgStore(Commits):
@@ -100,22 +69,7 @@ class PgStore(Commits):
             raise ConfigError(config.source, "[cluster] postgres",
                               f"cannot connect to PostgreSQL: {str(e).strip()}; start it, or check the URL") from None
         with conn:
-            conn.execute("SELECT pg_advisory_lock(727274)")  # one node creates the schema at a time
-            conn.execute(SCHEMA)
-            found = conn.execute("SELECT value FROM barosync_meta WHERE key = 'schema'").fetchone()
-            if found is None:
-                conn.execute("INSERT INTO barosync_meta VALUES ('schema', %s), ('data_id', %s) ON CONFLICT DO NOTHING",
-                             (str(SCHEMA_VERSION), uuid.uuid4().hex))
-            elif int(found[0]) == 1:
-                with conn.transaction():
-                    conn.execute(MIGRATE_FROM_1)
-                log.warning("migrated the PostgreSQL log from schema 1 to %d: events are (project, id) now",
-                            SCHEMA_VERSION)
-            elif int(found[0]) != SCHEMA_VERSION:
-                raise ConfigError(config.source, "[cluster] postgres",
-                                  f"the database holds barosync schema {found[0]}; this barosync reads {SCHEMA_VERSION}")
-            self.data_id = conn.execute("SELECT value FROM barosync_meta WHERE key = 'data_id'").fetchone()[0]
-            conn.execute("SELECT pg_advisory_unlock(727274)")
+            self.data_id = prepare(conn, config)
 
     def _options(self) -> str:
         return f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c synchronous_commit=on"

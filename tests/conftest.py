@@ -3,6 +3,7 @@ and real WebSocket clients (trio-websocket)."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -46,6 +47,8 @@ _turn = itertools.count()
 
 def pytest_configure(config: Any) -> None:
     global _PG, _REDIS
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: its workers start what they need
     cluster = os.environ.get("BAROSYNC_TEST_CLUSTER") == "1"
     if cluster or os.environ.get("BAROSYNC_TEST_POSTGRES") == "1":
         from pg_helpers import Postgres
@@ -55,6 +58,19 @@ def pytest_configure(config: Any) -> None:
         from redis_helpers import Redis
 
         _REDIS = Redis()
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """On two nodes only the tests that start an in-process server run (they are
+    async: the cluster is what they talk to); pure and subprocess tests would run
+    exactly as in the one-node pass."""
+    if not IN_CLUSTER:
+        return
+    keep = [item for item in items if inspect.iscoroutinefunction(getattr(item, "function", None))]
+    dropped = [item for item in items if item not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def pytest_unconfigure(config: Any) -> None:

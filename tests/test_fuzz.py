@@ -41,7 +41,6 @@ FRAME_CLOSE_CODES = {1002, 1007, 1009}
 
 TRIED: Counter[str] = Counter()  # inputs tried, by test
 OUTCOMES: dict[str, Counter[str]] = {}
-KNOWN_INTERNAL: list[str] = []  # internal errors from the known cursor bug (see below)
 
 
 class Env:
@@ -329,11 +328,6 @@ def _valid_id(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 128 and "\0" not in value
 
 
-def _known_cursor_bug(env: dict[str, Any]) -> bool:
-    p = env.get("payload")
-    return env.get("type") == "user:cursor" and isinstance(p, dict) and isinstance(p.get("projectId"), (list, dict))
-
-
 def exchange(c: SyncWS, env: dict[str, Any]) -> list[dict[str, Any]]:
     """Send one envelope and a marker ping; everything up to the marker's pong (and,
     for a mutation that reached the writer, up to its answer)."""
@@ -380,10 +374,7 @@ def test_fuzzed_envelopes_get_an_answer_and_the_connection_stays(env: Env, fuzz_
         kinds = sorted({m["type"] if m["type"] != "error" else "error:" + m["payload"]["code"] for m in answers})
         record("envelopes", ",".join(kinds) or "none")
         internal = [m for m in answers if m["type"] == "error" and m["payload"]["code"] == "internal"]
-        if internal and _known_cursor_bug(env_):
-            KNOWN_INTERNAL.append(json.dumps(env_)[:200])
-        else:
-            assert not internal, (env_, internal)
+        assert not internal, (env_, internal)  # a bug answered `internal`: none may be met
         msg_type = env_.get("type")
         if msg_type not in ("ack", "user:cursor"):
             assert answers, ("no answer", env_, got)
