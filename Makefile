@@ -4,7 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench soak clean
+.PHONY: help serve test bench soak clean
+
+help:
+	@echo "make serve          install into .venv and serve on http://127.0.0.1:8080 (ARGS=... for barosync serve)"
+	@echo "make test           the whole suite, then the protocol suites on two nodes (PYTEST_ARGS=..., PARALLEL= for one process)"
+	@echo "make bench          the benchmark beside its peers (ARGS=--smoke for a quick run; bench/README.md)"
+	@echo "make soak           a long run watching memory, descriptors and latency"
+	@echo "make binary         the one-file PyInstaller binary in dist/barosync"
+	@echo "make test-binary    build it and run tests/test_binary.py against it"
+	@echo "make vendor         refresh the vendored npm libraries of the web app (version and license kept)"
+	@echo "make clean          remove .venv, build and dist"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
