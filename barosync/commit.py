@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import attrs
 import lmdb
@@ -57,23 +57,30 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+MutationKind = Literal["create", "update", "delete"]
+OutcomeStatus = Literal["applied", "replayed", "conflict", "error"]
+# How a mutation's answer reaches its sender: called as ``m.reply(m, outcome)`` on the
+# event loop, after the commit (hub.py).
+Reply = Callable[["Mutation", "Outcome"], None]
+
+
 @attrs.define(slots=True)
 class Mutation:
     """One client change on its way to the writer. ``project_id`` is known before
     submission (creates carry it, updates and deletes are looked up by event id)."""
 
-    kind: str  # "create" | "update" | "delete"
+    kind: MutationKind
     user_id: str
     envelope_id: str
     project_id: str
     event_id: str
-    reply: Callable[["Outcome"], None]
+    reply: Reply
     event: Event | None = None  # create: the validated new event
     base_version: int | None = None  # update/delete: the version the edit was based on
     changes: dict[str, Any] | None = None  # update: checked wire fields
     received_ms: int = 0
     client_ms: int | None = None  # the envelope's timestamp: when the client made the edit
-    origin: Any = None  # the session it came from, which gets the ack, not the broadcast
+    origin: object | None = None  # the Subscriber that sent it: it gets the ack, not the broadcast
     # create: may bring back the id of an event deleted in this project (CalDAV apps
     # put a UID back; the event continues one version past its deletion)
     revive: bool = False
@@ -83,7 +90,7 @@ class Mutation:
 class Outcome:
     """What the writer decided for one mutation."""
 
-    status: str  # "applied" | "replayed" | "conflict" | "error"
+    status: OutcomeStatus
     project_id: str
     answer: dict[str, Any] | None = None  # the ack payload (applied, replayed)
     seq: int = 0
