@@ -1,8 +1,9 @@
 """The protocol layer of a WebSocket connection: what each client message does.
 
-Subscribe (replay or snapshot, then live), unsubscribe, the three mutations (through
-the one write path, mutations.py, then the writer), cursors, auth:refresh, pings, and
-the per-connection rate limit. The transport under it is connection.py.
+Subscribe (the use case is subscribe.py's: this connection is its Follower),
+unsubscribe, the three mutations (through the one write path, mutations.py, then the
+writer), cursors, auth:refresh, pings, and the per-connection rate limit. The
+transport under it is connection.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 import trio
 
@@ -22,7 +23,8 @@ from .mutations import prepare_mutation
 from .protocol import Envelope, ProtocolError
 from .ratelimit import TokenBucket
 from .reads import UNREACHABLE_RETRY_AFTER
-from .store import WHOLE, Mutation, Outcome, now_ms
+from .store import Mutation, Outcome, now_ms
+from .subscribe import subscribe
 
 if TYPE_CHECKING:
     from .app import App
@@ -35,10 +37,6 @@ _bugs = BugLog(log)
 # A client refused more messages within this many seconds than the rate allows in
 # them (plus the burst) is flooding and is closed (1008).
 FLOOD_GRACE = 5.0
-# A snapshot in parts holds a read transaction (and so LMDB's old pages) while it waits
-# for the client's socket; a client that reads none of it for this long is closed
-# (4008) rather than keeping the data file from reusing space.
-SNAPSHOT_STALL = 30.0
 _UNLIMITED = frozenset({protocol.USER_CURSOR, protocol.PING})
 
 ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", protocol.EVENT_DELETE: "delete"}
@@ -181,106 +179,33 @@ class Session(Connection):
         limit = self.app.config.max_subscriptions
         if sub.project_id not in self.subscriptions and len(self.subscriptions) >= limit:
             raise ProtocolError(protocol.E_LIMIT, f"at most {limit} subscriptions per connection: unsubscribe from one first", ref=env.id)
-        app = self.app
-        project_id, since = sub.project_id, sub.since
-        acked = False
-        while True:
-            # A commit for this project may be durable but not yet fanned out; reading
-            # the changelog now and joining the room later could deliver it twice.
-            await app.writer.wait_idle(project_id)
-            if self._closing:
-                return
-            # With LMDB, from here to join() nothing yields (reads.py: its reads run
-            # inline): no change can slip between the last read and the join, so the
-            # client sees every seq exactly once. With PostgreSQL the reads yield, and
-            # the room's sequencer makes up the difference when it admits us.
-            # Long replays go in pieces of about the outbox cap, each once the
-            # previous one is out, so catching up never needs more memory than that.
-            found = (await app.read(app.store.replay, project_id, since, max_bytes=self._outbox_limit)
-                     if since is not None else None)
-            if self._closing:
-                return
-            if found is None:
-                if not sub.snapshot_parts:
-                    since = await self._send_snapshot(env.id, project_id, since, acked)
-                    break
-                # In parts, with waits for the socket in between: changes committed
-                # meanwhile are replayed after the snapshot's seq, then we join.
-                since = await self._stream_snapshot(env.id, project_id, since, acked)
-                acked = True
-                continue
-            changes, complete = found
-            if not acked:
-                last = since + len(changes) if complete else await app.read(app.store.current_seq, project_id)  # type: ignore[operator]
-                self.send_json(protocol.ack(env.id, {"projectId": project_id, "seq": last, "mode": "changes",
-                                                     "count": last - since}))  # type: ignore[operator]
-                acked = True
-            self._track(f"{project_id}:{since + n + 1}" for n in range(len(changes)))  # type: ignore[operator]
-            self._send_catch_up(changes)
-            since += len(changes)  # type: ignore[operator]
-            if complete:
-                break
-            await self._wait_drained()
-        if app.hub.sequencer is None:
-            app.hub.join(self, project_id)
-        else:
-            await app.hub.sequencer.join(self, project_id, at=since)
-        self.subscriptions.add(project_id)
+        if await subscribe(self.app, self, ref=env.id, project_id=sub.project_id, since=sub.since,
+                           snapshot_parts=sub.snapshot_parts):
+            self.subscriptions.add(sub.project_id)
 
-    def _snapshot_ack(self, ref: str | None, project_id: str, seq: int, since: int | None) -> None:
-        answer: dict[str, Any] = {"projectId": project_id, "seq": seq, "mode": "snapshot"}
-        if since is not None:
-            # Say why the client gets a snapshot instead of what it asked for.
-            answer["reason"] = "since_ahead" if since > seq else "history_pruned"
-        self.send_json(protocol.ack(ref, answer))
+    # -- what the subscribe use case needs of a connection (subscribe.Follower) --------
 
-    async def _send_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> int:
-        """The whole snapshot as one message (clients that did not ask for parts);
-        returns its seq."""
-        async with self.app.read.snapshot_pages(project_id, max_bytes=WHOLE) as (seq, pages):
-            if not acked:
-                self._snapshot_ack(ref, project_id, seq, since)
-            snapshot_id = protocol.next_id()
-            self._track((snapshot_id,))
-            self._send_catch_up([protocol.snapshot_message(snapshot_id, project_id, seq, next(pages), since)])
-        return seq
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
-    async def _stream_snapshot(self, ref: str | None, project_id: str, since: int | None, acked: bool) -> int:
-        """The snapshot in parts of at most max_message_bytes from one consistent read,
-        never more than about the outbox cap queued at once; returns its seq."""
-        part_bytes = max(1024, self.app.config.max_message_bytes - 512)
-        async with self.app.read.snapshot_pages(project_id, max_bytes=part_bytes) as (seq, pages):
-            if not acked:
-                self._snapshot_ack(ref, project_id, seq, since)
-            page = next(pages)
-            part = 0
-            while True:
-                following = next(pages, None)
-                snapshot_id = protocol.next_id()
-                self._track((snapshot_id,))
-                self._send_catch_up([protocol.snapshot_message(
-                    snapshot_id, project_id, seq, page, since, part=part, more=following is not None)])
-                if following is None or self._closing:
-                    return seq
-                page, part = following, part + 1
-                if self._outbox_bytes >= self._outbox_limit:
-                    with trio.move_on_after(SNAPSHOT_STALL) as waited:
-                        await self._wait_drained()
-                    if waited.cancelled_caught:
-                        log.info("session=%s user=%s closed: read no snapshot part for %g s",
-                                 self.id, self.identity.user_id, SNAPSHOT_STALL)
-                        self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
-                        return seq
-                else:
-                    await trio.lowlevel.checkpoint()  # a big snapshot does not hold up the others
+    @property
+    def outbox_limit(self) -> int:
+        return self._outbox_limit
 
-    async def _wait_drained(self) -> None:
+    def track(self, msg_ids: Iterable[str]) -> None:
+        self._track(msg_ids)
+
+    def backlogged(self) -> bool:
+        return self._outbox_bytes >= self._outbox_limit
+
+    async def wait_drained(self) -> None:
         while (self._outbox or self._batch) and not self._closing:
             self._drained = trio.Event()
             await self._drained.wait()
         self._drained = None
 
-    def _send_catch_up(self, messages: list[bytes]) -> None:
+    def send_catch_up(self, messages: list[bytes]) -> None:
         """A replay or snapshot is queued at once and may exceed the outbox cap by
         itself: it is allowed on top of the cap while it is queued, or a client that
         fell behind could never catch up. The allowance ends with the backlog. It is

@@ -114,9 +114,9 @@ async def test_changes_committed_while_a_snapshot_streams_follow_it_once(tmp_pat
 
 
 async def test_a_client_that_reads_no_part_is_closed_too_slow(tmp_path, monkeypatch) -> None:
-    from barosync import session as session_module
+    from barosync import subscribe as subscribe_module
 
-    monkeypatch.setattr(session_module, "SNAPSHOT_STALL", 0.5)
+    monkeypatch.setattr(subscribe_module, "SNAPSHOT_STALL", 0.5)
     async with running(tmp_path / "data", max_message_bytes=4 * 1024, outbox_bytes=64 * 1024,
                        rate_limit=100000.0, rate_burst=100000) as (app, nursery):
         writer = await open_client(nursery, app, token("alice", ["big"]))
