@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import time
+import uuid
 from typing import Any, Callable, TypeVar
 
 import trio
@@ -25,7 +26,7 @@ from .models import Identity, identity_problem
 from .plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_resolvers
 from .ratelimit import Limiter
 from .reads import Reads
-from .roles import Bus, LogStore
+from .roles import Bus, LogStore, SharedPresence
 from .sequencer import Sequencer
 from .store import Store
 from .writer import Writer
@@ -75,17 +76,24 @@ class App:
             # Reads that yield need each room kept in log order by a task of its own.
             self.hub.sequencer = Sequencer(hub=self.hub, store=self.store, read=self.read,
                                            answered=self.writer.answered)
-        # Several nodes: the live bus between them (bus.py).
+        # Several nodes: the live bus between them (bus.py) and presence (presence.py).
         self.bus: Bus | None = None
+        self.presence: SharedPresence | None = None
         if config.cluster_redis:
-            from .bus import RedisBus, check_reachable
+            from .bus import RedisBus
+            from .presence import RedisPresence
+            from .redis_link import check_reachable
 
             try:
                 check_reachable(config.cluster_redis)
             except OSError as e:
                 raise ConfigError(config.source, "[cluster] redis",
                                   f"cannot connect to Redis: {e}; start it, or check the URL") from None
-            self.bus = self.hub.bus = RedisBus(config.cluster_redis, hub=self.hub)
+            node_id = uuid.uuid4().hex[:12]
+            presence = RedisPresence(config.cluster_redis, hub=self.hub, node_id=node_id)
+            self.presence = self.hub.presence = presence
+            self.bus = self.hub.bus = RedisBus(config.cluster_redis, hub=self.hub, node_id=node_id,
+                                               presence_changed=presence.changed_elsewhere)
         # Set when storage failed: the server closes every connection with 1011 and stops.
         self.failure: str | None = None
         # Open WebSocket connections (the transport adds and removes them).
@@ -110,7 +118,7 @@ class App:
         async with trio.open_nursery() as tasks:
             await tasks.start(self.writer.run)
             tasks.start_soon(self.hub.run_cursors)
-            for part in (self.hub.sequencer, self.bus):
+            for part in (self.hub.sequencer, self.bus, self.presence):
                 if part is not None:
                     await tasks.start(part.run)
             tasks.start_soon(self._prune_periodically)

@@ -32,7 +32,7 @@ from .store import Mutation, Outcome, now_ms
 
 if TYPE_CHECKING:
     from .models import Identity
-    from .roles import Bus
+    from .roles import Bus, SharedPresence
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class Hub:
         self._cursor_wakeup = trio.lowlevel.ParkingLot()
         # Several nodes: presence and cursors from the others (bus.py); None alone.
         self.bus: Bus | None = None
+        self.presence: SharedPresence | None = None  # who is present here, for the other nodes
         # PostgreSQL: each room's durable changes and newcomers, in log order
         # (sequencer.py); None with LMDB, where they need no task of their own.
         self.sequencer: Any = None  # a sequencer.Sequencer (which imports this module)
@@ -177,8 +178,8 @@ class Hub:
             room = self.rooms[project_id] = Room(project_id)
             if self.sequencer is not None:
                 self.sequencer.opened(room)
-            if self.bus is not None:
-                self.bus.room_opened(project_id)
+            if self.presence is not None:
+                self.presence.room_opened(project_id)
         return room
 
     def join(self, session: "Subscriber", project_id: str) -> None:
@@ -190,7 +191,7 @@ class Hub:
         newcomer if this is the user's first connection here."""
         if session in room.subscribers:
             return  # subscribing again: it knows who is here already
-        bus, project_id = self.bus, room.project_id
+        shared, project_id = self.presence, room.project_id
         user_id = session.identity.user_id
         present = [p.joined for p in room.users.values() if p.user_id != user_id]
         present += [_joined(info) for u, info in room.remote.items() if u != user_id and u not in room.users]
@@ -200,8 +201,8 @@ class Hub:
         if presence is None:
             presence = room.users[user_id] = Presence(session.identity, project_id)
             room.fan_out(presence.joined, skip=session)
-            if bus is not None:
-                bus.present(project_id, user_id, presence.info)
+            if shared is not None:
+                shared.present(project_id, user_id, presence.info)
         presence.connections += 1
 
     def leave(self, session: "Subscriber", project_id: str) -> None:
@@ -217,8 +218,8 @@ class Hub:
                 del room.users[user_id]
                 room.cursor_pending.pop(user_id, None)
                 room.cursor_budget.pop(user_id, None)
-                if self.bus is not None:
-                    self.bus.present(project_id, user_id, None)
+                if self.presence is not None:
+                    self.presence.present(project_id, user_id, None)
                 if user_id not in room.remote:  # still here through another node
                     room.fan_out(_left(user_id, project_id))
         self.drop_if_empty(room)

@@ -5,7 +5,10 @@ between nodes (which also carries presence and cursors).
   ``PgStore`` (PostgreSQL, ``[cluster] postgres``). Everything above the store (the
   writer, the hub, the sessions, REST, CalDAV, the inspector) uses only this.
 - ``Bus``: none at all on one node (the hub fans out in process), or bus.py's
-  ``RedisBus`` (``[cluster] redis``): the hub hands it what the other nodes must hear.
+  ``RedisBus`` (``[cluster] redis``): the hub hands it the changes and cursors the
+  other nodes must hear.
+- ``SharedPresence``: none on one node, or presence.py's ``RedisPresence``: who is
+  present on this node, for the others.
 
 Typing only (no IO); tests/test_roles.py checks that each implementation has every
 member with the same parameters.
@@ -58,17 +61,25 @@ class LogStore(Protocol):
 
 
 class Bus(Protocol):
-    """What the other nodes must hear, handed over without awaiting; what they say
-    comes back through the hub (``remote_presence``, ``remote_cursors``) and the
-    rooms' sequencers (``Sequencer.remote``)."""
+    """Changes and cursors the other nodes must hear, handed over without awaiting;
+    what they say comes back through the rooms' sequencers (``Sequencer.remote``) and
+    the hub (``remote_cursors``)."""
 
     connected: bool  # the inspector's counters
     published: int
     received: int
 
     async def run(self, *, task_status: Any = ...) -> None: ...
-    async def forget(self) -> None: ...
     def publish(self, project_id: str, change: bytes) -> None: ...
-    def present(self, project_id: str, user_id: str, info: dict[str, Any] | None) -> None: ...
     def cursors(self, project_id: str, messages: list[bytes]) -> None: ...
+
+
+class SharedPresence(Protocol):
+    """Who is present on this node, for the others; who is present on theirs comes
+    back through the hub (``remote_presence``)."""
+
+    async def run(self, *, task_status: Any = ...) -> None: ...
+    async def forget(self) -> None: ...
+    def present(self, project_id: str, user_id: str, info: dict[str, Any] | None) -> None: ...
     def room_opened(self, project_id: str) -> None: ...
+    def changed_elsewhere(self, project_id: str) -> None: ...

@@ -89,8 +89,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
                 else:
                     await _close_sessions(app, protocol.CLOSE_GOING_AWAY, "server going away: reconnect")
                 connections.cancel_scope.cancel()
-            if app.bus is not None:
-                await app.bus.forget()  # this node's users leave the others' rooms now
+            if app.presence is not None:
+                await app.presence.forget()  # this node's users leave the others' rooms now
             await call_each(app.pm.hook.barosync_shutdown, config=config)
             await app.drain()
             root.cancel_scope.cancel()

@@ -10,6 +10,7 @@ import pytest
 
 from barosync import roles
 from barosync.bus import RedisBus
+from barosync.presence import RedisPresence
 from barosync.pg_store import PgStore
 from barosync.store import Store
 
@@ -33,6 +34,7 @@ def parameters(fn: Any) -> list[tuple[str, Any, bool]]:
     (roles.LogStore, Store),
     (roles.LogStore, PgStore),
     (roles.Bus, RedisBus),
+    (roles.SharedPresence, RedisPresence),
 ])
 def test_an_implementation_has_every_member_of_its_role(protocol: type, cls: type) -> None:
     wanted = members(protocol)
