@@ -27,19 +27,13 @@ SECRET_KEYS = frozenset({"secret", "cluster_postgres", "cluster_redis"})
 
 async def summary(app: "App") -> dict[str, Any]:
     # The log's side in one read (one thread hop and pooled connection on PostgreSQL).
-    heads, kept = await app.read(_log_view, app.store, set(app.hub.rooms))
+    heads, kept = await app.queries.log_view(set(app.hub.rooms))
     return {"server": _server(app), "projects": _projects(app, heads, kept),
             "connections": [_connection(app, s, heads) for s in app.sessions]}
 
 
-def _log_view(store: Any, rooms: set[str]) -> tuple[dict[str, int], dict[str, int | None]]:
-    """Every project's head, and its oldest kept seq."""
-    heads = dict(store.projects())
-    return heads, {p: store.first_kept_seq(p) for p in set(heads) | rooms}
-
-
 def _server(app: "App") -> dict[str, Any]:
-    used, size = app.store.map_usage()
+    usage = app.queries.map_usage()
     plugins = []
     for name, plugin in app.pm.list_name_plugin():
         if plugin is None:
@@ -54,13 +48,13 @@ def _server(app: "App") -> dict[str, Any]:
     return {
         "version": __version__,
         "uptime": round(time.time() - app.started_at, 1),
-        "dataId": app.store.data_id,
+        "dataId": app.queries.history_id,
         "health": app.health()["status"],
-        "storage": app.store.kind,
+        "storage": app.queries.storage,
         "bus": ({"connected": app.bus.connected, "published": app.bus.published, "received": app.bus.received,
                  "filledFromLog": app.hub.sequencer.filled} if app.bus is not None else None),
-        "lmdb": ({"usedBytes": used, "mapBytes": size, "usedShare": round(used / size, 4) if size else None}
-                 if app.store.kind == "lmdb" else None),
+        "lmdb": ({"usedBytes": usage[0], "mapBytes": usage[1],
+                  "usedShare": round(usage[0] / usage[1], 4) if usage[1] else None} if usage is not None else None),
         "plugins": plugins,
         "config": config,
     }

@@ -26,6 +26,7 @@ from .models import Identity, identity_problem
 from .plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_resolvers
 from .ratelimit import Limiter
 from .reads import Reads
+from .queries import Queries
 from .roles import Bus, LogStore, SharedPresence
 from .sequencer import Sequencer
 from .store import Store
@@ -68,6 +69,8 @@ class App:
         self.hub = Hub(self.pm.hook, cursor_rate=config.cursor_rate)
         # Store reads from the event loop: ``await app.read(app.store.snapshot, p)``.
         self.read = Reads(self.store)
+        # ... and the reads the transports ask for, by what they mean (queries.py).
+        self.queries = Queries(self.store, self.read)
         # Known once: plugins do not change while the server runs.
         self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
@@ -144,6 +147,10 @@ class App:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """The store closes (after ``drain``, or a start that failed): the last step."""
+        self.store.close()
 
     def request_refused(self, identity: Identity) -> tuple[str, float] | None:
         """Spend one of the identity's HTTP requests (REST, CalDAV, the ICS feed share

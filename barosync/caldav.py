@@ -38,7 +38,7 @@ from .app_passwords import Verifier, identity as app_identity
 from .dav import CALDAV, CS, DAV, APPLE, DavError, element, tag
 from .models import ALL_PROJECTS, Identity, ValidationError, check_id
 from .ratelimit import Limiter
-from .reads import UNREACHABLE_RETRY_AFTER, find_event
+from .reads import UNREACHABLE_RETRY_AFTER
 from .caldav_writes import ICS, XML, Answer, Fail, Writes, etag
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class CalDav(Writes):
             raise Fail(403, f"this is {user}'s space; you are signed in as {identity.user_id}")
 
     async def _projects(self, identity: Identity) -> list[str]:
-        names = ([p for p, _ in await self.app.read(self.app.store.projects)] if identity.projects == ALL_PROJECTS
+        names = ([p for p, _ in await self.app.queries.projects()] if identity.projects == ALL_PROJECTS
                  else list(identity.projects))
         return sorted([p for p in names if await self.app.authorize(identity, "subscribe", p)])
 
@@ -241,8 +241,8 @@ class CalDav(Writes):
                 tag(DAV, "owner"): lambda: element(tag(DAV, "owner"), children=[dav.href(self._principal(identity))])}
 
     async def _calendar_props(self, identity: Identity, project: str) -> dict[str, Callable[[], ET.Element]]:
-        store = self.app.store
-        token = sync_token(store.data_id, await self.app.read(store.current_seq, project))
+        queries = self.app.queries
+        token = sync_token(queries.history_id, await queries.head(project))
         writable = await self.app.authorize(identity, "create", project)
         privileges = [tag(DAV, "read"), tag(CALDAV, "read-free-busy")]
         if writable:
@@ -322,7 +322,7 @@ class CalDav(Writes):
             raise Fail(405, f"{method.decode()} is for events ({{id}}.ics), not the calendar", headers=[(b"allow", ALLOW)])
         resources = [(self._calendar_href(identity, project), await self._calendar_props(identity, project))]
         if method == b"PROPFIND" and _depth(headers) > 0:
-            _seq, events = await self.app.read(self.app.store.snapshot, project)
+            _seq, events = await self.app.queries.snapshot(project)
             for e in events:
                 resources.append((self._event_href(identity, project, e["id"]), self._event_props(e)))
         return self._propfind_only(method, headers, body, resources)
@@ -335,7 +335,7 @@ class CalDav(Writes):
             _check_window(*report.expand)
         if report.kind == "calendar-multiget":
             ids = [self._id_from_href(identity, project, h) for h in report.hrefs]
-            found = await self.app.read(self._events, project, ids)
+            found = await self.app.queries.events(project, ids)
             expanded = await self._expand(caldav_query.expanded_data, [e for e in found if e is not None], report) \
                 if report.expand else {}
             out = []
@@ -347,7 +347,7 @@ class CalDav(Writes):
             return _multistatus(out)
         out = []
         if report.components[:2] == ("VCALENDAR", "VEVENT") or report.components == ("VCALENDAR",):
-            _seq, events = await self.app.read(self.app.store.snapshot, project)
+            _seq, events = await self.app.queries.snapshot(project)
             matching = await self._expand(caldav_query.matching, events, report)
             expanded = await self._expand(caldav_query.expanded_data, matching, report) if report.expand else {}
             for e in matching:
@@ -365,23 +365,19 @@ class CalDav(Writes):
                             f"occurrences per event, {expansion.DEADLINE:g} s per request); ask for a shorter range",
                        condition="max-instances", ns=CALDAV) from None
 
-    def _events(self, project: str, ids: list[str | None]) -> list[dict[str, Any] | None]:
-        """Several events by id, in one read (None: no such event in the project)."""
-        return [self.app.store.get_event(project, i) if i is not None else None for i in ids]
-
     async def _sync(self, identity: Identity, project: str, report: dav.Report) -> Answer:
-        store = self.app.store
+        queries = self.app.queries
         if report.sync_level != "1":
             raise Fail(403, "only sync-level 1 is supported (a calendar has no sub-collections)",
                        condition="number-of-matches-within-limits")
         out = []
         if not report.sync_token:
-            seq, events = await self.app.read(store.snapshot, project)
+            seq, events = await queries.snapshot(project)
             for e in events:
                 out.append(_props_response(self._event_href(identity, project, e["id"]), self._event_props(e), report.props))
-            return _multistatus(out, sync_token=sync_token(store.data_id, seq))
+            return _multistatus(out, sync_token=sync_token(queries.history_id, seq))
         since = self._parse_token(report.sync_token)
-        found = await self.app.read(store.replay, project, since)
+        found = await queries.changes_after(project, since)
         if found is None:
             raise Fail(403, "this sync token is older than the history kept (or from another server): sync from scratch",
                        condition="valid-sync-token")
@@ -391,14 +387,14 @@ class CalDav(Writes):
             payload = _change_id(raw)
             touched.pop(payload, None)
             touched[payload] = None
-        for event_id, e in zip(touched, await self.app.read(self._events, project, list(touched))):
+        for event_id, e in zip(touched, await queries.events(project, list(touched))):
             href = self._event_href(identity, project, event_id)
             out.append(dav.response(href, status=404) if e is None else _props_response(href, self._event_props(e), report.props))
-        return _multistatus(out, sync_token=sync_token(store.data_id, since + len(changes)))
+        return _multistatus(out, sync_token=sync_token(queries.history_id, since + len(changes)))
 
     def _parse_token(self, token: str) -> int:
         data_id, _, seq = token[len(SYNC_PREFIX):].rpartition("/") if token.startswith(SYNC_PREFIX) else ("", "", "")
-        if data_id != self.app.store.data_id or not seq.isdigit():
+        if data_id != self.app.queries.history_id or not seq.isdigit():
             raise Fail(403, "not a sync token of this server's data (restored or replaced?): sync from scratch",
                        condition="valid-sync-token")
         return int(seq)
@@ -422,7 +418,7 @@ class CalDav(Writes):
             check_id(event_id, "id")
         except ValidationError as e:
             raise Fail(403, f"the resource name {e.message} (before .ics)") from None
-        known, stored = await self.app.read(find_event, self.app.store, project, event_id)
+        known, stored = await self.app.queries.find(project, event_id)
         home = project if known else None
         if method in (b"GET", b"HEAD", b"PROPFIND"):
             if stored is None:

@@ -101,7 +101,7 @@ class Writes:
             # restored in a synced folder) must create again, not get the first
             # creation's answer back. The project's head tells the two apart, while a
             # retry of a create that changed nothing yet still finds its answer.
-            condition = f"new@{await self.app.read(self.app.store.current_seq, project)}".encode()
+            condition = f"new@{await self.app.queries.head(project)}".encode()
         key = _key(identity, b"PUT", path, condition, body)
         outcome = await self._run(identity, kind, key, payload, revive=kind == "create")
         if outcome.status == "conflict":

@@ -42,7 +42,8 @@ class Metrics(Collector):
         yield CounterMetricFamily(
             "barosync_storage_refused_writes", "Writes refused because storage was full or had failed.",
             value=app.writer.refused)
-        if app.store.kind == "lmdb":
-            used, size = app.store.map_usage()
+        usage = app.queries.map_usage()
+        if usage is not None:
+            used, size = usage
             yield GaugeMetricFamily("barosync_lmdb_used_bytes", "Bytes of the LMDB map in use.", value=used)
             yield GaugeMetricFamily("barosync_lmdb_map_bytes", "Current LMDB map size.", value=size)

@@ -98,7 +98,7 @@ async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: d
         return 200, _me(identity)
     if path == "/api/projects":
         _allow(method, b"GET")
-        return 200, {"projects": [{"id": p, "seq": seq} for p, seq in await app.read(app.store.projects)
+        return 200, {"projects": [{"id": p, "seq": seq} for p, seq in await app.queries.projects()
                               if identity.may_access(p)]}
     if m := _PROJECT_IMPORT.fullmatch(path):
         _allow(method, b"POST")
@@ -222,7 +222,7 @@ async def _list(app: "App", identity: Identity, project_id: str, query: dict[str
         raise HttpError(403, protocol.E_FORBIDDEN, f"not allowed to read project {project_id!r}")
     start = _utc(query["from"][0], "from") if "from" in query else None
     end = _utc(query["to"][0], "to") if "to" in query else None
-    seq, events = await app.read(app.store.snapshot, project_id)
+    seq, events = await app.queries.snapshot(project_id)
     if start is not None or end is not None:
         events = [
             e for e in events
@@ -238,7 +238,7 @@ async def _get(app: "App", identity: Identity, event_id: str, project_id: str | 
         project = await locate(app, identity, event_id, project_id, ref=None)
     except ValidationError as e:
         raise HttpError(400, protocol.E_INVALID, f"`{e.field}` {e.message}", field=e.field) from None
-    event = await app.read(app.store.get_event, project, event_id)
+    event = await app.queries.event(project, event_id)
     if event is None:
         raise HttpError(404, protocol.E_NOT_FOUND, f"no event {event_id!r}")
     return 200, event
@@ -287,14 +287,14 @@ async def feed(app: "App", method: bytes, path: str, query: str, headers: dict[b
     except HttpError as e:
         return e.status, orjson.dumps(e.body), b"application/json", e.headers
     try:
-        seq, events = await app.read(app.store.snapshot, project_id)
+        seq, events = await app.queries.snapshot(project_id)
     except Exception as e:
         why = app.read.unreachable(e)
         if why is None:
             raise
         status, body, content_type, _ = _feed_error(503, "unavailable", _unavailable(why))
         return status, body, content_type, RETRY_HEADERS
-    etag = f'"{app.store.data_id}-{seq}"'.encode()
+    etag = f'"{app.queries.history_id}-{seq}"'.encode()
     extra = [(b"etag", etag), (b"cache-control", b"no-cache")]
     if headers.get(b"if-none-match") == etag:
         return 304, b"", b"text/calendar; charset=utf-8", extra
@@ -330,7 +330,7 @@ async def _import(app: "App", identity: Identity, project_id: str, query: dict[s
     refused: list[dict[str, Any]] = []
 
     async def one(fields: dict[str, Any]) -> None:
-        stored = await app.read(app.store.get_event, project_id, fields["id"])  # None when it lives elsewhere
+        stored = await app.queries.event(project_id, fields["id"])  # None when it lives elsewhere
         if stored is not None and all(stored.get(k) == v for k, v in fields.items() if k != "projectId"):
             counts["unchanged"] += 1
             return

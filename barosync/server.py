@@ -95,7 +95,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             await app.drain()
             root.cancel_scope.cancel()
     finally:
-        app.store.close()
+        app.close()
         os.close(lock)
     if app.failure is not None:
         raise StorageError(app.failure)
@@ -377,7 +377,7 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
         "cumulativeAcks": True,
         # Changes when the data directory is replaced: a client whose `since` came
         # from another history must start from a snapshot.
-        "dataId": app.store.data_id,
+        "dataId": app.queries.history_id,
         "tokenExpiresAt": identity.expires_ms,
     }))
     return session
