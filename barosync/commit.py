@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import attrs
 import lmdb
@@ -59,14 +59,12 @@ def now_ms() -> int:
 
 MutationKind = Literal["create", "update", "delete"]
 OutcomeStatus = Literal["applied", "replayed", "conflict", "error"]
-# How a mutation's answer reaches its sender: called as ``m.reply(m, outcome)`` on the
-# event loop, after the commit (hub.py).
-Reply = Callable[["Mutation", "Outcome"], None]
 
 
 @attrs.define(slots=True)
 class Mutation:
-    """One client change on its way to the writer. ``project_id`` is known before
+    """One client change on its way to the writer: a plain value (who hears its
+    answer travels beside it, writer.Sender). ``project_id`` is known before
     submission (creates carry it, updates and deletes are looked up by event id)."""
 
     kind: MutationKind
@@ -74,13 +72,11 @@ class Mutation:
     envelope_id: str
     project_id: str
     event_id: str
-    reply: Reply
     event: Event | None = None  # create: the validated new event
     base_version: int | None = None  # update/delete: the version the edit was based on
     changes: dict[str, Any] | None = None  # update: checked wire fields
     received_ms: int = 0
     client_ms: int | None = None  # the envelope's timestamp: when the client made the edit
-    origin: object | None = None  # the Subscriber that sent it: it gets the ack, not the broadcast
     # create: may bring back the id of an event deleted in this project (CalDAV apps
     # put a UID back; the event continues one version past its deletion)
     revive: bool = False

@@ -33,6 +33,10 @@ from .store import Mutation, Outcome, now_ms
 if TYPE_CHECKING:
     from .models import Identity
     from .roles import Bus, SharedPresence
+    from .writer import Answered, Sender
+
+    # An answer on its way: who hears it, about which mutation, what it says.
+    Answer = tuple[Sender, Mutation, Outcome]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +140,7 @@ class Room:
         self.joining = 0
         # seq -> the answers (acks) that stand for that change: sent in its place, to
         # their senders, when the sequencer delivers it (sequencer.py).
-        self.answers: dict[int, list[tuple[Mutation, Outcome]]] = {}
+        self.answers: dict[int, list[Answer]] = {}
         # Several nodes: users present on other nodes only (user id -> presence info).
         self.remote: dict[str, dict[str, Any]] = {}
         # A dict used as an ordered set: fan-out order is join order.
@@ -333,50 +337,51 @@ class Hub:
 
     # -- durable changes ----------------------------------------------------------------
 
-    def on_batch(self, batch: list[tuple[Mutation, Outcome]]) -> None:
+    def on_batch(self, batch: "Answered") -> None:
         """Called by the writer with every mutation of a group commit, in commit
-        order: answer each sender, then fan the committed changes out."""
-        changes: dict[str, list[tuple[protocol.Outgoing | None, str, Mutation, Outcome]]] = {}
+        order, each with its sender: answer each sender, then fan the committed
+        changes out."""
+        changes: dict[str, list[tuple[protocol.Outgoing | None, str, Answer]]] = {}
         rooms = self.rooms
         sequencer, bus = self.sequencer, self.bus
-        for m, outcome in batch:
+        for m, sender, outcome in batch:
             if outcome.status == "applied":
                 assert outcome.change is not None
                 # Frames are made only for projects someone is watching.
                 out = protocol.Outgoing(outcome.change) if outcome.project_id in rooms else None
-                changes.setdefault(outcome.project_id, []).append((out, f"{outcome.project_id}:{outcome.seq}", m, outcome))
+                changes.setdefault(outcome.project_id, []).append(
+                    (out, f"{outcome.project_id}:{outcome.seq}", (sender, m, outcome)))
             elif sequencer is not None and outcome.status == "replayed" and outcome.seq > 0:
                 # The retry's answer names a seq the room may not have delivered yet
                 # (a change made through another node, or still in the sequencer's
                 # inbox): it goes out in that change's place, in order.
                 room = rooms.get(outcome.project_id)
-                if room is not None and m.origin in room.subscribers:
-                    sequencer.answer(room, m, outcome)
+                if room is not None and sender in room.subscribers:
+                    sequencer.answer(room, (sender, m, outcome))
                 else:
-                    self.reply(m, outcome)
+                    self.reply((sender, m, outcome))
             else:
-                self.reply(m, outcome)
+                self.reply((sender, m, outcome))
         committed = self.committed
         for project_id, items in changes.items():
             committed[project_id] = committed.get(project_id, 0) + len(items)
             room = rooms.get(project_id)
             if sequencer is None or room is None:
-                self.fan_out_to(room, [(out, msg_id, ((m, outcome),)) for out, msg_id, m, outcome in items])
+                self.fan_out_to(room, [(out, msg_id, (answer,)) for out, msg_id, answer in items])
             else:
                 sequencer.local(room, items)  # in log order, after the other nodes' earlier ones
             if bus is not None:
-                for _, _, _, outcome in items:
+                for _, _, (_, _, outcome) in items:
                     bus.publish(project_id, outcome.change)
             if self._hook.barosync_change_committed.get_hookimpls():
-                for _, _, _, outcome in items:
+                for _, _, (_, _, outcome) in items:
                     try:
                         self._hook.barosync_change_committed(
                             project_id=project_id, seq=outcome.seq, change=orjson.loads(outcome.change))  # type: ignore[arg-type]
                     except Exception:
                         log.exception("barosync_change_committed hook failed for %s seq %d", project_id, outcome.seq)
 
-    def fan_out_to(self, room: Room | None,
-                   items: list[tuple[Any, str, tuple[tuple[Mutation, Outcome], ...] | list[tuple[Mutation, Outcome]]]]) -> None:
+    def fan_out_to(self, room: Room | None, items: list[tuple[Any, str, "tuple[Answer, ...] | list[Answer]"]]) -> None:
         """One project's changes, in seq order, each with the answers that stand for
         it: every answer goes to its sender, and a member that sent a change gets its
         answer in that change's place; the room's other members (if any) get the
@@ -387,28 +392,29 @@ class Hub:
         # own changes as acks, in seq order with everyone else's changes.
         senders: dict[Any, None] = {}
         for _, _, answers in items:
-            for m, outcome in answers:
-                if m.origin in members:
-                    senders[m.origin] = None
+            for answer in answers:
+                if answer[0] in members:
+                    senders[answer[0]] = None
                 else:
-                    self.reply(m, outcome)
+                    self.reply(answer)
         delivered = 0
-        for sender in senders:
+        for member in senders:
             for out, msg_id, answers in items:
-                mine = [(m, outcome) for m, outcome in answers if m.origin is sender]
+                mine = [answer for answer in answers if answer[0] is member]
                 if mine:
-                    for m, outcome in mine:
-                        self.reply(m, outcome)
+                    for answer in mine:
+                        self.reply(answer)
                 else:
-                    sender.deliver(out, msg_id)
+                    member.deliver(out, msg_id)
                     delivered += 1
         if room is not None:
             delivered += _deliver(members, [(out, msg_id) for out, msg_id, _ in items], senders)
         self.deliveries += delivered
 
     @staticmethod
-    def reply(m: Mutation, outcome: Outcome) -> None:
+    def reply(answer: "Answer") -> None:
+        sender, m, outcome = answer
         try:
-            m.reply(m, outcome)
+            sender.answer(m, outcome)
         except Exception:  # a reply must never take the writer down
             log.exception("reply failed for mutation %s", m.envelope_id)

@@ -4,7 +4,7 @@ checks conflicts, commits, acks and fans out (store.py, hub.py)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -23,15 +23,13 @@ async def prepare_mutation(
     envelope_id: str,
     payload: dict[str, Any],
     *,
-    reply: Callable[[Mutation, Outcome], None],
     client_ms: int | None = None,
-    origin: Any = None,
     revive: bool = False,
 ) -> Mutation:
     """Validate and authorize; raises ProtocolError (with ``ref`` = the envelope id)
     for anything the writer should never see."""
     try:
-        m = await _build(app, identity, kind, envelope_id, payload, reply=reply, client_ms=client_ms, origin=origin)
+        m = await _build(app, identity, kind, envelope_id, payload, client_ms=client_ms)
         # `restore: true` on a create brings back an event deleted in its project,
         # with its id and history (an undo), as a calendar app's PUT of a UID does.
         m.revive = revive or (kind == "create" and payload.get("restore") is True)
@@ -43,13 +41,12 @@ async def prepare_mutation(
 
 
 async def _build(app: "App", identity: Identity, kind: str, envelope_id: str, p: dict[str, Any], *,
-                 reply: Callable[[Mutation, Outcome], None], client_ms: int | None, origin: Any) -> Mutation:
+                 client_ms: int | None) -> Mutation:
     user = identity.user_id
     received = now_ms()
     if client_ms is not None and not 0 < client_ms < 10**15:
         client_ms = None
-    common: dict[str, Any] = dict(user_id=user, envelope_id=envelope_id, reply=reply, received_ms=received,
-                                  client_ms=client_ms, origin=origin)
+    common: dict[str, Any] = dict(user_id=user, envelope_id=envelope_id, received_ms=received, client_ms=client_ms)
     if kind == "create":
         event = new_event(p, user_id=user, now_ms=received)
         return Mutation(kind, project_id=event.project_id, event_id=event.id, event=event, **common)
@@ -91,14 +88,23 @@ async def run_mutation(app: "App", identity: Identity, kind: str, envelope_id: s
     request, one change). Raises ProtocolError like prepare_mutation. ``revive``: a
     create may reuse the id of an event deleted in the same project (a calendar app
     putting a UID back)."""
-    done = trio.Event()
-    result: list[Outcome] = []
+    m = await prepare_mutation(app, identity, kind, envelope_id, payload, revive=revive)
+    waiting = _Waiting()
+    await app.writer.submit(m, waiting)
+    await waiting.done.wait()
+    assert waiting.outcome is not None
+    return waiting.outcome
 
-    def reply(m: Mutation, outcome: Outcome) -> None:
-        result.append(outcome)
-        done.set()
 
-    m = await prepare_mutation(app, identity, kind, envelope_id, payload, reply=reply, revive=revive)
-    await app.writer.submit(m)
-    await done.wait()
-    return result[0]
+class _Waiting:
+    """A request waiting for its one answer (a writer.Sender)."""
+
+    __slots__ = ("done", "outcome")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.outcome: Outcome | None = None
+
+    def answer(self, m: Mutation, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.done.set()

@@ -48,10 +48,9 @@ import trio
 from . import protocol
 
 if TYPE_CHECKING:
-    from .hub import Hub, Room, Subscriber
+    from .hub import Answer, Hub, Room, Subscriber
     from .reads import Reads
     from .roles import LogStore
-    from .store import Mutation, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +103,20 @@ class Sequencer:
         drained (commits in it still get their answers)."""
         room.inbox.close()
 
-    def local(self, room: "Room", items: list[tuple[Any, str, "Mutation", "Outcome"]]) -> None:
+    def local(self, room: "Room", items: list[tuple[Any, str, "Answer"]]) -> None:
         """This node's commits to the project (one group commit's, in seq order):
         their answers wait in the room for their changes' delivery."""
         answers = room.answers
-        for _, _, m, outcome in items:
-            answers.setdefault(outcome.seq, []).append((m, outcome))
-        room.inbox.send_nowait(("local", [(out, outcome.seq) for out, _, _, outcome in items]))
+        for _, _, answer in items:
+            answers.setdefault(answer[2].seq, []).append(answer)
+        room.inbox.send_nowait(("local", [(out, answer[2].seq) for out, _, answer in items]))
 
-    def answer(self, room: "Room", m: "Mutation", outcome: "Outcome") -> None:
+    def answer(self, room: "Room", answer: "Answer") -> None:
         """A retry's original answer to a member: sent once the room has delivered
         every seq up to its own, in that seq's place."""
-        room.answers.setdefault(outcome.seq, []).append((m, outcome))
-        room.inbox.send_nowait(("answer", outcome.seq))
+        seq = answer[2].seq
+        room.answers.setdefault(seq, []).append(answer)
+        room.inbox.send_nowait(("answer", seq))
 
     def remote(self, project_id: str, change: bytes) -> None:
         room = self.hub.rooms.get(project_id)
@@ -263,8 +263,8 @@ class Sequencer:
 
     def _answer_now(self, room: "Room", seq: int) -> None:
         """The answers still waiting for ``seq`` (the room has it, or cannot get it)."""
-        for m, outcome in room.answers.pop(seq, ()):
-            self.hub.reply(m, outcome)
+        for answer in room.answers.pop(seq, ()):
+            self.hub.reply(answer)
 
     async def _checker(self) -> None:
         while True:

@@ -237,11 +237,12 @@ class Session(Connection):
             return
         m = await prepare_mutation(
             self.app, self.identity, ACTIONS[env.type], env.id, env.payload,
-            reply=self._answer, client_ms=int(env.timestamp) if env.timestamp is not None else None, origin=self,
+            client_ms=int(env.timestamp) if env.timestamp is not None else None,
         )
-        await self.app.writer.submit(m)
+        await self.app.writer.submit(m, self)
 
-    def _answer(self, m: Mutation, outcome: Outcome) -> None:
+    def answer(self, m: Mutation, outcome: Outcome) -> None:
+        """Its mutation's answer (writer.Sender): an ack, a conflict or an error."""
         if outcome.status in ("applied", "replayed"):
             self.send_json(protocol.ack(m.envelope_id, outcome.answer))
             if outcome.conflict is not None:

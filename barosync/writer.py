@@ -2,7 +2,9 @@
 
 Group commit: the writer takes whatever mutations are waiting, commits them as one
 LMDB transaction with fsync in a worker thread, then hands each outcome on in order
-(``on_batch``: the hub answers the senders and fans the changes out).
+(``on_batch``: the hub answers the senders and fans the changes out). A mutation
+comes with its ``Sender``, the transport's side that hears the answer; the store sees
+only the mutation.
 
 Storage faults come in two kinds (docs/operations.md, "When the disk fills"):
 
@@ -26,7 +28,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import lmdb
 import trio
@@ -35,6 +37,18 @@ from . import protocol
 from .protocol import ProtocolError
 from .reads import Reads
 from .store import Mutation, Outcome, Store, now_ms
+
+
+class Sender(Protocol):
+    """Who hears a mutation's answer (session.py's Session, REST's and CalDAV's
+    waiting request: mutations.py), on the event loop, after its commit."""
+
+    def answer(self, m: Mutation, outcome: Outcome) -> None:
+        """The outcome: applied (an ack), replayed, a conflict, or an error."""
+
+
+# One group commit's mutations with their senders and outcomes, in commit order.
+Answered = list[tuple[Mutation, Sender, Outcome]]
 
 log = logging.getLogger(__name__)
 # How often a map resize that waits for snapshot readers looks again (seconds).
@@ -93,13 +107,13 @@ class Writer:
     """The one task that writes: takes whatever mutations are waiting, commits them
     as one transaction off the event loop, then hands each outcome on in order."""
 
-    def __init__(self, store: Store, on_batch: Callable[[list[tuple[Mutation, Outcome]]], None], *,
+    def __init__(self, store: Store, on_batch: Callable[[Answered], None], *,
                  on_failure: Callable[[str], None] | None = None, read: Reads | None = None) -> None:
         self.store = store
         self._read = read if read is not None else Reads(store)
         self._on_batch = on_batch
         self._on_failure = on_failure
-        self._send, self._receive = trio.open_memory_channel[Mutation](QUEUE_DEPTH)
+        self._send, self._receive = trio.open_memory_channel[tuple[Mutation, Sender]](QUEUE_DEPTH)
         # Projects with a commit in flight: their LMDB state may be ahead of what was
         # fanned out, so a subscriber must wait for the batch before reading.
         self.busy_projects: set[str] = set()
@@ -123,16 +137,17 @@ class Writer:
         self._refused_since_log = 0
         self._last_log = -math.inf
 
-    async def submit(self, m: Mutation) -> None:
+    async def submit(self, m: Mutation, sender: Sender) -> None:
+        """Queue ``m`` for the next group commit; ``sender`` hears its answer."""
         if self.degraded is not None or self.failure is not None:
-            await self._refuse([m])
+            await self._refuse([(m, sender)])
             return
         try:
-            self._send.send_nowait(m)
+            self._send.send_nowait((m, sender))
         except trio.WouldBlock:
-            await self._send.send(m)
+            await self._send.send((m, sender))
 
-    async def _refuse(self, batch: list[Mutation]) -> None:
+    async def _refuse(self, batch: list[tuple[Mutation, Sender]]) -> None:
         """Answer every mutation of ``batch`` that it was not stored (or, for a retry
         of one stored before, with its original answer)."""
         answers: list[dict[str, Any] | None] = [None] * len(batch)
@@ -140,10 +155,11 @@ class Writer:
         if self.failure is None:
             # A retry of a change stored before the disk filled still gets its answer.
             try:
-                answers = await self._read(self._previous_answers, batch)
+                answers = await self._read(self._previous_answers, [m for m, _ in batch])
             except self.store.faults:
                 known = False  # the database is what is unreachable
-        self._on_batch([(m, self._refusal(m, answer, known=known)) for m, answer in zip(batch, answers)])
+        self._on_batch([(m, sender, self._refusal(m, answer, known=known))
+                        for (m, sender), answer in zip(batch, answers)])
 
     def _previous_answers(self, batch: list[Mutation]) -> list[dict[str, Any] | None]:
         return [self.store.previous_answer(m.user_id, m.envelope_id) for m in batch]
@@ -211,7 +227,7 @@ class Writer:
                         break
                 await self._commit(batch)
 
-    def _drain_into(self, batch: list[Mutation]) -> None:
+    def _drain_into(self, batch: list[tuple[Mutation, Sender]]) -> None:
         while len(batch) < MAX_BATCH:
             try:
                 batch.append(self._receive.receive_nowait())
@@ -221,7 +237,7 @@ class Writer:
     async def _refuse_waiting(self) -> None:
         """Refuse what already waits for the writer: it would only fail too."""
         while True:
-            waiting: list[Mutation] = []
+            waiting: list[tuple[Mutation, Sender]] = []
             self._drain_into(waiting)
             if not waiting:
                 return
@@ -245,8 +261,8 @@ class Writer:
         while self._ended < begun:
             await self._batch_done.wait()
 
-    async def _commit(self, batch: list[Mutation]) -> None:
-        self.busy_projects = {m.project_id for m in batch}
+    async def _commit(self, batch: list[tuple[Mutation, Sender]]) -> None:
+        self.busy_projects = {m.project_id for m, _ in batch}
         self._begun += 1
         try:
             async with self._write_lock:
@@ -257,7 +273,7 @@ class Writer:
             self._batch_done.set()
             self._batch_done = trio.Event()
 
-    async def _commit_locked(self, batch: list[Mutation]) -> None:
+    async def _commit_locked(self, batch: list[tuple[Mutation, Sender]]) -> None:
         if self.degraded is not None or self.failure is not None:
             await self._refuse(batch)
             return
@@ -266,7 +282,7 @@ class Writer:
             # never lost for a change that became durable.
             try:
                 self.store.grow_if_needed()
-                outcomes = await trio.to_thread.run_sync(self.store.commit_batch, batch)
+                outcomes = await trio.to_thread.run_sync(self.store.commit_batch, [m for m, _ in batch])
                 if outcomes is None:  # the map filled up: nothing was committed
                     await self._wait_for_readers()
                     self.store.grow_if_needed(force=True)
@@ -280,7 +296,7 @@ class Writer:
             break
         self.batches += 1
         self.committed += len(batch)
-        self._on_batch(list(zip(batch, outcomes)))
+        self._on_batch([(m, sender, outcome) for (m, sender), outcome in zip(batch, outcomes)])
 
     async def _wait_for_readers(self) -> None:
         """Until no streamed snapshot holds a read transaction (LMDB's map may not be

@@ -15,7 +15,8 @@ from barosync.store import Mutation, Outcome
 
 
 class FakeSubscriber:
-    """A connection as the hub sees it: every call is recorded, in order."""
+    """A connection as the hub sees it (a Subscriber, and the writer.Sender of its
+    own mutations): every call is recorded, in order."""
 
     def __init__(self, user: str) -> None:
         self.identity = Identity(user_id=user, name=user, projects="*")
@@ -48,6 +49,9 @@ class FakeSubscriber:
     def close(self, code: int, reason: str = "") -> None:
         self.closed = (code, reason)
 
+    def answer(self, m: Mutation, outcome: Outcome) -> None:
+        self.got.append(("ack", outcome.seq))
+
     def seqs(self) -> list[tuple[str, int]]:
         """Changes and acks only, in the order they were sent."""
         return [(kind, what) for kind, what, *_ in self.got if kind in ("change", "ack")]
@@ -59,14 +63,24 @@ def change(project: str, seq: int, user: str = "alice") -> bytes:
                          "payload": {"id": f"e{seq}", "projectId": project}})
 
 
-def mutation(sender: FakeSubscriber | None, project: str, envelope: str) -> Mutation:
-    """A mutation whose answer is recorded by its sender as ("ack", seq)."""
-    def reply(m: Mutation, outcome: Outcome) -> None:
-        if sender is not None:
-            sender.got.append(("ack", outcome.seq))
+class RestRequest:
+    """A sender that is no subscriber (a REST or CalDAV request): it keeps its answer."""
 
+    def __init__(self) -> None:
+        self.outcome: Outcome | None = None
+
+    def answer(self, m: Mutation, outcome: Outcome) -> None:
+        self.outcome = outcome
+
+
+def mutation(sender: FakeSubscriber | None, project: str, envelope: str) -> Mutation:
     return Mutation("create", user_id=sender.identity.user_id if sender else "rest", envelope_id=envelope,
-                    project_id=project, event_id=envelope, reply=reply, origin=sender)
+                    project_id=project, event_id=envelope)
+
+
+def sent(sender: FakeSubscriber | None, m: Mutation, outcome: Outcome) -> tuple[Mutation, Any, Outcome]:
+    """One entry of a group commit as the writer hands it to the hub."""
+    return (m, sender if sender is not None else RestRequest(), outcome)
 
 
 def applied(m: Mutation, seq: int) -> Outcome:

@@ -549,7 +549,7 @@ def test_retention_prunes_old_changes_and_their_idempotency_records(postgres: Po
             event = new_event({"projectId": "team", "title": f"e{n}", "startDate": "2026-01-05T09:00:00Z",
                                "endDate": "2026-01-05T10:00:00Z"}, user_id="alice", now_ms=at)
             return Mutation("create", user_id="alice", envelope_id=f"env-{n}", project_id="team", event_id=event.id,
-                            event=event, received_ms=at, reply=lambda m, o: None)
+                            event=event, received_ms=at)
 
         old = now_ms() - 3_600_000
         store.commit_batch([create(n, old) for n in range(3)])

@@ -55,7 +55,7 @@ def store_legacy_rule(data_dir: Path, rrule: str) -> None:
                       end_date="2026-01-05T10:00:00Z", version=1, created_at=1, updated_at=1,
                       recurrence={"rrule": rrule, "rdates": [], "exdates": [], "overrides": []})
         [outcome] = store.commit_batch([Mutation("create", user_id="alice", envelope_id="legacy-1", project_id="team",
-                                                 event_id="legacy", reply=lambda *_: None, received_ms=1,
+                                                 event_id="legacy", received_ms=1,
                                                  event=event)])
         assert outcome.status == "applied", outcome
     finally:

@@ -8,7 +8,7 @@ from barosync.config import Config
 from barosync.hub import Hub
 from barosync.plugins import build_plugin_manager
 
-from core_fakes import FakeSubscriber, applied, mutation
+from core_fakes import FakeSubscriber, applied, mutation, sent
 
 
 def hub() -> Hub:
@@ -21,7 +21,7 @@ def test_the_sender_gets_its_ack_in_place_of_its_change_and_the_others_the_chang
     h.join(alice, "p")
     h.join(bob, "p")
     m = mutation(alice, "p", "e1")
-    h.on_batch([(m, applied(m, 1))])
+    h.on_batch([sent(alice, m, applied(m, 1))])
     assert alice.seqs() == [("ack", 1)]
     assert bob.seqs() == [("change", 1)]
 
@@ -31,8 +31,9 @@ def test_a_group_commit_reaches_each_member_in_one_write_and_in_seq_order() -> N
     alice, bob = FakeSubscriber("alice"), FakeSubscriber("bob")
     h.join(alice, "p")
     h.join(bob, "p")
-    ms = [mutation(None, "p", "r1"), mutation(alice, "p", "a2"), mutation(None, "p", "r3")]  # REST, alice, REST
-    h.on_batch([(m, applied(m, seq)) for seq, m in enumerate(ms, 1)])
+    senders = [None, alice, None]  # REST, alice, REST
+    ms = [mutation(who, "p", f"m{n}") for n, who in enumerate(senders, 1)]
+    h.on_batch([sent(who, m, applied(m, seq)) for seq, (who, m) in enumerate(zip(senders, ms), 1)])
     assert bob.seqs() == [("change", 1), ("change", 2), ("change", 3)] and bob.writes == 1
     assert alice.seqs() == [("change", 1), ("ack", 2), ("change", 3)]
     assert h.committed == {"p": 3}
@@ -43,9 +44,10 @@ def test_a_sender_outside_the_project_is_answered_and_the_members_get_the_change
     alice, bob = FakeSubscriber("alice"), FakeSubscriber("bob")
     h.join(bob, "p")
     m = mutation(alice, "p", "e1")  # alice did not subscribe to p
-    h.on_batch([(m, applied(m, 1))])
+    h.on_batch([sent(alice, m, applied(m, 1))])
     assert alice.seqs() == [("ack", 1)] and bob.seqs() == [("change", 1)]
-    h.on_batch([(mutation(alice, "q", "e2"), applied(mutation(alice, "q", "e2"), 1))])  # nobody in q
+    q = mutation(alice, "q", "e2")
+    h.on_batch([sent(alice, q, applied(q, 1))])  # nobody in q
     assert alice.seqs()[-1] == ("ack", 1) and bob.seqs() == [("change", 1)]
 
 
@@ -73,5 +75,5 @@ def test_subscribing_again_changes_nothing() -> None:
     h.join(bob, "p")
     assert alice.got == [("presence", "user:joined", "bob")]
     m = mutation(None, "p", "r1")
-    h.on_batch([(m, applied(m, 1))])
+    h.on_batch([sent(None, m, applied(m, 1))])
     assert bob.seqs() == [("change", 1)]  # once, not once per subscribe

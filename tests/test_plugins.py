@@ -177,7 +177,7 @@ def test_two_creates_in_one_group_commit_see_each_other(tmp_path):
     try:
         batch = [
             Mutation("create", user_id=user, envelope_id=f"env-{user}", project_id="p1", event_id=f"ev-{user}",
-                     reply=lambda *_: None, received_ms=1,
+                     received_ms=1,
                      event=new_event(event_payload(id=f"ev-{user}", attendees=["carol"]), user_id=user, now_ms=1))
             for user in ("alice", "bob")
         ]

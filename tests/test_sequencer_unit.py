@@ -16,7 +16,7 @@ from barosync.hub import Hub
 from barosync.plugins import build_plugin_manager
 from barosync.sequencer import Sequencer
 
-from core_fakes import FakeLog, FakeSubscriber, applied, change, mutation, read, replayed
+from core_fakes import FakeLog, FakeSubscriber, applied, change, mutation, read, replayed, sent
 
 
 class Setup:
@@ -37,7 +37,7 @@ class Setup:
         """This node's writer commits one change and hands it to the hub."""
         m = mutation(sender, project, envelope)
         seq = self.log.append(project, m.user_id)
-        self.hub.on_batch([(m, applied(m, seq))])
+        self.hub.on_batch([sent(sender, m, applied(m, seq))])
 
     async def settle(self) -> None:
         await trio.testing.wait_all_tasks_blocked()
@@ -83,7 +83,7 @@ async def test_a_retrys_answer_waits_for_every_earlier_seq_and_takes_its_changes
     s.log.append("p", "bob")
     s.log.append("p", "alice")
     m = mutation(alice, "p", "lost")
-    s.hub.on_batch([(m, replayed(m, 2))])
+    s.hub.on_batch([sent(alice, m, replayed(m, 2))])
     await s.settle()
     assert alice.seqs() == [("change", 1), ("ack", 2)]
     assert bob.seqs() == [("change", 1), ("change", 2)]
@@ -100,7 +100,7 @@ async def test_a_retry_of_a_change_the_room_has_is_answered_at_once(nursery: tri
     s.commit_here(None, "r1")
     await s.settle()
     m = mutation(alice, "p", "r1-again")
-    s.hub.on_batch([(m, replayed(m, 1))])
+    s.hub.on_batch([sent(alice, m, replayed(m, 1))])
     await s.settle()
     assert alice.seqs() == [("change", 1), ("ack", 1)]  # its old seq, after what it has
 
@@ -118,7 +118,7 @@ async def test_a_fill_waits_until_this_nodes_commits_are_handed_over(nursery: tr
     nursery.start_soon(s.join, bob, seq)  # bob's read has seq 1 already
     await s.settle()
     assert alice.seqs() == [] and bob not in s.hub.rooms["p"].subscribers  # the fill waits
-    s.hub.on_batch([(m, applied(m, seq))])
+    s.hub.on_batch([sent(alice, m, applied(m, seq))])
     handed.set()
     await s.settle()
     assert alice.seqs() == [("ack", 1)]
@@ -153,7 +153,7 @@ async def test_an_unreachable_log_answers_the_senders_and_closes_a_newcomer_to_r
     s.log.replay = away  # type: ignore[method-assign]
     m = mutation(alice, "p", "a2")
     s.log.changes["p"].append(change("p", 2, "alice"))
-    s.hub.on_batch([(m, applied(m, 2))])  # a gap before it, which cannot be read now
+    s.hub.on_batch([sent(alice, m, applied(m, 2))])  # a gap before it, which cannot be read now
     nursery.start_soon(s.join, bob, 2)
     await s.settle()
     assert ("ack", 2) in alice.seqs()  # answered: the change is durable

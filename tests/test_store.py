@@ -16,13 +16,23 @@ from barosync.writer import Writer
 from conftest import event_payload
 
 
-def create(store_user: str, n: int, project: str = "p1", *, at: int | None = None, replies: list | None = None, **fields: Any) -> Mutation:
+def create(store_user: str, n: int, project: str = "p1", *, at: int | None = None, **fields: Any) -> Mutation:
     received = at if at is not None else now_ms()
     event = new_event(event_payload(project, title=f"e{n}", **fields), user_id=store_user, now_ms=received)
     return Mutation(
         "create", user_id=store_user, envelope_id=f"env-{n}", project_id=project, event_id=event.id,
-        event=event, received_ms=received, reply=lambda m, o: replies.append(o) if replies is not None else None,
+        event=event, received_ms=received,
     )
+
+
+class Answers:
+    """A writer.Sender that keeps the outcomes it hears, in order."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+
+    def answer(self, m: Mutation, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
 
 
 def open_store(path: Path, **config: Any) -> Store:
@@ -78,16 +88,16 @@ def test_prune_forgets_old_history_and_its_idempotency_records(tmp_path):
 def test_map_grows_under_a_burst_past_its_initial_size(tmp_path):
     async def main() -> list[Outcome]:
         store = open_store(tmp_path, map_size=1024 * 1024)
-        replies: list[Outcome] = []
-        writer = Writer(store, lambda batch: [m.reply(m, o) for m, o in batch])
+        replies = Answers()
+        writer = Writer(store, lambda batch: [sender.answer(m, o) for m, sender, o in batch])
         async with trio.open_nursery() as nursery:
             await nursery.start(writer.run)
             for n in range(400):
-                await writer.submit(create("alice", n, description="x" * 8000, replies=replies))
+                await writer.submit(create("alice", n, description="x" * 8000), replies)
             writer.close()
         assert store.map_usage()[1] > 1024 * 1024
         store.close()
-        return replies
+        return replies.outcomes
 
     replies = trio.run(main)
     assert [o.status for o in replies] == ["applied"] * 400
@@ -117,7 +127,7 @@ def test_an_id_deleted_before_the_history_is_forgotten_with_it(tmp_path):
 
     def delete(m: Mutation, n: int, at: int) -> Mutation:
         return Mutation("delete", user_id="alice", envelope_id=f"del-{n}", project_id="p1", event_id=m.event_id,
-                        base_version=1, received_ms=at, reply=lambda m, o: None)
+                        base_version=1, received_ms=at)
 
     store.commit_batch([delete(gone, 1, old)])
     store.commit_batch([delete(recent, 2, now_ms())])
