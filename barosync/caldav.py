@@ -75,12 +75,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class CalDav(Writes):
+class CalDav:
     """What the CalDAV front keeps between requests: the app-password verifier and
     the rendered resources."""
 
     def __init__(self, app: "App") -> None:
         self.app = app
+        self.writes = Writes(app)
         self.verifier = Verifier(app.config.data_dir)
         # scrypt takes ~16 MiB and ~50 ms per check: a burst of wrong passwords must
         # not take the server's memory with it.
@@ -428,9 +429,9 @@ class CalDav(Writes):
                                                      self._event_props(stored), dav.propfind(body))])
             return 200, self.render(stored), ICS, [(b"etag", etag(stored).encode())]
         if method == b"PUT":
-            return await self._put(identity, project, event_id, home, stored, path, headers, body)
+            return await self.writes.put(identity, project, event_id, home, stored, path, headers, body)
         if method == b"DELETE":
-            return await self._delete(identity, project, event_id, stored, headers)
+            return await self.writes.delete(identity, project, event_id, stored, headers)
         raise Fail(405, f"{method.decode()} is not supported on an event", headers=[(b"allow", ALLOW)])
 
 

@@ -60,9 +60,13 @@ def _version_of(value: str) -> int | None:
 
 
 class Writes:
-    app: "App"
+    """PUT and DELETE of one event resource, through the one write path (a part of
+    caldav.py's CalDav, which routes to it)."""
 
-    async def _put(self, identity: Identity, project: str, event_id: str, home: str | None,
+    def __init__(self, app: "App") -> None:
+        self.app = app
+
+    async def put(self, identity: Identity, project: str, event_id: str, home: str | None,
                    stored: dict[str, Any] | None, path: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
         if_match = headers.get(b"if-match")
         if_none = headers.get(b"if-none-match")
@@ -110,7 +114,7 @@ class Writes:
         extra = [(b"etag", etag(event).encode())] if event is not None and outcome.conflict is None else []
         return (201 if kind == "create" else 204), b"", b"text/plain", extra
 
-    async def _delete(self, identity: Identity, project: str, event_id: str, stored: dict[str, Any] | None,
+    async def delete(self, identity: Identity, project: str, event_id: str, stored: dict[str, Any] | None,
                       headers: dict[bytes, bytes]) -> Answer:
         if stored is None:
             raise Fail(404, f"no event {event_id!r} in {project!r}")
