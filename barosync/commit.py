@@ -5,13 +5,12 @@ each mutation is checked for a repeated envelope id (the idempotency table answe
 it), validated (plugins included), checked for a conflict (the project's strategy
 decides, with ``base`` read from history), and recorded: the event, the change with
 the project's next seq, the version index and the idempotency record, all in the one
-transaction. The key layout is in store.py's docstring.
+transaction. The key layout is lmdb_layout.py's (and store.py's docstring).
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
@@ -22,6 +21,7 @@ import orjson
 from . import protocol
 from .buglog import BugLog
 from .conflicts import Conflict, Resolution, changed_by_client
+from .lmdb_layout import U64, db_key, index_key, seq_key, version_key
 from .models import CLIENT_FIELDS, Event, ValidationError, apply_changes, event_from_wire, event_to_wire
 
 if TYPE_CHECKING:
@@ -29,29 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _bugs = BugLog(log)
-
-_U64 = struct.Struct(">Q")
-
-
-def _k(*parts: str) -> bytes:
-    return "\0".join(parts).encode()
-
-
-def _index_key(event_id: str, project_id: str) -> bytes:
-    """``index``: an id, then each project it is known in (live, or deleted within the
-    history retention), so a lookup by id alone finds its projects."""
-    return _k(event_id, project_id)
-
-
-def _version_key(project_id: str, event_id: str, version: int) -> bytes:
-    """``versions``: ordered like ``index`` (id first), so ids made in sequence are
-    appended in place rather than spread over every project's pages."""
-    return _k(event_id, project_id) + b"\0" + _U64.pack(version)
-
-
-def _seq_key(project_id: str, seq: int) -> bytes:
-    return project_id.encode() + b"\0" + _U64.pack(seq)
-
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -144,7 +121,7 @@ class Commits:
                                               "internal server error; the change was not applied")
 
     def _apply(self, txn: lmdb.Transaction, m: Mutation, index: int) -> Outcome:
-        idem_key = _k(m.user_id, m.envelope_id)
+        idem_key = db_key(m.user_id, m.envelope_id)
         previous = txn.get(idem_key, db=self.idem)
         if previous is not None:
             answer = orjson.loads(previous)
@@ -170,8 +147,8 @@ class Commits:
     def _create(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
         assert m.event is not None
         # An event is (project, id): the same id in another project is another event.
-        known = txn.get(_index_key(m.event.id, m.project_id), db=self.index) is not None
-        if known and m.revive and txn.get(_k(m.project_id, m.event.id), db=self.events) is None:
+        known = txn.get(index_key(m.event.id, m.project_id), db=self.index) is not None
+        if known and m.revive and txn.get(db_key(m.project_id, m.event.id), db=self.events) is None:
             version = self._last_change(txn, m.project_id, m.event.id)[0] + 1
             revived = event_to_wire(attrs.evolve(m.event, version=version))
             return self._commit_change(txn, m, idem_key, "create", revived, previous=None)
@@ -181,7 +158,7 @@ class Commits:
         return self._commit_change(txn, m, idem_key, "create", event_to_wire(m.event), previous=None)
 
     def _update_or_delete(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
-        raw = txn.get(_k(m.project_id, m.event_id), db=self.events)
+        raw = txn.get(db_key(m.project_id, m.event_id), db=self.events)
         if raw is None:
             if m.kind == "update" and m.base_version is not None and \
                     m.base_version < self._last_change(txn, m.project_id, m.event_id)[0]:
@@ -278,15 +255,15 @@ class Commits:
 
     def _last_change(self, txn: lmdb.Transaction, project_id: str, event_id: str) -> tuple[int, int]:
         """The latest version of an event and when it was written (ms), from history."""
-        prefix = _k(event_id, project_id) + b"\0"
+        prefix = db_key(event_id, project_id) + b"\0"
         cursor = txn.cursor(db=self.versions)
-        if cursor.set_range(_k(event_id, project_id) + b"\x01"):
+        if cursor.set_range(db_key(event_id, project_id) + b"\x01"):
             found = cursor.prev()
         else:
             found = cursor.last()
         if not found or not cursor.key().startswith(prefix):
             return 0, 0
-        version = _U64.unpack(cursor.key()[len(prefix):])[0]
+        version = U64.unpack(cursor.key()[len(prefix):])[0]
         change = txn.get(project_id.encode() + b"\0" + cursor.value(), db=self.changelog)
         return version, (_edited_at(orjson.loads(change)) if change else 0)
 
@@ -329,25 +306,25 @@ class Commits:
             return Outcome("error", m.project_id, error=refused)
         pkey = m.project_id.encode()
         raw = txn.get(pkey, db=self.seqs)
-        seq = (_U64.unpack(raw)[0] if raw else 0) + 1
-        txn.put(pkey, _U64.pack(seq), db=self.seqs)
+        seq = (U64.unpack(raw)[0] if raw else 0) + 1
+        txn.put(pkey, U64.pack(seq), db=self.seqs)
         if kind == "create" and previous is None:
-            txn.put(_index_key(m.event_id, m.project_id), b"", db=self.index)
+            txn.put(index_key(m.event_id, m.project_id), b"", db=self.index)
         if event is None:
             assert previous is not None
             version = previous["version"] + 1
             payload = {"id": m.event_id, "projectId": m.project_id, "version": version}
-            txn.delete(_k(m.project_id, m.event_id), db=self.events)
+            txn.delete(db_key(m.project_id, m.event_id), db=self.events)
         else:
             version = event["version"]
             payload = event
-            txn.put(_k(m.project_id, m.event_id), orjson.dumps(event), db=self.events)
+            txn.put(db_key(m.project_id, m.event_id), orjson.dumps(event), db=self.events)
         change = change_message(m, kind, seq, version, payload)
-        txn.put(_seq_key(m.project_id, seq), change, db=self.changelog)
+        txn.put(seq_key(m.project_id, seq), change, db=self.changelog)
         keep = self.config.history_max_changes
         if keep and seq > keep:
             self._forget_change(txn, m.project_id, seq - keep)
-        txn.put(_version_key(m.project_id, m.event_id, version), _U64.pack(seq), db=self.versions)
+        txn.put(version_key(m.project_id, m.event_id, version), U64.pack(seq), db=self.versions)
         if event is None:
             answer: dict[str, Any] = {**payload, "seq": seq}
         else:
@@ -355,7 +332,7 @@ class Commits:
         if warnings:
             answer["warnings"] = warnings
         txn.put(idem_key, orjson.dumps(answer), db=self.idem)
-        txn.put(_seq_key(m.project_id, seq), idem_key, db=self.idem_by_seq)
+        txn.put(seq_key(m.project_id, seq), idem_key, db=self.idem_by_seq)
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
 
 

@@ -41,7 +41,8 @@ import orjson
 
 from . import protocol
 # Mutation, Outcome and now_ms are re-exported: the writer, hub and transports use them.
-from .commit import _U64, Commits, Mutation, Outcome, _index_key, _k, _seq_key, _version_key, now_ms  # noqa: F401
+from .commit import Commits, Mutation, Outcome, now_ms  # noqa: F401
+from .lmdb_layout import U64, db_key, index_key, seq_key, version_key
 from .config import Config, ConfigError, private_dir
 
 __all__ = ["Store", "Mutation", "Outcome", "now_ms", "SCHEMA_VERSION", "WHOLE"]
@@ -162,7 +163,7 @@ class Store(Commits):
             with self.env.begin() as txn:
                 return self.current_seq(project_id, txn)
         raw = txn.get(project_id.encode(), db=self.seqs)
-        return _U64.unpack(raw)[0] if raw else 0
+        return U64.unpack(raw)[0] if raw else 0
 
     def heads(self, project_ids: list[str]) -> dict[str, int]:
         """Several projects' seqs (0 for one without changes) from one read transaction."""
@@ -172,7 +173,7 @@ class Store(Commits):
     def projects(self) -> list[tuple[str, int]]:
         """Every project that has had a change, with its last seq."""
         with self.env.begin() as txn:
-            return [(bytes(k).decode(), _U64.unpack(v)[0]) for k, v in txn.cursor(db=self.seqs)]
+            return [(bytes(k).decode(), U64.unpack(v)[0]) for k, v in txn.cursor(db=self.seqs)]
 
     def projects_of(self, event_id: str) -> list[str]:
         """The projects an id is known in (live, or deleted within the history)."""
@@ -190,11 +191,11 @@ class Store(Commits):
     def known(self, project_id: str, event_id: str) -> bool:
         """Whether the id is known in the project (live, or deleted within the history)."""
         with self.env.begin() as txn:
-            return txn.get(_index_key(event_id, project_id), db=self.index) is not None
+            return txn.get(index_key(event_id, project_id), db=self.index) is not None
 
     def get_event(self, project_id: str, event_id: str) -> dict[str, Any] | None:
         with self.env.begin() as txn:
-            raw = txn.get(_k(project_id, event_id), db=self.events)
+            raw = txn.get(db_key(project_id, event_id), db=self.events)
         return orjson.loads(raw) if raw is not None else None
 
     def snapshot(self, project_id: str) -> tuple[int, list[dict[str, Any]]]:
@@ -262,7 +263,7 @@ class Store(Commits):
                 return [], True
             cursor = txn.cursor(db=self.changelog)
             prefix = project_id.encode() + b"\0"
-            if not cursor.set_range(_seq_key(project_id, since + 1)):
+            if not cursor.set_range(seq_key(project_id, since + 1)):
                 return None
             out: list[bytes] = []
             expected = since + 1
@@ -270,7 +271,7 @@ class Store(Commits):
             for key, value in cursor:
                 if not key.startswith(prefix):
                     break
-                if _U64.unpack(key[len(prefix):])[0] != expected:
+                if U64.unpack(key[len(prefix):])[0] != expected:
                     return None  # pruned history: a gap means we cannot replay
                 if out and max_bytes is not None and size + len(value) > max_bytes:
                     return out, False
@@ -285,7 +286,7 @@ class Store(Commits):
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self.changelog)
             if cursor.set_range(prefix) and cursor.key().startswith(prefix):
-                return _U64.unpack(cursor.key()[len(prefix):])[0]
+                return U64.unpack(cursor.key()[len(prefix):])[0]
         return None
 
     def iter_changelog(self, project_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -296,12 +297,12 @@ class Store(Commits):
                 for key, value in cursor:
                     if not key.startswith(prefix):
                         break
-                    yield _U64.unpack(key[len(prefix):])[0], orjson.loads(value)
+                    yield U64.unpack(key[len(prefix):])[0], orjson.loads(value)
 
     def change_at_version(self, project_id: str, event_id: str, version: int,
                           txn: lmdb.Transaction) -> dict[str, Any] | None:
         """The changelog entry that produced ``version`` of an event, if history has it."""
-        raw = txn.get(_version_key(project_id, event_id, version), db=self.versions)
+        raw = txn.get(version_key(project_id, event_id, version), db=self.versions)
         if raw is None:
             return None
         change = txn.get(project_id.encode() + b"\0" + raw, db=self.changelog)
@@ -358,26 +359,26 @@ class Store(Commits):
     def previous_answer(self, user_id: str, envelope_id: str) -> dict[str, Any] | None:
         """The answer already given to this envelope, if it was applied."""
         with self.env.begin() as txn:
-            raw = txn.get(_k(user_id, envelope_id), db=self.idem)
+            raw = txn.get(db_key(user_id, envelope_id), db=self.idem)
         return orjson.loads(raw) if raw is not None else None
 
     def _forget_change(self, txn: lmdb.Transaction, project_id: str, seq: int) -> bool:
         """Drop one changelog entry and the version index that points at it."""
-        key = _seq_key(project_id, seq)
+        key = seq_key(project_id, seq)
         raw = txn.get(key, db=self.changelog)
         if raw is None:
             return False
         change = orjson.loads(raw)
         event_id = change["payload"]["id"]
         txn.delete(key, db=self.changelog)
-        txn.delete(_version_key(project_id, event_id, change["version"]), db=self.versions)
+        txn.delete(version_key(project_id, event_id, change["version"]), db=self.versions)
         idem_key = txn.pop(key, db=self.idem_by_seq)
         if idem_key is not None:
             txn.delete(idem_key, db=self.idem)
-        if change["type"] == protocol.CHANGE_TYPES["delete"] and txn.get(_k(project_id, event_id), db=self.events) is None:
+        if change["type"] == protocol.CHANGE_TYPES["delete"] and txn.get(db_key(project_id, event_id), db=self.events) is None:
             # Deleted longer ago than history is kept: its id is forgotten too, so
             # the index stays bounded by the retention (the id may be used again).
-            txn.delete(_index_key(event_id, project_id), db=self.index)
+            txn.delete(index_key(event_id, project_id), db=self.index)
         return True
 
     def prune(self, *, now_ms: int, limit: int = 100_000) -> int:
@@ -399,7 +400,7 @@ class Store(Commits):
                         break
                     if orjson.loads(value)["timestamp"] >= cutoff:
                         break
-                    doomed.append(_U64.unpack(key[len(prefix):])[0])
+                    doomed.append(U64.unpack(key[len(prefix):])[0])
                 for seq in doomed:
                     self._forget_change(txn, pkey.decode(), seq)
                 dropped += len(doomed)

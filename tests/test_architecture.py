@@ -101,3 +101,28 @@ def test_hook_specifications_import_no_plugin() -> None:
 def test_no_module_has_two_jobs() -> None:
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split along the seam): {long}"
+
+
+def private_imports() -> list[str]:
+    """``from .module import _name``: a private name used in another module, i.e. two
+    modules that are one job split in two (make the name public, or keep it home)."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("barosync")):
+                found += [f"{name}: {alias.name} from {node.module}" for alias in node.names
+                          if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    assert private_imports() == []
+
+
+def test_the_private_import_check_notices_one(tmp_path, monkeypatch) -> None:
+    package = tmp_path / "barosync"
+    package.mkdir()
+    (package / "a.py").write_text("_x = 1\n")
+    (package / "b.py").write_text("from .a import _x\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
+    assert private_imports() == ["barosync.b: _x from a"]

@@ -18,8 +18,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError,
 
 from .model import ClientError, ClientGaveUp, ConnectionState, MutationRefused, backoff_delay
 from .store import QueueItem
-from .state import new_id, _now_ms, _End, _WatchedNursery, AUTH_CLOSE_CODES, AUTH_HTTP_STATUSES
-from .sync import _leaves
+from .state import new_id, now_ms, End, WatchedNursery, AUTH_CLOSE_CODES, AUTH_HTTP_STATUSES
+from .sync import leaves
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ClientConnection:
             return None
         return value if isinstance(value, str) and value else None
 
-    async def _connect_once(self, token: str) -> _End:
+    async def _connect_once(self, token: str) -> End:
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -126,20 +126,20 @@ class ClientConnection:
             failures, rest = group.split((HandshakeError, ConnectionClosed, OSError))
             if rest is not None or failures is None:
                 raise
-            rejected = [e for e in _leaves(failures) if isinstance(e, ConnectionRejected)]
+            rejected = [e for e in leaves(failures) if isinstance(e, ConnectionRejected)]
             if rejected:
                 status = rejected[0].status_code
-                return _End("rejected", code=status, reason=f"HTTP {status}", auth=status in AUTH_HTTP_STATUSES)
-            return _End("failed", reason=f"{_leaves(failures)[0]!r}")
+                return End("rejected", code=status, reason=f"HTTP {status}", auth=status in AUTH_HTTP_STATUSES)
+            return End("failed", reason=f"{leaves(failures)[0]!r}")
 
-    async def _connect_and_run(self, nursery: trio.Nursery, token: str) -> _End:
+    async def _connect_and_run(self, nursery: trio.Nursery, token: str) -> End:
         ws: WebSocketConnection | None = None
-        end: _End | None = None
+        end: End | None = None
         # trio-websocket (0.12) waits for the opening handshake without noticing that
         # its reader task ended (connection reset or closed before the 101): without
         # this watch, such an attempt would cost the whole connect_timeout.
         handshake = trio.CancelScope()
-        watched = _WatchedNursery(nursery, handshake.cancel)
+        watched = WatchedNursery(nursery, handshake.cancel)
         try:
             try:
                 with trio.fail_after(self._connect_timeout), handshake:
@@ -152,25 +152,25 @@ class ClientConnection:
                     )
                     hello = self._decode(await ws.get_message())
                 if handshake.cancelled_caught:
-                    end = _End("failed", reason="the connection closed during the handshake")
+                    end = End("failed", reason="the connection closed during the handshake")
                     return end
             except ConnectionRejected as e:
                 body = (e.body or b"")[:200].decode("utf-8", "replace")
-                end = _End("rejected", code=e.status_code, reason=f"HTTP {e.status_code} {body}".strip(),
+                end = End("rejected", code=e.status_code, reason=f"HTTP {e.status_code} {body}".strip(),
                            auth=e.status_code in AUTH_HTTP_STATUSES)
                 return end
             except trio.TooSlowError:
-                end = _End("failed", reason="connect timeout")
+                end = End("failed", reason="connect timeout")
                 return end
             except ConnectionClosed as e:
                 code = int(e.reason.code) if e.reason is not None else None
-                end = _End("failed", code=code, reason=e.reason.reason if e.reason else "closed", auth=code in AUTH_CLOSE_CODES)
+                end = End("failed", code=code, reason=e.reason.reason if e.reason else "closed", auth=code in AUTH_CLOSE_CODES)
                 return end
             except (HandshakeError, OSError) as e:
-                end = _End("failed", reason=f"{type(e).__name__}: {e.__cause__ or e}")
+                end = End("failed", reason=f"{type(e).__name__}: {e.__cause__ or e}")
                 return end
             if not isinstance(hello, dict) or hello.get("type") != "hello":
-                end = _End("failed", reason="the server did not start with hello")
+                end = End("failed", reason="the server did not start with hello")
                 return end
             end = await self._session(ws, hello)
             return end
@@ -182,7 +182,7 @@ class ClientConnection:
                             cs.cancel()  # the peer is gone: close the socket, skip the handshake
                         await ws.aclose(1000, "client closing" if self._closing else "reconnecting")
 
-    async def _session(self, ws: WebSocketConnection, hello: dict[str, Any]) -> _End:
+    async def _session(self, ws: WebSocketConnection, hello: dict[str, Any]) -> End:
         self._ws = ws
         self._outbox = deque()
         self.hello = hello.get("payload") or {}
@@ -194,7 +194,7 @@ class ClientConnection:
         for project_id in list(self._desired):
             self._send_subscribe(project_id)
         self._fill_window()
-        end: _End | None = None
+        end: End | None = None
         try:
             async with trio.open_nursery() as n:
                 self._session_scope = n.cancel_scope
@@ -208,7 +208,7 @@ class ClientConnection:
                 async def beat() -> None:
                     nonlocal end
                     await self._heartbeat(self.hello or {})
-                    end = _End("heartbeat", reason="heartbeat: no pong within timeout", connected=True)
+                    end = End("heartbeat", reason="heartbeat: no pong within timeout", connected=True)
                     log.info("heartbeat timeout: treating the connection as dead")
                     n.cancel_scope.cancel()
 
@@ -235,15 +235,15 @@ class ClientConnection:
                 st.presence.clear()
                 st.cursors.clear()
             self._changed.unpark_all()
-        return end or _End("client", reason="reconnect requested", connected=True)
+        return end or End("client", reason="reconnect requested", connected=True)
 
-    async def _reader(self, ws: WebSocketConnection) -> _End:
+    async def _reader(self, ws: WebSocketConnection) -> End:
         while True:
             try:
                 raw = await ws.get_message()
             except ConnectionClosed as e:
                 code = int(e.reason.code) if e.reason is not None else None
-                return _End("closed", code=code, reason=(e.reason.reason if e.reason else None) or str(code),
+                return End("closed", code=code, reason=(e.reason.reason if e.reason else None) or str(code),
                             connected=True, auth=code in AUTH_CLOSE_CODES)
             data = self._decode(raw)
             for msg in data if isinstance(data, list) else [data]:
@@ -278,7 +278,7 @@ class ClientConnection:
         while True:
             await trio.sleep(interval)
             self._pong = trio.Event()
-            self._send({"type": "ping", "timestamp": _now_ms()})
+            self._send({"type": "ping", "timestamp": now_ms()})
             with trio.move_on_after(timeout):
                 await self._pong.wait()
                 continue
@@ -302,7 +302,7 @@ class ClientConnection:
             answer: list[Any] = []
             done = trio.Event()
             self._refresh = (ref, token, done, answer)
-            self._send({"type": "auth:refresh", "id": ref, "payload": {"token": token}, "timestamp": _now_ms()})
+            self._send({"type": "auth:refresh", "id": ref, "payload": {"token": token}, "timestamp": now_ms()})
             await done.wait()
             if not answer or not isinstance(answer[0], dict):
                 return
@@ -355,7 +355,7 @@ class ClientConnection:
         payload: dict[str, Any] = {"projectId": project_id, "snapshotParts": True}
         if st.last_seq is not None:
             payload["since"] = st.last_seq
-        self._send({"type": "subscribe", "id": ref, "payload": payload, "timestamp": _now_ms()})
+        self._send({"type": "subscribe", "id": ref, "payload": payload, "timestamp": now_ms()})
 
     def _fill_window(self) -> None:
         """Send queued mutations strictly in queue order, at most ``max_in_flight``

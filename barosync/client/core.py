@@ -45,18 +45,18 @@ from .model import (
 from .store import Batch, ClientStore, QueueItem
 from .state import (
     new_id,
-    _now_ms,
+    now_ms,
     ws_url,
-    _Waiter,
+    Waiter,
     PendingMutation,
     QueuedMutation,
-    _Project,
+    ProjectState,
     NotificationStream,
     TokenSource,
     N,
 )
 from .connection import ClientConnection
-from .sync import ClientSync, _client_fields, _copy
+from .sync import ClientSync, client_fields, copy_event
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         self._rate_delay = 0.0
         self._session_nursery: trio.Nursery | None = None
         self._next_key = 1
-        self._waiters: dict[str, _Waiter] = {}
-        self._projects: dict[str, _Project] = {}
+        self._waiters: dict[str, Waiter] = {}
+        self._projects: dict[str, ProjectState] = {}
         self._desired: dict[str, None] = {}
         self._sub_refs: dict[str, str] = {}
         self._views: dict[str, dict[str, dict[str, Any]]] = {}
@@ -215,16 +215,16 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
     def _load(self) -> None:
         assert self._store is not None
         for project_id, (seq, events) in self._store.load_projects().items():
-            self._projects[project_id] = _Project(project_id, last_seq=seq, confirmed=events)
+            self._projects[project_id] = ProjectState(project_id, last_seq=seq, confirmed=events)
         for item in self._store.load_queue():
             self._queue[item.key] = item
             self._by_env[item.envelope_id] = item
         self._next_key = self._store.next_key()
 
-    def _project(self, project_id: str) -> _Project:
+    def _project(self, project_id: str) -> ProjectState:
         st = self._projects.get(project_id)
         if st is None:
-            st = self._projects[project_id] = _Project(project_id)
+            st = self._projects[project_id] = ProjectState(project_id)
         return st
 
     def _commit(self, batch: Batch) -> None:
@@ -329,12 +329,12 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         this client's acked and pending mutations applied, ordered by startDate, id.
         Copies: changing them changes nothing."""
         view = self._view(project_id)
-        return [_copy(e) for e in sorted(view.values(), key=lambda e: (str(e.get("startDate") or ""), e["id"]))]
+        return [copy_event(e) for e in sorted(view.values(), key=lambda e: (str(e.get("startDate") or ""), e["id"]))]
 
     def get(self, event_id: str, project_id: str | None = None) -> dict[str, Any] | None:
         """One event from the local view (searched in every known project unless given)."""
         found = self._locate(event_id, project_id)
-        return _copy(found[1]) if found else None
+        return copy_event(found[1]) if found else None
 
     def last_seq(self, project_id: str) -> int | None:
         st = self._projects.get(project_id)
@@ -411,7 +411,7 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         payload: dict[str, Any] = {"x": x, "y": y, "elementId": element_id}
         if project_id is not None:
             payload["projectId"] = project_id
-        self._send({"type": "user:cursor", "payload": payload, "timestamp": _now_ms()})
+        self._send({"type": "user:cursor", "payload": payload, "timestamp": now_ms()})
         return True
 
     def submit_create(self, project_id: str, event: Mapping[str, Any] | None = None, /, *, id: str | None = None,
@@ -422,7 +422,7 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         event_id = id or body.pop("id", None) or new_id()
         body.pop("id", None)
         body.pop("projectId", None)
-        return self._enqueue([self._item("create", project_id, event_id, _client_fields(body), None,
+        return self._enqueue([self._item("create", project_id, event_id, client_fields(body), None,
                                          envelope_id, remember)])[0]
 
     def submit_creates(self, project_id: str, events: Iterable[Mapping[str, Any]], *,
@@ -435,7 +435,7 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
             body = dict(event)
             event_id = body.pop("id", None) or new_id()
             body.pop("projectId", None)
-            items.append(self._item("create", project_id, event_id, _client_fields(body), None,
+            items.append(self._item("create", project_id, event_id, client_fields(body), None,
                                     next(ids) if ids is not None else None, remember))
         return self._enqueue(items)
 
@@ -447,7 +447,7 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         for key in ("id", "projectId", "version"):
             body.pop(key, None)
         project_id, version = self._target(event_id, project_id, version, required=True)
-        return self._enqueue([self._item("update", project_id, event_id, _client_fields(body), version,
+        return self._enqueue([self._item("update", project_id, event_id, client_fields(body), version,
                                          envelope_id, False)])[0]
 
     def submit_delete(self, event_id: str, *, version: int | None = None, force: bool = False,

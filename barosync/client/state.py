@@ -36,7 +36,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
@@ -53,7 +53,7 @@ def ws_url(url: str) -> str:
 # -- small helpers ---------------------------------------------------------------------
 
 
-class _Waiter:
+class Waiter:
     """The answer to one queued mutation, for whoever awaits it."""
 
     __slots__ = ("event", "value", "error")
@@ -87,7 +87,7 @@ class PendingMutation:
     :class:`MutationRefused` / :class:`ConflictError`. Cancelling that wait does not
     cancel the mutation: it stays queued (and persisted) until the server answers."""
 
-    def __init__(self, item: QueueItem, waiter: _Waiter) -> None:
+    def __init__(self, item: QueueItem, waiter: Waiter) -> None:
         self.envelope_id = item.envelope_id
         self.event_id = item.event_id
         self.project_id = item.project_id
@@ -119,7 +119,7 @@ class QueuedMutation:
 
 
 @attrs.define
-class _Project:
+class ProjectState:
     project_id: str
     last_seq: int | None = None  # None: never synced (subscribe without since)
     confirmed: dict[str, dict[str, Any]] = attrs.field(factory=dict)
@@ -137,7 +137,7 @@ class _Project:
 
 
 @attrs.define
-class _End:
+class End:
     """How one connection attempt ended."""
 
     kind: str  # closed | rejected | failed | heartbeat | client
@@ -147,7 +147,7 @@ class _End:
     auth: bool = False
 
 
-class _WatchedNursery:
+class WatchedNursery:
     """Hands tasks to a nursery and calls ``on_exit`` when any of them ends."""
 
     def __init__(self, nursery: trio.Nursery, on_exit: Callable[[], None]) -> None:

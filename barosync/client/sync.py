@@ -29,7 +29,7 @@ from .model import (
     SubscriptionRefused,
 )
 from .store import Batch, QueueItem
-from .state import new_id, _now_ms, _Waiter, PendingMutation, _Project, RETRYABLE_STORAGE, CHANGE_KINDS
+from .state import new_id, now_ms, Waiter, PendingMutation, ProjectState, RETRYABLE_STORAGE, CHANGE_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ClientSync:
             st.target_seq = int(p.get("seq") or 0)
             self._maybe_live(st)
 
-    def _maybe_live(self, st: _Project) -> None:
+    def _maybe_live(self, st: ProjectState) -> None:
         if st.phase == "replaying" and (st.last_seq or 0) >= st.target_seq:
             st.phase = "live"
         last = st.last_seq or 0
@@ -381,7 +381,7 @@ class ClientSync:
               envelope_id: str | None, remember: bool) -> QueueItem:
         if not isinstance(project_id, str) or not project_id:
             raise ValueError("project_id must be a non-empty string")
-        return QueueItem(0, envelope_id or new_id(), kind, project_id, event_id, fields, version, _now_ms(), remember)
+        return QueueItem(0, envelope_id or new_id(), kind, project_id, event_id, fields, version, now_ms(), remember)
 
     def _enqueue(self, items: list[QueueItem]) -> list[PendingMutation]:
         self._check_open()
@@ -401,7 +401,7 @@ class ClientSync:
                 fresh.append(item)
             waiter = self._waiters.get(item.envelope_id)
             if waiter is None:
-                waiter = self._waiters[item.envelope_id] = _Waiter()
+                waiter = self._waiters[item.envelope_id] = Waiter()
             out.append(PendingMutation(item, waiter))
         self._commit(batch)
         for item in fresh:
@@ -413,13 +413,13 @@ class ClientSync:
         return out
 
 
-def _leaves(group: BaseException) -> list[BaseException]:
+def leaves(group: BaseException) -> list[BaseException]:
     if isinstance(group, BaseExceptionGroup):
-        return [leaf for inner in group.exceptions for leaf in _leaves(inner)]
+        return [leaf for inner in group.exceptions for leaf in leaves(inner)]
     return [group]
 
 
-def _client_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+def client_fields(body: Mapping[str, Any]) -> dict[str, Any]:
     unknown = [k for k in body if k not in EDITABLE_FIELDS and k not in ("version", "createdAt", "updatedAt", "createdBy", "updatedBy")]
     if unknown:
         raise ValueError(f"unknown event field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(EDITABLE_FIELDS)}")
@@ -436,7 +436,7 @@ def _normalized(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _copy(event: dict[str, Any]) -> dict[str, Any]:
+def copy_event(event: dict[str, Any]) -> dict[str, Any]:
     out = dict(event)
     if isinstance(out.get("attendees"), list):
         out["attendees"] = list(out["attendees"])
