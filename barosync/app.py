@@ -55,10 +55,11 @@ class App:
         if config.cluster_postgres:
             from .pg_store import PgStore  # psycopg is needed only for a cluster
 
-            self.store: LogStore = PgStore(config.cluster_postgres, hook=self.pm.hook, config=config)
+            self.store: LogStore = PgStore(config.cluster_postgres, hook=self.pm.hook, config=config,
+                                           strategies=strategies)
         else:
-            self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config)
-        self.store.strategies = strategies
+            self.store = Store(config.data_dir, map_size=config.map_size, hook=self.pm.hook, config=config,
+                               strategies=strategies)
         try:
             self._build(config)
         except BaseException:

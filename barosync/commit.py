@@ -1,34 +1,32 @@
-"""What one mutation does inside the writer's transaction.
+"""What one mutation does inside the writer's transaction, written once for every store.
 
-The writer (writer.py) hands a batch to ``Store.commit_batch``, in its worker thread;
-each mutation is checked for a repeated envelope id (the idempotency table answers
-it), validated (plugins included), checked for a conflict (the project's strategy
-decides, with ``base`` read from history), and recorded: the event, the change with
-the project's next seq, the version index and the idempotency record, all in the one
-transaction. The key layout is lmdb_layout.py's (and store.py's docstring).
+The writer (writer.py) hands a batch to the store's ``commit_batch``, in its worker
+thread; for each mutation ``Rules.apply`` checks for a repeated envelope id (the
+idempotency record answers it), validates (plugins included), checks for a conflict
+(the project's strategy decides, with ``base`` read from history), and records the
+event, the change with the project's next seq and the idempotency record — all
+through ``WriteTxn``, the small interface each store's write transaction fills
+(lmdb_txn.py for LMDB, pg_store.py's ``PgTxn`` for PostgreSQL). The stores keep what
+differs: how a transaction begins and commits, and what a failure mid-batch does.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
 import attrs
-import lmdb
 import orjson
 
 from . import protocol
-from .buglog import BugLog
 from .conflicts import Conflict, Resolution, changed_by_client
-from .lmdb_layout import U64, db_key, index_key, seq_key, version_key
 from .models import CLIENT_FIELDS, Event, ValidationError, apply_changes, event_from_wire, event_to_wire
 
 if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger(__name__)
-_bugs = BugLog(log)
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -72,117 +70,105 @@ class Outcome:
     conflict: dict[str, Any] | None = None  # for conflict:detected to the sender
 
 
-class Commits:
-    """The write path of Store (store.py): runs in the writer's thread, one batch at
-    a time. The reads of history it needs are Store's. PgStore (pg_store.py) keeps
-    the same rules on SQL tables: it reuses the conflict handling and the validation
-    plugins' call, and writes its own storage steps."""
+class WriteTxn(Protocol):
+    """A store's write transaction, as the rules use it. Reads see this transaction's
+    own writes."""
 
-    # Errors of the storage itself (writer.py sorts them: degrade or stop).
-    faults: tuple[type[BaseException], ...] = (lmdb.Error, OSError)
-    # Strategy name -> the resolver of the plugin providing it (set by the app from
-    # plugins.strategy_resolvers); None asks the hook as a whole.
-    strategies: "dict[str, Any] | None" = None
+    def answer(self, user_id: str, envelope_id: str) -> dict[str, Any] | None:
+        """The answer recorded for this envelope (it was applied before), or None."""
 
-    if TYPE_CHECKING:
-        env: lmdb.Environment
-        config: Config
-        hook: Any
-        events: Any
-        index: Any
-        changelog: Any
-        versions: Any
-        seqs: Any
-        idem: Any
-        idem_by_seq: Any
+    def known(self, project_id: str, event_id: str) -> bool:
+        """The id is in use in the project: live, or deleted within the history."""
 
-        def event_at_version(self, project_id: str, event_id: str, version: int,
-                             txn: lmdb.Transaction) -> dict[str, Any] | None: ...
+    def event(self, project_id: str, event_id: str) -> dict[str, Any] | None:
+        """The live event (locked for this transaction where the store locks)."""
 
-        def change_at_version(self, project_id: str, event_id: str, version: int,
-                              txn: lmdb.Transaction) -> dict[str, Any] | None: ...
+    def last_change(self, project_id: str, event_id: str) -> tuple[int, int]:
+        """The event's latest version in history and when it was edited (ms); (0, 0)."""
 
-        def _forget_change(self, txn: lmdb.Transaction, project_id: str, seq: int) -> bool: ...
+    def change_at_version(self, project_id: str, event_id: str, version: int) -> dict[str, Any] | None:
+        """The change that produced ``version``, if history has it."""
 
-    def commit_batch(self, batch: list[Mutation]) -> list[Outcome] | None:
-        """Apply every mutation in one transaction and commit it with fsync.
-        Returns None when the map filled up (nothing was committed; grow and retry)."""
-        failed: dict[int, Outcome] = {}
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    return [failed[i] if i in failed else self._apply(txn, m, i) for i, m in enumerate(batch)]
-            except lmdb.MapFullError:
-                return None
-            except _Poisoned as p:
-                # One mutation failed halfway: the transaction is gone, so run the
-                # batch again without it (the others come out the same), and refuse it.
-                failed[p.index] = self._error(batch[p.index], protocol.E_INTERNAL,
-                                              "internal server error; the change was not applied")
+    def project_events(self, project_id: str) -> Iterator[dict[str, Any]]:
+        """Every live event of the project (for validation plugins)."""
 
-    def _apply(self, txn: lmdb.Transaction, m: Mutation, index: int) -> Outcome:
-        idem_key = db_key(m.user_id, m.envelope_id)
-        previous = txn.get(idem_key, db=self.idem)
-        if previous is not None:
-            answer = orjson.loads(previous)
+    def next_seq(self, project_id: str) -> int:
+        """The project's next seq, taken."""
+
+    def record(self, m: Mutation, *, seq: int, version: int, event: dict[str, Any] | None, change: bytes,
+               answer: dict[str, Any], new_id: bool) -> None:
+        """Store the change: the event (None: deleted), the changelog entry, the
+        idempotency record; ``new_id``: the id enters the project's index. Keeps
+        ``[storage] history_max_changes``."""
+
+
+class Rules:
+    """The write rules, once: what a mutation does, given a ``WriteTxn``."""
+
+    def __init__(self, config: "Config", hook: Any, strategies: "dict[str, Any] | None" = None) -> None:
+        self.config = config
+        self.hook = hook
+        # Strategy name -> the resolver of the plugin providing it
+        # (plugins.strategy_resolvers); None asks the hook as a whole.
+        self.strategies = strategies
+
+    def apply(self, txn: WriteTxn, m: Mutation) -> Outcome:
+        """One mutation. A refusal writes nothing; any other exception leaves the
+        transaction to the store (which redoes the batch without this mutation, or
+        rolls back to its savepoint)."""
+        answer = txn.answer(m.user_id, m.envelope_id)
+        if answer is not None:
             return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
         # Checks (and plugins) run before a mutation's first write, so a refusal
-        # leaves nothing behind. Should anything fail later, halfway through its
-        # writes, the whole batch is redone without it (commit_batch).
+        # leaves nothing behind.
         try:
             if m.kind == "create":
-                return self._create(txn, m, idem_key)
-            return self._update_or_delete(txn, m, idem_key)
+                return self._create(txn, m)
+            return self._update_or_delete(txn, m)
         except ValidationError as e:
-            return self._error(m, protocol.E_INVALID, f"`{e.field}` {e.message}", e.field)
-        except lmdb.MapFullError:
-            raise
-        except Exception as e:
-            _bugs.report(f"mutation {m.envelope_id!r} by {m.user_id!r}", e)
-            raise _Poisoned(index) from e
+            return error(m, protocol.E_INVALID, f"`{e.field}` {e.message}", e.field)
 
-    def _error(self, m: Mutation, code: str, message: str, field: str | None = None) -> Outcome:
-        return Outcome("error", m.project_id, error=protocol.ProtocolError(code, message, ref=m.envelope_id, field=field))
-
-    def _create(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
+    def _create(self, txn: WriteTxn, m: Mutation) -> Outcome:
         assert m.event is not None
         # An event is (project, id): the same id in another project is another event.
-        known = txn.get(index_key(m.event.id, m.project_id), db=self.index) is not None
-        if known and m.revive and txn.get(db_key(m.project_id, m.event.id), db=self.events) is None:
-            version = self._last_change(txn, m.project_id, m.event.id)[0] + 1
+        known = txn.known(m.project_id, m.event.id)
+        if known and m.revive and txn.event(m.project_id, m.event.id) is None:
+            version = txn.last_change(m.project_id, m.event.id)[0] + 1
             revived = event_to_wire(attrs.evolve(m.event, version=version))
-            return self._commit_change(txn, m, idem_key, "create", revived, previous=None)
+            return self._commit_change(txn, m, "create", revived, previous=None, new_id=False)
         if known:
-            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists in this project "
-                                                     "(ids of deleted events are kept for the history retention)", "id")
-        return self._commit_change(txn, m, idem_key, "create", event_to_wire(m.event), previous=None)
+            return error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists in this project "
+                                               "(ids of deleted events are kept for the history retention)", "id")
+        return self._commit_change(txn, m, "create", event_to_wire(m.event), previous=None, new_id=True)
 
-    def _update_or_delete(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes) -> Outcome:
-        raw = txn.get(db_key(m.project_id, m.event_id), db=self.events)
-        if raw is None:
+    def _update_or_delete(self, txn: WriteTxn, m: Mutation) -> Outcome:
+        stored = txn.event(m.project_id, m.event_id)
+        if stored is None:
             if m.kind == "update" and m.base_version is not None and \
-                    m.base_version < self._last_change(txn, m.project_id, m.event_id)[0]:
+                    m.base_version < txn.last_change(m.project_id, m.event_id)[0]:
                 # Edited (from a version before the deletion) after someone deleted
                 # it: the strategy decides.
-                return self._conflict(txn, m, idem_key, None)
-            return self._error(m, protocol.E_NOT_FOUND, f"no event {m.event_id!r} (it was deleted)", "id")
-        stored = orjson.loads(raw)
+                return self._conflict(txn, m, None)
+            return error(m, protocol.E_NOT_FOUND, f"no event {m.event_id!r} (it was deleted)", "id")
         if m.base_version is not None and m.base_version != stored["version"]:
             if m.base_version > stored["version"]:
-                return self._error(m, protocol.E_INVALID, f"`version` {m.base_version} is ahead of the stored version {stored['version']}", "version")
-            return self._conflict(txn, m, idem_key, stored)
+                return error(m, protocol.E_INVALID, f"`version` {m.base_version} is ahead of the stored version "
+                                                    f"{stored['version']}", "version")
+            return self._conflict(txn, m, stored)
         if m.kind == "delete":
-            return self._commit_change(txn, m, idem_key, "delete", None, previous=stored)
+            return self._commit_change(txn, m, "delete", None, previous=stored)
         updated = apply_changes(event_from_wire(stored), m.changes or {}, user_id=m.user_id, now_ms=m.received_ms)
-        return self._commit_change(txn, m, idem_key, "update", event_to_wire(updated), previous=stored)
+        return self._commit_change(txn, m, "update", event_to_wire(updated), previous=stored)
 
-    def _conflict(self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes, stored: dict[str, Any] | None) -> Outcome:
-        base = self.event_at_version(m.project_id, m.event_id, m.base_version or 0, txn)
+    def _conflict(self, txn: WriteTxn, m: Mutation, stored: dict[str, Any] | None) -> Outcome:
+        produced_base = txn.change_at_version(m.project_id, m.event_id, m.base_version or 0)
+        base = (produced_base["payload"] if produced_base is not None
+                and produced_base["type"] != protocol.CHANGE_TYPES["delete"] else None)
         changes = m.changes or {}
         local = {**base, **changes} if base is not None and m.kind == "update" else None
-        last_version, remote_time = self._last_change(txn, m.project_id, m.event_id)
+        last_version, remote_time = txn.last_change(m.project_id, m.event_id)
         if stored is not None:
-            produced = self.change_at_version(m.project_id, m.event_id, stored["version"], txn)
+            produced = txn.change_at_version(m.project_id, m.event_id, stored["version"])
             remote_time = _edited_at(produced) if produced is not None else stored["updatedAt"]
         tiebreak_name = self.config.merge_tiebreak
 
@@ -226,7 +212,7 @@ class Commits:
             if stored is None:
                 info["resolved"] = None
                 return Outcome("conflict", m.project_id, conflict=info)
-            outcome = self._commit_change(txn, m, idem_key, "delete", None, previous=stored)
+            outcome = self._commit_change(txn, m, "delete", None, previous=stored)
         else:
             source = stored if stored is not None else (local or base)
             if source is None or resolution.event is None or not all(source.get(f) for f in ("title", "startDate", "endDate")):
@@ -237,9 +223,11 @@ class Commits:
                 current = attrs.evolve(current, version=last_version)
             wanted = {f: resolution.event[f] for f in CLIENT_FIELDS if f in resolution.event}
             merged = apply_changes(current, wanted, user_id=m.user_id, now_ms=m.received_ms)
-            # Brought back from deletion, it is new again for everyone who dropped it.
+            # Brought back from deletion, it is new again for everyone who dropped it
+            # (its id is known in the project already).
             kind = "update" if stored is not None else "create"
-            outcome = self._commit_change(txn, m, idem_key, kind, event_to_wire(merged), previous=stored)
+            outcome = self._commit_change(txn, m, kind, event_to_wire(merged), previous=stored,
+                                          new_id=stored is None)
         if outcome.status == "applied":
             info["resolved"] = outcome.answer.get("event") if outcome.answer else None
             outcome.conflict = info
@@ -253,28 +241,14 @@ class Commits:
         ask = resolvers.get(strategy)
         return ask(strategy=strategy, conflict=conflict) if ask is not None else None
 
-    def _last_change(self, txn: lmdb.Transaction, project_id: str, event_id: str) -> tuple[int, int]:
-        """The latest version of an event and when it was written (ms), from history."""
-        prefix = db_key(event_id, project_id) + b"\0"
-        cursor = txn.cursor(db=self.versions)
-        if cursor.set_range(db_key(event_id, project_id) + b"\x01"):
-            found = cursor.prev()
-        else:
-            found = cursor.last()
-        if not found or not cursor.key().startswith(prefix):
-            return 0, 0
-        version = U64.unpack(cursor.key()[len(prefix):])[0]
-        change = txn.get(project_id.encode() + b"\0" + cursor.value(), db=self.changelog)
-        return version, (_edited_at(orjson.loads(change)) if change else 0)
-
-    def _validate(self, txn: lmdb.Transaction, m: Mutation, kind: str, event: dict[str, Any] | None,
+    def _validate(self, txn: WriteTxn, m: Mutation, kind: str, event: dict[str, Any] | None,
                   previous: dict[str, Any] | None) -> tuple[protocol.ProtocolError | None, list[dict[str, Any]]]:
         hook = self.hook.barosync_validate_mutation
         if not hook.get_hookimpls():
             return None, []
 
         def project_events() -> Iterator[dict[str, Any]]:
-            return self._project_events(txn, m.project_id)
+            return txn.project_events(m.project_id)
 
         warnings = []
         for found in hook(operation=kind, event=event, previous=previous, project_events=project_events,
@@ -287,53 +261,31 @@ class Commits:
                 warnings.append({"code": problem.code, "message": problem.message, "field": problem.field})
         return None, warnings
 
-    def _project_events(self, txn: lmdb.Transaction, project_id: str) -> Iterator[dict[str, Any]]:
-        """Every current event of a project, in the write transaction (for plugins)."""
-        prefix = project_id.encode() + b"\0"
-        cursor = txn.cursor(db=self.events)
-        if cursor.set_range(prefix):
-            for key, value in cursor:
-                if not key.startswith(prefix):
-                    break
-                yield orjson.loads(value)
-
-    def _commit_change(
-        self, txn: lmdb.Transaction, m: Mutation, idem_key: bytes, kind: str,
-        event: dict[str, Any] | None, *, previous: dict[str, Any] | None,
-    ) -> Outcome:
+    def _commit_change(self, txn: WriteTxn, m: Mutation, kind: str, event: dict[str, Any] | None, *,
+                       previous: dict[str, Any] | None, new_id: bool = False) -> Outcome:
         refused, warnings = self._validate(txn, m, kind, event, previous)
         if refused is not None:
             return Outcome("error", m.project_id, error=refused)
-        pkey = m.project_id.encode()
-        raw = txn.get(pkey, db=self.seqs)
-        seq = (U64.unpack(raw)[0] if raw else 0) + 1
-        txn.put(pkey, U64.pack(seq), db=self.seqs)
-        if kind == "create" and previous is None:
-            txn.put(index_key(m.event_id, m.project_id), b"", db=self.index)
+        seq = txn.next_seq(m.project_id)
         if event is None:
             assert previous is not None
             version = previous["version"] + 1
-            payload = {"id": m.event_id, "projectId": m.project_id, "version": version}
-            txn.delete(db_key(m.project_id, m.event_id), db=self.events)
+            payload: dict[str, Any] = {"id": m.event_id, "projectId": m.project_id, "version": version}
+            answer: dict[str, Any] = {**payload, "seq": seq}
         else:
             version = event["version"]
             payload = event
-            txn.put(db_key(m.project_id, m.event_id), orjson.dumps(event), db=self.events)
-        change = change_message(m, kind, seq, version, payload)
-        txn.put(seq_key(m.project_id, seq), change, db=self.changelog)
-        keep = self.config.history_max_changes
-        if keep and seq > keep:
-            self._forget_change(txn, m.project_id, seq - keep)
-        txn.put(version_key(m.project_id, m.event_id, version), U64.pack(seq), db=self.versions)
-        if event is None:
-            answer: dict[str, Any] = {**payload, "seq": seq}
-        else:
             answer = {"event": payload, "projectId": m.project_id, "seq": seq}
         if warnings:
             answer["warnings"] = warnings
-        txn.put(idem_key, orjson.dumps(answer), db=self.idem)
-        txn.put(seq_key(m.project_id, seq), idem_key, db=self.idem_by_seq)
+        change = change_message(m, kind, seq, version, payload)
+        txn.record(m, seq=seq, version=version, event=event, change=change, answer=answer, new_id=new_id)
         return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
+
+
+def error(m: Mutation, code: str, message: str, field: str | None = None) -> Outcome:
+    """A refusal of ``m`` (nothing stored), with its ref."""
+    return Outcome("error", m.project_id, error=protocol.ProtocolError(code, message, ref=m.envelope_id, field=field))
 
 
 def change_message(m: Mutation, kind: str, seq: int, version: int, payload: dict[str, Any]) -> bytes:
@@ -351,11 +303,6 @@ def change_message(m: Mutation, kind: str, seq: int, version: int, payload: dict
         "editedAt": min(m.client_ms or m.received_ms, m.received_ms),
         "payload": payload,
     })
-
-
-class _Poisoned(Exception):
-    def __init__(self, index: int) -> None:
-        self.index = index
 
 
 def _edited_at(change: dict[str, Any]) -> int:

@@ -24,19 +24,19 @@ import logging
 import threading
 from typing import Any, Iterator
 
-import attrs
 import orjson
 import psycopg
 import psycopg_pool
 from psycopg import errors as pgerrors
 
 from . import protocol
-from .commit import Commits, Mutation, Outcome, change_message
+from .buglog import BugLog
+from .commit import Mutation, Outcome, Rules, error
 from .config import Config, ConfigError
-from .models import ValidationError, apply_changes, event_from_wire, event_to_wire
 from .pg_schema import prepare
 
 log = logging.getLogger(__name__)
+_bugs = BugLog(log)
 # Changes fetched per round trip while a catch-up pages through the log.
 REPLAY_BATCH = 256
 
@@ -47,15 +47,17 @@ STATEMENT_TIMEOUT_MS = 10_000
 READ_THREADS = 4
 
 
-class PgStore(Commits):
+class PgStore:
     kind = "postgresql"
     # reads.py: each read is a network round trip, so it runs in a worker thread.
     reads_block = True
     read_threads = READ_THREADS
 
-    def __init__(self, dsn: str, *, hook: Any, config: Config) -> None:
+    def __init__(self, dsn: str, *, hook: Any, config: Config, strategies: dict[str, Any] | None = None) -> None:
         self.config = config
         self.hook = hook
+        # What a mutation does (commit.py), through PgTxn on the writer's connection.
+        self.rules = Rules(config, hook, strategies)
         self.dsn = dsn
         # Where the node's own files are (secret, app passwords); messages name it.
         self.path = config.data_dir
@@ -244,31 +246,6 @@ class PgStore(Commits):
                                (user_id, envelope_id)).fetchone()
         return orjson.loads(row[0]) if row else None
 
-    # -- history the write path reads (in the writer's transaction) -----------------------
-
-    def change_at_version(self, project_id: str, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:
-        row = txn.execute("SELECT change FROM barosync_changelog WHERE project = %s AND event_id = %s AND version = %s",
-                          (project_id, event_id, version)).fetchone()
-        return orjson.loads(row[0]) if row else None
-
-    def event_at_version(self, project_id: str, event_id: str, version: int, txn: Any) -> dict[str, Any] | None:
-        change = self.change_at_version(project_id, event_id, version, txn)
-        if change is None or change["type"] == protocol.CHANGE_TYPES["delete"]:
-            return None
-        return change["payload"]
-
-    def _last_change(self, txn: Any, project_id: str, event_id: str) -> tuple[int, int]:
-        row = txn.execute("SELECT version, change FROM barosync_changelog WHERE project = %s AND event_id = %s "
-                          "ORDER BY version DESC LIMIT 1", (project_id, event_id)).fetchone()
-        if row is None:
-            return 0, 0
-        change = orjson.loads(row[1])
-        return row[0], min(change.get("editedAt") or change["timestamp"], change["timestamp"])
-
-    def _project_events(self, txn: Any, project_id: str) -> Iterator[dict[str, Any]]:
-        for (body,) in txn.execute("SELECT body FROM barosync_events WHERE project = %s", (project_id,)).fetchall():
-            yield orjson.loads(body)
-
     # -- the write path -------------------------------------------------------------------
 
     def commit_batch(self, batch: list[Mutation]) -> list[Outcome] | None:
@@ -290,8 +267,8 @@ class PgStore(Commits):
                                               "ORDER BY project FOR UPDATE", (projects,)).fetchall())
                 first = dict(self._seqs)
                 out = []
-                for i, m in enumerate(batch):
-                    out.append(self._apply_one(conn, pipeline, cur, m, i))
+                for m in batch:
+                    out.append(self._apply_one(conn, pipeline, cur, m))
                 moved = [(p, seq) for p, seq in self._seqs.items() if seq != first[p]]
                 if moved:
                     cur.execute("UPDATE barosync_heads h SET seq = n.seq FROM unnest(%s::text[], %s::bigint[]) "
@@ -302,12 +279,12 @@ class PgStore(Commits):
             conn.close()
             raise
 
-    def _apply_one(self, conn: psycopg.Connection, pipeline: Any, cur: Any, m: Mutation, index: int) -> Outcome:
+    def _apply_one(self, conn: psycopg.Connection, pipeline: Any, cur: Any, m: Mutation) -> Outcome:
         seq_before = self._seqs[m.project_id]
         try:
             try:
                 with conn.transaction():  # a savepoint: a refused mutation leaves nothing behind
-                    outcome = self._apply(cur, m, index)
+                    outcome = self.rules.apply(PgTxn(cur, self), m)
                     # This mutation's errors surface here, inside its own savepoint.
                     pipeline.sync()
                     return outcome
@@ -316,109 +293,18 @@ class PgStore(Commits):
                 raise
         except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as e:
             if "barosync_index" in str(e):
-                return self._error(m, protocol.E_EXISTS, f"an event with id {m.event_id!r} already exists", "id")
-            answer = self._answer_of(cur, m)
+                return error(m, protocol.E_EXISTS, f"an event with id {m.event_id!r} already exists", "id")
+            answer = PgTxn(cur, self).answer(m.user_id, m.envelope_id)
             if answer is not None:  # another node stored this envelope meanwhile
                 return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer,
                                seq=answer.get("seq", 0))
-            log.exception("mutation %s failed", m.envelope_id)
-            return self._error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
+            _bugs.report(f"mutation {m.envelope_id!r} by {m.user_id!r}", e)
+            return error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
         except psycopg.OperationalError:
             raise
-        except Exception:
-            log.exception("mutation %s failed", m.envelope_id)
-            return self._error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
-
-    def _answer_of(self, cur: Any, m: Mutation) -> dict[str, Any] | None:
-        row = cur.execute("SELECT answer FROM barosync_idem WHERE user_id = %s AND envelope_id = %s",
-                          (m.user_id, m.envelope_id)).fetchone()
-        return orjson.loads(row[0]) if row else None
-
-    def _apply(self, cur: Any, m: Mutation, index: int) -> Outcome:
-        answer = self._answer_of(cur, m)
-        if answer is not None:
-            return Outcome("replayed", answer.get("projectId", m.project_id), answer=answer, seq=answer.get("seq", 0))
-        try:
-            if m.kind == "create":
-                return self._create(cur, m, b"")
-            return self._update_or_delete(cur, m, b"")
-        except ValidationError as e:
-            return self._error(m, protocol.E_INVALID, f"`{e.field}` {e.message}", e.field)
-
-    def _create(self, cur: Any, m: Mutation, idem_key: bytes) -> Outcome:
-        assert m.event is not None
-        # An event is (project, id): the same id in another project is another event.
-        row = cur.execute("SELECT 1 FROM barosync_index WHERE id = %s AND project = %s",
-                          (m.event.id, m.project_id)).fetchone()
-        if row is not None and m.revive and cur.execute(
-                "SELECT 1 FROM barosync_events WHERE project = %s AND id = %s", (m.project_id, m.event.id)).fetchone() is None:
-            version = self._last_change(cur, m.project_id, m.event.id)[0] + 1
-            return self._commit_change(cur, m, idem_key, "create", event_to_wire(attrs.evolve(m.event, version=version)),
-                                       previous=None, indexed=True)
-        if row is not None:
-            return self._error(m, protocol.E_EXISTS, f"an event with id {m.event.id!r} already exists in this project "
-                                                     "(ids of deleted events are kept for the history retention)", "id")
-        return self._commit_change(cur, m, idem_key, "create", event_to_wire(m.event), previous=None)
-
-    def _update_or_delete(self, cur: Any, m: Mutation, idem_key: bytes) -> Outcome:
-        row = cur.execute("SELECT body FROM barosync_events WHERE project = %s AND id = %s FOR UPDATE",
-                          (m.project_id, m.event_id)).fetchone()
-        if row is None:
-            if m.kind == "update" and m.base_version is not None and \
-                    m.base_version < self._last_change(cur, m.project_id, m.event_id)[0]:
-                return self._conflict(cur, m, idem_key, None)
-            return self._error(m, protocol.E_NOT_FOUND, f"no event {m.event_id!r} (it was deleted)", "id")
-        stored = orjson.loads(row[0])
-        if m.base_version is not None and m.base_version != stored["version"]:
-            if m.base_version > stored["version"]:
-                return self._error(m, protocol.E_INVALID, f"`version` {m.base_version} is ahead of the stored version "
-                                                          f"{stored['version']}", "version")
-            return self._conflict(cur, m, idem_key, stored)
-        if m.kind == "delete":
-            return self._commit_change(cur, m, idem_key, "delete", None, previous=stored)
-        updated = apply_changes(event_from_wire(stored), m.changes or {}, user_id=m.user_id, now_ms=m.received_ms)
-        return self._commit_change(cur, m, idem_key, "update", event_to_wire(updated), previous=stored)
-
-    def _commit_change(self, cur: Any, m: Mutation, idem_key: bytes, kind: str, event: dict[str, Any] | None, *,
-                       previous: dict[str, Any] | None, indexed: bool = False) -> Outcome:
-        refused, warnings = self._validate(cur, m, kind, event, previous)
-        if refused is not None:
-            return Outcome("error", m.project_id, error=refused)
-        seq = self._seqs[m.project_id] = self._seqs[m.project_id] + 1
-        if kind == "create" and previous is None and not indexed:
-            # Known from an earlier life in this project (brought back by a conflict's
-            # resolution): nothing to change. Two nodes cannot race here: a batch
-            # holds its projects' head rows.
-            cur.execute("INSERT INTO barosync_index (id, project) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                        (m.event_id, m.project_id))
-        if event is None:
-            assert previous is not None
-            version = previous["version"] + 1
-            payload: dict[str, Any] = {"id": m.event_id, "projectId": m.project_id, "version": version}
-            cur.execute("DELETE FROM barosync_events WHERE project = %s AND id = %s", (m.project_id, m.event_id))
-        else:
-            version = event["version"]
-            payload = event
-            cur.execute("INSERT INTO barosync_events (project, id, body) VALUES (%s, %s, %s) "
-                        "ON CONFLICT (project, id) DO UPDATE SET body = EXCLUDED.body",
-                        (m.project_id, m.event_id, orjson.dumps(event)))
-        change = change_message(m, kind, seq, version, payload)
-        cur.execute("INSERT INTO barosync_changelog (project, seq, event_id, version, ts, change) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)", (m.project_id, seq, m.event_id, version, m.received_ms, change))
-        keep = self.config.history_max_changes
-        if keep and seq > keep:
-            self._forget(cur, m.project_id, seq - keep)
-        if event is None:
-            answer: dict[str, Any] = {**payload, "seq": seq}
-        else:
-            answer = {"event": payload, "projectId": m.project_id, "seq": seq}
-        if warnings:
-            answer["warnings"] = warnings
-        # Stored meanwhile by another node (a racing retry): a UniqueViolation on
-        # barosync_idem_pkey at the sync, answered with the stored answer.
-        cur.execute("INSERT INTO barosync_idem (user_id, envelope_id, project, seq, answer) VALUES (%s, %s, %s, %s, %s)",
-                    (m.user_id, m.envelope_id, m.project_id, seq, orjson.dumps(answer)))
-        return Outcome("applied", m.project_id, answer=answer, seq=seq, change=change)
+        except Exception as e:
+            _bugs.report(f"mutation {m.envelope_id!r} by {m.user_id!r}", e)
+            return error(m, protocol.E_INTERNAL, "internal server error; the change was not applied")
 
     def _forget(self, cur: Any, project_id: str, seq: int) -> int:
         """Drop changes up to ``seq`` from the history (idempotency records stay), and
@@ -453,3 +339,77 @@ class PgStore(Commits):
             conn.close()
             raise
         return dropped
+
+
+class PgTxn:
+    """The writer's transaction on PostgreSQL as the write rules use it (commit.py's
+    ``WriteTxn``): a cursor in the batch's transaction, and the batch's projects'
+    heads, locked and counted by ``PgStore.commit_batch``."""
+
+    __slots__ = ("cur", "store")
+
+    def __init__(self, cur: Any, store: PgStore) -> None:
+        self.cur = cur
+        self.store = store
+
+    def answer(self, user_id: str, envelope_id: str) -> dict[str, Any] | None:
+        row = self.cur.execute("SELECT answer FROM barosync_idem WHERE user_id = %s AND envelope_id = %s",
+                               (user_id, envelope_id)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def known(self, project_id: str, event_id: str) -> bool:
+        return self.cur.execute("SELECT 1 FROM barosync_index WHERE id = %s AND project = %s",
+                                (event_id, project_id)).fetchone() is not None
+
+    def event(self, project_id: str, event_id: str) -> dict[str, Any] | None:
+        # Locked to the commit: another node's batch edits it after this one.
+        row = self.cur.execute("SELECT body FROM barosync_events WHERE project = %s AND id = %s FOR UPDATE",
+                               (project_id, event_id)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def last_change(self, project_id: str, event_id: str) -> tuple[int, int]:
+        row = self.cur.execute("SELECT version, change FROM barosync_changelog WHERE project = %s AND event_id = %s "
+                               "ORDER BY version DESC LIMIT 1", (project_id, event_id)).fetchone()
+        if row is None:
+            return 0, 0
+        change = orjson.loads(row[1])
+        return row[0], min(change.get("editedAt") or change["timestamp"], change["timestamp"])
+
+    def change_at_version(self, project_id: str, event_id: str, version: int) -> dict[str, Any] | None:
+        row = self.cur.execute("SELECT change FROM barosync_changelog WHERE project = %s AND event_id = %s "
+                               "AND version = %s", (project_id, event_id, version)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def project_events(self, project_id: str) -> Iterator[dict[str, Any]]:
+        for (body,) in self.cur.execute("SELECT body FROM barosync_events WHERE project = %s", (project_id,)).fetchall():
+            yield orjson.loads(body)
+
+    def next_seq(self, project_id: str) -> int:
+        seqs = self.store._seqs
+        seqs[project_id] += 1
+        return seqs[project_id]
+
+    def record(self, m: Mutation, *, seq: int, version: int, event: dict[str, Any] | None, change: bytes,
+               answer: dict[str, Any], new_id: bool) -> None:
+        cur = self.cur
+        if new_id:
+            # Known from an earlier life in this project (brought back by a conflict's
+            # resolution): nothing to change. Two nodes cannot race here: a batch
+            # holds its projects' head rows.
+            cur.execute("INSERT INTO barosync_index (id, project) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                        (m.event_id, m.project_id))
+        if event is None:
+            cur.execute("DELETE FROM barosync_events WHERE project = %s AND id = %s", (m.project_id, m.event_id))
+        else:
+            cur.execute("INSERT INTO barosync_events (project, id, body) VALUES (%s, %s, %s) "
+                        "ON CONFLICT (project, id) DO UPDATE SET body = EXCLUDED.body",
+                        (m.project_id, m.event_id, orjson.dumps(event)))
+        cur.execute("INSERT INTO barosync_changelog (project, seq, event_id, version, ts, change) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)", (m.project_id, seq, m.event_id, version, m.received_ms, change))
+        keep = self.store.config.history_max_changes
+        if keep and seq > keep:
+            self.store._forget(cur, m.project_id, seq - keep)
+        # Stored meanwhile by another node (a racing retry): a UniqueViolation on
+        # barosync_idem_pkey at the sync, answered with the stored answer.
+        cur.execute("INSERT INTO barosync_idem (user_id, envelope_id, project, seq, answer) VALUES (%s, %s, %s, %s, %s)",
+                    (m.user_id, m.envelope_id, m.project_id, seq, orjson.dumps(answer)))

@@ -41,13 +41,16 @@ import orjson
 
 from . import protocol
 # Mutation, Outcome and now_ms are re-exported: the writer, hub and transports use them.
-from .commit import Commits, Mutation, Outcome, now_ms  # noqa: F401
-from .lmdb_layout import U64, db_key, index_key, seq_key, version_key
+from .commit import Mutation, Outcome, Rules, error, now_ms  # noqa: F401
+from .lmdb_layout import U64, db_key, index_key, seq_key
+from .lmdb_txn import LmdbTxn, forget_change
+from .buglog import BugLog
 from .config import Config, ConfigError, private_dir
 
 __all__ = ["Store", "Mutation", "Outcome", "now_ms", "SCHEMA_VERSION", "WHOLE"]
 
 log = logging.getLogger(__name__)
+_bugs = BugLog(log)
 
 SCHEMA_VERSION = 2
 # A page size that takes a whole project in one page.
@@ -57,19 +60,25 @@ MAX_READERS = 2048
 # Grow the map when less than this share of it is free before a batch.
 GROW_WHEN_FREE_BELOW = 0.25
 
-class Store(Commits):
+class Store:
     kind = "lmdb"
+    # Errors of the storage itself (writer.py sorts them: degrade or stop).
+    faults: tuple[type[BaseException], ...] = (lmdb.Error, OSError)
     # reads.py: memory-mapped lookups of a few microseconds run inline, never yielding.
     reads_block = False
     read_threads = 1
 
-    def __init__(self, path: Path, *, map_size: int, hook: Any = None, config: Config | None = None) -> None:
+    def __init__(self, path: Path, *, map_size: int, hook: Any = None, config: Config | None = None,
+                 strategies: dict[str, Any] | None = None) -> None:
         self.config = config or Config()
         if hook is None:
-            from .plugins import build_plugin_manager
+            from .plugins import build_plugin_manager, strategy_resolvers
 
-            hook = build_plugin_manager(self.config).hook
+            pm = build_plugin_manager(self.config)
+            hook, strategies = pm.hook, strategy_resolvers(pm)
         self.hook = hook
+        # What a mutation does (commit.py), through this store's write transaction.
+        self.rules = Rules(self.config, hook, strategies)
         # Read transactions held open across awaits (streamed snapshots), and whether
         # a resize of the map waits for them: LMDB's set_mapsize is undefined while
         # any transaction of the process is open, and it does not check.
@@ -299,24 +308,6 @@ class Store(Commits):
                         break
                     yield U64.unpack(key[len(prefix):])[0], orjson.loads(value)
 
-    def change_at_version(self, project_id: str, event_id: str, version: int,
-                          txn: lmdb.Transaction) -> dict[str, Any] | None:
-        """The changelog entry that produced ``version`` of an event, if history has it."""
-        raw = txn.get(version_key(project_id, event_id, version), db=self.versions)
-        if raw is None:
-            return None
-        change = txn.get(project_id.encode() + b"\0" + raw, db=self.changelog)
-        return orjson.loads(change) if change is not None else None
-
-    def event_at_version(self, project_id: str, event_id: str, version: int,
-                         txn: lmdb.Transaction) -> dict[str, Any] | None:
-        """The event as it was at ``version``, from history (the base of a merge);
-        None when history no longer has it or that version is its deletion."""
-        change = self.change_at_version(project_id, event_id, version, txn)
-        if change is None or change["type"] == protocol.CHANGE_TYPES["delete"]:
-            return None
-        return change["payload"]
-
     # -- map growth (event loop, between batches) ------------------------------------
 
     def map_usage(self) -> tuple[int, int]:
@@ -356,30 +347,40 @@ class Store(Commits):
         with self.env.begin(write=True) as txn:
             txn.delete(b"space_probe", db=self.meta)
 
+    # -- the write path (the writer's thread) ----------------------------------------
+
+    def commit_batch(self, batch: list[Mutation]) -> list[Outcome] | None:
+        """Apply every mutation in one transaction and commit it with fsync (the rules
+        are commit.py's). Returns None when the map filled up (nothing was committed;
+        grow and retry)."""
+        failed: dict[int, Outcome] = {}
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    writes = LmdbTxn(txn, self)
+                    return [failed[i] if i in failed else self._apply(writes, m, i) for i, m in enumerate(batch)]
+            except lmdb.MapFullError:
+                return None
+            except _Poisoned as p:
+                # One mutation failed halfway: the transaction is gone, so run the
+                # batch again without it (the others come out the same), and refuse it.
+                failed[p.index] = error(batch[p.index], protocol.E_INTERNAL,
+                                        "internal server error; the change was not applied")
+
+    def _apply(self, writes: LmdbTxn, m: Mutation, index: int) -> Outcome:
+        try:
+            return self.rules.apply(writes, m)
+        except lmdb.MapFullError:
+            raise
+        except Exception as e:
+            _bugs.report(f"mutation {m.envelope_id!r} by {m.user_id!r}", e)
+            raise _Poisoned(index) from e
+
     def previous_answer(self, user_id: str, envelope_id: str) -> dict[str, Any] | None:
         """The answer already given to this envelope, if it was applied."""
         with self.env.begin() as txn:
             raw = txn.get(db_key(user_id, envelope_id), db=self.idem)
         return orjson.loads(raw) if raw is not None else None
-
-    def _forget_change(self, txn: lmdb.Transaction, project_id: str, seq: int) -> bool:
-        """Drop one changelog entry and the version index that points at it."""
-        key = seq_key(project_id, seq)
-        raw = txn.get(key, db=self.changelog)
-        if raw is None:
-            return False
-        change = orjson.loads(raw)
-        event_id = change["payload"]["id"]
-        txn.delete(key, db=self.changelog)
-        txn.delete(version_key(project_id, event_id, change["version"]), db=self.versions)
-        idem_key = txn.pop(key, db=self.idem_by_seq)
-        if idem_key is not None:
-            txn.delete(idem_key, db=self.idem)
-        if change["type"] == protocol.CHANGE_TYPES["delete"] and txn.get(db_key(project_id, event_id), db=self.events) is None:
-            # Deleted longer ago than history is kept: its id is forgotten too, so
-            # the index stays bounded by the retention (the id may be used again).
-            txn.delete(index_key(event_id, project_id), db=self.index)
-        return True
 
     def prune(self, *, now_ms: int, limit: int = 100_000) -> int:
         """Enforce ``history_retention``: forget changes older than it, and the
@@ -402,6 +403,13 @@ class Store(Commits):
                         break
                     doomed.append(U64.unpack(key[len(prefix):])[0])
                 for seq in doomed:
-                    self._forget_change(txn, pkey.decode(), seq)
+                    forget_change(txn, self, pkey.decode(), seq)
                 dropped += len(doomed)
         return dropped
+
+
+class _Poisoned(Exception):
+    """A mutation failed halfway through its writes (a bug): its index in the batch."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index

@@ -82,7 +82,7 @@ def make_conflict(
     remote_time: int | None = None,
     tiebreak: str = "manual",
 ) -> Conflict:
-    """A Conflict built the way Store._conflict builds it."""
+    """A Conflict built the way commit.Rules builds it."""
     local = {**base, **changes} if base is not None and operation == "update" else None
     if remote_time is None:
         remote_time = remote["updatedAt"] if remote is not None else T0 + 1000
