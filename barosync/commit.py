@@ -169,7 +169,7 @@ class Rules:
         last_version, remote_time = txn.last_change(m.project_id, m.event_id)
         if stored is not None:
             produced = txn.change_at_version(m.project_id, m.event_id, stored["version"])
-            remote_time = _edited_at(produced) if produced is not None else stored["updatedAt"]
+            remote_time = edited_at(produced) if produced is not None else stored["updatedAt"]
         tiebreak_name = self.config.merge_tiebreak
 
         def tiebreak(c: Conflict) -> Resolution | None:
@@ -305,5 +305,7 @@ def change_message(m: Mutation, kind: str, seq: int, version: int, payload: dict
     })
 
 
-def _edited_at(change: dict[str, Any]) -> int:
-    return change.get("editedAt", change["timestamp"])
+def edited_at(change: dict[str, Any]) -> int:
+    """When a stored change's author made the edit (ms): what last_write_wins compares
+    (changes stored before ``editedAt`` existed have only their ``timestamp``)."""
+    return change.get("editedAt") or change["timestamp"]

@@ -12,6 +12,8 @@ import orjson
 from . import protocol
 from .lmdb_layout import U64, db_key, index_key, seq_key, version_key
 
+from .commit import edited_at
+
 if TYPE_CHECKING:
     from .commit import Mutation
     from .config import Config
@@ -133,7 +135,3 @@ def forget_change(txn: lmdb.Transaction, db: "Databases", project_id: str, seq: 
         # the index stays bounded by the retention (the id may be used again).
         txn.delete(index_key(event_id, project_id), db=db.index)
     return True
-
-
-def edited_at(change: dict[str, Any]) -> int:
-    return change.get("editedAt", change["timestamp"])

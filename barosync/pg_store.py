@@ -31,7 +31,7 @@ from psycopg import errors as pgerrors
 
 from . import protocol
 from .buglog import BugLog
-from .commit import Mutation, Outcome, Rules, error
+from .commit import Mutation, Outcome, Rules, edited_at, error
 from .config import Config, ConfigError
 from .pg_schema import prepare
 
@@ -373,7 +373,7 @@ class PgTxn:
         if row is None:
             return 0, 0
         change = orjson.loads(row[1])
-        return row[0], min(change.get("editedAt") or change["timestamp"], change["timestamp"])
+        return row[0], edited_at(change)
 
     def change_at_version(self, project_id: str, event_id: str, version: int) -> dict[str, Any] | None:
         row = self.cur.execute("SELECT change FROM barosync_changelog WHERE project = %s AND event_id = %s "
