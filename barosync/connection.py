@@ -22,7 +22,7 @@ from websockets.protocol import Protocol, Side, State
 from . import protocol
 from .models import Identity
 from .outbox import Outbox
-from .protocol import ProtocolError
+from .protocol import Outgoing, ProtocolError
 
 if TYPE_CHECKING:
     from .app import App
@@ -41,22 +41,18 @@ INBOX_BYTES = 1024 * 1024
 CLOSE_TIMEOUT = 5.0
 
 
-class Connection(Outbox):
+class Connection:
     # Slots: ten thousand idle connections are mostly these objects.
     __slots__ = (
-        "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed", "_close_deadline", "_nursery",
-        "_parts", "_parts_text", "close_code", "last_recv", "_inbox", "_inbox_lot", "_eof", "_protocol_closing",
-        "_inbox_bytes",
+        "app", "id", "identity", "out", "_fd", "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed",
+        "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code", "last_recv", "_inbox", "_inbox_lot",
+        "_eof", "_protocol_closing", "_inbox_bytes",
     )
 
     def __init__(self, app: "App", poller: "ReadPoller", stream: trio.SocketStream, received: bytes, identity: Identity,
                  codec: Codec) -> None:
         self.app = app
         self._poller = poller
-        self.codec = codec
-        self._batching = codec.batching
-        # JSON envelopes waiting to be combined into one frame (batching codecs only).
-        self._batch: list[bytes] = []
         self.id = protocol.next_id()
         self.identity = identity
         self._stream = stream
@@ -72,26 +68,15 @@ class Connection(Outbox):
         self._inbox: list[tuple[bytes, bool, list[Any] | None]] = []
         self._inbox_lot = trio.lowlevel.ParkingLot()
         self._inbox_bytes = 0
-        self._drained: trio.Event | None = None  # made only while a catch-up waits
         self._eof = False
         self._protocol_closing = False
         # Reads and writes are plain non-blocking syscalls on the socket's descriptor
-        # (trio has made it non-blocking), so a delivery is one write() with no task
-        # switch; trio is only asked to wait when the socket is full or empty. No
-        # duplicate descriptor: at 10,000 connections the file limit counts.
+        # (trio has made it non-blocking); trio is only asked to wait when the socket
+        # is full or empty. No duplicate descriptor: at 10,000 connections the file
+        # limit counts. What is sent, and what waits for the socket, is the outbox's.
         self._fd = stream.socket.fileno()
-        self._outbox: list[bytes | memoryview] = []  # written and cleared whole, never popped
-        self._outbox_bytes = 0
-        # Cursors waiting for the socket: at most one per user, the newest wins, and
-        # they never wait behind the durable changes in the outbox.
-        self._cursors: dict[str, bytes] = {}
-        self._outbox_limit = app.config.outbox_bytes
-        # A resume's replay is queued at once and may exceed the cap by itself; it is
-        # allowed on top of the cap until the outbox next drains, or a client that
-        # fell behind could never catch up.
-        self._replay_allowance = 0
-        self._lot = trio.lowlevel.ParkingLot()
-        self._closing = False
+        self.out = Outbox(self._fd, codec, self, limit=app.config.outbox_bytes,
+                          max_message_bytes=app.config.max_message_bytes)
         self._flushed = False  # the writer has written its last bytes
         self._peer_closed = False  # the peer's close frame arrived
         self._close_deadline = float("inf")
@@ -99,22 +84,72 @@ class Connection(Outbox):
         self._parts: list[bytes] = []
         self._parts_text = True
         self.close_code: int | None = None
-        self.unacked: dict[str, None] = {}
         self.last_recv = trio.current_time()
+
+    # -- what the hub and the transport send through (hub.Subscriber) -----------------
+
+    @property
+    def codec(self) -> Codec:
+        return self.out.codec
+
+    @property
+    def unacked(self) -> dict[str, None]:
+        return self.out.unacked
+
+    @property
+    def outbox_bytes(self) -> int:
+        return self.out.outbox_bytes
+
+    @property
+    def closing(self) -> bool:
+        """Closing (or closed): nothing more is sent but the close handshake."""
+        return self.out.closing
+
+    def deliver(self, out: Outgoing, msg_id: str) -> None:
+        self.out.deliver(out, msg_id)
+
+    def deliver_many(self, items: list[tuple[Outgoing, str]]) -> None:
+        self.out.deliver_many(items)
+
+    def send_out(self, out: Outgoing) -> None:
+        self.out.send_out(out)
+
+    def send_many(self, outs: list[Outgoing]) -> None:
+        self.out.send_many(outs)
+
+    def send_cursors(self, items: list[tuple[str, Outgoing]], blob: bytes | None = None) -> None:
+        self.out.send_cursors(items, blob)
+
+    def send_json(self, data: bytes) -> None:
+        self.out.send_json(data)
+
+    def send_frame(self, frame: bytes) -> None:
+        self.out.send_frame(frame)
+
+    # -- what the outbox tells its connection (outbox.Owner) --------------------------
+
+    def outbox_label(self) -> str:
+        return f"session={self.id} user={self.identity.user_id}"
+
+    def outbox_too_slow(self) -> None:
+        self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+
+    def outbox_broken(self) -> None:
+        self._abort()
 
     def close(self, code: int, reason: str = "") -> None:
         """Start a clean close: the close frame goes after what is queued, nothing
         after it. Idempotent; safe to call from anywhere on the event loop."""
-        if self._closing:
+        if self.out.closing:
             return
-        self._closing = True
+        self.out.closing = True
         self.close_code = code
         self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
         if self._ws.state is State.OPEN:
             self._ws.send_close(code, reason[:120])
-        self._flush_batch()
+        self.out.flush_batch()
         self._send_protocol_output()
-        self._lot.unpark()
+        self.out.wake()
         self._on_closing()
 
     def _send_protocol_output(self) -> None:
@@ -123,15 +158,7 @@ class Connection(Outbox):
         for chunk in self._ws.data_to_send():
             if not chunk:
                 continue  # end of stream: ours comes when the writer is done
-            if self._outbox or self._batch:
-                self._flush_batch()
-                self._outbox.append(chunk)
-                self._outbox_bytes += len(chunk)
-                self._lot.unpark()
-            else:
-                closing, self._closing = self._closing, False
-                self.send_frame(chunk)
-                self._closing = closing
+            self.out.send_protocol(chunk)
 
     # -- what the protocol layer (session.py) implements ----------------------------------
 
@@ -152,7 +179,7 @@ class Connection(Outbox):
         self._abort()
 
     def _abort(self) -> None:
-        self._closing = True
+        self.out.closing = True
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -165,7 +192,8 @@ class Connection(Outbox):
                 # The reader is the connection's own task: one task fewer to keep.
                 await self._reader()
         finally:
-            self._closing = True
+            self.out.closing = True
+            self.out.release()
             self._on_ended()
             # websockets' parser is a generator that holds its protocol object: a
             # reference cycle only a full collection frees, and those grow rarer as
@@ -177,40 +205,7 @@ class Connection(Outbox):
 
     async def _writer(self) -> None:
         try:
-            while True:
-                if not self._outbox and not self._cursors and not self._batch:
-                    if self._closing:
-                        return
-                    await self._lot.park()
-                    continue
-                await trio.lowlevel.wait_writable(self._fd)
-                # Everything that piled up while we waited goes out in this one write.
-                self._flush_batch()
-                outbox = self._outbox
-                if self._cursors:
-                    # Cursors go ahead of queued changes, after any half-sent frame.
-                    at = 1 if outbox and isinstance(outbox[0], memoryview) else 0
-                    for frame in self._cursors.values():
-                        outbox.insert(at, frame)
-                        at += 1
-                    self._cursors.clear()
-                data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
-                try:
-                    sent = os.write(self._fd, data)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    return
-                outbox.clear()
-                if sent < len(data):
-                    rest = memoryview(data)[sent:]
-                    outbox.append(rest)
-                    self._outbox_bytes = len(rest)
-                else:
-                    self._outbox_bytes = 0
-                    self._replay_allowance = 0
-                    if self._drained is not None:
-                        self._drained.set()
+            await self.out.drain()
         finally:
             # The close frame is out (or the socket broke). The connection is over
             # once the peer has answered it too, or hung up. Until then we send
@@ -219,7 +214,7 @@ class Connection(Outbox):
             # and a reset can destroy our close frame before the peer reads it. The
             # heartbeat task enforces CLOSE_TIMEOUT.
             self._flushed = True
-            if self._peer_closed or not self._closing:
+            if self._peer_closed or not self.out.closing:
                 self._abort()
             else:
                 self._half_close()
@@ -228,21 +223,21 @@ class Connection(Outbox):
         timeout = self.app.config.heartbeat_timeout
         while True:
             now = trio.current_time()
-            if self._closing and now >= self._close_deadline:
+            if self.out.closing and now >= self._close_deadline:
                 self._abort()
                 return
             expires = self.identity.expires_at
-            if expires is not None and not self._closing and time.time() >= expires:
+            if expires is not None and not self.out.closing and time.time() >= expires:
                 self.close(protocol.CLOSE_TOKEN_INVALID, "token expired: reconnect with a fresh token")
                 continue
-            if not self._closing and now >= self.last_recv + timeout:
+            if not self.out.closing and now >= self.last_recv + timeout:
                 log.info("session=%s user=%s closed: heartbeat timeout", self.id, self.identity.user_id)
                 self.close(protocol.CLOSE_HEARTBEAT, "heartbeat timeout")
                 continue
             deadline = self.last_recv + timeout
             if expires is not None:
                 deadline = min(deadline, now + max(0.0, expires - time.time()))
-            if self._closing:
+            if self.out.closing:
                 deadline = min(deadline, self._close_deadline)
             await trio.sleep_until(deadline)
 
@@ -282,7 +277,7 @@ class Connection(Outbox):
                 self._parts = []
             else:
                 continue  # control frames: the protocol object answers them
-            if self._closing:
+            if self.out.closing:
                 continue
             try:
                 items = self.codec.decode(message, text=text, max_bytes=self.app.config.max_message_bytes)
@@ -311,7 +306,7 @@ class Connection(Outbox):
                 return False
         try:
             for item in items:
-                self.settle_ack(item)
+                self.out.settle_ack(item)
         except ProtocolError:
             return False
         return True
@@ -328,7 +323,7 @@ class Connection(Outbox):
                 while inbox:
                     message, text, items = inbox.pop(0)
                     self._inbox_bytes -= len(message)
-                    if not self._closing:
+                    if not self.out.closing:
                         await self._on_message(message, text, items)
                 if self._protocol_closing:
                     self._on_protocol_closing()
@@ -348,8 +343,8 @@ class Connection(Outbox):
         """The peer sent a close frame, answered ours, or broke the protocol (the
         protocol then queued a close with 1002, 1007 or 1009)."""
         ws = self._ws
-        if not self._closing:
-            self._closing = True
+        if not self.out.closing:
+            self.out.closing = True
             self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
             received, sent = ws.close_rcvd, ws.close_sent
             self.close_code = received.code if received is not None else (sent.code if sent is not None else None)
@@ -362,7 +357,7 @@ class Connection(Outbox):
             self._peer_closed = True
             if self._flushed:
                 self._abort()
-        self._lot.unpark()  # the writer ends the connection once its outbox is empty
+        self.out.wake()  # the writer ends the connection once its outbox is empty
 
     def _half_close(self) -> None:
         try:

@@ -95,7 +95,7 @@ class Session(Connection):
             # Acks are as frequent as deliveries: settle them before anything else.
             if kind == protocol.ACK:
                 try:
-                    self.settle_ack(item)
+                    self.out.settle_ack(item)
                 except ProtocolError as e:
                     e.ref = protocol.ref_for(item.get("id"))
                     self.send_json(protocol.error(e))
@@ -104,7 +104,7 @@ class Session(Connection):
             # the server sends, a ping costs one pong (and a refused ping would look
             # like a dead connection), cursor fan-out is throttled per user anyway.
             if kind not in _UNLIMITED and self._limited(item.get("id") if kind is not None else None):
-                if self._closing:
+                if self.closing:
                     return
                 continue
             try:
@@ -120,7 +120,7 @@ class Session(Connection):
                 why = self.app.read.unreachable(e)
                 if why is not None:
                     self._answer_unreachable(kind, item, why)
-                    if self._closing:
+                    if self.closing:
                         return
                     continue
                 # A bug must cost one message, never the connection or the server.
@@ -184,38 +184,23 @@ class Session(Connection):
             self.subscriptions.add(sub.project_id)
 
     # -- what the subscribe use case needs of a connection (subscribe.Follower) --------
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
+    # (``closing`` and ``send_json`` are the connection's)
 
     @property
     def outbox_limit(self) -> int:
-        return self._outbox_limit
+        return self.out.limit
 
     def track(self, msg_ids: Iterable[str]) -> None:
-        self._track(msg_ids)
+        self.out.track(msg_ids)
 
     def backlogged(self) -> bool:
-        return self._outbox_bytes >= self._outbox_limit
+        return self.out.backlogged()
 
     async def wait_drained(self) -> None:
-        while (self._outbox or self._batch) and not self._closing:
-            self._drained = trio.Event()
-            await self._drained.wait()
-        self._drained = None
+        await self.out.wait_drained()
 
     def send_catch_up(self, messages: list[bytes]) -> None:
-        """A replay or snapshot is queued at once and may exceed the outbox cap by
-        itself: it is allowed on top of the cap while it is queued, or a client that
-        fell behind could never catch up. The allowance ends with the backlog. It is
-        one catch-up's worth, never a sum: a client that re-subscribes without reading
-        is a slow reader past the cap plus one catch-up, and is closed with 4008."""
-        self._replay_allowance = max(self._replay_allowance, sum(len(m) for m in messages))
-        for message in messages:
-            self.send_json(message)
-        if not self._outbox and not self._batch:
-            self._replay_allowance = 0
+        self.out.send_catch_up(messages)
 
     async def _on_unsubscribe(self, env: Envelope) -> None:
         project_id = protocol.parse_project(env.payload, env.id)

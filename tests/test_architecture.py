@@ -126,3 +126,28 @@ def test_the_private_import_check_notices_one(tmp_path, monkeypatch) -> None:
     (package / "b.py").write_text("from .a import _x\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
     assert private_imports() == ["barosync.b: _x from a"]
+
+
+def attribute_stubs() -> list[str]:
+    """Classes that declare, under ``if TYPE_CHECKING:``, attributes some other class
+    fills: a mixin sharing one ``self``, where a split should have made an interface."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for stmt in node.body:
+                    if isinstance(stmt, ast.If) and getattr(stmt.test, "id", None) == "TYPE_CHECKING":
+                        found.append(f"{name}.{node.name}")
+    return found
+
+
+def test_no_class_declares_attribute_stubs_for_another() -> None:
+    assert attribute_stubs() == []
+
+
+def test_the_stub_check_notices_one(tmp_path, monkeypatch) -> None:
+    package = tmp_path / "barosync"
+    package.mkdir()
+    (package / "a.py").write_text("from typing import TYPE_CHECKING\n\nclass Half:\n    if TYPE_CHECKING:\n        app: int\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
+    assert attribute_stubs() == ["barosync.a.Half"]

@@ -185,13 +185,13 @@ async def test_slow_reader_holds_one_cursor_per_user_and_changes_still_arrive(ap
     session = next(s for s in app.sessions if s.identity.user_id == "slow")
     # Fill the slow reader's socket until the server has to queue for it.
     n = 0
-    while not session._outbox:
+    while session.out.idle:
         await alice.create(description="x" * 8000)
         n += 1
     for i in range(5):
         await alice.send_raw(json.dumps({"type": "user:cursor", "payload": {"x": i, "y": 0}}))
         await trio.sleep(0.06)  # beyond the throttle: each one is fanned out
-    assert len(session._cursors) == 1
+    assert session.out.cursors_waiting == 1
     # The cursor overtakes what waits in the server's outbox, not what the kernel
     # already holds, so read until both the last change and the cursor are in.
     got: list[dict[str, Any]] = []
