@@ -402,7 +402,9 @@ async def test_redis_killed_and_back_loses_nothing(live: Cluster, redis: Redis) 
         assert await on_b.until(6, timeout=5) == list(range(1, 7))  # from the log, by the check
     finally:
         await trio.to_thread.run_sync(redis.start)
-    await trio.sleep(2)  # the nodes find Redis again (backoff)
+    with trio.fail_after(20):  # the nodes find Redis again (with backoff)
+        while not ((await bus_of(a))["connected"] and (await bus_of(b))["connected"]):
+            await trio.sleep(0.1)
     for n in range(6, 11):
         await writer.request("event:create", create(n))
     assert await on_b.until(11, timeout=10) == list(range(1, 12))
