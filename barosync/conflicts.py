@@ -22,7 +22,6 @@ from .recurrence import check_expandable
 from .plugin_types import DEFAULT_TIEBREAK, Conflict, Resolution  # noqa: F401
 
 STRATEGIES = ("last_write_wins", "first_write_wins", "merge", "manual")
-DEFAULT_STRATEGY = "merge"
 
 # Fields a client edits; server-owned fields never take part in a merge.
 EDITABLE = tuple(CLIENT_FIELDS)

@@ -25,7 +25,6 @@ CLIENT_FIELD_DEFAULTS: dict[str, Any] = {
     "color": None,
 }
 EDITABLE_FIELDS: tuple[str, ...] = tuple(CLIENT_FIELD_DEFAULTS)
-SERVER_FIELDS: tuple[str, ...] = ("version", "createdAt", "updatedAt", "createdBy", "updatedBy")
 
 MutationKind = Literal["create", "update", "delete"]
 
