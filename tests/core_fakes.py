@@ -11,6 +11,7 @@ import orjson
 import trio
 
 from barosync.models import Identity
+from barosync.commit import change_message
 from barosync.store import Mutation, Outcome
 
 
@@ -58,9 +59,10 @@ class FakeSubscriber:
 
 
 def change(project: str, seq: int, user: str = "alice") -> bytes:
-    return orjson.dumps({"type": "event:created", "id": f"{project}:{seq}", "seq": seq, "projectId": project,
-                         "userId": user, "version": 1, "timestamp": seq, "editedAt": seq,
-                         "payload": {"id": f"e{seq}", "projectId": project}})
+    """The change message a store records for a create, as commit.py makes it."""
+    m = Mutation("create", user_id=user, envelope_id=f"env-{seq}", project_id=project, event_id=f"e{seq}",
+                 received_ms=seq)
+    return change_message(m, "create", seq, 1, {"id": f"e{seq}", "projectId": project})
 
 
 class RestRequest:

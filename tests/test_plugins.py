@@ -669,7 +669,8 @@ def test_a_strategy_name_provided_twice_stops_start_up_naming_both(tmp_path):
     with pytest.raises(PluginError) as info:
         App(Config(plugin_paths=(tmp_path / "plugins",), data_dir=tmp_path / "data", secret="s" * 32))
     message = str(info.value)
-    assert "'merge'" in message and "'merge'" in message and "'mine.merge'" in message and "disable" in message
+    # Both providers are named: the built-in plugin "merge" and the file's "mine.merge".
+    assert "provided by both 'merge' and 'mine.merge'" in message and "disable" in message
 
 
 def test_a_strategy_decorator_is_a_plugin_with_both_hooks(tmp_path):
@@ -718,6 +719,8 @@ def test_make_conflict_gives_what_the_server_gives_a_strategy():
     c = make_conflict(base={**stored, "title": "Base"}, changes={"title": "Mine"}, remote=stored, user_id="bob")
     assert (c.operation, c.local["title"], c.remote["title"], c.user_id) == ("update", "Mine", "Theirs", "bob")
     assert (c.project_id, c.event_id) == ("p1", "e1")
-    assert barosync.conflicts.merge(c).action in ("store", "keep")
+    # Both sides changed the title: merge's default tie-break leaves it to the sender.
+    decided = barosync.conflicts.merge(c)
+    assert (decided.action, decided.manual, decided.fields) == ("keep", True, ("title",))
     gone = make_conflict(base=stored, remote=None, operation="delete")
     assert gone.local is None and gone.changes == {}
