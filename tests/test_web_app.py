@@ -106,10 +106,12 @@ def test_two_users_create_move_edit_and_see_each_other(chromium, server) -> None
     box = bob.event("Planning").bounding_box()
     assert box
     target = bob.slot("13:00:00")
+    # Alice's time before the move (read after it, a quick update would be the baseline).
+    before = alice.page.inner_text(".fc-event-time")
     bob.drag((box["x"] + box["width"] / 2, box["y"] + 8), (target[0], target[1] + 8))
     alice.page.wait_for_function(
         "(start) => [...document.querySelectorAll('.fc-event-time')].some(e => e.textContent !== start)",
-        arg=alice.page.inner_text(".fc-event-time"))
+        arg=before)
     [moved] = server.events("team")
     assert moved["version"] == 2 and moved["startDate"] != stored["startDate"]
     # Alice edits it in the dialog (keyboard: Enter saves); Bob sees the new title.
