@@ -2,9 +2,9 @@
 
 Framing (websockets' sans-IO protocol), the shared read poller, the writer task that
 drains the outbox (outbox.py), the heartbeat, and the close handshake with its close
-codes live here. What each client message means is the protocol layer's
-(session.py), which subclasses this and implements ``_on_message``, ``_on_closing`` and
-``_on_ended``.
+codes live here. What each client message means is its handler's (the `Handler`
+interface below; session.py's `Session` fills it and holds the connection as its
+`Transport`).
 """
 
 from __future__ import annotations
@@ -13,19 +13,17 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol as Interface
 
 import trio
 from websockets.frames import Opcode
 from websockets.protocol import Protocol, Side, State
 
 from . import protocol
-from .models import Identity
 from .outbox import Outbox
-from .protocol import Outgoing, ProtocolError
+from .protocol import ProtocolError
 
 if TYPE_CHECKING:
-    from .app import App
     from .plugin_types import Codec
     from .poller import ReadPoller
 
@@ -41,26 +39,45 @@ INBOX_BYTES = 1024 * 1024
 CLOSE_TIMEOUT = 5.0
 
 
+class Handler(Interface):
+    """What a connection's messages and its end mean: the protocol layer above it."""
+
+    async def on_message(self, data: bytes, text: bool, items: list[Any] | None) -> None:
+        """One client message, in order; ``items`` are its decoded envelopes, or None
+        when the codec could not decode it."""
+
+    def on_closing(self) -> None:
+        """The connection started closing (once, from a task of the connection's)."""
+
+    def on_ended(self) -> None:
+        """The connection is over."""
+
+
 class Connection:
     # Slots: ten thousand idle connections are mostly these objects.
     __slots__ = (
-        "app", "id", "identity", "out", "_fd", "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed",
+        "label", "expires_at", "out", "_fd", "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed",
         "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code", "last_recv", "_inbox", "_inbox_lot",
-        "_eof", "_protocol_closing", "_inbox_bytes",
+        "_eof", "_protocol_closing", "_inbox_bytes", "_handler", "_heartbeat_timeout", "_max_message_bytes",
     )
 
-    def __init__(self, app: "App", poller: "ReadPoller", stream: trio.SocketStream, received: bytes, identity: Identity,
-                 codec: Codec) -> None:
-        self.app = app
+    def __init__(self, poller: "ReadPoller", stream: trio.SocketStream, received: bytes, codec: Codec, *,
+                 label: str, max_message_bytes: int, outbox_limit: int, heartbeat_timeout: float,
+                 expires_at: float | None) -> None:
         self._poller = poller
-        self.id = protocol.next_id()
-        self.identity = identity
+        self.label = label  # who this is, in log lines
+        # When the credentials it was opened with expire (time.time()); it is then
+        # closed with 4003. The handler moves it on auth:refresh.
+        self.expires_at = expires_at
+        self._heartbeat_timeout = heartbeat_timeout
+        self._max_message_bytes = max_message_bytes
+        self._handler: Handler | None = None  # while it runs
         self._stream = stream
         # Incoming frames are parsed by websockets' sans-IO protocol: it measured 3.5x
         # faster than wsproto per frame (2.3 vs 7.9 us), and every delivery costs one
         # incoming ack frame. It also enforces the message size (1009), answers pings
         # and runs the close handshake; its output goes through our outbox.
-        self._ws = Protocol(Side.SERVER, state=State.OPEN, max_size=app.config.max_message_bytes)
+        self._ws = Protocol(Side.SERVER, state=State.OPEN, max_size=max_message_bytes)
         self._received = received  # bytes that arrived with the handshake
         # Messages read by the poller for the reader task, in order.
         # A list, not a deque: an empty deque costs 600 bytes, times 10,000 idle
@@ -75,8 +92,7 @@ class Connection:
         # is full or empty. No duplicate descriptor: at 10,000 connections the file
         # limit counts. What is sent, and what waits for the socket, is the outbox's.
         self._fd = stream.socket.fileno()
-        self.out = Outbox(self._fd, codec, self, limit=app.config.outbox_bytes,
-                          max_message_bytes=app.config.max_message_bytes)
+        self.out = Outbox(self._fd, codec, self, limit=outbox_limit, max_message_bytes=max_message_bytes)
         self._flushed = False  # the writer has written its last bytes
         self._peer_closed = False  # the peer's close frame arrived
         self._close_deadline = float("inf")
@@ -86,50 +102,15 @@ class Connection:
         self.close_code: int | None = None
         self.last_recv = trio.current_time()
 
-    # -- what the hub and the transport send through (hub.Subscriber) -----------------
-
-    @property
-    def codec(self) -> Codec:
-        return self.out.codec
-
-    @property
-    def unacked(self) -> dict[str, None]:
-        return self.out.unacked
-
-    @property
-    def outbox_bytes(self) -> int:
-        return self.out.outbox_bytes
-
     @property
     def closing(self) -> bool:
         """Closing (or closed): nothing more is sent but the close handshake."""
         return self.out.closing
 
-    def deliver(self, out: Outgoing, msg_id: str) -> None:
-        self.out.deliver(out, msg_id)
-
-    def deliver_many(self, items: list[tuple[Outgoing, str]]) -> None:
-        self.out.deliver_many(items)
-
-    def send_out(self, out: Outgoing) -> None:
-        self.out.send_out(out)
-
-    def send_many(self, outs: list[Outgoing]) -> None:
-        self.out.send_many(outs)
-
-    def send_cursors(self, items: list[tuple[str, Outgoing]], blob: bytes | None = None) -> None:
-        self.out.send_cursors(items, blob)
-
-    def send_json(self, data: bytes) -> None:
-        self.out.send_json(data)
-
-    def send_frame(self, frame: bytes) -> None:
-        self.out.send_frame(frame)
-
     # -- what the outbox tells its connection (outbox.Owner) --------------------------
 
     def outbox_label(self) -> str:
-        return f"session={self.id} user={self.identity.user_id}"
+        return self.label
 
     def outbox_too_slow(self) -> None:
         self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
@@ -150,7 +131,7 @@ class Connection:
         self.out.flush_batch()
         self._send_protocol_output()
         self.out.wake()
-        self._on_closing()
+        self._tell_closing()
 
     def _send_protocol_output(self) -> None:
         """Queue what the protocol has to say (pongs, close frames), after what is
@@ -160,18 +141,15 @@ class Connection:
                 continue  # end of stream: ours comes when the writer is done
             self.out.send_protocol(chunk)
 
-    # -- what the protocol layer (session.py) implements ----------------------------------
+    def _tell_closing(self) -> None:
+        # From a task of the connection's own: close() may be called from inside a
+        # room's fan-out loop, which the handler's leaving would change under it.
+        if self._handler is not None and self._nursery is not None:
+            self._nursery.start_soon(self._closing_told, self._handler)
 
-    async def _on_message(self, data: bytes, text: bool, items: list[Any] | None) -> None:
-        """One client message, in order; ``items`` are its decoded envelopes, or None
-        when the codec could not decode it."""
-        raise NotImplementedError
-
-    def _on_closing(self) -> None:
-        """The connection started closing (called once, maybe from inside a fan-out)."""
-
-    def _on_ended(self) -> None:
-        """The connection is over."""
+    @staticmethod
+    async def _closing_told(handler: Handler) -> None:
+        handler.on_closing()
 
     def fail(self) -> None:
         """Reading this connection failed unexpectedly (a bug): end it now rather
@@ -183,18 +161,21 @@ class Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def run(self) -> None:
+    async def run(self, handler: Handler) -> None:
+        """Serve the connection until it is over, telling ``handler`` what arrives."""
+        self._handler = handler
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._heartbeat)
                 # The reader is the connection's own task: one task fewer to keep.
-                await self._reader()
+                await self._reader(handler)
         finally:
             self.out.closing = True
             self.out.release()
-            self._on_ended()
+            handler.on_ended()
+            self._handler = None
             # websockets' parser is a generator that holds its protocol object: a
             # reference cycle only a full collection frees, and those grow rarer as
             # the heap grows (the soak's slow heap growth). Closing it frees the
@@ -220,18 +201,18 @@ class Connection:
                 self._half_close()
 
     async def _heartbeat(self) -> None:
-        timeout = self.app.config.heartbeat_timeout
+        timeout = self._heartbeat_timeout
         while True:
             now = trio.current_time()
             if self.out.closing and now >= self._close_deadline:
                 self._abort()
                 return
-            expires = self.identity.expires_at
+            expires = self.expires_at
             if expires is not None and not self.out.closing and time.time() >= expires:
                 self.close(protocol.CLOSE_TOKEN_INVALID, "token expired: reconnect with a fresh token")
                 continue
             if not self.out.closing and now >= self.last_recv + timeout:
-                log.info("session=%s user=%s closed: heartbeat timeout", self.id, self.identity.user_id)
+                log.info("%s closed: heartbeat timeout", self.label)
                 self.close(protocol.CLOSE_HEARTBEAT, "heartbeat timeout")
                 continue
             deadline = self.last_recv + timeout
@@ -280,7 +261,7 @@ class Connection:
             if self.out.closing:
                 continue
             try:
-                items = self.codec.decode(message, text=text, max_bytes=self.app.config.max_message_bytes)
+                items = self.out.codec.decode(message, text=text, max_bytes=self._max_message_bytes)
             except ProtocolError:
                 items = None  # the reader task reports it
             if not inbox and items is not None and self._settle_acks(items):
@@ -311,7 +292,7 @@ class Connection:
             return False
         return True
 
-    async def _reader(self) -> None:
+    async def _reader(self, handler: Handler) -> None:
         poller = self._poller
         if self._received:
             self._feed(self._received)
@@ -324,7 +305,7 @@ class Connection:
                     message, text, items = inbox.pop(0)
                     self._inbox_bytes -= len(message)
                     if not self.out.closing:
-                        await self._on_message(message, text, items)
+                        await handler.on_message(message, text, items)
                 if self._protocol_closing:
                     self._on_protocol_closing()
                     if self._peer_closed:
@@ -348,7 +329,7 @@ class Connection:
             self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
             received, sent = ws.close_rcvd, ws.close_sent
             self.close_code = received.code if received is not None else (sent.code if sent is not None else None)
-            self._on_closing()
+            self._tell_closing()
         self._send_protocol_output()
         # Done once the peer's close frame is in (it closed, or answered ours). A
         # peer that broke the protocol may still be sending (the rest of a frame too

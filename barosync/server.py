@@ -28,6 +28,7 @@ from .config import Config, ConfigError, ensure_secret, private_dir
 from .metrics import Metrics
 from .plugins import call_each
 from .poller import ReadPoller
+from .connection import Connection
 from .session import Session
 from .writer import StorageError
 
@@ -355,7 +356,12 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
         (b"sec-websocket-accept", accept_key(key.decode("latin-1")).encode()),
     ]))
     trailing, _closed = conn.trailing_data
-    session = Session(app, front.poller, stream, bytes(trailing), identity, codec)
+    session_id = protocol.next_id()
+    connection = Connection(front.poller, stream, bytes(trailing), codec,
+                            label=f"session={session_id} user={identity.user_id}",
+                            max_message_bytes=app.config.max_message_bytes, outbox_limit=app.config.outbox_bytes,
+                            heartbeat_timeout=app.config.heartbeat_timeout, expires_at=identity.expires_at)
+    session = Session(app, connection, identity, session_id=session_id)
     session.origin = origin.decode("latin-1") if origin is not None else None
     # The 101 must be the first bytes of the connection's outbox, then hello.
     session.send_frame(response)

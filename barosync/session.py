@@ -1,9 +1,13 @@
 """The protocol layer of a WebSocket connection: what each client message does.
 
-Subscribe (the use case is subscribe.py's: this connection is its Follower),
-unsubscribe, the three mutations (through the one write path, mutations.py, then the
-writer), cursors, auth:refresh, pings, and the per-connection rate limit. The
-transport under it is connection.py.
+Subscribe (the use case is subscribe.py's: a session is its Follower), unsubscribe,
+the three mutations (through the one write path, mutations.py, then the writer),
+cursors, auth:refresh, pings, and the per-connection rate limit.
+
+A session holds its connection through the `Transport` interface and sends through
+the connection's `Outlet`; it is the connection's handler (connection.Handler) and
+the hub's subscriber (hub.Subscriber). connection.py fills Transport, outbox.py
+Outlet; tests/test_session.py drives a session through fakes of both.
 """
 
 from __future__ import annotations
@@ -11,16 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Protocol as Interface
 
 import trio
 
 from . import protocol
 from .buglog import BugLog
-from .connection import Connection
 from .models import Identity, ValidationError
 from .mutations import prepare_mutation
-from .protocol import Envelope, ProtocolError
+from .protocol import Envelope, Outgoing, ProtocolError
 from .ratelimit import TokenBucket
 from .reads import UNREACHABLE_RETRY_AFTER
 from .store import Mutation, Outcome, now_ms
@@ -29,7 +32,6 @@ from .subscribe import subscribe
 if TYPE_CHECKING:
     from .app import App
     from .plugin_types import Codec
-    from .poller import ReadPoller
 
 log = logging.getLogger(__name__)
 _bugs = BugLog(log)
@@ -42,41 +44,131 @@ _UNLIMITED = frozenset({protocol.USER_CURSOR, protocol.PING})
 ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", protocol.EVENT_DELETE: "delete"}
 
 
-class Session(Connection):
-    __slots__ = ("subscriptions", "_rate", "_burst", "_bucket", "_refused", "_refused_window", "origin",
-                 "connected_at")
+class Outlet(Interface):
+    """What a session sends through (a connection's outbox, outbox.py)."""
 
-    def __init__(self, app: "App", poller: "ReadPoller", stream: trio.SocketStream, received: bytes, identity: Identity,
-                 codec: "Codec") -> None:
-        super().__init__(app, poller, stream, received, identity, codec)
+    codec: Codec
+    limit: int  # bytes a session may have queued before it is too slow
+    unacked: dict[str, None]  # deliveries sent and not acked yet, by message id
+    closing: bool
+
+    @property
+    def outbox_bytes(self) -> int: ...
+    def deliver(self, out: Outgoing, msg_id: str) -> None: ...
+    def deliver_many(self, items: list[tuple[Outgoing, str]]) -> None: ...
+    def send_out(self, out: Outgoing) -> None: ...
+    def send_many(self, outs: list[Outgoing]) -> None: ...
+    def send_cursors(self, items: list[tuple[str, Outgoing]], blob: bytes | None = None) -> None: ...
+    def send_json(self, data: bytes) -> None: ...
+    def send_frame(self, frame: bytes) -> None: ...
+    def settle_ack(self, item: dict[str, Any]) -> None: ...
+    def track(self, msg_ids: Iterable[str]) -> None: ...
+    def backlogged(self) -> bool: ...
+    async def wait_drained(self) -> None: ...
+    def send_catch_up(self, messages: list[bytes]) -> None: ...
+
+
+class Transport(Interface):
+    """The connection a session holds (connection.py's `Connection`)."""
+
+    out: Outlet
+    close_code: int | None
+    last_recv: float  # trio time the client last sent anything
+    expires_at: float | None  # when the connection's credentials expire (time.time())
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start a clean close; idempotent."""
+
+    async def run(self, handler: Any) -> None:
+        """Serve the connection, telling ``handler`` (this session) what arrives."""
+
+
+class Session:
+    __slots__ = ("app", "id", "identity", "transport", "out", "subscriptions", "_rate", "_burst", "_bucket",
+                 "_refused", "_refused_window", "origin", "connected_at")
+
+    def __init__(self, app: "App", transport: Transport, identity: Identity, *, session_id: str) -> None:
+        self.app = app
+        self.id = session_id
+        self.identity = identity
+        self.transport = transport
+        self.out = transport.out
         self.subscriptions: set[str] = set()
         self.origin: str | None = None  # the browser's Origin header, for the inspector
         self.connected_at = time.time()
         # Client messages per connection; acks and cursors are not counted.
         self._rate = app.config.rate_limit
         self._burst = float(app.config.rate_burst)
-        self._bucket = TokenBucket(self._rate, self._burst, self.last_recv)
+        self._bucket = TokenBucket(self._rate, self._burst, transport.last_recv)
         self._refused = 0  # refusals in the current window of FLOOD_GRACE seconds
-        self._refused_window = self.last_recv
+        self._refused_window = transport.last_recv
 
-    def _on_closing(self) -> None:
+    async def run(self) -> None:
+        await self.transport.run(self)
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.transport.close(code, reason)
+
+    @property
+    def close_code(self) -> int | None:
+        return self.transport.close_code
+
+    @property
+    def last_recv(self) -> float:
+        return self.transport.last_recv
+
+    # -- what the hub sends through (hub.Subscriber) ------------------------------------
+
+    @property
+    def codec(self) -> Codec:
+        return self.out.codec
+
+    @property
+    def unacked(self) -> dict[str, None]:
+        return self.out.unacked
+
+    @property
+    def outbox_bytes(self) -> int:
+        return self.out.outbox_bytes
+
+    @property
+    def closing(self) -> bool:
+        """Closing (or closed): nothing more is sent but the close handshake."""
+        return self.out.closing
+
+    def deliver(self, out: Outgoing, msg_id: str) -> None:
+        self.out.deliver(out, msg_id)
+
+    def deliver_many(self, items: list[tuple[Outgoing, str]]) -> None:
+        self.out.deliver_many(items)
+
+    def send_out(self, out: Outgoing) -> None:
+        self.out.send_out(out)
+
+    def send_many(self, outs: list[Outgoing]) -> None:
+        self.out.send_many(outs)
+
+    def send_cursors(self, items: list[tuple[str, Outgoing]], blob: bytes | None = None) -> None:
+        self.out.send_cursors(items, blob)
+
+    def send_json(self, data: bytes) -> None:
+        self.out.send_json(data)
+
+    def send_frame(self, frame: bytes) -> None:
+        self.out.send_frame(frame)
+
+    # -- what the connection tells its handler (connection.Handler) --------------------
+
+    def on_closing(self) -> None:
         # A closing connection has left: others should not wait for its close
-        # handshake to see `user:left`. Not done right here, because close() may be
-        # called from inside a room's fan-out loop.
-        if self._nursery is not None and self.subscriptions:
-            self._nursery.start_soon(self._leave_rooms_later)
+        # handshake to see `user:left`.
+        self.on_ended()
 
-    async def _leave_rooms_later(self) -> None:
-        self._leave_rooms()
-
-    def _on_ended(self) -> None:
-        self._leave_rooms()
-
-    def _leave_rooms(self) -> None:
+    def on_ended(self) -> None:
         self.app.hub.leave_all(self, self.subscriptions)
         self.subscriptions.clear()
 
-    async def _on_message(self, data: bytes, text: bool, items: list[Any] | None) -> None:
+    async def on_message(self, data: bytes, text: bool, items: list[Any] | None) -> None:
         try:
             if items is None:  # the poller could not decode it: say why
                 items = self.codec.decode(data, text=text, max_bytes=self.app.config.max_message_bytes)
@@ -268,6 +360,7 @@ class Session(Connection):
             self.close(protocol.CLOSE_TOKEN_INVALID, "token invalid")
             return
         self.identity = identity
+        self.transport.expires_at = identity.expires_at
         # A fresh token may allow fewer projects: leave those it no longer allows.
         for project_id in sorted(self.subscriptions):
             if not await self.app.authorize(identity, "subscribe", project_id):

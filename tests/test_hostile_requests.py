@@ -325,14 +325,14 @@ async def test_a_stalled_connection_holds_at_most_about_a_mebibyte_of_inbox(tmp_
         async with trio.open_nursery() as flooding:
             flooding.start_soon(flood)
             with trio.fail_after(20):
-                while session._inbox_bytes < INBOX_BYTES:
+                while session.transport._inbox_bytes < INBOX_BYTES:
                     await trio.sleep(0.01)
             await trio.sleep(0.2)  # what the kernel held is read now, if the server reads on
             # The read that crosses the limit is the last: at most one read (64 KiB)
             # past it, which may also complete a message begun in earlier reads (at
             # most the message size, 64 KiB here). Reading on would add megabytes.
             slack = RECEIVE_BYTES + app.config.max_message_bytes
-            assert session._inbox_bytes <= INBOX_BYTES + slack, session._inbox_bytes
+            assert session.transport._inbox_bytes <= INBOX_BYTES + slack, session.transport._inbox_bytes
             flooding.cancel_scope.cancel()
         await reader.abort()
 

@@ -496,7 +496,7 @@ async def test_a_closed_connection_is_freed_without_waiting_for_the_cycle_collec
     client = await client_factory()
     await client.subscribe()
     [session] = app.sessions
-    protocol_ref = weakref.ref(session._ws)
+    protocol_ref = weakref.ref(session.transport._ws)
     assert isinstance(protocol_ref(), Protocol)
     del session
     gc.disable()
