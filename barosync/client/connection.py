@@ -1,7 +1,8 @@
-"""The client's connection: connect, run a session (reader, writer, heartbeat, token
-refresh), and when it ends for any reason other than the application closing the
-client, back off (full jitter) and connect again. What arrives is handed to the
-sync layer (sync.py); SyncClient (core.py) is built on both.
+"""The client's connection (`Link`): connect, run a session (reader, writer,
+heartbeat, acks, token refresh), and when it ends for any reason other than the
+application closing the client, back off (full jitter) and connect again. What
+arrives goes to its `Receiver` (the replica, sync.py), which sends through the link
+as its `Wire`; SyncClient (core.py) holds both.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ import inspect
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import orjson
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, connect_websocket_url
 
-from .model import ClientError, ClientGaveUp, ConnectionState, MutationRefused, backoff_delay
-from .store import QueueItem
-from .state import new_id, now_ms, End, WatchedNursery, AUTH_CLOSE_CODES, AUTH_HTTP_STATUSES
-from .sync import leaves
+from .model import (ClientError, ClientGaveUp, ConnectionState, HeartbeatPolicy, ReconnectPolicy, StateChanged,
+                    backoff_delay)
+from .state import new_id, now_ms, End, Observers, TokenSource, WatchedNursery, AUTH_CLOSE_CODES, AUTH_HTTP_STATUSES, leaves
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +29,88 @@ ACK_INTERVAL = 0.1
 _CHANGES = frozenset({"event:created", "event:updated", "event:deleted"})
 
 
-class ClientConnection:
-    """SyncClient's connection half (a mixin; the state it uses is SyncClient's)."""
+class Receiver(Protocol):
+    """What the link hands what arrives to (sync.py's `Replica`)."""
+
+    def on_connected(self) -> None:
+        """A session is up: say again what the last one was told (subscriptions, queue)."""
+
+    def receive(self, msg: dict[str, Any]) -> None:
+        """One server message (not pongs, hello or the link's own acks)."""
+
+    def on_disconnected(self) -> None:
+        """The session ended: nothing sent on it will be answered."""
+
+    def give_up(self, error: ClientGaveUp) -> None:
+        """The link stopped trying (state ERROR)."""
+
+
+def _decode(raw: str | bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        log.warning("server sent a frame that is not JSON: %.100r", raw)
+        return None
+
+
+class Link:
+    """One server, reached again and again: the client's connection."""
+
+    def __init__(self, url: str, *, token: TokenSource, observers: Observers, reconnect: ReconnectPolicy,
+                 heartbeat: HeartbeatPolicy, connect_timeout: float, close_timeout: float,
+                 refresh_before_expiry: bool, max_message_size: int, rng: Callable[[], float]) -> None:
+        self.url = url
+        self._token_source = token
+        self._observers = observers
+        self.reconnect_policy = reconnect
+        self.heartbeat_policy = heartbeat
+        self._connect_timeout = connect_timeout
+        self.close_timeout = close_timeout
+        self._refresh_before_expiry = refresh_before_expiry
+        self._max_message_size = max_message_size
+        self._rng = rng
+        self._receiver: Receiver | None = None
+        self.state = ConnectionState.DISCONNECTED
+        self._token: str | None = None
+        self.closing = False  # the application is closing the client
+        self.aborting = False  # ... on an error: skip the close handshake
+        self._nursery: trio.Nursery | None = None
+        self._run_scope: trio.CancelScope | None = None
+        self.runner_done = trio.Event()
+        self._session_scope: trio.CancelScope | None = None
+        self._skip_backoff = False
+        self._backoff_scope = trio.CancelScope()
+        self.gave_up: ClientGaveUp | None = None
+        self._ws: WebSocketConnection | None = None
+        self._outbox: deque[str] | None = None
+        self._outbox_lot = trio.lowlevel.ParkingLot()
+        # Changes applied but not acked yet, newest seq per project: sent as one
+        # cumulative ack per project every ACK_INTERVAL (when the server offers it).
+        self._ack_up_to: dict[str, int] = {}
+        self._ack_lot = trio.lowlevel.ParkingLot()
+        self.connected = False
+        self.hello: dict[str, Any] | None = None
+        self._pong = trio.Event()
+        self._refresh: tuple[str, str, trio.Event, list[Any]] | None = None
+        self._session_nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery, receiver: Receiver) -> None:
+        """Start connecting (in ``nursery``), handing what arrives to ``receiver``."""
+        self._nursery = nursery
+        self._receiver = receiver
+        self._start_runner()
 
     def _start_runner(self) -> None:
         assert self._nursery is not None
-        self._gave_up = None
+        self.gave_up = None
         self._run_scope = trio.CancelScope()
-        self._runner_done = trio.Event()
+        self.runner_done = trio.Event()
         self._nursery.start_soon(self._run, self._run_scope)
 
     def reconnect(self) -> None:
         """Drop the current connection (if any) and connect again at once; after the
-        client gave up (state ERROR), start trying again."""
-        self._check_open()
-        if self._runner_done.is_set():
+        link gave up (state ERROR), start trying again."""
+        if self.runner_done.is_set():
             self._start_runner()
         elif self._session_scope is not None:
             self._skip_backoff = True
@@ -56,14 +123,14 @@ class ClientConnection:
             with scope:
                 await self._connect_forever()
         finally:
-            self._runner_done.set()
+            self.runner_done.set()
 
     async def _connect_forever(self) -> None:
         policy = self.reconnect_policy
         attempt = 0
         fresh_token = False
         failed_token: str | None = None
-        while not self._closing:
+        while not self.closing:
             token = await self._token_for(fresh_token)
             if token is None or (fresh_token and token == failed_token):
                 self._give_up("the server refused the token and no fresh token came" if fresh_token
@@ -72,7 +139,7 @@ class ClientConnection:
             self._token = token
             self._set_state(ConnectionState.CONNECTING, attempt=attempt)
             end = await self._connect_once(token)
-            if self._closing:
+            if self.closing:
                 return
             if end.connected:
                 attempt = 0
@@ -92,11 +159,19 @@ class ClientConnection:
                 await trio.sleep(delay)
 
     def _give_up(self, reason: str) -> None:
-        self._gave_up = ClientGaveUp(reason)
+        self.gave_up = ClientGaveUp(reason)
         self._set_state(ConnectionState.ERROR, reason=reason)
-        for waiter in self._waiters.values():
-            waiter.fail(self._gave_up)
-        self._waiters.clear()
+        assert self._receiver is not None
+        self._receiver.give_up(self.gave_up)
+
+    def _set_state(self, state: ConnectionState, *, attempt: int = 0, delay: float | None = None,
+                   close_code: int | None = None, reason: str | None = None) -> None:
+        previous = self.state
+        if previous is state and state is not ConnectionState.RECONNECTING:
+            return
+        self.state = state
+        self._observers.notify(StateChanged(state, previous, attempt, delay, close_code, reason))
+        self._observers.changed()
 
     async def _token_for(self, fresh: bool) -> str | None:
         source = self._token_source
@@ -150,7 +225,7 @@ class ClientConnection:
                         max_message_size=self._max_message_size,
                         receive_buffer_size=64 * 1024,
                     )
-                    hello = self._decode(await ws.get_message())
+                    hello = _decode(await ws.get_message())
                 if handshake.cancelled_caught:
                     end = End("failed", reason="the connection closed during the handshake")
                     return end
@@ -177,10 +252,10 @@ class ClientConnection:
         finally:
             if ws is not None:
                 with trio.CancelScope(shield=True):
-                    with trio.move_on_after(self._close_timeout) as cs:
-                        if self._aborting or (end is not None and end.kind == "heartbeat"):
+                    with trio.move_on_after(self.close_timeout) as cs:
+                        if self.aborting or (end is not None and end.kind == "heartbeat"):
                             cs.cancel()  # the peer is gone: close the socket, skip the handshake
-                        await ws.aclose(1000, "client closing" if self._closing else "reconnecting")
+                        await ws.aclose(1000, "client closing" if self.closing else "reconnecting")
 
     async def _session(self, ws: WebSocketConnection, hello: dict[str, Any]) -> End:
         self._ws = ws
@@ -188,12 +263,11 @@ class ClientConnection:
         self.hello = hello.get("payload") or {}
         self._pong = trio.Event()
         self._ack_up_to.clear()
-        self._connected = True
+        self.connected = True
         self._send_ack(hello)
         self._set_state(ConnectionState.CONNECTED)
-        for project_id in list(self._desired):
-            self._send_subscribe(project_id)
-        self._fill_window()
+        assert self._receiver is not None
+        self._receiver.on_connected()
         end: End | None = None
         try:
             async with trio.open_nursery() as n:
@@ -222,19 +296,12 @@ class ClientConnection:
             self._session_scope = None
             self._ws = None
             self._outbox = None
-            self._connected = False
-            self._inflight.clear()
-            self._sub_refs.clear()
+            self.connected = False
             self._session_nursery = None
-            self._window = self._max_in_flight
-            self._paused_until = 0.0
-            self._rate_delay = 0.0
             self._refresh = None
-            for st in self._projects.values():
-                st.phase = "idle"
-                st.presence.clear()
-                st.cursors.clear()
-            self._changed.unpark_all()
+            assert self._receiver is not None
+            self._receiver.on_disconnected()
+            self._observers.changed()
         return end or End("client", reason="reconnect requested", connected=True)
 
     async def _reader(self, ws: WebSocketConnection) -> End:
@@ -245,7 +312,7 @@ class ClientConnection:
                 code = int(e.reason.code) if e.reason is not None else None
                 return End("closed", code=code, reason=(e.reason.reason if e.reason else None) or str(code),
                             connected=True, auth=code in AUTH_CLOSE_CODES)
-            data = self._decode(raw)
+            data = _decode(raw)
             for msg in data if isinstance(data, list) else [data]:
                 if isinstance(msg, dict):
                     try:
@@ -254,7 +321,23 @@ class ClientConnection:
                         raise
                     except (KeyError, TypeError, ValueError, AttributeError):
                         log.exception("could not handle a server message: %.200r", msg)
-            self._changed.unpark_all()
+            self._observers.changed()
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "pong":
+            self._pong.set()
+        elif kind == "hello":
+            payload = msg.get("payload")
+            self.hello = payload if isinstance(payload, dict) else {}
+        elif kind == "ack" and self._refresh is not None and self._refresh[0] == msg.get("id"):
+            payload = msg.get("payload")
+            self._refresh[3].append(payload if isinstance(payload, dict) else {})
+            self._refresh[2].set()
+        else:
+            assert self._receiver is not None
+            self._receiver.receive(msg)
+        self._send_ack(msg)
 
     async def _writer(self, ws: WebSocketConnection, outbox: deque[str]) -> None:
         while True:
@@ -266,7 +349,7 @@ class ClientConnection:
             except ConnectionClosed:
                 return
             if not outbox:
-                self._changed.unpark_all()
+                self._observers.changed()
 
     async def _heartbeat(self, hello: dict[str, Any]) -> None:
         """Returns when a ping went unanswered for ``timeout`` seconds."""
@@ -278,7 +361,7 @@ class ClientConnection:
         while True:
             await trio.sleep(interval)
             self._pong = trio.Event()
-            self._send({"type": "ping", "timestamp": now_ms()})
+            self.send({"type": "ping", "timestamp": now_ms()})
             with trio.move_on_after(timeout):
                 await self._pong.wait()
                 continue
@@ -302,7 +385,7 @@ class ClientConnection:
             answer: list[Any] = []
             done = trio.Event()
             self._refresh = (ref, token, done, answer)
-            self._send({"type": "auth:refresh", "id": ref, "payload": {"token": token}, "timestamp": now_ms()})
+            self.send({"type": "auth:refresh", "id": ref, "payload": {"token": token}, "timestamp": now_ms()})
             await done.wait()
             if not answer or not isinstance(answer[0], dict):
                 return
@@ -311,7 +394,7 @@ class ClientConnection:
             if isinstance(expires_ms, (int, float)) and expires_ms < 1e11:
                 expires_ms *= 1000  # seconds (as an earlier docs/protocol.md said), not ms
 
-    def _send(self, obj: dict[str, Any]) -> None:
+    def send(self, obj: dict[str, Any]) -> None:
         if self._outbox is None:
             return
         self._outbox.append(orjson.dumps(obj).decode())
@@ -328,7 +411,7 @@ class ClientConnection:
                 self._ack_up_to[project_id] = seq
                 self._ack_lot.unpark_all()
             return
-        self._send({"type": "ack", "id": msg_id})
+        self.send({"type": "ack", "id": msg_id})
 
     async def _acker(self) -> None:
         """Acks applied changes at most every ACK_INTERVAL: one message per project
@@ -337,56 +420,55 @@ class ClientConnection:
             while not self._ack_up_to:
                 await self._ack_lot.park()
             await trio.sleep(ACK_INTERVAL)
-            self._flush_acks()
+            self.flush_acks()
 
-    def _flush_acks(self) -> None:
+    def flush_acks(self) -> None:
         for project_id, seq in self._ack_up_to.items():
-            self._send({"type": "ack", "payload": {"projectId": project_id, "seq": seq}})
+            self.send({"type": "ack", "payload": {"projectId": project_id, "seq": seq}})
         self._ack_up_to.clear()
 
-    def _send_subscribe(self, project_id: str) -> None:
-        st = self._project(project_id)
-        ref = "sub-" + new_id()
-        st.sub_id = ref
-        st.phase = "syncing"
-        st.error = None
-        self._sub_refs[ref] = project_id
-        # A big snapshot comes in parts of at most the server's message size.
-        payload: dict[str, Any] = {"projectId": project_id, "snapshotParts": True}
-        if st.last_seq is not None:
-            payload["since"] = st.last_seq
-        self._send({"type": "subscribe", "id": ref, "payload": payload, "timestamp": now_ms()})
+    # -- what the replica sends through (sync.Wire) ------------------------------------
 
-    def _fill_window(self) -> None:
-        """Send queued mutations strictly in queue order, at most ``max_in_flight``
-        unanswered, and never two of one event at once: a mutation of an event whose
-        earlier mutation is unanswered waits for that answer (its base version comes
-        from it), and everything behind it waits too."""
-        if not self._connected or self._outbox is None or trio.current_time() < self._paused_until:
-            return
+    @property
+    def max_message_bytes(self) -> int | None:
         limit = (self.hello or {}).get("maxMessageBytes")
-        blocked: set[str] = set()
-        too_big: list[QueueItem] = []
-        for item in self._queue.values():
-            if len(self._inflight) >= self._window:
-                break
-            if item.key in self._inflight:
-                blocked.add(item.event_id)
-                continue
-            if item.event_id in blocked:
-                break  # replay strictly in queue order: nothing overtakes a waiting mutation
-            blocked.add(item.event_id)
-            text = orjson.dumps({
-                "type": "event:" + item.kind, "id": item.envelope_id,
-                "timestamp": item.timestamp, "payload": item.payload(),
-            }).decode()
-            if isinstance(limit, int) and len(text.encode()) > limit:
-                too_big.append(item)
-                continue
-            self._inflight.add(item.key)
-            self._outbox.append(text)
+        return limit if isinstance(limit, int) else None
+
+    def send_text(self, text: str) -> None:
+        if self._outbox is None:
+            return
+        self._outbox.append(text)
         self._outbox_lot.unpark_all()
-        for item in too_big:
-            self._fail_item(item, MutationRefused(
-                "too_big", f"the mutation is larger than the server's limit of {limit} bytes",
-                envelope_id=item.envelope_id))
+
+    def at(self, deadline: float, fn: Callable[[], None]) -> None:
+        if self._session_nursery is None:
+            return
+
+        async def call() -> None:
+            await trio.sleep_until(deadline)
+            fn()
+
+        # The session's nursery: when the session ends, so does the call.
+        self._session_nursery.start_soon(call)
+
+    # -- what the client asks of its link (core.py) --------------------------------------
+
+    def outbox_empty(self) -> bool:
+        return not self._outbox
+
+    def end_session(self) -> None:
+        """Close the current session (1000) and stop: the client is closing."""
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+
+    def stop(self) -> None:
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    def closed(self) -> None:
+        """The client closed: the state says so once more."""
+        self._set_state(ConnectionState.DISCONNECTED, reason="client closed")
+
+    @property
+    def in_session(self) -> bool:
+        return self._session_scope is not None

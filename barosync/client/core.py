@@ -1,8 +1,9 @@
 """SyncClient: the barosync protocol client (trio + trio-websocket).
 
-One background task owns the connection: connect, run a session (reader, writer,
-heartbeat, token refresh), and when it ends for any reason other than the
-application closing the client, back off (full jitter) and connect again.
+It holds three parts, each with its own job: the connection (connection.py's
+`Link`: connect, run a session, back off and connect again), the replica (sync.py's
+`Replica`: the local state and what server messages do to it) and the observers
+(state.py: notifications and waiting). This module is the public API over them.
 
 State lives in three layers, all keyed by what the server says:
 
@@ -22,49 +23,41 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import deque
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Callable, Iterable, Mapping
 
 import trio
-from trio_websocket import WebSocketConnection
 
 from .model import (
     ClientClosed,
-    ClientGaveUp,
     Conflict,
     ConnectionState,
     CursorMoved,
     HeartbeatPolicy,
-    Notification,
     QueueProgress,
     ReconnectPolicy,
-    StateChanged,
 )
-from .store import Batch, ClientStore, QueueItem
+from .store import ClientStore, QueueItem
 from .state import (
     new_id,
     now_ms,
     ws_url,
-    Waiter,
     PendingMutation,
     QueuedMutation,
-    ProjectState,
     NotificationStream,
+    Observers,
     TokenSource,
     N,
 )
-from .connection import ClientConnection
-from .sync import ClientSync, client_fields, copy_event
+from .connection import Link
+from .sync import Replica
+from .view import client_fields, copy_event
 
 log = logging.getLogger(__name__)
 
 
-# -- the client -------------------------------------------------------------------------
-
-
-class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["SyncClient"]):
+class SyncClient(AbstractAsyncContextManager["SyncClient"]):
     """A barosync client with an offline queue and an optimistic local view.
 
     ``async with SyncClient(url, token=..., store=PATH) as client:`` opens the store,
@@ -94,102 +87,62 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.url = ws_url(url)
-        self._token_source = token
         self._store_path = store
-        self.reconnect_policy = reconnect
-        self.heartbeat_policy = heartbeat
-        self._connect_timeout = connect_timeout
-        self._close_timeout = close_timeout
-        self._max_in_flight = max(1, max_in_flight)
-        self._refresh_before_expiry = refresh_token_before_expiry
-        self._max_message_size = max_message_size
-        self._rng = rng
-
         self._store: ClientStore | None = None
-        self._state = ConnectionState.DISCONNECTED
-        self._token: str | None = None
-        self._closing = False
-        self._aborting = False
         self._closed = False
         self._nursery_cm: Any = None
-        self._nursery: trio.Nursery | None = None
-        self._run_scope: trio.CancelScope | None = None
-        self._runner_done = trio.Event()
-        self._session_scope: trio.CancelScope | None = None
-        self._skip_backoff = False
-        self._backoff_scope = trio.CancelScope()
-        self._gave_up: ClientGaveUp | None = None
+        self._observers = Observers()
+        self._link = Link(self.url, token=token, observers=self._observers, reconnect=reconnect,
+                          heartbeat=heartbeat, connect_timeout=connect_timeout, close_timeout=close_timeout,
+                          refresh_before_expiry=refresh_token_before_expiry, max_message_size=max_message_size,
+                          rng=rng)
+        self._replica = Replica(self._observers, self._link, max_in_flight=max_in_flight)
 
-        # connection
-        self._ws: WebSocketConnection | None = None
-        self._outbox: deque[str] | None = None
-        self._outbox_lot = trio.lowlevel.ParkingLot()
-        # Changes applied but not acked yet, newest seq per project: sent as one
-        # cumulative ack per project every ACK_INTERVAL (when the server offers it).
-        self._ack_up_to: dict[str, int] = {}
-        self._ack_lot = trio.lowlevel.ParkingLot()
-        self._connected = False
-        self.hello: dict[str, Any] | None = None
-        self._pong = trio.Event()
-        self._refresh: tuple[str, str, trio.Event, list[Any]] | None = None
+    @property
+    def reconnect_policy(self) -> ReconnectPolicy:
+        return self._link.reconnect_policy
 
-        # data
-        self._queue: dict[int, QueueItem] = {}
-        self._by_env: dict[str, QueueItem] = {}
-        self._inflight: set[int] = set()
-        # Answered `rate_limited`: send fewer at a time (halved, +1 per ack) and
-        # pause sending for a while (doubling while it goes on).
-        self._window = self._max_in_flight
-        self._paused_until = 0.0
-        self._rate_delay = 0.0
-        self._session_nursery: trio.Nursery | None = None
-        self._next_key = 1
-        self._waiters: dict[str, Waiter] = {}
-        self._projects: dict[str, ProjectState] = {}
-        self._desired: dict[str, None] = {}
-        self._sub_refs: dict[str, str] = {}
-        self._views: dict[str, dict[str, dict[str, Any]]] = {}
-        self._completed = 0
-        self._failed = 0
+    @property
+    def heartbeat_policy(self) -> HeartbeatPolicy:
+        return self._link.heartbeat_policy
 
-        # observers
-        self._callbacks: list[tuple[type | None, Callable[[Any], None]]] = []
-        self._streams: set[NotificationStream] = set()
-        self._changed = trio.lowlevel.ParkingLot()
+    @property
+    def hello(self) -> dict[str, Any] | None:
+        """The payload of the server's last hello (None before the first)."""
+        return self._link.hello
 
     async def __aenter__(self) -> "SyncClient":
         if self._store is not None:
             raise RuntimeError("a SyncClient can be entered once")
         self._store = ClientStore(self._store_path)
         try:
-            self._load()
+            self._replica.open(self._store)
             self._nursery_cm = trio.open_nursery()
-            self._nursery = await self._nursery_cm.__aenter__()
+            nursery = await self._nursery_cm.__aenter__()
         except BaseException:
             self._store.close()
             raise
-        self._start_runner()
+        self._link.start(nursery, self._replica)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        self._closing = True
-        if exc_type is None and self._session_scope is not None:
+        link = self._link
+        link.closing = True
+        if exc_type is None and link.in_session:
             # A clean close: acks and anything else already said go out first; then
             # the connection task closes with 1000 (it owns the WebSocket, whose
             # reader must live on to complete the close handshake) and stops.
-            self._flush_acks()
-            with trio.move_on_after(self._close_timeout):
-                await self.wait_for(lambda: not self._outbox or not self._connected)
-            if self._session_scope is not None:
-                self._session_scope.cancel()
-            with trio.move_on_after(self._close_timeout + 0.5):
-                await self._runner_done.wait()
+            link.flush_acks()
+            with trio.move_on_after(link.close_timeout):
+                await self.wait_for(lambda: link.outbox_empty() or not link.connected)
+            link.end_session()
+            with trio.move_on_after(link.close_timeout + 0.5):
+                await link.runner_done.wait()
         if exc_type is not None:
-            self._aborting = True  # leaving on an error: close the socket, skip the handshake
-        if self._run_scope is not None:
-            self._run_scope.cancel()
+            link.aborting = True  # leaving on an error: close the socket, skip the handshake
+        link.stop()
         try:
             return await self._nursery_cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
         finally:
@@ -199,60 +152,11 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         if self._closed:
             return
         self._closed = True
-        self._set_state(ConnectionState.DISCONNECTED, reason="client closed")
-        error = ClientClosed("the client was closed; the mutation stays queued in the store")
-        for waiter in self._waiters.values():
-            waiter.fail(error)
-        for st in self._projects.values():
-            if st.error is None and st.phase != "live":
-                st.error = error
-        self._changed.unpark_all()
-        for stream in list(self._streams):
-            stream.close()
+        self._link.closed()
+        self._replica.close(ClientClosed("the client was closed; the mutation stays queued in the store"))
+        self._observers.close()
         assert self._store is not None
         self._store.close()
-
-    def _load(self) -> None:
-        assert self._store is not None
-        for project_id, (seq, events) in self._store.load_projects().items():
-            self._projects[project_id] = ProjectState(project_id, last_seq=seq, confirmed=events)
-        for item in self._store.load_queue():
-            self._queue[item.key] = item
-            self._by_env[item.envelope_id] = item
-        self._next_key = self._store.next_key()
-
-    def _project(self, project_id: str) -> ProjectState:
-        st = self._projects.get(project_id)
-        if st is None:
-            st = self._projects[project_id] = ProjectState(project_id)
-        return st
-
-    def _commit(self, batch: Batch) -> None:
-        assert self._store is not None
-        self._store.commit(batch)
-
-    def _set_state(self, state: ConnectionState, *, attempt: int = 0, delay: float | None = None,
-                   close_code: int | None = None, reason: str | None = None) -> None:
-        previous = self._state
-        if previous is state and state is not ConnectionState.RECONNECTING:
-            return
-        self._state = state
-        self._notify(StateChanged(state, previous, attempt, delay, close_code, reason))
-        self._changed.unpark_all()
-
-    def _notify(self, note: Notification) -> None:
-        for kind, callback in list(self._callbacks):
-            if kind is None or isinstance(note, kind):
-                try:
-                    callback(note)
-                except Exception:
-                    log.exception("notification callback %r failed", callback)
-        for stream in list(self._streams):
-            stream._push(note)
-
-    def _notify_progress(self) -> None:
-        self._notify(self.progress)
-        self._changed.unpark_all()
 
     def _check_open(self) -> None:
         if self._store is None:
@@ -262,7 +166,7 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
 
     @property
     def state(self) -> ConnectionState:
-        return self._state
+        return self._link.state
 
     @property
     def user(self) -> dict[str, Any] | None:
@@ -271,29 +175,34 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
 
     @property
     def progress(self) -> QueueProgress:
-        pending = len(self._queue)
-        return QueueProgress(pending, self._completed, self._failed, pending + self._completed)
+        return self._replica.progress
+
+    def reconnect(self) -> None:
+        """Drop the current connection (if any) and connect again at once; after the
+        client gave up (state ERROR), start trying again."""
+        self._check_open()
+        self._link.reconnect()
 
     def on(self, kind: type[N] | None, callback: Callable[[N], None]) -> Callable[[], None]:
         """Call ``callback(notification)`` for every notification of class ``kind``
         (None: all), synchronously, from the client's task. Returns a function that
         removes the callback."""
         entry = (kind, callback)
-        self._callbacks.append(entry)  # type: ignore[arg-type]
+        self._observers.callbacks.append(entry)  # type: ignore[arg-type]
 
         def remove() -> None:
-            if entry in self._callbacks:
-                self._callbacks.remove(entry)  # type: ignore[arg-type]
+            if entry in self._observers.callbacks:
+                self._observers.callbacks.remove(entry)  # type: ignore[arg-type]
 
         return remove
 
     def notifications(self, *kinds: type, buffer: int = 10_000) -> NotificationStream:
         """An async iterator of notifications (of the given classes; none given: all)."""
-        stream = NotificationStream(self, kinds, buffer)
+        stream = NotificationStream(self._observers, kinds, buffer)
         if self._closed:
             stream.close()
         else:
-            self._streams.add(stream)
+            self._observers.streams.add(stream)
         return stream
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
@@ -302,33 +211,33 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         while not predicate():
             if self._closed:
                 raise ClientClosed("the client is closed")
-            await self._changed.park()
+            await self._observers.wait_changed()
 
     async def wait_connected(self) -> None:
-        await self.wait_for(lambda: self._state is ConnectionState.CONNECTED or self._gave_up is not None)
-        if self._state is not ConnectionState.CONNECTED and self._gave_up is not None:
-            raise self._gave_up
+        await self.wait_for(lambda: self._link.state is ConnectionState.CONNECTED or self._link.gave_up is not None)
+        if self._link.state is not ConnectionState.CONNECTED and self._link.gave_up is not None:
+            raise self._link.gave_up
 
     async def wait_idle(self) -> None:
         """Wait until the offline queue is empty (every mutation answered)."""
-        await self.wait_for(lambda: not self._queue or self._gave_up is not None)
-        if self._queue and self._gave_up is not None:
-            raise self._gave_up
+        await self.wait_for(lambda: not self._replica.queue or self._link.gave_up is not None)
+        if self._replica.queue and self._link.gave_up is not None:
+            raise self._link.gave_up
 
     async def wait_synced(self) -> None:
         """Wait until the queue is empty and every subscribed project is live and
         caught up on the current connection."""
-        await self.wait_for(lambda: self._gave_up is not None or (
-            not self._queue and self._connected
-            and all(self._project(p).phase == "live" for p in self._desired)))
-        if self._gave_up is not None and (self._queue or not self._connected):
-            raise self._gave_up
+        await self.wait_for(lambda: self._link.gave_up is not None or (
+            not self._replica.queue and self._link.connected
+            and all(self._replica.project(p).phase == "live" for p in self._replica.desired)))
+        if self._link.gave_up is not None and (self._replica.queue or not self._link.connected):
+            raise self._link.gave_up
 
     def events(self, project_id: str) -> list[dict[str, Any]]:
         """The local view of a project: the server's state (as of ``last_seq``) with
         this client's acked and pending mutations applied, ordered by startDate, id.
         Copies: changing them changes nothing."""
-        view = self._view(project_id)
+        view = self._replica.view(project_id)
         return [copy_event(e) for e in sorted(view.values(), key=lambda e: (str(e.get("startDate") or ""), e["id"]))]
 
     def get(self, event_id: str, project_id: str | None = None) -> dict[str, Any] | None:
@@ -337,33 +246,33 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         return copy_event(found[1]) if found else None
 
     def last_seq(self, project_id: str) -> int | None:
-        st = self._projects.get(project_id)
+        st = self._replica.projects.get(project_id)
         return st.last_seq if st else None
 
     def is_pending(self, event_id: str) -> bool:
         """True while a mutation of this event waits for the server."""
-        return any(item.event_id == event_id for item in self._queue.values())
+        return any(item.event_id == event_id for item in self._replica.queue.values())
 
     @property
     def queue(self) -> list[QueuedMutation]:
         return [QueuedMutation(i.envelope_id, i.kind, i.project_id, i.event_id, dict(i.fields), i.version,
-                               i.key in self._inflight) for i in self._queue.values()]
+                               i.key in self._replica.inflight) for i in self._replica.queue.values()]
 
     def presence(self, project_id: str) -> list[dict[str, Any]]:
         """Other users present in a project (on the current connection)."""
-        st = self._projects.get(project_id)
+        st = self._replica.projects.get(project_id)
         return [dict(u) for u in st.presence.values()] if st else []
 
     def cursors(self, project_id: str) -> list[CursorMoved]:
-        st = self._projects.get(project_id)
+        st = self._replica.projects.get(project_id)
         return list(st.cursors.values()) if st else []
 
     def subscribed(self, project_id: str) -> bool:
-        return project_id in self._desired
+        return project_id in self._replica.desired
 
     def is_live(self, project_id: str) -> bool:
-        st = self._projects.get(project_id)
-        return bool(st and st.phase == "live" and self._connected)
+        st = self._replica.projects.get(project_id)
+        return bool(st and st.phase == "live" and self._link.connected)
 
     def remembered(self, envelope_ids: Iterable[str]) -> set[str]:
         """Which of these envelope ids (queued with ``remember=True``) the server acked."""
@@ -377,41 +286,41 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
         ``wait`` (default) returns once the project is live and caught up, which
         needs a connection; raises :class:`SubscriptionRefused` if the server says no."""
         self._check_open()
-        st = self._project(project_id)
+        st = self._replica.project(project_id)
         st.error = None
-        if project_id not in self._desired:
-            self._desired[project_id] = None
-            if self._connected:
-                self._send_subscribe(project_id)
+        if project_id not in self._replica.desired:
+            self._replica.desired[project_id] = None
+            if self._link.connected:
+                self._replica.send_subscribe(project_id)
         if not wait:
             return
-        await self.wait_for(lambda: st.error is not None or (st.phase == "live" and self._connected)
-                            or self._gave_up is not None)
+        await self.wait_for(lambda: st.error is not None or (st.phase == "live" and self._link.connected)
+                            or self._link.gave_up is not None)
         if st.error is not None:
             raise st.error
-        if st.phase != "live" and self._gave_up is not None:
-            raise self._gave_up
+        if st.phase != "live" and self._link.gave_up is not None:
+            raise self._link.gave_up
 
     async def unsubscribe(self, project_id: str) -> None:
         """Stop following a project (its local copy and seq stay in the store)."""
         self._check_open()
-        self._desired.pop(project_id, None)
-        st = self._project(project_id)
+        self._replica.desired.pop(project_id, None)
+        st = self._replica.project(project_id)
         st.phase = "idle"
         st.presence.clear()
         st.cursors.clear()
-        if self._connected:
-            self._send({"type": "unsubscribe", "id": "unsub-" + new_id(), "payload": {"projectId": project_id}})
+        if self._link.connected:
+            self._link.send({"type": "unsubscribe", "id": "unsub-" + new_id(), "payload": {"projectId": project_id}})
 
     def send_cursor(self, x: float, y: float, *, element_id: str | None = None, project_id: str | None = None) -> bool:
         """Share a pointer position (volatile: dropped when not connected). Returns
         whether it was sent."""
-        if not self._connected:
+        if not self._link.connected:
             return False
         payload: dict[str, Any] = {"x": x, "y": y, "elementId": element_id}
         if project_id is not None:
             payload["projectId"] = project_id
-        self._send({"type": "user:cursor", "payload": payload, "timestamp": now_ms()})
+        self._link.send({"type": "user:cursor", "payload": payload, "timestamp": now_ms()})
         return True
 
     def submit_create(self, project_id: str, event: Mapping[str, Any] | None = None, /, *, id: str | None = None,
@@ -492,3 +401,36 @@ class SyncClient(ClientConnection, ClientSync, AbstractAsyncContextManager["Sync
             return await self.delete(conflict.event_id, version=version, project_id=conflict.project_id)
         changes = conflict.local_changes() if resolution == "local" else dict(resolution)  # type: ignore[arg-type]
         return await self.update(conflict.event_id, changes, version=version, project_id=conflict.project_id)
+
+    # -- the targets of the calls above ------------------------------------------------
+
+    def _locate(self, event_id: str, project_id: str | None = None) -> tuple[str, dict[str, Any]] | None:
+        projects = [project_id] if project_id is not None else list(
+            dict.fromkeys([*self._replica.projects, *(i.project_id for i in self._replica.queue.values())]))
+        for p in projects:
+            event = self._replica.view(p).get(event_id)
+            if event is not None:
+                return p, event
+        return None
+
+    def _target(self, event_id: str, project_id: str | None, version: int | None, *, required: bool) -> tuple[str, int | None]:
+        found = self._locate(event_id, project_id)
+        if project_id is None:
+            if found is None:
+                raise ValueError(f"event {event_id!r} is not in the local view: pass project_id= (and version=)")
+            project_id = found[0]
+        if version is None and found is not None:
+            version = int(found[1].get("version") or 0)
+        if version is None and required:
+            raise ValueError(f"event {event_id!r} is not in the local view: pass version= (the version the edit is based on)")
+        return project_id, version
+
+    def _item(self, kind: str, project_id: str, event_id: str, fields: dict[str, Any], version: int | None,
+              envelope_id: str | None, remember: bool) -> QueueItem:
+        if not isinstance(project_id, str) or not project_id:
+            raise ValueError("project_id must be a non-empty string")
+        return QueueItem(0, envelope_id or new_id(), kind, project_id, event_id, fields, version, now_ms(), remember)
+
+    def _enqueue(self, items: list[QueueItem]) -> list[PendingMutation]:
+        self._check_open()
+        return self._replica.enqueue(items)

@@ -171,13 +171,13 @@ class NotificationStream:
     (counted in ``dropped``) rather than stalling the client. Ends when the client
     closes or the stream is closed."""
 
-    def __init__(self, client: Any, kinds: tuple[type, ...], buffer: int) -> None:
-        self._client = client
+    def __init__(self, observers: "Observers", kinds: tuple[type, ...], buffer: int) -> None:
+        self._observers = observers
         self._kinds = kinds
         self._send, self._recv = trio.open_memory_channel[Notification](buffer)
         self.dropped = 0
 
-    def _push(self, note: Notification) -> None:
+    def push(self, note: Notification) -> None:
         if self._kinds and not isinstance(note, self._kinds):
             return
         try:
@@ -200,7 +200,7 @@ class NotificationStream:
             raise StopAsyncIteration from None
 
     def close(self) -> None:
-        self._client._streams.discard(self)
+        self._observers.streams.discard(self)
         self._send.close()
 
     def __enter__(self) -> "NotificationStream":
@@ -210,3 +210,43 @@ class NotificationStream:
         self.close()
 
 
+
+
+class Observers:
+    """Who hears what the client does: notification callbacks and streams, and the
+    tasks waiting for a condition (re-checked on every ``changed()``). The client's
+    connection (connection.py) and its replica (sync.py) both report here."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[tuple[type | None, Callable[[Any], None]]] = []
+        self.streams: set[NotificationStream] = set()
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def notify(self, note: Notification) -> None:
+        for kind, callback in list(self.callbacks):
+            if kind is None or isinstance(note, kind):
+                try:
+                    callback(note)
+                except Exception:
+                    log.exception("notification callback %r failed", callback)
+        for stream in list(self.streams):
+            stream.push(note)
+
+    def changed(self) -> None:
+        """Something a waiting condition may depend on changed."""
+        self._changed.unpark_all()
+
+    async def wait_changed(self) -> None:
+        await self._changed.park()
+
+    def close(self) -> None:
+        for stream in list(self.streams):
+            stream.close()
+        self._changed.unpark_all()
+
+
+def leaves(group: BaseException) -> list[BaseException]:
+    """The exceptions in a (nested) exception group, or the one exception."""
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for inner in group.exceptions for leaf in leaves(inner)]
+    return [group]

@@ -1,20 +1,22 @@
-"""The client's sync layer: what each server message does to the local state (acks,
-snapshots, changes in seq order, conflicts, errors, presence, cursors), and the
-local view = confirmed + settled + queue, folded in that order.
+"""The client's replica: the local state (confirmed projects, settled acks, the
+queue) and what each server message does to it (acks, snapshots, changes in seq
+order, conflicts, errors, presence, cursors); which queued mutations go out and
+when. It sends through the `Wire` interface, which the client's connection
+(connection.py's `Link`) fills, and the connection hands it what arrives through
+the replica's side of that contract (connection.Receiver).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Protocol
 
 import orjson
 import trio
 
 from .model import (
-    CLIENT_FIELD_DEFAULTS,
-    EDITABLE_FIELDS,
     ClientError,
+    ClientGaveUp,
     Conflict,
     ConflictDetected,
     ConflictError,
@@ -23,36 +25,134 @@ from .model import (
     MutationRefused,
     MutationSettled,
     PresenceChanged,
+    QueueProgress,
     RemoteChange,
     ServerError,
     SnapshotApplied,
     SubscriptionRefused,
 )
-from .store import Batch, QueueItem
-from .state import new_id, now_ms, Waiter, PendingMutation, ProjectState, RETRYABLE_STORAGE, CHANGE_KINDS
+from .store import Batch, ClientStore, QueueItem
+from .state import new_id, now_ms, Observers, Waiter, PendingMutation, ProjectState, RETRYABLE_STORAGE, CHANGE_KINDS
+from .view import fold
 
 log = logging.getLogger(__name__)
 
 
-class ClientSync:
-    """SyncClient's sync half (a mixin; the state it uses is SyncClient's)."""
+class Wire(Protocol):
+    """What the replica sends through: the client's connection."""
 
-    @staticmethod
-    def _decode(raw: str | bytes) -> Any:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            log.warning("server sent a frame that is not JSON: %.100r", raw)
-            return None
+    @property
+    def connected(self) -> bool:
+        """A session with the server is up (what is sent now goes out on it)."""
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The server's message size limit (from its hello), if it said one."""
+
+    def send(self, obj: dict[str, Any]) -> None:
+        """Queue a message on the current session (dropped when there is none)."""
+
+    def send_text(self, text: str) -> None:
+        """Queue an encoded message on the current session."""
+
+    def at(self, deadline: float, fn: Callable[[], None]) -> None:
+        """Call ``fn`` at trio time ``deadline`` if the current session is still up."""
+
+
+class Replica:
+    """The client's local state and the rules that keep it in step with the server."""
+
+    def __init__(self, observers: Observers, wire: Wire, *, max_in_flight: int) -> None:
+        self._observers = observers
+        self._wire = wire
+        self._store: ClientStore | None = None
+        self._max_in_flight = max(1, max_in_flight)
+        self.queue: dict[int, QueueItem] = {}  # not acked yet, in order
+        self._by_env: dict[str, QueueItem] = {}
+        self.inflight: set[int] = set()  # queue keys sent on this session, unanswered
+        # Answered `rate_limited`: send fewer at a time (halved, +1 per ack) and
+        # pause sending for a while (doubling while it goes on).
+        self._window = self._max_in_flight
+        self._paused_until = 0.0
+        self._rate_delay = 0.0
+        self._next_key = 1
+        self.waiters: dict[str, Waiter] = {}
+        self.projects: dict[str, ProjectState] = {}
+        self.desired: dict[str, None] = {}  # projects followed, across reconnects
+        self._sub_refs: dict[str, str] = {}
+        self._views: dict[str, dict[str, dict[str, Any]]] = {}
+        self.completed = 0
+        self.failed = 0
+
+    def open(self, store: ClientStore) -> None:
+        """Take up what the store kept: each project's state and the queue."""
+        self._store = store
+        for project_id, (seq, events) in store.load_projects().items():
+            self.projects[project_id] = ProjectState(project_id, last_seq=seq, confirmed=events)
+        for item in store.load_queue():
+            self.queue[item.key] = item
+            self._by_env[item.envelope_id] = item
+        self._next_key = store.next_key()
+
+    def project(self, project_id: str) -> ProjectState:
+        st = self.projects.get(project_id)
+        if st is None:
+            st = self.projects[project_id] = ProjectState(project_id)
+        return st
+
+    def _commit(self, batch: Batch) -> None:
+        assert self._store is not None
+        self._store.commit(batch)
+
+    def _notify(self, note: Any) -> None:
+        self._observers.notify(note)
+
+    @property
+    def progress(self) -> QueueProgress:
+        pending = len(self.queue)
+        return QueueProgress(pending, self.completed, self.failed, pending + self.completed)
+
+    def _notify_progress(self) -> None:
+        self._notify(self.progress)
+        self._observers.changed()
+
+    # -- what the connection tells the replica (connection.Receiver) --------------------
+
+    def on_connected(self) -> None:
+        for project_id in list(self.desired):
+            self.send_subscribe(project_id)
+        self.fill_window()
+
+    def on_disconnected(self) -> None:
+        self.inflight.clear()
+        self._sub_refs.clear()
+        self._window = self._max_in_flight
+        self._paused_until = 0.0
+        self._rate_delay = 0.0
+        for st in self.projects.values():
+            st.phase = "idle"
+            st.presence.clear()
+            st.cursors.clear()
+
+    def give_up(self, error: ClientGaveUp) -> None:
+        for waiter in self.waiters.values():
+            waiter.fail(error)
+        self.waiters.clear()
+
+    def close(self, error: ClientError) -> None:
+        """The client closed: whoever waits hears ``error``; the store stays as it is."""
+        for waiter in self.waiters.values():
+            waiter.fail(error)
+        for st in self.projects.values():
+            if st.error is None and st.phase != "live":
+                st.error = error
+
+    def receive(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
         payload = msg.get("payload")
         if not isinstance(payload, dict):
             payload = {}
-        if kind == "pong":
-            self._pong.set()
-        elif kind == "ack":
+        if kind == "ack":
             self._on_ack(msg, payload)
         elif kind in CHANGE_KINDS:
             self._on_change(msg, payload)
@@ -68,9 +168,6 @@ class ClientSync:
             self._on_left(payload)
         elif kind == "user:cursor":
             self._on_cursor(msg, payload)
-        elif kind == "hello":
-            self.hello = payload
-        self._send_ack(msg)
 
     def _on_ack(self, msg: dict[str, Any], p: dict[str, Any]) -> None:
         ref = msg.get("id")
@@ -80,12 +177,9 @@ class ClientSync:
             self._on_subscribe_ack(self._sub_refs.pop(ref), ref, p)
         elif ref in self._by_env:
             self._on_mutation_ack(self._by_env[ref], p)
-        elif self._refresh is not None and self._refresh[0] == ref:
-            self._refresh[3].append(p)
-            self._refresh[2].set()
 
     def _on_subscribe_ack(self, project_id: str, ref: str, p: dict[str, Any]) -> None:
-        st = self._project(project_id)
+        st = self.project(project_id)
         if st.sub_id != ref:
             return
         if p.get("mode") == "snapshot":
@@ -104,7 +198,7 @@ class ClientSync:
             del st.settled[seq]
 
     def _on_snapshot(self, p: dict[str, Any]) -> None:
-        st = self._projects.get(str(p.get("projectId")))
+        st = self.projects.get(str(p.get("projectId")))
         if st is None or st.phase != "snapshot":
             return
         seq = int(p.get("seq") or 0)
@@ -128,7 +222,7 @@ class ClientSync:
         self._notify(SnapshotApplied(st.project_id, seq, len(events)))
 
     def _on_change(self, msg: dict[str, Any], p: dict[str, Any]) -> None:
-        st = self._projects.get(str(msg.get("projectId")))
+        st = self.projects.get(str(msg.get("projectId")))
         seq = msg.get("seq")
         if st is None or st.phase not in ("replaying", "live") or not isinstance(seq, int):
             return
@@ -137,7 +231,7 @@ class ClientSync:
             return  # already applied: exactly once, by seq
         if seq != last + 1:
             log.warning("project %s: gap after seq %d (got %d): resubscribing", st.project_id, last, seq)
-            self._send_subscribe(st.project_id)
+            self.send_subscribe(st.project_id)
             return
         kind = CHANGE_KINDS[str(msg.get("type"))]
         event_id = str(p.get("id"))
@@ -173,13 +267,13 @@ class ClientSync:
         # the version it produced, so one's own queued edits never conflict.
         base = item.version if item.kind != "create" else 0
         if isinstance(new_version, int) and item.kind != "delete":
-            for later in self._queue.values():
+            for later in self.queue.values():
                 if later.event_id == item.event_id and later.kind != "create" and later.version == base:
                     later.version = new_version
                     batch.put_item(later)
         if item.remember:
             batch.mark_done(item.envelope_id, seq if isinstance(seq, int) else None)
-        st = self._projects.get(project_id)
+        st = self.projects.get(project_id)
         if st is not None and isinstance(seq, int):
             last = st.last_seq or 0
             if st.phase in ("replaying", "live") and seq == last + 1:
@@ -196,37 +290,37 @@ class ClientSync:
                 st.settled[seq] = (item.kind, item.event_id, event)
                 if st.phase == "live":
                     log.warning("project %s: ack seq %d after %d: resubscribing", project_id, seq, last)
-                    self._send_subscribe(project_id)
+                    self.send_subscribe(project_id)
             self._views.pop(project_id, None)
         self._commit(batch)
-        self._completed += 1
+        self.completed += 1
         self._window = min(self._max_in_flight, self._window + 1)
         self._rate_delay = 0.0
         result = event if event is not None else p
-        waiter = self._waiters.pop(item.envelope_id, None)
+        waiter = self.waiters.pop(item.envelope_id, None)
         if waiter is not None:
             waiter.set(result)
         self._notify(MutationSettled(item.envelope_id, item.kind, project_id, item.event_id, p))  # type: ignore[arg-type]
         self._notify_progress()
-        self._fill_window()
+        self.fill_window()
 
     def _fail_item(self, item: QueueItem, error: ClientError) -> None:
         batch = Batch()
         self._remove_item(item, batch)
         self._commit(batch)
-        self._completed += 1
-        self._failed += 1
-        waiter = self._waiters.pop(item.envelope_id, None)
+        self.completed += 1
+        self.failed += 1
+        waiter = self.waiters.pop(item.envelope_id, None)
         if waiter is not None:
             waiter.fail(error)
         self._notify(MutationFailed(item.envelope_id, item.kind, item.project_id, item.event_id, error))  # type: ignore[arg-type]
         self._notify_progress()
-        self._fill_window()
+        self.fill_window()
 
     def _remove_item(self, item: QueueItem, batch: Batch) -> None:
-        self._queue.pop(item.key, None)
+        self.queue.pop(item.key, None)
         self._by_env.pop(item.envelope_id, None)
-        self._inflight.discard(item.key)
+        self.inflight.discard(item.key)
         batch.del_item(item)
         self._views.pop(item.project_id, None)
 
@@ -258,10 +352,10 @@ class ClientSync:
             return
         if isinstance(ref, str) and ref in self._sub_refs:
             project_id = self._sub_refs.pop(ref)
-            st = self._project(project_id)
+            st = self.project(project_id)
             st.phase = "idle"
             st.error = SubscriptionRefused(project_id, code, message)
-            self._desired.pop(project_id, None)
+            self.desired.pop(project_id, None)
         self._notify(ServerError(code, message, ref if isinstance(ref, str) else None, field))
 
     def _slow_down(self, ref: str | None) -> None:
@@ -282,24 +376,22 @@ class ClientSync:
             self._paused_until = now + delay
         resubscribe = None
         if ref is not None and ref in self._by_env:
-            self._inflight.discard(self._by_env[ref].key)
+            self.inflight.discard(self._by_env[ref].key)
         elif ref is not None and ref in self._sub_refs:
             resubscribe = self._sub_refs.pop(ref)
         if episode:
             log.info("refused by the server for now: pausing %.2f s, window %d", self._paused_until - now, self._window)
 
-        async def resume(connection: object) -> None:
-            await trio.sleep_until(self._paused_until)
-            if self._ws is connection:
-                if resubscribe is not None and resubscribe in self._desired:
-                    self._send_subscribe(resubscribe)
-                self._fill_window()
+        def resume() -> None:
+            if resubscribe is not None and resubscribe in self.desired:
+                self.send_subscribe(resubscribe)
+            self.fill_window()
 
-        if self._session_nursery is not None and (episode or resubscribe is not None):
-            self._session_nursery.start_soon(resume, self._ws)
+        if episode or resubscribe is not None:
+            self._wire.at(self._paused_until, resume)
 
     def _on_joined(self, p: dict[str, Any]) -> None:
-        st = self._projects.get(str(p.get("projectId")))
+        st = self.projects.get(str(p.get("projectId")))
         user_id = p.get("id")
         if st is None or not isinstance(user_id, str):
             return
@@ -309,7 +401,7 @@ class ClientSync:
             self._notify(PresenceChanged(st.project_id, p, True))
 
     def _on_left(self, p: dict[str, Any]) -> None:
-        st = self._projects.get(str(p.get("projectId")))
+        st = self.projects.get(str(p.get("projectId")))
         user_id = p.get("id")
         if st is None or not isinstance(user_id, str):
             return
@@ -319,72 +411,20 @@ class ClientSync:
             self._notify(PresenceChanged(st.project_id, user, False))
 
     def _on_cursor(self, msg: dict[str, Any], p: dict[str, Any]) -> None:
-        st = self._projects.get(str(msg.get("projectId") or p.get("projectId")))
+        st = self.projects.get(str(msg.get("projectId") or p.get("projectId")))
         if st is None or not isinstance(p.get("userId"), str):
             return
         cursor = CursorMoved(st.project_id, p["userId"], p.get("x", 0), p.get("y", 0), p.get("elementId"))
         st.cursors[cursor.user_id] = cursor
         self._notify(cursor)
 
-    def _view(self, project_id: str) -> dict[str, dict[str, Any]]:
+    def view(self, project_id: str) -> dict[str, dict[str, Any]]:
         view = self._views.get(project_id)
-        if view is not None:
-            return view
-        st = self._projects.get(project_id)
-        view = dict(st.confirmed) if st else {}
-        if st:
-            for seq in sorted(st.settled):
-                kind, event_id, event = st.settled[seq]
-                if kind == "delete":
-                    view.pop(event_id, None)
-                elif event is not None:
-                    view[event_id] = event
-        for item in self._queue.values():
-            if item.project_id != project_id:
-                continue
-            if item.kind == "create":
-                event = {**CLIENT_FIELD_DEFAULTS, **_normalized(item.fields), "id": item.event_id,
-                         "projectId": project_id, "version": 0, "createdAt": None, "updatedAt": None,
-                         "createdBy": None, "updatedBy": None}  # server-owned: known once acked
-                view[item.event_id] = event
-            elif item.kind == "update":
-                current = view.get(item.event_id)
-                if current is not None:
-                    view[item.event_id] = {**current, **_normalized(item.fields)}
-            else:
-                view.pop(item.event_id, None)
-        self._views[project_id] = view
+        if view is None:
+            view = self._views[project_id] = fold(self.projects.get(project_id), project_id, self.queue.values())
         return view
 
-    def _locate(self, event_id: str, project_id: str | None = None) -> tuple[str, dict[str, Any]] | None:
-        projects = [project_id] if project_id is not None else list(
-            dict.fromkeys([*self._projects, *(i.project_id for i in self._queue.values())]))
-        for p in projects:
-            event = self._view(p).get(event_id)
-            if event is not None:
-                return p, event
-        return None
-
-    def _target(self, event_id: str, project_id: str | None, version: int | None, *, required: bool) -> tuple[str, int | None]:
-        found = self._locate(event_id, project_id)
-        if project_id is None:
-            if found is None:
-                raise ValueError(f"event {event_id!r} is not in the local view: pass project_id= (and version=)")
-            project_id = found[0]
-        if version is None and found is not None:
-            version = int(found[1].get("version") or 0)
-        if version is None and required:
-            raise ValueError(f"event {event_id!r} is not in the local view: pass version= (the version the edit is based on)")
-        return project_id, version
-
-    def _item(self, kind: str, project_id: str, event_id: str, fields: dict[str, Any], version: int | None,
-              envelope_id: str | None, remember: bool) -> QueueItem:
-        if not isinstance(project_id, str) or not project_id:
-            raise ValueError("project_id must be a non-empty string")
-        return QueueItem(0, envelope_id or new_id(), kind, project_id, event_id, fields, version, now_ms(), remember)
-
-    def _enqueue(self, items: list[QueueItem]) -> list[PendingMutation]:
-        self._check_open()
+    def enqueue(self, items: list[QueueItem]) -> list[PendingMutation]:
         batch = Batch()
         out: list[PendingMutation] = []
         fresh: list[QueueItem] = []
@@ -399,46 +439,62 @@ class ClientSync:
                 self._next_key += 1
                 batch.put_item(item, new=True)
                 fresh.append(item)
-            waiter = self._waiters.get(item.envelope_id)
+            waiter = self.waiters.get(item.envelope_id)
             if waiter is None:
-                waiter = self._waiters[item.envelope_id] = Waiter()
+                waiter = self.waiters[item.envelope_id] = Waiter()
             out.append(PendingMutation(item, waiter))
         self._commit(batch)
         for item in fresh:
-            self._queue[item.key] = item
+            self.queue[item.key] = item
             self._by_env[item.envelope_id] = item
             self._views.pop(item.project_id, None)
         self._notify_progress()
-        self._fill_window()
+        self.fill_window()
         return out
 
 
-def leaves(group: BaseException) -> list[BaseException]:
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for inner in group.exceptions for leaf in leaves(inner)]
-    return [group]
+    def send_subscribe(self, project_id: str) -> None:
+        st = self.project(project_id)
+        ref = "sub-" + new_id()
+        st.sub_id = ref
+        st.phase = "syncing"
+        st.error = None
+        self._sub_refs[ref] = project_id
+        # A big snapshot comes in parts of at most the server's message size.
+        payload: dict[str, Any] = {"projectId": project_id, "snapshotParts": True}
+        if st.last_seq is not None:
+            payload["since"] = st.last_seq
+        self._wire.send({"type": "subscribe", "id": ref, "payload": payload, "timestamp": now_ms()})
 
-
-def client_fields(body: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = [k for k in body if k not in EDITABLE_FIELDS and k not in ("version", "createdAt", "updatedAt", "createdBy", "updatedBy")]
-    if unknown:
-        raise ValueError(f"unknown event field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(EDITABLE_FIELDS)}")
-    return {k: v for k, v in body.items() if k in EDITABLE_FIELDS}
-
-
-def _normalized(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Fields as the server will store them (as far as the client can tell)."""
-    out = dict(fields)
-    if "attendees" in out:
-        out["attendees"] = list(dict.fromkeys(out["attendees"] or []))
-    if "allDay" in out and out["allDay"] is None:
-        out["allDay"] = False
-    return out
-
-
-def copy_event(event: dict[str, Any]) -> dict[str, Any]:
-    out = dict(event)
-    if isinstance(out.get("attendees"), list):
-        out["attendees"] = list(out["attendees"])
-    return out
-
+    def fill_window(self) -> None:
+        """Send queued mutations strictly in queue order, at most ``max_in_flight``
+        unanswered, and never two of one event at once: a mutation of an event whose
+        earlier mutation is unanswered waits for that answer (its base version comes
+        from it), and everything behind it waits too."""
+        if not self._wire.connected or trio.current_time() < self._paused_until:
+            return
+        limit = self._wire.max_message_bytes
+        blocked: set[str] = set()
+        too_big: list[QueueItem] = []
+        for item in self.queue.values():
+            if len(self.inflight) >= self._window:
+                break
+            if item.key in self.inflight:
+                blocked.add(item.event_id)
+                continue
+            if item.event_id in blocked:
+                break  # replay strictly in queue order: nothing overtakes a waiting mutation
+            blocked.add(item.event_id)
+            text = orjson.dumps({
+                "type": "event:" + item.kind, "id": item.envelope_id,
+                "timestamp": item.timestamp, "payload": item.payload(),
+            }).decode()
+            if isinstance(limit, int) and len(text.encode()) > limit:
+                too_big.append(item)
+                continue
+            self.inflight.add(item.key)
+            self._wire.send_text(text)
+        for item in too_big:
+            self._fail_item(item, MutationRefused(
+                "too_big", f"the mutation is larger than the server's limit of {limit} bytes",
+                envelope_id=item.envelope_id))
