@@ -19,12 +19,13 @@ See docs/plugins.md.
 
 __version__ = "0.1.0"
 
-# Imported after __version__: barosync.server imports it from here.
+# Imported after __version__: the server imports it from here.
 from .config import Config  # noqa: E402
-from .plugin_types import Codec, Conflict, Resolution  # noqa: E402
-from .hookspecs import hookimpl  # noqa: E402
-from .models import Event, Identity, Problem  # noqa: E402
-from .conflicts import strategy  # noqa: E402
+from .hooks.plugin_types import Codec, Conflict, Resolution  # noqa: E402
+from .hooks.hookspecs import hookimpl  # noqa: E402
+from .domain.models import Event, Identity, Problem  # noqa: E402
+from .hooks.conflicts import strategy  # noqa: E402
+from .wire.protocol import ProtocolError  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -34,6 +35,7 @@ __all__ = [
     "Event",
     "Identity",
     "Problem",
+    "ProtocolError",
     "Resolution",
     "hookimpl",
     "strategy",

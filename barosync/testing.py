@@ -31,13 +31,14 @@ from typing import Any, AsyncIterator, Iterable
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from .app import App
-from .auth import create_token
+from .core.app import App
+from .hooks.auth import create_token
 from .config import Config
-from .plugin_types import Conflict
-from .server import serve
+from .hooks.plugin_types import Conflict
+from .hooks.plugins import build_plugin_manager, load_plugin_file
+from .transports.server import serve
 
-__all__ = ["TestClient", "TestServer", "make_conflict", "serve_for_test"]
+__all__ = ["TestClient", "TestServer", "build_plugin_manager", "load_plugin_file", "make_conflict", "serve_for_test"]
 
 SECRET = "barosync-testing-secret-0123456789-abcdef"  # HS256 wants 32 bytes or more
 TIMEOUT = 10.0  # seconds any one wait of a test client may take

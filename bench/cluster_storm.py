@@ -67,7 +67,7 @@ def presence_probe(victim: int, observer: int, secret: str, commands: "mp.Queue[
     import trio
     from trio_websocket import ConnectionClosed, open_websocket_url
 
-    from barosync.auth import create_token
+    from barosync.hooks.auth import create_token
 
     project = "p0"
     ghosts = [f"ghost{i}" for i in range(GHOSTS)]
@@ -179,7 +179,7 @@ def run(clients: int, nodes: int, procs: int, rate: float, steady: float = 3.0, 
 
 
 def _run(cluster: Cluster, clients: int, procs: int, rate: float, steady: float, lose: float) -> dict[str, Any]:
-    from barosync.auth import create_token
+    from barosync.hooks.auth import create_token
 
     cluster.start()
     nodes = cluster.nodes

@@ -212,7 +212,7 @@ def run(frames: int, conns: int) -> dict:
 
 
 def _run(server: Server, tmp: Path, frames: int, conns: int) -> dict:
-    from barosync.auth import create_token
+    from barosync.hooks.auth import create_token
 
     server.start()
     secret = (tmp / "data" / "secret").read_text().strip()

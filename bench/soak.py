@@ -48,7 +48,7 @@ def load_process(n: int, port: int, secret: str, clients: int, rate: float, reco
                  cursor_clients: int, report: "mp.Queue[dict[str, Any]]", stop: Any) -> None:
     import trio
 
-    from barosync.auth import create_token
+    from barosync.hooks.auth import create_token
     from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
     random.seed(n)

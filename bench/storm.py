@@ -70,7 +70,7 @@ def load_process(n: int, procs: int, ports: list[int], secret: str, clients: int
     import trio
     from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-    from barosync.auth import create_token
+    from barosync.hooks.auth import create_token
 
     random.seed(n)
     stats = {"gaps": 0, "duplicates": 0, "own_echoes": 0, "reconnects": 0, "resent": 0, "errors": 0,
@@ -370,7 +370,7 @@ def run(clients: int, procs: int, rate: float, steady: float = 3.0) -> dict[str,
 
 def _run(server: Server, tmp: Path, clients: int, procs: int, rate: float, steady: float) -> dict[str, Any]:
     """``steady``: seconds of steady writing before each disruption and after it."""
-    from barosync.auth import create_token
+    from barosync.hooks.auth import create_token
 
     server.start()
     secret = (tmp / "data" / "secret").read_text().strip()

@@ -16,10 +16,10 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from barosync.auth import create_token
+from barosync.hooks.auth import create_token
 from barosync.config import Config
-from barosync.app import App
-from barosync.server import serve
+from barosync.core.app import App
+from barosync.transports.server import serve
 
 from browser import chromium as _chromium
 

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import trio
 
-from barosync.models import Identity
-from barosync.commit import change_message
-from barosync.store import Mutation, Outcome
+from barosync.domain.models import Identity
+from barosync.storage.commit import change_message
+from barosync.storage.store import Mutation, Outcome
 
 
 class FakeSubscriber:

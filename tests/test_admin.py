@@ -9,7 +9,7 @@ import trio
 
 from attack_helpers import barosync_cmd
 from conftest import SECRET, http_exchange, open_client, running, token
-from barosync.auth import create_token
+from barosync.hooks.auth import create_token
 
 ADMIN = create_token(SECRET, user_id="root", name="Root", projects="*", admin=True)
 

@@ -262,7 +262,7 @@ def test_read_only_project_says_so_and_refuses_writes(tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "read_only.py").write_text(
-        "from barosync.hookspecs import hookimpl\n\n"
+        "from barosync.hooks.hookspecs import hookimpl\n\n"
         "@hookimpl\n"
         "def barosync_authorize(identity, action, project_id):\n"
         "    if project_id == 'handbook' and action != 'subscribe':\n"

@@ -236,7 +236,7 @@ async def test_clients_told_to_go_away_find_the_port_closed(tmp_path):
     behind a listener that is about to close. (Such a connection is reset before its
     handshake, which trio-websocket, for one, only notices when its connect timeout
     runs out: 60 s by default.)"""
-    from barosync.auth import create_token
+    from barosync.hooks.auth import create_token
 
     data = tmp_path / "data"
     async with serving(tmp_path, "--port", "0", "--data", str(data), "--log-level", "warning") as server:

@@ -22,7 +22,7 @@ import trio.testing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from barosync.auth import create_token
+from barosync.hooks.auth import create_token
 from barosync.client import (
     ClientGaveUp,
     ConflictDetected,
@@ -43,9 +43,9 @@ from barosync.client import (
     backoff_ceiling,
     backoff_delay,
 )
-from barosync.app import App
-from barosync.server import serve
-from barosync.watch import import_events, plan_import
+from barosync.core.app import App
+from barosync.transports.server import serve
+from barosync.cli.watch import import_events, plan_import
 
 from conftest import SECRET, make_config, token
 from faultproxy import FaultProxy, transcript

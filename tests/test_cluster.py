@@ -369,7 +369,7 @@ async def test_a_node_that_never_publishes_still_reaches_the_others(
     """It died between commit and publish, as far as the others can tell: they find
     the change in the log within the check interval. (Two nodes in this process, so
     the test can make one drop its publishes.)"""
-    from barosync.server import serve
+    from barosync.transports.server import serve
     from conftest import make_config, open_client
 
     dsn = postgres.new_database()
@@ -538,10 +538,10 @@ def test_retention_prunes_old_changes_and_their_idempotency_records(postgres: Po
     import psycopg
 
     from barosync.config import Config
-    from barosync.models import new_event
-    from barosync.pg_store import PgStore
-    from barosync.plugins import build_plugin_manager
-    from barosync.store import Mutation, now_ms
+    from barosync.domain.models import new_event
+    from barosync.storage.pg_store import PgStore
+    from barosync.hooks.plugins import build_plugin_manager
+    from barosync.storage.store import Mutation, now_ms
 
     url = postgres.new_database()
     config = Config(data_dir=tmp_path, history_retention=60, cluster_postgres=url)

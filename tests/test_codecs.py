@@ -13,8 +13,8 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, TextMessage
 
-from barosync.codecs import BUILTIN_CODECS, BatchCodec, DeflateCodec, JsonCodec, batch_json
-from barosync.protocol import Outgoing, ProtocolError, encode
+from barosync.hooks.codecs import BUILTIN_CODECS, BatchCodec, DeflateCodec, JsonCodec, batch_json
+from barosync.wire.protocol import Outgoing, ProtocolError, encode
 
 from conftest import event_payload, open_client, token, ws_url
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from barosync.config import ConfigError
-from barosync.conflicts import (
+from barosync.hooks.conflicts import (
     EDITABLE,
     STRATEGIES,
     Conflict,
@@ -33,9 +33,9 @@ from barosync.conflicts import (
     merge,
     merge_attendees,
 )
-from barosync.models import check_dates
-from barosync.app import App
-from barosync.server import serve
+from barosync.domain.models import check_dates
+from barosync.core.app import App
+from barosync.transports.server import serve
 
 from conftest import Client, make_config, one_node, open_client, running, token
 
@@ -798,8 +798,8 @@ async def test_retry_of_a_resolved_conflict_answers_the_original_ack(data_dir):
 
 RECORDER = textwrap.dedent('''
     """A third-party strategy: last_write_wins, remembering what it was asked."""
-    from barosync.conflicts import last_write_wins
-    from barosync.hookspecs import hookimpl
+    from barosync.hooks.conflicts import last_write_wins
+    from barosync.hooks.hookspecs import hookimpl
 
     SEEN = []
 
@@ -858,7 +858,7 @@ async def test_merge_tiebreak_can_be_a_plugin_strategy(tmp_path, data_dir):
 
 
 EXPLODING = textwrap.dedent('''
-    from barosync.hookspecs import hookimpl
+    from barosync.hooks.hookspecs import hookimpl
 
     @hookimpl
     def barosync_conflict_strategies():

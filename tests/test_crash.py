@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from barosync.auth import create_token
+from barosync.hooks.auth import create_token
 
 from attack_helpers import WS, Closed, Rejected, ServerProcess, event_payload, mint, read_secret, start_server, uid
 

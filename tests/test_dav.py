@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 import pytest
 from defusedxml import ElementTree as SafeET
 
-from barosync import dav
-from barosync.dav import CALDAV, CS, DAV, DavError, tag
+from barosync.calendars import dav
+from barosync.calendars.dav import CALDAV, CS, DAV, DavError, tag
 
 
 def test_propfind_forms() -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from barosync import expansion, ical, ics, occurrences
-from barosync.models import ValidationError, new_event
+from barosync.domain import expansion
+from barosync.formats import ical, ics, occurrences
+from barosync.domain.models import ValidationError, new_event
 
 from ical_helpers import calendar
 

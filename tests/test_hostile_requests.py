@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 import trio
 
-from barosync import app_passwords
-from barosync.auth import create_token
-from barosync.commit import Mutation
+from barosync.calendars import app_passwords
+from barosync.hooks.auth import create_token
+from barosync.storage.commit import Mutation
 from barosync.config import Config
-from barosync.connection import INBOX_BYTES, RECEIVE_BYTES
-from barosync.models import Event
-from barosync.store import Store
+from barosync.transports.connection import INBOX_BYTES, RECEIVE_BYTES
+from barosync.domain.models import Event
+from barosync.core.app import open_log
 
 from attack_helpers import WS, Closed, Rejected, ServerProcess
 from caldav_helpers import Http, app_password, event_ics
@@ -49,7 +49,7 @@ def store_legacy_rule(data_dir: Path, rrule: str) -> None:
     """A recurring event as an older release stored it, before rules were bounded at
     write time (a rule whose BY* parts never meet)."""
     config = Config(data_dir=data_dir)
-    store = Store(data_dir, map_size=config.map_size, config=config)
+    store = open_log(config)
     try:
         event = Event(id="legacy", project_id="team", title="Stored long ago", start_date="2026-01-05T09:00:00Z",
                       end_date="2026-01-05T10:00:00Z", version=1, created_at=1, updated_at=1,
@@ -185,7 +185,7 @@ async def test_a_handler_bug_answers_500_and_logs_one_traceback(tmp_path: Path, 
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "buggy_auth.py").write_text(BUGGY_AUTH)
-    caplog.set_level(logging.ERROR, logger="barosync.server")
+    caplog.set_level(logging.ERROR, logger="barosync.transports.server")
     async with running(tmp_path / "data", plugin_paths=(str(plugins),)) as (app, _):
         http = Http(app.port)
         for _ in range(3):
@@ -211,7 +211,7 @@ async def test_identities_with_absurd_expiry_or_control_characters_are_refused(
 
     body = {"sub": "alice", "projects": ["p1"], "exp": int(time.time()) + 3600, **claims}
     tok = jwt.encode(body, SECRET, algorithm="HS256")
-    caplog.set_level(logging.WARNING, logger="barosync.app")
+    caplog.set_level(logging.WARNING, logger="barosync.core.app")
     async with running(tmp_path / "data") as (app, _):
         with pytest.raises(Rejected) as refused:
             await WS.connect(app.port, tok)
@@ -267,7 +267,7 @@ async def test_rest_caldav_and_the_feed_share_one_request_limit_per_identity(tmp
 @one_node
 async def test_failed_caldav_sign_ins_are_throttled_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "data"
-    caplog.set_level(logging.WARNING, logger="barosync.caldav")
+    caplog.set_level(logging.WARNING, logger="barosync.calendars.caldav")
     async with running(data) as (app, _):
         password = await trio.to_thread.run_sync(lambda: app_passwords.create(data, user_id="alice", projects=["p1"])[0])
         wrong = Http(app.port, "alice", "not-the-password")

@@ -5,8 +5,8 @@ tests/core_fakes.py's recorders; nothing here opens a socket or a store."""
 from __future__ import annotations
 
 from barosync.config import Config
-from barosync.hub import Hub
-from barosync.plugins import build_plugin_manager
+from barosync.engine.hub import Hub
+from barosync.hooks.plugins import build_plugin_manager
 
 from core_fakes import FakeSubscriber, applied, mutation, sent
 

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import icalendar
 import pytest
 
-from barosync import ical, occurrences
-from barosync.models import ValidationError, apply_changes, changed_fields, event_from_wire, event_to_wire, new_event
-from barosync.recurrence import check_recurrence
+from barosync.formats import ical, occurrences
+from barosync.domain.models import ValidationError, apply_changes, changed_fields, event_from_wire, event_to_wire, new_event
+from barosync.domain.recurrence import check_recurrence
 
 from ical_helpers import CORPUS, same_calendar, split_by_uid
 

@@ -15,8 +15,8 @@ from typing import Any
 import icalendar
 import trio
 
-from barosync import ical, ics
-from barosync.auth import create_token
+from barosync.formats import ical, ics
+from barosync.hooks.auth import create_token
 
 from attack_helpers import WS, Rejected, ServerProcess, barosync_cmd, mint, start_server
 from conftest import SECRET, http_exchange, open_client, running, token

@@ -19,10 +19,10 @@ import orjson
 import pytest
 import trio
 
-from barosync.auth import create_token
+from barosync.hooks.auth import create_token
 from barosync.config import Config
-from barosync.ops import check
-from barosync.store import Store
+from barosync.storage.ops import check
+from barosync.core.app import open_log
 
 from attack_helpers import WS, ServerProcess, event_payload, write_config
 from caldav_helpers import Http, app_password, event_ics
@@ -160,9 +160,9 @@ def add_schema_1_events(data: Path, n: int) -> None:
 
 # Opens a data directory (migrating it), saying "opening" first so the kill can be
 # timed from the start of the migration rather than from the interpreter's start.
-OPEN = "import sys; from barosync.config import Config; from barosync.store import Store; " \
+OPEN = "import sys; from barosync.config import Config; from barosync.core.app import open_log; " \
        "c = Config(data_dir=sys.argv[1]); print('opening', flush=True); " \
-       "Store(c.data_dir, map_size=c.map_size, config=c).close()"
+       "open_log(c).close()"
 
 
 def test_a_migration_killed_with_sigkill_leaves_data_that_migrates_again(tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ def test_a_migration_killed_with_sigkill_leaves_data_that_migrates_again(tmp_pat
         outcomes.add("migrated" if found == 0 else "not yet")
         assert found in (0, 1)  # 1: schema 1 as it was ("start the server once")
         config = Config(data_dir=data)
-        store = Store(data, map_size=config.map_size, config=config)  # the next start
+        store = open_log(config)  # the next start
         try:
             assert len(store.snapshot("ops")[1]) == 60_002 and len(store.snapshot("team")[1]) == 1
             assert store.projects_of("bulk-123") == ["ops"] and store.known("team", "gone")

@@ -11,7 +11,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-import barosync.session as session_module
+import barosync.core.session as session_module
 
 from conftest import event_payload, open_client, running, token, ws_url
 

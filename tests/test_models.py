@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from barosync.models import (
+from barosync.domain.models import (
     CLIENT_FIELDS,
     MAX_ID_BYTES,
     MAX_ID_CHARS,

@@ -22,11 +22,11 @@ import orjson
 import pytest
 import trio
 
-from barosync import ops
-from barosync.auth import create_token
+from barosync.storage import ops
+from barosync.hooks.auth import create_token
 from barosync.config import Config
-from barosync.app import App
-from barosync.server import serve
+from barosync.core.app import App
+from barosync.transports.server import serve
 
 from conftest import Client, event_payload, make_config, open_client, token
 

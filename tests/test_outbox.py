@@ -13,9 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from barosync.codecs import JsonCodec
-from barosync.outbox import Outbox
-from barosync.protocol import Outgoing
+from barosync.hooks.codecs import JsonCodec
+from barosync.transports.outbox import Outbox
+from barosync.wire.protocol import Outgoing
 
 
 class Owner:

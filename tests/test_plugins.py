@@ -18,12 +18,12 @@ import pytest
 import trio
 
 import barosync
-from barosync import hookspecs
-from barosync.app import App
+from barosync.hooks import conflicts, hookspecs
+from barosync.core.app import App, open_log
 from barosync.config import Config, ConfigError
-from barosync.models import new_event
-from barosync.plugins import PluginError, build_plugin_manager, load_plugin_file, strategy_names
-from barosync.store import Mutation, Store
+from barosync.domain.models import new_event
+from barosync.hooks.plugins import PluginError, build_plugin_manager, load_plugin_file, strategy_names
+from barosync.storage.store import Mutation
 
 from conftest import SECRET, event_payload, open_client, running, token
 
@@ -173,7 +173,7 @@ async def test_concurrent_creates_booking_the_same_attendee_exactly_one_succeeds
 def test_two_creates_in_one_group_commit_see_each_other(tmp_path):
     """The same-transaction case made deterministic: one batch, one transaction."""
     config = Config(data_dir=tmp_path / "data", plugin_paths=(PLUGINS,))
-    store = Store(config.data_dir, map_size=config.map_size, config=config)
+    store = open_log(config)
     try:
         batch = [
             Mutation("create", user_id=user, envelope_id=f"env-{user}", project_id="p1", event_id=f"ev-{user}",
@@ -240,7 +240,9 @@ def test_example_plugin_imports_only_the_stdlib_and_barosyncs_public_names():
 
 def test_public_api_for_plugin_authors():
     from barosync import Config as C, Conflict, Event, Identity, Problem, Resolution, hookimpl
-    from barosync import conflicts, config, models
+    from barosync.hooks import conflicts
+    from barosync import config
+    from barosync.domain import models
 
     assert hookimpl is hookspecs.hookimpl
     assert (Event, Identity, Problem) == (models.Event, models.Identity, models.Problem)
@@ -549,13 +551,13 @@ async def test_a_connect_hook_that_raises_does_not_break_the_connection(tmp_path
 
 async def test_trace_logs_hook_calls_and_never_a_token(data_dir, monkeypatch, caplog):
     monkeypatch.setenv("BAROSYNC_TRACE_PLUGINS", "1")
-    caplog.set_level(logging.INFO, logger="barosync.plugins")
+    caplog.set_level(logging.INFO, logger="barosync.hooks.plugins")
     first, second = token("alice"), token("alice", name="Alice again")
     async with running(data_dir, **with_ndb()) as (app, nursery):
         c = await open_client(nursery, app, first)
         await c.create(**NINE_TO_TEN)
         assert (await c.request("auth:refresh", {"token": second}))["type"] == "ack"
-    traced = [r.getMessage() for r in caplog.records if r.name == "barosync.plugins"]
+    traced = [r.getMessage() for r in caplog.records if r.name == "barosync.hooks.plugins"]
     for hook in ("barosync_authenticate", "barosync_authorize", "barosync_connect", "barosync_validate_mutation",
                  "barosync_startup", "barosync_shutdown"):
         assert any(m.startswith(f"hook {hook}(") for m in traced), hook
@@ -568,16 +570,16 @@ async def test_trace_logs_hook_calls_and_never_a_token(data_dir, monkeypatch, ca
 
 async def test_without_the_variable_nothing_is_traced(data_dir, monkeypatch, caplog):
     monkeypatch.delenv("BAROSYNC_TRACE_PLUGINS", raising=False)
-    caplog.set_level(logging.INFO, logger="barosync.plugins")
+    caplog.set_level(logging.INFO, logger="barosync.hooks.plugins")
     async with running(data_dir) as (app, nursery):
         c = await open_client(nursery, app, token("alice"))
         await c.create()
-    assert not [r for r in caplog.records if r.name == "barosync.plugins" and r.getMessage().startswith("hook ")]
+    assert not [r for r in caplog.records if r.name == "barosync.hooks.plugins" and r.getMessage().startswith("hook ")]
 
 
 async def test_trace_never_logs_the_signing_secret(data_dir, monkeypatch, caplog):
     monkeypatch.setenv("BAROSYNC_TRACE_PLUGINS", "1")
-    caplog.set_level(logging.INFO, logger="barosync.plugins")
+    caplog.set_level(logging.INFO, logger="barosync.hooks.plugins")
     async with running(data_dir) as (app, nursery):
         await open_client(nursery, app, token("alice"))
     assert SECRET not in caplog.text
@@ -720,7 +722,7 @@ def test_make_conflict_gives_what_the_server_gives_a_strategy():
     assert (c.operation, c.local["title"], c.remote["title"], c.user_id) == ("update", "Mine", "Theirs", "bob")
     assert (c.project_id, c.event_id) == ("p1", "e1")
     # Both sides changed the title: merge's default tie-break leaves it to the sender.
-    decided = barosync.conflicts.merge(c)
+    decided = conflicts.merge(c)
     assert (decided.action, decided.manual, decided.fields) == ("keep", True, ("title",))
     gone = make_conflict(base=stored, remote=None, operation="delete")
     assert gone.local is None and gone.changes == {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from barosync.poller import MODES, ReadPoller, choose_mode
+from barosync.transports.poller import MODES, ReadPoller, choose_mode
 
 
 class Owner:

@@ -9,7 +9,7 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from barosync.hub import user_color
+from barosync.engine.hub import user_color
 
 from conftest import Client, open_client, running, token
 

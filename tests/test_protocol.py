@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
-from barosync import protocol
-from barosync.models import MAX_ID_CHARS
-from barosync.protocol import Envelope, ProtocolError, decode_envelope, parse_subscribe
+from barosync.wire import protocol
+from barosync.domain.models import MAX_ID_CHARS
+from barosync.wire.protocol import Envelope, ProtocolError, decode_envelope, parse_subscribe
 
 
 def refused(data: str | bytes) -> ProtocolError:

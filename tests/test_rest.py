@@ -6,7 +6,7 @@ from typing import Any
 
 import trio
 
-from barosync.app import App
+from barosync.core.app import App
 
 from conftest import event_payload, http_exchange, token
 

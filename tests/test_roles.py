@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from barosync import roles
-from barosync.bus import RedisBus
-from barosync.presence import RedisPresence
-from barosync.pg_store import PgStore
-from barosync.store import Store
+from barosync.storage import roles
+from barosync.engine.bus import RedisBus
+from barosync.engine.presence import RedisPresence
+from barosync.storage.pg_store import PgStore
+from barosync.storage.store import Store
 
 
 def members(protocol: type) -> dict[str, Any]:

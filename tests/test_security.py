@@ -18,7 +18,7 @@ import jwt
 import pytest
 import trio
 
-from barosync.auth import create_token
+from barosync.hooks.auth import create_token
 
 from attack_helpers import WS, Closed, Rejected, event_payload, mint, read_secret, start_server
 from conftest import SECRET, running, token

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import pytest
 import trio
 
-from barosync.server import serve
+from barosync.transports.server import serve
 from conftest import event_payload, http_exchange, make_config, open_client, token
 from pg_helpers import Postgres, bindir
 
@@ -356,7 +356,7 @@ async def test_a_retry_through_another_node_is_answered_in_its_place_in_the_stre
     node B, sends the same envelope again. Its answer names a seq node B's room has
     not delivered yet: it comes after every earlier seq, in that seq's place (a client
     that tracks seqs sees no gap and no duplicate)."""
-    from barosync import sequencer
+    from barosync.engine import sequencer
 
     monkeypatch.setattr(sequencer, "CHECK_INTERVAL", 600.0)  # B hears of A's commits only through the retry
     dsn = postgres.new_database()

@@ -12,9 +12,9 @@ import trio
 import trio.testing
 
 from barosync.config import Config
-from barosync.hub import Hub
-from barosync.plugins import build_plugin_manager
-from barosync.sequencer import Sequencer
+from barosync.engine.hub import Hub
+from barosync.hooks.plugins import build_plugin_manager
+from barosync.engine.sequencer import Sequencer
 
 from core_fakes import FakeLog, FakeSubscriber, applied, change, mutation, read, replayed, sent
 

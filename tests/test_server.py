@@ -10,9 +10,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from barosync import admin
-from barosync.auth import create_token
-from barosync.app import App
+from barosync.core import admin
+from barosync.hooks.auth import create_token
+from barosync.core.app import App
 
 from conftest import Client, event_payload, http_exchange, new_id, one_node, open_client, running, token, ws_url
 

@@ -13,13 +13,13 @@ import orjson
 import pytest
 import trio
 
-from barosync import protocol
-from barosync.app import App
-from barosync.auth import create_token
+from barosync.wire import protocol
+from barosync.core.app import App
+from barosync.hooks.auth import create_token
 from barosync.config import Config
-from barosync.models import Identity
-from barosync.protocol import Outgoing
-from barosync.session import Session
+from barosync.domain.models import Identity
+from barosync.wire.protocol import Outgoing
+from barosync.core.session import Session
 
 SECRET = "s" * 32
 _ids = itertools.count(1)

@@ -114,7 +114,7 @@ async def test_changes_committed_while_a_snapshot_streams_follow_it_once(tmp_pat
 
 
 async def test_a_client_that_reads_no_part_is_closed_too_slow(tmp_path, monkeypatch) -> None:
-    from barosync import subscribe as subscribe_module
+    from barosync.core import subscribe as subscribe_module
 
     monkeypatch.setattr(subscribe_module, "SNAPSHOT_STALL", 0.5)
     async with running(tmp_path / "data", max_message_bytes=4 * 1024, outbox_bytes=64 * 1024,

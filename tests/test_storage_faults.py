@@ -19,7 +19,7 @@ import lmdb
 import pytest
 import trio
 
-from barosync.writer import out_of_space
+from barosync.engine.writer import out_of_space
 from barosync.client import ServerError, SyncClient
 
 from attack_helpers import WS, Closed, ServerProcess, barosync_cmd, event_payload, mint, start_server, uid
@@ -243,7 +243,7 @@ async def test_a_full_disk_degrades_and_recovers_without_a_restart(small_disk: P
 FAILING_SERVER = textwrap.dedent("""
     import os, sys
     import lmdb
-    from barosync import store
+    from barosync.storage import store
     from barosync.cli import main
 
     good = int(os.environ["GOOD_COMMITS"])

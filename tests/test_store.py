@@ -9,9 +9,10 @@ import orjson
 import trio
 
 from barosync.config import Config
-from barosync.models import new_event
-from barosync.store import Mutation, Outcome, Store, now_ms
-from barosync.writer import Writer
+from barosync.domain.models import new_event
+from barosync.storage.store import Mutation, Outcome, Store, now_ms
+from barosync.core.app import open_log
+from barosync.engine.writer import Writer
 
 from conftest import event_payload
 
@@ -37,7 +38,9 @@ class Answers:
 
 def open_store(path: Path, **config: Any) -> Store:
     cfg = Config(data_dir=path, **config)
-    return Store(path, map_size=cfg.map_size, config=cfg)
+    store = open_log(cfg)
+    assert isinstance(store, Store)
+    return store
 
 
 def test_one_batch_one_transaction_with_seqs_in_order(tmp_path):

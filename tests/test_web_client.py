@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pytest
 
 from attack_helpers import ServerProcess, barosync_cmd, write_config
-from barosync.auth import create_token
+from barosync.hooks.auth import create_token
 
 CLIENT_JS = resources.files("barosync").joinpath("web", "barosync.js").read_text()
 PAGE = """<!doctype html><meta charset=utf-8><title>barosync test</title>

@@ -12,8 +12,8 @@ from typing import Any
 import trio
 import trio.testing
 
-from barosync.store import Mutation, Outcome
-from barosync.writer import Writer
+from barosync.storage.store import Mutation, Outcome
+from barosync.engine.writer import Writer
 
 
 class MemoryStore:

@@ -1,0 +1,3 @@
+"""iCalendar in and out: an event as a CalDAV resource, an .ics import, occurrences in
+a time range.
+"""

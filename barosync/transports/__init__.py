@@ -1,0 +1,3 @@
+"""Sockets: listening, HTTP (h11) routing, the WebSocket connection and its outbox,
+REST, static files, metrics.
+"""

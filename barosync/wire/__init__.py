@@ -1,0 +1,3 @@
+"""The WebSocket protocol's messages: envelopes in, frames out, error and close codes.
+Plain functions, no sockets.
+"""
