@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: help serve test bench soak clean
+.PHONY: help serve test test-quick bench soak clean
 
 help:
 	@echo "make serve          install into .venv and serve on http://127.0.0.1:8080 (ARGS=... for barosync serve)"
 	@echo "make test           the whole suite, then the protocol suites on two nodes (PYTEST_ARGS=..., PARALLEL= for one process)"
+	@echo "make test-quick     the suite without slow, browser and cluster tests (a minute; for the edit-test loop)"
 	@echo "make bench          the benchmark beside its peers (ARGS=--smoke for a quick run; bench/README.md)"
 	@echo "make soak           a long run watching memory, descriptors and latency"
 	@echo "make binary         the one-file PyInstaller binary in dist/barosync"
@@ -46,6 +47,11 @@ test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
 	  echo "make: the protocol suites again, on two nodes (PostgreSQL log, Redis bus)"; \
 	  BAROSYNC_TEST_CLUSTER=1 $(BIN)/python -m pytest $(PARALLEL) $(CLUSTER_CONFORMANCE) $(PYTEST_ARGS); \
 	else echo "make: PostgreSQL or Redis is missing (as root: apt-get install postgresql redis-server); the cluster conformance run is skipped"; fi
+
+# The edit-test loop: no subprocess storms, no browser, no PostgreSQL or Redis
+# (pytest markers; pyproject.toml lists them).
+test-quick: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PARALLEL) -m "not slow and not browser and not cluster" $(PYTEST_ARGS)
 
 # TypeScript, to check barosync.d.ts against the browser client, and React 18 (its UMD
 # build), to run the hook of docs/web-client.md (tests/test_web_client.py).

@@ -60,10 +60,18 @@ def pytest_configure(config: Any) -> None:
         _REDIS = Redis()
 
 
+# Fixtures that say what a test needs, and the marker each gives it.
+_MARKING_FIXTURES = {"chromium": "browser", "postgres": "cluster", "redis": "cluster"}
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    """On two nodes only the tests that start an in-process server run (they are
-    async: the cluster is what they talk to); pure and subprocess tests would run
-    exactly as in the one-node pass."""
+    """Marks browser and cluster tests by the fixtures they use (`make test-quick`
+    leaves them out). On two nodes only the tests that start an in-process server
+    run (they are async: the cluster is what they talk to); pure and subprocess
+    tests would run exactly as in the one-node pass."""
+    for item in items:
+        for fixture in set(getattr(item, "fixturenames", ())) & _MARKING_FIXTURES.keys():
+            item.add_marker(_MARKING_FIXTURES[fixture])
     if not IN_CLUSTER:
         return
     keep = [item for item in items if inspect.iscoroutinefunction(getattr(item, "function", None))]

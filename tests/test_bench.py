@@ -5,11 +5,14 @@ timings depend on the machine, the targets are for full runs (see bench/README.m
 """
 
 from __future__ import annotations
+import pytest
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # every bench scenario, smoke-sized, in subprocesses
 
 ROOT = Path(__file__).resolve().parent.parent
 

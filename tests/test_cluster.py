@@ -18,7 +18,8 @@ from conftest import SECRET, token
 from pg_helpers import Postgres, bindir
 from redis_helpers import Redis, installed as redis_installed
 
-pytestmark = pytest.mark.skipif(bindir() is None, reason="PostgreSQL is not installed (as root: apt-get install postgresql)")
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(bindir() is None, reason="PostgreSQL is not installed (as root: apt-get install postgresql)")]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from redis_helpers import installed as redis_installed
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.cluster,
     pytest.mark.skipif(bindir() is None, reason="PostgreSQL is not installed (as root: apt-get install postgresql)"),
     pytest.mark.skipif(not redis_installed(), reason="redis-server is not installed (as root: apt-get install redis-server)"),
 ]

@@ -4,6 +4,7 @@ and restarted once) that every client must ride out with exactly the server's st
 """
 
 from __future__ import annotations
+import pytest
 
 import random
 from collections import Counter
@@ -15,6 +16,8 @@ import trio
 from barosync.hooks.auth import create_token
 
 from attack_helpers import WS, Closed, Rejected, ServerProcess, event_payload, mint, read_secret, start_server, uid
+
+pytestmark = pytest.mark.slow  # kill -9 of real server processes
 
 CHANGE_TYPES = ("event:created", "event:updated", "event:deleted")
 EVENT_FIELDS = {"id", "projectId", "title", "startDate", "endDate", "version", "createdAt", "updatedAt", "createdBy", "updatedBy"}

@@ -165,6 +165,7 @@ OPEN = "import sys; from barosync.config import Config; from barosync.core.app i
        "open_log(c).close()"
 
 
+@pytest.mark.slow
 def test_a_migration_killed_with_sigkill_leaves_data_that_migrates_again(tmp_path: Path) -> None:
     """One write transaction: kill -9 at any moment leaves schema 1 whole (migrated at
     the next start) or schema 2 whole, never a mixture; nothing is lost either way."""

@@ -77,6 +77,7 @@ def test_a_mode_is_chosen_or_refused_by_name(monkeypatch) -> None:
     assert choose_mode() in MODES
 
 
+@pytest.mark.slow  # the server tests again, in a subprocess per mode
 @pytest.mark.parametrize("mode", ["selector", "tasks"])
 def test_the_server_tests_pass_on_the_portable_paths(mode: str) -> None:
     """What macOS and the BSDs run (kqueue through selectors), and the fallback.

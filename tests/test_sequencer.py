@@ -15,7 +15,8 @@ from barosync.transports.server import serve
 from conftest import event_payload, http_exchange, make_config, open_client, token
 from pg_helpers import Postgres, bindir
 
-pytestmark = pytest.mark.skipif(bindir() is None, reason="PostgreSQL is not installed (as root: apt-get install postgresql)")
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(bindir() is None, reason="PostgreSQL is not installed (as root: apt-get install postgresql)")]
 
 
 @pytest.fixture(scope="module")

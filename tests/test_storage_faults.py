@@ -25,6 +25,8 @@ from barosync.client import ServerError, SyncClient
 from attack_helpers import WS, Closed, ServerProcess, barosync_cmd, event_payload, mint, start_server, uid
 from conftest import http_exchange, open_client, running, token
 
+pytestmark = pytest.mark.slow  # full disks and failed syncs, on a real tmpfs
+
 BIG = "x" * 4096  # a 4 KB description, as in the report that found the bug
 
 
