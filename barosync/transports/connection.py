@@ -52,20 +52,23 @@ class Handler(Interface):
     def on_ended(self) -> None:
         """The connection is over."""
 
+    def describe(self) -> str:
+        """Who is connected, for log lines (made when a line is written: a string
+        per connection would cost memory ten thousand times)."""
+
 
 class Connection:
     # Slots: ten thousand idle connections are mostly these objects.
     __slots__ = (
-        "label", "expires_at", "out", "_fd", "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed",
+        "expires_at", "out", "_fd", "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed",
         "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code", "last_recv", "_inbox", "_inbox_lot",
         "_eof", "_protocol_closing", "_inbox_bytes", "_handler", "_heartbeat_timeout", "_max_message_bytes",
     )
 
     def __init__(self, poller: "ReadPoller", stream: trio.SocketStream, received: bytes, codec: Codec, *,
-                 label: str, max_message_bytes: int, outbox_limit: int, heartbeat_timeout: float,
+                 max_message_bytes: int, outbox_limit: int, heartbeat_timeout: float,
                  expires_at: float | None) -> None:
         self._poller = poller
-        self.label = label  # who this is, in log lines
         # When the credentials it was opened with expire (time.time()); it is then
         # closed with 4003. The handler moves it on auth:refresh.
         self.expires_at = expires_at
@@ -110,7 +113,7 @@ class Connection:
     # -- what the outbox tells its connection (outbox.Owner) --------------------------
 
     def outbox_label(self) -> str:
-        return self.label
+        return self._handler.describe() if self._handler is not None else "a connection"
 
     def outbox_too_slow(self) -> None:
         self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
@@ -212,7 +215,7 @@ class Connection:
                 self.close(protocol.CLOSE_TOKEN_INVALID, "token expired: reconnect with a fresh token")
                 continue
             if not self.out.closing and now >= self.last_recv + timeout:
-                log.info("%s closed: heartbeat timeout", self.label)
+                log.info("%s closed: heartbeat timeout", self.outbox_label())
                 self.close(protocol.CLOSE_HEARTBEAT, "heartbeat timeout")
                 continue
             deadline = self.last_recv + timeout

@@ -361,7 +361,6 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
     trailing, _closed = conn.trailing_data
     session_id = protocol.next_id()
     connection = Connection(front.poller, stream, bytes(trailing), codec,
-                            label=f"session={session_id} user={identity.user_id}",
                             max_message_bytes=app.config.max_message_bytes, outbox_limit=app.config.outbox_bytes,
                             heartbeat_timeout=app.config.heartbeat_timeout, expires_at=identity.expires_at)
     session = Session(app, connection, identity, session_id=session_id)
