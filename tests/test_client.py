@@ -415,7 +415,7 @@ async def test_resume_with_since_after_the_server_restarts(tmp_path: Path) -> No
         assert subscribes[0]["payload"] == {"projectId": "p1", "snapshotParts": True}
         assert subscribes[-1]["payload"] == {"projectId": "p1", "snapshotParts": True, "since": 3}
         answer = next(m for m in transcript(pa.connections[-1])[1] if m.get("id") == subscribes[-1]["id"])
-        assert answer["payload"] == {"projectId": "p1", "seq": 5, "mode": "changes", "count": 2}
+        assert answer["payload"] == {"projectId": "p1", "seq": 5, "mode": "changes", "count": 2, "writable": True}
 
 
 async def test_refused_token_asks_the_callable_and_gives_up_when_none_comes(tmp_path: Path) -> None:

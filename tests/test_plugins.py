@@ -484,7 +484,9 @@ async def test_event_loop_hooks_may_be_async_and_are_awaited(tmp_path, data_dir)
             await c.ws.aclose()
             one.cancel_scope.cancel()
         await wait_for(lambda: "sync disconnect" in ran)
-    assert ran == ["async connect", "async authorize subscribe p1", "async authorize subscribe blocked", "sync disconnect"]
+    assert ran == ["async connect", "async authorize subscribe p1",
+                   "async authorize create p1",  # the ack says whether p1 is writable
+                   "async authorize subscribe blocked", "sync disconnect"]
 
 
 def test_an_async_hook_on_the_write_path_is_refused_at_load(tmp_path):

@@ -304,7 +304,7 @@ async def test_resume_with_since_across_restart_gets_exactly_the_missed_changes(
     async with running(data_dir) as (app, nursery):
         c = await open_client(nursery, app, token())
         answer = await c.subscribe(since=2)
-        assert answer["payload"] == {"projectId": "p1", "seq": 5, "mode": "changes", "count": 3}
+        assert answer["payload"] == {"projectId": "p1", "seq": 5, "mode": "changes", "count": 3, "writable": True}
         missed = [await c.recv() for _ in range(3)]
         assert [m["seq"] for m in missed] == [3, 4, 5]
         assert [m["payload"]["title"] for m in missed] == ["e2", "e3", "e4"]

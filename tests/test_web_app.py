@@ -288,3 +288,28 @@ def test_enter_saves_delete_asks_nothing_but_can_be_undone_and_a_save_sends_what
     bob.event("Renamed with Enter").wait_for(timeout=10_000)
     assert alice.page.locator("#toast").is_hidden()
     assert alice.errors == [] and bob.errors == []
+
+
+def test_a_viewer_sees_the_calendar_live_and_is_offered_no_edit(chromium, server) -> None:
+    alice = App(chromium, server.link("alice", "Alice Liddell"))
+    carol = App(chromium, server.link("carol", "Carol", role="viewer"))
+    for app in (alice, carol):
+        app.wait_connected()
+    carol.page.wait_for_selector("#read-only:not([hidden])")
+    assert carol.page.is_hidden("#new-event") and alice.page.is_visible("#new-event")
+    alice.page.click("#new-event")
+    alice.fill_editor("Planning")
+    carol.event("Planning").wait_for()  # live, as for everyone
+    before = alice.event("Planning").bounding_box()
+    assert before
+    # Dragging moves nothing and clicking opens the event to read, not to change.
+    carol.drag((before["x"] + 5, before["y"] + 5), (before["x"] + 5, before["y"] + 120))
+    carol.event("Planning").click()
+    carol.page.wait_for_selector("#editor[open]")
+    assert carol.page.is_disabled("#editor-form input[name=title]")
+    assert carol.page.is_hidden("#editor-save") and carol.page.is_hidden("#editor-delete")
+    carol.shot("viewer-reads-an-event")
+    carol.page.click("#editor-cancel")
+    [stored] = server.events("team")
+    assert stored["title"] == "Planning" and stored["version"] == 1
+    assert carol.errors == [] and alice.errors == []

@@ -63,10 +63,11 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def link(self, user: str, name: str, project: str = "team") -> str:
-        """A sign-in link from the real CLI (`barosync token create --link`)."""
+    def link(self, user: str, name: str, project: str = "team", *, role: str = "project") -> str:
+        """A sign-in link from the real CLI (`barosync token create --link`); ``role``
+        "viewer" makes the project read-only for the user."""
         done = subprocess.run(barosync_cmd("token", "create", "--data", str(self.data), "--user", user, "--name", name,
-                                           "--project", project, "--link", "--url", self.url),
+                                           f"--{role}", project, "--link", "--url", self.url),
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()

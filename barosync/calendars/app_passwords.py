@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..config import private_dir
-from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id
+from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id, parse_roles
 
 FILE = "app-passwords.json"
 PREFIX = "bsp_"
@@ -77,12 +77,13 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def create(data_dir: Path, *, user_id: str, projects: Iterable[str] | str, name: str | None = None,
-           now: float | None = None) -> tuple[str, dict[str, Any]]:
+           roles: dict[str, str] | None = None, now: float | None = None) -> tuple[str, dict[str, Any]]:
     """A new app password: (the password, its stored entry without the hash)."""
     try:
         check_id(user_id, "user")
+        parse_roles(roles)
     except ValidationError as e:
-        raise AppPasswordError(f"--user {e.message}") from None
+        raise AppPasswordError(f"--{e.field} {e.message}") from None
     pid = "ap" + secrets.token_hex(6)
     secret = base64.urlsafe_b64encode(secrets.token_bytes(30)).decode()
     salt = secrets.token_bytes(16)
@@ -92,6 +93,7 @@ def create(data_dir: Path, *, user_id: str, projects: Iterable[str] | str, name:
         "name": name or f"{user_id}'s app",
         "projects": projects if projects == ALL_PROJECTS else sorted(set(projects)),
         "created": int(now if now is not None else time.time()),
+        "roles": dict(roles or {}),
         "salt": salt.hex(),
         "scrypt": SCRYPT,
         "hash": _hash(secret, salt, SCRYPT).hex(),
@@ -102,7 +104,8 @@ def create(data_dir: Path, *, user_id: str, projects: Iterable[str] | str, name:
 
 
 def public(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: entry[k] for k in ("id", "user", "name", "projects", "created")}
+    return {k: entry.get(k, {}) if k == "roles" else entry[k]
+            for k in ("id", "user", "name", "projects", "roles", "created")}
 
 
 def listing(data_dir: Path) -> list[dict[str, Any]]:
@@ -173,4 +176,4 @@ def identity(entry: dict[str, Any]) -> Identity:
     projects = entry["projects"]
     return Identity(user_id=entry["user"], name=entry["user"],
                     projects=ALL_PROJECTS if projects == ALL_PROJECTS else frozenset(projects),
-                    scope="caldav", token_id=entry["id"])
+                    scope="caldav", token_id=entry["id"], roles=parse_roles(entry.get("roles")))

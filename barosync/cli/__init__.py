@@ -19,7 +19,7 @@ import trio
 from .. import __version__
 from ..hooks.auth import DEFAULT_TTL, create_token
 from ..config import Config, ConfigError, ensure_secret, load_config
-from ..domain.models import ALL_PROJECTS
+from ..domain.models import ALL_PROJECTS, VIEWER
 from ..hooks.plugins import PluginError
 from ..engine.writer import StorageError
 
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", help="display name (default: the user id)")
     create.add_argument("--project", action="append", default=[], metavar="P", help="a project the token may access (repeatable)")
     create.add_argument("--all-projects", action="store_true", help="the token may access every project")
+    create.add_argument("--viewer", action="append", default=[], metavar="P",
+                        help="a project the token may read but not change (repeatable; other projects: editor)")
     create.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS", help=f"lifetime (default {DEFAULT_TTL})")
     create.add_argument("--link", action="store_true", help="print a sign-in link for the web calendar instead of the bare token")
     create.add_argument("--admin", action="store_true", help="the token may open the sync inspector (/admin)")
@@ -143,8 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
+    # A viewer's project is one of the token's projects too.
+    args.project = list(dict.fromkeys([*args.project, *args.viewer]))
     if not args.project and not args.all_projects:
-        print("barosync: token create needs --project P (repeatable) or --all-projects", file=sys.stderr)
+        print("barosync: token create needs --project P or --viewer P (repeatable), or --all-projects", file=sys.stderr)
         return 2
     if args.app_password:
         return _app_password_create(args)
@@ -158,13 +162,18 @@ def _token_create(args: argparse.Namespace) -> int:
         print("barosync: a feed token is for one --project P (and neither --admin nor --link)", file=sys.stderr)
         return 2
     token = create_token(secret, user_id=args.user, name=args.name, projects=projects, ttl=args.ttl,
-                         admin=True if args.admin else None, scope="feed" if args.feed else None)
+                         admin=True if args.admin else None, scope="feed" if args.feed else None,
+                         roles=_roles(args))
     base = (args.url or f"http://{config.host}:{config.port}").rstrip("/")
     if args.feed:
         print(f"{base}/ics/{quote(args.project[0], safe='')}.ics?token={token}")
     else:
         print(sign_in_link(base, token) if args.link else token)
     return 0
+
+
+def _roles(args: argparse.Namespace) -> dict[str, str] | None:
+    return {p: VIEWER for p in args.viewer} or None
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -219,7 +228,8 @@ def _app_password_create(args: argparse.Namespace) -> int:
     config = _config(args)
     try:
         password, entry = app_passwords.create(config.data_dir, user_id=args.user, name=args.name,
-                                               projects=ALL_PROJECTS if args.all_projects else args.project)
+                                               projects=ALL_PROJECTS if args.all_projects else args.project,
+                                               roles=_roles(args))
     except app_passwords.AppPasswordError as e:
         print(f"barosync: {e}", file=sys.stderr)
         return 2
@@ -245,7 +255,8 @@ def _token_list(args: argparse.Namespace) -> int:
         return 0
     for e in found:
         created = datetime.fromtimestamp(e["created"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        projects = e["projects"] if isinstance(e["projects"], str) else ", ".join(e["projects"])
+        projects = e["projects"] if isinstance(e["projects"], str) else ", ".join(
+            f"{p} (viewer)" if e["roles"].get(p) == VIEWER else p for p in e["projects"])
         print(f"{e['id']}  {e['user']:<16} {e['name']!r:<28} {created}  projects: {projects}")
     return 0
 

@@ -270,6 +270,12 @@ class SyncClient(AbstractAsyncContextManager["SyncClient"]):
     def subscribed(self, project_id: str) -> bool:
         return project_id in self._replica.desired
 
+    def writable(self, project_id: str) -> bool | None:
+        """Whether this user may change the project (False: a viewer, whose changes
+        the server refuses); None until the server answered a subscribe."""
+        st = self._replica.projects.get(project_id)
+        return st.writable if st else None
+
     def is_live(self, project_id: str) -> bool:
         st = self._replica.projects.get(project_id)
         return bool(st and st.phase == "live" and self._link.connected)

@@ -132,6 +132,9 @@ class ProjectState:
     settled: dict[int, tuple[str, str, dict[str, Any] | None]] = attrs.field(factory=dict)
     presence: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     cursors: dict[str, CursorMoved] = attrs.field(factory=dict)
+    # Whether this user may change the project (False: a viewer); None until the
+    # server answered a subscribe.
+    writable: bool | None = None
     # Events of a snapshot that comes in parts, gathered until its last part.
     snapshot_events: list[dict[str, Any]] = attrs.field(factory=list)
 

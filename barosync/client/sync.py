@@ -182,6 +182,7 @@ class Replica:
         st = self.project(project_id)
         if st.sub_id != ref:
             return
+        st.writable = p.get("writable") is not False  # a server before roles: everyone could
         if p.get("mode") == "snapshot":
             st.phase = "snapshot"
             st.snapshot_events = []
@@ -338,7 +339,9 @@ class Replica:
         message = str(p.get("message"))
         field = p.get("field")
         if code == "rate_limited":
-            self._slow_down(ref if isinstance(ref, str) else None)
+            # Refused for its rate, not applied: resend it after a pause, with fewer
+            # messages in flight.
+            self._pause(ref if isinstance(ref, str) else None, None, halve=True)
             return
         if code in RETRYABLE_STORAGE and isinstance(ref, str) and ref in self._by_env:
             # Nothing was stored: the change stays queued and goes again later.
@@ -357,11 +360,6 @@ class Replica:
             st.error = SubscriptionRefused(project_id, code, message)
             self.desired.pop(project_id, None)
         self._notify(ServerError(code, message, ref if isinstance(ref, str) else None, field))
-
-    def _slow_down(self, ref: str | None) -> None:
-        """The server refused a message for its rate: it was not applied. Resend it
-        after a pause, with fewer messages in flight."""
-        self._pause(ref, None, halve=True)
 
     def _pause(self, ref: str | None, delay: float | None, *, halve: bool) -> None:
         """Stop sending for a while and resend what was refused then: ``delay``

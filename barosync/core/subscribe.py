@@ -73,6 +73,8 @@ async def subscribe(app: "App", conn: "_Both", *, ref: str | None, project_id: s
     ``ack`` (with ``ref``) goes first. Returns False when the connection closed on the
     way (it is then not a member)."""
     acked = False
+    # Whether this identity may change the project: a viewer's app shows it read-only.
+    access = {"writable": await app.authorize(conn.identity, "create", project_id)}
     while True:
         # A commit for this project may be durable but not yet fanned out; reading
         # the changelog now and joining the room later could deliver it twice.
@@ -87,11 +89,11 @@ async def subscribe(app: "App", conn: "_Both", *, ref: str | None, project_id: s
             return False
         if found is None:
             if not snapshot_parts:
-                since = await _send_snapshot(app, conn, ref, project_id, since, acked)
+                since = await _send_snapshot(app, conn, ref, project_id, since, acked, access)
                 break
             # In parts, with waits for the socket in between: changes committed
             # meanwhile are replayed after the snapshot's seq, then we join.
-            since = await _stream_snapshot(app, conn, ref, project_id, since, acked)
+            since = await _stream_snapshot(app, conn, ref, project_id, since, acked, access)
             acked = True
             continue
         assert since is not None
@@ -99,7 +101,7 @@ async def subscribe(app: "App", conn: "_Both", *, ref: str | None, project_id: s
         if not acked:
             last = since + len(changes) if complete else await app.read(app.store.current_seq, project_id)
             conn.send_json(protocol.ack(ref, {"projectId": project_id, "seq": last, "mode": "changes",
-                                              "count": last - since}))
+                                              "count": last - since, **access}))
             acked = True
         conn.track(f"{project_id}:{since + n + 1}" for n in range(len(changes)))
         conn.send_catch_up(changes)
@@ -115,8 +117,9 @@ async def subscribe(app: "App", conn: "_Both", *, ref: str | None, project_id: s
     return True
 
 
-def _snapshot_ack(conn: Follower, ref: str | None, project_id: str, seq: int, since: int | None) -> None:
-    answer: dict[str, Any] = {"projectId": project_id, "seq": seq, "mode": "snapshot"}
+def _snapshot_ack(conn: Follower, ref: str | None, project_id: str, seq: int, since: int | None,
+                  access: dict[str, Any]) -> None:
+    answer: dict[str, Any] = {"projectId": project_id, "seq": seq, "mode": "snapshot", **access}
     if since is not None:
         # Say why the client gets a snapshot instead of what it asked for.
         answer["reason"] = "since_ahead" if since > seq else "history_pruned"
@@ -124,12 +127,12 @@ def _snapshot_ack(conn: Follower, ref: str | None, project_id: str, seq: int, si
 
 
 async def _send_snapshot(app: "App", conn: Follower, ref: str | None, project_id: str, since: int | None,
-                         acked: bool) -> int:
+                         acked: bool, access: dict[str, Any]) -> int:
     """The whole snapshot as one message (clients that did not ask for parts);
     returns its seq."""
     async with app.read.snapshot_pages(project_id, max_bytes=WHOLE) as (seq, pages):
         if not acked:
-            _snapshot_ack(conn, ref, project_id, seq, since)
+            _snapshot_ack(conn, ref, project_id, seq, since, access)
         snapshot_id = protocol.next_id()
         conn.track((snapshot_id,))
         conn.send_catch_up([protocol.snapshot_message(snapshot_id, project_id, seq, next(pages), since)])
@@ -137,13 +140,13 @@ async def _send_snapshot(app: "App", conn: Follower, ref: str | None, project_id
 
 
 async def _stream_snapshot(app: "App", conn: "_Both", ref: str | None, project_id: str, since: int | None,
-                           acked: bool) -> int:
+                           acked: bool, access: dict[str, Any]) -> int:
     """The snapshot in parts of at most max_message_bytes from one consistent read,
     never more than about the outbox cap queued at once; returns its seq."""
     part_bytes = max(1024, app.config.max_message_bytes - 512)
     async with app.read.snapshot_pages(project_id, max_bytes=part_bytes) as (seq, pages):
         if not acked:
-            _snapshot_ack(conn, ref, project_id, seq, since)
+            _snapshot_ack(conn, ref, project_id, seq, since, access)
         page = next(pages)
         part = 0
         while True:

@@ -27,6 +27,12 @@ MAX_ATTENDEE_CHARS = 320
 MAX_COLOR_CHARS = 32
 
 ALL_PROJECTS = "*"
+# A member's role in a project: a viewer reads, an editor also writes, an owner also
+# manages the project's members. A project an identity may access without a role
+# named for it is the editor's (as every token before roles existed).
+VIEWER, EDITOR, OWNER = "viewer", "editor", "owner"
+ROLES = (VIEWER, EDITOR, OWNER)
+WRITE_ACTIONS = frozenset({"create", "update", "delete"})
 
 
 @attrs.define
@@ -81,6 +87,9 @@ class Identity:
     scope: str = "access"
     admin: bool = False  # may use the sync inspector (/admin, /api/admin/...)
     token_id: str | None = None  # the token's jti: what `barosync token revoke` names
+    # (project, role) for the projects whose role is not the editor's; sorted pairs,
+    # not a dict, so an identity stays a hashable value.
+    roles: tuple[tuple[str, str], ...] = ()
 
     @property
     def expires_ms(self) -> int | None:
@@ -90,6 +99,40 @@ class Identity:
 
     def may_access(self, project_id: str) -> bool:
         return self.projects == ALL_PROJECTS or project_id in self.projects
+
+    def role(self, project_id: str) -> str | None:
+        """The identity's role in a project (None: no access)."""
+        if not self.may_access(project_id):
+            return None
+        for project, role in self.roles:
+            if project == project_id:
+                return role
+        return EDITOR
+
+    def may(self, action: str, project_id: str) -> bool:
+        """What the built-in auth allows: any access reads (subscribe, the feed);
+        writing (create, update, delete) needs an editor or an owner."""
+        role = self.role(project_id)
+        if role is None:
+            return False
+        return role != VIEWER if action in WRITE_ACTIONS else True
+
+
+def parse_roles(value: Any, field: str = "roles") -> tuple[tuple[str, str], ...]:
+    """A ``{project: role}`` mapping (a token's claim, an app password's entry) as an
+    identity holds it; ValidationError names what is wrong."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ValidationError(field, "must be an object of project ids to roles")
+    pairs = []
+    for project, role in value.items():
+        check_id(project, field)
+        if role not in ROLES:
+            raise ValidationError(field, f"role of {project!r} must be one of {', '.join(ROLES)}")
+        if role != EDITOR:
+            pairs.append((project, role))
+    return tuple(sorted(pairs))
 
 
 # Latest expiry a token may name: the end of year 9999, the last instant a date

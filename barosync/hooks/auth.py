@@ -1,8 +1,9 @@
 """Built-in auth plugin: HS256 JWTs signed with the configured secret.
 
 Claims: ``sub`` (user id), ``name``, ``projects`` (a list, or ``"*"``), ``exp``,
-``jti`` (the token's id); optionally ``avatar``, ``color``, ``admin`` (the sync
-inspector) and ``scope`` (``"feed"``: the read-only ICS feed and nothing else). Identity
+``jti`` (the token's id); optionally ``roles`` (``{project: "viewer" | "editor" |
+"owner"}``; a project without one is the editor's), ``avatar``, ``color``, ``admin``
+(the sync inspector) and ``scope`` (``"feed"``: the read-only ICS feed and nothing else). Identity
 comes only from here, never from a user id a client writes into an envelope. A token
 whose ``jti`` is in the data directory's revocation list (``barosync token revoke``)
 is refused.
@@ -20,7 +21,7 @@ import jwt
 
 from ..config import Config
 from .hookspecs import hookimpl
-from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id
+from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id, parse_roles
 
 ALGORITHM = "HS256"
 DEFAULT_TTL = 24 * 3600
@@ -63,6 +64,7 @@ def decode_token(token: str, secret: str) -> Identity | None:
         return None
     try:
         check_id(sub, "sub")  # the user id is part of storage keys
+        roles = parse_roles(claims.get("roles"))
     except ValidationError:
         return None
     if projects != ALL_PROJECTS:
@@ -80,6 +82,7 @@ def decode_token(token: str, secret: str) -> Identity | None:
         scope="feed" if claims.get("scope") == "feed" else "access",
         admin=claims.get("admin") is True,
         token_id=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
+        roles=roles,
     )
 
 
@@ -130,4 +133,4 @@ def barosync_authenticate(token: str, config: Config) -> Identity | None:
 
 @hookimpl(trylast=True)
 def barosync_authorize(identity: Identity, action: str, project_id: str) -> bool | None:
-    return identity.may_access(project_id)
+    return identity.may(action, project_id)

@@ -44,7 +44,9 @@ def barosync_authorize(identity: "Identity", action: str, project_id: str) -> "b
     ``action`` is ``"subscribe"``, ``"create"``, ``"update"`` or ``"delete"``.
     Return True to allow, False to refuse (the client gets ``error`` ``forbidden``),
     or None for no opinion, leaving the decision to the next plugin. The built-in
-    rule allows exactly the projects listed in the token.
+    rule allows the projects listed in the token, and writes only where the token's
+    role there is not ``"viewer"``. A subscribe also asks ``"create"``: its answer is
+    the ``writable`` the subscribe's ``ack`` tells the client (a read-only calendar).
     """
 
 

@@ -75,6 +75,7 @@ export interface CursorDetail { projectId: string; userId: string; x: number; y:
 export interface ConflictDetail { conflict: Conflict; }
 export interface SyncDetail extends SyncStatus { projectId?: string; live?: boolean; error?: { code: string; message: string; retryAfter?: number }; }
 export interface StorageDetail { kind: "indexeddb" | "memory"; }
+export interface AccessDetail { projectId: string; writable: boolean; }
 
 export interface SyncClientEventMap {
   state: CustomEvent<StateDetail>;
@@ -84,6 +85,7 @@ export interface SyncClientEventMap {
   conflict: CustomEvent<ConflictDetail>;
   sync: CustomEvent<SyncDetail>;
   storage: CustomEvent<StorageDetail>;
+  access: CustomEvent<AccessDetail>;
   leader: CustomEvent<{ leader: boolean }>;
   error: CustomEvent<{ code: string; message: string; ref: string | null; projectId?: string }>;
 }
@@ -131,6 +133,8 @@ export class SyncClient extends EventTarget {
   get(id: string, projectId?: string): CalendarEvent | undefined;
   presence(projectId: string): PresentUser[];
   lastSeq(projectId: string): number | null;
+  /** Whether this user may change the project (false: a viewer); null until subscribed. */
+  writable(projectId: string): boolean | null;
   syncStatus(): SyncStatus;
 
   create(projectId: string, fields: EventFields): Promise<CalendarEvent>;

@@ -306,6 +306,9 @@ export class SyncClient extends EventTarget {
   /** The last seq of a project this client applied (null before its first snapshot). */
   lastSeq(projectId) { return this._project(projectId).seq; }
 
+  /** Whether this user may change the project (false: a viewer); null until subscribed. */
+  writable(projectId) { return this._project(projectId).writable; }
+
   /** Changes waiting for the server: count, the oldest one's age (ms) and a status. */
   syncStatus() {
     const items = [...this._queue.values()];
@@ -698,6 +701,11 @@ export class SyncClient extends EventTarget {
     if (this._subRefs.has(ref)) {
       const projectId = this._subRefs.get(ref);
       this._subRefs.delete(ref);
+      const writable = p.writable !== false;  // a server before roles said nothing: all could write
+      if (this._project(projectId).writable !== writable) {
+        this._project(projectId).writable = writable;
+        this._emit("access", { projectId, writable });
+      }
       if (p.mode === "changes") this._caughtUpAt(projectId, p.seq);
       return;
     }
@@ -869,7 +877,7 @@ export class SyncClient extends EventTarget {
     let p = this._projects.get(projectId);
     if (!p) {
       p = { seq: null, dataId: null, events: new Map(), settled: new Map(), live: false, wanted: false,
-            presence: new Map(), cursors: new Map(), target: undefined };
+            presence: new Map(), cursors: new Map(), target: undefined, writable: null };
       this._projects.set(projectId, p);
     }
     return p;

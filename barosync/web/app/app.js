@@ -110,6 +110,7 @@ function start(token, projects) {
   client.addEventListener("presence", (e) => { if (e.detail.projectId === projectId) showPresence(); });
   client.addEventListener("cursor", (e) => { if (e.detail.projectId === projectId) showCursor(e.detail); });
   client.addEventListener("conflict", (e) => openConflict(e.detail.conflict));
+  client.addEventListener("access", (e) => { if (e.detail.projectId === projectId) showAccess(); });
 
   calendar = new FullCalendar.Calendar($("calendar"), {
     initialView: "timeGridWeek",
@@ -153,6 +154,18 @@ function switchProject(id) {
   client.subscribe(id).then(() => { lastSynced = new Date(); showSync(client.syncStatus()); });
   calendar.refetchEvents();
   showPresence();
+  showAccess();
+}
+
+/** A viewer's calendar: nothing to select, drag or save (the server refuses it too). */
+function writable() { return client.writable(projectId) !== false; }
+
+function showAccess() {
+  const can = writable();
+  calendar.setOption("selectable", can);
+  calendar.setOption("editable", can);
+  $("new-event").hidden = !can;
+  $("read-only").hidden = can;
 }
 
 // -- the grid ------------------------------------------------------------------------------
@@ -212,11 +225,15 @@ function openEditor(event, draft = {}) {
   form.description.value = source.description || "";
   form.attendees.value = (source.attendees || []).join(", ");
   form.color.value = source.color || DEFAULT_COLOR;
-  $("editor-title").textContent = event ? "Edit event" : "New event";
-  $("editor-delete").hidden = !event;
+  const can = writable();
+  $("editor-title").textContent = !can ? "Event" : event ? "Edit event" : "New event";
+  $("editor-fields").disabled = !can;
+  $("editor-save").hidden = !can;
+  $("editor-delete").hidden = !event || !can;
   $("editor-error").textContent = "";
   $("editor").showModal();
-  form.title.focus();
+  if (can) form.title.focus();
+  else $("editor-cancel").focus();
 }
 
 /** What the form says, as event fields (optional ones left out when empty). */
