@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="verify the data directory (safe while serving); exit 1 on problems")
     _common(check)
 
+    # People's accounts (cli/users.py, docs/accounts.md).
+    from .users import add_arguments as add_user_arguments
+
+    add_user_arguments(sub, _common)
+
     # Client commands (barosync/watch.py, docs/client.md).
     from .watch import add_import_arguments, add_watch_arguments
 
@@ -124,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token_list(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "user":
+            from .users import run as run_user
+
+            return run_user(args, _config(args))
         if args.command in ("watch", "import"):
             from .watch import import_main, watch_main
 

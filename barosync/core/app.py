@@ -20,6 +20,7 @@ import pluggy
 import trio
 
 from .. import __version__
+from ..wire import protocol
 from ..domain import expansion
 from ..hooks.codecs import DEFAULT_CODEC
 from ..config import Config, ConfigError
@@ -31,6 +32,7 @@ from ..storage.reads import Reads
 from .queries import Queries
 from ..storage.roles import Bus, LogStore, SharedPresence
 from ..engine.sequencer import Sequencer
+from ..storage.accounts import Accounts
 from ..storage.store import Store
 from ..engine.writer import Writer
 
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 # times per retention window when that is shorter.
 PRUNE_INTERVAL = 3600.0
 PRUNES_PER_RETENTION = 4
+# How often open connections are checked against their signed-in sessions.
+SIGNED_OUT_CHECK = 0.5
 
 T = TypeVar("T")
 
@@ -86,6 +90,9 @@ class App:
         self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
         self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail, read=self.read)
+        # People's accounts and signed-in sessions (storage/accounts.py), beside the
+        # log in the data directory; a cluster signs in with its own tokens for now.
+        self.accounts: Accounts | None = Accounts(self.store.env) if isinstance(self.store, Store) else None
         if self.read.blocking:
             # Reads that yield need each room kept in log order by a task of its own.
             self.hub.sequencer = Sequencer(hub=self.hub, store=self.store, read=self.read,
@@ -136,6 +143,8 @@ class App:
                 if part is not None:
                     await tasks.start(part.run)
             tasks.start_soon(self._prune_periodically)
+            if self.accounts is not None:
+                tasks.start_soon(self._close_signed_out)
             task_status.started()
 
     async def drain(self) -> None:
@@ -231,11 +240,35 @@ class App:
             return None
         if identity is None or identity.scope != scope:
             return None
+        if identity.session_id is not None and not self.signed_in(identity):
+            return None  # minted from a session that has signed out since
         problem = identity_problem(identity)
         if problem is not None:
             log.warning("refused a token for user %r: %s", identity.user_id, problem)
             return None
         return identity
+
+    def signed_in(self, identity: Identity) -> bool:
+        """Whether the session an identity's token was minted from is still on (a read
+        of two keys)."""
+        return (self.accounts is not None and identity.session_id is not None
+                and self.accounts.session_live(identity.session_id, identity.user_id))
+
+    async def _close_signed_out(self) -> None:
+        """Connections whose session signed out (or whose user was disabled, from any
+        process: the CLI too) close within SIGNED_OUT_CHECK seconds, with 4001 (their token is no good)."""
+        while True:
+            await trio.sleep(SIGNED_OUT_CHECK)
+            verdicts: dict[str, bool] = {}
+            for conn in list(self.sessions):
+                identity = conn.identity
+                if identity.session_id is None:
+                    continue
+                live = verdicts.get(identity.session_id)
+                if live is None:
+                    live = verdicts[identity.session_id] = self.signed_in(identity)
+                if not live:
+                    conn.close(protocol.CLOSE_TOKEN_INVALID, "signed out: sign in again")
 
     async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
         try:

@@ -90,6 +90,9 @@ class Identity:
     # (project, role) for the projects whose role is not the editor's; sorted pairs,
     # not a dict, so an identity stays a hashable value.
     roles: tuple[tuple[str, str], ...] = ()
+    # The signed-in session (storage/accounts.py) an access token was minted from:
+    # the token stops working, and its connections close, when the session ends.
+    session_id: str | None = None
 
     @property
     def expires_ms(self) -> int | None:

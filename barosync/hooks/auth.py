@@ -83,6 +83,7 @@ def decode_token(token: str, secret: str) -> Identity | None:
         admin=claims.get("admin") is True,
         token_id=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
         roles=roles,
+        session_id=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
     )
 
 

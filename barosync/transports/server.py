@@ -23,7 +23,7 @@ from websockets.utils import accept_key
 from .. import __version__
 from ..calendars import caldav
 from ..wire import protocol
-from . import rest, static
+from . import rest, signin, static
 from ..core.app import App
 from ..buglog import BugLog
 from ..hooks.codecs import DEFAULT_CODEC
@@ -55,6 +55,7 @@ class Front:
     def __init__(self, app: App) -> None:
         self.poller = ReadPoller()
         self.caldav = caldav.CalDav(app)
+        self.signin = signin.SignIn(app)
         self.metrics = CollectorRegistry()
         self.metrics.register(Metrics(app))
 
@@ -215,7 +216,8 @@ async def _handle(app: App, front: Front, stream: trio.SocketStream) -> None:
                         413, "too_large", f"request body larger than {limit} bytes ([server] {key})")))
                     await _linger(stream)
                     return
-                await stream.send_all(await _route(app, front, conn, request, target.path, target.query, body))
+                await stream.send_all(await _route(app, front, conn, request, target.path, target.query, body,
+                                                   _peer(stream)))
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             if conn.our_state is h11.SWITCHED_PROTOCOL:
@@ -275,11 +277,19 @@ async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int
     raise trio.BrokenResourceError("request body too slow")
 
 
-async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError):
+        return "?"
+
+
+async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str,
+                 body: bytes, peer: str) -> bytes:
     """The answer to one HTTP request. A bug in a handler costs that request a 500,
     never the connection without an answer (nor a traceback per request in the log)."""
     try:
-        return await _answer(app, front, conn, request, path, query, body)
+        return await _answer(app, front, conn, request, path, query, body, peer)
     except Exception as e:
         _bugs.report(f"{request.method.decode(errors='replace')} {path!r}", e)
         return _response(conn, 500, _json_error(500, protocol.E_INTERNAL, "internal server error: the request was not "
@@ -287,7 +297,8 @@ async def _route(app: App, front: Front, conn: h11.Connection, request: h11.Requ
                          head=request.method == b"HEAD")
 
 
-async def _answer(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str, body: bytes) -> bytes:
+async def _answer(app: App, front: Front, conn: h11.Connection, request: h11.Request, path: str, query: str,
+                  body: bytes, peer: str) -> bytes:
     method = request.method
     respond = functools.partial(_response, conn, head=method == b"HEAD")
     if path.startswith(caldav.ROOT) or path in ("/dav", caldav.WELL_KNOWN, caldav.WELL_KNOWN + "/") or (
@@ -297,6 +308,9 @@ async def _answer(app: App, front: Front, conn: h11.Connection, request: h11.Req
         return respond(status, data, content_type=content_type, extra=headers)
     if path.startswith("/api/"):
         status, answer, headers = await rest.handle(app, method, path, query, _headers(request), body)
+        return respond(status, answer, extra=headers)
+    if path.startswith("/auth/"):
+        status, answer, headers = await front.signin.handle(method, path, _headers(request), body, peer=peer)
         return respond(status, answer, extra=headers)
     if path.startswith("/ics/"):
         status, data, content_type, headers = await rest.feed(app, method, path, query, _headers(request))

@@ -1,0 +1,240 @@
+"""Accounts: a team's users and their signed-in sessions, in the data directory.
+
+Two sub-databases of the store's LMDB environment, so `barosync backup` copies them
+with the calendars (one consistent read transaction) and a restore brings them back:
+
+- ``users``: user id -> {name, password (argon2id), projects, roles, disabled, created};
+- ``signins``: session id -> {user, device, created, lastUsed, revoked}, and
+  ``signin_keys``: SHA-256 of a session's secret -> its id. The browser holds the
+  secret in an HttpOnly cookie; the data directory holds only its hash, so a copy of
+  the data signs nobody in.
+
+Passwords are hashed with argon2id through argon2-cffi (its default parameters: 64
+MiB, 3 passes). Hashing and checking cost ~0.1 s: callers on the event loop run
+them in a worker thread. Everything here is synchronous.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any, Iterable
+
+import attrs
+import lmdb
+import orjson
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id, parse_roles
+
+# A password shorter than this is refused when it is set (NIST SP 800-63B: at least 8).
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 1024  # argon2 takes any length; a megabyte "password" is an attack
+MAX_NAME_CHARS = 200
+MAX_DEVICE_CHARS = 200
+_hasher = PasswordHasher()
+# Checked against when the user does not exist, so that an unknown name costs the
+# same time as a wrong password (no way to probe which users exist).
+_DUMMY = _hasher.hash(secrets.token_urlsafe(16))
+
+
+class AccountError(ValueError):
+    """A request about accounts that cannot be done; the message says why."""
+
+
+@attrs.frozen
+class User:
+    id: str
+    name: str
+    projects: frozenset[str] | str
+    roles: tuple[tuple[str, str], ...]
+    disabled: bool
+    created: int
+
+    def identity(self, *, expires_at: float, session_id: str) -> Identity:
+        return Identity(user_id=self.id, name=self.name, projects=self.projects, roles=self.roles,
+                        expires_at=expires_at, session_id=session_id)
+
+
+@attrs.frozen
+class SignIn:
+    id: str  # what lists and revocations name (not the secret)
+    user: str
+    device: str
+    created: int
+    last_used: int
+    revoked: bool
+
+
+def _user(user_id: str, raw: bytes) -> User:
+    d = orjson.loads(raw)
+    projects = d["projects"]
+    return User(id=user_id, name=d["name"], projects=ALL_PROJECTS if projects == ALL_PROJECTS else frozenset(projects),
+                roles=parse_roles(d.get("roles")), disabled=d.get("disabled", False), created=d["created"])
+
+
+def _signin(raw: bytes) -> SignIn:
+    d = orjson.loads(raw)
+    return SignIn(id=d["id"], user=d["user"], device=d["device"], created=d["created"], last_used=d["lastUsed"],
+                  revoked=d.get("revoked", False))
+
+
+def secret_key(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def check_password(password: Any) -> str:
+    if not isinstance(password, str) or not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
+        raise AccountError(f"a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters")
+    return password
+
+
+class Accounts:
+    """Users and sessions, on the store's LMDB environment."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+        self.users = env.open_db(b"users")
+        self.signins = env.open_db(b"signins")
+        self.signin_keys = env.open_db(b"signin_keys")
+
+    # -- users ---------------------------------------------------------------------------
+
+    def any_user(self) -> bool:
+        with self.env.begin(db=self.users) as txn:
+            return txn.cursor().first()
+
+    def get(self, user_id: str) -> User | None:
+        with self.env.begin(db=self.users) as txn:
+            raw = txn.get(user_id.encode())
+        return _user(user_id, raw) if raw is not None else None
+
+    def list(self) -> list[User]:
+        with self.env.begin(db=self.users) as txn:
+            return [_user(k.decode(), v) for k, v in txn.cursor()]
+
+    def create(self, user_id: str, *, name: str | None, password: str, projects: Iterable[str] | str,
+               roles: dict[str, str] | None = None, now: float | None = None) -> User:
+        try:
+            check_id(user_id, "user")
+            parse_roles(roles)
+        except ValidationError as e:
+            raise AccountError(f"{e.field} {e.message}") from None
+        name = (name or user_id).strip()
+        if not name or len(name) > MAX_NAME_CHARS:
+            raise AccountError(f"a name has 1 to {MAX_NAME_CHARS} characters")
+        record = {"name": name, "password": _hasher.hash(check_password(password)),
+                  "projects": projects if projects == ALL_PROJECTS else sorted(set(projects)),
+                  "roles": dict(roles or {}), "created": int(now if now is not None else time.time())}
+        with self.env.begin(db=self.users, write=True) as txn:
+            if not txn.put(user_id.encode(), orjson.dumps(record), overwrite=False):
+                raise AccountError(f"user {user_id!r} exists already")
+        user = self.get(user_id)
+        assert user is not None
+        return user
+
+    def _change(self, user_id: str, **changes: Any) -> dict[str, Any]:
+        with self.env.begin(db=self.users, write=True) as txn:
+            raw = txn.get(user_id.encode())
+            if raw is None:
+                raise AccountError(f"no user {user_id!r} (`barosync user list` shows them)")
+            record = orjson.loads(raw)
+            record.update(changes)
+            txn.put(user_id.encode(), orjson.dumps(record))
+        return record
+
+    def set_password(self, user_id: str, password: str) -> None:
+        """A new password; every session of the user is signed out."""
+        self._change(user_id, password=_hasher.hash(check_password(password)))
+        self.revoke_all(user_id)
+
+    def set_disabled(self, user_id: str, disabled: bool) -> None:
+        """A disabled user cannot sign in, and is signed out everywhere."""
+        self._change(user_id, disabled=disabled)
+        if disabled:
+            self.revoke_all(user_id)
+
+    def verify(self, user_id: str, password: str) -> User | None:
+        """The user if the password is theirs and they may sign in; the same cost and
+        the same None whether the user is unknown, disabled or the password wrong."""
+        with self.env.begin(db=self.users) as txn:
+            raw = txn.get(user_id.encode()) if isinstance(user_id, str) and user_id else None
+        stored = orjson.loads(raw)["password"] if raw is not None else _DUMMY
+        try:
+            _hasher.verify(stored, password[:MAX_PASSWORD_CHARS])
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return None
+        if raw is None:
+            return None
+        user = _user(user_id, raw)
+        if user.disabled:
+            return None
+        if _hasher.check_needs_rehash(stored):  # the library's parameters moved on
+            self._change(user_id, password=_hasher.hash(password))
+        return user
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def open_session(self, user_id: str, *, device: str, now: float | None = None) -> tuple[str, SignIn]:
+        """A new session: (its secret, for the cookie; what is stored)."""
+        secret = secrets.token_urlsafe(32)
+        at = int(now if now is not None else time.time())
+        session_id = secrets.token_hex(8)
+        record = {"id": session_id, "user": user_id, "device": device[:MAX_DEVICE_CHARS], "created": at,
+                  "lastUsed": at}
+        with self.env.begin(write=True) as txn:
+            txn.put(session_id.encode(), orjson.dumps(record), db=self.signins)
+            txn.put(secret_key(secret), session_id.encode(), db=self.signin_keys)
+        return secret, _signin(orjson.dumps(record))
+
+    def session(self, secret: str) -> SignIn | None:
+        """The live session this secret opens (None: unknown or revoked)."""
+        with self.env.begin() as txn:
+            session_id = txn.get(secret_key(secret), db=self.signin_keys)
+            raw = txn.get(session_id, db=self.signins) if session_id is not None else None
+        found = _signin(raw) if raw is not None else None
+        return found if found is not None and not found.revoked else None
+
+    def session_live(self, session_id: str, user_id: str) -> bool:
+        """Whether a session, by id, is still signed in and its user enabled (a read
+        of two keys: cheap enough to ask for every open connection every second)."""
+        with self.env.begin() as txn:
+            raw = txn.get(session_id.encode(), db=self.signins)
+            user = txn.get(user_id.encode(), db=self.users)
+        if raw is None or user is None or orjson.loads(user).get("disabled", False):
+            return False
+        found = _signin(raw)
+        return found.user == user_id and not found.revoked
+
+    def touch(self, session_id: str, now: float | None = None) -> None:
+        with self.env.begin(db=self.signins, write=True) as txn:
+            raw = txn.get(session_id.encode())
+            if raw is not None:
+                record = orjson.loads(raw)
+                record["lastUsed"] = int(now if now is not None else time.time())
+                txn.put(session_id.encode(), orjson.dumps(record))
+
+    def sessions_of(self, user_id: str) -> list[SignIn]:
+        with self.env.begin(db=self.signins) as txn:
+            found = [_signin(v) for _, v in txn.cursor()]
+        return sorted((s for s in found if s.user == user_id and not s.revoked), key=lambda s: -s.last_used)
+
+    def revoke(self, user_id: str, session_id: str) -> bool:
+        """Sign one session out (by id, only the user's own); whether it was live."""
+        return bool(self._revoke(lambda s: s["user"] == user_id and s["id"] == session_id))
+
+    def revoke_all(self, user_id: str) -> int:
+        return self._revoke(lambda s: s["user"] == user_id)
+
+    def _revoke(self, which: Any) -> int:
+        count = 0
+        with self.env.begin(db=self.signins, write=True) as txn:
+            for key, raw in list(txn.cursor()):
+                record = orjson.loads(raw)
+                if which(record) and not record.get("revoked"):
+                    record["revoked"] = True
+                    txn.put(key, orjson.dumps(record))
+                    count += 1
+        return count

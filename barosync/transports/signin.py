@@ -1,0 +1,188 @@
+"""People signing in: ``/auth/…`` over HTTP, the session in a cookie.
+
+- ``POST /auth/signin`` ``{"user", "password"}`` → ``{"user": {id, name}}`` and the
+  session cookie; a wrong password, an unknown user and a disabled one get the same
+  401 after the same work (argon2id either way).
+- ``POST /auth/token`` → ``{"token", "expiresAt"}``: an access token for the WebSocket
+  and REST, minted from the session for ACCESS_TTL seconds. The browser asks again on
+  every reconnect and before expiry, so no lasting token is ever in its storage or in
+  a URL; a signed-out session's tokens stop working at once (core/app.py checks the
+  session behind every token that names one, and closes its connections).
+- ``GET /auth/me``, ``POST /auth/signout``, ``GET /auth/sessions`` (the user's
+  signed-in devices) and ``DELETE /auth/sessions/ID``.
+
+The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page
+sends it), Path=/, and Secure when the request came over HTTPS (a proxy's
+``X-Forwarded-Proto``). Requests that change something, or mint a token, must also
+carry ``X-Barosync-Request: 1`` — a header no cross-site form can send, and one a
+cross-site script cannot send without a CORS preflight this server never grants — and
+an ``Origin``, when the browser sends one, of this server's own host.
+
+Failed sign-ins are limited per account and per address (a token bucket each: a
+burst, then one try per SIGN_IN_FAILURE_INTERVAL seconds), answered 429 with
+Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import trio
+
+from ..core.app import App
+from ..domain.ratelimit import Limiter
+from ..hooks.auth import create_token
+from ..storage.accounts import Accounts
+
+log = logging.getLogger(__name__)
+
+COOKIE = "barosync_session"
+CSRF_HEADER = b"x-barosync-request"
+ACCESS_TTL = 600  # seconds an access token minted from a session lasts
+# Browsers keep a cookie at most 400 days; the session itself lasts until revoked.
+COOKIE_MAX_AGE = 400 * 24 * 3600
+SIGN_IN_FAILURE_BURST = 5
+SIGN_IN_FAILURE_INTERVAL = 30.0
+# argon2id checks at once: each takes ~0.1 s of CPU and 64 MiB.
+PASSWORD_CHECKS = 2
+
+Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
+
+
+class Fail(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or []
+
+
+class SignIn:
+    """The /auth/ endpoints of one server."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._by_user = Limiter(1 / SIGN_IN_FAILURE_INTERVAL, SIGN_IN_FAILURE_BURST)
+        self._by_address = Limiter(1 / SIGN_IN_FAILURE_INTERVAL, SIGN_IN_FAILURE_BURST * 4)
+        self._checks = trio.CapacityLimiter(PASSWORD_CHECKS)
+
+    @property
+    def accounts(self) -> Accounts:
+        if self.app.accounts is None:
+            raise Fail(501, "not_available", "accounts need the LMDB data directory; a cluster signs in with tokens "
+                                             "minted by your own application (docs/accounts.md)")
+        return self.app.accounts
+
+    async def handle(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, *,
+                     peer: str) -> Answer:
+        try:
+            return await self._route(method, path, headers, body, peer)
+        except Fail as e:
+            return e.status, {"error": e.code, "message": e.message}, e.headers
+
+    async def _route(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
+        if path == "/auth/signin" and method == b"POST":
+            return await self._sign_in(headers, body, peer)
+        if path == "/auth/me" and method == b"GET":
+            user, _ = self._signed_in(headers)
+            return 200, {"user": {"id": user.id, "name": user.name}}, []
+        if path == "/auth/token" and method == b"POST":
+            return await self._token(headers)
+        if path == "/auth/signout" and method == b"POST":
+            _check_request(headers)
+            user, session = self._signed_in(headers)
+            await trio.to_thread.run_sync(self.accounts.revoke, user.id, session.id)
+            return 200, {"signedOut": session.id}, [_cookie(headers, "", max_age=0)]
+        if path == "/auth/sessions" and method == b"GET":
+            user, current = self._signed_in(headers)
+            return 200, {"sessions": [
+                {"id": s.id, "device": s.device, "created": s.created, "lastUsed": s.last_used,
+                 "current": s.id == current.id} for s in self.accounts.sessions_of(user.id)]}, []
+        if path.startswith("/auth/sessions/") and method == b"DELETE":
+            _check_request(headers)
+            user, _ = self._signed_in(headers)
+            session_id = path.removeprefix("/auth/sessions/")
+            if not await trio.to_thread.run_sync(self.accounts.revoke, user.id, session_id):
+                raise Fail(404, "not_found", f"no signed-in session {session_id!r} of yours")
+            return 200, {"signedOut": session_id}, []
+        if path in ("/auth/signin", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"):
+            raise Fail(405, "method_not_allowed", f"{method.decode(errors='replace')} is not what {path} takes")
+        raise Fail(404, "not_found", f"no such resource {path!r}")
+
+    async def _sign_in(self, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
+        _check_request(headers)
+        try:
+            given = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise Fail(400, "bad_json", "the body must be JSON: {\"user\": ..., \"password\": ...}") from None
+        user_id, password = (given.get("user"), given.get("password")) if isinstance(given, dict) else (None, None)
+        if not isinstance(user_id, str) or not isinstance(password, str):
+            raise Fail(400, "invalid", "send {\"user\": \"your user name\", \"password\": \"your password\"}")
+        now = trio.current_time()
+        for limiter, key, who in ((self._by_user, user_id, f"user {user_id!r}"), (self._by_address, peer, "this address")):
+            wait = limiter.refused(key, now)
+            if wait is not None:
+                raise Fail(429, "rate_limited", f"too many failed sign-ins for {who}: try again in {math.ceil(wait)} s",
+                           [(b"retry-after", str(math.ceil(wait)).encode())])
+        async with self._checks:
+            user = await trio.to_thread.run_sync(self.accounts.verify, user_id, password)
+        if user is None:
+            self._by_user.take(user_id, now)
+            self._by_address.take(peer, now)
+            log.warning("sign-in failed for user %r from %s", user_id, peer)
+            raise Fail(401, "unauthorized", "wrong user name or password")
+        device = headers.get(b"user-agent", b"a browser").decode("latin-1")
+        secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
+        log.info("user %r signed in from %s", user.id, peer)
+        return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
+
+    def _signed_in(self, headers: dict[bytes, bytes]) -> tuple[Any, Any]:
+        secret = _cookies(headers).get(COOKIE)
+        session = self.accounts.session(secret) if secret else None
+        user = self.accounts.get(session.user) if session is not None else None
+        if session is None or user is None or user.disabled:
+            raise Fail(401, "unauthorized", "not signed in (or signed out): sign in again")
+        return user, session
+
+    async def _token(self, headers: dict[bytes, bytes]) -> Answer:
+        _check_request(headers)
+        user, session = self._signed_in(headers)
+        await trio.to_thread.run_sync(self.accounts.touch, session.id)
+        secret = self.app.config.secret
+        assert secret is not None  # serve() makes sure of one before it listens
+        expires = int(time.time()) + ACCESS_TTL
+        roles = dict(user.roles) or None
+        token = create_token(secret, user_id=user.id, name=user.name, projects=user.projects, ttl=ACCESS_TTL,
+                             roles=roles, sid=session.id)
+        return 200, {"token": token, "expiresAt": expires * 1000}, [(b"cache-control", b"no-store")]
+
+
+def _check_request(headers: dict[bytes, bytes]) -> None:
+    """CSRF: the custom header, and the Origin (if any) of this very host."""
+    if headers.get(CSRF_HEADER) != b"1":
+        raise Fail(403, "csrf", "send the header X-Barosync-Request: 1 with this request")
+    origin = headers.get(b"origin")
+    if origin is not None:
+        host = headers.get(b"host", b"").decode("latin-1")
+        if urlsplit(origin.decode("latin-1")).netloc != host:
+            raise Fail(403, "csrf", "this request must come from a page of this server")
+
+
+def _cookies(headers: dict[bytes, bytes]) -> dict[str, str]:
+    found = {}
+    for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name:
+            found[name] = value
+    return found
+
+
+def _cookie(headers: dict[bytes, bytes], value: str, *, max_age: int) -> tuple[bytes, bytes]:
+    secure = headers.get(b"x-forwarded-proto", b"").lower() == b"https"
+    return (b"set-cookie", f"{COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict"
+                           f"{'; Secure' if secure else ''}".encode())
+
+

@@ -1,0 +1,190 @@
+"""People's accounts (storage/accounts.py) and signing in over HTTP
+(transports/signin.py): argon2id passwords, the session cookie and its flags, CSRF,
+rate-limited guessing, tokens minted from a session, and a signed-out session's
+connections closing within a second. Real LMDB, a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from barosync.core.app import open_log
+from barosync.config import Config
+from barosync.storage.accounts import AccountError, Accounts
+from barosync.transports.signin import ACCESS_TTL
+
+from conftest import http_exchange, running, ws_url
+
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("BAROSYNC_TEST_POSTGRES") or os.environ.get("BAROSYNC_TEST_CLUSTER")),
+    reason="accounts live in the LMDB data directory (a cluster signs in with its own tokens)")
+
+PASSWORD = "correct horse battery staple"
+CSRF = {"X-Barosync-Request": "1"}
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Any:
+    store = open_log(Config(data_dir=tmp_path / "data"))
+    try:
+        yield Accounts(store.env)  # type: ignore[attr-defined]
+    finally:
+        store.close()
+
+
+def test_a_password_is_kept_as_an_argon2id_hash_and_checked(accounts: Accounts) -> None:
+    accounts.create("alice", name="Alice", password=PASSWORD, projects=["team"], roles={"ops": "viewer"})
+    with accounts.env.begin(db=accounts.users) as txn:
+        stored = bytes(txn.get(b"alice"))
+    assert PASSWORD.encode() not in stored and b"$argon2id$" in stored
+    assert accounts.verify("alice", PASSWORD).name == "Alice"  # type: ignore[union-attr]
+    assert accounts.verify("alice", "wrong password") is None
+    assert accounts.verify("nobody", PASSWORD) is None
+    with pytest.raises(AccountError, match="exists already"):
+        accounts.create("alice", name=None, password=PASSWORD, projects=["team"])
+    with pytest.raises(AccountError, match="8 to 1024 characters"):
+        accounts.create("bob", name=None, password="short", projects=["team"])
+
+
+def test_disabling_or_a_new_password_signs_out_everywhere(accounts: Accounts) -> None:
+    accounts.create("alice", name=None, password=PASSWORD, projects=["team"])
+    phone, _ = accounts.open_session("alice", device="phone")
+    laptop, signin = accounts.open_session("alice", device="laptop")
+    assert accounts.session_live(signin.id, "alice")
+    accounts.set_password("alice", "another good password")
+    assert accounts.session(phone) is None and accounts.session(laptop) is None
+    assert accounts.verify("alice", PASSWORD) is None and accounts.verify("alice", "another good password")
+    _, again = accounts.open_session("alice", device="laptop")
+    accounts.set_disabled("alice", True)
+    assert not accounts.session_live(again.id, "alice") and accounts.verify("alice", "another good password") is None
+
+
+async def sign_in(port: int, user: str = "alice", password: str = PASSWORD, **headers: str) -> tuple[int, dict[str, str], Any]:
+    return await http_exchange(port, "POST", "/auth/signin", {"user": user, "password": password},
+                               headers={**CSRF, **headers})
+
+
+def cookie_of(headers: dict[str, str]) -> str:
+    return headers["set-cookie"].split(";", 1)[0]
+
+
+async def mint(port: int, cookie: str) -> str:
+    status, headers, answer = await http_exchange(port, "POST", "/auth/token", headers={**CSRF, "Cookie": cookie})
+    assert status == 200 and headers["cache-control"] == "no-store", answer
+    return answer["token"]
+
+
+async def test_sign_in_sets_a_private_cookie_and_mints_short_tokens(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("alice", name="Alice", password=PASSWORD, projects=["p1"])
+        status, headers, answer = await sign_in(app.port)
+        assert status == 200 and answer == {"user": {"id": "alice", "name": "Alice"}}
+        flags = [f.strip() for f in headers["set-cookie"].split(";")]
+        assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(flags) and "Secure" not in flags
+        status, headers, _ = await sign_in(app.port, **{"X-Forwarded-Proto": "https"})
+        assert "Secure" in headers["set-cookie"]
+        token = await mint(app.port, cookie_of(headers))
+        identity = await app.authenticate(token)
+        assert identity is not None and identity.user_id == "alice" and identity.session_id
+        assert identity.expires_at is not None and 0 < identity.expires_at - time.time() <= ACCESS_TTL + 1
+        status, _, me = await http_exchange(app.port, "GET", "/auth/me", headers={"Cookie": cookie_of(headers)})
+        assert status == 200 and me["user"]["id"] == "alice"
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_answer(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("alice", name=None, password=PASSWORD, projects=["p1"])
+        wrong = await sign_in(app.port, "alice", "not the password")
+        unknown = await sign_in(app.port, "mallory", "not the password")
+        assert wrong[0] == unknown[0] == 401 and wrong[2] == unknown[2]
+        assert "set-cookie" not in wrong[1]
+
+
+async def test_requests_without_the_csrf_header_or_from_another_origin_are_refused(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("alice", name=None, password=PASSWORD, projects=["p1"])
+        _, headers, _ = await sign_in(app.port)
+        cookie = cookie_of(headers)
+        status, _, answer = await http_exchange(app.port, "POST", "/auth/token", headers={"Cookie": cookie})
+        assert status == 403 and answer["error"] == "csrf"
+        status, _, answer = await http_exchange(app.port, "POST", "/auth/token",
+                                                headers={**CSRF, "Cookie": cookie, "Origin": "https://evil.example"})
+        assert status == 403 and answer["error"] == "csrf"
+        status, _, _ = await http_exchange(app.port, "POST", "/auth/token", headers={**CSRF, "Origin": "http://test",
+                                                                                    "Cookie": cookie})
+        assert status == 200  # this server's own page
+        status, _, _ = await http_exchange(app.port, "POST", "/auth/signin", {"user": "alice", "password": PASSWORD})
+        assert status == 403
+
+
+async def test_guessing_is_rate_limited_per_account_and_per_address(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("alice", name=None, password=PASSWORD, projects=["p1"])
+        app.accounts.create("bob", name=None, password=PASSWORD, projects=["p1"])
+        for _ in range(5):
+            assert (await sign_in(app.port, "alice", "guess"))[0] == 401
+        status, headers, answer = await sign_in(app.port, "alice", PASSWORD)  # even the right one, for now
+        assert status == 429 and int(headers["retry-after"]) > 0 and "alice" in answer["message"]
+        assert (await sign_in(app.port, "bob", PASSWORD))[0] == 200  # another account is not locked out
+        for n in range(15):
+            await sign_in(app.port, f"nobody{n}", "guess")
+        status, _, answer = await sign_in(app.port, "bob", PASSWORD)
+        assert status == 429 and "this address" in answer["message"]
+
+
+async def test_signing_out_closes_the_sessions_connections_within_a_second(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("alice", name=None, password=PASSWORD, projects=["p1"])
+        _, phone_headers, _ = await sign_in(app.port, **{"User-Agent": "phone"})
+        _, laptop_headers, _ = await sign_in(app.port, **{"User-Agent": "laptop"})
+        phone_token = await mint(app.port, cookie_of(phone_headers))
+        laptop_token = await mint(app.port, cookie_of(laptop_headers))
+        status, _, listed = await http_exchange(app.port, "GET", "/auth/sessions",
+                                                headers={"Cookie": cookie_of(laptop_headers)})
+        assert status == 200 and sorted(s["device"] for s in listed["sessions"]) == ["laptop", "phone"]
+        async with open_websocket_url(ws_url(app, phone_token)) as phone, \
+                open_websocket_url(ws_url(app, laptop_token)) as laptop:
+            await phone.get_message()
+            await laptop.get_message()
+            [phone_session] = [s for s in listed["sessions"] if s["device"] == "phone"]
+            status, _, _ = await http_exchange(app.port, "DELETE", f"/auth/sessions/{phone_session['id']}",
+                                               headers={**CSRF, "Cookie": cookie_of(laptop_headers)})
+            assert status == 200
+            with trio.fail_after(1.5):  # SIGNED_OUT_CHECK is 0.5 s
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await phone.get_message()
+            assert closed.value.reason.code == 4001  # the token is no good: sign in again
+            await laptop.send_message('{"type": "ping", "id": "still-here"}')
+            assert "pong" in await laptop.get_message()
+        with pytest.raises(ConnectionRejected):
+            async with open_websocket_url(ws_url(app, phone_token)):
+                pass
+        status, _, _ = await http_exchange(app.port, "POST", "/auth/token", headers={**CSRF, "Cookie": cookie_of(phone_headers)})
+        assert status == 401
+
+
+async def test_a_disabled_user_is_out_within_a_second_and_a_session_survives_a_restart(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("alice", name=None, password=PASSWORD, projects=["p1"])
+        app.accounts.create("bob", name=None, password=PASSWORD, projects=["p1"])
+        _, alice_headers, _ = await sign_in(app.port, "alice")
+        _, bob_headers, _ = await sign_in(app.port, "bob")
+        async with open_websocket_url(ws_url(app, await mint(app.port, cookie_of(bob_headers)))) as bob:
+            await bob.get_message()
+            # As `barosync user disable bob` does, from another process.
+            await trio.to_thread.run_sync(app.accounts.set_disabled, "bob", True)
+            with trio.fail_after(1.5):
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await bob.get_message()
+    async with running(tmp_path) as (app, _):  # the next start: the cookie still signs alice in
+        assert await app.authenticate(await mint(app.port, cookie_of(alice_headers))) is not None
+        status, _, _ = await http_exchange(app.port, "POST", "/auth/token", headers={**CSRF, "Cookie": cookie_of(bob_headers)})
+        assert status == 401
