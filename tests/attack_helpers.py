@@ -119,6 +119,11 @@ class ServerProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def next_line(self) -> str:
+        """The next line the server printed after the listening one (the first run's
+        setup link)."""
+        return self.proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

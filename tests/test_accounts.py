@@ -188,3 +188,48 @@ async def test_a_disabled_user_is_out_within_a_second_and_a_session_survives_a_r
         assert await app.authenticate(await mint(app.port, cookie_of(alice_headers))) is not None
         status, _, _ = await http_exchange(app.port, "POST", "/auth/token", headers={**CSRF, "Cookie": cookie_of(bob_headers)})
         assert status == 401
+
+
+def test_accounts_and_sessions_go_with_a_backup(tmp_path: Path) -> None:
+    from barosync.storage import ops
+
+    data = tmp_path / "data"
+    store = open_log(Config(data_dir=data))
+    try:
+        accounts = Accounts(store.env)  # type: ignore[attr-defined]
+        accounts.create("alice", name="Alice", password=PASSWORD, projects=["team"])
+        secret, _ = accounts.open_session("alice", device="laptop")
+    finally:
+        store.close()
+    assert ops.backup(data, tmp_path / "backup") == 0
+    assert ops.restore(tmp_path / "backup", tmp_path / "restored") == 0
+    store = open_log(Config(data_dir=tmp_path / "restored"))
+    try:
+        restored = Accounts(store.env)  # type: ignore[attr-defined]
+        assert restored.verify("alice", PASSWORD) is not None
+        assert restored.session(secret) is not None  # the same people, the same sessions
+    finally:
+        store.close()
+
+
+async def test_the_setup_code_names_one_owner_and_only_with_the_right_code(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        code = app.setup_code
+        assert code
+        body = {"user": "olive", "name": "Olive", "password": PASSWORD}
+        status, _, answer = await http_exchange(app.port, "POST", "/auth/setup", {**body, "code": "guess"},
+                                                headers=CSRF)
+        assert status == 403 and answer["error"] == "setup_done"
+        status, _, answer = await http_exchange(app.port, "POST", "/auth/setup", {**body, "code": code, "password": "x"},
+                                                headers=CSRF)
+        assert status == 400 and "8 to 1024" in answer["message"] and app.setup_code == code  # still usable
+        status, headers, answer = await http_exchange(app.port, "POST", "/auth/setup", {**body, "code": code},
+                                                      headers=CSRF)
+        assert status == 200 and answer["user"]["id"] == "olive" and app.setup_code is None
+        identity = await app.authenticate(await mint(app.port, cookie_of(headers)))
+        assert identity is not None and identity.admin and identity.projects == "*"
+        status, _, _ = await http_exchange(app.port, "POST", "/auth/setup", {**body, "user": "mallory", "code": code},
+                                           headers=CSRF)
+        assert status == 403
+    async with running(tmp_path) as (app, _):
+        assert app.setup_code is None  # an account exists: no setup link at the next start

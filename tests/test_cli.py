@@ -422,20 +422,29 @@ async def test_serve_prints_the_owners_sign_in_link_on_loopback_only_when_wanted
             while not out.endswith(b"\n"):
                 out += await server.process.stdout.receive_some()
         link = out.decode().strip()
-        assert link.startswith(f"open http://127.0.0.1:{server.port}/#token=")
-        token = link.split("#token=", 1)[1]
-        me = await trio.to_thread.run_sync(_get_me, server.port, token)
-        assert me["user"]["id"] == "owner" and me["projects"] == "*"
+        # No account yet: the one-time setup link that names the owner.
+        assert link.startswith(f"open http://127.0.0.1:{server.port}/#setup=")
         assert await server.stop(signal.SIGTERM) == 0
-    # Printed once per data directory (a link is a credential, and a service's stdout
-    # is kept in its journal); again only on request.
+    made = await trio.run_process(barosync("user", "create", "olive", "--all-projects", "--password-stdin",
+                                           "--data", str(data)), stdin=b"a long enough password\n",
+                                  capture_stderr=True, check=False)
+    assert made.returncode == 0, made.stderr
+    # With an account, nothing is printed (a link is a credential, and a service's
+    # stdout is kept in its journal); a token link only on request.
     async with serving(tmp_path, "--port", "0", "--data", str(data)) as server:
         assert await server.stop(signal.SIGTERM) == 0
         assert server.early + await server.rest_of_stdout() == b""  # nothing after the listening line
         assert "--sign-in-link" in server.stderr
     async with serving(tmp_path, "--port", "0", "--data", str(data), "--sign-in-link") as server:
+        out = server.early
+        with trio.fail_after(START_TIMEOUT):
+            while not out.endswith(b"\n"):
+                out += await server.process.stdout.receive_some()
+        link = out.decode().strip()
+        assert link.startswith(f"open http://127.0.0.1:{server.port}/#token=")  # with accounts: on request
+        me = await trio.to_thread.run_sync(_get_me, server.port, link.split("#token=", 1)[1])
+        assert me["user"]["id"] == "owner" and me["projects"] == "*"
         assert await server.stop(signal.SIGTERM) == 0
-        assert (server.early + await server.rest_of_stdout()).startswith(b"open http://127.0.0.1:")
     async with serving(tmp_path, "--port", "0", "--data", str(data), "--no-browser-link", "--sign-in-link") as server:
         assert await server.stop(signal.SIGTERM) == 0
         assert (server.early + await server.rest_of_stdout()).startswith(b"open http://127.0.0.1:")

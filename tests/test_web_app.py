@@ -5,6 +5,7 @@ Screenshots of the main states go to build/screenshots/."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from attack_helpers import barosync_cmd
 from test_web_client import NETWORK_NOISE, Server
 
 SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
@@ -313,3 +315,49 @@ def test_a_viewer_sees_the_calendar_live_and_is_offered_no_edit(chromium, server
     [stored] = server.events("team")
     assert stored["title"] == "Planning" and stored["version"] == 1
     assert carol.errors == [] and alice.errors == []
+
+
+def test_first_run_setup_names_the_owner_and_a_teammate_signs_in_with_a_password(chromium, server) -> None:
+    link = server.proc.next_line().removeprefix("open ")
+    assert "/#setup=" in link
+    owner = App(chromium, link)
+    owner.page.wait_for_selector("#setup:not([hidden])")
+    for field, value in (("user", "olive"), ("name", "Olive Owner"), ("password", "a long owner password"),
+                         ("again", "a long owner password")):
+        owner.page.fill(f"#setup-form input[name={field}]", value)
+    owner.shot("first-run-setup")
+    owner.page.click("#setup-submit")
+    owner.wait_connected()
+    assert "Olive Owner" in owner.text("#who") and owner.page.evaluate("location.hash") == ""
+    assert owner.page.evaluate("localStorage.getItem('barosync.token')") is None  # the session is a cookie
+    [cookie] = owner.context.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["name"] == "barosync_session"
+    used = App(chromium, link)  # the link names the owner once
+    used.page.wait_for_selector("#setup:not([hidden])")
+    for field in ("user", "password", "again"):
+        used.page.fill(f"#setup-form input[name={field}]", "mallory-password" if field != "user" else "mallory")
+    used.page.click("#setup-submit")
+    used.page.wait_for_function("() => document.getElementById('setup-error').textContent.includes('used already')")
+
+    made = subprocess.run(barosync_cmd("user", "create", "bob", "--name", "Bob", "--project", "team",
+                                       "--password-stdin", "--data", str(server.data)),
+                          input="bobs own password\n", capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    bob = App(chromium, server.url + "/")
+    bob.page.wait_for_selector("#signin:not([hidden])")
+    bob.page.fill("#signin-user", "bob")
+    bob.page.fill("#signin-password", "not it at all")
+    bob.page.click("#signin-submit")
+    bob.page.wait_for_function("() => document.getElementById('signin-error').textContent.includes('wrong')")
+    bob.shot("sign-in-wrong-password")
+    bob.page.fill("#signin-password", "bobs own password")
+    bob.page.click("#signin-submit")
+    bob.wait_connected()
+    assert "Bob" in bob.text("#who")
+    bob.page.reload()  # the session outlives the page
+    bob.wait_connected()
+    bob.page.click("#sign-out")
+    bob.page.wait_for_selector("#signin:not([hidden])")
+    bob.page.reload()
+    bob.page.wait_for_selector("#signin:not([hidden])")  # signed out for good, not just in this page
+    assert owner.errors == [] and bob.errors == []

@@ -380,7 +380,13 @@ async def _serve_until_signal(config: Config, link: str = "first") -> None:
             app = await nursery.start(run)
             print(f"listening on http://{config.host}:{app.port}", flush=True)
             shown = config.data_dir / LINK_SHOWN
-            if link != "never" and _is_loopback(config.host) and (link == "always" or not shown.exists()):
+            if app.setup_code is not None and link != "never":
+                # No account yet: the one-time link that names the owner (useless once used).
+                print(f"open http://{config.host}:{app.port}/#setup={app.setup_code}", flush=True)
+                log.info("no account yet: the link above names the owner, once (or `barosync user create ID "
+                         "--all-projects`)")
+                shown.touch(mode=0o600)
+            elif link == "always" and _is_loopback(config.host):
                 # Only on loopback (the Jupyter convention): whoever can read this
                 # terminal could reach the server anyway.
                 token = create_token(app.config.secret or "", user_id="owner", name="Owner", projects=ALL_PROJECTS,
@@ -388,8 +394,8 @@ async def _serve_until_signal(config: Config, link: str = "first") -> None:
                 print(f"open {sign_in_link(f'http://{config.host}:{app.port}', token)}", flush=True)
                 shown.touch(mode=0o600)
             elif link == "first" and _is_loopback(config.host):
-                log.info("the owner's sign-in link was printed on this data directory's first start; "
-                         "`barosync serve --sign-in-link` prints a new one")
+                log.info("people sign in with their accounts (`barosync user list`); "
+                         "`barosync serve --sign-in-link` prints a token link for the owner")
             async for _ in signals:
                 if app.stopping:
                     log.info("already shutting down")

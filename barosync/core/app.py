@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import secrets
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -93,6 +94,10 @@ class App:
         # People's accounts and signed-in sessions (storage/accounts.py), beside the
         # log in the data directory; a cluster signs in with its own tokens for now.
         self.accounts: Accounts | None = Accounts(self.store.env) if isinstance(self.store, Store) else None
+        # With no account yet, whoever opens the setup link with this code names the
+        # owner (printed at start; used once; a restart makes a new one).
+        self.setup_code: str | None = (secrets.token_urlsafe(24) if self.accounts is not None
+                                       and not self.accounts.any_user() else None)
         if self.read.blocking:
             # Reads that yield need each room kept in log order by a task of its own.
             self.hub.sequencer = Sequencer(hub=self.hub, store=self.store, read=self.read,

@@ -52,6 +52,7 @@ class User:
     roles: tuple[tuple[str, str], ...]
     disabled: bool
     created: int
+    admin: bool = False  # may open the sync inspector (the owner made at setup)
 
     def identity(self, *, expires_at: float, session_id: str) -> Identity:
         return Identity(user_id=self.id, name=self.name, projects=self.projects, roles=self.roles,
@@ -72,7 +73,8 @@ def _user(user_id: str, raw: bytes) -> User:
     d = orjson.loads(raw)
     projects = d["projects"]
     return User(id=user_id, name=d["name"], projects=ALL_PROJECTS if projects == ALL_PROJECTS else frozenset(projects),
-                roles=parse_roles(d.get("roles")), disabled=d.get("disabled", False), created=d["created"])
+                roles=parse_roles(d.get("roles")), disabled=d.get("disabled", False), created=d["created"],
+                admin=d.get("admin", False))
 
 
 def _signin(raw: bytes) -> SignIn:
@@ -116,7 +118,7 @@ class Accounts:
             return [_user(k.decode(), v) for k, v in txn.cursor()]
 
     def create(self, user_id: str, *, name: str | None, password: str, projects: Iterable[str] | str,
-               roles: dict[str, str] | None = None, now: float | None = None) -> User:
+               roles: dict[str, str] | None = None, admin: bool = False, now: float | None = None) -> User:
         try:
             check_id(user_id, "user")
             parse_roles(roles)
@@ -127,7 +129,7 @@ class Accounts:
             raise AccountError(f"a name has 1 to {MAX_NAME_CHARS} characters")
         record = {"name": name, "password": _hasher.hash(check_password(password)),
                   "projects": projects if projects == ALL_PROJECTS else sorted(set(projects)),
-                  "roles": dict(roles or {}), "created": int(now if now is not None else time.time())}
+                  "roles": dict(roles or {}), "admin": admin, "created": int(now if now is not None else time.time())}
         with self.env.begin(db=self.users, write=True) as txn:
             if not txn.put(user_id.encode(), orjson.dumps(record), overwrite=False):
                 raise AccountError(f"user {user_id!r} exists already")

@@ -25,6 +25,7 @@ Retry-After.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import time
@@ -37,7 +38,8 @@ import trio
 from ..core.app import App
 from ..domain.ratelimit import Limiter
 from ..hooks.auth import create_token
-from ..storage.accounts import Accounts
+from ..domain.models import ALL_PROJECTS
+from ..storage.accounts import AccountError, Accounts
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ class SignIn:
     async def _route(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
         if path == "/auth/signin" and method == b"POST":
             return await self._sign_in(headers, body, peer)
+        if path == "/auth/setup" and method == b"POST":
+            return await self._setup(headers, body)
         if path == "/auth/me" and method == b"GET":
             user, _ = self._signed_in(headers)
             return 200, {"user": {"id": user.id, "name": user.name}}, []
@@ -108,16 +112,33 @@ class SignIn:
             if not await trio.to_thread.run_sync(self.accounts.revoke, user.id, session_id):
                 raise Fail(404, "not_found", f"no signed-in session {session_id!r} of yours")
             return 200, {"signedOut": session_id}, []
-        if path in ("/auth/signin", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"):
+        if path in ("/auth/signin", "/auth/setup", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"):
             raise Fail(405, "method_not_allowed", f"{method.decode(errors='replace')} is not what {path} takes")
         raise Fail(404, "not_found", f"no such resource {path!r}")
 
+    async def _setup(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """The first run: the setup link's code names the owner account, once."""
+        _check_request(headers)
+        given = _json(body)
+        code, wanted = self.app.setup_code, given.get("code")
+        if code is None or not isinstance(wanted, str) or not hmac.compare_digest(wanted.encode(), code.encode()):
+            raise Fail(403, "setup_done", "this setup link was used already, or is not this server's: sign in instead")
+        self.app.setup_code = None  # claimed: a second request at once finds it gone
+        try:
+            user = await trio.to_thread.run_sync(lambda: self.accounts.create(
+                str(given.get("user") or ""), name=given.get("name") or None, password=given.get("password"),
+                projects=ALL_PROJECTS, admin=True))
+        except AccountError as e:
+            self.app.setup_code = code
+            raise Fail(400, "invalid", str(e)) from None
+        device = headers.get(b"user-agent", b"a browser").decode("latin-1")
+        secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
+        log.info("owner account %r made with the setup link", user.id)
+        return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
+
     async def _sign_in(self, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
         _check_request(headers)
-        try:
-            given = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise Fail(400, "bad_json", "the body must be JSON: {\"user\": ..., \"password\": ...}") from None
+        given = _json(body)
         user_id, password = (given.get("user"), given.get("password")) if isinstance(given, dict) else (None, None)
         if not isinstance(user_id, str) or not isinstance(password, str):
             raise Fail(400, "invalid", "send {\"user\": \"your user name\", \"password\": \"your password\"}")
@@ -156,8 +177,18 @@ class SignIn:
         expires = int(time.time()) + ACCESS_TTL
         roles = dict(user.roles) or None
         token = create_token(secret, user_id=user.id, name=user.name, projects=user.projects, ttl=ACCESS_TTL,
-                             roles=roles, sid=session.id)
+                             roles=roles, sid=session.id, admin=True if user.admin else None)
         return 200, {"token": token, "expiresAt": expires * 1000}, [(b"cache-control", b"no-store")]
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        given = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise Fail(400, "bad_json", "the body must be a JSON object") from None
+    if not isinstance(given, dict):
+        raise Fail(400, "bad_json", "the body must be a JSON object")
+    return given
 
 
 def _check_request(headers: dict[bytes, bytes]) -> None:

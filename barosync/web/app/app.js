@@ -36,20 +36,83 @@ function tokenFromLink() {
 }
 
 function showSignin(message) {
+  document.body.classList.add("signed-out");
   $("signin").hidden = false;
+  $("setup").hidden = true;
   $("main").hidden = true;
   $("signin-message").textContent = message;
 }
 
-function signOut() {
+async function signOut() {
   if (client) client.close();
   client = null;
+  if (!localStorage.getItem(TOKEN_KEY)) await authPost("/auth/signout").catch(() => {});
   for (const key of [TOKEN_KEY, ME_KEY, PROJECTS_KEY]) localStorage.removeItem(key);
-  showSignin("Signed out. Open a sign-in link, or paste a token, to sign in again.");
+  showSignin("Signed out. Sign in again with your user name and password.");
 }
 
-async function api(path, token) {
-  const r = await fetch(path, { headers: { Authorization: `Bearer ${token}` } });
+// A signed-in session lives in an HttpOnly cookie this script never sees; the access
+// tokens minted from it last minutes and are asked for again on every reconnect, so
+// no lasting credential is ever in this page's storage or in a URL.
+function authPost(path, body) {
+  return fetch(path, {
+    method: "POST", credentials: "same-origin",
+    headers: { "X-Barosync-Request": "1", ...(body ? { "Content-Type": "application/json" } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+}
+
+/** A fresh access token from the session (null: not signed in); throws when offline. */
+async function sessionToken() {
+  const r = await authPost("/auth/token");
+  if (r.status === 401) return null;
+  if (!r.ok) throw new Error(`HTTP ${r.status}`);
+  return (await r.json()).token;
+}
+
+async function submitSignin(e) {
+  e.preventDefault();
+  $("signin-submit").disabled = true;
+  $("signin-error").textContent = "";
+  try {
+    const r = await authPost("/auth/signin", { user: $("signin-user").value.trim(), password: $("signin-password").value });
+    if (r.ok) return location.reload();
+    const answer = await r.json().catch(() => ({}));
+    $("signin-error").textContent = answer.message || `sign-in failed (HTTP ${r.status})`;
+  } catch (err) {
+    $("signin-error").textContent = "cannot reach the server: try again when it is back";
+  } finally {
+    $("signin-submit").disabled = false;
+  }
+}
+
+function showSetup(code) {
+  document.body.classList.add("signed-out");
+  $("setup").hidden = false;
+  $("signin").hidden = true;
+  $("main").hidden = true;
+  $("setup-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const form = e.target;
+    if (form.password.value !== form.again.value) {
+      $("setup-error").textContent = "the two passwords differ";
+      return;
+    }
+    $("setup-submit").disabled = true;
+    const r = await authPost("/auth/setup", { code, user: form.user.value.trim(), name: form.name.value.trim(),
+                                               password: form.password.value }).catch(() => null);
+    $("setup-submit").disabled = false;
+    if (r && r.ok) {
+      history.replaceState(null, "", location.pathname + location.search);
+      return location.reload();
+    }
+    const answer = r ? await r.json().catch(() => ({})) : {};
+    $("setup-error").textContent = answer.message || "cannot reach the server: try again when it is back";
+  });
+}
+
+async function api(path, getToken) {
+  const r = await fetch(path, { headers: { Authorization: `Bearer ${await getToken()}` } });
   return { status: r.status, body: r.status < 300 ? await r.json() : null };
 }
 
@@ -62,19 +125,28 @@ async function main() {
     localStorage.setItem(TOKEN_KEY, $("signin-token").value.trim());
     location.reload();
   });
+  $("password-form").addEventListener("submit", submitSignin);
   $("sign-out").addEventListener("click", signOut);
-  const token = tokenFromLink();
-  if (!token) return showSignin("Open the sign-in link that `barosync serve` printed, or paste a token.");
+  const setup = location.hash.match(/(?:^#|&)setup=([^&]+)/);
+  if (setup) return showSetup(decodeURIComponent(setup[1]));
+  // A lasting token from a sign-in link (or an application's own), else the session's.
+  const linked = tokenFromLink();
+  const token = linked ? () => localStorage.getItem(TOKEN_KEY) : sessionToken;
   let me = null;
   try {
-    const found = await api("/api/me", token);
+    const found = await api("/api/me", async () => {
+      const t = await token();
+      if (t === null) throw new Error("signed out");
+      return t;
+    });
     if (found.status === 401 || found.status === 403) {
       localStorage.removeItem(TOKEN_KEY);
-      return showSignin("This sign-in link is expired or was refused: ask for a new one (`barosync token create --link`).");
+      return showSignin("This sign-in link is expired or was refused: sign in with your password, or ask for a new link.");
     }
     me = found.body;
     localStorage.setItem(ME_KEY, JSON.stringify(me));
   } catch (e) {
+    if (e.message === "signed out") return showSignin("Sign in with your user name and password.");
     me = JSON.parse(localStorage.getItem(ME_KEY) || "null"); // offline: what we knew
   }
   if (!me) return showSignin("Cannot reach the server to sign in; try again when it is back.");
@@ -103,7 +175,7 @@ function start(token, projects) {
   picker.value = projects.includes(remembered) ? remembered : projects[0];
   picker.addEventListener("change", () => switchProject(picker.value));
 
-  client = new SyncClient(location.origin, { token: () => localStorage.getItem(TOKEN_KEY) });
+  client = new SyncClient(location.origin, { token });
   client.addEventListener("state", showConnection);
   client.addEventListener("sync", (e) => showSync(e.detail));
   client.addEventListener("change", (e) => { if (e.detail.projectId === projectId && calendar) calendar.refetchEvents(); });
@@ -229,6 +301,7 @@ function openEditor(event, draft = {}) {
   $("editor-title").textContent = !can ? "Event" : event ? "Edit event" : "New event";
   $("editor-fields").disabled = !can;
   $("editor-save").hidden = !can;
+  $("editor-cancel").textContent = can ? "Cancel" : "Close";
   $("editor-delete").hidden = !event || !can;
   $("editor-error").textContent = "";
   $("editor").showModal();
@@ -371,7 +444,7 @@ function showConnection() {
   el.textContent = text();
   if (client.state === "reconnecting") countdown = setInterval(() => { el.textContent = text(); }, 1000);
   if (client.state === "needs-auth") {
-    showSignin("Your sign-in expired or was refused: open a new sign-in link (`barosync token create --link`).");
+    showSignin("You were signed out (or your sign-in link expired): sign in again.");
   }
 }
 
