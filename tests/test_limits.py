@@ -132,7 +132,8 @@ async def test_since_older_than_history_gets_a_snapshot_that_says_so(data_dir):
         assert kept["payload"]["mode"] == "changes" and kept["payload"]["count"] == 3
         other = await open_client(nursery, app, token("bob"))
         pruned = await other.subscribe(since=1)
-        assert pruned["payload"] == {"projectId": "p1", "seq": 6, "mode": "snapshot", "reason": "history_pruned"}
+        assert pruned["payload"] == {"projectId": "p1", "seq": 6, "mode": "snapshot", "reason": "history_pruned",
+                                     "writable": True}
         snap = await other.recv_type("sync:snapshot")
         assert len(snap["payload"]["events"]) == 6
 

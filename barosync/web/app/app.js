@@ -65,7 +65,7 @@ function authPost(path, body) {
 /** A fresh access token from the session (null: not signed in); throws when offline. */
 async function sessionToken() {
   const r = await authPost("/auth/token");
-  if (r.status === 401) return null;
+  if (r.status === 401 || r.status === 501) return null;  // 501: a server without accounts (a cluster)
   if (!r.ok) throw new Error(`HTTP ${r.status}`);
   return (await r.json()).token;
 }
