@@ -233,3 +233,56 @@ async def test_the_setup_code_names_one_owner_and_only_with_the_right_code(tmp_p
         assert status == 403
     async with running(tmp_path) as (app, _):
         assert app.setup_code is None  # an account exists: no setup link at the next start
+
+
+async def test_removing_a_project_or_lowering_a_role_takes_effect_within_a_second(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("bob", name="Bob", password=PASSWORD, projects=["p1", "p2"])
+        _, headers, _ = await sign_in(app.port, "bob")
+        async with open_websocket_url(ws_url(app, await mint(app.port, cookie_of(headers)))) as bob:
+            await bob.get_message()
+            # As `barosync user access bob --viewer p1` does, from another process.
+            await trio.to_thread.run_sync(lambda: app.accounts.set_access("bob", projects=["p1"], roles={"p1": "viewer"}))
+            with trio.fail_after(1.5):
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await bob.get_message()
+            assert closed.value.reason.code == 4001
+        fresh = await mint(app.port, cookie_of(headers))  # what a reconnecting client gets now
+        identity = await app.authenticate(fresh)
+        assert identity is not None and not identity.may_access("p2") and identity.role("p1") == "viewer"
+        async with open_websocket_url(ws_url(app, fresh)) as bob:
+            await bob.get_message()
+            await bob.send_message('{"type": "subscribe", "id": "s2", "payload": {"projectId": "p2"}}')
+            with trio.fail_after(5):
+                while '"forbidden"' not in (answer := await bob.get_message()):
+                    pass
+            assert '"s2"' in answer
+
+
+def test_the_user_commands_make_list_change_and_disable_accounts(tmp_path: Path) -> None:
+    import subprocess
+
+    from attack_helpers import barosync_cmd
+
+    data = str(tmp_path / "data")
+
+    def user(*args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(barosync_cmd("user", *args, "--data", data), input=password, capture_output=True,
+                              text=True, timeout=60)
+
+    made = user("create", "carol", "--name", "Carol", "--viewer", "team", "--password-stdin", password=PASSWORD + "\n")
+    assert made.returncode == 0, made.stderr
+    assert user("create", "carol", "--project", "x", "--password-stdin", password=PASSWORD + "\n").returncode == 2
+    short = user("create", "dave", "--project", "x", "--password-stdin", password="short\n")
+    assert short.returncode == 2 and "8 to 1024 characters" in short.stderr
+    assert "no terminal" in user("create", "erin", "--project", "x").stderr  # stdin is not a terminal here
+    assert "projects: team (viewer); 0 signed-in session(s)" in user("list").stdout
+    changed = user("access", "carol", "--project", "team", "--viewer", "ops")
+    assert changed.returncode == 0 and "ops, team" in user("list").stdout.replace("ops (viewer)", "ops")
+    assert user("disable", "carol").returncode == 0 and "disabled" in user("list").stdout
+    assert user("enable", "carol").returncode == 0
+    reset = user("reset-password", "carol", "--password-stdin", password="a brand new password\n")
+    assert reset.returncode == 0 and "signed out everywhere" in reset.stdout
+    missing = user("disable", "nobody")
+    assert missing.returncode == 2 and "no user 'nobody'" in missing.stderr

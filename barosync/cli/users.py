@@ -1,6 +1,6 @@
 """`barosync user …`: people's accounts from a terminal (headless setups, recovery).
 
-create, list, disable, enable and reset-password, on the data directory's accounts
+create, access, list, disable, enable and reset-password, on the data directory's accounts
 (storage/accounts.py). They work while the server runs: a disabled user's open
 connections close within a second. A password comes from the terminal (asked twice)
 or, with ``--password-stdin``, from the first line of standard input.
@@ -20,7 +20,7 @@ from ..storage.accounts import AccountError, Accounts
 
 
 def add_arguments(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    user = sub.add_parser("user", help="people's accounts: create, list, disable, enable, reset-password")
+    user = sub.add_parser("user", help="people's accounts: create, access, list, disable, enable, reset-password")
     user.set_defaults(usage_parser=user)
     actions = user.add_subparsers(dest="user_command", metavar="ACTION")
     create = actions.add_parser("create", help="a new account that signs in to the web calendar")
@@ -31,6 +31,12 @@ def add_arguments(sub: argparse._SubParsersAction, common: Callable[[argparse.Ar
     create.add_argument("--viewer", action="append", default=[], metavar="P", help="a project to read only (repeatable)")
     create.add_argument("--all-projects", action="store_true", help="every project")
     create.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    access = actions.add_parser("access", help="set what a user may open (replaces their projects; at once)")
+    common(access)
+    access.add_argument("user", metavar="ID")
+    access.add_argument("--project", action="append", default=[], metavar="P", help="a project to edit (repeatable)")
+    access.add_argument("--viewer", action="append", default=[], metavar="P", help="a project to read only (repeatable)")
+    access.add_argument("--all-projects", action="store_true", help="every project")
     listing = actions.add_parser("list", help="the accounts, with their projects and signed-in sessions")
     common(listing)
     for name, text in (("disable", "sign a user out everywhere and refuse their sign-ins"),
@@ -75,6 +81,13 @@ def _run(args: argparse.Namespace, accounts: Accounts) -> int:
                                projects=ALL_PROJECTS if args.all_projects else editing,
                                roles={p: VIEWER for p in args.viewer} or None)
         print(f"created {user.id!r} ({user.name}); they sign in at the web calendar's address")
+        return 0
+    if command == "access":
+        granted = list(dict.fromkeys([*args.project, *args.viewer]))
+        accounts.set_access(args.user, projects=ALL_PROJECTS if args.all_projects else granted,
+                            roles={p: VIEWER for p in args.viewer} or None)
+        print(f"{args.user!r} may now open: {'every project' if args.all_projects else ', '.join(granted) or 'nothing'}"
+              "; their open tabs follow within a second")
         return 0
     if command == "list":
         users = accounts.list()

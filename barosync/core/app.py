@@ -254,14 +254,17 @@ class App:
         return identity
 
     def signed_in(self, identity: Identity) -> bool:
-        """Whether the session an identity's token was minted from is still on (a read
-        of two keys)."""
+        """Whether the session an identity's token was minted from is still on, and the
+        user's projects and roles still the token's (a read of two keys)."""
         return (self.accounts is not None and identity.session_id is not None
-                and self.accounts.session_live(identity.session_id, identity.user_id))
+                and self.accounts.session_live(identity.session_id, identity.user_id,
+                                               projects=identity.projects, roles=identity.roles))
 
     async def _close_signed_out(self) -> None:
-        """Connections whose session signed out (or whose user was disabled, from any
-        process: the CLI too) close within SIGNED_OUT_CHECK seconds, with 4001 (their token is no good)."""
+        """Connections whose session signed out, whose user was disabled or whose
+        access changed (from any process: the CLI too) close within SIGNED_OUT_CHECK
+        seconds, with 4001: their token is no good, and the client's next one carries
+        what the user may open now (a removed project is then refused)."""
         while True:
             await trio.sleep(SIGNED_OUT_CHECK)
             verdicts: dict[str, bool] = {}
@@ -273,7 +276,7 @@ class App:
                 if live is None:
                     live = verdicts[identity.session_id] = self.signed_in(identity)
                 if not live:
-                    conn.close(protocol.CLOSE_TOKEN_INVALID, "signed out: sign in again")
+                    conn.close(protocol.CLOSE_TOKEN_INVALID, "signed out, or your access changed: reconnect")
 
     async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
         try:

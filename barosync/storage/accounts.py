@@ -152,6 +152,16 @@ class Accounts:
         self._change(user_id, password=_hasher.hash(check_password(password)))
         self.revoke_all(user_id)
 
+    def set_access(self, user_id: str, *, projects: Iterable[str] | str, roles: dict[str, str] | None = None) -> None:
+        """What the user may open, from now on: tokens minted before stop working and
+        the user's connections reconnect with the new access (core/app.py)."""
+        try:
+            parse_roles(roles)
+        except ValidationError as e:
+            raise AccountError(f"{e.field} {e.message}") from None
+        self._change(user_id, projects=projects if projects == ALL_PROJECTS else sorted(set(projects)),
+                     roles=dict(roles or {}))
+
     def set_disabled(self, user_id: str, disabled: bool) -> None:
         """A disabled user cannot sign in, and is signed out everywhere."""
         self._change(user_id, disabled=disabled)
@@ -199,16 +209,21 @@ class Accounts:
         found = _signin(raw) if raw is not None else None
         return found if found is not None and not found.revoked else None
 
-    def session_live(self, session_id: str, user_id: str) -> bool:
-        """Whether a session, by id, is still signed in and its user enabled (a read
-        of two keys: cheap enough to ask for every open connection every second)."""
+    def session_live(self, session_id: str, user_id: str, *, projects: frozenset[str] | str | None = None,
+                     roles: tuple[tuple[str, str], ...] | None = None) -> bool:
+        """Whether a session, by id, is still signed in, its user enabled and (when
+        given) the user's projects and roles still those a token says (a read of two
+        keys: cheap enough to ask for every open connection every second)."""
         with self.env.begin() as txn:
             raw = txn.get(session_id.encode(), db=self.signins)
-            user = txn.get(user_id.encode(), db=self.users)
-        if raw is None or user is None or orjson.loads(user).get("disabled", False):
+            found_user = txn.get(user_id.encode(), db=self.users)
+        if raw is None or found_user is None:
             return False
+        user = _user(user_id, found_user)
         found = _signin(raw)
-        return found.user == user_id and not found.revoked
+        if user.disabled or found.user != user_id or found.revoked:
+            return False
+        return (projects is None or user.projects == projects) and (roles is None or user.roles == roles)
 
     def touch(self, session_id: str, now: float | None = None) -> None:
         with self.env.begin(db=self.signins, write=True) as txn:
