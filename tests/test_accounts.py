@@ -286,3 +286,40 @@ def test_the_user_commands_make_list_change_and_disable_accounts(tmp_path: Path)
     assert reset.returncode == 0 and "signed out everywhere" in reset.stdout
     missing = user("disable", "nobody")
     assert missing.returncode == 2 and "no user 'nobody'" in missing.stderr
+
+
+async def test_invites_are_for_owners_good_once_and_add_a_project_to_an_existing_account(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("olive", name="Olive", password=PASSWORD, projects="*", admin=True)
+        app.accounts.create("bob", name="Bob", password=PASSWORD, projects=["p1"])
+        _, olive, _ = await sign_in(app.port, "olive")
+        _, bob, _ = await sign_in(app.port, "bob")
+        status, _, answer = await http_exchange(app.port, "POST", "/auth/invites", {"project": "p2", "role": "viewer"},
+                                                headers={**CSRF, "Cookie": cookie_of(bob)})
+        assert status == 403  # bob owns nothing
+        status, _, invite = await http_exchange(app.port, "POST", "/auth/invites", {"project": "p2", "role": "viewer"},
+                                                headers={**CSRF, "Cookie": cookie_of(olive)})
+        assert status == 200 and invite["link"] == f"/#invite={invite['code']}"
+        status, _, answer = await http_exchange(app.port, "POST", "/auth/invites", {"project": "p2", "role": "boss"},
+                                                headers={**CSRF, "Cookie": cookie_of(olive)})
+        assert status == 400 and "one of viewer, editor, owner" in answer["message"]
+        # An existing user joins with their own password: the project is added to theirs.
+        accept = {"code": invite["code"], "user": "bob", "password": "not bobs"}
+        status, _, answer = await http_exchange(app.port, "POST", "/auth/accept", accept, headers=CSRF)
+        assert status == 400 and "is taken" in answer["message"]
+        status, headers, _ = await http_exchange(app.port, "POST", "/auth/accept", {**accept, "password": PASSWORD},
+                                                 headers=CSRF)
+        assert status == 200
+        identity = await app.authenticate(await mint(app.port, cookie_of(headers)))
+        assert identity is not None and identity.role("p1") == "editor" and identity.role("p2") == "viewer"
+        status, _, answer = await http_exchange(app.port, "POST", "/auth/accept",
+                                                {**accept, "user": "erin", "password": PASSWORD}, headers=CSRF)
+        assert status == 400 and "used already" in answer["message"]
+
+
+def test_an_invite_expires(accounts: Accounts) -> None:
+    code, expires = accounts.invite("team", "editor", by="olive", now=1000.0)
+    assert expires == 1000 + 7 * 24 * 3600
+    with pytest.raises(AccountError, match="expired"):
+        accounts.accept(code, "late", name=None, password=PASSWORD, now=expires + 1.0)
+    assert accounts.accept(code, "early", name=None, password=PASSWORD, now=expires - 1.0).projects == {"team"}

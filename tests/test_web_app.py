@@ -361,3 +361,50 @@ def test_first_run_setup_names_the_owner_and_a_teammate_signs_in_with_a_password
     bob.page.reload()
     bob.page.wait_for_selector("#signin:not([hidden])")  # signed out for good, not just in this page
     assert owner.errors == [] and bob.errors == []
+
+
+def join(app: App, user: str, name: str, password: str) -> None:
+    """Fill the form an invite (or the setup) link opens, and submit it."""
+    app.page.wait_for_selector("#setup:not([hidden])")
+    for field, value in (("user", user), ("name", name), ("password", password), ("again", password)):
+        app.page.fill(f"#setup-form input[name={field}]", value)
+    app.page.click("#setup-submit")
+    app.wait_connected()
+
+
+def test_the_owner_invites_an_editor_and_a_viewer_and_removing_one_takes_effect_at_once(chromium, server) -> None:
+    owner = App(chromium, server.proc.next_line().removeprefix("open "))
+    join(owner, "olive", "Olive Owner", "a long owner password")
+    links = {}
+    for role in ("editor", "viewer"):
+        owner.page.click("#invite")
+        owner.page.select_option("#invite-role", role)
+        owner.page.click("#invite-make")
+        owner.page.wait_for_function("() => document.getElementById('invite-link').value.includes('#invite=')")
+        links[role] = owner.page.input_value("#invite-link")
+        owner.shot(f"invite-{role}")
+        owner.page.click("#invite-close")
+    bob, carol = App(chromium, links["editor"]), App(chromium, links["viewer"])
+    join(bob, "bob", "Bob", "bobs own password")
+    join(carol, "carol", "Carol", "carols own password")
+    carol.page.wait_for_selector("#read-only:not([hidden])")
+    assert bob.page.is_visible("#new-event") and carol.page.is_hidden("#new-event")
+    bob.page.click("#new-event")
+    bob.fill_editor("Bob's planning")
+    carol.event("Bob's planning").wait_for()  # live for the viewer
+    used = App(chromium, links["editor"])  # an invite is good once
+    used.page.wait_for_selector("#setup:not([hidden])")
+    for field, value in (("user", "mallory"), ("password", "mallorys password"), ("again", "mallorys password")):
+        used.page.fill(f"#setup-form input[name={field}]", value)
+    used.page.click("#setup-submit")
+    used.page.wait_for_function("() => document.getElementById('setup-error').textContent.includes('used already')")
+
+    # The owner takes Bob out of the project: his open tab loses it within a second or two.
+    removed = subprocess.run(barosync_cmd("user", "access", "bob", "--data", str(server.data)),
+                             capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 0, removed.stderr
+    bob.page.wait_for_selector("#read-only:has-text('No access')", timeout=5000)
+    assert bob.page.locator(".fc-event").count() == 0 and bob.page.is_hidden("#new-event")
+    bob.shot("removed-from-the-project")
+    assert carol.event("Bob's planning").is_visible()  # the others keep working
+    assert owner.errors == [] and carol.errors == []

@@ -8,6 +8,8 @@ with the calendars (one consistent read transaction) and a restore brings them b
   ``signin_keys``: SHA-256 of a session's secret -> its id. The browser holds the
   secret in an HttpOnly cookie; the data directory holds only its hash, so a copy of
   the data signs nobody in.
+- ``invites``: SHA-256 of an invite's code -> {project, role, by, expires, usedBy}: a
+  link an owner hands a teammate, good once, for a week.
 
 Passwords are hashed with argon2id through argon2-cffi (its default parameters: 64
 MiB, 3 passes). Hashing and checking cost ~0.1 s: callers on the event loop run
@@ -27,13 +29,14 @@ import orjson
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id, parse_roles
+from ..domain.models import ALL_PROJECTS, EDITOR, OWNER, Identity, ValidationError, check_id, parse_roles
 
 # A password shorter than this is refused when it is set (NIST SP 800-63B: at least 8).
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 1024  # argon2 takes any length; a megabyte "password" is an attack
 MAX_NAME_CHARS = 200
 MAX_DEVICE_CHARS = 200
+INVITE_TTL = 7 * 24 * 3600.0
 _hasher = PasswordHasher()
 # Checked against when the user does not exist, so that an unknown name costs the
 # same time as a wrong password (no way to probe which users exist).
@@ -53,6 +56,11 @@ class User:
     disabled: bool
     created: int
     admin: bool = False  # may open the sync inspector (the owner made at setup)
+
+    def may_invite(self, project: str) -> bool:
+        """The owner made at setup, or an owner of the project."""
+        return self.admin or (dict(self.roles).get(project) == OWNER
+                              and (self.projects == ALL_PROJECTS or project in self.projects))
 
     def identity(self, *, expires_at: float, session_id: str) -> Identity:
         return Identity(user_id=self.id, name=self.name, projects=self.projects, roles=self.roles,
@@ -101,6 +109,7 @@ class Accounts:
         self.users = env.open_db(b"users")
         self.signins = env.open_db(b"signins")
         self.signin_keys = env.open_db(b"signin_keys")
+        self.invites = env.open_db(b"invites")
 
     # -- users ---------------------------------------------------------------------------
 
@@ -186,6 +195,64 @@ class Accounts:
         if _hasher.check_needs_rehash(stored):  # the library's parameters moved on
             self._change(user_id, password=_hasher.hash(password))
         return user
+
+    # -- invites -------------------------------------------------------------------------
+
+    def invite(self, project: str, role: str, *, by: str, ttl: float = INVITE_TTL,
+               now: float | None = None) -> tuple[str, int]:
+        """A one-use invite into ``project`` as ``role``: (its code, when it expires)."""
+        try:
+            check_id(project, "project")
+            parse_roles({project: role})
+        except ValidationError as e:
+            raise AccountError(f"{e.field} {e.message}") from None
+        code = secrets.token_urlsafe(24)
+        expires = int((now if now is not None else time.time()) + ttl)
+        record = {"project": project, "role": role, "by": by, "expires": expires, "usedBy": None}
+        with self.env.begin(db=self.invites, write=True) as txn:
+            txn.put(secret_key(code), orjson.dumps(record))
+        return code, expires
+
+    def accept(self, code: str, user_id: str, *, name: str | None, password: str,
+               now: float | None = None) -> User:
+        """Use an invite: a new account with its project, or (with the right password)
+        an existing one that gains it. AccountError says why not."""
+        check_password(password)
+        invite = self._claim(code, user_id, now)
+        project, role = invite["project"], invite["role"]
+        try:
+            existing = self.get(user_id) if isinstance(user_id, str) and user_id else None
+            if existing is None:
+                return self.create(user_id, name=name, password=password, projects=[project],
+                                   roles={project: role} if role != EDITOR else None)
+            if self.verify(user_id, password) is None:
+                raise AccountError(f"{user_id!r} is taken: with their password the invite adds {project!r} to it")
+            if existing.projects != ALL_PROJECTS:
+                roles = {**dict(existing.roles), project: role}
+                self.set_access(user_id, projects=[*existing.projects, project],
+                                roles={p: r for p, r in roles.items() if r != EDITOR} or None)
+            user = self.get(user_id)
+            assert user is not None
+            return user
+        except BaseException:
+            self._claim(code, None, now)  # not used after all
+            raise
+
+    def _claim(self, code: str, user_id: str | None, now: float | None) -> dict[str, Any]:
+        """Mark an invite used by ``user_id`` (None: unused again), in one write: two
+        requests at once cannot both use it."""
+        with self.env.begin(db=self.invites, write=True) as txn:
+            raw = txn.get(secret_key(code)) if isinstance(code, str) else None
+            invite = orjson.loads(raw) if raw is not None else None
+            if user_id is not None and (invite is None or invite["usedBy"] is not None
+                                        or invite["expires"] < (now if now is not None else time.time())):
+                raise AccountError("this invite was used already, has expired or is not this server's: "
+                                   "ask for a new one")
+            if invite is not None:
+                invite["usedBy"] = user_id
+                txn.put(secret_key(code), orjson.dumps(invite))
+        assert invite is not None
+        return invite
 
     # -- sessions ------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ byte order is numeric order):
 - ``idem``      user \\0 envelope id    -> the original answer (JSON)
 - ``idem_by_seq`` project \\0 seq       -> the ``idem`` key that change was recorded under
 - ``meta``      ``schema``, ``data_id``
-- ``users``, ``signins``, ``signin_keys``: people's accounts and sessions (accounts.py)
+- ``users``, ``signins``, ``signin_keys``, ``invites``: people's accounts, sessions and
+  invites (accounts.py)
 
 Schema 1 (release 0.1.0) kept ``index`` as event id -> project and ``versions`` as
 event id \\0 version: one id per server. Opening it migrates it in place, in one write

@@ -10,6 +10,10 @@
   session behind every token that names one, and closes its connections).
 - ``GET /auth/me``, ``POST /auth/signout``, ``GET /auth/sessions`` (the user's
   signed-in devices) and ``DELETE /auth/sessions/ID``.
+- ``POST /auth/invites`` ``{"project", "role"}`` (an owner of the project, or the
+  owner made at setup) → ``{"code", "expiresAt"}``: a one-use link ``/#invite=CODE``;
+  ``POST /auth/accept`` ``{"code", "user", "name", "password"}`` makes the account (or
+  adds the project to an existing one, given its password) and signs it in.
 
 The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page
 sends it), Path=/, and Secure when the request came over HTTPS (a proxy's
@@ -38,7 +42,7 @@ import trio
 from ..core.app import App
 from ..domain.ratelimit import Limiter
 from ..hooks.auth import create_token
-from ..domain.models import ALL_PROJECTS
+from ..domain.models import ALL_PROJECTS, EDITOR
 from ..storage.accounts import AccountError, Accounts
 
 log = logging.getLogger(__name__)
@@ -90,6 +94,10 @@ class SignIn:
             return await self._sign_in(headers, body, peer)
         if path == "/auth/setup" and method == b"POST":
             return await self._setup(headers, body)
+        if path == "/auth/invites" and method == b"POST":
+            return await self._invite(headers, body)
+        if path == "/auth/accept" and method == b"POST":
+            return await self._accept(headers, body, peer)
         if path == "/auth/me" and method == b"GET":
             user, _ = self._signed_in(headers)
             return 200, {"user": {"id": user.id, "name": user.name}}, []
@@ -112,7 +120,7 @@ class SignIn:
             if not await trio.to_thread.run_sync(self.accounts.revoke, user.id, session_id):
                 raise Fail(404, "not_found", f"no signed-in session {session_id!r} of yours")
             return 200, {"signedOut": session_id}, []
-        if path in ("/auth/signin", "/auth/setup", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"):
+        if path in ("/auth/signin", "/auth/setup", "/auth/invites", "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"):
             raise Fail(405, "method_not_allowed", f"{method.decode(errors='replace')} is not what {path} takes")
         raise Fail(404, "not_found", f"no such resource {path!r}")
 
@@ -134,6 +142,44 @@ class SignIn:
         device = headers.get(b"user-agent", b"a browser").decode("latin-1")
         secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
         log.info("owner account %r made with the setup link", user.id)
+        return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
+
+    async def _invite(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        _check_request(headers)
+        user, _ = self._signed_in(headers)
+        given = _json(body)
+        project, role = given.get("project"), given.get("role", EDITOR)
+        if not isinstance(project, str) or not user.may_invite(project):
+            raise Fail(403, "forbidden", f"only an owner of project {project!r} may invite to it")
+        try:
+            code, expires = await trio.to_thread.run_sync(
+                lambda: self.accounts.invite(project, role, by=user.id))
+        except AccountError as e:
+            raise Fail(400, "invalid", str(e)) from None
+        log.info("user %r invited someone to %r as %s", user.id, project, role)
+        return 200, {"code": code, "link": f"/#invite={code}", "expiresAt": expires * 1000}, []
+
+    async def _accept(self, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
+        _check_request(headers)
+        given = _json(body)
+        user_id = given.get("user")
+        now = trio.current_time()
+        wait = self._by_address.refused(peer, now)
+        if wait is not None:  # a wrong password for an existing user counts as a guess
+            raise Fail(429, "rate_limited", f"too many failed sign-ins for this address: try again in "
+                                            f"{math.ceil(wait)} s", [(b"retry-after", str(math.ceil(wait)).encode())])
+        try:
+            async with self._checks:
+                user = await trio.to_thread.run_sync(lambda: self.accounts.accept(
+                    given.get("code"), user_id if isinstance(user_id, str) else "", name=given.get("name") or None,
+                    password=given.get("password")))
+        except AccountError as e:
+            if "is taken" in str(e):
+                self._by_address.take(peer, now)
+            raise Fail(400, "invalid", str(e)) from None
+        device = headers.get(b"user-agent", b"a browser").decode("latin-1")
+        secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
+        log.info("user %r accepted an invite", user.id)
         return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
 
     async def _sign_in(self, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:

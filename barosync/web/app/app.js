@@ -22,6 +22,7 @@ let editing = null; // the event open in the editor (null: a new one)
 let storageFull = false;
 let countdown = null;
 let toastTimer = null;
+const refused = new Set(); // projects the server no longer lets this user open
 
 // -- sign-in --------------------------------------------------------------------------------
 
@@ -86,11 +87,17 @@ async function submitSignin(e) {
   }
 }
 
-function showSetup(code) {
+/** The first run's setup link names the owner; an invite link names a teammate. */
+function showSetup(code, invite = false) {
   document.body.classList.add("signed-out");
   $("setup").hidden = false;
   $("signin").hidden = true;
   $("main").hidden = true;
+  if (invite) {
+    $("setup-title").textContent = "You are invited";
+    $("setup-text").textContent = "Pick a user name and a password (or give yours, if you have an account here).";
+    $("setup-submit").textContent = "Join";
+  }
   $("setup-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const form = e.target;
@@ -99,8 +106,9 @@ function showSetup(code) {
       return;
     }
     $("setup-submit").disabled = true;
-    const r = await authPost("/auth/setup", { code, user: form.user.value.trim(), name: form.name.value.trim(),
-                                               password: form.password.value }).catch(() => null);
+    const r = await authPost(invite ? "/auth/accept" : "/auth/setup", {
+      code, user: form.user.value.trim(), name: form.name.value.trim(), password: form.password.value,
+    }).catch(() => null);
     $("setup-submit").disabled = false;
     if (r && r.ok) {
       history.replaceState(null, "", location.pathname + location.search);
@@ -127,8 +135,8 @@ async function main() {
   });
   $("password-form").addEventListener("submit", submitSignin);
   $("sign-out").addEventListener("click", signOut);
-  const setup = location.hash.match(/(?:^#|&)setup=([^&]+)/);
-  if (setup) return showSetup(decodeURIComponent(setup[1]));
+  const setup = location.hash.match(/(?:^#|&)(setup|invite)=([^&]+)/);
+  if (setup) return showSetup(decodeURIComponent(setup[2]), setup[1] === "invite");
   // A lasting token from a sign-in link (or an application's own), else the session's.
   const linked = tokenFromLink();
   const token = linked ? () => localStorage.getItem(TOKEN_KEY) : sessionToken;
@@ -151,6 +159,9 @@ async function main() {
   }
   if (!me) return showSignin("Cannot reach the server to sign in; try again when it is back.");
   $("who").textContent = `${me.user.name} (${me.user.id})`;
+  // Inviting needs a signed-in session (the owner made at setup, or a project's owner:
+  // the server says no to anyone else).
+  $("invite").hidden = linked || !me.admin;
   const projects = await projectList(me, token);
   start(token, projects);
 }
@@ -183,6 +194,12 @@ function start(token, projects) {
   client.addEventListener("cursor", (e) => { if (e.detail.projectId === projectId) showCursor(e.detail); });
   client.addEventListener("conflict", (e) => openConflict(e.detail.conflict));
   client.addEventListener("access", (e) => { if (e.detail.projectId === projectId) showAccess(); });
+  client.addEventListener("error", (e) => {
+    // A subscribe refused: this user may no longer open the project (removed from it).
+    if (e.detail.code !== "forbidden" || !e.detail.projectId) return;
+    refused.add(e.detail.projectId);
+    if (e.detail.projectId === projectId) { calendar.refetchEvents(); showAccess(); }
+  });
 
   calendar = new FullCalendar.Calendar($("calendar"), {
     initialView: "timeGridWeek",
@@ -192,7 +209,7 @@ function start(token, projects) {
     nowIndicator: true,
     contentHeight: 640,
     scrollTime: "08:00:00",
-    events: (info, success) => success(client.events(projectId).flatMap(toCalendar)),
+    events: (info, success) => success(refused.has(projectId) ? [] : client.events(projectId).flatMap(toCalendar)),
     select: (info) => openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay }),
     eventClick: (info) => openEditor(client.get(info.event.id, projectId)),
     eventDrop: (info) => moved(info),
@@ -215,6 +232,14 @@ function start(token, projects) {
   $("editor-cancel").addEventListener("click", () => $("editor").close());
   $("editor-delete").addEventListener("click", deleteEditing);
   $("conflict-form").addEventListener("submit", settleConflict);
+  $("invite").addEventListener("click", () => {
+    $("invite-project").textContent = projectId;
+    $("invite-link").value = "";
+    $("invite-error").textContent = "";
+    $("inviting").showModal();
+  });
+  $("invite-close").addEventListener("click", () => $("inviting").close());
+  $("invite-make").addEventListener("click", makeInvite);
   switchProject(picker.value);
 }
 
@@ -230,7 +255,7 @@ function switchProject(id) {
 }
 
 /** A viewer's calendar: nothing to select, drag or save (the server refuses it too). */
-function writable() { return client.writable(projectId) !== false; }
+function writable() { return !refused.has(projectId) && client.writable(projectId) !== false; }
 
 function showAccess() {
   const can = writable();
@@ -238,6 +263,19 @@ function showAccess() {
   calendar.setOption("editable", can);
   $("new-event").hidden = !can;
   $("read-only").hidden = can;
+  $("read-only").textContent = refused.has(projectId) ? "No access to this project" : "View only";
+}
+
+async function makeInvite() {
+  $("invite-error").textContent = "";
+  const r = await authPost("/auth/invites", { project: projectId, role: $("invite-role").value }).catch(() => null);
+  const answer = r ? await r.json().catch(() => ({})) : {};
+  if (!r || !r.ok) {
+    $("invite-error").textContent = answer.message || "cannot reach the server: try again when it is back";
+    return;
+  }
+  $("invite-link").value = location.origin + answer.link;
+  $("invite-link").select();
 }
 
 // -- the grid ------------------------------------------------------------------------------
