@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import icalendar
+import jwt
 import trio
 
 from barosync.formats import ical, ics
@@ -118,6 +119,9 @@ async def test_a_revoked_feed_token_is_refused(tmp_path: Path) -> None:
         url = done.stdout.strip()
         assert url.startswith(f"http://127.0.0.1:{server.port}/ics/p1.ics?token=")
         assert (await trio.to_thread.run_sync(fetch, url))[0] == 200
+        # A calendar app's subscription must not stop the next day: it lasts until revoked.
+        claims = jwt.decode(url.split("token=")[1], options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] >= 10 * 365 * 24 * 3600
         revoked = await trio.to_thread.run_sync(lambda: subprocess.run(
             barosync_cmd("token", "revoke", "--data", str(data), url.split("token=")[1]), capture_output=True, text=True, timeout=60))
         assert revoked.returncode == 0 and "revoked token" in revoked.stdout

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--all-projects", action="store_true", help="the token may access every project")
     create.add_argument("--viewer", action="append", default=[], metavar="P",
                         help="a project the token may read but not change (repeatable; other projects: editor)")
-    create.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS", help=f"lifetime (default {DEFAULT_TTL})")
+    create.add_argument("--ttl", type=int, metavar="SECONDS",
+                        help=f"lifetime (default {DEFAULT_TTL}; a --feed URL: {FEED_TTL}, i.e. until revoked)")
     create.add_argument("--link", action="store_true", help="print a sign-in link for the web calendar instead of the bare token")
     create.add_argument("--admin", action="store_true", help="the token may open the sync inspector (/admin)")
     create.add_argument("--feed", action="store_true",
@@ -161,6 +162,10 @@ def _token_create(args: argparse.Namespace) -> int:
         return 2
     if args.app_password:
         return _app_password_create(args)
+    if args.ttl is None:
+        # A calendar app's subscription must not stop the next day: a feed lasts
+        # until `barosync token revoke` (its jti) turns it off.
+        args.ttl = FEED_TTL if args.feed else DEFAULT_TTL
     if args.ttl <= 0:
         print("barosync: --ttl must be a positive number of seconds", file=sys.stderr)
         return 2
@@ -317,6 +322,8 @@ def _is_loopback(host: str) -> bool:
 
 # The owner's link printed by `barosync serve` on loopback lasts this long.
 OWNER_LINK_TTL = 7 * 24 * 3600
+# A feed URL lasts until revoked (ten years: a bound every client and JWT library holds).
+FEED_TTL = 10 * 365 * 24 * 3600
 # In the data directory once `serve` has printed the owner's link.
 LINK_SHOWN = "sign-in-link-shown"
 
