@@ -323,3 +323,44 @@ def test_an_invite_expires(accounts: Accounts) -> None:
     with pytest.raises(AccountError, match="expired"):
         accounts.accept(code, "late", name=None, password=PASSWORD, now=expires + 1.0)
     assert accounts.accept(code, "early", name=None, password=PASSWORD, now=expires - 1.0).projects == {"team"}
+
+
+async def test_a_user_makes_their_own_app_password_and_it_follows_their_account(tmp_path: Path) -> None:
+    import base64
+
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("bob", name="Bob", password=PASSWORD, projects=["team", "ops"], roles={"ops": "viewer"})
+        _, headers, _ = await sign_in(app.port, "bob")
+        cookie = {"Cookie": cookie_of(headers)}
+        status, _, made = await http_exchange(app.port, "POST", "/auth/app-passwords", {"name": "Bob's phone"},
+                                              headers={**CSRF, **cookie})
+        assert status == 200 and made["user"] == "bob" and made["password"].startswith("bsp_")
+        status, _, listed = await http_exchange(app.port, "GET", "/auth/app-passwords", headers=cookie)
+        assert [e["name"] for e in listed["appPasswords"]] == ["Bob's phone"] and "password" not in listed["appPasswords"][0]
+        basic = {"Authorization": "Basic " + base64.b64encode(f"bob:{made['password']}".encode()).decode(),
+                 "Depth": "1", "Content-Type": "application/xml"}
+
+        async def calendars() -> tuple[int, bytes]:
+            status, _, body = await http_exchange(app.port, "PROPFIND", "/dav/calendars/bob/", b"", headers=basic)
+            return status, body if isinstance(body, bytes) else str(body).encode()
+
+        status, body = await calendars()
+        assert status == 207 and b"/dav/calendars/bob/team/" in body and b"/dav/calendars/bob/ops/" in body
+        await trio.to_thread.run_sync(lambda: app.accounts.set_access("bob", projects=["team"]))
+        status, body = await calendars()
+        assert status == 207 and b"/ops/" not in body  # the app password opens what the account may open now
+        await trio.to_thread.run_sync(app.accounts.set_disabled, "bob", True)
+        assert (await calendars())[0] == 401
+        await trio.to_thread.run_sync(app.accounts.set_disabled, "bob", False)
+        _, headers, _ = await sign_in(app.port, "bob")
+        cookie = {"Cookie": cookie_of(headers)}
+        status, _, _ = await http_exchange(app.port, "DELETE", f"/auth/app-passwords/{made['id']}",
+                                           headers={**CSRF, **cookie})
+        assert status == 200 and (await calendars())[0] == 401
+        status, _, feed = await http_exchange(app.port, "POST", "/auth/feeds", {"project": "team"},
+                                              headers={**CSRF, **cookie})
+        assert status == 200 and feed["url"].startswith("/ics/team.ics?token=")
+        status, _, _ = await http_exchange(app.port, "GET", feed["url"])
+        assert status == 200
+        status, _, _ = await http_exchange(app.port, "POST", "/auth/feeds", {"project": "ops"}, headers={**CSRF, **cookie})
+        assert status == 403

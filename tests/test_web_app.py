@@ -5,7 +5,9 @@ Screenshots of the main states go to build/screenshots/."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
+import urllib.error
 import time
 import urllib.request
 from pathlib import Path
@@ -408,3 +410,35 @@ def test_the_owner_invites_an_editor_and_a_viewer_and_removing_one_takes_effect_
     bob.shot("removed-from-the-project")
     assert carol.event("Bob's planning").is_visible()  # the others keep working
     assert owner.errors == [] and carol.errors == []
+
+
+def test_a_signed_in_user_connects_a_calendar_app_without_a_terminal(chromium, server) -> None:
+    owner = App(chromium, server.proc.next_line().removeprefix("open "))
+    join(owner, "olive", "Olive Owner", "a long owner password")
+    owner.page.click("#apps")
+    owner.page.wait_for_selector("#connect[open]")
+    assert owner.page.input_value("#connect-server") == f"{server.url}/dav/"
+    assert owner.page.input_value("#connect-user") == "olive"
+    owner.page.fill("#connect-name", "Olive's phone")
+    owner.page.click("#connect-make")
+    owner.page.wait_for_function("() => document.getElementById('connect-password').value.startsWith('bsp_')")
+    password = owner.page.input_value("#connect-password")
+    owner.page.locator("#connect-list li", has_text="Olive's phone").wait_for()
+    owner.page.click("#connect-make-feed")
+    owner.page.wait_for_function("() => document.getElementById('connect-feed').value.includes('/ics/')")
+    owner.shot("connect-a-calendar-app")
+    feed = owner.page.input_value("#connect-feed")
+    with urllib.request.urlopen(feed, timeout=10) as response:
+        assert response.status == 200 and b"BEGIN:VCALENDAR" in response.read()
+    request = urllib.request.Request(f"{server.url}/dav/calendars/olive/", method="PROPFIND", headers={
+        "Depth": "1", "Authorization": "Basic " + base64.b64encode(f"olive:{password}".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 207
+    owner.page.locator("#connect-list li", has_text="Olive's phone").locator("button").click()
+    owner.page.wait_for_function("() => document.getElementById('connect-list').children.length === 0")
+    try:
+        urllib.request.urlopen(request, timeout=10)
+        raise AssertionError("a revoked app password still opened the calendars")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+    assert owner.errors == []

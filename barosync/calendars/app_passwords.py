@@ -77,7 +77,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def create(data_dir: Path, *, user_id: str, projects: Iterable[str] | str, name: str | None = None,
-           roles: dict[str, str] | None = None, now: float | None = None) -> tuple[str, dict[str, Any]]:
+           roles: dict[str, str] | None = None, account: bool = False,
+           now: float | None = None) -> tuple[str, dict[str, Any]]:
     """A new app password: (the password, its stored entry without the hash)."""
     try:
         check_id(user_id, "user")
@@ -94,6 +95,9 @@ def create(data_dir: Path, *, user_id: str, projects: Iterable[str] | str, name:
         "projects": projects if projects == ALL_PROJECTS else sorted(set(projects)),
         "created": int(now if now is not None else time.time()),
         "roles": dict(roles or {}),
+        # Made by an account's owner in the web app: it opens what the account may open
+        # now, and stops when the account is disabled (calendars/caldav.py).
+        "account": account,
         "salt": salt.hex(),
         "scrypt": SCRYPT,
         "hash": _hash(secret, salt, SCRYPT).hex(),

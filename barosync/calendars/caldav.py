@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 from xml.etree import ElementTree as ET
 
+import attrs
 import orjson
 import trio
 
@@ -190,6 +191,11 @@ class CalDav:
             log.warning("CalDAV sign-in failed for user %r (wrong name or app password, or revoked)", user)
             raise Fail(401, "wrong user name or app password (or it was revoked)", headers=challenge)
         identity = app_identity(entry)
+        if entry.get("account"):
+            user = self.app.accounts.get(identity.user_id) if self.app.accounts is not None else None
+            if user is None or user.disabled:
+                raise Fail(401, "this app password's account is disabled or gone", headers=challenge)
+            identity = attrs.evolve(identity, projects=user.projects, roles=user.roles)
         refused = self.app.request_refused(identity)
         if refused is not None:
             message, wait = refused

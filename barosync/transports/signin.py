@@ -14,6 +14,10 @@
   owner made at setup) → ``{"code", "expiresAt"}``: a one-use link ``/#invite=CODE``;
   ``POST /auth/accept`` ``{"code", "user", "name", "password"}`` makes the account (or
   adds the project to an existing one, given its password) and signs it in.
+- ``GET``/``POST /auth/app-passwords`` and ``DELETE /auth/app-passwords/ID``: the
+  signed-in user's app passwords for calendar apps (CalDAV), made here and shown once;
+  ``POST /auth/feeds`` ``{"project"}``: a read-only ICS feed URL that lasts until
+  revoked.
 
 The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page
 sends it), Path=/, and Secure when the request came over HTTPS (a proxy's
@@ -34,7 +38,7 @@ import logging
 import math
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import orjson
 import trio
@@ -42,6 +46,7 @@ import trio
 from ..core.app import App
 from ..domain.ratelimit import Limiter
 from ..hooks.auth import create_token
+from ..calendars import app_passwords
 from ..domain.models import ALL_PROJECTS, EDITOR
 from ..storage.accounts import AccountError, Accounts
 
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 COOKIE = "barosync_session"
 CSRF_HEADER = b"x-barosync-request"
 ACCESS_TTL = 600  # seconds an access token minted from a session lasts
+FEED_TTL = 10 * 365 * 24 * 3600  # a feed URL lasts until revoked
 # Browsers keep a cookie at most 400 days; the session itself lasts until revoked.
 COOKIE_MAX_AGE = 400 * 24 * 3600
 SIGN_IN_FAILURE_BURST = 5
@@ -94,6 +100,18 @@ class SignIn:
             return await self._sign_in(headers, body, peer)
         if path == "/auth/setup" and method == b"POST":
             return await self._setup(headers, body)
+        if path == "/auth/app-passwords" and method in (b"GET", b"POST"):
+            return await self._app_passwords(method, headers, body)
+        if path.startswith("/auth/app-passwords/") and method == b"DELETE":
+            _check_request(headers)
+            user, _ = self._signed_in(headers)
+            which = path.removeprefix("/auth/app-passwords/")
+            if not any(e["id"] == which for e in self._own_app_passwords(user.id)):
+                raise Fail(404, "not_found", f"no app password {which!r} of yours")
+            await trio.to_thread.run_sync(app_passwords.revoke, self.app.config.data_dir, which)
+            return 200, {"revoked": which}, []
+        if path == "/auth/feeds" and method == b"POST":
+            return self._feed(headers, body)
         if path == "/auth/invites" and method == b"POST":
             return await self._invite(headers, body)
         if path == "/auth/accept" and method == b"POST":
@@ -143,6 +161,37 @@ class SignIn:
         secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
         log.info("owner account %r made with the setup link", user.id)
         return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
+
+    def _own_app_passwords(self, user_id: str) -> list[dict[str, Any]]:
+        return [e for e in app_passwords.listing(self.app.config.data_dir) if e["user"] == user_id]
+
+    async def _app_passwords(self, method: bytes, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        if method == b"GET":
+            user, _ = self._signed_in(headers)
+            return 200, {"appPasswords": [{"id": e["id"], "name": e["name"], "created": e["created"]}
+                                          for e in self._own_app_passwords(user.id)]}, []
+        _check_request(headers)
+        user, _ = self._signed_in(headers)
+        name = _json(body).get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise Fail(400, "invalid", "name the app password (1 to 100 characters), e.g. \"Bob's phone\"")
+        password, entry = await trio.to_thread.run_sync(lambda: app_passwords.create(
+            self.app.config.data_dir, user_id=user.id, projects=user.projects, roles=dict(user.roles) or None,
+            name=name.strip(), account=True))
+        log.info("user %r made app password %s", user.id, entry["id"])
+        return 200, {"id": entry["id"], "user": user.id, "password": password, "server": "/dav/"}, \
+            [(b"cache-control", b"no-store")]
+
+    def _feed(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        _check_request(headers)
+        user, _ = self._signed_in(headers)
+        project = _json(body).get("project")
+        if not isinstance(project, str) or not (user.projects == ALL_PROJECTS or project in user.projects):
+            raise Fail(403, "forbidden", f"you may not open project {project!r}")
+        secret = self.app.config.secret
+        assert secret is not None
+        token = create_token(secret, user_id=user.id, name=user.name, projects=[project], ttl=FEED_TTL, scope="feed")
+        return 200, {"url": f"/ics/{quote(project, safe='')}.ics?token={token}"}, [(b"cache-control", b"no-store")]
 
     async def _invite(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
         _check_request(headers)

@@ -162,6 +162,8 @@ async function main() {
   // Inviting needs a signed-in session (the owner made at setup, or a project's owner:
   // the server says no to anyone else).
   $("invite").hidden = linked || !me.admin;
+  $("apps").hidden = !!linked;  // app passwords are made from a signed-in session
+  $("connect-user").value = me.user.id;
   const projects = await projectList(me, token);
   start(token, projects);
 }
@@ -240,6 +242,10 @@ function start(token, projects) {
   });
   $("invite-close").addEventListener("click", () => $("inviting").close());
   $("invite-make").addEventListener("click", makeInvite);
+  $("apps").addEventListener("click", openConnect);
+  $("connect-close").addEventListener("click", () => $("connect").close());
+  $("connect-make").addEventListener("click", makeAppPassword);
+  $("connect-make-feed").addEventListener("click", makeFeed);
   switchProject(picker.value);
 }
 
@@ -264,6 +270,57 @@ function showAccess() {
   $("new-event").hidden = !can;
   $("read-only").hidden = can;
   $("read-only").textContent = refused.has(projectId) ? "No access to this project" : "View only";
+}
+
+// -- calendar apps: app passwords and feeds, made by the user -------------------------------
+
+async function openConnect() {
+  $("connect-server").value = `${location.origin}/dav/`;
+  for (const id of ["connect-password", "connect-feed", "connect-name"]) $(id).value = "";
+  $("connect-error").textContent = "";
+  $("connect").showModal();
+  await listAppPasswords();
+}
+
+async function listAppPasswords() {
+  const r = await fetch("/auth/app-passwords", { credentials: "same-origin" }).catch(() => null);
+  const list = $("connect-list");
+  list.replaceChildren();
+  if (!r || !r.ok) return;
+  for (const p of (await r.json()).appPasswords) {
+    const item = document.createElement("li");
+    const revoke = document.createElement("button");
+    revoke.type = "button";
+    revoke.textContent = "Revoke";
+    revoke.addEventListener("click", async () => {
+      await fetch(`/auth/app-passwords/${encodeURIComponent(p.id)}`,
+                  { method: "DELETE", credentials: "same-origin", headers: { "X-Barosync-Request": "1" } });
+      await listAppPasswords();
+    });
+    item.append(`${p.name} (made ${new Date(p.created * 1000).toLocaleDateString()}) `, revoke);
+    list.append(item);
+  }
+}
+
+async function connectAnswer(r) {
+  const answer = r ? await r.json().catch(() => ({})) : {};
+  if (!r || !r.ok) $("connect-error").textContent = answer.message || "cannot reach the server: try again when it is back";
+  return r && r.ok ? answer : null;
+}
+
+async function makeAppPassword() {
+  $("connect-error").textContent = "";
+  const made = await connectAnswer(await authPost("/auth/app-passwords", { name: $("connect-name").value.trim() }).catch(() => null));
+  if (!made) return;
+  $("connect-password").value = made.password;
+  $("connect-password").select();
+  await listAppPasswords();
+}
+
+async function makeFeed() {
+  $("connect-error").textContent = "";
+  const made = await connectAnswer(await authPost("/auth/feeds", { project: projectId }).catch(() => null));
+  if (made) $("connect-feed").value = location.origin + made.url;
 }
 
 async function makeInvite() {
