@@ -17,7 +17,7 @@ import lmdb
 import trio
 
 from .. import __version__
-from ..hooks.auth import DEFAULT_TTL, create_token
+from ..hooks.auth import DEFAULT_TTL, FEED_TTL, create_token
 from ..config import Config, ConfigError, ensure_secret, load_config
 from ..domain.models import ALL_PROJECTS, VIEWER
 from ..hooks.plugins import PluginError
@@ -322,8 +322,6 @@ def _is_loopback(host: str) -> bool:
 
 # The owner's link printed by `barosync serve` on loopback lasts this long.
 OWNER_LINK_TTL = 7 * 24 * 3600
-# A feed URL lasts until revoked (ten years: a bound every client and JWT library holds).
-FEED_TTL = 10 * 365 * 24 * 3600
 # In the data directory once `serve` has printed the owner's link.
 LINK_SHOWN = "sign-in-link-shown"
 

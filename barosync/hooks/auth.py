@@ -25,6 +25,9 @@ from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id, p
 
 ALGORITHM = "HS256"
 DEFAULT_TTL = 24 * 3600
+# A feed URL lasts until revoked (ten years: a bound every client and JWT library holds),
+# so a calendar app's subscription does not stop the next day.
+FEED_TTL = 10 * 365 * 24 * 3600
 # One revoked token id per line, in the data directory; written by `barosync token
 # revoke`, read again by the server whenever the file changes.
 REVOKED_FILE = "revoked-tokens"

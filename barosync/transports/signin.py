@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from http.cookies import CookieError, SimpleCookie
 import math
 import time
 from typing import Any
@@ -45,17 +46,18 @@ import trio
 
 from ..core.app import App
 from ..domain.ratelimit import Limiter
-from ..hooks.auth import create_token
+from ..hooks.auth import FEED_TTL, create_token
 from ..calendars import app_passwords
 from ..domain.models import ALL_PROJECTS, EDITOR
-from ..storage.accounts import AccountError, Accounts
+from ..storage.accounts import AccountError, Accounts, User
+from ..wire import protocol
+from .rest import HttpError
 
 log = logging.getLogger(__name__)
 
 COOKIE = "barosync_session"
 CSRF_HEADER = b"x-barosync-request"
 ACCESS_TTL = 600  # seconds an access token minted from a session lasts
-FEED_TTL = 10 * 365 * 24 * 3600  # a feed URL lasts until revoked
 # Browsers keep a cookie at most 400 days; the session itself lasts until revoked.
 COOKIE_MAX_AGE = 400 * 24 * 3600
 SIGN_IN_FAILURE_BURST = 5
@@ -64,12 +66,6 @@ SIGN_IN_FAILURE_INTERVAL = 30.0
 PASSWORD_CHECKS = 2
 
 Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
-
-
-class Fail(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or []
 
 
 class SignIn:
@@ -84,7 +80,7 @@ class SignIn:
     @property
     def accounts(self) -> Accounts:
         if self.app.accounts is None:
-            raise Fail(501, "not_available", "accounts need the LMDB data directory; a cluster signs in with tokens "
+            raise HttpError(501, "not_available", "accounts need the LMDB data directory; a cluster signs in with tokens "
                                              "minted by your own application (docs/accounts.md)")
         return self.app.accounts
 
@@ -92,8 +88,8 @@ class SignIn:
                      peer: str) -> Answer:
         try:
             return await self._route(method, path, headers, body, peer)
-        except Fail as e:
-            return e.status, {"error": e.code, "message": e.message}, e.headers
+        except HttpError as e:
+            return e.status, e.body, e.headers
 
     async def _route(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
         if path == "/auth/signin" and method == b"POST":
@@ -107,7 +103,7 @@ class SignIn:
             user, _ = self._signed_in(headers)
             which = path.removeprefix("/auth/app-passwords/")
             if not any(e["id"] == which for e in self._own_app_passwords(user.id)):
-                raise Fail(404, "not_found", f"no app password {which!r} of yours")
+                raise HttpError(404, "not_found", f"no app password {which!r} of yours")
             await trio.to_thread.run_sync(app_passwords.revoke, self.app.config.data_dir, which)
             return 200, {"revoked": which}, []
         if path == "/auth/feeds" and method == b"POST":
@@ -136,11 +132,11 @@ class SignIn:
             user, _ = self._signed_in(headers)
             session_id = path.removeprefix("/auth/sessions/")
             if not await trio.to_thread.run_sync(self.accounts.revoke, user.id, session_id):
-                raise Fail(404, "not_found", f"no signed-in session {session_id!r} of yours")
+                raise HttpError(404, "not_found", f"no signed-in session {session_id!r} of yours")
             return 200, {"signedOut": session_id}, []
         if path in ("/auth/signin", "/auth/setup", "/auth/invites", "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"):
-            raise Fail(405, "method_not_allowed", f"{method.decode(errors='replace')} is not what {path} takes")
-        raise Fail(404, "not_found", f"no such resource {path!r}")
+            raise HttpError(405, "method_not_allowed", f"{method.decode(errors='replace')} is not what {path} takes")
+        raise HttpError(404, "not_found", f"no such resource {path!r}")
 
     async def _setup(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
         """The first run: the setup link's code names the owner account, once."""
@@ -148,7 +144,7 @@ class SignIn:
         given = _json(body)
         code, wanted = self.app.setup_code, given.get("code")
         if code is None or not isinstance(wanted, str) or not hmac.compare_digest(wanted.encode(), code.encode()):
-            raise Fail(403, "setup_done", "this setup link was used already, or is not this server's: sign in instead")
+            raise HttpError(403, "setup_done", "this setup link was used already, or is not this server's: sign in instead")
         self.app.setup_code = None  # claimed: a second request at once finds it gone
         try:
             user = await trio.to_thread.run_sync(lambda: self.accounts.create(
@@ -156,11 +152,9 @@ class SignIn:
                 projects=ALL_PROJECTS, admin=True))
         except AccountError as e:
             self.app.setup_code = code
-            raise Fail(400, "invalid", str(e)) from None
-        device = headers.get(b"user-agent", b"a browser").decode("latin-1")
-        secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
+            raise HttpError(400, "invalid", str(e)) from None
         log.info("owner account %r made with the setup link", user.id)
-        return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
+        return await self._signed_in_now(user, headers)
 
     def _own_app_passwords(self, user_id: str) -> list[dict[str, Any]]:
         return [e for e in app_passwords.listing(self.app.config.data_dir) if e["user"] == user_id]
@@ -174,7 +168,7 @@ class SignIn:
         user, _ = self._signed_in(headers)
         name = _json(body).get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
-            raise Fail(400, "invalid", "name the app password (1 to 100 characters), e.g. \"Bob's phone\"")
+            raise HttpError(400, "invalid", "name the app password (1 to 100 characters), e.g. \"Bob's phone\"")
         password, entry = await trio.to_thread.run_sync(lambda: app_passwords.create(
             self.app.config.data_dir, user_id=user.id, projects=user.projects, roles=dict(user.roles) or None,
             name=name.strip(), account=True))
@@ -187,7 +181,7 @@ class SignIn:
         user, _ = self._signed_in(headers)
         project = _json(body).get("project")
         if not isinstance(project, str) or not (user.projects == ALL_PROJECTS or project in user.projects):
-            raise Fail(403, "forbidden", f"you may not open project {project!r}")
+            raise HttpError(403, "forbidden", f"you may not open project {project!r}")
         secret = self.app.config.secret
         assert secret is not None
         token = create_token(secret, user_id=user.id, name=user.name, projects=[project], ttl=FEED_TTL, scope="feed")
@@ -199,12 +193,12 @@ class SignIn:
         given = _json(body)
         project, role = given.get("project"), given.get("role", EDITOR)
         if not isinstance(project, str) or not user.may_invite(project):
-            raise Fail(403, "forbidden", f"only an owner of project {project!r} may invite to it")
+            raise HttpError(403, "forbidden", f"only an owner of project {project!r} may invite to it")
         try:
             code, expires = await trio.to_thread.run_sync(
                 lambda: self.accounts.invite(project, role, by=user.id))
         except AccountError as e:
-            raise Fail(400, "invalid", str(e)) from None
+            raise HttpError(400, "invalid", str(e)) from None
         log.info("user %r invited someone to %r as %s", user.id, project, role)
         return 200, {"code": code, "link": f"/#invite={code}", "expiresAt": expires * 1000}, []
 
@@ -215,8 +209,8 @@ class SignIn:
         now = trio.current_time()
         wait = self._by_address.refused(peer, now)
         if wait is not None:  # a wrong password for an existing user counts as a guess
-            raise Fail(429, "rate_limited", f"too many failed sign-ins for this address: try again in "
-                                            f"{math.ceil(wait)} s", [(b"retry-after", str(math.ceil(wait)).encode())])
+            raise HttpError(429, "rate_limited", f"too many failed sign-ins for this address: try again in "
+                                            f"{math.ceil(wait)} s", headers=[protocol.retry_after_header(wait)])
         try:
             async with self._checks:
                 user = await trio.to_thread.run_sync(lambda: self.accounts.accept(
@@ -225,34 +219,36 @@ class SignIn:
         except AccountError as e:
             if "is taken" in str(e):
                 self._by_address.take(peer, now)
-            raise Fail(400, "invalid", str(e)) from None
-        device = headers.get(b"user-agent", b"a browser").decode("latin-1")
-        secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
+            raise HttpError(400, "invalid", str(e)) from None
         log.info("user %r accepted an invite", user.id)
-        return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
+        return await self._signed_in_now(user, headers)
 
     async def _sign_in(self, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
         _check_request(headers)
         given = _json(body)
         user_id, password = (given.get("user"), given.get("password")) if isinstance(given, dict) else (None, None)
         if not isinstance(user_id, str) or not isinstance(password, str):
-            raise Fail(400, "invalid", "send {\"user\": \"your user name\", \"password\": \"your password\"}")
+            raise HttpError(400, "invalid", "send {\"user\": \"your user name\", \"password\": \"your password\"}")
         now = trio.current_time()
         for limiter, key, who in ((self._by_user, user_id, f"user {user_id!r}"), (self._by_address, peer, "this address")):
             wait = limiter.refused(key, now)
             if wait is not None:
-                raise Fail(429, "rate_limited", f"too many failed sign-ins for {who}: try again in {math.ceil(wait)} s",
-                           [(b"retry-after", str(math.ceil(wait)).encode())])
+                raise HttpError(429, "rate_limited", f"too many failed sign-ins for {who}: try again in "
+                                                     f"{math.ceil(wait)} s", headers=[protocol.retry_after_header(wait)])
         async with self._checks:
             user = await trio.to_thread.run_sync(self.accounts.verify, user_id, password)
         if user is None:
             self._by_user.take(user_id, now)
             self._by_address.take(peer, now)
             log.warning("sign-in failed for user %r from %s", user_id, peer)
-            raise Fail(401, "unauthorized", "wrong user name or password")
+            raise HttpError(401, "unauthorized", "wrong user name or password")
+        log.info("user %r signed in from %s", user.id, peer)
+        return await self._signed_in_now(user, headers)
+
+    async def _signed_in_now(self, user: User, headers: dict[bytes, bytes]) -> Answer:
+        """A new session for ``user``, its secret in the cookie of this answer."""
         device = headers.get(b"user-agent", b"a browser").decode("latin-1")
         secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
-        log.info("user %r signed in from %s", user.id, peer)
         return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
 
     def _signed_in(self, headers: dict[bytes, bytes]) -> tuple[Any, Any]:
@@ -260,7 +256,7 @@ class SignIn:
         session = self.accounts.session(secret) if secret else None
         user = self.accounts.get(session.user) if session is not None else None
         if session is None or user is None or user.disabled:
-            raise Fail(401, "unauthorized", "not signed in (or signed out): sign in again")
+            raise HttpError(401, "unauthorized", "not signed in (or signed out): sign in again")
         return user, session
 
     async def _token(self, headers: dict[bytes, bytes]) -> Answer:
@@ -280,30 +276,30 @@ def _json(body: bytes) -> dict[str, Any]:
     try:
         given = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise Fail(400, "bad_json", "the body must be a JSON object") from None
+        raise HttpError(400, "bad_json", "the body must be a JSON object") from None
     if not isinstance(given, dict):
-        raise Fail(400, "bad_json", "the body must be a JSON object")
+        raise HttpError(400, "bad_json", "the body must be a JSON object")
     return given
 
 
 def _check_request(headers: dict[bytes, bytes]) -> None:
     """CSRF: the custom header, and the Origin (if any) of this very host."""
     if headers.get(CSRF_HEADER) != b"1":
-        raise Fail(403, "csrf", "send the header X-Barosync-Request: 1 with this request")
+        raise HttpError(403, "csrf", "send the header X-Barosync-Request: 1 with this request")
     origin = headers.get(b"origin")
     if origin is not None:
         host = headers.get(b"host", b"").decode("latin-1")
         if urlsplit(origin.decode("latin-1")).netloc != host:
-            raise Fail(403, "csrf", "this request must come from a page of this server")
+            raise HttpError(403, "csrf", "this request must come from a page of this server")
 
 
 def _cookies(headers: dict[bytes, bytes]) -> dict[str, str]:
-    found = {}
-    for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
-        name, _, value = part.strip().partition("=")
-        if name:
-            found[name] = value
-    return found
+    jar = SimpleCookie()
+    try:
+        jar.load(headers.get(b"cookie", b"").decode("latin-1"))
+    except CookieError:
+        return {}  # a malformed Cookie header signs nobody in
+    return {name: morsel.value for name, morsel in jar.items()}
 
 
 def _cookie(headers: dict[bytes, bytes], value: str, *, max_age: int) -> tuple[bytes, bytes]:
