@@ -364,3 +364,33 @@ async def test_a_user_makes_their_own_app_password_and_it_follows_their_account(
         assert status == 200
         status, _, _ = await http_exchange(app.port, "POST", "/auth/feeds", {"project": "ops"}, headers={**CSRF, **cookie})
         assert status == 403
+
+
+async def test_a_projects_owner_sees_its_members_and_changes_their_roles(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("olive", name="Olive", password=PASSWORD, projects="*", admin=True)
+        app.accounts.create("owen", name="Owen", password=PASSWORD, projects=["p1"], roles={"p1": "owner"})
+        app.accounts.create("bob", name="Bob", password=PASSWORD, projects=["p1", "p2"])
+        _, owen, _ = await sign_in(app.port, "owen")
+        _, bob, _ = await sign_in(app.port, "bob")
+
+        async def members(cookie: dict[str, str], project: str = "p1", change: Any = None) -> tuple[int, Any]:
+            status, _, answer = await http_exchange(
+                app.port, "POST" if change is not None else "GET", f"/auth/members/{project}", change,
+                headers={**CSRF, **cookie} if change is not None else cookie)
+            return status, answer
+
+        status, answer = await members({"Cookie": cookie_of(owen)})
+        assert status == 200 and {(m["id"], m["role"], m["everyProject"]) for m in answer["members"]} == {
+            ("olive", "editor", True), ("owen", "owner", False), ("bob", "editor", False)}
+        assert (await members({"Cookie": cookie_of(bob)}))[0] == 403  # an editor does not manage members
+        assert (await members({"Cookie": cookie_of(owen)}, "p2"))[0] == 403  # nor does an owner of another project
+        status, answer = await members({"Cookie": cookie_of(owen)}, change={"user": "bob", "role": "viewer"})
+        assert status == 200 and ("bob", "viewer") in {(m["id"], m["role"]) for m in answer["members"]}
+        status, answer = await members({"Cookie": cookie_of(owen)}, change={"user": "bob", "role": None})
+        assert status == 200 and "bob" not in {m["id"] for m in answer["members"]}
+        assert app.accounts.get("bob").projects == {"p2"}  # type: ignore[union-attr]
+        status, answer = await members({"Cookie": cookie_of(owen)}, change={"user": "olive", "role": None})
+        assert status == 400 and "every project" in answer["message"]
+        status, answer = await members({"Cookie": cookie_of(owen)}, change={"user": "bob", "role": "boss"})
+        assert status == 400

@@ -402,9 +402,12 @@ def test_the_owner_invites_an_editor_and_a_viewer_and_removing_one_takes_effect_
     used.page.wait_for_function("() => document.getElementById('setup-error').textContent.includes('used already')")
 
     # The owner takes Bob out of the project: his open tab loses it within a second or two.
-    removed = subprocess.run(barosync_cmd("user", "access", "bob", "--data", str(server.data)),
-                             capture_output=True, text=True, timeout=60)
-    assert removed.returncode == 0, removed.stderr
+    owner.page.click("#members")
+    owner.page.locator("#members-list tr[data-user=bob]").wait_for()
+    assert owner.page.locator("#members-list tr[data-user=carol] select").input_value() == "viewer"
+    owner.shot("members")
+    owner.page.locator("#members-list tr[data-user=bob] button").click()
+    owner.page.locator("#members-list tr[data-user=bob]").wait_for(state="detached")
     bob.page.wait_for_selector("#read-only:has-text('No access')", timeout=5000)
     assert bob.page.locator(".fc-event").count() == 0 and bob.page.is_hidden("#new-event")
     bob.shot("removed-from-the-project")

@@ -171,6 +171,31 @@ class Accounts:
         self._change(user_id, projects=projects if projects == ALL_PROJECTS else sorted(set(projects)),
                      roles=dict(roles or {}))
 
+    def members(self, project: str) -> list[tuple[User, str]]:
+        """Who may open ``project``, with their role there."""
+        found = []
+        for user in self.list():
+            if user.projects == ALL_PROJECTS or project in user.projects:
+                found.append((user, dict(user.roles).get(project, EDITOR)))
+        return found
+
+    def set_role(self, user_id: str, project: str, role: str | None) -> None:
+        """Give ``user_id`` ``role`` in ``project``, or (None) take the project away; the
+        user's connections follow within a second, as for set_access."""
+        user = self.get(user_id)
+        if user is None:
+            raise AccountError(f"no user {user_id!r}")
+        roles = dict(user.roles)
+        if role is None:
+            if user.projects == ALL_PROJECTS:
+                raise AccountError(f"{user_id!r} may open every project: `barosync user access` changes that")
+            roles.pop(project, None)
+            projects: frozenset[str] | str = user.projects - {project}
+        else:
+            roles[project] = role
+            projects = user.projects if user.projects == ALL_PROJECTS else user.projects | {project}
+        self.set_access(user_id, projects=projects, roles={p: r for p, r in roles.items() if r != EDITOR} or None)
+
     def set_disabled(self, user_id: str, disabled: bool) -> None:
         """A disabled user cannot sign in, and is signed out everywhere."""
         self._change(user_id, disabled=disabled)

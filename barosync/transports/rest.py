@@ -154,6 +154,7 @@ def _me(identity: Identity) -> dict[str, Any]:
         "user": {"id": identity.user_id, "name": identity.name, "avatar": identity.avatar, "color": identity.color},
         "projects": identity.projects if isinstance(identity.projects, str) else sorted(identity.projects),
         "admin": identity.admin,
+        "roles": dict(identity.roles),  # the projects whose role is not the editor's
         "expiresAt": identity.expires_ms,
     }
 

@@ -14,6 +14,9 @@
   owner made at setup) → ``{"code", "expiresAt"}``: a one-use link ``/#invite=CODE``;
   ``POST /auth/accept`` ``{"code", "user", "name", "password"}`` makes the account (or
   adds the project to an existing one, given its password) and signs it in.
+- ``GET /auth/members/PROJECT`` (its owners) → its members and roles;
+  ``POST /auth/members/PROJECT`` ``{"user", "role"}`` changes a role, or removes the
+  member with ``"role": null`` (at once, as ``barosync user access``).
 - ``GET``/``POST /auth/app-passwords`` and ``DELETE /auth/app-passwords/ID``: the
   signed-in user's app passwords for calendar apps (CalDAV), made here and shown once;
   ``POST /auth/feeds`` ``{"project"}``: a read-only ICS feed URL that lasts until
@@ -48,7 +51,7 @@ from ..core.app import App
 from ..domain.ratelimit import Limiter
 from ..hooks.auth import FEED_TTL, create_token
 from ..calendars import app_passwords
-from ..domain.models import ALL_PROJECTS, EDITOR
+from ..domain.models import ALL_PROJECTS, EDITOR, ROLES
 from ..storage.accounts import AccountError, Accounts, User
 from ..wire import protocol
 from .rest import HttpError
@@ -108,6 +111,8 @@ class SignIn:
             return 200, {"revoked": which}, []
         if path == "/auth/feeds" and method == b"POST":
             return self._feed(headers, body)
+        if path.startswith("/auth/members/") and method in (b"GET", b"POST"):
+            return await self._members(method, path.removeprefix("/auth/members/"), headers, body)
         if path == "/auth/invites" and method == b"POST":
             return await self._invite(headers, body)
         if path == "/auth/accept" and method == b"POST":
@@ -186,6 +191,27 @@ class SignIn:
         assert secret is not None
         token = create_token(secret, user_id=user.id, name=user.name, projects=[project], ttl=FEED_TTL, scope="feed")
         return 200, {"url": f"/ics/{quote(project, safe='')}.ics?token={token}"}, [(b"cache-control", b"no-store")]
+
+    async def _members(self, method: bytes, project: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """A project's members and their roles; an owner changes a role or removes one."""
+        if method == b"POST":
+            _check_request(headers)
+        user, _ = self._signed_in(headers)
+        if not user.may_invite(project):
+            raise HttpError(403, "forbidden", f"only an owner of project {project!r} sees and changes its members")
+        if method == b"POST":
+            given = _json(body)
+            member, role = given.get("user"), given.get("role")
+            if not isinstance(member, str) or (role is not None and role not in ROLES):
+                raise HttpError(400, "invalid", f"send {{\"user\", \"role\"}}: a role of {', '.join(ROLES)}, "
+                                                "or null to remove the member")
+            try:
+                await trio.to_thread.run_sync(self.accounts.set_role, member, project, role)
+            except AccountError as e:
+                raise HttpError(400, "invalid", str(e)) from None
+            log.info("user %r set %r's role in %r to %s", user.id, member, project, role)
+        return 200, {"members": [{"id": u.id, "name": u.name, "role": role, "everyProject": u.projects == ALL_PROJECTS}
+                                 for u, role in self.accounts.members(project)]}, []
 
     async def _invite(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
         _check_request(headers)

@@ -22,6 +22,7 @@ let editing = null; // the event open in the editor (null: a new one)
 let storageFull = false;
 let countdown = null;
 let toastTimer = null;
+let owns = () => false; // whether this user may invite to, and manage the members of, a project
 const refused = new Set(); // projects the server no longer lets this user open
 
 // -- sign-in --------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ async function main() {
   $("who").textContent = `${me.user.name} (${me.user.id})`;
   // Inviting needs a signed-in session (the owner made at setup, or a project's owner:
   // the server says no to anyone else).
-  $("invite").hidden = linked || !me.admin;
+  owns = (id) => !linked && (me.admin || (me.roles || {})[id] === "owner");
   $("apps").hidden = !!linked;  // app passwords are made from a signed-in session
   $("connect-user").value = me.user.id;
   const projects = await projectList(me, token);
@@ -242,6 +243,13 @@ function start(token, projects) {
   });
   $("invite-close").addEventListener("click", () => $("inviting").close());
   $("invite-make").addEventListener("click", makeInvite);
+  $("members").addEventListener("click", async () => {
+    $("members-project").textContent = projectId;
+    $("members-error").textContent = "";
+    $("membership").showModal();
+    await showMembers(await fetch(`/auth/members/${encodeURIComponent(projectId)}`, { credentials: "same-origin" }).catch(() => null));
+  });
+  $("members-close").addEventListener("click", () => $("membership").close());
   $("apps").addEventListener("click", openConnect);
   $("connect-close").addEventListener("click", () => $("connect").close());
   $("connect-make").addEventListener("click", makeAppPassword);
@@ -258,6 +266,7 @@ function switchProject(id) {
   calendar.refetchEvents();
   showPresence();
   showAccess();
+  $("invite").hidden = $("members").hidden = !owns(id);
 }
 
 /** A viewer's calendar: nothing to select, drag or save (the server refuses it too). */
@@ -321,6 +330,42 @@ async function makeFeed() {
   $("connect-error").textContent = "";
   const made = await connectAnswer(await authPost("/auth/feeds", { project: projectId }).catch(() => null));
   if (made) $("connect-feed").value = location.origin + made.url;
+}
+
+// -- members: an owner changes a role or takes the project away (at once, everywhere) -------
+
+async function showMembers(r) {
+  const answer = r ? await r.json().catch(() => ({})) : {};
+  if (!r || !r.ok) {
+    $("members-error").textContent = answer.message || "cannot reach the server: try again when it is back";
+    return;
+  }
+  const rows = answer.members.map((m) => {
+    const row = document.createElement("tr");
+    row.dataset.user = m.id;
+    const role = document.createElement("select");
+    role.setAttribute("aria-label", `Role of ${m.name}`);
+    for (const r of ["viewer", "editor", "owner"]) role.append(new Option(r, r, false, r === m.role));
+    role.addEventListener("change", () => setMember(m.id, role.value));
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "Remove";
+    remove.disabled = m.everyProject;  // has every project: the command line changes that
+    remove.addEventListener("click", () => setMember(m.id, null));
+    const who = document.createElement("td");
+    who.textContent = `${m.name} (${m.id})`;
+    const cells = [who, document.createElement("td"), document.createElement("td")];
+    cells[1].append(role);
+    cells[2].append(remove);
+    row.append(...cells);
+    return row;
+  });
+  $("members-list").replaceChildren(...rows);
+}
+
+async function setMember(user, role) {
+  $("members-error").textContent = "";
+  await showMembers(await authPost(`/auth/members/${encodeURIComponent(projectId)}`, { user, role }).catch(() => null));
 }
 
 async function makeInvite() {
