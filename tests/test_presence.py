@@ -149,8 +149,11 @@ async def test_crash_and_heartbeat_timeout_cause_user_left(data_dir):
                 await watcher.send("ping", {})
                 await trio.sleep(0.1)
 
-        nursery.start_soon(keep_alive)
-        await watcher.read_until(lambda m: left(m, "silent"))
+        # The pings stop (their task ended) before the socket is closed under them.
+        async with trio.open_nursery() as pings:
+            pings.start_soon(keep_alive)
+            await watcher.read_until(lambda m: left(m, "silent"))
+            pings.cancel_scope.cancel()
         await watcher.abort()
 
 
