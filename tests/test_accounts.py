@@ -394,3 +394,11 @@ async def test_a_projects_owner_sees_its_members_and_changes_their_roles(tmp_pat
         assert status == 400 and "every project" in answer["message"]
         status, answer = await members({"Cookie": cookie_of(owen)}, change={"user": "bob", "role": "boss"})
         assert status == 400
+
+
+async def test_another_method_on_an_auth_request_is_405_not_404(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        for method, path in (("GET", "/auth/feeds"), ("PUT", "/auth/members/p1"), ("GET", "/auth/signin")):
+            status, _, answer = await http_exchange(app.port, method, path)
+            assert status == 405 and "docs/accounts.md" in answer["message"], (method, path)
+        assert (await http_exchange(app.port, "GET", "/auth/nothing"))[0] == 404

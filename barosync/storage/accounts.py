@@ -47,6 +47,11 @@ class AccountError(ValueError):
     """A request about accounts that cannot be done; the message says why."""
 
 
+class PasswordRefused(AccountError):
+    """The password given for an existing account is not its password (a guess, for
+    the sign-in limits)."""
+
+
 @attrs.frozen
 class User:
     id: str
@@ -57,18 +62,17 @@ class User:
     created: int
     admin: bool = False  # may open the sync inspector (the owner made at setup)
 
+    def role(self, project: str) -> str | None:
+        """The user's role in a project (None: no access), by the rule their tokens follow."""
+        return Identity(user_id=self.id, name=self.name, projects=self.projects, roles=self.roles).role(project)
+
     def may_invite(self, project: str) -> bool:
         """The owner made at setup, or an owner of the project."""
-        return self.admin or (dict(self.roles).get(project) == OWNER
-                              and (self.projects == ALL_PROJECTS or project in self.projects))
-
-    def identity(self, *, expires_at: float, session_id: str) -> Identity:
-        return Identity(user_id=self.id, name=self.name, projects=self.projects, roles=self.roles,
-                        expires_at=expires_at, session_id=session_id)
+        return self.admin or self.role(project) == OWNER
 
 
 @attrs.frozen
-class SignIn:
+class SignedIn:
     id: str  # what lists and revocations name (not the secret)
     user: str
     device: str
@@ -85,9 +89,9 @@ def _user(user_id: str, raw: bytes) -> User:
                 admin=d.get("admin", False))
 
 
-def _signin(raw: bytes) -> SignIn:
+def _signin(raw: bytes) -> SignedIn:
     d = orjson.loads(raw)
-    return SignIn(id=d["id"], user=d["user"], device=d["device"], created=d["created"], last_used=d["lastUsed"],
+    return SignedIn(id=d["id"], user=d["user"], device=d["device"], created=d["created"], last_used=d["lastUsed"],
                   revoked=d.get("revoked", False))
 
 
@@ -173,11 +177,7 @@ class Accounts:
 
     def members(self, project: str) -> list[tuple[User, str]]:
         """Who may open ``project``, with their role there."""
-        found = []
-        for user in self.list():
-            if user.projects == ALL_PROJECTS or project in user.projects:
-                found.append((user, dict(user.roles).get(project, EDITOR)))
-        return found
+        return [(user, role) for user in self.list() if (role := user.role(project)) is not None]
 
     def set_role(self, user_id: str, project: str, role: str | None) -> None:
         """Give ``user_id`` ``role`` in ``project``, or (None) take the project away; the
@@ -251,7 +251,7 @@ class Accounts:
                 return self.create(user_id, name=name, password=password, projects=[project],
                                    roles={project: role} if role != EDITOR else None)
             if self.verify(user_id, password) is None:
-                raise AccountError(f"{user_id!r} is taken: with their password the invite adds {project!r} to it")
+                raise PasswordRefused(f"{user_id!r} is taken: with their password the invite adds {project!r} to it")
             if existing.projects != ALL_PROJECTS:
                 roles = {**dict(existing.roles), project: role}
                 self.set_access(user_id, projects=[*existing.projects, project],
@@ -281,7 +281,7 @@ class Accounts:
 
     # -- sessions ------------------------------------------------------------------------
 
-    def open_session(self, user_id: str, *, device: str, now: float | None = None) -> tuple[str, SignIn]:
+    def open_session(self, user_id: str, *, device: str, now: float | None = None) -> tuple[str, SignedIn]:
         """A new session: (its secret, for the cookie; what is stored)."""
         secret = secrets.token_urlsafe(32)
         at = int(now if now is not None else time.time())
@@ -293,7 +293,7 @@ class Accounts:
             txn.put(secret_key(secret), session_id.encode(), db=self.signin_keys)
         return secret, _signin(orjson.dumps(record))
 
-    def session(self, secret: str) -> SignIn | None:
+    def session(self, secret: str) -> SignedIn | None:
         """The live session this secret opens (None: unknown or revoked)."""
         with self.env.begin() as txn:
             session_id = txn.get(secret_key(secret), db=self.signin_keys)
@@ -325,7 +325,7 @@ class Accounts:
                 record["lastUsed"] = int(now if now is not None else time.time())
                 txn.put(session_id.encode(), orjson.dumps(record))
 
-    def sessions_of(self, user_id: str) -> list[SignIn]:
+    def sessions_of(self, user_id: str) -> list[SignedIn]:
         with self.env.begin(db=self.signins) as txn:
             found = [_signin(v) for _, v in txn.cursor()]
         return sorted((s for s in found if s.user == user_id and not s.revoked), key=lambda s: -s.last_used)

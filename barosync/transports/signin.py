@@ -52,7 +52,7 @@ from ..domain.ratelimit import Limiter
 from ..hooks.auth import FEED_TTL, create_token
 from ..calendars import app_passwords
 from ..domain.models import ALL_PROJECTS, EDITOR, ROLES
-from ..storage.accounts import AccountError, Accounts, User
+from ..storage.accounts import AccountError, Accounts, PasswordRefused, SignedIn, User
 from ..wire import protocol
 from .rest import HttpError
 
@@ -69,6 +69,10 @@ SIGN_IN_FAILURE_INTERVAL = 30.0
 PASSWORD_CHECKS = 2
 
 Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
+# What _route answers; another method on one of these is a 405, not a 404.
+ENDPOINTS = frozenset({"/auth/signin", "/auth/setup", "/auth/app-passwords", "/auth/feeds", "/auth/invites",
+                       "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"})
+ENDPOINT_PREFIXES = ("/auth/app-passwords/", "/auth/members/", "/auth/sessions/")
 
 
 class SignIn:
@@ -139,8 +143,9 @@ class SignIn:
             if not await trio.to_thread.run_sync(self.accounts.revoke, user.id, session_id):
                 raise HttpError(404, "not_found", f"no signed-in session {session_id!r} of yours")
             return 200, {"signedOut": session_id}, []
-        if path in ("/auth/signin", "/auth/setup", "/auth/invites", "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"):
-            raise HttpError(405, "method_not_allowed", f"{method.decode(errors='replace')} is not what {path} takes")
+        if path in ENDPOINTS or path.startswith(ENDPOINT_PREFIXES):
+            raise HttpError(405, "method_not_allowed", f"{method.decode(errors='replace')} is not what {path} takes "
+                                                       "(docs/accounts.md lists the /auth/ requests)")
         raise HttpError(404, "not_found", f"no such resource {path!r}")
 
     async def _setup(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
@@ -185,7 +190,7 @@ class SignIn:
         _check_request(headers)
         user, _ = self._signed_in(headers)
         project = _json(body).get("project")
-        if not isinstance(project, str) or not (user.projects == ALL_PROJECTS or project in user.projects):
+        if not isinstance(project, str) or user.role(project) is None:
             raise HttpError(403, "forbidden", f"you may not open project {project!r}")
         secret = self.app.config.secret
         assert secret is not None
@@ -233,17 +238,14 @@ class SignIn:
         given = _json(body)
         user_id = given.get("user")
         now = trio.current_time()
-        wait = self._by_address.refused(peer, now)
-        if wait is not None:  # a wrong password for an existing user counts as a guess
-            raise HttpError(429, "rate_limited", f"too many failed sign-ins for this address: try again in "
-                                            f"{math.ceil(wait)} s", headers=[protocol.retry_after_header(wait)])
+        _refuse_if_limited(self._by_address, peer, "this address", now)  # a wrong password counts as a guess
         try:
             async with self._checks:
                 user = await trio.to_thread.run_sync(lambda: self.accounts.accept(
                     given.get("code"), user_id if isinstance(user_id, str) else "", name=given.get("name") or None,
                     password=given.get("password")))
         except AccountError as e:
-            if "is taken" in str(e):
+            if isinstance(e, PasswordRefused):
                 self._by_address.take(peer, now)
             raise HttpError(400, "invalid", str(e)) from None
         log.info("user %r accepted an invite", user.id)
@@ -252,15 +254,12 @@ class SignIn:
     async def _sign_in(self, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
         _check_request(headers)
         given = _json(body)
-        user_id, password = (given.get("user"), given.get("password")) if isinstance(given, dict) else (None, None)
+        user_id, password = given.get("user"), given.get("password")
         if not isinstance(user_id, str) or not isinstance(password, str):
             raise HttpError(400, "invalid", "send {\"user\": \"your user name\", \"password\": \"your password\"}")
         now = trio.current_time()
-        for limiter, key, who in ((self._by_user, user_id, f"user {user_id!r}"), (self._by_address, peer, "this address")):
-            wait = limiter.refused(key, now)
-            if wait is not None:
-                raise HttpError(429, "rate_limited", f"too many failed sign-ins for {who}: try again in "
-                                                     f"{math.ceil(wait)} s", headers=[protocol.retry_after_header(wait)])
+        _refuse_if_limited(self._by_user, user_id, f"user {user_id!r}", now)
+        _refuse_if_limited(self._by_address, peer, "this address", now)
         async with self._checks:
             user = await trio.to_thread.run_sync(self.accounts.verify, user_id, password)
         if user is None:
@@ -277,7 +276,7 @@ class SignIn:
         secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
         return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
 
-    def _signed_in(self, headers: dict[bytes, bytes]) -> tuple[Any, Any]:
+    def _signed_in(self, headers: dict[bytes, bytes]) -> tuple[User, SignedIn]:
         secret = _cookies(headers).get(COOKIE)
         session = self.accounts.session(secret) if secret else None
         user = self.accounts.get(session.user) if session is not None else None
@@ -296,6 +295,14 @@ class SignIn:
         token = create_token(secret, user_id=user.id, name=user.name, projects=user.projects, ttl=ACCESS_TTL,
                              roles=roles, sid=session.id, admin=True if user.admin else None)
         return 200, {"token": token, "expiresAt": expires * 1000}, [(b"cache-control", b"no-store")]
+
+
+def _refuse_if_limited(limiter: Limiter, key: str, who: str, now: float) -> None:
+    """429 while ``key`` has used up its failed sign-ins."""
+    wait = limiter.refused(key, now)
+    if wait is not None:
+        raise HttpError(429, "rate_limited", f"too many failed sign-ins for {who}: try again in {math.ceil(wait)} s",
+                        headers=[protocol.retry_after_header(wait)])
 
 
 def _json(body: bytes) -> dict[str, Any]:

@@ -56,12 +56,25 @@ async function signOut() {
 // A signed-in session lives in an HttpOnly cookie this script never sees; the access
 // tokens minted from it last minutes and are asked for again on every reconnect, so
 // no lasting credential is ever in this page's storage or in a URL.
-function authPost(path, body) {
+function authRequest(method, path, body) {
   return fetch(path, {
-    method: "POST", credentials: "same-origin",
+    method, credentials: "same-origin",
     headers: { "X-Barosync-Request": "1", ...(body ? { "Content-Type": "application/json" } : {}) },
     body: body ? JSON.stringify(body) : undefined,
   });
+}
+
+const authPost = (path, body) => authRequest("POST", path, body);
+
+/** The JSON answer of an /auth/ request; null after saying why in the element `errorId`. */
+async function answered(request, errorId) {
+  $(errorId).textContent = "";
+  const r = await request.catch(() => null);
+  const answer = r ? await r.json().catch(() => ({})) : {};
+  if (r && r.ok) return answer;
+  $(errorId).textContent = answer.message || (r ? `the server answered HTTP ${r.status}`
+                                                 : "cannot reach the server: try again when it is back");
+  return null;
 }
 
 /** A fresh access token from the session (null: not signed in); throws when offline. */
@@ -75,17 +88,10 @@ async function sessionToken() {
 async function submitSignin(e) {
   e.preventDefault();
   $("signin-submit").disabled = true;
-  $("signin-error").textContent = "";
-  try {
-    const r = await authPost("/auth/signin", { user: $("signin-user").value.trim(), password: $("signin-password").value });
-    if (r.ok) return location.reload();
-    const answer = await r.json().catch(() => ({}));
-    $("signin-error").textContent = answer.message || `sign-in failed (HTTP ${r.status})`;
-  } catch (err) {
-    $("signin-error").textContent = "cannot reach the server: try again when it is back";
-  } finally {
-    $("signin-submit").disabled = false;
-  }
+  const signedIn = await answered(
+    authPost("/auth/signin", { user: $("signin-user").value.trim(), password: $("signin-password").value }), "signin-error");
+  $("signin-submit").disabled = false;
+  if (signedIn) location.reload();
 }
 
 /** The first run's setup link names the owner; an invite link names a teammate. */
@@ -107,16 +113,14 @@ function showSetup(code, invite = false) {
       return;
     }
     $("setup-submit").disabled = true;
-    const r = await authPost(invite ? "/auth/accept" : "/auth/setup", {
+    const made = await answered(authPost(invite ? "/auth/accept" : "/auth/setup", {
       code, user: form.user.value.trim(), name: form.name.value.trim(), password: form.password.value,
-    }).catch(() => null);
+    }), "setup-error");
     $("setup-submit").disabled = false;
-    if (r && r.ok) {
+    if (made) {
       history.replaceState(null, "", location.pathname + location.search);
-      return location.reload();
+      location.reload();
     }
-    const answer = r ? await r.json().catch(() => ({})) : {};
-    $("setup-error").textContent = answer.message || "cannot reach the server: try again when it is back";
   });
 }
 
@@ -245,9 +249,8 @@ function start(token, projects) {
   $("invite-make").addEventListener("click", makeInvite);
   $("members").addEventListener("click", async () => {
     $("members-project").textContent = projectId;
-    $("members-error").textContent = "";
     $("membership").showModal();
-    await showMembers(await fetch(`/auth/members/${encodeURIComponent(projectId)}`, { credentials: "same-origin" }).catch(() => null));
+    await showMembers(fetch(`/auth/members/${encodeURIComponent(projectId)}`, { credentials: "same-origin" }));
   });
   $("members-close").addEventListener("click", () => $("membership").close());
   $("apps").addEventListener("click", openConnect);
@@ -302,8 +305,7 @@ async function listAppPasswords() {
     revoke.type = "button";
     revoke.textContent = "Revoke";
     revoke.addEventListener("click", async () => {
-      await fetch(`/auth/app-passwords/${encodeURIComponent(p.id)}`,
-                  { method: "DELETE", credentials: "same-origin", headers: { "X-Barosync-Request": "1" } });
+      await answered(authRequest("DELETE", `/auth/app-passwords/${encodeURIComponent(p.id)}`), "connect-error");
       await listAppPasswords();
     });
     item.append(`${p.name} (made ${new Date(p.created * 1000).toLocaleDateString()}) `, revoke);
@@ -311,15 +313,8 @@ async function listAppPasswords() {
   }
 }
 
-async function connectAnswer(r) {
-  const answer = r ? await r.json().catch(() => ({})) : {};
-  if (!r || !r.ok) $("connect-error").textContent = answer.message || "cannot reach the server: try again when it is back";
-  return r && r.ok ? answer : null;
-}
-
 async function makeAppPassword() {
-  $("connect-error").textContent = "";
-  const made = await connectAnswer(await authPost("/auth/app-passwords", { name: $("connect-name").value.trim() }).catch(() => null));
+  const made = await answered(authPost("/auth/app-passwords", { name: $("connect-name").value.trim() }), "connect-error");
   if (!made) return;
   $("connect-password").value = made.password;
   $("connect-password").select();
@@ -327,19 +322,15 @@ async function makeAppPassword() {
 }
 
 async function makeFeed() {
-  $("connect-error").textContent = "";
-  const made = await connectAnswer(await authPost("/auth/feeds", { project: projectId }).catch(() => null));
+  const made = await answered(authPost("/auth/feeds", { project: projectId }), "connect-error");
   if (made) $("connect-feed").value = location.origin + made.url;
 }
 
 // -- members: an owner changes a role or takes the project away (at once, everywhere) -------
 
-async function showMembers(r) {
-  const answer = r ? await r.json().catch(() => ({})) : {};
-  if (!r || !r.ok) {
-    $("members-error").textContent = answer.message || "cannot reach the server: try again when it is back";
-    return;
-  }
+async function showMembers(request) {
+  const answer = await answered(request, "members-error");
+  if (!answer) return;
   const rows = answer.members.map((m) => {
     const row = document.createElement("tr");
     row.dataset.user = m.id;
@@ -364,18 +355,13 @@ async function showMembers(r) {
 }
 
 async function setMember(user, role) {
-  $("members-error").textContent = "";
-  await showMembers(await authPost(`/auth/members/${encodeURIComponent(projectId)}`, { user, role }).catch(() => null));
+  await showMembers(authPost(`/auth/members/${encodeURIComponent(projectId)}`, { user, role }));
 }
 
 async function makeInvite() {
-  $("invite-error").textContent = "";
-  const r = await authPost("/auth/invites", { project: projectId, role: $("invite-role").value }).catch(() => null);
-  const answer = r ? await r.json().catch(() => ({})) : {};
-  if (!r || !r.ok) {
-    $("invite-error").textContent = answer.message || "cannot reach the server: try again when it is back";
-    return;
-  }
+  const answer = await answered(authPost("/auth/invites", { project: projectId, role: $("invite-role").value }),
+                                "invite-error");
+  if (!answer) return;
   $("invite-link").value = location.origin + answer.link;
   $("invite-link").select();
 }
