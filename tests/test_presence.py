@@ -24,6 +24,7 @@ class RawClient:
         self.ws = ws
         self.pending: list[dict[str, Any]] = []
         self._parts: list[str] = []
+        self._sending = trio.Lock()  # a test's ping task sends beside its body
 
     @classmethod
     async def connect(cls, port: int, tok: str) -> "RawClient":
@@ -51,7 +52,8 @@ class RawClient:
         body: dict[str, Any] = {"type": type, "payload": payload}
         if id:
             body["id"] = id
-        await self.stream.send_all(self.ws.send(TextMessage(data=json.dumps(body))))
+        async with self._sending:
+            await self.stream.send_all(self.ws.send(TextMessage(data=json.dumps(body))))
 
     async def read_until(self, predicate, timeout: float = 5) -> list[dict[str, Any]]:
         """Everything received up to and including the first message matching predicate."""
@@ -135,23 +137,25 @@ async def test_presence_is_per_project(app, nursery):
 async def test_crash_and_heartbeat_timeout_cause_user_left(data_dir):
     async with running(data_dir, heartbeat_interval=0.2, heartbeat_timeout=0.5) as (app, nursery):
         watcher = await RawClient.connect(app.port, token("watcher"))
-        await watcher.send("subscribe", {"projectId": "p1"}, id="w")
-        crasher = await RawClient.connect(app.port, token("crasher"))
-        await crasher.send("subscribe", {"projectId": "p1"}, id="c")
-        silent = await RawClient.connect(app.port, token("silent"))
-        await silent.send("subscribe", {"projectId": "p1"}, id="s")
-        await watcher.read_until(lambda m: joined(m, "silent"))
-        await crasher.abort()
-        await watcher.read_until(lambda m: left(m, "crasher"))
 
         async def keep_alive() -> None:
             while True:
                 await watcher.send("ping", {})
                 await trio.sleep(0.1)
 
-        # The pings stop (their task ended) before the socket is closed under them.
+        # The watcher answers no heartbeat, so it pings from the start: on two nodes a
+        # user:left can take longer than the 0.5 s timeout that would close the watcher
+        # too. The pings stop (their task ended) before the socket is closed under them.
         async with trio.open_nursery() as pings:
             pings.start_soon(keep_alive)
+            await watcher.send("subscribe", {"projectId": "p1"}, id="w")
+            crasher = await RawClient.connect(app.port, token("crasher"))
+            await crasher.send("subscribe", {"projectId": "p1"}, id="c")
+            silent = await RawClient.connect(app.port, token("silent"))
+            await silent.send("subscribe", {"projectId": "p1"}, id="s")
+            await watcher.read_until(lambda m: joined(m, "silent"))
+            await crasher.abort()
+            await watcher.read_until(lambda m: left(m, "crasher"))
             await watcher.read_until(lambda m: left(m, "silent"))
             pings.cancel_scope.cancel()
         await watcher.abort()

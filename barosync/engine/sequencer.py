@@ -80,13 +80,18 @@ class Sequencer:
         self._check_now = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for room in self._waiting:
-                nursery.start_soon(self._sequence, room)
-            self._waiting.clear()
-            nursery.start_soon(self._checker)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for room in self._waiting:
+                    nursery.start_soon(self._sequence, room)
+                self._waiting.clear()
+                nursery.start_soon(self._checker)
+                task_status.started()
+        finally:
+            # Cancelled from outside (not an orderly stop), a session can still open a
+            # room before its own cancellation reaches it: the room waits, unserved.
+            self._nursery = None
 
     # -- the event loop's side (never awaits) ---------------------------------------------
 
