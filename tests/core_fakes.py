@@ -24,6 +24,7 @@ class FakeSubscriber:
         self.got: list[tuple[str, Any]] = []  # ("change", seq) | ("ack", seq) | ("presence", type, user) | ...
         self.writes = 0  # deliveries that went out in one write each
         self.closed: tuple[int, str] | None = None
+        self.subscriptions: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<{self.identity.user_id}>"

@@ -34,6 +34,7 @@ from .queries import Queries
 from ..storage.roles import Bus, LogStore, SharedPresence
 from ..engine.sequencer import Sequencer
 from ..storage.accounts import Accounts
+from ..storage.projects import Projects
 from ..storage.store import Store
 from ..engine.writer import Writer
 
@@ -94,6 +95,8 @@ class App:
         # People's accounts and signed-in sessions (storage/accounts.py), beside the
         # log in the data directory; a cluster signs in with its own tokens for now.
         self.accounts: Accounts | None = Accounts(self.store.env) if isinstance(self.store, Store) else None
+        # ... and the projects made, renamed and deleted in the web app (storage/projects.py).
+        self.projects: Projects | None = Projects(self.store.env) if isinstance(self.store, Store) else None
         # With no account yet, whoever opens the setup link with this code names the
         # owner (printed at start; used once; a restart makes a new one).
         self.setup_code: str | None = (secrets.token_urlsafe(24) if self.accounts is not None
@@ -262,13 +265,18 @@ class App:
 
     async def _close_signed_out(self) -> None:
         """Connections whose session signed out, whose user was disabled or whose
-        access changed (from any process: the CLI too) close within SIGNED_OUT_CHECK
-        seconds, with 4001: their token is no good, and the client's next one carries
-        what the user may open now (a removed project is then refused)."""
+        access changed (from any process: the CLI too), or that hold a project deleted
+        since, close within SIGNED_OUT_CHECK seconds, with 4001: their token is no
+        good, and the client's next one carries what the user may open now (a removed
+        or deleted project is then refused)."""
         while True:
             await trio.sleep(SIGNED_OUT_CHECK)
             verdicts: dict[str, bool] = {}
+            deleted = self.projects.deleted if self.projects is not None else frozenset()
             for conn in list(self.sessions):
+                if deleted and not deleted.isdisjoint(conn.subscriptions):
+                    conn.close(protocol.CLOSE_TOKEN_INVALID, "a project you had open was deleted: reconnect")
+                    continue
                 identity = conn.identity
                 if identity.session_id is None:
                     continue
@@ -279,6 +287,8 @@ class App:
                     conn.close(protocol.CLOSE_TOKEN_INVALID, "signed out, or your access changed: reconnect")
 
     async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
+        if self.projects is not None and project_id in self.projects.deleted:
+            return False  # deleted in the web app: closed to everyone until restored
         try:
             return bool(await call_first(self.pm.hook.barosync_authorize, is_async=self._async_authorize,
                                          identity=identity, action=action, project_id=project_id))

@@ -62,6 +62,7 @@ class Subscriber(Protocol):
     one). Every method queues or writes without awaiting."""
 
     identity: "Identity"
+    subscriptions: set[str]  # the projects it has subscribed to
 
     def deliver(self, out: protocol.Outgoing, msg_id: str) -> None:
         """A durable change the client is expected to ack."""

@@ -17,6 +17,11 @@
 - ``GET /auth/members/PROJECT`` (its owners) → its members and roles;
   ``POST /auth/members/PROJECT`` ``{"user", "role"}`` changes a role, or removes the
   member with ``"role": null`` (at once, as ``barosync user access``).
+- ``GET /auth/projects`` → the user's projects (id, name, role) and, for their owners,
+  those deleted in the last RESTORE_DAYS days; ``POST /auth/projects`` ``{"name"}``
+  makes one (its maker is its owner); ``POST /auth/projects/ID`` ``{"name"}`` renames
+  it, ``DELETE /auth/projects/ID`` deletes it (closed to everyone at once) and ``POST
+  /auth/projects/ID/restore`` brings it back as it was (its owners).
 - ``GET``/``POST /auth/app-passwords`` and ``DELETE /auth/app-passwords/ID``: the
   signed-in user's app passwords for calendar apps (CalDAV), made here and shown once;
   ``POST /auth/feeds`` ``{"project"}``: a read-only ICS feed URL that lasts until
@@ -51,8 +56,9 @@ from ..core.app import App
 from ..domain.ratelimit import Limiter
 from ..hooks.auth import FEED_TTL, create_token
 from ..calendars import app_passwords
-from ..domain.models import ALL_PROJECTS, EDITOR, ROLES
+from ..domain.models import ALL_PROJECTS, EDITOR, OWNER, ROLES
 from ..storage.accounts import AccountError, Accounts, PasswordRefused, SignedIn, User
+from ..storage.projects import Projects
 from ..wire import protocol
 from .rest import HttpError
 
@@ -71,8 +77,8 @@ PASSWORD_CHECKS = 2
 Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
 # What _route answers; another method on one of these is a 405, not a 404.
 ENDPOINTS = frozenset({"/auth/signin", "/auth/setup", "/auth/app-passwords", "/auth/feeds", "/auth/invites",
-                       "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions"})
-ENDPOINT_PREFIXES = ("/auth/app-passwords/", "/auth/members/", "/auth/sessions/")
+                       "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions", "/auth/projects"})
+ENDPOINT_PREFIXES = ("/auth/app-passwords/", "/auth/members/", "/auth/sessions/", "/auth/projects/")
 
 
 class SignIn:
@@ -115,6 +121,10 @@ class SignIn:
             return 200, {"revoked": which}, []
         if path == "/auth/feeds" and method == b"POST":
             return self._feed(headers, body)
+        if path == "/auth/projects" and method in (b"GET", b"POST"):
+            return await self._projects(method, headers, body)
+        if path.startswith("/auth/projects/") and method in (b"POST", b"DELETE"):
+            return await self._project(method, path.removeprefix("/auth/projects/"), headers, body)
         if path.startswith("/auth/members/") and method in (b"GET", b"POST"):
             return await self._members(method, path.removeprefix("/auth/members/"), headers, body)
         if path == "/auth/invites" and method == b"POST":
@@ -217,6 +227,65 @@ class SignIn:
             log.info("user %r set %r's role in %r to %s", user.id, member, project, role)
         return 200, {"members": [{"id": u.id, "name": u.name, "role": role, "everyProject": u.projects == ALL_PROJECTS}
                                  for u, role in self.accounts.members(project)]}, []
+
+    @property
+    def projects(self) -> Projects:
+        if self.app.projects is None:
+            raise HttpError(501, "not_available", "projects are made in the web app with the LMDB data directory only")
+        return self.app.projects
+
+    async def _projects(self, method: bytes, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """The user's projects by name, and those deleted that they may restore; or a new one."""
+        if method == b"POST":
+            _check_request(headers)
+        user, _ = self._signed_in(headers)
+        records = {p.id: p for p in self.projects.list()}
+        if method == b"POST":
+            taken = {p for p, _ in await self.app.queries.projects()}
+            for other in self.accounts.list():
+                taken |= ({*other.projects} if other.projects != ALL_PROJECTS else set()) | {p for p, _ in other.roles}
+            try:
+                made = await trio.to_thread.run_sync(lambda: self.projects.create(
+                    _json(body).get("name"), by=user.id, taken=taken))
+                await trio.to_thread.run_sync(self.accounts.set_role, user.id, made.id, OWNER)
+            except AccountError as e:
+                raise HttpError(400, "invalid", str(e)) from None
+            log.info("user %r made project %r", user.id, made.id)
+            return 200, {"project": {"id": made.id, "name": made.name, "role": OWNER}}, []
+        ids = set(records) | {p for p, _ in await self.app.queries.projects()} if user.projects == ALL_PROJECTS \
+            else set(user.projects)
+        now = time.time()
+        return 200, {
+            "projects": sorted(({"id": p, "name": records[p].name if p in records else p, "role": user.role(p)}
+                                for p in ids if p not in self.projects.deleted and user.role(p) is not None),
+                               key=lambda d: (d["name"].casefold(), d["id"])),
+            "deleted": [{"id": p.id, "name": p.name, "deleted": p.deleted, "restorableUntil": until}
+                        for p in records.values() if (until := p.restorable_until()) is not None and until > now
+                        and user.may_invite(p.id)],
+        }, []
+
+    async def _project(self, method: bytes, rest: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """Rename, delete or restore a project: its owners, or the owner made at setup."""
+        _check_request(headers)
+        user, _ = self._signed_in(headers)
+        project, _, verb = rest.partition("/")
+        change = {(b"POST", ""): "renamed", (b"DELETE", ""): "deleted", (b"POST", "restore"): "restored"}.get((method, verb))
+        if change is None:
+            raise HttpError(404, "not_found", f"no such resource /auth/projects/{rest}")
+        if not user.may_invite(project):
+            raise HttpError(403, "forbidden", f"only an owner of project {project!r} renames, deletes or restores it")
+        try:
+            if change == "restored":
+                found = await trio.to_thread.run_sync(self.projects.restore, project)
+            elif change == "deleted":
+                found = await trio.to_thread.run_sync(self.projects.delete, project)
+            else:
+                found = await trio.to_thread.run_sync(self.projects.rename, project, _json(body).get("name"))
+        except AccountError as e:
+            raise HttpError(400, "invalid", str(e)) from None
+        log.info("user %r %s project %r", user.id, change, project)
+        return 200, {"project": {"id": found.id, "name": found.name, "deleted": found.deleted,
+                                 "restorableUntil": found.restorable_until()}}, []
 
     async def _invite(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
         _check_request(headers)

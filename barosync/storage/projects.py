@@ -1,0 +1,138 @@
+"""Projects a team made in the web app: their names, and which are deleted.
+
+A project's events live in the log under its id (storage/store.py); this sub-database
+of the same LMDB environment (so backup and restore carry it) adds what people see:
+
+- ``projects``: project id -> {name, by, created, deleted}. ``deleted`` is when an owner
+  deleted it (null: it is not). A deleted project is closed to everyone, on every
+  transport (core/app.py), and its events stay untouched, so an owner can restore it,
+  as it was, for RESTORE_DAYS days.
+
+A project without a record (named only in tokens, as before accounts) is open and
+its id is its name. Everything here is synchronous.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+from typing import Iterable
+
+import attrs
+import lmdb
+import orjson
+
+from .accounts import AccountError
+
+RESTORE_DAYS = 30
+MAX_PROJECT_NAME_CHARS = 100
+_SLUG_CHARS = 40
+
+
+@attrs.frozen
+class Project:
+    id: str
+    name: str
+    by: str | None
+    created: int
+    deleted: int | None  # when (epoch seconds); None: it is open
+
+    def restorable_until(self) -> int | None:
+        return self.deleted + RESTORE_DAYS * 24 * 3600 if self.deleted is not None else None
+
+
+def _project(project_id: str, raw: bytes) -> Project:
+    d = orjson.loads(raw)
+    return Project(id=project_id, name=d["name"], by=d.get("by"), created=d["created"], deleted=d.get("deleted"))
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_PROJECT_NAME_CHARS:
+        raise AccountError(f"a project's name has 1 to {MAX_PROJECT_NAME_CHARS} characters")
+    return name.strip()
+
+
+def slug(name: str) -> str:
+    """An id people can read in a URL: "Team Offsite 2027" -> "team-offsite-2027"."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:_SLUG_CHARS].strip("-") or "project"
+
+
+class Projects:
+    """Project records on the store's LMDB environment. Only the server writes them,
+    so the deleted ones are also kept in memory: every authorization asks."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+        self.db = env.open_db(b"projects")
+        self.deleted: frozenset[str] = frozenset(p.id for p in self.list() if p.deleted is not None)
+
+    def get(self, project_id: str) -> Project | None:
+        with self.env.begin(db=self.db) as txn:
+            raw = txn.get(project_id.encode())
+        return _project(project_id, raw) if raw is not None else None
+
+    def list(self) -> list[Project]:
+        with self.env.begin(db=self.db) as txn:
+            return [_project(k.decode(), v) for k, v in txn.cursor()]
+
+    def name(self, project_id: str) -> str:
+        found = self.get(project_id)
+        return found.name if found is not None else project_id
+
+    def create(self, name: str, *, by: str, taken: Iterable[str] = (), now: float | None = None) -> Project:
+        """A new project named ``name``; its id is made from the name, unlike every id
+        in ``taken`` (those the log and people's access already use) and every record's."""
+        name = check_name(name)
+        base, taken = slug(name), set(taken)
+        record = {"name": name, "by": by, "created": int(now if now is not None else time.time()), "deleted": None}
+        with self.env.begin(db=self.db, write=True) as txn:
+            project_id, n = base, 1
+            while project_id in taken or txn.get(project_id.encode()) is not None:
+                n += 1
+                project_id = f"{base}-{n}"
+            txn.put(project_id.encode(), orjson.dumps(record))
+        return _project(project_id, orjson.dumps(record))
+
+    def rename(self, project_id: str, name: str, *, now: float | None = None) -> Project:
+        """A project named anew (one made before records existed gets its record)."""
+        name = check_name(name)
+        with self.env.begin(db=self.db, write=True) as txn:
+            raw = txn.get(project_id.encode())
+            record = orjson.loads(raw) if raw is not None else {
+                "by": None, "created": int(now if now is not None else time.time()), "deleted": None}
+            if record["deleted"] is not None:
+                raise AccountError(f"project {project_id!r} is deleted: restore it first")
+            record["name"] = name
+            txn.put(project_id.encode(), orjson.dumps(record))
+        return _project(project_id, orjson.dumps(record))
+
+    def delete(self, project_id: str, *, now: float | None = None) -> Project:
+        """Closed to everyone from now on; restorable for RESTORE_DAYS days."""
+        at = int(now if now is not None else time.time())
+        with self.env.begin(db=self.db, write=True) as txn:
+            raw = txn.get(project_id.encode())
+            record = orjson.loads(raw) if raw is not None else {"name": project_id, "by": None, "created": at}
+            if record.get("deleted") is not None:
+                raise AccountError(f"project {project_id!r} is deleted already")
+            record["deleted"] = at
+            txn.put(project_id.encode(), orjson.dumps(record))
+        self.deleted = self.deleted | {project_id}
+        return _project(project_id, orjson.dumps(record))
+
+    def restore(self, project_id: str, *, now: float | None = None) -> Project:
+        found = self.get(project_id)
+        if found is None or found.deleted is None:
+            raise AccountError(f"project {project_id!r} is not deleted")
+        until = found.restorable_until()
+        assert until is not None
+        if (now if now is not None else time.time()) > until:
+            raise AccountError(f"project {project_id!r} was deleted more than {RESTORE_DAYS} days ago: "
+                               "it can no longer be restored")
+        with self.env.begin(db=self.db, write=True) as txn:
+            record = orjson.loads(txn.get(project_id.encode()))
+            record["deleted"] = None
+            txn.put(project_id.encode(), orjson.dumps(record))
+        self.deleted = self.deleted - {project_id}
+        return _project(project_id, orjson.dumps(record))
