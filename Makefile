@@ -63,8 +63,8 @@ $(VENV)/node/.installed: | $(BIN)/python
 
 # Debian packages the tests use: PostgreSQL and Redis for the cluster tests (started
 # by the fixtures in temp dirs on free ports, never as system services; Debian's
-# postinst may start its own, which the tests leave alone) and Chromium for the browser tests
-# (Playwright drives /usr/bin/chromium). Installed when missing and we are root;
+# postinst may start its own, which the tests leave alone), Chromium for the browser tests
+# (Playwright drives /usr/bin/chromium) and libfaketime (a server a week ahead). Installed when missing and we are root;
 # otherwise those tests skip and say why.
 .PHONY: system-deps
 system-deps:
@@ -79,12 +79,15 @@ system-deps:
 	    echo "make:$$missing missing (as root: apt-get install$$missing); the cluster tests will skip"; \
 	  fi; \
 	fi
-	@if [ ! -x /usr/bin/chromium ]; then \
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || missing="$$missing faketime"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "make: installing Debian's chromium for the browser tests"; \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	    echo "make: installing Debian's$$missing for the browser tests"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	  else \
-	    echo "make: /usr/bin/chromium is missing (as root: apt-get install chromium); the browser tests will skip"; \
+	    echo "make:$$missing missing (as root: apt-get install$$missing); the browser tests skip what needs it"; \
 	  fi; \
 	fi
 

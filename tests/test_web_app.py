@@ -6,6 +6,7 @@ Screenshots of the main states go to build/screenshots/."""
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import urllib.error
 import time
@@ -15,7 +16,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from attack_helpers import barosync_cmd
+from websockets.sync.client import connect
+
+from attack_helpers import ServerProcess, barosync_cmd
+from caldav_helpers import event_ics
 from test_web_client import NETWORK_NOISE, Server
 
 SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
@@ -374,9 +378,61 @@ def join(app: App, user: str, name: str, password: str) -> None:
     app.wait_connected()
 
 
-def test_the_owner_invites_an_editor_and_a_viewer_and_removing_one_takes_effect_at_once(chromium, server) -> None:
+def create_project(app: App, name: str) -> None:
+    """Make a project in the Projects dialog: it is then the one on screen."""
+    app.page.click("#manage-projects")
+    app.page.wait_for_selector("#projects-dialog[open]")
+    app.page.fill("#project-new-name", name)
+    app.page.click("#project-create")
+    app.page.wait_for_function("name => document.getElementById('project').selectedOptions[0]?.text === name", arg=name)
+    app.page.click("#projects-close")
+
+
+def session_request(app: App, server: Server, method: str, path: str, body: Any = None) -> Any:
+    """A request with the page's own session cookie (as its scripts send them)."""
+    response = app.context.request.fetch(server.url + path, method=method, data=body,
+                                         headers={"X-Barosync-Request": "1"})
+    assert response.ok, (path, response.status, response.text())
+    return response.json()
+
+
+def dav(server: Server, user: str, password: str, method: str, path: str, body: str | None = None) -> int:
+    headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode(), "Depth": "1"}
+    if body is not None:
+        headers["Content-Type"] = "text/calendar"
+    request = urllib.request.Request(server.url + path, method=method, data=body.encode() if body else None,
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def refused_over_the_socket(server: Server, token: str, project: str) -> str:
+    """What the server answers a viewer's event:create over a WebSocket."""
+    with connect(f"{server.ws}?token={token}", open_timeout=10) as ws:
+        ws.recv(timeout=10)  # hello
+        ws.send(json.dumps({"type": "subscribe", "id": "s", "payload": {"projectId": project}}))
+        ws.send(json.dumps({"type": "event:create", "id": "c", "payload": {
+            "projectId": project, "title": "Carol's try", "startDate": "2026-12-07T09:00:00Z",
+            "endDate": "2026-12-07T10:00:00Z"}}))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            msg = json.loads(ws.recv(timeout=10))
+            if msg["type"] == "error" and msg["payload"].get("ref") == "c":
+                return msg["payload"]["code"]
+    raise AssertionError("no answer to the viewer's event:create")
+
+
+FAKETIME = next(iter(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1")), None)
+
+
+def test_a_teams_first_week_invites_roles_removal_and_a_session_that_lasts(chromium, server) -> None:
     owner = App(chromium, server.proc.next_line().removeprefix("open "))
     join(owner, "olive", "Olive Owner", "a long owner password")
+    owner.page.wait_for_selector("#read-only:has-text('No project yet')")
+    create_project(owner, "Team")
     links = {}
     for role in ("editor", "viewer"):
         owner.page.click("#invite")
@@ -390,6 +446,7 @@ def test_the_owner_invites_an_editor_and_a_viewer_and_removing_one_takes_effect_
     join(bob, "bob", "Bob", "bobs own password")
     join(carol, "carol", "Carol", "carols own password")
     carol.page.wait_for_selector("#read-only:not([hidden])")
+    assert carol.page.locator("#project").inner_text() == "Team"
     assert bob.page.is_visible("#new-event") and carol.page.is_hidden("#new-event")
     bob.page.click("#new-event")
     bob.fill_editor("Bob's planning")
@@ -401,6 +458,21 @@ def test_the_owner_invites_an_editor_and_a_viewer_and_removing_one_takes_effect_
     used.page.click("#setup-submit")
     used.page.wait_for_function("() => document.getElementById('setup-error').textContent.includes('used already')")
 
+    # The server refuses the viewer on every transport, not only in the page.
+    token = session_request(carol, server, "POST", "/auth/token")["token"]
+    assert refused_over_the_socket(server, token, "team") == "forbidden"
+    request = urllib.request.Request(f"{server.url}/api/events", method="POST", data=json.dumps({
+        "projectId": "team", "title": "Carol's REST try", "startDate": "2026-12-07T09:00:00Z",
+        "endDate": "2026-12-07T10:00:00Z"}).encode(), headers={"Authorization": f"Bearer {token}",
+                                                              "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
+    carols_phone = session_request(carol, server, "POST", "/auth/app-passwords", {"name": "Carol's phone"})["password"]
+    assert dav(server, "carol", carols_phone, "PUT", "/dav/calendars/carol/team/try.ics", event_ics("try", "Try")) == 403
+    bobs_phone = session_request(bob, server, "POST", "/auth/app-passwords", {"name": "Bob's phone"})["password"]
+    assert dav(server, "bob", bobs_phone, "PROPFIND", "/dav/calendars/bob/team/") == 207
+
     # The owner takes Bob out of the project: his open tab loses it within a second or two.
     owner.page.click("#members")
     owner.page.locator("#members-list tr[data-user=bob]").wait_for()
@@ -408,16 +480,63 @@ def test_the_owner_invites_an_editor_and_a_viewer_and_removing_one_takes_effect_
     owner.shot("members")
     owner.page.locator("#members-list tr[data-user=bob] button").click()
     owner.page.locator("#members-list tr[data-user=bob]").wait_for(state="detached")
+    owner.page.click("#members-close")
     bob.page.wait_for_selector("#read-only:has-text('No access')", timeout=5000)
     assert bob.page.locator(".fc-event").count() == 0 and bob.page.is_hidden("#new-event")
     bob.shot("removed-from-the-project")
+    assert dav(server, "bob", bobs_phone, "PROPFIND", "/dav/calendars/bob/team/") in (403, 404)  # his phone too
     assert carol.event("Bob's planning").is_visible()  # the others keep working
     assert owner.errors == [] and carol.errors == []
+
+    # A restart, then a week later on both clocks: Carol opens the calendar again
+    # and is still signed in (the session is in the data directory, not in a token).
+    if FAKETIME is None:
+        pytest.skip("libfaketime is missing (apt-get install faketime): the week on a moved clock is not walked")
+    server.proc.stop()
+    server.proc = ServerProcess(server.data, port=server.port, env={
+        "LD_PRELOAD": str(FAKETIME), "FAKETIME": "+7d", "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    # Her open tab is back by itself, without signing in: while the server was down
+    # its session's token could not be asked for, and that is no reason to sign out.
+    carol.wait_connected()
+    later = carol.context.new_page()
+    later.clock.install(time=time.time() + 7 * 86400)
+    later.goto(server.url + "/")
+    later.wait_for_function("() => document.getElementById('connection').dataset.state === 'connected'")
+    later.click(".fc-prev-button")  # a week on: Bob's event is last week's
+    later.locator(".fc-event", has_text="Bob's planning").wait_for()
+    assert later.is_hidden("#signin") and "Carol" in later.inner_text("#who")
+
+
+def test_an_owner_renames_deletes_and_restores_a_project_in_the_app(chromium, server) -> None:
+    owner = App(chromium, server.proc.next_line().removeprefix("open "))
+    join(owner, "olive", "Olive Owner", "a long owner password")
+    create_project(owner, "Launch")
+    owner.page.click("#new-event")
+    owner.fill_editor("Go live")
+    create_project(owner, "Ops")
+    owner.page.select_option("#project", "launch")
+    owner.event("Go live").wait_for()
+    owner.page.click("#manage-projects")
+    owner.page.fill("#project-rename", "Launch day")
+    owner.page.click("#project-rename-save")
+    owner.page.wait_for_function("() => document.getElementById('project').selectedOptions[0].text === 'Launch day'")
+    owner.page.click("#project-delete")
+    assert "restorable for 30 days" in owner.text("#project-delete")  # asked once more, in place
+    owner.page.click("#project-delete")
+    owner.page.locator("#projects-deleted li", has_text="Launch day").wait_for()
+    assert owner.page.locator("#project option").all_inner_texts() == ["Ops"]
+    owner.shot("projects-deleted")
+    owner.page.locator("#projects-deleted li", has_text="Launch day").locator("button").click()
+    owner.page.wait_for_function("() => document.getElementById('project').selectedOptions[0].text === 'Launch day'")
+    owner.page.click("#projects-close")
+    owner.event("Go live").wait_for()  # back as it was
+    assert owner.errors == []
 
 
 def test_a_signed_in_user_connects_a_calendar_app_without_a_terminal(chromium, server) -> None:
     owner = App(chromium, server.proc.next_line().removeprefix("open "))
     join(owner, "olive", "Olive Owner", "a long owner password")
+    create_project(owner, "Team")
     owner.page.click("#apps")
     owner.page.wait_for_selector("#connect[open]")
     assert owner.page.input_value("#connect-server") == f"{server.url}/dav/"

@@ -481,7 +481,12 @@ export class SyncClient extends EventTarget {
     let token;
     try {
       token = typeof this._tokenSource === "function" ? await this._tokenSource() : this._tokenSource;
-    } catch (e) { token = null; }
+    } catch (e) {
+      // The source could not answer (the server restarting, the network gone): that
+      // is no verdict on the sign-in, so try again later. Only null means signed out.
+      if (!this._closed && !this._ws) this._scheduleReconnect();
+      return;
+    }
     if (this._closed) return;
     if (!token || (token === this._refusedToken)) { this._needsAuth(4001, "no usable token"); return; }
     this._token = token;

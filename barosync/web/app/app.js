@@ -24,6 +24,9 @@ let countdown = null;
 let toastTimer = null;
 let owns = () => false; // whether this user may invite to, and manage the members of, a project
 const refused = new Set(); // projects the server no longer lets this user open
+let linked = null; // a lasting token from a sign-in link (no session: no /auth/ requests)
+let me = null; // what /api/me said of this user
+let deletedProjects = []; // [{id, name, restorableUntil}] this user may restore
 
 // -- sign-in --------------------------------------------------------------------------------
 
@@ -143,9 +146,8 @@ async function main() {
   const setup = location.hash.match(/(?:^#|&)(setup|invite)=([^&]+)/);
   if (setup) return showSetup(decodeURIComponent(setup[2]), setup[1] === "invite");
   // A lasting token from a sign-in link (or an application's own), else the session's.
-  const linked = tokenFromLink();
+  linked = tokenFromLink();
   const token = linked ? () => localStorage.getItem(TOKEN_KEY) : sessionToken;
-  let me = null;
   try {
     const found = await api("/api/me", async () => {
       const t = await token();
@@ -167,30 +169,46 @@ async function main() {
   // Inviting needs a signed-in session (the owner made at setup, or a project's owner:
   // the server says no to anyone else).
   owns = (id) => !linked && (me.admin || (me.roles || {})[id] === "owner");
-  $("apps").hidden = !!linked;  // app passwords are made from a signed-in session
+  $("apps").hidden = $("manage-projects").hidden = !!linked;  // made from a signed-in session
   $("connect-user").value = me.user.id;
-  const projects = await projectList(me, token);
+  const projects = await projectList(token);
   start(token, projects);
 }
 
-async function projectList(me, token) {
-  let projects = Array.isArray(me.projects) ? me.projects : null;
-  if (!projects) {
-    try {
-      projects = (await api("/api/projects", token)).body.projects.map((p) => p.id);
-      localStorage.setItem(PROJECTS_KEY, JSON.stringify(projects));
-    } catch (e) {
-      projects = JSON.parse(localStorage.getItem(PROJECTS_KEY) || "[]");
+/** The projects to pick from, [{id, name}]: a signed-in session's by name, with the
+ * deleted ones it may restore (/auth/projects); a token's by id. */
+async function projectList(token) {
+  let projects = null;
+  try {
+    if (!linked) {
+      const r = await fetch("/auth/projects", { credentials: "same-origin" });
+      if (!r.ok) throw new Error(`${r.status}`);
+      const found = await r.json();
+      projects = found.projects;
+      deletedProjects = found.deleted;
+      me.roles = Object.fromEntries(projects.map((p) => [p.id, p.role]));
+    } else {
+      const ids = Array.isArray(me.projects) ? me.projects : (await api("/api/projects", token)).body.projects.map((p) => p.id);
+      projects = ids.map((id) => ({ id, name: id }));
     }
+    localStorage.setItem(PROJECTS_KEY, JSON.stringify(projects));
+  } catch (e) {
+    projects = JSON.parse(localStorage.getItem(PROJECTS_KEY) || "[]").map((p) => (typeof p === "string" ? { id: p, name: p } : p));
   }
-  return projects.length ? projects : ["demo"];
+  return projects.length || !linked ? projects : [{ id: "demo", name: "demo" }];
+}
+
+function fillPicker(projects, wanted) {
+  const picker = $("project");
+  picker.replaceChildren(...projects.map((p) => new Option(p.name, p.id)));
+  const ids = projects.map((p) => p.id);
+  picker.value = ids.includes(wanted) ? wanted : (ids[0] || "");
+  return picker.value;
 }
 
 function start(token, projects) {
   const picker = $("project");
-  for (const p of projects) picker.append(new Option(p, p));
-  const remembered = localStorage.getItem(PROJECT_KEY);
-  picker.value = projects.includes(remembered) ? remembered : projects[0];
+  fillPicker(projects, localStorage.getItem(PROJECT_KEY));
   picker.addEventListener("change", () => switchProject(picker.value));
 
   client = new SyncClient(location.origin, { token });
@@ -216,7 +234,7 @@ function start(token, projects) {
     nowIndicator: true,
     contentHeight: 640,
     scrollTime: "08:00:00",
-    events: (info, success) => success(refused.has(projectId) ? [] : client.events(projectId).flatMap(toCalendar)),
+    events: (info, success) => success(!projectId || refused.has(projectId) ? [] : client.events(projectId).flatMap(toCalendar)),
     select: (info) => openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay }),
     eventClick: (info) => openEditor(client.get(info.event.id, projectId)),
     eventDrop: (info) => moved(info),
@@ -257,10 +275,23 @@ function start(token, projects) {
   $("connect-close").addEventListener("click", () => $("connect").close());
   $("connect-make").addEventListener("click", makeAppPassword);
   $("connect-make-feed").addEventListener("click", makeFeed);
-  switchProject(picker.value);
+  $("manage-projects").addEventListener("click", openProjects);
+  $("projects-close").addEventListener("click", () => $("projects-dialog").close());
+  $("project-create").addEventListener("click", createProject);
+  $("project-rename-save").addEventListener("click", renameProject);
+  $("project-delete").addEventListener("click", deleteProject);
+  if (picker.value) switchProject(picker.value);
+  else showNoProject();
+}
+
+function showNoProject() {
+  $("read-only").hidden = false;
+  $("read-only").textContent = "No project yet: make one under Projects";
+  $("new-event").hidden = true;
 }
 
 function switchProject(id) {
+  if (!id) { projectId = null; calendar.refetchEvents(); return showNoProject(); }
   if (projectId) client.unsubscribe(projectId);
   projectId = id;
   localStorage.setItem(PROJECT_KEY, id);
@@ -270,6 +301,69 @@ function switchProject(id) {
   showPresence();
   showAccess();
   $("invite").hidden = $("members").hidden = !owns(id);
+}
+
+// -- projects: made, renamed, deleted (restorable for 30 days) by their owners ---------------
+
+async function openProjects() {
+  $("projects-error").textContent = "";
+  $("project-new-name").value = "";
+  await showProjects();
+  $("projects-dialog").showModal();
+}
+
+async function showProjects(wanted = projectId) {
+  const projects = await projectList(null);
+  const chosen = fillPicker(projects, wanted);
+  if (chosen !== projectId || refused.has(chosen)) { refused.delete(chosen); switchProject(chosen); }
+  const current = projects.find((p) => p.id === projectId);
+  $("project-this").hidden = !current || !owns(projectId);
+  $("project-rename").value = current ? current.name : "";
+  $("project-delete").textContent = "Delete…";
+  const list = $("projects-deleted");
+  list.replaceChildren();
+  for (const p of deletedProjects) {
+    const item = document.createElement("li");
+    const restore = document.createElement("button");
+    restore.type = "button";
+    restore.textContent = "Restore";
+    restore.addEventListener("click", async () => {
+      if (await answered(authPost(`/auth/projects/${encodeURIComponent(p.id)}/restore`, {}), "projects-error")) {
+        await showProjects(p.id);
+      }
+    });
+    item.append(`${p.name} (until ${new Date(p.restorableUntil * 1000).toLocaleDateString()}) `, restore);
+    list.append(item);
+  }
+}
+
+async function createProject() {
+  const made = await answered(authPost("/auth/projects", { name: $("project-new-name").value.trim() }), "projects-error");
+  if (!made) return;
+  // The connection's token does not name the new project yet: reconnect with a new one.
+  client.reconnect();
+  $("project-new-name").value = "";
+  await showProjects(made.project.id);
+}
+
+async function renameProject() {
+  const path = `/auth/projects/${encodeURIComponent(projectId)}`;
+  if (await answered(authPost(path, { name: $("project-rename").value.trim() }), "projects-error")) await showProjects();
+}
+
+async function deleteProject() {
+  const button = $("project-delete");
+  if (button.textContent === "Delete…") {
+    // Asked once more, in place: it closes the project for everyone in it.
+    button.textContent = `Delete it for everyone (restorable for 30 days)`;
+    return;
+  }
+  const gone = projectId;
+  if (await answered(authRequest("DELETE", `/auth/projects/${encodeURIComponent(gone)}`), "projects-error")) {
+    client.unsubscribe(gone);
+    projectId = null;
+    await showProjects(null);
+  }
 }
 
 /** A viewer's calendar: nothing to select, drag or save (the server refuses it too). */
