@@ -119,6 +119,8 @@ FULLCALENDAR_VERSION := 6.1.22
 # The newest @fullcalendar/rrule release; it runs on the 6.1.22 core.
 FULLCALENDAR_RRULE_VERSION := 6.1.21
 RRULE_VERSION := 2.8.1
+# The QR code of the "Calendar apps" dialog: no dependencies, an ES module.
+QRCODE_GENERATOR_VERSION := 2.0.4
 VENDOR := barosync/web/app/vendor
 .PHONY: vendor
 vendor:
@@ -134,4 +136,9 @@ vendor:
 	echo "@fullcalendar/rrule $(FULLCALENDAR_RRULE_VERSION) (npm), MIT: index.global.min.js, the global build (needs rrule.js loaded first)" > $(VENDOR)/fullcalendar-rrule/VERSION.txt
 	cp build/vendor/rrule/package/dist/es5/rrule.min.js build/vendor/rrule/package/LICENCE $(VENDOR)/rrule/
 	echo "rrule $(RRULE_VERSION) (npm), BSD-3-Clause: dist/es5/rrule.min.js, the UMD build (window.rrule)" > $(VENDOR)/rrule/VERSION.txt
-	@echo "vendored fullcalendar $(FULLCALENDAR_VERSION) into $(VENDOR)/fullcalendar"
+	mkdir -p $(VENDOR)/qrcode-generator build/vendor/qrcode
+	cd build/vendor && npm pack --silent qrcode-generator@$(QRCODE_GENERATOR_VERSION) \
+	  && tar xzf qrcode-generator-$(QRCODE_GENERATOR_VERSION).tgz -C qrcode
+	cp build/vendor/qrcode/package/dist/qrcode.mjs build/vendor/qrcode/package/package.json $(VENDOR)/qrcode-generator/
+	echo "qrcode-generator $(QRCODE_GENERATOR_VERSION) (npm), MIT (the license is the header of qrcode.mjs and package.json's license field; the package ships no LICENSE file): dist/qrcode.mjs, the ES module" > $(VENDOR)/qrcode-generator/VERSION.txt
+	@echo "vendored fullcalendar $(FULLCALENDAR_VERSION), rrule $(RRULE_VERSION) and qrcode-generator $(QRCODE_GENERATOR_VERSION) into $(VENDOR)"

@@ -16,6 +16,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from barosync.core.app import open_log
 from barosync.config import Config
+from barosync.hooks.auth import create_token
 from barosync.storage.accounts import AccountError, Accounts
 from barosync.transports.signin import ACCESS_TTL
 
@@ -366,6 +367,32 @@ async def test_a_user_makes_their_own_app_password_and_it_follows_their_account(
         assert status == 403
 
 
+async def test_feeds_are_listed_revoked_and_follow_the_account(tmp_path: Path) -> None:
+    async with running(tmp_path) as (app, _):
+        app.accounts.create("bob", name="Bob", password=PASSWORD, projects=["team", "ops"])
+        _, headers, _ = await sign_in(app.port, "bob")
+        cookie = {"Cookie": cookie_of(headers)}
+        feeds = {}
+        for project in ("team", "ops"):
+            status, _, feeds[project] = await http_exchange(app.port, "POST", "/auth/feeds", {"project": project},
+                                                            headers={**CSRF, **cookie})
+            assert status == 200 and (await http_exchange(app.port, "GET", feeds[project]["url"]))[0] == 200
+        status, _, listed = await http_exchange(app.port, "GET", "/auth/feeds", headers=cookie)
+        assert status == 200 and {(f["id"], f["project"]) for f in listed["feeds"]} == {
+            (feeds["team"]["id"], "team"), (feeds["ops"]["id"], "ops")}
+        status, _, _ = await http_exchange(app.port, "DELETE", f"/auth/feeds/{feeds['team']['id']}",
+                                           headers={**CSRF, **cookie})
+        assert status == 200 and (await http_exchange(app.port, "GET", feeds["team"]["url"]))[0] == 401
+        assert (await http_exchange(app.port, "DELETE", f"/auth/feeds/{feeds['team']['id']}",
+                                    headers={**CSRF, **cookie}))[0] == 404  # once
+        # Taken out of ops, Bob's feed of it stops too; a feed from the command line is not
+        # one of these and keeps working until `barosync token revoke`.
+        await trio.to_thread.run_sync(lambda: app.accounts.set_access("bob", projects=["team"]))
+        assert (await http_exchange(app.port, "GET", feeds["ops"]["url"]))[0] == 401
+        cli_feed = create_token(app.config.secret, user_id="bob", projects=["ops"], scope="feed")
+        assert (await http_exchange(app.port, "GET", f"/ics/ops.ics?token={cli_feed}"))[0] == 200
+
+
 async def test_a_projects_owner_sees_its_members_and_changes_their_roles(tmp_path: Path) -> None:
     async with running(tmp_path) as (app, _):
         app.accounts.create("olive", name="Olive", password=PASSWORD, projects="*", admin=True)
@@ -398,7 +425,7 @@ async def test_a_projects_owner_sees_its_members_and_changes_their_roles(tmp_pat
 
 async def test_another_method_on_an_auth_request_is_405_not_404(tmp_path: Path) -> None:
     async with running(tmp_path) as (app, _):
-        for method, path in (("GET", "/auth/feeds"), ("PUT", "/auth/members/p1"), ("GET", "/auth/signin")):
+        for method, path in (("PUT", "/auth/feeds"), ("PUT", "/auth/members/p1"), ("GET", "/auth/signin")):
             status, _, answer = await http_exchange(app.port, method, path)
             assert status == 405 and "docs/accounts.md" in answer["message"], (method, path)
         assert (await http_exchange(app.port, "GET", "/auth/nothing"))[0] == 404

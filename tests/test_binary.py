@@ -349,7 +349,8 @@ async def test_binary_serves_two_clients_with_a_plugin_and_stops_on_sigterm(bina
         assert "# TYPE" in metrics
         # The web calendar, its grid library and the browser client are inside the binary.
         for path, marker in (("/", "<title>barosync calendar</title>"), ("/client/barosync.js", "export class SyncClient"),
-                             ("/app/vendor/fullcalendar/index.global.min.js", "FullCalendar")):
+                             ("/app/vendor/fullcalendar/index.global.min.js", "FullCalendar"),
+                             ("/app/vendor/qrcode-generator/qrcode.mjs", "export default qrcode")):
             body = await trio.to_thread.run_sync(get_text, f"http://127.0.0.1:{server.port}{path}")
             assert marker in body, path
 

@@ -6,6 +6,7 @@ Screenshots of the main states go to build/screenshots/."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import subprocess
 import urllib.error
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-
+import zxingcpp
+from PIL import Image
 from websockets.sync.client import connect
 
 from attack_helpers import ServerProcess, barosync_cmd
@@ -546,12 +548,22 @@ def test_a_signed_in_user_connects_a_calendar_app_without_a_terminal(chromium, s
     owner.page.wait_for_function("() => document.getElementById('connect-password').value.startsWith('bsp_')")
     password = owner.page.input_value("#connect-password")
     owner.page.locator("#connect-list li", has_text="Olive's phone").wait_for()
+    qr = owner.page.locator("#connect-qr svg")
+    qr.wait_for()
+    [read] = zxingcpp.read_barcodes(Image.open(io.BytesIO(qr.screenshot())))
+    assert read.text == f"http://olive:{password}@127.0.0.1:{server.port}/dav/"  # what a phone reads
     owner.page.click("#connect-make-feed")
     owner.page.wait_for_function("() => document.getElementById('connect-feed').value.includes('/ics/')")
+    owner.page.locator("#connect-feeds li", has_text="Feed of team").wait_for()
     owner.shot("connect-a-calendar-app")
     feed = owner.page.input_value("#connect-feed")
     with urllib.request.urlopen(feed, timeout=10) as response:
         assert response.status == 200 and b"BEGIN:VCALENDAR" in response.read()
+    owner.page.locator("#connect-feeds li", has_text="Feed of team").locator("button").click()
+    owner.page.wait_for_function("() => document.getElementById('connect-feeds').children.length === 0")
+    with pytest.raises(urllib.error.HTTPError) as revoked:
+        urllib.request.urlopen(feed, timeout=10)
+    assert revoked.value.code == 401
     request = urllib.request.Request(f"{server.url}/dav/calendars/olive/", method="PROPFIND", headers={
         "Depth": "1", "Authorization": "Basic " + base64.b64encode(f"olive:{password}".encode()).decode()})
     with urllib.request.urlopen(request, timeout=10) as response:

@@ -250,6 +250,9 @@ class App:
             return None
         if identity.session_id is not None and not self.signed_in(identity):
             return None  # minted from a session that has signed out since
+        if (scope == "feed" and self.accounts is not None and identity.token_id is not None
+                and self.accounts.feed_live(identity.token_id, identity.user_id) is False):
+            return None  # a feed made in the web app and revoked since, or its user out
         problem = identity_problem(identity)
         if problem is not None:
             log.warning("refused a token for user %r: %s", identity.user_id, problem)

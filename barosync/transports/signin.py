@@ -25,7 +25,7 @@
 - ``GET``/``POST /auth/app-passwords`` and ``DELETE /auth/app-passwords/ID``: the
   signed-in user's app passwords for calendar apps (CalDAV), made here and shown once;
   ``POST /auth/feeds`` ``{"project"}``: a read-only ICS feed URL that lasts until
-  revoked.
+  revoked; ``GET /auth/feeds`` lists the user's, ``DELETE /auth/feeds/ID`` revokes one.
 
 The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page
 sends it), Path=/, and Secure when the request came over HTTPS (a proxy's
@@ -78,7 +78,7 @@ Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
 # What _route answers; another method on one of these is a 405, not a 404.
 ENDPOINTS = frozenset({"/auth/signin", "/auth/setup", "/auth/app-passwords", "/auth/feeds", "/auth/invites",
                        "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions", "/auth/projects"})
-ENDPOINT_PREFIXES = ("/auth/app-passwords/", "/auth/members/", "/auth/sessions/", "/auth/projects/")
+ENDPOINT_PREFIXES = ("/auth/app-passwords/", "/auth/members/", "/auth/sessions/", "/auth/projects/", "/auth/feeds/")
 
 
 class SignIn:
@@ -120,7 +120,18 @@ class SignIn:
             await trio.to_thread.run_sync(app_passwords.revoke, self.app.config.data_dir, which)
             return 200, {"revoked": which}, []
         if path == "/auth/feeds" and method == b"POST":
-            return self._feed(headers, body)
+            return await self._feed(headers, body)
+        if path == "/auth/feeds" and method == b"GET":
+            user, _ = self._signed_in(headers)
+            return 200, {"feeds": [{"id": f.id, "project": f.project, "created": f.created}
+                                   for f in self.accounts.feeds_of(user.id)]}, []
+        if path.startswith("/auth/feeds/") and method == b"DELETE":
+            _check_request(headers)
+            user, _ = self._signed_in(headers)
+            feed_id = path.removeprefix("/auth/feeds/")
+            if not await trio.to_thread.run_sync(self.accounts.revoke_feed, user.id, feed_id):
+                raise HttpError(404, "not_found", f"no feed {feed_id!r} of yours")
+            return 200, {"revoked": feed_id}, []
         if path == "/auth/projects" and method in (b"GET", b"POST"):
             return await self._projects(method, headers, body)
         if path.startswith("/auth/projects/") and method in (b"POST", b"DELETE"):
@@ -196,7 +207,7 @@ class SignIn:
         return 200, {"id": entry["id"], "user": user.id, "password": password, "server": "/dav/"}, \
             [(b"cache-control", b"no-store")]
 
-    def _feed(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
+    async def _feed(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
         _check_request(headers)
         user, _ = self._signed_in(headers)
         project = _json(body).get("project")
@@ -204,8 +215,11 @@ class SignIn:
             raise HttpError(403, "forbidden", f"you may not open project {project!r}")
         secret = self.app.config.secret
         assert secret is not None
-        token = create_token(secret, user_id=user.id, name=user.name, projects=[project], ttl=FEED_TTL, scope="feed")
-        return 200, {"url": f"/ics/{quote(project, safe='')}.ics?token={token}"}, [(b"cache-control", b"no-store")]
+        feed = await trio.to_thread.run_sync(self.accounts.add_feed, user.id, project)
+        token = create_token(secret, user_id=user.id, name=user.name, projects=[project], ttl=FEED_TTL, scope="feed",
+                             jti=feed.id)
+        return 200, {"id": feed.id, "url": f"/ics/{quote(project, safe='')}.ics?token={token}"}, \
+            [(b"cache-control", b"no-store")]
 
     async def _members(self, method: bytes, project: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
         """A project's members and their roles; an owner changes a role or removes one."""

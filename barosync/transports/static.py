@@ -14,6 +14,7 @@ from importlib.resources.abc import Traversable
 TYPES = {
     ".html": b"text/html; charset=utf-8",
     ".js": b"text/javascript; charset=utf-8",
+    ".mjs": b"text/javascript; charset=utf-8",
     ".css": b"text/css; charset=utf-8",
     ".ts": b"text/plain; charset=utf-8",
     ".md": b"text/plain; charset=utf-8",

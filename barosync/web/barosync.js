@@ -546,6 +546,7 @@ export class SyncClient extends EventTarget {
     if (token) this._tokenSource = token;
     this._refusedToken = null;
     this._attempt = 0;
+    this._wakeAfterClose = true;  // asked for: at once, not after a backoff step
     if (this._ws) this._ws.close(1000, "reconnect");
     else this._connect();
   }

@@ -2,6 +2,7 @@
 // Everything live comes from the client's events; this file only draws them.
 
 import { SyncClient } from "/client/barosync.js";
+import qrcode from "/app/vendor/qrcode-generator/qrcode.mjs";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "barosync.token";
@@ -384,27 +385,51 @@ async function openConnect() {
   $("connect-server").value = `${location.origin}/dav/`;
   for (const id of ["connect-password", "connect-feed", "connect-name"]) $(id).value = "";
   $("connect-error").textContent = "";
+  $("connect-qr-box").hidden = true;
   $("connect").showModal();
-  await listAppPasswords();
+  await Promise.all([listAppPasswords(), listFeeds()]);
+}
+
+/** One item of a list with a Revoke button that DELETEs `path`, then lists again. */
+function revocable(text, path, relist) {
+  const item = document.createElement("li");
+  const revoke = document.createElement("button");
+  revoke.type = "button";
+  revoke.textContent = "Revoke";
+  revoke.addEventListener("click", async () => {
+    await answered(authRequest("DELETE", path), "connect-error");
+    await relist();
+  });
+  item.append(text, " ", revoke);
+  return item;
+}
+
+async function listFeeds() {
+  const r = await fetch("/auth/feeds", { credentials: "same-origin" }).catch(() => null);
+  if (!r || !r.ok) return;
+  $("connect-feeds").replaceChildren(...(await r.json()).feeds.map((f) => revocable(
+    `Feed of ${f.project} (made ${new Date(f.created * 1000).toLocaleDateString()})`,
+    `/auth/feeds/${encodeURIComponent(f.id)}`, listFeeds)));
+}
+
+/** The CalDAV address with the user name and app password in it, as a QR code. */
+function showQr(user, password) {
+  const address = new URL("/dav/", location.origin);
+  address.username = user;
+  address.password = password;
+  const code = qrcode(0, "M");
+  code.addData(address.href);
+  code.make();
+  $("connect-qr").innerHTML = code.createSvgTag({ cellSize: 4, margin: 4 });
+  $("connect-qr-box").hidden = false;
 }
 
 async function listAppPasswords() {
   const r = await fetch("/auth/app-passwords", { credentials: "same-origin" }).catch(() => null);
-  const list = $("connect-list");
-  list.replaceChildren();
   if (!r || !r.ok) return;
-  for (const p of (await r.json()).appPasswords) {
-    const item = document.createElement("li");
-    const revoke = document.createElement("button");
-    revoke.type = "button";
-    revoke.textContent = "Revoke";
-    revoke.addEventListener("click", async () => {
-      await answered(authRequest("DELETE", `/auth/app-passwords/${encodeURIComponent(p.id)}`), "connect-error");
-      await listAppPasswords();
-    });
-    item.append(`${p.name} (made ${new Date(p.created * 1000).toLocaleDateString()}) `, revoke);
-    list.append(item);
-  }
+  $("connect-list").replaceChildren(...(await r.json()).appPasswords.map((p) => revocable(
+    `${p.name} (made ${new Date(p.created * 1000).toLocaleDateString()})`,
+    `/auth/app-passwords/${encodeURIComponent(p.id)}`, listAppPasswords)));
 }
 
 async function makeAppPassword() {
@@ -412,12 +437,15 @@ async function makeAppPassword() {
   if (!made) return;
   $("connect-password").value = made.password;
   $("connect-password").select();
+  showQr(made.user, made.password);
   await listAppPasswords();
 }
 
 async function makeFeed() {
   const made = await answered(authPost("/auth/feeds", { project: projectId }), "connect-error");
-  if (made) $("connect-feed").value = location.origin + made.url;
+  if (!made) return;
+  $("connect-feed").value = location.origin + made.url;
+  await listFeeds();
 }
 
 // -- members: an owner changes a role or takes the project away (at once, everywhere) -------
