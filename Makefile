@@ -53,13 +53,15 @@ test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
 test-quick: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PARALLEL) -m "not slow and not browser and not cluster" $(PYTEST_ARGS)
 
-# TypeScript, to check barosync.d.ts against the browser client, and React 18 (its UMD
-# build), to run the hook of docs/web-client.md (tests/test_web_client.py).
-$(VENV)/node/.installed: | $(BIN)/python
+# TypeScript, to check barosync.d.ts against the browser client, React 18 (its UMD
+# build), to run the hook of docs/web-client.md (tests/test_web_client.py), and
+# oidc-provider, the real OpenID provider tests/test_oidc.py signs in with.
+NODE_TEST_PACKAGES := typescript@5 react@18 react-dom@18 oidc-provider@9.13.3
+$(VENV)/node/.installed: Makefile | $(BIN)/python
 	@if command -v npm >/dev/null; then \
-	  echo "make: installing typescript and react into $(VENV)/node for the browser-client checks"; \
-	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent typescript@5 react@18 react-dom@18 && touch $@; \
-	else echo "make: npm is missing (apt-get install npm); the TypeScript check will skip"; fi
+	  echo "make: installing $(NODE_TEST_PACKAGES) into $(VENV)/node for the browser-client and OpenID checks"; \
+	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent $(NODE_TEST_PACKAGES) && touch $@; \
+	else echo "make: npm is missing (apt-get install npm); the TypeScript and OpenID checks will skip"; fi
 
 # Debian packages the tests use: PostgreSQL and Redis for the cluster tests (started
 # by the fixtures in temp dirs on free ports, never as system services; Debian's

@@ -78,6 +78,15 @@ class Config:
     # CalDAV's Basic sign-in is refused over plain HTTP on a non-loopback address
     # unless a TLS-terminating proxy sets this header to "https".
     caldav_tls_header: str | None = None
+    # Sign-in with the team's OpenID provider (transports/oidc.py); off without an issuer.
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = attrs.field(default=None, repr=False)
+    oidc_name: str = "your identity provider"
+    oidc_scopes: tuple[str, ...] = ("openid", "profile", "email")
+    oidc_redirect_uri: str | None = None
+    oidc_groups_claim: str = "groups"
+    oidc_group_prefix: str = "barosync:"
     # Several nodes: the durable log in PostgreSQL instead of this node's LMDB
     # (pg_store.py); a libpq URL, e.g. postgresql://barosync@db.internal/barosync.
     cluster_postgres: str | None = attrs.field(default=None, repr=False)
@@ -202,6 +211,16 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     "caldav": {
         "tls_header": ("caldav_tls_header", _str),
     },
+    "oidc": {
+        "issuer": ("oidc_issuer", _str),
+        "client_id": ("oidc_client_id", _str),
+        "client_secret": ("oidc_client_secret", _str),
+        "name": ("oidc_name", _str),
+        "scopes": ("oidc_scopes", _str_list),
+        "redirect_uri": ("oidc_redirect_uri", _str),
+        "groups_claim": ("oidc_groups_claim", _str),
+        "group_prefix": ("oidc_group_prefix", _str),
+    },
     "cluster": {
         "postgres": ("cluster_postgres", _str),
         "redis": ("cluster_redis", _str),
@@ -273,6 +292,14 @@ def parse_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Config:
     if config.cluster_redis and not config.cluster_postgres:
         raise ConfigError(source, "[cluster] redis", "needs [cluster] postgres too: the bus carries what the shared "
                                                      "log holds (docs/cluster.md)")
+    if config.oidc_issuer is not None:
+        if not config.oidc_issuer.startswith(("https://", "http://")):
+            raise ConfigError(source, "[oidc] issuer", "must be the provider's URL, e.g. https://auth.example.com")
+        if not config.oidc_client_id:
+            raise ConfigError(source, "[oidc] client_id", "is needed with [oidc] issuer: the client id the provider "
+                                                         "gave barosync")
+        if "openid" not in config.oidc_scopes:
+            raise ConfigError(source, "[oidc] scopes", "must include \"openid\"")
     if config.heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(
             source,

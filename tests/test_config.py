@@ -25,6 +25,10 @@ COMMENTED_IN_EXAMPLE = {
     ("caldav", "tls_header"): "default None: no proxy header is trusted",
     ("cluster", "postgres"): "default None: the embedded LMDB",
     ("cluster", "redis"): "default None: no bus between nodes",
+    ("oidc", "issuer"): "default None: no identity provider",
+    ("oidc", "client_id"): "default None: given by the provider",
+    ("oidc", "client_secret"): "default None: given by the provider",
+    ("oidc", "redirect_uri"): "default None: from the browser's address",
 }
 # Config attributes that a file holds relative to itself.
 PATH_ATTRS = {"data_dir", "plugin_paths"}
@@ -132,6 +136,9 @@ def test_every_key_in_the_example_has_a_comment_above_it():
         ("[plugins]\npaths = 'plugins'\n", "[plugins] paths"),
         ("[plugins]\ndisable = [1]\n", "[plugins] disable"),
         ("[plugins]\nverbose = true\n", "[plugins] verbose"),
+        ("[oidc]\nissuer = 'https://auth.example.com'\n", "[oidc] client_id"),
+        ("[oidc]\nissuer = 'auth.example.com'\nclient_id = 'b'\n", "[oidc] issuer"),
+        ("[oidc]\nissuer = 'https://a.example'\nclient_id = 'b'\nscopes = ['profile']\n", "[oidc] scopes"),
     ],
 )
 def test_bad_value_names_the_file_and_the_key(tmp_path, text, key):

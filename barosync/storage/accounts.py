@@ -10,6 +10,8 @@ with the calendars (one consistent read transaction) and a restore brings them b
   the data signs nobody in.
 - ``invites``: SHA-256 of an invite's code -> {project, role, by, expires, usedBy}: a
   link an owner hands a teammate, good once, for a week.
+- ``oidc_subjects``: SHA-256 of an identity provider's issuer and subject -> the user
+  id it signs in as (an account made at its first sign-in, with no password).
 - ``feeds``: feed id (its token's ``jti``) -> {user, project, created, revoked}: the
   ICS feed URLs people made, listed and revoked in the web app.
 
@@ -109,6 +111,14 @@ def secret_key(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+def _usable_id(user_id: str) -> bool:
+    try:
+        check_id(user_id, "user")
+    except ValidationError:
+        return False
+    return True
+
+
 def check_password(password: Any) -> str:
     if not isinstance(password, str) or not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
         raise AccountError(f"a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters")
@@ -125,6 +135,7 @@ class Accounts:
         self.signin_keys = env.open_db(b"signin_keys")
         self.invites = env.open_db(b"invites")
         self.feeds = env.open_db(b"feeds")
+        self.subjects = env.open_db(b"oidc_subjects")
 
     # -- users ---------------------------------------------------------------------------
 
@@ -141,7 +152,7 @@ class Accounts:
         with self.env.begin(db=self.users) as txn:
             return [_user(k.decode(), v) for k, v in txn.cursor()]
 
-    def create(self, user_id: str, *, name: str | None, password: str, projects: Iterable[str] | str,
+    def create(self, user_id: str, *, name: str | None, password: str | None, projects: Iterable[str] | str,
                roles: dict[str, str] | None = None, admin: bool = False, now: float | None = None) -> User:
         try:
             check_id(user_id, "user")
@@ -151,7 +162,8 @@ class Accounts:
         name = (name or user_id).strip()
         if not name or len(name) > MAX_NAME_CHARS:
             raise AccountError(f"a name has 1 to {MAX_NAME_CHARS} characters")
-        record = {"name": name, "password": _hasher.hash(check_password(password)),
+        # No password: the account signs in only through the identity provider.
+        record = {"name": name, "password": _hasher.hash(check_password(password)) if password is not None else None,
                   "projects": projects if projects == ALL_PROJECTS else sorted(set(projects)),
                   "roles": dict(roles or {}), "admin": admin, "created": int(now if now is not None else time.time())}
         with self.env.begin(db=self.users, write=True) as txn:
@@ -218,18 +230,48 @@ class Accounts:
         the same None whether the user is unknown, disabled or the password wrong."""
         with self.env.begin(db=self.users) as txn:
             raw = txn.get(user_id.encode()) if isinstance(user_id, str) and user_id else None
-        stored = orjson.loads(raw)["password"] if raw is not None else _DUMMY
+        stored = (orjson.loads(raw)["password"] if raw is not None else None) or _DUMMY
         try:
             _hasher.verify(stored, password[:MAX_PASSWORD_CHARS])
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return None
-        if raw is None:
+        if raw is None or orjson.loads(raw)["password"] is None:
             return None
         user = _user(user_id, raw)
         if user.disabled:
             return None
         if _hasher.check_needs_rehash(stored):  # the library's parameters moved on
             self._change(user_id, password=_hasher.hash(password))
+        return user
+
+    def federated(self, issuer: str, subject: str, *, wanted_id: str, name: str,
+                  access: tuple[frozenset[str] | str, dict[str, str], bool] | None) -> User:
+        """The account an identity provider's user signs in as: made (with no password)
+        at the first sign-in under ``wanted_id``, or a free id like it (never an
+        existing account's: that would hand it over); its name, and its access when
+        given as (projects, roles, admin), follow the provider at each sign-in."""
+        key = hashlib.sha256(f"{issuer}\0{subject}".encode()).digest()
+        with self.env.begin(db=self.subjects) as txn:
+            linked = txn.get(key)
+        projects, roles, admin = access if access is not None else (frozenset(), {}, False)
+        if linked is None:
+            base = wanted_id if _usable_id(wanted_id) else "user"
+            user_id, n = base, 1
+            while self.get(user_id) is not None:
+                n += 1
+                user_id = f"{base}-{n}"
+            self.create(user_id, name=name, password=None, projects=projects, roles=roles or None, admin=admin)
+            with self.env.begin(db=self.subjects, write=True) as txn:
+                txn.put(key, user_id.encode())
+        else:
+            user_id = linked.decode()
+            changes: dict[str, Any] = {"name": (name or user_id)[:MAX_NAME_CHARS]}
+            if access is not None:
+                changes.update(projects=projects if projects == ALL_PROJECTS else sorted(projects),
+                               roles={p: r for p, r in roles.items() if r != EDITOR}, admin=admin)
+            self._change(user_id, **changes)
+        user = self.get(user_id)
+        assert user is not None
         return user
 
     # -- invites -------------------------------------------------------------------------

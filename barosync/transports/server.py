@@ -310,7 +310,8 @@ async def _answer(app: App, front: Front, conn: h11.Connection, request: h11.Req
         status, answer, headers = await rest.handle(app, method, path, query, _headers(request), body)
         return respond(status, answer, extra=headers)
     if path.startswith("/auth/"):
-        status, answer, headers = await front.signin.handle(method, path, _headers(request), body, peer=peer)
+        status, answer, headers = await front.signin.handle(method, path, _headers(request), body, peer=peer,
+                                                            query=query)
         return respond(status, answer, extra=headers)
     if path.startswith("/ics/"):
         status, data, content_type, headers = await rest.feed(app, method, path, query, _headers(request))

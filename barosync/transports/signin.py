@@ -3,6 +3,8 @@
 - ``POST /auth/signin`` ``{"user", "password"}`` → ``{"user": {id, name}}`` and the
   session cookie; a wrong password, an unknown user and a disabled one get the same
   401 after the same work (argon2id either way).
+- ``GET /auth/providers`` says whether an identity provider is set up ([oidc]);
+  ``GET /auth/oidc/start`` and ``/auth/oidc/callback`` sign in with it (oidc.py).
 - ``POST /auth/token`` → ``{"token", "expiresAt"}``: an access token for the WebSocket
   and REST, minted from the session for ACCESS_TTL seconds. The browser asks again on
   every reconnect and before expiry, so no lasting token is ever in its storage or in
@@ -60,6 +62,7 @@ from ..domain.models import ALL_PROJECTS, EDITOR, OWNER, ROLES
 from ..storage.accounts import AccountError, Accounts, PasswordRefused, SignedIn, User
 from ..storage.projects import Projects
 from ..wire import protocol
+from .oidc import OpenIdConnect
 from .rest import HttpError
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ PASSWORD_CHECKS = 2
 
 Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
 # What _route answers; another method on one of these is a 405, not a 404.
-ENDPOINTS = frozenset({"/auth/signin", "/auth/setup", "/auth/app-passwords", "/auth/feeds", "/auth/invites",
+ENDPOINTS = frozenset({"/auth/providers", "/auth/oidc/start", "/auth/oidc/callback", "/auth/signin", "/auth/setup", "/auth/app-passwords", "/auth/feeds", "/auth/invites",
                        "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions", "/auth/projects"})
 ENDPOINT_PREFIXES = ("/auth/app-passwords/", "/auth/members/", "/auth/sessions/", "/auth/projects/", "/auth/feeds/")
 
@@ -89,6 +92,14 @@ class SignIn:
         self._by_user = Limiter(1 / SIGN_IN_FAILURE_INTERVAL, SIGN_IN_FAILURE_BURST)
         self._by_address = Limiter(1 / SIGN_IN_FAILURE_INTERVAL, SIGN_IN_FAILURE_BURST * 4)
         self._checks = trio.CapacityLimiter(PASSWORD_CHECKS)
+        # Sign-in with the team's identity provider, when [oidc] names one.
+        self.oidc = OpenIdConnect(app.config, lambda: self.accounts, self._signed_in_now) \
+            if app.config.oidc_issuer and app.accounts is not None else None
+
+    def _provider(self) -> OpenIdConnect:
+        if self.oidc is None:
+            raise HttpError(404, "not_found", "no identity provider is set up here ([oidc] issuer in the config)")
+        return self.oidc
 
     @property
     def accounts(self) -> Accounts:
@@ -98,13 +109,20 @@ class SignIn:
         return self.app.accounts
 
     async def handle(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, *,
-                     peer: str) -> Answer:
+                     peer: str, query: str = "") -> Answer:
         try:
-            return await self._route(method, path, headers, body, peer)
+            return await self._route(method, path, headers, body, peer, query)
         except HttpError as e:
             return e.status, e.body, e.headers
 
-    async def _route(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, peer: str) -> Answer:
+    async def _route(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, peer: str,
+                     query: str) -> Answer:
+        if path == "/auth/providers" and method == b"GET":
+            return 200, {"oidc": self.oidc.describe() if self.oidc is not None else None}, []
+        if path == "/auth/oidc/start" and method == b"GET":
+            return await self._provider().start(headers)
+        if path == "/auth/oidc/callback" and method == b"GET":
+            return await self._provider().callback(query, headers, _cookies(headers))
         if path == "/auth/signin" and method == b"POST":
             return await self._sign_in(headers, body, peer)
         if path == "/auth/setup" and method == b"POST":

@@ -47,6 +47,18 @@ function showSignin(message) {
   $("setup").hidden = true;
   $("main").hidden = true;
   $("signin-message").textContent = message;
+  // A failed sign-in with the identity provider comes back as #signin-error=…
+  const failed = location.hash.match(/(?:^#|&)signin-error=([^&]+)/);
+  if (failed) {
+    $("signin-error").textContent = decodeURIComponent(failed[1]);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  fetch("/auth/providers").then((r) => (r.ok ? r.json() : null)).then((found) => {
+    if (!found || !found.oidc) return;
+    $("signin-oidc").href = found.oidc.start;
+    $("signin-oidc").textContent = `Sign in with ${found.oidc.name}`;
+    $("signin-oidc").hidden = false;
+  }).catch(() => {});
 }
 
 async function signOut() {
