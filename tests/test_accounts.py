@@ -66,6 +66,20 @@ def test_disabling_or_a_new_password_signs_out_everywhere(accounts: Accounts) ->
     assert not accounts.session_live(again.id, "alice") and accounts.verify("alice", "another good password") is None
 
 
+def test_a_provider_user_gets_an_account_of_their_own_linked_to_their_subject(accounts: Accounts) -> None:
+    accounts.create("carol", name="Carol (password)", password=PASSWORD, projects=["team"])
+    first = accounts.federated("https://idp", "s-1", wanted_id="carol", name="Carol", access=None)
+    assert first.id == "carol-2" and first.projects == frozenset()  # never the existing account
+    assert accounts.verify("carol-2", PASSWORD) is None  # no password: only the provider signs it in
+    accounts.set_role("carol-2", "team", "viewer")  # an owner adds her in the app
+    again = accounts.federated("https://idp", "s-1", wanted_id="carol.renamed", name="Carol R", access=None)
+    assert again.id == "carol-2" and again.name == "Carol R" and again.role("team") == "viewer"  # kept
+    ruled = accounts.federated("https://idp", "s-1", wanted_id="carol", name="Carol R",
+                               access=(frozenset({"ops"}), {"ops": "owner"}, False))
+    assert ruled.role("ops") == "owner" and ruled.role("team") is None  # the provider's groups decide
+    assert accounts.federated("https://other-idp", "s-1", wanted_id="carol", name="C", access=None).id == "carol-3"
+
+
 async def sign_in(port: int, user: str = "alice", password: str = PASSWORD, **headers: str) -> tuple[int, dict[str, str], Any]:
     return await http_exchange(port, "POST", "/auth/signin", {"user": user, "password": password},
                                headers={**CSRF, **headers})
