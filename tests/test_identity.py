@@ -101,6 +101,8 @@ def test_a_data_directory_of_release_0_1_0_is_migrated_in_place_at_start(tmp_pat
     server = ServerProcess(data, config=config)
     try:
         assert "migrated the data" in server.stderr
+        assert "/#setup=" in server.next_line()  # no account yet: the owner is named in the browser
+        # A token of 0.1.0's secret, as the team's own application minted them, still opens.
         tok = create_token((data / "secret").read_text().strip(), user_id="alice", projects=["team", "ops"])
         rest = Http(server.port)
         status, _, body = rest("GET", "/api/projects/team/events", Authorization=f"Bearer {tok}")
