@@ -35,7 +35,8 @@ serve: $(VENV)/.installed
 # The whole suite, then the protocol suites again on a two-node cluster: every
 # in-process server gets a second node on the same PostgreSQL log and Redis bus, and
 # clients connect to the two in turn (BAROSYNC_TEST_CLUSTER=1, tests/conftest.py).
-CLUSTER_CONFORMANCE := tests/test_server.py tests/test_rest.py tests/test_conflicts.py tests/test_snapshot.py tests/test_presence.py tests/test_client.py
+CLUSTER_CONFORMANCE := tests/test_server.py tests/test_rest.py tests/test_conflicts.py tests/test_snapshot.py tests/test_presence.py tests/test_client.py \
+  tests/test_accounts.py tests/test_projects.py
 # Two pytest workers (pytest-xdist), each taking whole files: most tests wait on
 # sockets, subprocesses and the browser, so two run in about 60% of the time of one.
 # `make test PARALLEL=` runs them in one process.

@@ -5,7 +5,6 @@ connections closing within a second. Real LMDB, a real server on 127.0.0.1."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,6 @@ from barosync.transports.signin import ACCESS_TTL
 
 from conftest import http_exchange, running, ws_url
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("BAROSYNC_TEST_POSTGRES") or os.environ.get("BAROSYNC_TEST_CLUSTER")),
-    reason="accounts live in the LMDB data directory (a cluster signs in with its own tokens)")
-
 PASSWORD = "correct horse battery staple"
 CSRF = {"X-Barosync-Request": "1"}
 
@@ -34,15 +29,15 @@ CSRF = {"X-Barosync-Request": "1"}
 def accounts(tmp_path: Path) -> Any:
     store = open_log(Config(data_dir=tmp_path / "data"))
     try:
-        yield Accounts(store.env)  # type: ignore[attr-defined]
+        yield Accounts(store.tables(Accounts.TABLES))
     finally:
         store.close()
 
 
 def test_a_password_is_kept_as_an_argon2id_hash_and_checked(accounts: Accounts) -> None:
     accounts.create("alice", name="Alice", password=PASSWORD, projects=["team"], roles={"ops": "viewer"})
-    with accounts.env.begin(db=accounts.users) as txn:
-        stored = bytes(txn.get(b"alice"))
+    with accounts.tables.read() as txn:
+        stored = txn.get("users", b"alice") or b""
     assert PASSWORD.encode() not in stored and b"$argon2id$" in stored
     assert accounts.verify("alice", PASSWORD).name == "Alice"  # type: ignore[union-attr]
     assert accounts.verify("alice", "wrong password") is None
@@ -211,7 +206,7 @@ def test_accounts_and_sessions_go_with_a_backup(tmp_path: Path) -> None:
     data = tmp_path / "data"
     store = open_log(Config(data_dir=data))
     try:
-        accounts = Accounts(store.env)  # type: ignore[attr-defined]
+        accounts = Accounts(store.tables(Accounts.TABLES))
         accounts.create("alice", name="Alice", password=PASSWORD, projects=["team"])
         secret, _ = accounts.open_session("alice", device="laptop")
     finally:
@@ -220,7 +215,7 @@ def test_accounts_and_sessions_go_with_a_backup(tmp_path: Path) -> None:
     assert ops.restore(tmp_path / "backup", tmp_path / "restored") == 0
     store = open_log(Config(data_dir=tmp_path / "restored"))
     try:
-        restored = Accounts(store.env)  # type: ignore[attr-defined]
+        restored = Accounts(store.tables(Accounts.TABLES))
         assert restored.verify("alice", PASSWORD) is not None
         assert restored.session(secret) is not None  # the same people, the same sessions
     finally:

@@ -5,7 +5,6 @@ as it was. Real LMDB, a real server on 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,11 @@ from barosync.storage.projects import RESTORE_DAYS, Projects, slug
 from conftest import event_payload, http_exchange, running, ws_url
 from test_accounts import CSRF, PASSWORD, cookie_of, mint, sign_in
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("BAROSYNC_TEST_POSTGRES") or os.environ.get("BAROSYNC_TEST_CLUSTER")),
-    reason="projects are recorded in the LMDB data directory")
-
-
 def test_ids_come_from_names_and_never_take_one_in_use(tmp_path: Path) -> None:
     assert slug("Team Offsite 2027") == "team-offsite-2027" and slug("Café ☕") == "cafe" and slug("☕") == "project"
     store = open_log(Config(data_dir=tmp_path / "data"))
     try:
-        projects = Projects(store.env)  # type: ignore[attr-defined]
+        projects = Projects(store.tables(Projects.TABLES))
         assert projects.create("Launch", by="alice").id == "launch"
         assert projects.create("Launch!", by="bob").id == "launch-2"
         assert projects.create("Ops", by="alice", taken={"ops"}).id == "ops-2"  # "ops" is a token's project
@@ -44,7 +38,7 @@ def test_ids_come_from_names_and_never_take_one_in_use(tmp_path: Path) -> None:
             projects.rename("launch", "Renamed while deleted")
         with pytest.raises(AccountError, match="no longer be restored"):
             projects.restore("launch", now=1_000_000 + RESTORE_DAYS * 86400 + 1)
-        assert Projects(store.env).deleted == {"launch"}  # type: ignore[attr-defined]  # as a restart reads it
+        assert Projects(store.tables(Projects.TABLES)).deleted == {"launch"}  # as a restart reads it
         assert projects.restore("launch", now=1_000_000 + 86400).deleted is None and not projects.deleted
     finally:
         store.close()

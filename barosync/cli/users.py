@@ -54,12 +54,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     store = open_log(config)
     try:
-        env = getattr(store, "env", None)
-        if env is None:
-            print("barosync: accounts live in the LMDB data directory; with [cluster] postgres, sign people in "
-                  "with tokens your application mints (docs/accounts.md)", file=sys.stderr)
-            return 2
-        accounts = Accounts(env)
+        # The data directory's tables, or with [cluster] postgres the nodes' shared ones.
+        accounts = Accounts(store.tables(Accounts.TABLES))
         try:
             return _run(args, accounts)
         except AccountError as e:

@@ -92,11 +92,14 @@ class App:
         self._async_authenticate = has_async_impls(self.pm.hook.barosync_authenticate)
         self._async_authorize = has_async_impls(self.pm.hook.barosync_authorize)
         self.writer = Writer(self.store, self.hub.on_batch, on_failure=self.fail, read=self.read)
-        # People's accounts and signed-in sessions (storage/accounts.py), beside the
-        # log in the data directory; a cluster signs in with its own tokens for now.
-        self.accounts: Accounts | None = Accounts(self.store.env) if isinstance(self.store, Store) else None
-        # ... and the projects made, renamed and deleted in the web app (storage/projects.py).
-        self.projects: Projects | None = Projects(self.store.env) if isinstance(self.store, Store) else None
+        # People's accounts and signed-in sessions (storage/accounts.py), and the
+        # projects made, renamed and deleted in the web app (storage/projects.py), in
+        # tables beside the log: the data directory's, or a cluster's PostgreSQL.
+        tables = self.store.tables(Accounts.TABLES + Projects.TABLES)
+        self.accounts: Accounts | None = Accounts(tables)
+        self.projects: Projects | None = Projects(tables)
+        # Whether their calls wait on the network: then they run in worker threads.
+        self._tables_block = tables.blocking
         # With no account yet, whoever opens the setup link with this code names the
         # owner (printed at start; used once; a restart makes a new one).
         self.setup_code: str | None = (secrets.token_urlsafe(24) if self.accounts is not None
@@ -248,16 +251,23 @@ class App:
             return None
         if identity is None or identity.scope != scope:
             return None
-        if identity.session_id is not None and not self.signed_in(identity):
+        if identity.session_id is not None and not await self.tables_call(self.signed_in, identity):
             return None  # minted from a session that has signed out since
         if (scope == "feed" and self.accounts is not None and identity.token_id is not None
-                and self.accounts.feed_live(identity.token_id, identity.user_id) is False):
+                and await self.tables_call(self.accounts.feed_live, identity.token_id, identity.user_id) is False):
             return None  # a feed made in the web app and revoked since, or its user out
         problem = identity_problem(identity)
         if problem is not None:
             log.warning("refused a token for user %r: %s", identity.user_id, problem)
             return None
         return identity
+
+    async def tables_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A call into the accounts or projects: in a worker thread when their tables
+        are PostgreSQL's (a network round trip), directly on LMDB (microseconds)."""
+        if self._tables_block:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
 
     def signed_in(self, identity: Identity) -> bool:
         """Whether the session an identity's token was minted from is still on, and the
@@ -275,6 +285,8 @@ class App:
         while True:
             await trio.sleep(SIGNED_OUT_CHECK)
             verdicts: dict[str, bool] = {}
+            if self._tables_block and self.projects is not None:
+                await trio.to_thread.run_sync(self.projects.refresh)  # another node may have deleted one
             deleted = self.projects.deleted if self.projects is not None else frozenset()
             for conn in list(self.sessions):
                 if deleted and not deleted.isdisjoint(conn.subscriptions):
@@ -285,7 +297,7 @@ class App:
                     continue
                 live = verdicts.get(identity.session_id)
                 if live is None:
-                    live = verdicts[identity.session_id] = self.signed_in(identity)
+                    live = verdicts[identity.session_id] = await self.tables_call(self.signed_in, identity)
                 if not live:
                     conn.close(protocol.CLOSE_TOKEN_INVALID, "signed out, or your access changed: reconnect")
 

@@ -1,7 +1,9 @@
-"""Accounts: a team's users and their signed-in sessions, in the data directory.
+"""Accounts: a team's users and their signed-in sessions.
 
-Two sub-databases of the store's LMDB environment, so `barosync backup` copies them
-with the calendars (one consistent read transaction) and a restore brings them back:
+Tables (tables.py) beside the log: sub-databases of the data directory's LMDB
+environment, so `barosync backup` copies them with the calendars (one consistent read
+transaction) and a restore brings them back; in a cluster, PostgreSQL's, shared by
+the nodes:
 
 - ``users``: user id -> {name, password (argon2id), projects, roles, disabled, created};
 - ``signins``: session id -> {user, device, created, lastUsed, revoked}, and
@@ -17,7 +19,8 @@ with the calendars (one consistent read transaction) and a restore brings them b
 
 Passwords are hashed with argon2id through argon2-cffi (its default parameters: 64
 MiB, 3 passes). Hashing and checking cost ~0.1 s: callers on the event loop run
-them in a worker thread. Everything here is synchronous.
+them in a worker thread, as they do every call here when the tables are PostgreSQL's
+(``tables.blocking``). Everything here is synchronous.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ import time
 from typing import Any, Iterable
 
 import attrs
-import lmdb
 import orjson
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from .tables import Tables
 from ..domain.models import ALL_PROJECTS, EDITOR, OWNER, Identity, ValidationError, check_id, parse_roles
 
 # A password shorter than this is refused when it is set (NIST SP 800-63B: at least 8).
@@ -54,6 +57,10 @@ class AccountError(ValueError):
 class PasswordRefused(AccountError):
     """The password given for an existing account is not its password (a guess, for
     the sign-in limits)."""
+
+
+class OwnerExists(AccountError):
+    """The setup link's owner is made only while there is no user."""
 
 
 @attrs.frozen
@@ -126,34 +133,33 @@ def check_password(password: Any) -> str:
 
 
 class Accounts:
-    """Users and sessions, on the store's LMDB environment."""
+    """Users and sessions, in ``tables``."""
 
-    def __init__(self, env: lmdb.Environment) -> None:
-        self.env = env
-        self.users = env.open_db(b"users")
-        self.signins = env.open_db(b"signins")
-        self.signin_keys = env.open_db(b"signin_keys")
-        self.invites = env.open_db(b"invites")
-        self.feeds = env.open_db(b"feeds")
-        self.subjects = env.open_db(b"oidc_subjects")
+    TABLES = ("users", "signins", "signin_keys", "invites", "feeds", "oidc_subjects")
+
+    def __init__(self, tables: Tables) -> None:
+        self.tables = tables
 
     # -- users ---------------------------------------------------------------------------
 
     def any_user(self) -> bool:
-        with self.env.begin(db=self.users) as txn:
-            return txn.cursor().first()
+        with self.tables.read() as txn:
+            return bool(txn.items("users"))
 
     def get(self, user_id: str) -> User | None:
-        with self.env.begin(db=self.users) as txn:
-            raw = txn.get(user_id.encode())
+        with self.tables.read() as txn:
+            raw = txn.get("users", user_id.encode())
         return _user(user_id, raw) if raw is not None else None
 
     def list(self) -> list[User]:
-        with self.env.begin(db=self.users) as txn:
-            return [_user(k.decode(), v) for k, v in txn.cursor()]
+        with self.tables.read() as txn:
+            return [_user(k.decode(), v) for k, v in txn.items("users")]
 
     def create(self, user_id: str, *, name: str | None, password: str | None, projects: Iterable[str] | str,
-               roles: dict[str, str] | None = None, admin: bool = False, now: float | None = None) -> User:
+               roles: dict[str, str] | None = None, admin: bool = False, now: float | None = None,
+               first: bool = False) -> User:
+        """A new user; ``first``: only while there is no user at all (the setup link's
+        owner: in the same transaction, so two nodes' links cannot both make one)."""
         try:
             check_id(user_id, "user")
             parse_roles(roles)
@@ -166,21 +172,23 @@ class Accounts:
         record = {"name": name, "password": _hasher.hash(check_password(password)) if password is not None else None,
                   "projects": projects if projects == ALL_PROJECTS else sorted(set(projects)),
                   "roles": dict(roles or {}), "admin": admin, "created": int(now if now is not None else time.time())}
-        with self.env.begin(db=self.users, write=True) as txn:
-            if not txn.put(user_id.encode(), orjson.dumps(record), overwrite=False):
+        with self.tables.write() as txn:
+            if first and txn.items("users"):
+                raise OwnerExists("the owner exists already: sign in instead")
+            if not txn.put("users", user_id.encode(), orjson.dumps(record), overwrite=False):
                 raise AccountError(f"user {user_id!r} exists already")
         user = self.get(user_id)
         assert user is not None
         return user
 
     def _change(self, user_id: str, **changes: Any) -> dict[str, Any]:
-        with self.env.begin(db=self.users, write=True) as txn:
-            raw = txn.get(user_id.encode())
+        with self.tables.write() as txn:
+            raw = txn.get("users", user_id.encode())
             if raw is None:
                 raise AccountError(f"no user {user_id!r} (`barosync user list` shows them)")
             record = orjson.loads(raw)
             record.update(changes)
-            txn.put(user_id.encode(), orjson.dumps(record))
+            txn.put("users", user_id.encode(), orjson.dumps(record))
         return record
 
     def set_password(self, user_id: str, password: str) -> None:
@@ -228,8 +236,8 @@ class Accounts:
     def verify(self, user_id: str, password: str) -> User | None:
         """The user if the password is theirs and they may sign in; the same cost and
         the same None whether the user is unknown, disabled or the password wrong."""
-        with self.env.begin(db=self.users) as txn:
-            raw = txn.get(user_id.encode()) if isinstance(user_id, str) and user_id else None
+        with self.tables.read() as txn:
+            raw = txn.get("users", user_id.encode()) if isinstance(user_id, str) and user_id else None
         stored = (orjson.loads(raw)["password"] if raw is not None else None) or _DUMMY
         try:
             _hasher.verify(stored, password[:MAX_PASSWORD_CHARS])
@@ -251,8 +259,8 @@ class Accounts:
         existing account's: that would hand it over); its name, and its access when
         given as (projects, roles, admin), follow the provider at each sign-in."""
         key = hashlib.sha256(f"{issuer}\0{subject}".encode()).digest()
-        with self.env.begin(db=self.subjects) as txn:
-            linked = txn.get(key)
+        with self.tables.read() as txn:
+            linked = txn.get("oidc_subjects", key)
         projects, roles, admin = access if access is not None else (frozenset(), {}, False)
         if linked is None:
             base = wanted_id if _usable_id(wanted_id) else "user"
@@ -261,8 +269,8 @@ class Accounts:
                 n += 1
                 user_id = f"{base}-{n}"
             self.create(user_id, name=name, password=None, projects=projects, roles=roles or None, admin=admin)
-            with self.env.begin(db=self.subjects, write=True) as txn:
-                txn.put(key, user_id.encode())
+            with self.tables.write() as txn:
+                txn.put("oidc_subjects", key, user_id.encode())
         else:
             user_id = linked.decode()
             changes: dict[str, Any] = {"name": (name or user_id)[:MAX_NAME_CHARS]}
@@ -287,8 +295,8 @@ class Accounts:
         code = secrets.token_urlsafe(24)
         expires = int((now if now is not None else time.time()) + ttl)
         record = {"project": project, "role": role, "by": by, "expires": expires, "usedBy": None}
-        with self.env.begin(db=self.invites, write=True) as txn:
-            txn.put(secret_key(code), orjson.dumps(record))
+        with self.tables.write() as txn:
+            txn.put("invites", secret_key(code), orjson.dumps(record))
         return code, expires
 
     def accept(self, code: str, user_id: str, *, name: str | None, password: str,
@@ -319,8 +327,8 @@ class Accounts:
     def _claim(self, code: str, user_id: str | None, now: float | None) -> dict[str, Any]:
         """Mark an invite used by ``user_id`` (None: unused again), in one write: two
         requests at once cannot both use it."""
-        with self.env.begin(db=self.invites, write=True) as txn:
-            raw = txn.get(secret_key(code)) if isinstance(code, str) else None
+        with self.tables.write() as txn:
+            raw = txn.get("invites", secret_key(code)) if isinstance(code, str) else None
             invite = orjson.loads(raw) if raw is not None else None
             if user_id is not None and (invite is None or invite["usedBy"] is not None
                                         or invite["expires"] < (now if now is not None else time.time())):
@@ -328,7 +336,7 @@ class Accounts:
                                    "ask for a new one")
             if invite is not None:
                 invite["usedBy"] = user_id
-                txn.put(secret_key(code), orjson.dumps(invite))
+                txn.put("invites", secret_key(code), orjson.dumps(invite))
         assert invite is not None
         return invite
 
@@ -341,16 +349,16 @@ class Accounts:
         session_id = secrets.token_hex(8)
         record = {"id": session_id, "user": user_id, "device": device[:MAX_DEVICE_CHARS], "created": at,
                   "lastUsed": at}
-        with self.env.begin(write=True) as txn:
-            txn.put(session_id.encode(), orjson.dumps(record), db=self.signins)
-            txn.put(secret_key(secret), session_id.encode(), db=self.signin_keys)
+        with self.tables.write() as txn:
+            txn.put("signins", session_id.encode(), orjson.dumps(record))
+            txn.put("signin_keys", secret_key(secret), session_id.encode())
         return secret, _signin(orjson.dumps(record))
 
     def session(self, secret: str) -> SignedIn | None:
         """The live session this secret opens (None: unknown or revoked)."""
-        with self.env.begin() as txn:
-            session_id = txn.get(secret_key(secret), db=self.signin_keys)
-            raw = txn.get(session_id, db=self.signins) if session_id is not None else None
+        with self.tables.read() as txn:
+            session_id = txn.get("signin_keys", secret_key(secret))
+            raw = txn.get("signins", session_id) if session_id is not None else None
         found = _signin(raw) if raw is not None else None
         return found if found is not None and not found.revoked else None
 
@@ -359,9 +367,9 @@ class Accounts:
         """Whether a session, by id, is still signed in, its user enabled and (when
         given) the user's projects and roles still those a token says (a read of two
         keys: cheap enough to ask for every open connection every second)."""
-        with self.env.begin() as txn:
-            raw = txn.get(session_id.encode(), db=self.signins)
-            found_user = txn.get(user_id.encode(), db=self.users)
+        with self.tables.read() as txn:
+            raw = txn.get("signins", session_id.encode())
+            found_user = txn.get("users", user_id.encode())
         if raw is None or found_user is None:
             return False
         user = _user(user_id, found_user)
@@ -371,16 +379,16 @@ class Accounts:
         return (projects is None or user.projects == projects) and (roles is None or user.roles == roles)
 
     def touch(self, session_id: str, now: float | None = None) -> None:
-        with self.env.begin(db=self.signins, write=True) as txn:
-            raw = txn.get(session_id.encode())
+        with self.tables.write() as txn:
+            raw = txn.get("signins", session_id.encode())
             if raw is not None:
                 record = orjson.loads(raw)
                 record["lastUsed"] = int(now if now is not None else time.time())
-                txn.put(session_id.encode(), orjson.dumps(record))
+                txn.put("signins", session_id.encode(), orjson.dumps(record))
 
     def sessions_of(self, user_id: str) -> list[SignedIn]:
-        with self.env.begin(db=self.signins) as txn:
-            found = [_signin(v) for _, v in txn.cursor()]
+        with self.tables.read() as txn:
+            found = [_signin(v) for _, v in txn.items("signins")]
         return sorted((s for s in found if s.user == user_id and not s.revoked), key=lambda s: -s.last_used)
 
     def revoke(self, user_id: str, session_id: str) -> bool:
@@ -392,12 +400,12 @@ class Accounts:
 
     def _revoke(self, which: Any) -> int:
         count = 0
-        with self.env.begin(db=self.signins, write=True) as txn:
-            for key, raw in list(txn.cursor()):
+        with self.tables.write() as txn:
+            for key, raw in txn.items("signins"):
                 record = orjson.loads(raw)
                 if which(record) and not record.get("revoked"):
                     record["revoked"] = True
-                    txn.put(key, orjson.dumps(record))
+                    txn.put("signins", key, orjson.dumps(record))
                     count += 1
         return count
 
@@ -407,33 +415,33 @@ class Accounts:
         """A feed of ``project`` for ``user_id``: its id is the jti of the feed's token."""
         feed = Feed(id=secrets.token_hex(12), user=user_id, project=project,
                     created=int(now if now is not None else time.time()))
-        with self.env.begin(db=self.feeds, write=True) as txn:
-            txn.put(feed.id.encode(), orjson.dumps({"user": user_id, "project": project, "created": feed.created}))
+        with self.tables.write() as txn:
+            txn.put("feeds", feed.id.encode(), orjson.dumps({"user": user_id, "project": project, "created": feed.created}))
         return feed
 
     def feeds_of(self, user_id: str) -> list[Feed]:
-        with self.env.begin(db=self.feeds) as txn:
-            found = [(k.decode(), orjson.loads(v)) for k, v in txn.cursor()]
+        with self.tables.read() as txn:
+            found = [(k.decode(), orjson.loads(v)) for k, v in txn.items("feeds")]
         return sorted((Feed(id=k, user=d["user"], project=d["project"], created=d["created"])
                        for k, d in found if d["user"] == user_id and not d.get("revoked")), key=lambda f: -f.created)
 
     def revoke_feed(self, user_id: str, feed_id: str) -> bool:
         """Stop one of the user's feeds; whether it was live."""
-        with self.env.begin(db=self.feeds, write=True) as txn:
-            raw = txn.get(feed_id.encode())
+        with self.tables.write() as txn:
+            raw = txn.get("feeds", feed_id.encode())
             record = orjson.loads(raw) if raw is not None else None
             if record is None or record["user"] != user_id or record.get("revoked"):
                 return False
             record["revoked"] = True  # kept: a revoked feed's token must not pass as one the CLI made
-            txn.put(feed_id.encode(), orjson.dumps(record))
+            txn.put("feeds", feed_id.encode(), orjson.dumps(record))
         return True
 
     def feed_live(self, feed_id: str, user_id: str) -> bool | None:
         """Whether a feed made here still opens: not revoked, its user enabled and still
         a reader of its project. None: no such feed here (a token from the command line)."""
-        with self.env.begin() as txn:
-            raw = txn.get(feed_id.encode(), db=self.feeds)
-            found_user = txn.get(user_id.encode(), db=self.users)
+        with self.tables.read() as txn:
+            raw = txn.get("feeds", feed_id.encode())
+            found_user = txn.get("users", user_id.encode())
         if raw is None:
             return None
         record = orjson.loads(raw)

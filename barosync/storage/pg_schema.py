@@ -8,6 +8,8 @@ Tables (``barosync_`` prefix):
 - ``index``     id -> project (kept after a delete until its deletion leaves the history)
 - ``changelog`` (project, seq) -> event id, version, time, the change message JSON as fanned out
 - ``idem``      (user, envelope id) -> project, seq, the original answer
+- ``tables``    (tbl, key) -> value: accounts, sessions, invites, feeds and projects
+                (tables.py, pg_tables.py)
 - ``meta``      key -> value (``data_id``: the history's id, which clients compare; a
                 restored database gets a new one, see docs/cluster.md; ``schema``)
 """
@@ -45,6 +47,8 @@ CREATE INDEX IF NOT EXISTS barosync_changelog_event_versions ON barosync_changel
 CREATE TABLE IF NOT EXISTS barosync_idem (user_id text NOT NULL, envelope_id text NOT NULL, project text NOT NULL,
     seq bigint, answer bytea NOT NULL, PRIMARY KEY (user_id, envelope_id));
 CREATE INDEX IF NOT EXISTS barosync_idem_by_seq ON barosync_idem (project, seq);
+CREATE TABLE IF NOT EXISTS barosync_tables (tbl text NOT NULL, key bytea NOT NULL, value bytea NOT NULL,
+    PRIMARY KEY (tbl, key));
 """
 
 

@@ -34,6 +34,7 @@ from ..buglog import BugLog
 from .commit import Mutation, Outcome, Rules, edited_at, error
 from ..config import Config, ConfigError
 from .pg_schema import prepare
+from .pg_tables import PgTables
 
 log = logging.getLogger(__name__)
 _bugs = BugLog(log)
@@ -92,6 +93,10 @@ class PgStore:
                     open=True)
         with self._pool.connection() as conn:
             yield conn
+
+    def tables(self, names: tuple[str, ...]) -> PgTables:
+        """The accounts' and projects' tables (pg_tables.py), shared by the nodes."""
+        return PgTables(self._read)
 
     def _writer(self) -> psycopg.Connection:
         if self._writes is None or self._writes.closed or self._writes.broken:

@@ -1,7 +1,8 @@
 """Projects a team made in the web app: their names, and which are deleted.
 
-A project's events live in the log under its id (storage/store.py); this sub-database
-of the same LMDB environment (so backup and restore carry it) adds what people see:
+A project's events live in the log under its id (storage/store.py); a table beside the
+accounts' (tables.py: in the LMDB environment, so backup and restore carry it; in a
+cluster, PostgreSQL's) adds what people see:
 
 - ``projects``: project id -> {name, by, created, deleted}. ``deleted`` is when an owner
   deleted it (null: it is not). A deleted project is closed to everyone, on every
@@ -20,10 +21,10 @@ import unicodedata
 from typing import Iterable
 
 import attrs
-import lmdb
 import orjson
 
 from .accounts import AccountError
+from .tables import Tables
 
 RESTORE_DAYS = 30
 MAX_PROJECT_NAME_CHARS = 100
@@ -60,22 +61,28 @@ def slug(name: str) -> str:
 
 
 class Projects:
-    """Project records on the store's LMDB environment. Only the server writes them,
-    so the deleted ones are also kept in memory: every authorization asks."""
+    """Project records, in ``tables``. The deleted ones are also kept in memory,
+    because every authorization asks: this process's changes update it at once, and
+    ``refresh`` reads another node's (core/app.py, every SIGNED_OUT_CHECK seconds)."""
 
-    def __init__(self, env: lmdb.Environment) -> None:
-        self.env = env
-        self.db = env.open_db(b"projects")
-        self.deleted: frozenset[str] = frozenset(p.id for p in self.list() if p.deleted is not None)
+    TABLES = ("projects",)
+
+    def __init__(self, tables: Tables) -> None:
+        self.tables = tables
+        self.deleted: frozenset[str] = frozenset()
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.deleted = frozenset(p.id for p in self.list() if p.deleted is not None)
 
     def get(self, project_id: str) -> Project | None:
-        with self.env.begin(db=self.db) as txn:
-            raw = txn.get(project_id.encode())
+        with self.tables.read() as txn:
+            raw = txn.get("projects", project_id.encode())
         return _project(project_id, raw) if raw is not None else None
 
     def list(self) -> list[Project]:
-        with self.env.begin(db=self.db) as txn:
-            return [_project(k.decode(), v) for k, v in txn.cursor()]
+        with self.tables.read() as txn:
+            return [_project(k.decode(), v) for k, v in txn.items("projects")]
 
     def name(self, project_id: str) -> str:
         found = self.get(project_id)
@@ -87,37 +94,37 @@ class Projects:
         name = check_name(name)
         base, taken = slug(name), set(taken)
         record = {"name": name, "by": by, "created": int(now if now is not None else time.time()), "deleted": None}
-        with self.env.begin(db=self.db, write=True) as txn:
+        with self.tables.write() as txn:
             project_id, n = base, 1
-            while project_id in taken or txn.get(project_id.encode()) is not None:
+            while project_id in taken or txn.get("projects", project_id.encode()) is not None:
                 n += 1
                 project_id = f"{base}-{n}"
-            txn.put(project_id.encode(), orjson.dumps(record))
+            txn.put("projects", project_id.encode(), orjson.dumps(record))
         return _project(project_id, orjson.dumps(record))
 
     def rename(self, project_id: str, name: str, *, now: float | None = None) -> Project:
         """A project named anew (one made before records existed gets its record)."""
         name = check_name(name)
-        with self.env.begin(db=self.db, write=True) as txn:
-            raw = txn.get(project_id.encode())
+        with self.tables.write() as txn:
+            raw = txn.get("projects", project_id.encode())
             record = orjson.loads(raw) if raw is not None else {
                 "by": None, "created": int(now if now is not None else time.time()), "deleted": None}
             if record["deleted"] is not None:
                 raise AccountError(f"project {project_id!r} is deleted: restore it first")
             record["name"] = name
-            txn.put(project_id.encode(), orjson.dumps(record))
+            txn.put("projects", project_id.encode(), orjson.dumps(record))
         return _project(project_id, orjson.dumps(record))
 
     def delete(self, project_id: str, *, now: float | None = None) -> Project:
         """Closed to everyone from now on; restorable for RESTORE_DAYS days."""
         at = int(now if now is not None else time.time())
-        with self.env.begin(db=self.db, write=True) as txn:
-            raw = txn.get(project_id.encode())
+        with self.tables.write() as txn:
+            raw = txn.get("projects", project_id.encode())
             record = orjson.loads(raw) if raw is not None else {"name": project_id, "by": None, "created": at}
             if record.get("deleted") is not None:
                 raise AccountError(f"project {project_id!r} is deleted already")
             record["deleted"] = at
-            txn.put(project_id.encode(), orjson.dumps(record))
+            txn.put("projects", project_id.encode(), orjson.dumps(record))
         self.deleted = self.deleted | {project_id}
         return _project(project_id, orjson.dumps(record))
 
@@ -130,9 +137,9 @@ class Projects:
         if (now if now is not None else time.time()) > until:
             raise AccountError(f"project {project_id!r} was deleted more than {RESTORE_DAYS} days ago: "
                                "it can no longer be restored")
-        with self.env.begin(db=self.db, write=True) as txn:
-            record = orjson.loads(txn.get(project_id.encode()))
+        with self.tables.write() as txn:
+            record = orjson.loads(txn.get("projects", project_id.encode()) or b"{}")
             record["deleted"] = None
-            txn.put(project_id.encode(), orjson.dumps(record))
+            txn.put("projects", project_id.encode(), orjson.dumps(record))
         self.deleted = self.deleted - {project_id}
         return _project(project_id, orjson.dumps(record))

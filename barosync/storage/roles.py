@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
+from .tables import Tables
+
 if TYPE_CHECKING:
     from .commit import Mutation, Outcome
 
@@ -56,6 +58,9 @@ class LogStore(Protocol):
     def probe_space(self, nbytes: int) -> None: ...
     def grow_if_needed(self, *, force: bool = False) -> bool: ...
     def map_usage(self) -> tuple[int, int]: ...
+
+    # -- the accounts' and projects' tables (tables.py), beside the log --
+    def tables(self, names: tuple[str, ...]) -> Tables: ...
 
     def close(self) -> None: ...
 

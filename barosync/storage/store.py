@@ -46,6 +46,7 @@ from ..wire import protocol
 from .commit import Mutation, Outcome, Rules, error, now_ms  # noqa: F401
 from .lmdb_layout import U64, db_key, index_key, seq_key
 from .lmdb_txn import LmdbTxn, forget_change
+from .tables import LmdbTables
 from ..buglog import BugLog
 from ..config import Config, ConfigError, private_dir
 
@@ -88,7 +89,7 @@ class Store:
         self.env = lmdb.open(
             str(self.path),
             map_size=map_size,
-            max_dbs=16,
+            max_dbs=32,  # the log's 8, the accounts' and projects' tables, room to grow
             # Every snapshot being sent holds a read transaction (sent in pieces from
             # one consistent view): 100 subscribers joining at once need 100.
             max_readers=MAX_READERS,
@@ -158,6 +159,11 @@ class Store:
         log.warning("migrated the data in %s from schema 1 to %d: events are (project, id) now (%d ids, %d versions%s)",
                     self.path, SCHEMA_VERSION, len(homes), len(versions) - lost,
                     f"; {lost} version entries of forgotten ids dropped" if lost else "")
+
+    def tables(self, names: tuple[str, ...]) -> LmdbTables:
+        """The accounts' and projects' tables (tables.py): sub-databases of this
+        environment, so backups carry them."""
+        return LmdbTables(self.env, names)
 
     def close(self) -> None:
         self.env.close()

@@ -59,7 +59,7 @@ from ..domain.ratelimit import Limiter
 from ..hooks.auth import FEED_TTL, create_token
 from ..calendars import app_passwords
 from ..domain.models import ALL_PROJECTS, EDITOR, OWNER, ROLES
-from ..storage.accounts import AccountError, Accounts, PasswordRefused, SignedIn, User
+from ..storage.accounts import AccountError, Accounts, OwnerExists, PasswordRefused, SignedIn, User
 from ..storage.projects import Projects
 from ..wire import protocol
 from .oidc import OpenIdConnect
@@ -94,7 +94,7 @@ class SignIn:
         self._checks = trio.CapacityLimiter(PASSWORD_CHECKS)
         # Sign-in with the team's identity provider, when [oidc] names one.
         self.oidc = OpenIdConnect(app.config, lambda: self.accounts, self._signed_in_now) \
-            if app.config.oidc_issuer and app.accounts is not None else None
+            if app.config.oidc_issuer else None
 
     def _provider(self) -> OpenIdConnect:
         if self.oidc is None:
@@ -103,9 +103,7 @@ class SignIn:
 
     @property
     def accounts(self) -> Accounts:
-        if self.app.accounts is None:
-            raise HttpError(501, "not_available", "accounts need the LMDB data directory; a cluster signs in with tokens "
-                                             "minted by your own application (docs/accounts.md)")
+        assert self.app.accounts is not None
         return self.app.accounts
 
     async def handle(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, *,
@@ -131,7 +129,7 @@ class SignIn:
             return await self._app_passwords(method, headers, body)
         if path.startswith("/auth/app-passwords/") and method == b"DELETE":
             _check_request(headers)
-            user, _ = self._signed_in(headers)
+            user, _ = await self._signed_in(headers)
             which = path.removeprefix("/auth/app-passwords/")
             if not any(e["id"] == which for e in self._own_app_passwords(user.id)):
                 raise HttpError(404, "not_found", f"no app password {which!r} of yours")
@@ -140,12 +138,12 @@ class SignIn:
         if path == "/auth/feeds" and method == b"POST":
             return await self._feed(headers, body)
         if path == "/auth/feeds" and method == b"GET":
-            user, _ = self._signed_in(headers)
+            user, _ = await self._signed_in(headers)
             return 200, {"feeds": [{"id": f.id, "project": f.project, "created": f.created}
-                                   for f in self.accounts.feeds_of(user.id)]}, []
+                                   for f in await self.app.tables_call(self.accounts.feeds_of, user.id)]}, []
         if path.startswith("/auth/feeds/") and method == b"DELETE":
             _check_request(headers)
-            user, _ = self._signed_in(headers)
+            user, _ = await self._signed_in(headers)
             feed_id = path.removeprefix("/auth/feeds/")
             if not await trio.to_thread.run_sync(self.accounts.revoke_feed, user.id, feed_id):
                 raise HttpError(404, "not_found", f"no feed {feed_id!r} of yours")
@@ -161,23 +159,23 @@ class SignIn:
         if path == "/auth/accept" and method == b"POST":
             return await self._accept(headers, body, peer)
         if path == "/auth/me" and method == b"GET":
-            user, _ = self._signed_in(headers)
+            user, _ = await self._signed_in(headers)
             return 200, {"user": {"id": user.id, "name": user.name}}, []
         if path == "/auth/token" and method == b"POST":
             return await self._token(headers)
         if path == "/auth/signout" and method == b"POST":
             _check_request(headers)
-            user, session = self._signed_in(headers)
+            user, session = await self._signed_in(headers)
             await trio.to_thread.run_sync(self.accounts.revoke, user.id, session.id)
             return 200, {"signedOut": session.id}, [_cookie(headers, "", max_age=0)]
         if path == "/auth/sessions" and method == b"GET":
-            user, current = self._signed_in(headers)
+            user, current = await self._signed_in(headers)
             return 200, {"sessions": [
                 {"id": s.id, "device": s.device, "created": s.created, "lastUsed": s.last_used,
-                 "current": s.id == current.id} for s in self.accounts.sessions_of(user.id)]}, []
+                 "current": s.id == current.id} for s in await self.app.tables_call(self.accounts.sessions_of, user.id)]}, []
         if path.startswith("/auth/sessions/") and method == b"DELETE":
             _check_request(headers)
-            user, _ = self._signed_in(headers)
+            user, _ = await self._signed_in(headers)
             session_id = path.removeprefix("/auth/sessions/")
             if not await trio.to_thread.run_sync(self.accounts.revoke, user.id, session_id):
                 raise HttpError(404, "not_found", f"no signed-in session {session_id!r} of yours")
@@ -198,7 +196,9 @@ class SignIn:
         try:
             user = await trio.to_thread.run_sync(lambda: self.accounts.create(
                 str(given.get("user") or ""), name=given.get("name") or None, password=given.get("password"),
-                projects=ALL_PROJECTS, admin=True))
+                projects=ALL_PROJECTS, admin=True, first=True))
+        except OwnerExists:  # made through another node's setup link, or the CLI
+            raise HttpError(403, "setup_done", "the owner exists already: sign in instead") from None
         except AccountError as e:
             self.app.setup_code = code
             raise HttpError(400, "invalid", str(e)) from None
@@ -210,11 +210,11 @@ class SignIn:
 
     async def _app_passwords(self, method: bytes, headers: dict[bytes, bytes], body: bytes) -> Answer:
         if method == b"GET":
-            user, _ = self._signed_in(headers)
+            user, _ = await self._signed_in(headers)
             return 200, {"appPasswords": [{"id": e["id"], "name": e["name"], "created": e["created"]}
                                           for e in self._own_app_passwords(user.id)]}, []
         _check_request(headers)
-        user, _ = self._signed_in(headers)
+        user, _ = await self._signed_in(headers)
         name = _json(body).get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise HttpError(400, "invalid", "name the app password (1 to 100 characters), e.g. \"Bob's phone\"")
@@ -227,7 +227,7 @@ class SignIn:
 
     async def _feed(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
         _check_request(headers)
-        user, _ = self._signed_in(headers)
+        user, _ = await self._signed_in(headers)
         project = _json(body).get("project")
         if not isinstance(project, str) or user.role(project) is None:
             raise HttpError(403, "forbidden", f"you may not open project {project!r}")
@@ -243,7 +243,7 @@ class SignIn:
         """A project's members and their roles; an owner changes a role or removes one."""
         if method == b"POST":
             _check_request(headers)
-        user, _ = self._signed_in(headers)
+        user, _ = await self._signed_in(headers)
         if not user.may_invite(project):
             raise HttpError(403, "forbidden", f"only an owner of project {project!r} sees and changes its members")
         if method == b"POST":
@@ -258,23 +258,22 @@ class SignIn:
                 raise HttpError(400, "invalid", str(e)) from None
             log.info("user %r set %r's role in %r to %s", user.id, member, project, role)
         return 200, {"members": [{"id": u.id, "name": u.name, "role": role, "everyProject": u.projects == ALL_PROJECTS}
-                                 for u, role in self.accounts.members(project)]}, []
+                                 for u, role in await self.app.tables_call(self.accounts.members, project)]}, []
 
     @property
     def projects(self) -> Projects:
-        if self.app.projects is None:
-            raise HttpError(501, "not_available", "projects are made in the web app with the LMDB data directory only")
+        assert self.app.projects is not None
         return self.app.projects
 
     async def _projects(self, method: bytes, headers: dict[bytes, bytes], body: bytes) -> Answer:
         """The user's projects by name, and those deleted that they may restore; or a new one."""
         if method == b"POST":
             _check_request(headers)
-        user, _ = self._signed_in(headers)
-        records = {p.id: p for p in self.projects.list()}
+        user, _ = await self._signed_in(headers)
+        records = {p.id: p for p in await self.app.tables_call(self.projects.list)}
         if method == b"POST":
             taken = {p for p, _ in await self.app.queries.projects()}
-            for other in self.accounts.list():
+            for other in await self.app.tables_call(self.accounts.list):
                 taken |= ({*other.projects} if other.projects != ALL_PROJECTS else set()) | {p for p, _ in other.roles}
             try:
                 made = await trio.to_thread.run_sync(lambda: self.projects.create(
@@ -299,7 +298,7 @@ class SignIn:
     async def _project(self, method: bytes, rest: str, headers: dict[bytes, bytes], body: bytes) -> Answer:
         """Rename, delete or restore a project: its owners, or the owner made at setup."""
         _check_request(headers)
-        user, _ = self._signed_in(headers)
+        user, _ = await self._signed_in(headers)
         project, _, verb = rest.partition("/")
         change = {(b"POST", ""): "renamed", (b"DELETE", ""): "deleted", (b"POST", "restore"): "restored"}.get((method, verb))
         if change is None:
@@ -321,7 +320,7 @@ class SignIn:
 
     async def _invite(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
         _check_request(headers)
-        user, _ = self._signed_in(headers)
+        user, _ = await self._signed_in(headers)
         given = _json(body)
         project, role = given.get("project"), given.get("role", EDITOR)
         if not isinstance(project, str) or not user.may_invite(project):
@@ -377,17 +376,21 @@ class SignIn:
         secret, _ = await trio.to_thread.run_sync(lambda: self.accounts.open_session(user.id, device=device))
         return 200, {"user": {"id": user.id, "name": user.name}}, [_cookie(headers, secret, max_age=COOKIE_MAX_AGE)]
 
-    def _signed_in(self, headers: dict[bytes, bytes]) -> tuple[User, SignedIn]:
+    async def _signed_in(self, headers: dict[bytes, bytes]) -> tuple[User, SignedIn]:
         secret = _cookies(headers).get(COOKIE)
-        session = self.accounts.session(secret) if secret else None
-        user = self.accounts.get(session.user) if session is not None else None
+
+        def look_up() -> tuple[SignedIn | None, User | None]:
+            session = self.accounts.session(secret) if secret else None
+            return session, self.accounts.get(session.user) if session is not None else None
+
+        session, user = await self.app.tables_call(look_up)
         if session is None or user is None or user.disabled:
             raise HttpError(401, "unauthorized", "not signed in (or signed out): sign in again")
         return user, session
 
     async def _token(self, headers: dict[bytes, bytes]) -> Answer:
         _check_request(headers)
-        user, session = self._signed_in(headers)
+        user, session = await self._signed_in(headers)
         await trio.to_thread.run_sync(self.accounts.touch, session.id)
         secret = self.app.config.secret
         assert secret is not None  # serve() makes sure of one before it listens
