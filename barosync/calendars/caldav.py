@@ -192,7 +192,7 @@ class CalDav:
             raise Fail(401, "wrong user name or app password (or it was revoked)", headers=challenge)
         identity = app_identity(entry)
         if entry.get("account"):
-            user = self.app.accounts.get(identity.user_id) if self.app.accounts is not None else None
+            user = await self.app.tables_call(self.app.accounts.get, identity.user_id)
             if user is None or user.disabled:
                 raise Fail(401, "this app password's account is disabled or gone", headers=challenge)
             identity = attrs.evolve(identity, projects=user.projects, roles=user.roles)

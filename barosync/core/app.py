@@ -96,14 +96,13 @@ class App:
         # projects made, renamed and deleted in the web app (storage/projects.py), in
         # tables beside the log: the data directory's, or a cluster's PostgreSQL.
         tables = self.store.tables(Accounts.TABLES + Projects.TABLES)
-        self.accounts: Accounts | None = Accounts(tables)
-        self.projects: Projects | None = Projects(tables)
+        self.accounts = Accounts(tables)
+        self.projects = Projects(tables)
         # Whether their calls wait on the network: then they run in worker threads.
         self._tables_block = tables.blocking
         # With no account yet, whoever opens the setup link with this code names the
         # owner (printed at start; used once; a restart makes a new one).
-        self.setup_code: str | None = (secrets.token_urlsafe(24) if self.accounts is not None
-                                       and not self.accounts.any_user() else None)
+        self.setup_code: str | None = secrets.token_urlsafe(24) if not self.accounts.any_user() else None
         if self.read.blocking:
             # Reads that yield need each room kept in log order by a task of its own.
             self.hub.sequencer = Sequencer(hub=self.hub, store=self.store, read=self.read,
@@ -154,8 +153,7 @@ class App:
                 if part is not None:
                     await tasks.start(part.run)
             tasks.start_soon(self._prune_periodically)
-            if self.accounts is not None:
-                tasks.start_soon(self._close_signed_out)
+            tasks.start_soon(self._close_signed_out)
             task_status.started()
 
     async def drain(self) -> None:
@@ -253,7 +251,7 @@ class App:
             return None
         if identity.session_id is not None and not await self.tables_call(self.signed_in, identity):
             return None  # minted from a session that has signed out since
-        if (scope == "feed" and self.accounts is not None and identity.token_id is not None
+        if (scope == "feed" and identity.token_id is not None
                 and await self.tables_call(self.accounts.feed_live, identity.token_id, identity.user_id) is False):
             return None  # a feed made in the web app and revoked since, or its user out
         problem = identity_problem(identity)
@@ -272,7 +270,7 @@ class App:
     def signed_in(self, identity: Identity) -> bool:
         """Whether the session an identity's token was minted from is still on, and the
         user's projects and roles still the token's (a read of two keys)."""
-        return (self.accounts is not None and identity.session_id is not None
+        return (identity.session_id is not None
                 and self.accounts.session_live(identity.session_id, identity.user_id,
                                                projects=identity.projects, roles=identity.roles))
 
@@ -285,9 +283,9 @@ class App:
         while True:
             await trio.sleep(SIGNED_OUT_CHECK)
             verdicts: dict[str, bool] = {}
-            if self._tables_block and self.projects is not None:
+            if self._tables_block:
                 await trio.to_thread.run_sync(self.projects.refresh)  # another node may have deleted one
-            deleted = self.projects.deleted if self.projects is not None else frozenset()
+            deleted = self.projects.deleted
             for conn in list(self.sessions):
                 if deleted and not deleted.isdisjoint(conn.subscriptions):
                     conn.close(protocol.CLOSE_TOKEN_INVALID, "a project you had open was deleted: reconnect")
@@ -302,7 +300,7 @@ class App:
                     conn.close(protocol.CLOSE_TOKEN_INVALID, "signed out, or your access changed: reconnect")
 
     async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
-        if self.projects is not None and project_id in self.projects.deleted:
+        if project_id in self.projects.deleted:
             return False  # deleted in the web app: closed to everyone until restored
         try:
             return bool(await call_first(self.pm.hook.barosync_authorize, is_async=self._async_authorize,

@@ -101,7 +101,7 @@ async def _dispatch(app: "App", method: bytes, path: str, query: str, headers: d
         return 200, _me(identity)
     if path == "/api/projects":
         _allow(method, b"GET")
-        deleted = app.projects.deleted if app.projects is not None else frozenset()
+        deleted = app.projects.deleted
         return 200, {"projects": [{"id": p, "seq": seq} for p, seq in await app.queries.projects()
                               if identity.may_access(p) and p not in deleted]}
     if m := _PROJECT_IMPORT.fullmatch(path):

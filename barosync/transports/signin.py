@@ -103,7 +103,6 @@ class SignIn:
 
     @property
     def accounts(self) -> Accounts:
-        assert self.app.accounts is not None
         return self.app.accounts
 
     async def handle(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, *,
@@ -262,7 +261,6 @@ class SignIn:
 
     @property
     def projects(self) -> Projects:
-        assert self.app.projects is not None
         return self.app.projects
 
     async def _projects(self, method: bytes, headers: dict[bytes, bytes], body: bytes) -> Answer:
