@@ -575,4 +575,20 @@ def test_a_signed_in_user_connects_a_calendar_app_without_a_terminal(chromium, s
         raise AssertionError("a revoked app password still opened the calendars")
     except urllib.error.HTTPError as e:
         assert e.code == 401
-    assert owner.errors == []
+
+    # Signed in on a second browser too: the first lists both and signs the other out.
+    laptop = App(chromium, server.url + "/")
+    laptop.page.wait_for_selector("#signin:not([hidden])")
+    laptop.page.fill("#signin-user", "olive")
+    laptop.page.fill("#signin-password", "a long owner password")
+    laptop.page.click("#signin-submit")
+    laptop.wait_connected()
+    owner.page.click("#connect-close")
+    owner.page.click("#apps")
+    owner.page.wait_for_function("() => document.getElementById('connect-sessions').children.length === 2")
+    assert sum("this browser" in t for t in owner.page.locator("#connect-sessions li").all_inner_texts()) == 1
+    owner.page.locator("#connect-sessions li button").click()  # the only one with a button: the other
+    owner.page.wait_for_function("() => document.getElementById('connect-sessions').children.length === 1")
+    laptop.page.wait_for_function("() => document.getElementById('connection').dataset.state === 'needs-auth'",
+                                  timeout=5000)
+    assert owner.errors == [] and laptop.errors == []

@@ -399,7 +399,22 @@ async function openConnect() {
   $("connect-error").textContent = "";
   $("connect-qr-box").hidden = true;
   $("connect").showModal();
-  await Promise.all([listAppPasswords(), listFeeds()]);
+  await Promise.all([listAppPasswords(), listFeeds(), listSessions()]);
+}
+
+/** The browsers and devices this user is signed in on; any but this one can be signed out. */
+async function listSessions() {
+  const r = await fetch("/auth/sessions", { credentials: "same-origin" }).catch(() => null);
+  if (!r || !r.ok) return;
+  $("connect-sessions").replaceChildren(...(await r.json()).sessions.map((s) => {
+    const text = `${s.device.slice(0, 80)} (last used ${new Date(s.lastUsed * 1000).toLocaleString()})`;
+    if (s.current) {
+      const item = document.createElement("li");
+      item.textContent = `${text}: this browser`;
+      return item;
+    }
+    return revocable(text, `/auth/sessions/${encodeURIComponent(s.id)}`, listSessions);
+  }));
 }
 
 /** One item of a list with a Revoke button that DELETEs `path`, then lists again. */
