@@ -296,6 +296,18 @@ def test_the_user_commands_make_list_change_and_disable_accounts(tmp_path: Path)
     assert reset.returncode == 0 and "signed out everywhere" in reset.stdout
     missing = user("disable", "nobody")
     assert missing.returncode == 2 and "no user 'nobody'" in missing.stderr
+    # The team's owner without a browser, and a project's owner.
+    assert user("create", "olive", "--admin", "--password-stdin", password=PASSWORD + "\n").returncode == 0
+    assert user("create", "owen", "--owner", "team", "--password-stdin", password=PASSWORD + "\n").returncode == 0
+    store = open_log(Config(data_dir=tmp_path / "data"))
+    try:
+        made = Accounts(store.tables(Accounts.TABLES))
+        olive, owen = made.get("olive"), made.get("owen")
+        assert olive is not None and olive.admin and olive.projects == "*" and olive.may_invite("any")
+        assert owen is not None and owen.role("team") == "owner" and not owen.may_invite("ops")
+    finally:
+        store.close()
+    assert "(the team's owner)" in user("list").stdout
 
 
 async def test_invites_are_for_owners_good_once_and_add_a_project_to_an_existing_account(tmp_path: Path) -> None:

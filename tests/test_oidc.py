@@ -11,6 +11,7 @@ import os
 import select
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -143,5 +144,34 @@ def test_a_teammate_signs_in_with_the_provider_and_gets_the_role_of_their_group(
         listed = subprocess.run(barosync_cmd("user", "list", "--data", str(server.data)), capture_output=True,
                                 text=True, timeout=60)
         assert listed.returncode == 0 and "carol" in listed.stdout, listed.stderr
+
+        # Dave has no barosync group at the provider: an owner's invite brings him in.
+        made = subprocess.run(barosync_cmd("user", "create", "owen", "--owner", "team", "--password-stdin", "--data",
+                                           str(server.data)), input="owen's long password\n", capture_output=True,
+                              text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        cookie = post(server, "/auth/signin", {"user": "owen", "password": "owen's long password"})[1]
+        link = post(server, "/auth/invites", {"project": "team", "role": "editor"}, cookie)[0]["link"]
+        dave = App(chromium, server.url + link)
+        dave.page.wait_for_selector("#setup-oidc:not([hidden])")
+        assert dave.text("#setup-oidc") == "Join with Test IdP"
+        dave.page.click("#setup-oidc")
+        dave.page.wait_for_url(f"{provider.issuer}/**")
+        dave.page.fill("input[name=login]", "dave")
+        dave.page.fill("input[name=password]", "anything")
+        dave.page.click("button[type=submit]")
+        dave.page.click("button:has-text('Continue')")
+        dave.wait_connected()
+        assert dave.page.locator("#project").inner_text() == "team" and dave.page.is_visible("#new-event")
+        assert dave.errors == []
     finally:
         server.stop()
+
+
+def post(server: Server, path: str, body: Any, cookie: str | None = None) -> tuple[Any, str | None]:
+    """A JSON POST to the server as a browser's script sends it: (answer, session cookie)."""
+    headers = {"X-Barosync-Request": "1", "Content-Type": "application/json", **({"Cookie": cookie} if cookie else {})}
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        set_cookie = response.headers.get("Set-Cookie")
+        return json.loads(response.read()), set_cookie.split(";", 1)[0] if set_cookie else None

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from ..config import Config
-from ..domain.models import ALL_PROJECTS, VIEWER
+from ..domain.models import ALL_PROJECTS, OWNER, VIEWER
 from ..storage.accounts import AccountError, Accounts
 
 
@@ -29,14 +29,22 @@ def add_arguments(sub: argparse._SubParsersAction, common: Callable[[argparse.Ar
     create.add_argument("--name", help="display name (default: the user name)")
     create.add_argument("--project", action="append", default=[], metavar="P", help="a project to edit (repeatable)")
     create.add_argument("--viewer", action="append", default=[], metavar="P", help="a project to read only (repeatable)")
+    create.add_argument("--owner", action="append", default=[], metavar="P",
+                        help="a project to own: edit, invite to and manage (repeatable)")
     create.add_argument("--all-projects", action="store_true", help="every project")
+    create.add_argument("--admin", action="store_true",
+                        help="the team's owner: every project, invites everywhere, the sync inspector")
     create.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     access = actions.add_parser("access", help="set what a user may open (replaces their projects; at once)")
     common(access)
     access.add_argument("user", metavar="ID")
     access.add_argument("--project", action="append", default=[], metavar="P", help="a project to edit (repeatable)")
     access.add_argument("--viewer", action="append", default=[], metavar="P", help="a project to read only (repeatable)")
+    access.add_argument("--owner", action="append", default=[], metavar="P",
+                        help="a project to own: edit, invite to and manage (repeatable)")
     access.add_argument("--all-projects", action="store_true", help="every project")
+    access.add_argument("--admin", action="store_true",
+                        help="the team's owner: every project, invites everywhere, the sync inspector")
     listing = actions.add_parser("list", help="the accounts, with their projects and signed-in sessions")
     common(listing)
     for name, text in (("disable", "sign a user out everywhere and refuse their sign-ins"),
@@ -67,23 +75,24 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 def _run(args: argparse.Namespace, accounts: Accounts) -> int:
     command = args.user_command
+    if command in ("create", "access"):
+        every = args.all_projects or args.admin
+        granted = list(dict.fromkeys([*args.project, *args.viewer, *args.owner]))
+        roles = {**{p: VIEWER for p in args.viewer}, **{p: OWNER for p in args.owner}}
     if command == "create":
-        editing = list(dict.fromkeys([*args.project, *args.viewer]))
-        if not editing and not args.all_projects:
-            print("barosync: user create needs --project P or --viewer P (repeatable), or --all-projects",
-                  file=sys.stderr)
+        if not granted and not every:
+            print("barosync: user create needs --project, --viewer or --owner P (repeatable), --all-projects or "
+                  "--admin", file=sys.stderr)
             return 2
         user = accounts.create(args.user, name=args.name, password=_password(args),
-                               projects=ALL_PROJECTS if args.all_projects else editing,
-                               roles={p: VIEWER for p in args.viewer} or None)
+                               projects=ALL_PROJECTS if every else granted, roles=roles or None, admin=args.admin)
         print(f"created {user.id!r} ({user.name}); they sign in at the web calendar's address")
         return 0
     if command == "access":
-        granted = list(dict.fromkeys([*args.project, *args.viewer]))
-        accounts.set_access(args.user, projects=ALL_PROJECTS if args.all_projects else granted,
-                            roles={p: VIEWER for p in args.viewer} or None)
-        print(f"{args.user!r} may now open: {'every project' if args.all_projects else ', '.join(granted) or 'nothing'}"
-              "; their open tabs follow within a second")
+        accounts.set_access(args.user, projects=ALL_PROJECTS if every else granted, roles=roles or None,
+                            admin=args.admin)
+        print(f"{args.user!r} may now open: {'every project' if every else ', '.join(granted) or 'nothing'}"
+              f"{' as the team owner' if args.admin else ''}; their open tabs follow within a second")
         return 0
     if command == "list":
         users = accounts.list()
@@ -97,6 +106,8 @@ def _run(args: argparse.Namespace, accounts: Accounts) -> int:
             last = max((s.last_used for s in sessions), default=None)
             seen = datetime.fromtimestamp(last, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if last else "never"
             state = "disabled" if u.disabled else f"{len(sessions)} signed-in session(s), last used {seen}"
+            if u.admin:
+                projects += " (the team's owner)"
             print(f"{u.id:<16} {u.name!r:<24} projects: {projects}; {state}")
         return 0
     if command in ("disable", "enable"):

@@ -196,15 +196,18 @@ class Accounts:
         self._change(user_id, password=_hasher.hash(check_password(password)))
         self.revoke_all(user_id)
 
-    def set_access(self, user_id: str, *, projects: Iterable[str] | str, roles: dict[str, str] | None = None) -> None:
-        """What the user may open, from now on: tokens minted before stop working and
-        the user's connections reconnect with the new access (core/app.py)."""
+    def set_access(self, user_id: str, *, projects: Iterable[str] | str, roles: dict[str, str] | None = None,
+                   admin: bool | None = None) -> None:
+        """What the user may open, from now on (``admin``, when given: whether they are
+        the team's owner): tokens minted before stop working and the user's
+        connections reconnect with the new access (core/app.py)."""
         try:
             parse_roles(roles)
         except ValidationError as e:
             raise AccountError(f"{e.field} {e.message}") from None
+        changes: dict[str, Any] = {"admin": admin} if admin is not None else {}
         self._change(user_id, projects=projects if projects == ALL_PROJECTS else sorted(set(projects)),
-                     roles=dict(roles or {}))
+                     roles=dict(roles or {}), **changes)
 
     def members(self, project: str) -> list[tuple[User, str]]:
         """Who may open ``project``, with their role there."""
@@ -313,16 +316,32 @@ class Accounts:
                                    roles={project: role} if role != EDITOR else None)
             if self.verify(user_id, password) is None:
                 raise PasswordRefused(f"{user_id!r} is taken: with their password the invite adds {project!r} to it")
-            if existing.projects != ALL_PROJECTS:
-                roles = {**dict(existing.roles), project: role}
-                self.set_access(user_id, projects=[*existing.projects, project],
-                                roles={p: r for p, r in roles.items() if r != EDITOR} or None)
-            user = self.get(user_id)
-            assert user is not None
-            return user
+            return self._grant(existing, project, role)
         except BaseException:
             self._claim(code, None, now)  # not used after all
             raise
+
+    def accept_signed_in(self, code: str, user_id: str, *, now: float | None = None) -> User:
+        """Use an invite for an account that has just signed in (with the identity
+        provider): it gains the invite's project."""
+        invite = self._claim(code, user_id, now)
+        try:
+            user = self.get(user_id)
+            if user is None:
+                raise AccountError(f"no user {user_id!r}")
+            return self._grant(user, invite["project"], invite["role"])
+        except BaseException:
+            self._claim(code, None, now)
+            raise
+
+    def _grant(self, user: User, project: str, role: str) -> User:
+        if user.projects != ALL_PROJECTS:
+            roles = {**dict(user.roles), project: role}
+            self.set_access(user.id, projects=[*user.projects, project],
+                            roles={p: r for p, r in roles.items() if r != EDITOR} or None)
+        found = self.get(user.id)
+        assert found is not None
+        return found
 
     def _claim(self, code: str, user_id: str | None, now: float | None) -> dict[str, Any]:
         """Mark an invite used by ``user_id`` (None: unused again), in one write: two

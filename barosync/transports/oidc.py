@@ -59,6 +59,7 @@ class Pending:
     verifier: str
     redirect_uri: str
     started: float
+    invite: str | None  # an invite's code: the account joins its project once signed in
 
 
 def groups_access(groups: Any, prefix: str) -> tuple[frozenset[str] | str, dict[str, str], bool] | None:
@@ -102,7 +103,8 @@ class OpenIdConnect:
                              scope=" ".join(self.config.oidc_scopes), redirect_uri=redirect_uri,
                              code_challenge_method="S256", default_timeout=PROVIDER_TIMEOUT)
 
-    async def start(self, headers: dict[bytes, bytes]) -> Answer:
+    async def start(self, query: str, headers: dict[bytes, bytes]) -> Answer:
+        invite = parse_qs(query).get("invite", [None])[0]
         try:
             metadata = await self._discover()
         except SignInFailed as e:
@@ -115,7 +117,8 @@ class OpenIdConnect:
         redirect_uri = self.config.oidc_redirect_uri or f"{_origin(headers)}/auth/oidc/callback"
         url, _ = self._client(redirect_uri).create_authorization_url(
             metadata["authorization_endpoint"], state=state, nonce=nonce, code_verifier=verifier)
-        self._pending[state] = Pending(nonce=nonce, verifier=verifier, redirect_uri=redirect_uri, started=now)
+        self._pending[state] = Pending(nonce=nonce, verifier=verifier, redirect_uri=redirect_uri, started=now,
+                                       invite=invite)
         # Lax, not Strict: the provider's redirect back is a cross-site navigation.
         cookie = (f"{STATE_COOKIE}={state}; Path=/auth/oidc/; Max-Age={SIGN_IN_TIMEOUT}; HttpOnly; SameSite=Lax"
                   f"{'; Secure' if _secure(headers) else ''}")
@@ -136,7 +139,7 @@ class OpenIdConnect:
             if not given.get("code"):
                 raise SignInFailed("the identity provider sent no code back: try again")
             claims = await self._verified_claims(given["code"], pending)
-            user = await trio.to_thread.run_sync(self._account, claims)
+            user = await trio.to_thread.run_sync(self._account, claims, pending.invite)
         except SignInFailed as e:
             log.warning("sign-in with the identity provider failed: %s", e)
             status, body, out = _back_to_sign_in(str(e))
@@ -149,8 +152,11 @@ class OpenIdConnect:
         for state in [s for s, p in self._pending.items() if now - p.started > SIGN_IN_TIMEOUT]:
             del self._pending[state]
 
-    def _account(self, claims: dict[str, Any]) -> User:
+    def _account(self, claims: dict[str, Any], invite: str | None) -> User:
         access = groups_access(claims.get(self.config.oidc_groups_claim), self.config.oidc_group_prefix)
+        if invite is not None and access is not None:
+            raise SignInFailed("your access comes from your identity provider's groups: ask for a group there, "
+                               "not an invite")
         wanted = claims.get("preferred_username") or (claims.get("email") or "").split("@")[0] or claims["sub"]
         name = claims.get("name") or wanted
         try:
@@ -160,6 +166,11 @@ class OpenIdConnect:
             raise SignInFailed(str(e)) from None
         if user.disabled:
             raise SignInFailed("this account is disabled: ask the team's owner")
+        if invite is not None:
+            try:
+                user = self._accounts().accept_signed_in(invite, user.id)
+            except AccountError as e:
+                raise SignInFailed(str(e)) from None
         return user
 
     async def _verified_claims(self, code: str, pending: Pending) -> dict[str, Any]:

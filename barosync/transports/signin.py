@@ -117,7 +117,7 @@ class SignIn:
         if path == "/auth/providers" and method == b"GET":
             return 200, {"oidc": self.oidc.describe() if self.oidc is not None else None}, []
         if path == "/auth/oidc/start" and method == b"GET":
-            return await self._provider().start(headers)
+            return await self._provider().start(query, headers)
         if path == "/auth/oidc/callback" and method == b"GET":
             return await self._provider().callback(query, headers, _cookies(headers))
         if path == "/auth/signin" and method == b"POST":

@@ -53,12 +53,18 @@ function showSignin(message) {
     $("signin-error").textContent = decodeURIComponent(failed[1]);
     history.replaceState(null, "", location.pathname + location.search);
   }
-  fetch("/auth/providers").then((r) => (r.ok ? r.json() : null)).then((found) => {
-    if (!found || !found.oidc) return;
-    $("signin-oidc").href = found.oidc.start;
-    $("signin-oidc").textContent = `Sign in with ${found.oidc.name}`;
+  providers().then((oidc) => {
+    if (!oidc) return;
+    $("signin-oidc").href = oidc.start;
+    $("signin-oidc").textContent = `Sign in with ${oidc.name}`;
     $("signin-oidc").hidden = false;
-  }).catch(() => {});
+  });
+}
+
+/** The identity provider set up on the server ({name, start}), or null. */
+function providers() {
+  return fetch("/auth/providers").then((r) => (r.ok ? r.json() : null)).then((found) => found && found.oidc)
+    .catch(() => null);
 }
 
 async function signOut() {
@@ -120,6 +126,14 @@ function showSetup(code, invite = false) {
     $("setup-title").textContent = "You are invited";
     $("setup-text").textContent = "Pick a user name and a password (or give yours, if you have an account here).";
     $("setup-submit").textContent = "Join";
+    // Or join with the team's identity provider: the invite goes along and is used
+    // once the provider has signed the person in.
+    providers().then((oidc) => {
+      if (!oidc) return;
+      $("setup-oidc").href = `${oidc.start}?invite=${encodeURIComponent(code)}`;
+      $("setup-oidc").textContent = `Join with ${oidc.name}`;
+      $("setup-oidc").hidden = false;
+    });
   }
   $("setup-form").addEventListener("submit", async (e) => {
     e.preventDefault();
