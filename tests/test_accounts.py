@@ -200,7 +200,7 @@ async def test_a_disabled_user_is_out_within_a_second_and_a_session_survives_a_r
         assert status == 401
 
 
-def test_accounts_and_sessions_go_with_a_backup(tmp_path: Path) -> None:
+def test_accounts_and_sessions_go_with_a_backup_and_are_checked(tmp_path: Path, capsys: Any) -> None:
     from barosync.storage import ops
 
     data = tmp_path / "data"
@@ -218,8 +218,13 @@ def test_accounts_and_sessions_go_with_a_backup(tmp_path: Path) -> None:
         restored = Accounts(store.tables(Accounts.TABLES))
         assert restored.verify("alice", PASSWORD) is not None
         assert restored.session(secret) is not None  # the same people, the same sessions
+        with restored.tables.write() as txn:  # a session whose user is gone: check says so
+            txn.put("signins", b"stray", b'{"id": "stray", "user": "nobody", "device": "d", "created": 1, "lastUsed": 1}')
     finally:
         store.close()
+    assert ops.check(tmp_path / "backup") == 0 and "1 accounts: ok" in capsys.readouterr().out
+    assert ops.check(tmp_path / "restored") == 1
+    assert "accounts: signin b'stray' belongs to no user" in capsys.readouterr().out
 
 
 async def test_the_setup_code_names_one_owner_and_only_with_the_right_code(tmp_path: Path) -> None:

@@ -420,7 +420,7 @@ async def test_binary_serves_two_clients_with_a_plugin_and_stops_on_sigterm(bina
 
     checked = run(binary, "check", "--config", str(config), env=tmpdir_env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert checked.stdout.strip().endswith("2 projects, 3 events, 3 changes, 3 idempotency records: ok")
+    assert checked.stdout.strip().endswith("2 projects, 3 events, 3 changes, 3 idempotency records, 0 accounts: ok")
 
 
 async def test_binary_kill_9_never_corrupts_the_data_directory(binary, tmp_path, tmpdir_env):
@@ -505,7 +505,7 @@ async def test_binary_backup_restore_check(binary, tmp_path, tmpdir_env):
             await alice.expect(lambda m: m["type"] == "ack" and m["id"] == "one")
             backup = await trio.to_thread.run_sync(cmd, "backup", str(tmp_path / "b1"), "--config", str(config))
             assert backup.returncode == 0, backup.stderr
-            assert "1 projects, 1 events, 1 changes, 1 idempotency records, with the secret file" in backup.stdout
+            assert "1 projects, 1 events, 1 changes, 1 idempotency records, 0 accounts, with the secret file" in backup.stdout
             server.process.send_signal(signal.SIGTERM)
         assert await server.wait() == 0
 

@@ -253,7 +253,7 @@ async def test_check_passes_on_good_data_and_prints_a_summary(store):
     result = await cli("check", "--data", str(store))
     out, err = text(result)
     assert result.returncode == 0, out + err
-    assert out == f"checked {store}: 2 projects, 3 events, 6 changes, 6 idempotency records: ok\n"
+    assert out == f"checked {store}: 2 projects, 3 events, 6 changes, 6 idempotency records, 0 accounts: ok\n"
 
 
 async def test_check_while_the_server_runs(tmp_path):
@@ -267,7 +267,7 @@ async def test_check_while_the_server_runs(tmp_path):
         assert (await c.create("p1", title="after"))["payload"]["seq"] == 21
     out, err = text(result)
     assert result.returncode == 0, out + err
-    assert "1 projects, 20 events, 20 changes, 20 idempotency records: ok" in out
+    assert "1 projects, 20 events, 20 changes, 20 idempotency records, 0 accounts: ok" in out
 
 
 def corrupt(data_dir: Path, change: Callable[[lmdb.Transaction, dict[str, Any]], Any]) -> None:
@@ -375,7 +375,7 @@ async def test_check_cli_on_corrupt_data_exits_1_with_one_line_per_problem(store
     out, err = text(result)
     assert result.returncode == 1
     lines = out.splitlines()
-    assert lines[-1] == f"checked {store}: 2 projects, 3 events, 5 changes, 7 idempotency records: {len(lines) - 1} problems"
+    assert lines[-1] == f"checked {store}: 2 projects, 3 events, 5 changes, 7 idempotency records, 0 accounts: {len(lines) - 1} problems"
     assert "changelog: project 'p1' is missing seq 2 (a gap between 1 and 3)" in lines
     assert "events: event 'd' of project 'p2' does not match its last change (seq 1): differs in title" in lines
     assert any(line.startswith("idem: record 'ghost' of user 'alice' is dangling") for line in lines)

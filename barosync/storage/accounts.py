@@ -35,7 +35,7 @@ import orjson
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from .tables import Tables
+from .tables import TableTxn, Tables
 from ..domain.models import ALL_PROJECTS, EDITOR, OWNER, Identity, ValidationError, check_id, parse_roles
 
 # A password shorter than this is refused when it is set (NIST SP 800-63B: at least 8).
@@ -130,6 +130,31 @@ def check_password(password: Any) -> str:
     if not isinstance(password, str) or not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
         raise AccountError(f"a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters")
     return password
+
+
+def audit(txn: TableTxn) -> tuple[int, list[str]]:
+    """What `barosync check` says of the accounts: how many users, and each record
+    that does not read back or points at nothing."""
+    problems: list[str] = []
+    users = set()
+    for key, raw in txn.items("users"):
+        try:
+            _user(key.decode(), raw)
+            users.add(key)
+        except (ValueError, KeyError, TypeError, ValidationError) as e:
+            problems.append(f"accounts: user {key!r} does not read back ({type(e).__name__})")
+    signins = {key for key, _ in txn.items("signins")}
+    for key, session_id in txn.items("signin_keys"):
+        if session_id not in signins:
+            problems.append(f"accounts: a session key points at no session ({session_id!r})")
+    for table, what in (("signins", "user"), ("feeds", "user")):
+        for key, raw in txn.items(table):
+            if orjson.loads(raw).get(what, "").encode() not in users:
+                problems.append(f"accounts: {table[:-1]} {key!r} belongs to no user")
+    for _, user_id in txn.items("oidc_subjects"):
+        if user_id not in users:
+            problems.append(f"accounts: an identity provider's subject points at no user ({user_id!r})")
+    return len(users), problems
 
 
 class Accounts:

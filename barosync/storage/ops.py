@@ -28,9 +28,13 @@ import orjson
 
 from ..config import SECRET_FILE, Config
 from .store import SCHEMA_VERSION
+from . import accounts
+from .projects import Projects
+from .tables import LmdbTables
 
 DATA_FILE = "data.mdb"
 SUB_DATABASES = ("events", "index", "changelog", "versions", "seqs", "idem", "idem_by_seq", "meta")
+TABLES = accounts.Accounts.TABLES + Projects.TABLES  # beside the log (tables.py)
 # A badly damaged store could produce a line per record; the first ones say enough.
 MAX_PROBLEM_LINES = 200
 
@@ -81,7 +85,8 @@ def open_readonly(data_dir: Path, *, lock: bool = True) -> Iterator[lmdb.Environ
             raise OpsError(f"{data_dir}: no such directory (check --data, --config or [storage] path)")
         raise OpsError(f"{data_dir}: no barosync data here (no {DATA_FILE}; check --data, --config or [storage] path)")
     try:
-        env = lmdb.open(str(data_dir), readonly=True, lock=lock, max_dbs=len(SUB_DATABASES) + 1, subdir=True)
+        env = lmdb.open(str(data_dir), readonly=True, lock=lock, max_dbs=len(SUB_DATABASES) + len(TABLES) + 1,
+                        subdir=True)
     except lmdb.Error as e:
         raise OpsError(f"{data_dir}: cannot open the LMDB environment read-only: {e}") from None
     try:
@@ -108,6 +113,7 @@ class Report:
     events: int = 0
     changes: int = 0
     idempotency: int = 0
+    accounts: int = 0
     secret: bool = False
     problems: list[str] = attrs.field(factory=list)
 
@@ -117,7 +123,7 @@ class Report:
 
     def summary(self) -> str:
         return (f"{self.projects} projects, {self.events} events, {self.changes} changes, "
-                f"{self.idempotency} idempotency records")
+                f"{self.idempotency} idempotency records, {self.accounts} accounts")
 
 
 @attrs.define
@@ -349,6 +355,9 @@ def check(data_dir: Path) -> int:
 def _check_dir(data_dir: Path, *, lock: bool) -> Report:
     with open_readonly(data_dir, lock=lock) as env:
         report = inspect(env)
+        with LmdbTables(env, TABLES, create=False).read() as txn:
+            report.accounts, problems = accounts.audit(txn)
+        report.problems += problems
     report.secret = (data_dir / SECRET_FILE).is_file()
     return report
 

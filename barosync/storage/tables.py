@@ -47,14 +47,16 @@ class _LmdbTxn:
         self._db = db
 
     def get(self, table: str, key: bytes) -> bytes | None:
-        found = self._txn.get(key, db=self._db.handle(table))
+        handle = self._db.handle(table)
+        found = self._txn.get(key, db=handle) if handle is not None else None
         return bytes(found) if found is not None else None
 
     def put(self, table: str, key: bytes, value: bytes, *, overwrite: bool = True) -> bool:
         return bool(self._txn.put(key, value, db=self._db.handle(table), overwrite=overwrite))
 
     def items(self, table: str) -> list[tuple[bytes, bytes]]:
-        return [(bytes(k), bytes(v)) for k, v in self._txn.cursor(db=self._db.handle(table))]
+        handle = self._db.handle(table)
+        return [(bytes(k), bytes(v)) for k, v in self._txn.cursor(db=handle)] if handle is not None else []
 
 
 class LmdbTables:
@@ -63,12 +65,19 @@ class LmdbTables:
 
     blocking = False
 
-    def __init__(self, env: lmdb.Environment, names: tuple[str, ...]) -> None:
+    def __init__(self, env: lmdb.Environment, names: tuple[str, ...], *, create: bool = True) -> None:
+        """``create=False`` (a read-only environment: `barosync check`): a table not
+        made yet reads as empty."""
         self.env = env
-        self._handles = {name: env.open_db(name.encode()) for name in names}
+        self._handles: dict[str, lmdb._Database] = {}
+        for name in names:
+            try:
+                self._handles[name] = env.open_db(name.encode(), create=create)
+            except lmdb.NotFoundError:
+                pass
 
-    def handle(self, table: str) -> "lmdb._Database":
-        return self._handles[table]
+    def handle(self, table: str) -> "lmdb._Database | None":
+        return self._handles.get(table)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[TableTxn]:
