@@ -287,7 +287,7 @@ def test_check_reads_the_postgres_log_and_backup_points_to_pg_dump(postgres: Pos
     cli = lambda *a: subprocess.run(barosync_cmd(*a, "--config", str(config), "--data", str(tmp_path / "n")),  # noqa: E731
                                     capture_output=True, text=True, timeout=60)
     done = cli("check")
-    assert done.returncode == 0 and "1 projects, 5 events, 5 changes, 5 idempotency records: ok" in done.stdout, done
+    assert done.returncode == 0 and "1 projects, 5 events, 5 changes, 5 idempotency records, 0 accounts: ok" in done.stdout, done
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DELETE FROM barosync_changelog WHERE project = 'team' AND seq = 3")
     done = cli("check")
@@ -316,7 +316,7 @@ def test_check_reads_the_postgres_log_and_backup_points_to_pg_dump(postgres: Pos
     # barosync restore: back to the dump, with a new history id.
     done = cli("restore", str(tmp_path / "b"))
     assert done.returncode == 0, done.stderr
-    assert cli("check").stdout.strip().endswith("1 projects, 2 events, 2 changes, 2 idempotency records: ok")
+    assert cli("check").stdout.strip().endswith("1 projects, 2 events, 2 changes, 2 idempotency records, 0 accounts: ok")
     srv = ServerProcess(tmp_path / "n", config=config)
     try:
         async def resume() -> None:

@@ -8,6 +8,7 @@ restore took back; ``check`` reads the log's invariants."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import uuid
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from .accounts import audit
+from .pg_tables import PgTables
 
 DUMP = "barosync.pgdump"
 TIMEOUT = 3600
@@ -82,6 +85,9 @@ def check(config: Config) -> int:
     PgStore(url, hook=None, config=config).close()  # the schema checked (and migrated) as a node would
     with psycopg.connect(url, autocommit=True) as conn:
         summary, problems = invariants(conn)
+        with PgTables(lambda: contextlib.nullcontext(conn)).read() as txn:
+            users, more = audit(txn)
+        summary, problems = f"{summary}, {users} accounts", problems + more
     for problem in problems:
         print(f"problem: {problem}")
     print(f"{summary}: {'ok' if not problems else f'{len(problems)} problems'}")
