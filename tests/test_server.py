@@ -45,6 +45,18 @@ async def test_handshake_accepts_bearer_header(app):
     assert hello["payload"]["user"]["id"] == "bob"
 
 
+async def test_handshake_accepts_the_token_as_a_subprotocol_and_picks_barosync_v1(app):
+    # What the browser client does, so that no token is in a URL a proxy or console logs.
+    async with open_websocket_url(ws_url(app), subprotocols=["barosync.v1", f"barosync.bearer.{token('bob')}"]) as ws:
+        hello = json.loads(await ws.get_message())
+        assert ws.subprotocol == "barosync.v1"
+    assert hello["type"] == "hello" and hello["payload"]["user"]["id"] == "bob"
+    with pytest.raises(ConnectionRejected) as refused:
+        async with open_websocket_url(ws_url(app), subprotocols=["barosync.v1", "barosync.bearer.not-a-jwt"]):
+            pass
+    assert refused.value.status_code == 401
+
+
 async def test_hello_describes_session_and_limits(client_factory):
     c = await client_factory("alice", name="Alice A.")
     hello = c.hello

@@ -39,6 +39,8 @@ class App:
         self.context = browser.new_context(viewport={"width": 1280, "height": 900})
         self.page = self.context.new_page()
         self.errors: list[str] = []
+        self.sockets: list[str] = []  # every WebSocket address the page opened
+        self.page.on("websocket", lambda ws: self.sockets.append(ws.url))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("console", lambda m: m.type == "error" and not any(n in m.text for n in NETWORK_NOISE)
                      and self.errors.append(m.text))
@@ -489,6 +491,10 @@ def test_a_teams_first_week_invites_roles_removal_and_a_session_that_lasts(chrom
     assert dav(server, "bob", bobs_phone, "PROPFIND", "/dav/calendars/bob/team/") in (403, 404)  # his phone too
     assert carol.event("Bob's planning").is_visible()  # the others keep working
     assert owner.errors == [] and carol.errors == []
+    # Signed in with a session: the access tokens travel as a subprotocol, never in an
+    # address that a proxy's log or the console shows.
+    opened = owner.sockets + bob.sockets + carol.sockets
+    assert opened and not [url for url in opened if "token" in url]
 
     # A restart, then a week later on both clocks: Carol opens the calendar again
     # and is still signed in (the session is in the data directory, not in a token).

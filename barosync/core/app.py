@@ -249,11 +249,18 @@ class App:
             return None
         if identity is None or identity.scope != scope:
             return None
-        if identity.session_id is not None and not await self.tables_call(self.signed_in, identity):
-            return None  # minted from a session that has signed out since
-        if (scope == "feed" and identity.token_id is not None
-                and await self.tables_call(self.accounts.feed_live, identity.token_id, identity.user_id) is False):
-            return None  # a feed made in the web app and revoked since, or its user out
+        try:
+            if identity.session_id is not None and not await self.tables_call(self.signed_in, identity):
+                return None  # minted from a session that has signed out since
+            if (scope == "feed" and identity.token_id is not None
+                    and await self.tables_call(self.accounts.feed_live, identity.token_id, identity.user_id) is False):
+                return None  # a feed made in the web app and revoked since, or its user out
+        except self.store.faults as e:
+            # Whether the session is still signed in cannot be known now: refused, and
+            # the client tries again after its backoff.
+            log.warning("refused a token of user %r: its session cannot be checked now (%s)", identity.user_id,
+                        type(e).__name__)
+            return None
         problem = identity_problem(identity)
         if problem is not None:
             log.warning("refused a token for user %r: %s", identity.user_id, problem)
@@ -279,25 +286,40 @@ class App:
         access changed (from any process: the CLI too), or that hold a project deleted
         since, close within SIGNED_OUT_CHECK seconds, with 4001: their token is no
         good, and the client's next one carries what the user may open now (a removed
-        or deleted project is then refused)."""
+        or deleted project is then refused). While the tables cannot be read (a
+        cluster's PostgreSQL away), connections stay as they are."""
+        unreadable = False
         while True:
             await trio.sleep(SIGNED_OUT_CHECK)
-            verdicts: dict[str, bool] = {}
-            if self._tables_block:
-                await trio.to_thread.run_sync(self.projects.refresh)  # another node may have deleted one
-            deleted = self.projects.deleted
-            for conn in list(self.sessions):
-                if deleted and not deleted.isdisjoint(conn.subscriptions):
-                    conn.close(protocol.CLOSE_TOKEN_INVALID, "a project you had open was deleted: reconnect")
-                    continue
-                identity = conn.identity
-                if identity.session_id is None:
-                    continue
-                live = verdicts.get(identity.session_id)
-                if live is None:
-                    live = verdicts[identity.session_id] = await self.tables_call(self.signed_in, identity)
-                if not live:
-                    conn.close(protocol.CLOSE_TOKEN_INVALID, "signed out, or your access changed: reconnect")
+            try:
+                await self._sweep_signed_out()
+            except self.store.faults as e:
+                if not unreadable:
+                    log.warning("cannot check sessions and deleted projects (%s: %s); connections stay open "
+                                "until the storage answers again", type(e).__name__, str(e).strip())
+                unreadable = True
+                continue
+            if unreadable:
+                log.info("sessions and deleted projects are checked again")
+            unreadable = False
+
+    async def _sweep_signed_out(self) -> None:
+        verdicts: dict[str, bool] = {}
+        if self._tables_block:
+            await trio.to_thread.run_sync(self.projects.refresh)  # another node may have deleted one
+        deleted = self.projects.deleted
+        for conn in list(self.sessions):
+            if deleted and not deleted.isdisjoint(conn.subscriptions):
+                conn.close(protocol.CLOSE_TOKEN_INVALID, "a project you had open was deleted: reconnect")
+                continue
+            identity = conn.identity
+            if identity.session_id is None:
+                continue
+            live = verdicts.get(identity.session_id)
+            if live is None:
+                live = verdicts[identity.session_id] = await self.tables_call(self.signed_in, identity)
+            if not live:
+                conn.close(protocol.CLOSE_TOKEN_INVALID, "signed out, or your access changed: reconnect")
 
     async def authorize(self, identity: Identity, action: str, project_id: str) -> bool:
         if project_id in self.projects.deleted:

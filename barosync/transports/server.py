@@ -361,18 +361,23 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
     token = _token(headers, query)
     identity = await app.authenticate(token) if token else None
     if identity is None:
-        message = "missing token: pass ?token=... or an Authorization: Bearer header" if not token else "token invalid or expired"
+        message = ("missing token: pass an Authorization: Bearer header, the subprotocol barosync.bearer.TOKEN or "
+                   "?token=..." if not token else "token invalid or expired")
         await stream.send_all(_response(conn, 401, _json_error(401, "unauthorized", message), extra=[(b"www-authenticate", b"Bearer")]))
         return None
     if app.connections_of(identity.user_id) >= app.config.max_connections_per_user:
         await stream.send_all(_response(conn, 429, _json_error(
             429, "too_many_connections", f"user has {app.config.max_connections_per_user} connections open already; close one first")))
         return None
-    response = conn.send(h11.InformationalResponse(status_code=101, headers=[
+    upgraded = [
         (b"upgrade", b"websocket"),
         (b"connection", b"Upgrade"),
         (b"sec-websocket-accept", accept_key(key.decode("latin-1")).encode()),
-    ]))
+    ]
+    if protocol.SUBPROTOCOL.encode() in _subprotocols(headers):
+        # A browser that offered subprotocols fails a handshake that picks none.
+        upgraded.append((b"sec-websocket-protocol", protocol.SUBPROTOCOL.encode()))
+    response = conn.send(h11.InformationalResponse(status_code=101, headers=upgraded))
     trailing, _closed = conn.trailing_data
     session_id = protocol.next_id()
     connection = Connection(front.poller, stream, bytes(trailing), codec,
@@ -407,11 +412,21 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
 
 
 def _token(headers: dict[bytes, bytes], query: str) -> str | None:
+    """The bearer token: an Authorization header, a ``barosync.bearer.TOKEN``
+    subprotocol (how a browser sends one without putting it in the URL, which proxies
+    and consoles log), or ``?token=``."""
     auth = headers.get(b"authorization", b"")
     if auth[:7].lower() == b"bearer ":
         return auth[7:].strip().decode("latin-1") or None
+    for offered in _subprotocols(headers):
+        if offered.startswith(protocol.BEARER_SUBPROTOCOL.encode()):
+            return offered[len(protocol.BEARER_SUBPROTOCOL):].decode("latin-1") or None
     values = parse_qs(query).get("token")
     return values[0] if values else None
+
+
+def _subprotocols(headers: dict[bytes, bytes]) -> list[bytes]:
+    return [p.strip() for p in headers.get(b"sec-websocket-protocol", b"").split(b",") if p.strip()]
 
 
 async def _run_session(app: App, session: Session) -> None:

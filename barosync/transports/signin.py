@@ -111,6 +111,12 @@ class SignIn:
             return await self._route(method, path, headers, body, peer, query)
         except HttpError as e:
             return e.status, e.body, e.headers
+        except self.app.store.faults as e:  # a cluster's PostgreSQL away: not a bug, and it passes
+            log.warning("%s %s: the accounts cannot be read now (%s)", method.decode(errors="replace"), path,
+                        type(e).__name__)
+            return 503, {"error": "storage_unavailable", "message": "the server cannot reach its storage right now: "
+                                                                    "try again in a few seconds"}, \
+                [protocol.retry_after_header(5.0)]
 
     async def _route(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, peer: str,
                      query: str) -> Answer:

@@ -18,6 +18,8 @@
 /** @typedef {"connecting"|"connected"|"reconnecting"|"offline"|"needs-auth"|"closed"} ConnectionState */
 /** @typedef {{id: string, projectId: string, title: string, startDate: string, endDate: string, version: number, [k: string]: any}} CalendarEvent */
 
+// What an HTTP token (RFC 9110), and so a WebSocket subprotocol, may hold: every JWT does.
+const SUBPROTOCOL_SAFE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 const DB_VERSION = 2;
 const BACKOFF = { initial: 1000, factor: 1.5, max: 30000 };
 // Errors after which a queued change stays queued and goes again after `retryAfter`.
@@ -490,7 +492,12 @@ export class SyncClient extends EventTarget {
     if (this._closed) return;
     if (!token || (token === this._refusedToken)) { this._needsAuth(4001, "no usable token"); return; }
     this._token = token;
-    const ws = new this._WebSocket(`${this.url}?token=${encodeURIComponent(token)}`);
+    // The token goes as a subprotocol, not in the URL: a URL is what proxies log and
+    // what the console prints when a connection fails (docs/protocol.md, "Connect").
+    // (A token a subprotocol cannot carry, from some other auth plugin, goes in the URL.)
+    const ws = SUBPROTOCOL_SAFE.test(token)
+      ? new this._WebSocket(this.url, ["barosync.v1", `barosync.bearer.${token}`])
+      : new this._WebSocket(`${this.url}?token=${encodeURIComponent(token)}`);
     this._ws = ws;
     let opened = false;
     ws.onopen = () => { opened = true; this._wakeAfterClose = false; };

@@ -18,6 +18,10 @@ from websockets.frames import Frame, Opcode
 from ..domain.models import MAX_ID_CHARS, ValidationError, check_id
 
 PROTOCOL_VERSION = 1
+# WebSocket subprotocols: a browser offers ["barosync.v1", "barosync.bearer." + token]
+# to authenticate without the token in the URL; the server answers "barosync.v1".
+SUBPROTOCOL = "barosync.v1"
+BEARER_SUBPROTOCOL = "barosync.bearer."
 
 # Client message types. Those in ACKED carry an `id` the answer refers to.
 PING = "ping"
