@@ -560,12 +560,12 @@ def test_a_signed_in_user_connects_a_calendar_app_without_a_terminal(chromium, s
     assert read.text == f"http://olive:{password}@127.0.0.1:{server.port}/dav/"  # what a phone reads
     owner.page.click("#connect-make-feed")
     owner.page.wait_for_function("() => document.getElementById('connect-feed').value.includes('/ics/')")
-    owner.page.locator("#connect-feeds li", has_text="Feed of team").wait_for()
+    owner.page.locator("#connect-feeds li", has_text="Feed of Team").wait_for()
     owner.shot("connect-a-calendar-app")
     feed = owner.page.input_value("#connect-feed")
     with urllib.request.urlopen(feed, timeout=10) as response:
         assert response.status == 200 and b"BEGIN:VCALENDAR" in response.read()
-    owner.page.locator("#connect-feeds li", has_text="Feed of team").locator("button").click()
+    owner.page.locator("#connect-feeds li", has_text="Feed of Team").locator("button").click()
     owner.page.wait_for_function("() => document.getElementById('connect-feeds').children.length === 0")
     with pytest.raises(urllib.error.HTTPError) as revoked:
         urllib.request.urlopen(feed, timeout=10)

@@ -225,6 +225,12 @@ async function projectList(token) {
   return projects.length || !linked ? projects : [{ id: "demo", name: "demo" }];
 }
 
+/** A project's name as the picker shows it (its id where it has none). */
+function projectName(id) {
+  const option = [...$("project").options].find((o) => o.value === id);
+  return option ? option.text : id;
+}
+
 function fillPicker(projects, wanted) {
   const picker = $("project");
   picker.replaceChildren(...projects.map((p) => new Option(p.name, p.id)));
@@ -285,7 +291,7 @@ function start(token, projects) {
   $("editor-delete").addEventListener("click", deleteEditing);
   $("conflict-form").addEventListener("submit", settleConflict);
   $("invite").addEventListener("click", () => {
-    $("invite-project").textContent = projectId;
+    $("invite-project").textContent = projectName(projectId);
     $("invite-link").value = "";
     $("invite-error").textContent = "";
     $("inviting").showModal();
@@ -293,7 +299,7 @@ function start(token, projects) {
   $("invite-close").addEventListener("click", () => $("inviting").close());
   $("invite-make").addEventListener("click", makeInvite);
   $("members").addEventListener("click", async () => {
-    $("members-project").textContent = projectId;
+    $("members-project").textContent = projectName(projectId);
     $("membership").showModal();
     await showMembers(fetch(`/auth/members/${encodeURIComponent(projectId)}`, { credentials: "same-origin" }));
   });
@@ -449,7 +455,7 @@ async function listFeeds() {
   const r = await fetch("/auth/feeds", { credentials: "same-origin" }).catch(() => null);
   if (!r || !r.ok) return;
   $("connect-feeds").replaceChildren(...(await r.json()).feeds.map((f) => revocable(
-    `Feed of ${f.project} (made ${new Date(f.created * 1000).toLocaleDateString()})`,
+    `Feed of ${projectName(f.project)} (made ${new Date(f.created * 1000).toLocaleDateString()})`,
     `/auth/feeds/${encodeURIComponent(f.id)}`, listFeeds)));
 }
 
