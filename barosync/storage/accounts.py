@@ -25,6 +25,7 @@ them in a worker thread, as they do every call here when the tables are PostgreS
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import time
@@ -45,9 +46,14 @@ MAX_NAME_CHARS = 200
 MAX_DEVICE_CHARS = 200
 INVITE_TTL = 7 * 24 * 3600.0
 _hasher = PasswordHasher()
-# Checked against when the user does not exist, so that an unknown name costs the
-# same time as a wrong password (no way to probe which users exist).
-_DUMMY = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy() -> str:
+    """Checked against when the user does not exist, so that an unknown name costs the
+    same time as a wrong password (no way to probe which users exist). Made on first
+    use: hashing takes ~0.1 s, which every start (and every CLI run) would pay."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 class AccountError(ValueError):
@@ -266,7 +272,7 @@ class Accounts:
         the same None whether the user is unknown, disabled or the password wrong."""
         with self.tables.read() as txn:
             raw = txn.get("users", user_id.encode()) if isinstance(user_id, str) and user_id else None
-        stored = (orjson.loads(raw)["password"] if raw is not None else None) or _DUMMY
+        stored = (orjson.loads(raw)["password"] if raw is not None else None) or _dummy()
         try:
             _hasher.verify(stored, password[:MAX_PASSWORD_CHARS])
         except (VerifyMismatchError, VerificationError, InvalidHashError):

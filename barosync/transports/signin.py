@@ -48,7 +48,7 @@ import logging
 from http.cookies import CookieError, SimpleCookie
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import orjson
@@ -62,8 +62,10 @@ from ..domain.models import ALL_PROJECTS, EDITOR, OWNER, ROLES
 from ..storage.accounts import AccountError, Accounts, OwnerExists, PasswordRefused, SignedIn, User
 from ..storage.projects import Projects
 from ..wire import protocol
-from .oidc import OpenIdConnect
 from .rest import HttpError
+
+if TYPE_CHECKING:
+    from .oidc import OpenIdConnect
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,11 @@ class SignIn:
         self._by_address = Limiter(1 / SIGN_IN_FAILURE_INTERVAL, SIGN_IN_FAILURE_BURST * 4)
         self._checks = trio.CapacityLimiter(PASSWORD_CHECKS)
         # Sign-in with the team's identity provider, when [oidc] names one.
-        self.oidc = OpenIdConnect(app.config, lambda: self.accounts, self._signed_in_now) \
-            if app.config.oidc_issuer else None
+        self.oidc: OpenIdConnect | None = None
+        if app.config.oidc_issuer:
+            from .oidc import OpenIdConnect  # Authlib and requests: imported only when used
+
+            self.oidc = OpenIdConnect(app.config, lambda: self.accounts, self._signed_in_now)
 
     def _provider(self) -> OpenIdConnect:
         if self.oidc is None:
