@@ -34,6 +34,7 @@ from .queries import Queries
 from ..storage.roles import Bus, LogStore, SharedPresence
 from ..engine.sequencer import Sequencer
 from ..storage.accounts import Accounts
+from ..storage.feeds import Feeds
 from ..storage.projects import Projects
 from ..storage.store import Store
 from ..engine.writer import Writer
@@ -95,8 +96,9 @@ class App:
         # People's accounts and signed-in sessions (storage/accounts.py), and the
         # projects made, renamed and deleted in the web app (storage/projects.py), in
         # tables beside the log: the data directory's, or a cluster's PostgreSQL.
-        tables = self.store.tables(Accounts.TABLES + Projects.TABLES)
+        tables = self.store.tables(Accounts.TABLES + Feeds.TABLES + Projects.TABLES)
         self.accounts = Accounts(tables)
+        self.feeds = Feeds(tables, self.accounts)
         self.projects = Projects(tables)
         # Whether their calls wait on the network: then they run in worker threads.
         self._tables_block = tables.blocking
@@ -253,7 +255,7 @@ class App:
             if identity.session_id is not None and not await self.tables_call(self.signed_in, identity):
                 return None  # minted from a session that has signed out since
             if (scope == "feed" and identity.token_id is not None
-                    and await self.tables_call(self.accounts.feed_live, identity.token_id, identity.user_id) is False):
+                    and await self.tables_call(self.feeds.live, identity.token_id, identity.user_id) is False):
                 return None  # a feed made in the web app and revoked since, or its user out
         except self.store.faults as e:
             # Whether the session is still signed in cannot be known now: refused, and

@@ -14,8 +14,7 @@ the nodes:
   link an owner hands a teammate, good once, for a week.
 - ``oidc_subjects``: SHA-256 of an identity provider's issuer and subject -> the user
   id it signs in as (an account made at its first sign-in, with no password).
-- ``feeds``: feed id (its token's ``jti``) -> {user, project, created, revoked}: the
-  ICS feed URLs people made, listed and revoked in the web app.
+- ``feeds``: the ICS feed URLs people made (feeds.py).
 
 Passwords are hashed with argon2id through argon2-cffi (its default parameters: 64
 MiB, 3 passes). Hashing and checking cost ~0.1 s: callers on the event loop run
@@ -89,14 +88,6 @@ class User:
 
 
 @attrs.frozen
-class Feed:
-    id: str
-    user: str
-    project: str
-    created: int
-
-
-@attrs.frozen
 class SignedIn:
     id: str  # what lists and revocations name (not the secret)
     user: str
@@ -166,7 +157,7 @@ def audit(txn: TableTxn) -> tuple[int, list[str]]:
 class Accounts:
     """Users and sessions, in ``tables``."""
 
-    TABLES = ("users", "signins", "signin_keys", "invites", "feeds", "oidc_subjects")
+    TABLES = ("users", "signins", "signin_keys", "invites", "oidc_subjects")
 
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
@@ -458,44 +449,3 @@ class Accounts:
                     txn.put("signins", key, orjson.dumps(record))
                     count += 1
         return count
-
-    # -- feeds ---------------------------------------------------------------------------
-
-    def add_feed(self, user_id: str, project: str, *, now: float | None = None) -> Feed:
-        """A feed of ``project`` for ``user_id``: its id is the jti of the feed's token."""
-        feed = Feed(id=secrets.token_hex(12), user=user_id, project=project,
-                    created=int(now if now is not None else time.time()))
-        with self.tables.write() as txn:
-            txn.put("feeds", feed.id.encode(), orjson.dumps({"user": user_id, "project": project, "created": feed.created}))
-        return feed
-
-    def feeds_of(self, user_id: str) -> list[Feed]:
-        with self.tables.read() as txn:
-            found = [(k.decode(), orjson.loads(v)) for k, v in txn.items("feeds")]
-        return sorted((Feed(id=k, user=d["user"], project=d["project"], created=d["created"])
-                       for k, d in found if d["user"] == user_id and not d.get("revoked")), key=lambda f: -f.created)
-
-    def revoke_feed(self, user_id: str, feed_id: str) -> bool:
-        """Stop one of the user's feeds; whether it was live."""
-        with self.tables.write() as txn:
-            raw = txn.get("feeds", feed_id.encode())
-            record = orjson.loads(raw) if raw is not None else None
-            if record is None or record["user"] != user_id or record.get("revoked"):
-                return False
-            record["revoked"] = True  # kept: a revoked feed's token must not pass as one the CLI made
-            txn.put("feeds", feed_id.encode(), orjson.dumps(record))
-        return True
-
-    def feed_live(self, feed_id: str, user_id: str) -> bool | None:
-        """Whether a feed made here still opens: not revoked, its user enabled and still
-        a reader of its project. None: no such feed here (a token from the command line)."""
-        with self.tables.read() as txn:
-            raw = txn.get("feeds", feed_id.encode())
-            found_user = txn.get("users", user_id.encode())
-        if raw is None:
-            return None
-        record = orjson.loads(raw)
-        if record.get("revoked") or found_user is None or record["user"] != user_id:
-            return False
-        user = _user(user_id, found_user)
-        return not user.disabled and user.role(record["project"]) is not None

@@ -29,12 +29,13 @@ import orjson
 from ..config import SECRET_FILE, Config
 from .store import SCHEMA_VERSION
 from . import accounts
+from .feeds import Feeds
 from .projects import Projects
 from .tables import LmdbTables
 
 DATA_FILE = "data.mdb"
 SUB_DATABASES = ("events", "index", "changelog", "versions", "seqs", "idem", "idem_by_seq", "meta")
-TABLES = accounts.Accounts.TABLES + Projects.TABLES  # beside the log (tables.py)
+TABLES = accounts.Accounts.TABLES + Feeds.TABLES + Projects.TABLES  # beside the log (tables.py)
 # A badly damaged store could produce a line per record; the first ones say enough.
 MAX_PROBLEM_LINES = 200
 

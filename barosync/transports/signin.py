@@ -150,12 +150,12 @@ class SignIn:
         if path == "/auth/feeds" and method == b"GET":
             user, _ = await self._signed_in(headers)
             return 200, {"feeds": [{"id": f.id, "project": f.project, "created": f.created}
-                                   for f in await self.app.tables_call(self.accounts.feeds_of, user.id)]}, []
+                                   for f in await self.app.tables_call(self.app.feeds.of, user.id)]}, []
         if path.startswith("/auth/feeds/") and method == b"DELETE":
             _check_request(headers)
             user, _ = await self._signed_in(headers)
             feed_id = path.removeprefix("/auth/feeds/")
-            if not await trio.to_thread.run_sync(self.accounts.revoke_feed, user.id, feed_id):
+            if not await trio.to_thread.run_sync(self.app.feeds.revoke, user.id, feed_id):
                 raise HttpError(404, "not_found", f"no feed {feed_id!r} of yours")
             return 200, {"revoked": feed_id}, []
         if path == "/auth/projects" and method in (b"GET", b"POST"):
@@ -243,7 +243,7 @@ class SignIn:
             raise HttpError(403, "forbidden", f"you may not open project {project!r}")
         secret = self.app.config.secret
         assert secret is not None
-        feed = await trio.to_thread.run_sync(self.accounts.add_feed, user.id, project)
+        feed = await trio.to_thread.run_sync(self.app.feeds.add, user.id, project)
         token = create_token(secret, user_id=user.id, name=user.name, projects=[project], ttl=FEED_TTL, scope="feed",
                              jti=feed.id)
         return 200, {"id": feed.id, "url": f"/ics/{quote(project, safe='')}.ics?token={token}"}, \
