@@ -37,10 +37,11 @@ serve: $(VENV)/.installed
 # clients connect to the two in turn (BAROSYNC_TEST_CLUSTER=1, tests/conftest.py).
 CLUSTER_CONFORMANCE := tests/test_server.py tests/test_rest.py tests/test_conflicts.py tests/test_snapshot.py tests/test_presence.py tests/test_client.py \
   tests/test_accounts.py tests/test_projects.py
-# Two pytest workers (pytest-xdist), each taking whole files: most tests wait on
-# sockets, subprocesses and the browser, so two run in about 60% of the time of one.
-# `make test PARALLEL=` runs them in one process.
-PARALLEL ?= -n 2 --dist loadfile
+# Three pytest workers (pytest-xdist), each taking whole files: most tests wait on
+# sockets, subprocesses and the browser, so on two cores three workers finish sooner
+# than two (measured: 268 s against 313 s for the main pass). `make test PARALLEL=`
+# runs them in one process.
+PARALLEL ?= -n 3 --dist loadfile
 
 test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
 	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
