@@ -148,8 +148,12 @@ class Barosync(Target):
 
     def start(self) -> None:
         data = self.tmp / "data"
+        # One user seeds 10,000 events as fast as it can: the per-user HTTP limit (a
+        # protection, not a cost; Radicale has none) would make the seed wait.
+        config = self.tmp / "barosync.toml"
+        config.write_text("[server]\nhttp_rate_limit = 1000000\nhttp_rate_burst = 1000000\n")
         self.proc = subprocess.Popen([sys.executable, "-m", "barosync", "serve", "--data", str(data), "--port", "0",
-                                      "--no-browser-link", "--log-level", "warning"], cwd=ROOT, stdout=subprocess.PIPE,
+                                      "--config", str(config), "--no-browser-link", "--log-level", "warning"], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, preexec_fn=pin(self.cpus))
         assert self.proc.stdout is not None
         for line in self.proc.stdout:

@@ -150,3 +150,14 @@ def test_an_event_stored_without_an_end_comes_back_without_one(start: str, defau
     assert b"DTEND" not in back and b"DURATION" not in back and b"X-BAROSYNC" not in back, back
     moved = {**event, "endDate": "2026-12-10" if "VALUE=DATE" in start else "2026-12-07T10:00:00Z"}
     assert b"DTEND" in ical.resource_bytes(moved)
+
+
+def test_a_zone_without_its_vtimezone_gets_one_built_once_per_process() -> None:
+    event = {"id": "e1", "projectId": "p", "title": "Standup", "startDate": "2026-12-07T09:00:00Z",
+             "endDate": "2026-12-07T10:00:00Z", "timeZone": "America/Chicago", "allDay": False, "version": 1}
+    built = ical._vtimezone.cache_info().misses
+    renders = [icalendar.Calendar.from_ical(ical.to_resource(event).to_ical()) for _ in range(3)]
+    for cal in renders:  # each render carries the zone its times name (RFC 5545)
+        assert [str(z["tzid"]) for z in cal.walk("VTIMEZONE")] == ["America/Chicago"]
+        assert str(cal.walk("VEVENT")[0]["dtstart"].params["TZID"]) == "America/Chicago"
+    assert ical._vtimezone.cache_info().misses - built <= 1  # built at most once, then shared
