@@ -36,6 +36,7 @@ from joserfc.jwk import KeySet
 from ..config import Config
 from ..domain.models import ALL_PROJECTS, ROLES, VIEWER
 from ..storage.accounts import AccountError, Accounts, User
+from .rest import came_over_https
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class OpenIdConnect:
                                        invite=invite)
         # Lax, not Strict: the provider's redirect back is a cross-site navigation.
         cookie = (f"{STATE_COOKIE}={state}; Path=/auth/oidc/; Max-Age={SIGN_IN_TIMEOUT}; HttpOnly; SameSite=Lax"
-                  f"{'; Secure' if _secure(headers) else ''}")
+                  f"{'; Secure' if came_over_https(headers) else ''}")
         return 302, {"location": url}, [(b"location", url.encode()), (b"set-cookie", cookie.encode()),
                                         (b"cache-control", b"no-store")]
 
@@ -255,13 +256,9 @@ class OpenIdConnect:
         return found
 
 
-def _secure(headers: dict[bytes, bytes]) -> bool:
-    return headers.get(b"x-forwarded-proto", b"").lower() == b"https"
-
-
 def _origin(headers: dict[bytes, bytes]) -> str:
     host = headers.get(b"host", b"").decode("latin-1")
-    return f"{'https' if _secure(headers) else 'http'}://{host}"
+    return f"{'https' if came_over_https(headers) else 'http'}://{host}"
 
 
 def _back_to_sign_in(message: str) -> Answer:

@@ -58,6 +58,12 @@ Response = tuple[int, Any]
 Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
 
 
+def came_over_https(headers: dict[bytes, bytes]) -> bool:
+    """Whether a TLS-terminating proxy in front says the browser used HTTPS (cookies
+    are then Secure, and redirects go back to https)."""
+    return headers.get(b"x-forwarded-proto", b"").lower() == b"https"
+
+
 class HttpError(Exception):
     def __init__(self, status: int, code: str, message: str, *, headers: list[tuple[bytes, bytes]] | None = None,
                  **extra: Any) -> None:

@@ -62,7 +62,7 @@ from ..domain.models import ALL_PROJECTS, EDITOR, OWNER, ROLES
 from ..storage.accounts import AccountError, Accounts, OwnerExists, PasswordRefused, SignedIn, User
 from ..storage.projects import Projects
 from ..wire import protocol
-from .rest import HttpError
+from .rest import HttpError, came_over_https
 
 if TYPE_CHECKING:
     from .oidc import OpenIdConnect
@@ -81,8 +81,9 @@ PASSWORD_CHECKS = 2
 
 Answer = tuple[int, Any, list[tuple[bytes, bytes]]]
 # What _route answers; another method on one of these is a 405, not a 404.
-ENDPOINTS = frozenset({"/auth/providers", "/auth/oidc/start", "/auth/oidc/callback", "/auth/signin", "/auth/setup", "/auth/app-passwords", "/auth/feeds", "/auth/invites",
-                       "/auth/accept", "/auth/me", "/auth/token", "/auth/signout", "/auth/sessions", "/auth/projects"})
+ENDPOINTS = frozenset({"/auth/providers", "/auth/oidc/start", "/auth/oidc/callback", "/auth/signin", "/auth/setup",
+                       "/auth/app-passwords", "/auth/feeds", "/auth/invites", "/auth/accept", "/auth/me", "/auth/token",
+                       "/auth/signout", "/auth/sessions", "/auth/projects"})
 ENDPOINT_PREFIXES = ("/auth/app-passwords/", "/auth/members/", "/auth/sessions/", "/auth/projects/", "/auth/feeds/")
 
 
@@ -449,8 +450,7 @@ def _cookies(headers: dict[bytes, bytes]) -> dict[str, str]:
 
 
 def _cookie(headers: dict[bytes, bytes], value: str, *, max_age: int) -> tuple[bytes, bytes]:
-    secure = headers.get(b"x-forwarded-proto", b"").lower() == b"https"
     return (b"set-cookie", f"{COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict"
-                           f"{'; Secure' if secure else ''}".encode())
+                           f"{'; Secure' if came_over_https(headers) else ''}".encode())
 
 
