@@ -19,29 +19,21 @@ Layout::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import ipaddress
 import logging
-import math
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 from xml.etree import ElementTree as ET
 
-import attrs
 import orjson
-import trio
 
 from . import caldav_query, dav
 from ..domain import expansion
 from ..formats import ical
-from ..wire import protocol
-from .app_passwords import Verifier, identity as app_identity
+from .caldav_signin import AppPasswordSignIn
 from .dav import CALDAV, CS, DAV, APPLE, DavError, element, tag
 from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id
-from ..domain.ratelimit import Limiter
 from ..storage.reads import UNREACHABLE_RETRY_AFTER
 from .caldav_writes import ICS, XML, Answer, Fail, Writes, etag
 
@@ -59,9 +51,6 @@ ALLOW = b"OPTIONS, GET, HEAD, PUT, DELETE, PROPFIND, PROPPATCH, REPORT"
 SYNC_PREFIX = "http://barosync.org/ns/sync/"
 # Rendered resources kept in memory (keyed by id and ETag, so never stale).
 CACHE_ENTRIES = 20_000
-SCRYPT_CHECKS = 2  # password checks running at once
-SIGN_IN_FAILURE_BURST = 10
-SIGN_IN_FAILURE_RATE = 0.2  # per second, once the burst is spent
 PALETTE = ("#3b82f6", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316")
 
 
@@ -70,29 +59,14 @@ def sync_token(data_id: str, seq: int) -> str:
     return f"{SYNC_PREFIX}{data_id}/{seq}"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class CalDav:
-    """What the CalDAV front keeps between requests: the app-password verifier and
-    the rendered resources."""
+    """What the CalDAV front keeps between requests: the app-password sign-in
+    (caldav_signin.py) and the rendered resources."""
 
     def __init__(self, app: "App") -> None:
         self.app = app
         self.writes = Writes(app)
-        self.verifier = Verifier(app.config.data_dir)
-        # scrypt takes ~16 MiB and ~50 ms per check: a burst of wrong passwords must
-        # not take the server's memory with it.
-        self._scrypt = trio.CapacityLimiter(SCRYPT_CHECKS)
-        # Failed sign-ins per user name: a burst, then one every few seconds, so
-        # guessing (or keeping a core busy with scrypt) gets nowhere fast.
-        self._failed_sign_ins = Limiter(SIGN_IN_FAILURE_RATE, SIGN_IN_FAILURE_BURST)
+        self.sign_in = AppPasswordSignIn(app)
         self._rendered: dict[tuple[str, str], bytes] = {}
 
     def render(self, e: dict[str, Any]) -> bytes:
@@ -129,7 +103,7 @@ class CalDav:
             return 200, b"", b"text/plain", [(b"dav", b"1, 3, calendar-access"), (b"allow", ALLOW)]
         if method not in METHODS:
             raise Fail(405, f"{method.decode(errors='replace')} is not supported here", headers=[(b"allow", ALLOW)])
-        identity = await self._identity(headers)
+        identity = await self.sign_in.identity(headers)
         rel = path[len(ROOT):] if path.startswith(ROOT) else ""
         parts = [unquote(p) for p in rel.split("/") if p]
         if method in (b"MKCALENDAR", b"MKCOL"):
@@ -154,53 +128,6 @@ class CalDav:
         if len(parts) == 3:
             return await self._calendar(method, identity, project, headers, body)
         return await self._object(method, identity, project, parts[3], path, headers, body)
-
-    def _secure(self, headers: dict[bytes, bytes]) -> bool:
-        config = self.app.config
-        if is_loopback(config.host):
-            return True
-        header = config.caldav_tls_header
-        return bool(header) and headers.get(header.lower().encode(), b"").strip().lower() == b"https"
-
-    async def _identity(self, headers: dict[bytes, bytes]) -> Identity:
-        if not self._secure(headers):
-            header = self.app.config.caldav_tls_header
-            why = (f"the proxy did not send {header}: https" if header
-                   else "set [caldav] tls_header to the header your TLS proxy sets (e.g. X-Forwarded-Proto)")
-            raise Fail(403, "CalDAV sign-in is refused over plain HTTP: this server listens on a non-loopback "
-                            f"address without TLS, so the app password would cross the network readable. "
-                            f"Put barosync behind a TLS proxy ({why}), or listen on 127.0.0.1.")
-        challenge = [(b"www-authenticate", b'Basic realm="barosync", charset="UTF-8"')]
-        auth = headers.get(b"authorization", b"")
-        if auth[:6].lower() != b"basic ":
-            raise Fail(401, "sign in with your user name and an app password "
-                            "(`barosync token create --user USER --app-password`)", headers=challenge)
-        try:
-            user, _, password = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            raise Fail(401, "malformed Basic credentials", headers=challenge) from None
-        now = trio.current_time()
-        wait = self._failed_sign_ins.refused(user, now)
-        if wait is not None:
-            raise Fail(429, f"too many failed sign-ins for {user!r}: try again in {math.ceil(wait)} s",
-                       headers=[protocol.retry_after_header(wait)])
-        entry, known = self.verifier.lookup(user, password)
-        if entry is None or not (known or await trio.to_thread.run_sync(self.verifier.check, entry, password,
-                                                                         limiter=self._scrypt)):
-            self._failed_sign_ins.take(user, now)
-            log.warning("CalDAV sign-in failed for user %r (wrong name or app password, or revoked)", user)
-            raise Fail(401, "wrong user name or app password (or it was revoked)", headers=challenge)
-        identity = app_identity(entry)
-        if entry.get("account"):
-            user = await self.app.tables_call(self.app.accounts.get, identity.user_id)
-            if user is None or user.disabled:
-                raise Fail(401, "this app password's account is disabled or gone", headers=challenge)
-            identity = attrs.evolve(identity, projects=user.projects, roles=user.roles)
-        refused = self.app.request_refused(identity)
-        if refused is not None:
-            message, wait = refused
-            raise Fail(429, message, headers=[protocol.retry_after_header(wait)])
-        return identity
 
     def _own(self, identity: Identity, user: str) -> None:
         if user != identity.user_id:
