@@ -31,6 +31,7 @@ import orjson
 from . import caldav_query, dav
 from ..domain import expansion
 from ..formats import ical
+from .caldav_collections import Collections
 from .caldav_signin import AppPasswordSignIn
 from .dav import CALDAV, CS, DAV, APPLE, DavError, element, tag
 from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id
@@ -47,7 +48,7 @@ T = TypeVar("T")
 ROOT = "/dav/"
 WELL_KNOWN = "/.well-known/caldav"
 METHODS = (b"OPTIONS", b"GET", b"HEAD", b"PUT", b"DELETE", b"PROPFIND", b"PROPPATCH", b"REPORT", b"MKCALENDAR", b"MKCOL")
-ALLOW = b"OPTIONS, GET, HEAD, PUT, DELETE, PROPFIND, PROPPATCH, REPORT"
+ALLOW = b"OPTIONS, GET, HEAD, PUT, DELETE, PROPFIND, PROPPATCH, REPORT, MKCALENDAR, MKCOL"
 SYNC_PREFIX = "http://barosync.org/ns/sync/"
 # Rendered resources kept in memory (keyed by id and ETag, so never stale).
 CACHE_ENTRIES = 20_000
@@ -67,6 +68,7 @@ class CalDav:
         self.app = app
         self.writes = Writes(app)
         self.sign_in = AppPasswordSignIn(app)
+        self.collections = Collections(app)
         self._rendered: dict[tuple[str, str], bytes] = {}
 
     def render(self, e: dict[str, Any]) -> bytes:
@@ -107,8 +109,11 @@ class CalDav:
         rel = path[len(ROOT):] if path.startswith(ROOT) else ""
         parts = [unquote(p) for p in rel.split("/") if p]
         if method in (b"MKCALENDAR", b"MKCOL"):
-            raise Fail(403, "calendars are barosync projects: a project appears once it has an event "
-                            "(and the app password lists it)", condition="resource-must-be-null")
+            if len(parts) != 3 or parts[0] != "calendars":
+                raise Fail(403, "a new calendar goes in your calendar home: /dav/calendars/USER/NAME/",
+                           condition="resource-must-be-null")
+            self._own(identity, parts[1])
+            return await self.collections.make(identity, parts[2], body)
         if not parts:
             return self._propfind_only(method, headers, body, [(ROOT, self._root_props(identity))])
         if parts[0] == "principals" and len(parts) == 2:
@@ -134,8 +139,9 @@ class CalDav:
             raise Fail(403, f"this is {user}'s space; you are signed in as {identity.user_id}")
 
     async def _projects(self, identity: Identity) -> list[str]:
-        names = ([p for p, _ in await self.app.queries.projects()] if identity.projects == ALL_PROJECTS
-                 else list(identity.projects))
+        # Every project: those with events, and those made in an app or the web app.
+        names = ({p for p, _ in await self.app.queries.projects()} | {p.id for p in await self.app.tables_call(
+            self.app.projects.list)} if identity.projects == ALL_PROJECTS else set(identity.projects))
         return sorted([p for p in names if await self.app.authorize(identity, "subscribe", p)])
 
     # -- resources and their properties --------------------------------------------------
@@ -181,6 +187,7 @@ class CalDav:
         queries = self.app.queries
         token = sync_token(queries.history_id, await queries.head(project))
         writable = await self.app.authorize(identity, "create", project)
+        name = await self.app.tables_call(self.app.projects.name, project)
         privileges = [tag(DAV, "read"), tag(CALDAV, "read-free-busy")]
         if writable:
             privileges += [tag(DAV, "write"), tag(DAV, "write-content"), tag(DAV, "bind"), tag(DAV, "unbind")]
@@ -194,7 +201,7 @@ class CalDav:
         return {**self._common(identity),
                 tag(DAV, "resourcetype"): lambda: element(tag(DAV, "resourcetype"), children=[
                     element(tag(DAV, "collection")), element(tag(CALDAV, "calendar"))]),
-                tag(DAV, "displayname"): lambda: element(tag(DAV, "displayname"), project),
+                tag(DAV, "displayname"): lambda: element(tag(DAV, "displayname"), name),
                 tag(APPLE, "calendar-color"): lambda: element(tag(APPLE, "calendar-color"), color),
                 tag(CALDAV, "supported-calendar-component-set"): lambda: element(
                     tag(CALDAV, "supported-calendar-component-set"), children=[_comp("VEVENT")]),
@@ -255,7 +262,11 @@ class CalDav:
         if method in (b"GET", b"HEAD"):
             raise Fail(405, "a calendar collection has no body; use PROPFIND or REPORT (or the ICS feed, /ics/)",
                        headers=[(b"allow", ALLOW)])
-        if method not in (b"PROPFIND", b"PROPPATCH"):
+        if method == b"DELETE":
+            return await self.collections.remove(identity, project)
+        if method == b"PROPPATCH":
+            return await self.collections.rename(identity, project, self._calendar_href(identity, project), body)
+        if method != b"PROPFIND":
             raise Fail(405, f"{method.decode()} is for events ({{id}}.ics), not the calendar", headers=[(b"allow", ALLOW)])
         resources = [(self._calendar_href(identity, project), await self._calendar_props(identity, project))]
         if method == b"PROPFIND" and _depth(headers) > 0:

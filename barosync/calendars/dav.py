@@ -77,6 +77,23 @@ def proppatch(body: bytes) -> tuple[str, ...]:
     return tuple(p.tag for action in root for prop in action for p in prop)
 
 
+def set_properties(body: bytes) -> tuple[dict[str, str], tuple[str, ...]]:
+    """What an MKCALENDAR, an extended MKCOL or a PROPPATCH body sets: (each property
+    set to text, by tag; every property named, set or removed)."""
+    root = parse(body)
+    if root is None:
+        return {}, ()
+    if root.tag not in (tag(DAV, "propertyupdate"), tag(CALDAV, "mkcalendar"), tag(DAV, "mkcol")):
+        raise DavError("expected a DAV:propertyupdate, CALDAV:mkcalendar or DAV:mkcol body")
+    values: dict[str, str] = {}
+    for action in root:
+        for prop in action:
+            for p in prop:
+                if action.tag == tag(DAV, "set") and len(p) == 0:
+                    values[p.tag] = (p.text or "").strip()
+    return values, tuple(p.tag for action in root for prop in action for p in prop)
+
+
 def _utc(value: str | None, what: str) -> datetime | None:
     if value is None:
         return None

@@ -88,17 +88,23 @@ class Projects:
         found = self.get(project_id)
         return found.name if found is not None else project_id
 
-    def create(self, name: str, *, by: str, taken: Iterable[str] = (), now: float | None = None) -> Project:
+    def create(self, name: str, *, by: str, taken: Iterable[str] = (), now: float | None = None,
+               project_id: str | None = None) -> Project:
         """A new project named ``name``; its id is made from the name, unlike every id
-        in ``taken`` (those the log and people's access already use) and every record's."""
+        in ``taken`` (those the log and people's access already use) and every record's.
+        With ``project_id`` (a calendar app names its new calendar's URL), that id or
+        AccountError."""
         name = check_name(name)
-        base, taken = slug(name), set(taken)
+        base, taken = project_id or slug(name), set(taken)
         record = {"name": name, "by": by, "created": int(now if now is not None else time.time()), "deleted": None}
         with self.tables.write() as txn:
-            project_id, n = base, 1
-            while project_id in taken or txn.get("projects", project_id.encode()) is not None:
+            chosen, n = base, 1
+            while chosen in taken or txn.get("projects", chosen.encode()) is not None:
+                if project_id is not None:
+                    raise AccountError(f"project {project_id!r} exists already")
                 n += 1
-                project_id = f"{base}-{n}"
+                chosen = f"{base}-{n}"
+            project_id = chosen
             txn.put("projects", project_id.encode(), orjson.dumps(record))
         return _project(project_id, orjson.dumps(record))
 

@@ -1,0 +1,84 @@
+"""Calendars made, renamed and deleted from a calendar app: each is a barosync project
+(storage/projects.py), so the web app sees them too, and the rules are the web app's.
+
+- ``MKCALENDAR`` (or an extended ``MKCOL``) at ``/dav/calendars/USER/ID/`` makes
+  project ``ID``, named by the body's ``DAV:displayname``; its maker (an account:
+  an app password made in the web app, or for an account) is its owner.
+- ``PROPPATCH`` of ``DAV:displayname`` renames it (its owners); other properties are
+  refused (403 in the multistatus), as before.
+- ``DELETE`` of the calendar deletes the project (its owners): closed to everyone at
+  once and restorable in the web app for 30 days, its events untouched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import dav
+from .caldav_writes import XML, Answer, Fail
+from .dav import DAV, DavError, tag
+from ..domain.models import OWNER, Identity, ValidationError, check_id
+from ..storage.accounts import AccountError, User
+
+if TYPE_CHECKING:
+    from ..core.app import App
+
+DISPLAYNAME = tag(DAV, "displayname")
+
+
+class Collections:
+    def __init__(self, app: "App") -> None:
+        self.app = app
+
+    async def _account(self, identity: Identity) -> User:
+        account = await self.app.tables_call(self.app.accounts.get, identity.user_id)
+        if account is None:
+            raise Fail(403, "calendars are made and deleted by people's accounts: make the app password in the web "
+                            "app's Calendar apps dialog (docs/accounts.md)")
+        return account
+
+    async def make(self, identity: Identity, project: str, body: bytes) -> Answer:
+        account = await self._account(identity)
+        try:
+            check_id(project, "calendar")
+            values, _ = dav.set_properties(body)
+        except (ValidationError, DavError) as e:
+            raise Fail(400, str(e)) from None
+        projects = self.app.projects
+        taken = {p for p, _ in await self.app.queries.projects()} | set(account.projects if account.projects != "*"
+                                                                        else ())
+        try:
+            await trio.to_thread.run_sync(lambda: projects.create(values.get(DISPLAYNAME) or project, by=account.id,
+                                                                  taken=taken, project_id=project))
+        except AccountError as e:
+            raise Fail(405, f"{e}: a new calendar needs a name of its own", condition="resource-must-be-null") from None
+        await trio.to_thread.run_sync(self.app.accounts.set_role, account.id, project, OWNER)
+        return 201, b"", b"text/plain", [(b"cache-control", b"no-store")]
+
+    async def rename(self, identity: Identity, project: str, href: str, body: bytes) -> Answer:
+        try:
+            values, named = dav.set_properties(body)
+        except DavError as e:
+            raise Fail(400, str(e)) from None
+        name = values.get(DISPLAYNAME)
+        account = await self.app.tables_call(self.app.accounts.get, identity.user_id)
+        renamed = name is not None and account is not None and account.may_invite(project)
+        if renamed:
+            try:
+                await trio.to_thread.run_sync(self.app.projects.rename, project, name)
+            except AccountError as e:
+                raise Fail(400, str(e)) from None
+        found = [dav.element(DISPLAYNAME)] if renamed else []
+        answer = dav.response(href, found, forbidden=[n for n in named if not (renamed and n == DISPLAYNAME)])
+        return 207, dav.multistatus([answer]), XML, []
+
+    async def remove(self, identity: Identity, project: str) -> Answer:
+        if not (await self._account(identity)).may_invite(project):
+            raise Fail(403, f"only an owner of {project!r} deletes it", condition="need-privileges")
+        try:
+            await trio.to_thread.run_sync(self.app.projects.delete, project)
+        except AccountError as e:
+            raise Fail(409, str(e)) from None
+        return 204, b"", b"text/plain", []

@@ -1,0 +1,48 @@
+"""Calendars made, renamed and deleted from a calendar app (calendars/caldav_collections.py):
+each is a barosync project, with its maker as owner. python-caldav drives a real
+`barosync serve`."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import caldav
+import pytest
+from caldav.elements import dav as dav_elements
+
+from attack_helpers import ServerProcess, barosync_cmd
+from caldav_helpers import Http, app_password, event_ics, start
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    srv = start(tmp_path / "data")
+    yield srv
+    srv.stop()
+
+
+def test_an_account_makes_renames_and_deletes_a_calendar_from_its_app(server: ServerProcess) -> None:
+    done = subprocess.run(barosync_cmd("user", "create", "olive", "--admin", "--password-stdin", "--data",
+                                       str(server.data_dir)), input="olive's long password\n", capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    password = app_password(server.data_dir, "olive")  # every project
+    with caldav.DAVClient(url=f"http://127.0.0.1:{server.port}/dav/", username="olive", password=password) as client:
+        principal = client.principal()
+        trip = principal.make_calendar(name="Team Trip", cal_id="trip")
+        assert {c.get_display_name() for c in principal.calendars()} == {"Team Trip"}
+        trip.save_event(event_ics("flight-1", "Flight"))
+        trip.set_properties([dav_elements.DisplayName("Trip 2027")])
+        [listed] = principal.calendars()
+        assert listed.get_display_name() == "Trip 2027" and [e.icalendar_component["summary"]
+                                                             for e in listed.events()] == ["Flight"]
+        with pytest.raises(caldav.lib.error.MkcalendarError, match="405"):  # the name is taken
+            principal.make_calendar(name="Again", cal_id="trip")
+        trip.delete()
+        assert principal.calendars() == []  # closed to everyone; the web app restores it for 30 days
+    # Only an account makes calendars: an app password of a user with no account cannot.
+    bot = app_password(server.data_dir, "bot")
+    status, _, body = Http(server.port, "bot", bot)("MKCALENDAR", "/dav/calendars/bot/mine/")
+    assert status == 403 and b"accounts" in body
