@@ -19,8 +19,9 @@ import trio
 from . import dav
 from .caldav_writes import XML, Answer, Fail
 from .dav import DAV, DavError, tag
-from ..domain.models import OWNER, Identity, ValidationError, check_id
+from ..domain.models import Identity, ValidationError, check_id
 from ..storage.accounts import AccountError, User
+from ..storage.projects import ProjectExists
 
 if TYPE_CHECKING:
     from ..core.app import App
@@ -46,15 +47,12 @@ class Collections:
             values, _ = dav.set_properties(body)
         except (ValidationError, DavError) as e:
             raise Fail(400, str(e)) from None
-        projects = self.app.projects
-        taken = {p for p, _ in await self.app.queries.projects()} | set(account.projects if account.projects != "*"
-                                                                        else ())
         try:
-            await trio.to_thread.run_sync(lambda: projects.create(values.get(DISPLAYNAME) or project, by=account.id,
-                                                                  taken=taken, project_id=project))
+            await self.app.make_project(account, values.get(DISPLAYNAME) or project, project_id=project)
+        except ProjectExists as e:
+            raise Fail(405, f"{e}: a new calendar needs a URL of its own", condition="resource-must-be-null") from None
         except AccountError as e:
-            raise Fail(405, f"{e}: a new calendar needs a name of its own", condition="resource-must-be-null") from None
-        await trio.to_thread.run_sync(self.app.accounts.set_role, account.id, project, OWNER)
+            raise Fail(400, str(e)) from None
         return 201, b"", b"text/plain", [(b"cache-control", b"no-store")]
 
     async def rename(self, identity: Identity, project: str, href: str, body: bytes) -> Answer:

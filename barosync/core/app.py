@@ -26,16 +26,16 @@ from ..domain import expansion
 from ..hooks.codecs import DEFAULT_CODEC
 from ..config import Config, ConfigError
 from ..engine.hub import Hub, Subscriber
-from ..domain.models import Identity, identity_problem
+from ..domain.models import ALL_PROJECTS, OWNER, Identity, identity_problem
 from ..hooks.plugins import PluginError, build_plugin_manager, call_first, has_async_impls, strategy_resolvers
 from ..domain.ratelimit import Limiter
 from ..storage.reads import Reads
 from .queries import Queries
 from ..storage.roles import Bus, LogStore, SharedPresence
 from ..engine.sequencer import Sequencer
-from ..storage.accounts import Accounts
+from ..storage.accounts import Accounts, User
 from ..storage.feeds import Feeds
-from ..storage.projects import Projects
+from ..storage.projects import Project, Projects
 from ..storage.store import Store
 from ..engine.writer import Writer
 
@@ -268,6 +268,19 @@ class App:
             log.warning("refused a token for user %r: %s", identity.user_id, problem)
             return None
         return identity
+
+    async def make_project(self, user: User, name: Any, *, project_id: str | None = None) -> Project:
+        """A new project, its maker its owner (the web app's Projects dialog, a calendar
+        app's MKCALENDAR). Its id is made from ``name`` unless ``project_id`` is given,
+        never one in use: in the log, or named by anyone's access. AccountError says
+        why not."""
+        taken = {p for p, _ in await self.queries.projects()}
+        for other in await self.tables_call(self.accounts.list):
+            taken |= ({*other.projects} if other.projects != ALL_PROJECTS else set()) | {p for p, _ in other.roles}
+        made = await trio.to_thread.run_sync(lambda: self.projects.create(name, by=user.id, taken=taken,
+                                                                          project_id=project_id))
+        await trio.to_thread.run_sync(self.accounts.set_role, user.id, made.id, OWNER)
+        return made
 
     async def tables_call(self, fn: Callable[..., T], *args: Any) -> T:
         """A call into the accounts or projects: in a worker thread when their tables

@@ -31,6 +31,10 @@ MAX_PROJECT_NAME_CHARS = 100
 _SLUG_CHARS = 40
 
 
+class ProjectExists(AccountError):
+    """The id asked for is a project's already (deleted ones keep theirs for RESTORE_DAYS)."""
+
+
 @attrs.frozen
 class Project:
     id: str
@@ -101,7 +105,8 @@ class Projects:
             chosen, n = base, 1
             while chosen in taken or txn.get("projects", chosen.encode()) is not None:
                 if project_id is not None:
-                    raise AccountError(f"project {project_id!r} exists already")
+                    raise ProjectExists(f"project {project_id!r} exists already (or was deleted in the last "
+                                        f"{RESTORE_DAYS} days)")
                 n += 1
                 chosen = f"{base}-{n}"
             project_id = chosen

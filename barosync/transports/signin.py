@@ -282,13 +282,8 @@ class SignIn:
         user, _ = await self._signed_in(headers)
         records = {p.id: p for p in await self.app.tables_call(self.projects.list)}
         if method == b"POST":
-            taken = {p for p, _ in await self.app.queries.projects()}
-            for other in await self.app.tables_call(self.accounts.list):
-                taken |= ({*other.projects} if other.projects != ALL_PROJECTS else set()) | {p for p, _ in other.roles}
             try:
-                made = await trio.to_thread.run_sync(lambda: self.projects.create(
-                    _json(body).get("name"), by=user.id, taken=taken))
-                await trio.to_thread.run_sync(self.accounts.set_role, user.id, made.id, OWNER)
+                made = await self.app.make_project(user, _json(body).get("name"))
             except AccountError as e:
                 raise HttpError(400, "invalid", str(e)) from None
             log.info("user %r made project %r", user.id, made.id)
