@@ -42,6 +42,13 @@ def test_an_account_makes_renames_and_deletes_a_calendar_from_its_app(server: Se
             principal.make_calendar(name="Again", cal_id="trip")
         trip.delete()
         assert principal.calendars() == []  # closed to everyone; the web app restores it for 30 days
+        # Made again at the same URL by its owner (apps and python-caldav's tests do):
+        # open again and empty, the old event deleted as an ordinary deletion.
+        again = principal.make_calendar(name="Trip, again", cal_id="trip")
+        [listed] = principal.calendars()
+        assert listed.get_display_name() == "Trip, again" and again.events() == []
+        again.save_event(event_ics("flight-2", "Train"))
+        assert [e.icalendar_component["summary"] for e in again.events()] == ["Train"]
     # Only an account makes calendars: an app password of a user with no account cannot.
     bot = app_password(server.data_dir, "bot")
     status, _, body = Http(server.port, "bot", bot)("MKCALENDAR", "/dav/calendars/bot/mine/")

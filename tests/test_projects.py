@@ -40,6 +40,12 @@ def test_ids_come_from_names_and_never_take_one_in_use(tmp_path: Path) -> None:
             projects.restore("launch", now=1_000_000 + RESTORE_DAYS * 86400 + 1)
         assert Projects(store.tables(Projects.TABLES)).deleted == {"launch"}  # as a restart reads it
         assert projects.restore("launch", now=1_000_000 + 86400).deleted is None and not projects.deleted
+        # Reopened under a new name at any age (a calendar app making it again).
+        with pytest.raises(AccountError, match="is not deleted"):
+            projects.reopen("launch", "Launch again")
+        projects.delete("launch", now=1_000_000)
+        reopened = projects.reopen("launch", "Launch again")
+        assert (reopened.name, reopened.deleted, projects.deleted) == ("Launch again", None, frozenset())
     finally:
         store.close()
 

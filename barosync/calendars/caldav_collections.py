@@ -8,6 +8,9 @@
   refused (403 in the multistatus), as before.
 - ``DELETE`` of the calendar deletes the project (its owners): closed to everyone at
   once and restorable in the web app for 30 days, its events untouched.
+- ``MKCALENDAR`` again at the URL of a deleted calendar, by one of its owners, opens
+  it again empty: the old events are deleted as ordinary deletions (each in its
+  history), as a calendar app that deletes and makes a calendar expects.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from .dav import DAV, DavError, tag
 from ..domain.models import Identity, ValidationError, check_id
 from ..storage.accounts import AccountError, User
 from ..storage.projects import ProjectExists
+from ..core.mutations import delete_every_event
+from ..wire import protocol
+from ..wire.protocol import ProtocolError
 
 if TYPE_CHECKING:
     from ..core.app import App
@@ -47,13 +53,28 @@ class Collections:
             values, _ = dav.set_properties(body)
         except (ValidationError, DavError) as e:
             raise Fail(400, str(e)) from None
+        name = values.get(DISPLAYNAME) or project
         try:
-            await self.app.make_project(account, values.get(DISPLAYNAME) or project, project_id=project)
+            await self.app.make_project(account, name, project_id=project)
         except ProjectExists as e:
-            raise Fail(405, f"{e}: a new calendar needs a URL of its own", condition="resource-must-be-null") from None
+            found = await self.app.tables_call(self.app.projects.get, project)
+            if found is None or found.deleted is None or not account.may_invite(project):
+                raise Fail(405, f"{e}: a new calendar needs a URL of its own",
+                           condition="resource-must-be-null") from None
+            await self._make_again(identity, project, name)
         except AccountError as e:
             raise Fail(400, str(e)) from None
         return 201, b"", b"text/plain", [(b"cache-control", b"no-store")]
+
+    async def _make_again(self, identity: Identity, project: str, name: str) -> None:
+        """A calendar made again by an owner at the URL of one they deleted (apps and
+        python-caldav's tests do): the project reopens empty, its old events deleted
+        as ordinary deletions, so each is still in its history."""
+        await trio.to_thread.run_sync(self.app.projects.reopen, project, name)
+        try:
+            await delete_every_event(self.app, identity, project)
+        except ProtocolError as e:
+            raise Fail(protocol.http_status(e.code), f"emptying {project!r}: {e.message}") from None
 
     async def rename(self, identity: Identity, project: str, href: str, body: bytes) -> Answer:
         try:

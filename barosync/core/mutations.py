@@ -16,6 +16,9 @@ from ..storage.store import Mutation, Outcome, now_ms
 if TYPE_CHECKING:
     from .app import App
 
+# delete_every_event's deletions per commit (as an import's creations).
+CLEAR_GROUP = 500
+
 async def prepare_mutation(
     app: "App",
     identity: Identity,
@@ -108,3 +111,31 @@ class _Waiting:
     def answer(self, m: Mutation, outcome: Outcome) -> None:
         self.outcome = outcome
         self.done.set()
+
+
+async def delete_every_event(app: "App", identity: Identity, project_id: str, *, group: int = CLEAR_GROUP) -> int:
+    """Every event of a project deleted as ordinary deletions through the one write
+    path (each one in the history, so an undo brings it back), ``group`` per commit:
+    a calendar made again at the URL of a deleted one starts empty. Returns how many;
+    raises ProtocolError for the first that could not be deleted."""
+    _, events = await app.queries.snapshot(project_id)
+    failed: list[ProtocolError] = []
+
+    async def one(e: dict[str, Any]) -> None:
+        try:
+            outcome = await run_mutation(app, identity, "delete", f"clear-{project_id}-{e['id']}-{e['version']}",
+                                         {"id": e["id"], "projectId": project_id, "version": e["version"]})
+        except ProtocolError as err:
+            failed.append(err)
+            return
+        if outcome.status == "error":
+            failed.append(outcome.error or ProtocolError(protocol.E_INTERNAL, "a deletion failed inside the server"))
+
+    # A group at a time, all submitted before any is awaited: one commit per group.
+    for first in range(0, len(events), group):
+        async with trio.open_nursery() as nursery:
+            for e in events[first:first + group]:
+                nursery.start_soon(one, e)
+        if failed:
+            raise failed[0]
+    return len(events)

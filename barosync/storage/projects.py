@@ -139,6 +139,21 @@ class Projects:
         self.deleted = self.deleted | {project_id}
         return _project(project_id, orjson.dumps(record))
 
+    def reopen(self, project_id: str, name: str) -> Project:
+        """A deleted project open again under a new name, at any age (a calendar app
+        making a calendar again at the URL of one it deleted): its events are the
+        caller's to clear, which ``restore`` keeps."""
+        name = check_name(name)
+        with self.tables.write() as txn:
+            raw = txn.get("projects", project_id.encode())
+            record = orjson.loads(raw) if raw else None
+            if record is None or record.get("deleted") is None:
+                raise AccountError(f"project {project_id!r} is not deleted")
+            record.update(name=name, deleted=None)
+            txn.put("projects", project_id.encode(), orjson.dumps(record))
+        self.deleted = self.deleted - {project_id}
+        return _project(project_id, orjson.dumps(record))
+
     def restore(self, project_id: str, *, now: float | None = None) -> Project:
         found = self.get(project_id)
         if found is None or found.deleted is None:
