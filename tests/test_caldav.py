@@ -118,8 +118,11 @@ def test_put_get_delete_with_etags_and_preconditions(server: ServerProcess) -> N
     status, headers, _ = http("PUT", url, event_ics("w-1", "Workshop (room 2)"), If_Match=first)
     assert status == 204 and headers["etag"] != first
     second = headers["etag"]
-    status, _, body = http("PUT", url, "BEGIN:VCALENDAR\r\nBEGIN:VTODO\r\nUID:t\r\nEND:VTODO\r\nEND:VCALENDAR\r\n")
+    status, _, body = http("PUT", url, "BEGIN:VCALENDAR\r\nBEGIN:VFREEBUSY\r\nUID:t\r\nEND:VFREEBUSY\r\nEND:VCALENDAR\r\n")
     assert status == 403 and b"supported-calendar-component" in body
+    mixed = event_ics("w-1", "Workshop").replace("END:VCALENDAR", "BEGIN:VTODO\r\nUID:w-1\r\nEND:VTODO\r\nEND:VCALENDAR")
+    status, _, body = http("PUT", url, mixed)
+    assert status == 403 and b"one kind of component" in body
     status, _, body = http("PUT", url, "this is not a calendar")
     assert status == 403 and b"valid-calendar-data" in body
     status, _, _ = http("DELETE", url, If_Match='"1-0"')  # stale: merge keeps the newer edit

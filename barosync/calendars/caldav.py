@@ -30,7 +30,7 @@ import orjson
 
 from . import caldav_query, dav
 from ..domain import expansion
-from ..formats import ical
+from ..formats import ical, tasks
 from .caldav_collections import Collections
 from .caldav_signin import AppPasswordSignIn
 from .dav import CALDAV, CS, DAV, APPLE, DavError, element, tag
@@ -52,6 +52,8 @@ ALLOW = b"OPTIONS, GET, HEAD, PUT, DELETE, PROPFIND, PROPPATCH, REPORT, MKCALEND
 SYNC_PREFIX = "http://barosync.org/ns/sync/"
 # Rendered resources kept in memory (keyed by id and ETag, so never stale).
 CACHE_ENTRIES = 20_000
+# What a calendar holds: events, tasks and journal entries (formats/tasks.py).
+COMPONENTS = ("VEVENT", "VTODO", "VJOURNAL")
 PALETTE = ("#3b82f6", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316")
 
 
@@ -204,7 +206,7 @@ class CalDav:
                 tag(DAV, "displayname"): lambda: element(tag(DAV, "displayname"), name),
                 tag(APPLE, "calendar-color"): lambda: element(tag(APPLE, "calendar-color"), color),
                 tag(CALDAV, "supported-calendar-component-set"): lambda: element(
-                    tag(CALDAV, "supported-calendar-component-set"), children=[_comp("VEVENT")]),
+                    tag(CALDAV, "supported-calendar-component-set"), children=[_comp(c) for c in COMPONENTS]),
                 tag(CALDAV, "supported-calendar-data"): lambda: element(tag(CALDAV, "supported-calendar-data"), children=[
                     _attrs(element(tag(CALDAV, "calendar-data")), {"content-type": "text/calendar", "version": "2.0"})]),
                 tag(CALDAV, "max-resource-size"): lambda: element(tag(CALDAV, "max-resource-size"),
@@ -229,7 +231,8 @@ class CalDav:
             return element(tag(CALDAV, "calendar-data"), text.decode())
 
         return {tag(DAV, "getetag"): lambda: element(tag(DAV, "getetag"), etag(e)),
-                tag(DAV, "getcontenttype"): lambda: element(tag(DAV, "getcontenttype"), "text/calendar; charset=utf-8; component=vevent"),
+                tag(DAV, "getcontenttype"): lambda: element(tag(DAV, "getcontenttype"),
+                                                            f"text/calendar; charset=utf-8; component={tasks.component(e).lower()}"),
                 tag(DAV, "resourcetype"): lambda: element(tag(DAV, "resourcetype")),
                 tag(DAV, "getlastmodified"): lambda: element(tag(DAV, "getlastmodified"), _http_date(e["updatedAt"])),
                 tag(CALDAV, "calendar-data"): data}
@@ -294,7 +297,8 @@ class CalDav:
                     out.append(_props_response(h, self._event_props(e, expanded.get(e["id"])), report.props))
             return _multistatus(out)
         out = []
-        if report.components[:2] == ("VCALENDAR", "VEVENT") or report.components == ("VCALENDAR",):
+        if report.components[0] == "VCALENDAR" and report.components[1:2] in (("VEVENT",), ("VTODO",),
+                                                                                ("VJOURNAL",), ()):
             _seq, events = await self.app.queries.snapshot(project)
             matching = await self._expand(caldav_query.matching, events, report)
             expanded = await self._expand(caldav_query.expanded_data, matching, report) if report.expand else {}

@@ -10,16 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from . import dav
-from ..formats import ical, occurrences
+from ..formats import ical, occurrences, tasks
 from .dav import CALDAV, tag
 
 PropFilters = tuple[tuple[str, str | None, bool, bool], ...]  # name, text, negate, is-not-defined
 
 
 def matching(events: list[dict[str, Any]], report: dav.Report) -> list[dict[str, Any]]:
-    """The events the report's time range and property filters select."""
+    """The events (tasks, journals) the report's component, time range and property
+    filters select."""
+    kind = report.components[1] if len(report.components) > 1 else None
     return [e for e in events
-            if (not (report.start or report.end) or occurrences.overlaps(e, report.start, report.end))
+            if (kind is None or tasks.component(e) == kind)
+            and (not (report.start or report.end) or occurrences.overlaps(e, report.start, report.end))
             and (not report.prop_filters or matches(e, report.prop_filters))]
 
 
@@ -31,9 +34,8 @@ def expanded_data(events: list[dict[str, Any]], report: dav.Report) -> dict[str,
 
 
 def matches(e: dict[str, Any], filters: PropFilters) -> bool:
-    """Whether the event's master VEVENT passes every prop-filter."""
-    master = next(c for c in ical.to_resource(e).subcomponents
-                  if c.name == "VEVENT" and c.get("recurrence-id") is None)
+    """Whether the event's master component passes every prop-filter."""
+    master = tasks.master(ical.to_resource(e), tasks.component(e))
     for name, text, negate, missing in filters:
         value = master.get(name)
         if missing:

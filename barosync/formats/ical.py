@@ -1,5 +1,5 @@
 """One event as a CalDAV resource (a VCALENDAR with its VEVENTs) and back, through
-the ``icalendar`` library. No IO, no trio.
+the ``icalendar`` library; tasks and journals go to tasks.py. No IO, no trio.
 
 In: the modeled properties become event fields (instants in UTC, the zone they were
 given in as ``timeZone``, RRULE/RDATE/EXDATE and RECURRENCE-ID overrides as
@@ -24,6 +24,8 @@ import icalendar
 from icalendar.timezone import tzp
 
 from ..domain.recurrence import known_valid
+from . import tasks
+from .values import IcalError, as_utc, instant, iso
 
 PRODID = "-//barosync//barosync calendar//EN"
 # Written from event fields on the way out; never kept in ``ical``.
@@ -36,17 +38,8 @@ OVERRIDE_MODELED = ("SUMMARY", "DTSTART", "DTEND", "DURATION", "LOCATION", "DESC
 # Modeled text whose parameters (LANGUAGE, ALTREP) an app may have set: kept in
 # ``ical`` with an empty value, so the parameters come back around the current text.
 TEXT_WITH_PARAMS = ("SUMMARY", "LOCATION", "DESCRIPTION", "COLOR")
-UNSUPPORTED = ("VTODO", "VJOURNAL", "VFREEBUSY")
 # In ``ical`` only: the app gave this VEVENT neither DTEND nor DURATION.
 DEFAULT_END = "X-BAROSYNC-DEFAULT-END"
-
-
-class IcalError(ValueError):
-    """A resource barosync cannot store; ``precondition`` is the CalDAV condition."""
-
-    def __init__(self, message: str, precondition: str = "valid-calendar-data") -> None:
-        super().__init__(message)
-        self.precondition = precondition
 
 
 # -- in -------------------------------------------------------------------------------------
@@ -78,9 +71,12 @@ def from_resource(data: bytes | str, *, project_id: str, event_id: str) -> dict[
 
 def _from_resource(data: bytes | str, *, project_id: str, event_id: str) -> dict[str, Any]:
     cal = parse_calendar(data)
-    kinds = {c.name for c in cal.subcomponents} - {"VTIMEZONE", "VEVENT"}
-    if kinds & set(UNSUPPORTED) or not any(c.name == "VEVENT" for c in cal.subcomponents):
-        raise IcalError("this calendar holds events (VEVENT) only; tasks and journals are not supported",
+    kind = tasks.kind_of(cal)
+    if kind is not None:
+        text = data.decode() if isinstance(data, bytes) else data
+        return tasks.from_resource(cal, text, kind, project_id=project_id, event_id=event_id)
+    if not any(c.name == "VEVENT" for c in cal.subcomponents):
+        raise IcalError("a calendar resource holds an event (VEVENT), a task (VTODO) or a journal entry (VJOURNAL)",
                         "supported-calendar-component")
     vevents = [c for c in cal.subcomponents if c.name == "VEVENT"]
     uids = {str(v.get("uid", "")) for v in vevents}
@@ -227,23 +223,7 @@ def _recurrence(master: icalendar.Event, overrides: list[icalendar.Event]) -> di
     return out
 
 
-def iso(value: date | datetime) -> str:
-    """A date as YYYY-MM-DD, a zoned date-time in UTC with Z, a floating one as is."""
-    if not isinstance(value, datetime):
-        return value.isoformat()
-    if value.tzinfo is None:
-        return value.isoformat()
-    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat() + "Z"
-
-
 # -- out ------------------------------------------------------------------------------------
-
-
-def instant(value: str) -> date | datetime:
-    """A stored date (YYYY-MM-DD) or date-time as Python's value."""
-    if "T" not in value:
-        return date.fromisoformat(value[:10])
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _day(value: str) -> date:
@@ -301,7 +281,10 @@ def _add_dates(component: icalendar.Component, name: str, values: list[str], all
 
 
 def to_resource(e: dict[str, Any]) -> icalendar.Calendar:
-    """The event as one CalDAV resource (master VEVENT plus overrides)."""
+    """The event as one CalDAV resource (master VEVENT plus overrides); a task or
+    journal as the app sent it (tasks.py)."""
+    if tasks.component(e) != tasks.VEVENT:
+        return tasks.to_resource(e)
     cal = parse_calendar(e["ical"]) if e.get("ical") else None
     if cal is None:
         cal = icalendar.Calendar()
@@ -423,6 +406,8 @@ def _write(v: icalendar.Event, f: dict[str, Any], e: dict[str, Any], tz: tzinfo 
 
 
 def resource_bytes(e: dict[str, Any]) -> bytes:
+    if tasks.component(e) != tasks.VEVENT:
+        return tasks.resource_bytes(e)
     return to_resource(e).to_ical()
 
 
@@ -444,10 +429,3 @@ def feed(project_id: str, events: Iterable[dict[str, Any]], *, name: str | None 
                 zones.add(key)
             cal.add_component(c)
     return cal.to_ical()
-
-
-def as_utc(value: date | datetime) -> datetime:
-    """A zoned instant in UTC; floating times and dates taken as UTC (ics.py uses it too)."""
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return datetime.combine(value, datetime.min.time(), tzinfo=timezone.utc)

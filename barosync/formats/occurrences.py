@@ -14,9 +14,12 @@ import icalendar
 import recurring_ical_events
 
 from ..domain import expansion
+from . import tasks
 from .ical import PRODID, instant, as_utc, to_resource
 
 log = logging.getLogger(__name__)
+
+_CLASSES = {tasks.VEVENT: icalendar.Event, tasks.VTODO: icalendar.Todo, tasks.VJOURNAL: icalendar.Journal}
 
 
 def of(e: dict[str, Any], start: datetime | None, end: datetime | None) -> list[icalendar.Event]:
@@ -25,7 +28,8 @@ def of(e: dict[str, Any], start: datetime | None, end: datetime | None) -> list[
     the dates barosync expands, at most MAX_INSTANCES of them (else ExpansionLimit).
     Run it under expansion.run_guarded: a rule can cost time before its first one."""
     lo, hi = expansion.clip(start, end)
-    return expansion.bounded(between(to_resource(sound(e)), lo, hi), what=f"event {e['id']!r}")
+    kind = tasks.component(e)
+    return expansion.bounded(between(to_resource(sound(e)), lo, hi, kind), what=f"event {e['id']!r}")
 
 
 def sound(e: dict[str, Any]) -> dict[str, Any]:
@@ -56,12 +60,13 @@ def _log_set_aside(project_id: str | None, event_id: str, rule: str, why: str) -
                 "(an edit of the event replaces the rule)", event_id, project_id, rule[:100], why)
 
 
-def between(cal: icalendar.Calendar, start: datetime, end: datetime) -> Iterator[icalendar.Event]:
-    """Every occurrence in [start, end) of every component, one at a time.
-    (recurring-ical-events' own between() lists them all before returning; its series
-    yield them one by one, so a count can stop the expansion.)"""
+def between(cal: icalendar.Calendar, start: datetime, end: datetime,
+            kind: str = tasks.VEVENT) -> Iterator[icalendar.Component]:
+    """Every occurrence in [start, end) of every component of ``kind``, one at a
+    time. (recurring-ical-events' own between() lists them all before returning; its
+    series yield them one by one, so a count can stop the expansion.)"""
     with expansion.stepping():
-        query = recurring_ical_events.of(cal)
+        query = recurring_ical_events.of(cal, components=[kind])
     for series in query.series:
         occurrences = series.between(start, end)
         while True:
@@ -73,6 +78,13 @@ def between(cal: icalendar.Calendar, start: datetime, end: datetime) -> Iterator
 
 
 def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) -> bool:
+    kind = tasks.component(e)
+    if kind != tasks.VEVENT:
+        main = tasks.master(tasks.to_resource(e), kind)
+        if not tasks.recurring(main):
+            return tasks.overlaps(main, start, end)
+        lo, hi = expansion.clip(start, end)
+        return next(between(tasks.to_resource(e), lo, hi, kind), None) is not None
     if not e.get("recurrence"):
         s = as_utc(instant(e["startDate"]))
         f = as_utc(instant(e["endDate"]))
@@ -84,23 +96,29 @@ def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) ->
 
 
 def expanded(e: dict[str, Any], start: datetime, end: datetime) -> icalendar.Calendar:
-    """RFC 4791 §9.6.5 ``expand``: the occurrences in the range as single VEVENTs in
-    UTC, each with its RECURRENCE-ID, and no recurrence properties."""
+    """RFC 4791 §9.6.5 ``expand``: the occurrences in the range as single components
+    in UTC, each with its RECURRENCE-ID, and no recurrence properties. A task or
+    journal that does not recur is given back as it is."""
+    kind = tasks.component(e)
+    if kind != tasks.VEVENT and not tasks.recurring(tasks.master(tasks.to_resource(e), kind)):
+        return tasks.to_resource(e)
     cal = icalendar.Calendar()
     cal.add("prodid", PRODID)
     cal.add("version", "2.0")
-    recurring = bool(e.get("recurrence"))
+    recurring = bool(e.get("recurrence")) or kind != tasks.VEVENT
+    timed = ("dtstart", "dtend", "due")
     for v in of(e, start, end):
-        out = icalendar.Event()
+        out = _CLASSES[kind]()
         for name, value in v.items():
-            if name in ("RRULE", "RDATE", "EXDATE", "DTSTART", "DTEND", "RECURRENCE-ID", "DURATION"):
+            if name in ("RRULE", "RDATE", "EXDATE", "DTSTART", "DTEND", "DUE", "RECURRENCE-ID", "DURATION"):
                 continue
             out[name] = value
-        s, f = v.decoded("dtstart"), v.decoded("dtend") if v.get("dtend") is not None else None
-        out.add("dtstart", as_utc(s) if isinstance(s, datetime) else s)
-        if f is not None:
-            out.add("dtend", as_utc(f) if isinstance(f, datetime) else f)
+        for name in timed:
+            if v.get(name) is not None:
+                value = v.decoded(name)
+                out.add(name, as_utc(value) if isinstance(value, datetime) else value)
         if recurring:
+            s = v.decoded("dtstart") if v.get("dtstart") is not None else v.decoded("due")
             rid = v.decoded("recurrence-id") if v.get("recurrence-id") is not None else s
             out.add("recurrence-id", as_utc(rid) if isinstance(rid, datetime) else rid)
         for sub in v.subcomponents:
