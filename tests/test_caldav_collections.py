@@ -53,3 +53,21 @@ def test_an_account_makes_renames_and_deletes_a_calendar_from_its_app(server: Se
     bot = app_password(server.data_dir, "bot")
     status, _, body = Http(server.port, "bot", bot)("MKCALENDAR", "/dav/calendars/bot/mine/")
     assert status == 403 and b"accounts" in body
+
+
+def test_the_same_uid_in_two_calendars_is_two_events(server: ServerProcess) -> None:
+    subprocess.run(barosync_cmd("user", "create", "olive", "--admin", "--password-stdin", "--data",
+                                str(server.data_dir)), input="olive's long password\n", text=True, check=True,
+                   capture_output=True, timeout=60)
+    http = Http(server.port, "olive", app_password(server.data_dir, "olive"))
+    for cal in ("c1", "c2"):
+        assert http("MKCALENDAR", f"/dav/calendars/olive/{cal}/")[0] == 201
+    # A copy to another calendar keeps the UID (python-caldav's copy(keep_uid=True)).
+    assert http("PUT", "/dav/calendars/olive/c1/u%40x.ics", event_ics("u@x", "Party"))[0] == 201
+    status, _, body = http("PUT", "/dav/calendars/olive/c2/u%40x.ics", event_ics("u@x", "Party"))
+    assert status == 201, body
+    assert http("PUT", "/dav/calendars/olive/c2/u%40x.ics", event_ics("u@x", "Moved party"))[0] == 204
+    assert b"SUMMARY:Party" in http("GET", "/dav/calendars/olive/c1/u%40x.ics")[2]
+    assert http("DELETE", "/dav/calendars/olive/c2/u%40x.ics")[0] == 204
+    assert http("GET", "/dav/calendars/olive/c2/u%40x.ics")[0] == 404
+    assert http("GET", "/dav/calendars/olive/c1/u%40x.ics")[0] == 200

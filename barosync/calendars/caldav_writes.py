@@ -97,7 +97,7 @@ class Writes:
         else:
             kind = "update"
             version = base if base is not None else stored["version"]  # type: ignore[index]
-            payload = {k: v for k, v in fields.items() if k != "projectId"} | {"version": version}
+            payload = fields | {"version": version}  # projectId: the same UID may be in another calendar
         if if_match is not None:
             condition = if_match
         elif stored is not None:
@@ -121,7 +121,7 @@ class Writes:
         if stored is None:
             raise Fail(404, f"no event {event_id!r} in {project!r}")
         if_match = headers.get(b"if-match")
-        payload: dict[str, Any] = {"id": event_id}
+        payload: dict[str, Any] = {"id": event_id, "projectId": project}
         if if_match is not None and if_match.strip() != b"*":
             base = _version_of(if_match.decode("latin-1"))
             if base is None:
