@@ -116,6 +116,8 @@ class CalDav:
                            condition="resource-must-be-null")
             self._own(identity, parts[1])
             return await self.collections.make(identity, parts[2], body)
+        if method == b"REPORT" and (not parts or parts[0] == "principals"):
+            return self._principal_search(identity, body)
         if not parts:
             return self._propfind_only(method, headers, body, [(ROOT, self._root_props(identity))])
         if parts[0] == "principals" and len(parts) == 2:
@@ -135,6 +137,14 @@ class CalDav:
         if len(parts) == 3:
             return await self._calendar(method, identity, project, headers, body)
         return await self._object(method, identity, project, parts[3], path, headers, body)
+
+    def _principal_search(self, identity: Identity, body: bytes) -> Answer:
+        """An app looking up principals by name finds only its own user's: a team's
+        people are not listed to calendar apps (scheduling is not offered either)."""
+        matches, props = dav.principal_search(body)
+        found = all(m in identity.name.lower() or m in identity.user_id.lower() for m in matches)
+        return _multistatus([_props_response(self._principal(identity), self._principal_props(identity), props)]
+                            if found else [])
 
     def _own(self, identity: Identity, user: str) -> None:
         if user != identity.user_id:
@@ -199,7 +209,8 @@ class CalDav:
             return element(tag(DAV, "current-user-privilege-set"), children=[
                 element(tag(DAV, "privilege"), children=[element(p)]) for p in privileges])
 
-        reports = [tag(CALDAV, "calendar-query"), tag(CALDAV, "calendar-multiget"), tag(DAV, "sync-collection")]
+        reports = [tag(CALDAV, "calendar-query"), tag(CALDAV, "calendar-multiget"), tag(DAV, "sync-collection"),
+                   tag(CALDAV, "free-busy-query")]
         return {**self._common(identity),
                 tag(DAV, "resourcetype"): lambda: element(tag(DAV, "resourcetype"), children=[
                     element(tag(DAV, "collection")), element(tag(CALDAV, "calendar"))]),
@@ -282,6 +293,9 @@ class CalDav:
         if report.kind == "sync-collection":
             return await self._sync(identity, project, report)
         _check_window(report.start, report.end)
+        if report.kind == "free-busy-query":
+            _seq, events = await self.app.queries.snapshot(project)
+            return 200, await self._expand(caldav_query.free_busy, events, report), ICS, []
         if report.expand:
             _check_window(*report.expand)
         if report.kind == "calendar-multiget":

@@ -1,5 +1,6 @@
-"""What a CalDAV calendar-query selects (RFC 4791 §9.7 filters) and what an
-``expand`` answers (§9.6.5): plain functions of events and a parsed report, no IO.
+"""What a CalDAV calendar-query selects (RFC 4791 §9.7 filters), what an ``expand``
+answers (§9.6.5) and a free-busy-query's busy time (§7.10): plain functions of events
+and a parsed report, no IO.
 
 They expand recurrences, so caldav.py runs them in a worker thread under
 expansion.py's bounds (``app.expand``), never on the event loop.
@@ -7,7 +8,10 @@ expansion.py's bounds (``app.expand``), never on the event loop.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any
+
+import icalendar
 
 from . import dav
 from ..formats import ical, occurrences, tasks
@@ -50,3 +54,48 @@ def matches(e: dict[str, Any], filters: PropFilters) -> bool:
             if hit == negate:
                 return False
     return True
+
+
+def free_busy(events: list[dict[str, Any]], report: dav.Report, *, now: datetime | None = None) -> bytes:
+    """RFC 4791 §7.10: one VFREEBUSY with the busy periods of the events in the
+    report's range, recurrences expanded, overlapping ones merged. Transparent and
+    cancelled events leave the time free; tentative ones are BUSY-TENTATIVE."""
+    assert report.start is not None and report.end is not None
+    busy: dict[str, list[tuple[datetime, datetime]]] = {"BUSY": [], "BUSY-TENTATIVE": []}
+    for e in events:
+        if tasks.component(e) != tasks.VEVENT:
+            continue
+        for v in occurrences.of(e, report.start, report.end):
+            status = str(v.get("status", "")).upper()
+            if str(v.get("transp", "")).upper() == "TRANSPARENT" or status == "CANCELLED":
+                continue
+            first = v.decoded("dtstart")
+            last = v.decoded("dtend") if v.get("dtend") is not None else (
+                first + v.decoded("duration") if v.get("duration") is not None else
+                first if isinstance(first, datetime) else first + timedelta(days=1))
+            start, end = ical.as_utc(first), ical.as_utc(last)
+            start, end = max(start, report.start), min(end, report.end)
+            if end > start:
+                busy["BUSY-TENTATIVE" if status == "TENTATIVE" else "BUSY"].append((start, end))
+    fb = icalendar.FreeBusy()
+    fb.add("dtstamp", now or datetime.now(timezone.utc))
+    fb.add("dtstart", report.start)
+    fb.add("dtend", report.end)
+    for kind, periods in busy.items():
+        for start, end in _merged(periods):
+            fb.add("freebusy", [(start, end)], parameters={"FBTYPE": kind})
+    cal = icalendar.Calendar()
+    cal.add("prodid", ical.PRODID)
+    cal.add("version", "2.0")
+    cal.add_component(fb)
+    return cal.to_ical()
+
+
+def _merged(periods: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    out: list[tuple[datetime, datetime]] = []
+    for start, end in sorted(periods):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out

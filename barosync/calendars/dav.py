@@ -33,7 +33,7 @@ class DavError(ValueError):
 
 @attrs.frozen
 class Report:
-    kind: str  # calendar-query, calendar-multiget, sync-collection
+    kind: str  # calendar-query, calendar-multiget, sync-collection, free-busy-query
     props: tuple[str, ...] | None  # None: allprop
     hrefs: tuple[str, ...] = ()
     start: datetime | None = None
@@ -106,12 +106,20 @@ def _utc(value: str | None, what: str) -> datetime | None:
 def report(body: bytes) -> Report:
     root = parse(body)
     if root is None:
-        raise DavError("REPORT needs a body (calendar-query, calendar-multiget or sync-collection)")
+        raise DavError("REPORT needs a body (calendar-query, calendar-multiget, sync-collection or free-busy-query)")
     kinds = {tag(CALDAV, "calendar-query"): "calendar-query", tag(CALDAV, "calendar-multiget"): "calendar-multiget",
-             tag(DAV, "sync-collection"): "sync-collection"}
+             tag(DAV, "sync-collection"): "sync-collection", tag(CALDAV, "free-busy-query"): "free-busy-query"}
     kind = kinds.get(root.tag)
     if kind is None:
-        raise DavError(f"unsupported report {root.tag} (supported: calendar-query, calendar-multiget, sync-collection)")
+        raise DavError(f"unsupported report {root.tag} (supported: calendar-query, calendar-multiget, "
+                       "sync-collection, free-busy-query)")
+    if kind == "free-busy-query":
+        time_range = root.find(tag(CALDAV, "time-range"))
+        start = _utc(time_range.get("start"), "time-range start") if time_range is not None else None
+        end = _utc(time_range.get("end"), "time-range end") if time_range is not None else None
+        if start is None or end is None or end <= start:
+            raise DavError("free-busy-query needs a time-range with a start before its end (RFC 4791 §7.10)")
+        return Report(kind=kind, props=None, start=start, end=end)
     prop = root.find(tag(DAV, "prop"))
     props = tuple(child.tag for child in prop) if prop is not None else None
     expand = None
@@ -134,6 +142,24 @@ def report(body: bytes) -> Report:
     else:
         fields.update(_filter(root.find(tag(CALDAV, "filter"))))
     return Report(**fields)
+
+
+def principal_search(body: bytes) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """A principal-property-search REPORT (RFC 3744 §9.4): the texts the principal's
+    display name must contain (none: every principal), and the properties asked for."""
+    root = parse(body)
+    if root is None or root.tag != tag(DAV, "principal-property-search"):
+        raise DavError("REPORT here is a principal-property-search (RFC 3744)")
+    matches = tuple((m.text or "").strip().lower() for search in root.findall(tag(DAV, "property-search"))
+                    for m in search.findall(tag(DAV, "match")))
+    prop = root.find(tag(DAV, "prop"))
+    wanted = [child.tag for child in prop] if prop is not None else []
+    # python-caldav 3.6 puts the properties beside an empty <prop>, not in it.
+    wanted += [child.tag for child in root if child.tag not in _SEARCH_PARTS]
+    return matches, tuple(wanted) or None
+
+
+_SEARCH_PARTS = {tag(DAV, "property-search"), tag(DAV, "prop"), tag(DAV, "apply-to-principal-collection-set")}
 
 
 def _filter(element: ET.Element | None) -> dict[str, Any]:
