@@ -43,7 +43,7 @@ CLUSTER_CONFORMANCE := tests/test_server.py tests/test_rest.py tests/test_confli
 # runs them in one process.
 PARALLEL ?= -n 3 --dist loadfile
 
-test: $(VENV)/.installed-test $(VENV)/node/.installed system-deps
+test: $(VENV)/.installed-test $(VENV)/node/.installed $(VENV)/caldav-suite/.installed system-deps
 	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null; then \
 	  echo "make: the protocol suites again, on two nodes (PostgreSQL log, Redis bus)"; \
@@ -64,6 +64,20 @@ $(VENV)/node/.installed: Makefile | $(BIN)/python
 	  echo "make: installing $(NODE_TEST_PACKAGES) into $(VENV)/node for the browser-client and OpenID checks"; \
 	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent $(NODE_TEST_PACKAGES) && touch $@; \
 	else echo "make: npm is missing (apt-get install npm); the TypeScript and OpenID checks will skip"; fi
+
+# python-caldav's own functional suite, which tests/test_caldav_suite.py runs against
+# barosync: the pinned sdist's tests, in a venv of their own (the suite's pytest-asyncio
+# set-up is not ours), with what its test modules import.
+CALDAV_SUITE := caldav==3.6.0
+CALDAV_SUITE_DEPS := pytest pyyaml tzlocal pytest-asyncio proxy.py vobject pyfakefs
+$(VENV)/caldav-suite/.installed: Makefile | $(BIN)/python
+	@echo "make: fetching python-caldav's test suite ($(CALDAV_SUITE)) into $(VENV)/caldav-suite"
+	rm -rf $(VENV)/caldav-suite
+	$(PYTHON) -m venv $(VENV)/caldav-suite/venv
+	$(VENV)/caldav-suite/venv/bin/python -m pip install --quiet $(CALDAV_SUITE) $(CALDAV_SUITE_DEPS)
+	$(VENV)/caldav-suite/venv/bin/python -m pip download --quiet --no-binary :all: --no-deps -d $(VENV)/caldav-suite $(CALDAV_SUITE)
+	tar -xzf $(VENV)/caldav-suite/caldav-*.tar.gz -C $(VENV)/caldav-suite
+	touch $@
 
 # Debian packages the tests use: PostgreSQL and Redis for the cluster tests (started
 # by the fixtures in temp dirs on free ports, never as system services; Debian's
