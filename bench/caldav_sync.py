@@ -11,7 +11,9 @@ app does:
   ``calendar-multiget`` of every event in batches of 500, with the data;
 - the same again, with the servers' caches warm;
 - incremental sync: 100 events changed by PUT (timed too), then ``sync-collection``
-  with the token from before and a ``calendar-multiget`` of what changed.
+  with the token from before and a ``calendar-multiget`` of what changed;
+- the first full sync after a restart of the server on the same data (its caches
+  cold, the data read from disk).
 
 Each figure is printed for both servers with the ratio; the result is one JSON line
 (``--json -``) that `bench/run.py --scenarios caldav` reads.
@@ -121,6 +123,10 @@ class Target:
         self.tmp.mkdir(parents=True)
         self.proc: subprocess.Popen | None = None
 
+    def launch(self) -> None:
+        """Start the server on its data (again, for a restart)."""
+        raise NotImplementedError
+
     def rss_kb(self) -> int:
         assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -147,6 +153,14 @@ class Barosync(Target):
     user = "alice"
 
     def start(self) -> None:
+        self.launch()
+        out = subprocess.run([sys.executable, "-m", "barosync", "token", "create", "--data", str(self.tmp / "data"),
+                              "--user", self.user, "--project", "bench", "--app-password"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        self.password = re.search(r"password:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+        self.collection = f"/dav/calendars/{self.user}/bench/"
+
+    def launch(self) -> None:
         data = self.tmp / "data"
         # One user seeds 10,000 events as fast as it can: the per-user HTTP limit (a
         # protection, not a cost; Radicale has none) would make the seed wait.
@@ -162,11 +176,6 @@ class Barosync(Target):
                 break
         else:
             raise RuntimeError("barosync serve exited before listening")
-        out = subprocess.run([sys.executable, "-m", "barosync", "token", "create", "--data", str(data), "--user",
-                              self.user, "--project", "bench", "--app-password"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout
-        self.password = re.search(r"password:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-        self.collection = f"/dav/calendars/{self.user}/bench/"
 
     def seed(self, n: int) -> float:
         t0 = time.perf_counter()
@@ -195,6 +204,9 @@ class Radicale(Target):
 
     def start(self) -> None:
         self.port = free_port()
+        self.launch()
+
+    def launch(self) -> None:
         self.storage = self.tmp / "collections"
         self.proc = subprocess.Popen([sys.executable, "-m", "radicale", "--config", "", "--server-hosts",
                                       f"127.0.0.1:{self.port}", "--storage-filesystem-folder", str(self.storage),
@@ -242,9 +254,14 @@ def measure(target: Target, n: int, changes: int) -> dict:
     put_seconds = time.perf_counter() - t0
     inc = sync(c, target.collection, first["token"])
     assert inc["items"] == changes, (target.name, inc)
+    rss = target.rss_kb()
+    target.stop()
+    target.launch()
+    restarted = sync(Client(target.port, target.user, target.password), target.collection)
+    assert restarted["items"] == n, (target.name, restarted["items"], n)
     return {"full_seconds": first["seconds"], "full_server_cpu_s": first_cpu, "warm_full_seconds": warm["seconds"],
             "edit_seconds": put_seconds, "incremental_seconds": inc["seconds"], "incremental_items": inc["items"],
-            "rss_growth_mb": (target.rss_kb() - rss0) / 1024, "bytes_read": c.bytes}
+            "restart_full_seconds": restarted["seconds"], "rss_growth_mb": (rss - rss0) / 1024, "bytes_read": c.bytes}
 
 
 def run(n: int, changes: int, server_cpus: set[int] | None, load_cpus: set[int] | None) -> dict:
@@ -263,13 +280,14 @@ def run(n: int, changes: int, server_cpus: set[int] | None, load_cpus: set[int] 
                 r["seed_seconds"] = seeded
                 out[target.name] = r
                 log(f"{target.name}: full sync {r['full_seconds']:.2f} s (warm {r['warm_full_seconds']:.2f}), "
-                    f"{changes} edits {r['edit_seconds']:.2f} s, incremental {r['incremental_seconds']:.3f} s")
+                    f"{changes} edits {r['edit_seconds']:.2f} s, incremental {r['incremental_seconds']:.3f} s, "
+                    f"after a restart {r['restart_full_seconds']:.2f} s")
             finally:
                 target.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     b, p = out["barosync"], out["radicale"]
-    for key in ("full_seconds", "warm_full_seconds", "edit_seconds", "incremental_seconds"):
+    for key in ("full_seconds", "warm_full_seconds", "edit_seconds", "incremental_seconds", "restart_full_seconds"):
         out[f"{key}_ratio"] = b[key] / p[key] if p[key] else None  # < 1: barosync is faster
     out["seed_puts_per_s"] = n / b["seed_seconds"]
     return out

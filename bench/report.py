@@ -46,7 +46,8 @@ def headline(sc: str, r: dict) -> str:
     if sc == "caldav":
         b, p = r["barosync"], r["radicale"]
         return (f"first full sync of {r['events']:,}: {fmt(b['full_seconds'])} s (Radicale {fmt(p['full_seconds'])} s), "
-                f"incremental of {r['changes']}: {fmt(b['incremental_seconds'])} s (Radicale {fmt(p['incremental_seconds'])} s)")
+                f"incremental of {r['changes']}: {fmt(b['incremental_seconds'])} s (Radicale {fmt(p['incremental_seconds'])} s), "
+                f"after a restart: {fmt(b['restart_full_seconds'])} s (Radicale {fmt(p['restart_full_seconds'])} s)")
     if sc == "hostile":
         return (f"{fmt(r['frames'])} frames, {fmt(r['error_answers'])} error answers, server alive {r['server_alive']}, "
                 f"serves afterwards {r['serves_afterwards']}, RSS max +{fmt(r['rss_max_growth_mb'])} MB")
@@ -182,11 +183,16 @@ ROWS = [
     ("caldav", "radicale.full_server_cpu_s", "  Radicale server CPU (s)"),
     ("caldav", "barosync.warm_full_seconds", "full sync again, warm (s)"),
     ("caldav", "radicale.warm_full_seconds", "  Radicale (s)"),
+    ("caldav", "warm_full_seconds_ratio", "  barosync / Radicale"),
     ("caldav", "barosync.edit_seconds", "changes by PUT (s)"),
     ("caldav", "radicale.edit_seconds", "  Radicale (s)"),
+    ("caldav", "edit_seconds_ratio", "  barosync / Radicale"),
     ("caldav", "barosync.incremental_seconds", "incremental sync (s)"),
     ("caldav", "radicale.incremental_seconds", "  Radicale (s)"),
     ("caldav", "incremental_seconds_ratio", "  barosync / Radicale"),
+    ("caldav", "barosync.restart_full_seconds", "full sync after a restart (s)"),
+    ("caldav", "radicale.restart_full_seconds", "  Radicale (s)"),
+    ("caldav", "restart_full_seconds_ratio", "  barosync / Radicale"),
     ("caldav", "seed_puts_per_s", "seeding PUTs/s (8 connections)"),
     ("caldav", "barosync.rss_growth_mb", "server RSS growth (MB)"),
     ("hostile", "frames", "hostile frames"),

@@ -3,6 +3,7 @@
 
 import { SyncClient } from "/client/barosync.js";
 import qrcode from "/app/vendor/qrcode-generator/qrcode.mjs";
+import { KIND_NAMES, gridEntry, itemKind, taskRows } from "/app/items.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "barosync.token";
@@ -267,7 +268,11 @@ function start(token, projects) {
     nowIndicator: true,
     contentHeight: 640,
     scrollTime: "08:00:00",
-    events: (info, success) => success(!projectId || refused.has(projectId) ? [] : client.events(projectId).flatMap(toCalendar)),
+    events: (info, success) => {
+      const all = !projectId || refused.has(projectId) ? [] : client.events(projectId);
+      showTasks(all);
+      success(all.flatMap(toCalendar));
+    },
     select: (info) => openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay }),
     eventClick: (info) => openEditor(client.get(info.event.id, projectId)),
     eventDrop: (info) => moved(info),
@@ -545,6 +550,7 @@ function toCalendar(e) {
     backgroundColor: e.color || undefined, borderColor: e.color || undefined,
     classNames: e.pending ? ["pending"] : [],
   };
+  if (itemKind(e) !== "event") return gridEntry(e, base);
   const rec = e.recurrence;
   if (!rec || !window.FullCalendar?.RRule) return [base];
   const stamp = (s) => (e.allDay ? s.slice(0, 10).replaceAll("-", "")
@@ -564,6 +570,13 @@ function toCalendar(e) {
     ...base, title: o.title || e.title, start: o.startDate, end: o.endDate, allDay: o.allDay ?? !!e.allDay,
     editable: false, classNames: [...base.classNames, "recurring"],
   }))];
+}
+
+/** The project's tasks beside the calendar (hidden while it has none). */
+function showTasks(events) {
+  const rows = taskRows(events, (task) => openEditor(client.get(task.id, task.projectId)));
+  $("tasks-list").replaceChildren(...rows);
+  $("tasks").hidden = rows.length === 0;
 }
 
 function moved(info) {
@@ -593,7 +606,13 @@ function openEditor(event, draft = {}) {
   form.attendees.value = (source.attendees || []).join(", ");
   form.color.value = source.color || DEFAULT_COLOR;
   const can = writable();
-  $("editor-title").textContent = !can ? "Event" : event ? "Edit event" : "New event";
+  // A task's or journal entry's dates and status are its app's: the editor changes
+  // its text only (the server writes it back into what the app stored).
+  const kind = event ? itemKind(event) : "event";
+  for (const name of ["allDay", "start", "end", "attendees", "color"]) form[name].disabled = kind !== "event";
+  $("editor-app-note").hidden = kind === "event";
+  $("editor-title").textContent = !can ? KIND_NAMES[kind] : event ? `Edit ${KIND_NAMES[kind].toLowerCase()}`
+    : "New event";
   $("editor-fields").disabled = !can;
   $("editor-save").hidden = !can;
   $("editor-cancel").textContent = can ? "Cancel" : "Close";
