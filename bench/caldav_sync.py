@@ -13,7 +13,9 @@ app does:
 - incremental sync: 100 events changed by PUT (timed too), then ``sync-collection``
   with the token from before and a ``calendar-multiget`` of what changed;
 - the first full sync after a restart of the server on the same data (its caches
-  cold, the data read from disk).
+  cold, the data read from disk);
+- a second calendar of 1,000 events PUT one by one (timed), then its first full sync:
+  what an app that just uploaded a calendar reads back.
 
 Each figure is printed for both servers with the ratio; the result is one JSON line
 (``--json -``) that `bench/run.py --scenarios caldav` reads.
@@ -42,6 +44,9 @@ ROOT = HERE.parent
 DAV = "{DAV:}"
 BATCH = 500
 SEED_CONNECTIONS = 8
+# The calendar PUT one event at a time, then read back whole: a tenth of the big one,
+# 1,000 at most.
+FRESH_EVENTS = 1_000
 LISTENING = re.compile(r"listening on http://[0-9.]+:(\d+)")
 
 
@@ -155,7 +160,7 @@ class Barosync(Target):
     def start(self) -> None:
         self.launch()
         out = subprocess.run([sys.executable, "-m", "barosync", "token", "create", "--data", str(self.tmp / "data"),
-                              "--user", self.user, "--project", "bench", "--app-password"], cwd=ROOT,
+                              "--user", self.user, "--project", "bench", "--project", "fresh", "--app-password"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
         self.password = re.search(r"password:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
         self.collection = f"/dav/calendars/{self.user}/bench/"
@@ -254,6 +259,19 @@ def measure(target: Target, n: int, changes: int) -> dict:
     put_seconds = time.perf_counter() - t0
     inc = sync(c, target.collection, first["token"])
     assert inc["items"] == changes, (target.name, inc)
+    c2 = Client(target.port, target.user, target.password)
+    fresh = target.collection.replace("/bench/", "/fresh/")
+    if isinstance(target, Radicale):
+        status, _, body = c2("MKCALENDAR", fresh)
+        assert status == 201, (status, body[:200])
+    fresh_n = min(FRESH_EVENTS, max(1, n // 10))
+    t0 = time.perf_counter()
+    for i in range(fresh_n):
+        status, _, body = c2("PUT", f"{fresh}ev-{i}.ics", event(i), Content_Type="text/calendar")
+        assert status == 201, (target.name, status, body[:200])
+    fresh_put_seconds = time.perf_counter() - t0
+    after_puts = sync(c2, fresh)
+    assert after_puts["items"] == fresh_n, (target.name, after_puts["items"])
     rss = target.rss_kb()
     target.stop()
     target.launch()
@@ -261,7 +279,8 @@ def measure(target: Target, n: int, changes: int) -> dict:
     assert restarted["items"] == n, (target.name, restarted["items"], n)
     return {"full_seconds": first["seconds"], "full_server_cpu_s": first_cpu, "warm_full_seconds": warm["seconds"],
             "edit_seconds": put_seconds, "incremental_seconds": inc["seconds"], "incremental_items": inc["items"],
-            "restart_full_seconds": restarted["seconds"], "rss_growth_mb": (rss - rss0) / 1024, "bytes_read": c.bytes}
+            "restart_full_seconds": restarted["seconds"], "fresh_put_seconds": fresh_put_seconds,
+            "after_puts_full_seconds": after_puts["seconds"], "fresh_events": fresh_n, "rss_growth_mb": (rss - rss0) / 1024, "bytes_read": c.bytes}
 
 
 def run(n: int, changes: int, server_cpus: set[int] | None, load_cpus: set[int] | None) -> dict:
@@ -281,13 +300,15 @@ def run(n: int, changes: int, server_cpus: set[int] | None, load_cpus: set[int] 
                 out[target.name] = r
                 log(f"{target.name}: full sync {r['full_seconds']:.2f} s (warm {r['warm_full_seconds']:.2f}), "
                     f"{changes} edits {r['edit_seconds']:.2f} s, incremental {r['incremental_seconds']:.3f} s, "
-                    f"after a restart {r['restart_full_seconds']:.2f} s")
+                    f"after a restart {r['restart_full_seconds']:.2f} s, {r['fresh_events']:,} PUTs "
+                    f"{r['fresh_put_seconds']:.1f} s then read {r['after_puts_full_seconds']:.2f} s")
             finally:
                 target.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     b, p = out["barosync"], out["radicale"]
-    for key in ("full_seconds", "warm_full_seconds", "edit_seconds", "incremental_seconds", "restart_full_seconds"):
+    for key in ("full_seconds", "warm_full_seconds", "edit_seconds", "incremental_seconds", "restart_full_seconds",
+                "fresh_put_seconds", "after_puts_full_seconds"):
         out[f"{key}_ratio"] = b[key] / p[key] if p[key] else None  # < 1: barosync is faster
     out["seed_puts_per_s"] = n / b["seed_seconds"]
     return out

@@ -33,6 +33,7 @@ from ..domain import expansion
 from ..formats import ical, tasks
 from .caldav_collections import Collections
 from .caldav_signin import AppPasswordSignIn
+from ..storage.cache_file import CacheFile
 from .dav import CALDAV, CS, DAV, APPLE, DavError, element, tag
 from ..domain.models import ALL_PROJECTS, Identity, ValidationError, check_id
 from ..storage.reads import UNREACHABLE_RETRY_AFTER
@@ -50,8 +51,9 @@ WELL_KNOWN = "/.well-known/caldav"
 METHODS = (b"OPTIONS", b"GET", b"HEAD", b"PUT", b"DELETE", b"PROPFIND", b"PROPPATCH", b"REPORT", b"MKCALENDAR", b"MKCOL")
 ALLOW = b"OPTIONS, GET, HEAD, PUT, DELETE, PROPFIND, PROPPATCH, REPORT, MKCALENDAR, MKCOL"
 SYNC_PREFIX = "http://barosync.org/ns/sync/"
-# Rendered resources kept in memory (keyed by id and ETag, so never stale).
-CACHE_ENTRIES = 20_000
+# Rendered resources, kept by (project, id) and ETag (so never stale) in memory and
+# in this directory of the data dir (storage/cache_file.py: a cache, deleted at will).
+RENDER_CACHE = "caldav-cache"
 # What a calendar holds: events, tasks and journal entries (formats/tasks.py).
 COMPONENTS = ("VEVENT", "VTODO", "VJOURNAL")
 PALETTE = ("#3b82f6", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#f97316")
@@ -64,22 +66,25 @@ def sync_token(data_id: str, seq: int) -> str:
 
 class CalDav:
     """What the CalDAV front keeps between requests: the app-password sign-in
-    (caldav_signin.py) and the rendered resources."""
+    (caldav_signin.py) and the rendered resources (``rendered``, whose ``run`` the
+    server starts and whose ``close`` it calls on the way out)."""
 
     def __init__(self, app: "App") -> None:
         self.app = app
-        self.writes = Writes(app)
+        # Rendering a resource takes ~0.6 ms: each is rendered once, when an app PUTs
+        # it or a sync first reads it, and the file keeps them across a restart.
+        self.rendered = CacheFile(app.config.data_dir / RENDER_CACHE)
+        self.writes = Writes(app, stored=self.render)
         self.sign_in = AppPasswordSignIn(app)
         self.collections = Collections(app)
-        self._rendered: dict[tuple[str, str], bytes] = {}
 
     def render(self, e: dict[str, Any]) -> bytes:
-        key = (e["id"], etag(e))
-        found = self._rendered.get(key)
+        key = f"{e.get('projectId')}\0{e['id']}".encode()
+        version = etag(e).encode()
+        found = self.rendered.get(key, version)
         if found is None:
-            if len(self._rendered) >= CACHE_ENTRIES:
-                self._rendered.clear()
-            found = self._rendered[key] = ical.resource_bytes(e)
+            found = ical.resource_bytes(e)
+            self.rendered.put(key, version, found)
         return found
 
     # -- entry ---------------------------------------------------------------------

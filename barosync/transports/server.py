@@ -74,6 +74,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         async with trio.open_nursery() as root:
             await root.start(app.run)
             await root.start(front.poller.run)
+            await root.start(front.caldav.rendered.run)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
             app.config = config = config.with_overrides(port=app.port)
@@ -100,6 +101,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
             await app.drain()
             root.cancel_scope.cancel()
     finally:
+        front.caldav.rendered.close()
         app.close()
         os.close(lock)
     if app.failure is not None:
