@@ -5,6 +5,7 @@ each is a barosync project, with its maker as owner. python-caldav drives a real
 from __future__ import annotations
 
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator
 
@@ -71,3 +72,36 @@ def test_the_same_uid_in_two_calendars_is_two_events(server: ServerProcess) -> N
     assert http("DELETE", "/dav/calendars/olive/c2/u%40x.ics")[0] == 204
     assert http("GET", "/dav/calendars/olive/c2/u%40x.ics")[0] == 404
     assert http("GET", "/dav/calendars/olive/c1/u%40x.ics")[0] == 200
+
+
+def test_an_app_sets_a_calendars_color_and_description_all_or_nothing(server: ServerProcess) -> None:
+    subprocess.run(barosync_cmd("user", "create", "olive", "--admin", "--password-stdin", "--data",
+                                str(server.data_dir)), input="olive's long password\n", text=True, check=True,
+                   capture_output=True, timeout=60)
+    http = Http(server.port, "olive", app_password(server.data_dir, "olive"))
+    made = ('<c:mkcalendar xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:caldav" xmlns:a="http://apple.com/ns/ical/">'
+            '<d:set><d:prop><d:displayname>Garden</d:displayname><a:calendar-color>#22AA55FF</a:calendar-color>'
+            '<c:calendar-description>Sowing and harvest</c:calendar-description></d:prop></d:set></c:mkcalendar>')
+    assert http("MKCALENDAR", "/dav/calendars/olive/garden/", made)[0] == 201
+    ask = ('<d:propfind xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:caldav" xmlns:a="http://apple.com/ns/ical/">'
+           '<d:prop><d:displayname/><a:calendar-color/><c:calendar-description/></d:prop></d:propfind>')
+
+    def props() -> tuple[str, str, str | None]:
+        status, _, body = http("PROPFIND", "/dav/calendars/olive/garden/", ask, Depth="0")
+        assert status == 207, body
+        root = ET.fromstring(body)
+        text = lambda t: (root.find(f".//{t}").text if root.find(f".//{t}") is not None else None)  # noqa: E731
+        return (text("{DAV:}displayname"), text("{http://apple.com/ns/ical/}calendar-color"),
+                text("{urn:ietf:params:xml:ns:caldav}calendar-description"))
+
+    assert props() == ("Garden", "#22AA55FF", "Sowing and harvest")
+    patch = ('<d:propertyupdate xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:caldav" '
+             'xmlns:a="http://apple.com/ns/ical/"><d:set><d:prop><a:calendar-color>{color}</a:calendar-color>'
+             '<d:displayname>Allotment</d:displayname></d:prop></d:set>'
+             '<d:remove><d:prop><c:calendar-description/></d:prop></d:remove></d:propertyupdate>')
+    status, _, body = http("PROPPATCH", "/dav/calendars/olive/garden/", patch.format(color="green"))
+    assert status == 207 and b"403 Forbidden" in body and b"424 Failed Dependency" in body
+    assert props() == ("Garden", "#22AA55FF", "Sowing and harvest")  # all or nothing
+    status, _, body = http("PROPPATCH", "/dav/calendars/olive/garden/", patch.format(color="#8844CC"))
+    assert status == 207 and b"200 OK" in body and b"403" not in body
+    assert props() == ("Allotment", "#8844CC", None)

@@ -66,8 +66,8 @@ async def test_an_owner_makes_renames_deletes_and_restores_a_project(tmp_path: P
         assert status == 200 and made["project"] == {"id": "team-offsite", "name": "Team Offsite", "role": "owner"}
         assert (await ask(alice, "POST", "/auth/projects", {"name": ""}))[0] == 400
         status, listed = await ask(alice, "GET", "/auth/projects")
-        assert listed["projects"] == [{"id": "p1", "name": "p1", "role": "editor"},
-                                      {"id": "team-offsite", "name": "Team Offsite", "role": "owner"}]
+        assert listed["projects"] == [{"id": "p1", "name": "p1", "role": "editor", "color": None},
+                                      {"id": "team-offsite", "name": "Team Offsite", "role": "owner", "color": None}]
         status, _ = await ask(alice, "POST", "/auth/members/team-offsite", {"user": "bob", "role": "editor"})
         assert status == 200
         assert (await ask(bob, "POST", "/auth/projects/team-offsite", {"name": "Mine now"}))[0] == 403

@@ -71,3 +71,39 @@ def test_tasks_show_where_they_have_a_date_and_in_the_task_list(chromium, server
     assert b"X-APP:kept" in body and b"STATUS:COMPLETED" in body
     alice.shot("tasks-beside-the-calendar")
     assert alice.errors == []
+
+
+def test_a_calendar_made_renamed_and_recolored_in_an_app_shows_in_the_web_app(chromium, server) -> None:
+    from test_web_app import create_project, join, session_request
+
+    owner = App(chromium, server.proc.next_line().removeprefix("open "))
+    join(owner, "olive", "Olive Owner", "a long owner password")
+    create_project(owner, "Team")
+    password = session_request(owner, server, "POST", "/auth/app-passwords", {"name": "phone"})["password"]
+    http = Http(server.port, "olive", password)
+    made = ('<c:mkcalendar xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:caldav" xmlns:a="http://apple.com/ns/ical/">'
+            '<d:set><d:prop><d:displayname>Garden</d:displayname><a:calendar-color>#22AA55FF</a:calendar-color>'
+            '</d:prop></d:set></c:mkcalendar>')
+    assert http("MKCALENDAR", "/dav/calendars/olive/garden/", made)[0] == 201
+    # Its maker's access changed (owner of a new project): the app reconnects and reads
+    # the project list again, so the new calendar is there within seconds.
+    owner.page.wait_for_function(
+        "() => [...document.getElementById('project').options].some(o => o.text === 'Garden')", timeout=15_000)
+    patch = ('<d:propertyupdate xmlns:d="DAV:" xmlns:a="http://apple.com/ns/ical/"><d:set><d:prop>'
+             '<d:displayname>Allotment</d:displayname><a:calendar-color>#8844CC</a:calendar-color>'
+             '</d:prop></d:set></d:propertyupdate>')
+    assert http("PROPPATCH", "/dav/calendars/olive/garden/", patch)[0] == 207
+    # A rename: seen when the tab comes back into view (or at the next periodic read).
+    owner.page.evaluate("() => document.dispatchEvent(new Event('visibilitychange'))")
+    owner.page.wait_for_function(
+        "() => [...document.getElementById('project').options].some(o => o.text === 'Allotment'"
+        " && o.dataset.color === '#8844CC')", timeout=10_000)
+    owner.page.select_option("#project", "garden")
+    assert http("PUT", "/dav/calendars/olive/garden/beans.ics",
+                "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//t//EN\r\nBEGIN:VEVENT\r\nUID:beans\r\n"
+                f"DTSTAMP:20261201T000000Z\r\nDTSTART:{datetime.now(timezone.utc):%Y%m%dT%H0000Z}\r\n"
+                f"DURATION:PT1H\r\nSUMMARY:Sow beans\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")[0] == 201
+    beans = owner.event("Sow beans")
+    beans.wait_for(timeout=10_000)
+    assert beans.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(136, 68, 204)"  # the calendar's color
+    assert owner.errors == []

@@ -204,11 +204,14 @@ class CalDav:
         queries = self.app.queries
         token = sync_token(queries.history_id, await queries.head(project))
         writable = await self.app.authorize(identity, "create", project)
-        name = await self.app.tables_call(self.app.projects.name, project)
+        record = await self.app.tables_call(self.app.projects.get, project)
+        name = record.name if record is not None else project
         privileges = [tag(DAV, "read"), tag(CALDAV, "read-free-busy")]
         if writable:
             privileges += [tag(DAV, "write"), tag(DAV, "write-content"), tag(DAV, "bind"), tag(DAV, "unbind")]
-        color = PALETTE[int(hashlib.sha256(project.encode()).hexdigest(), 16) % len(PALETTE)]
+        color = (record.color if record is not None and record.color else
+                 PALETTE[int(hashlib.sha256(project.encode()).hexdigest(), 16) % len(PALETTE)])
+        description = record.description if record is not None else None
 
         def privilege_set() -> ET.Element:
             return element(tag(DAV, "current-user-privilege-set"), children=[
@@ -221,6 +224,8 @@ class CalDav:
                     element(tag(DAV, "collection")), element(tag(CALDAV, "calendar"))]),
                 tag(DAV, "displayname"): lambda: element(tag(DAV, "displayname"), name),
                 tag(APPLE, "calendar-color"): lambda: element(tag(APPLE, "calendar-color"), color),
+                **({tag(CALDAV, "calendar-description"): lambda: element(tag(CALDAV, "calendar-description"),
+                                                                         description)} if description else {}),
                 tag(CALDAV, "supported-calendar-component-set"): lambda: element(
                     tag(CALDAV, "supported-calendar-component-set"), children=[_comp(c) for c in COMPONENTS]),
                 tag(CALDAV, "supported-calendar-data"): lambda: element(tag(CALDAV, "supported-calendar-data"), children=[

@@ -204,19 +204,21 @@ def href(path: str) -> ET.Element:
     return element(tag(DAV, "href"), path)
 
 
-STATUS = {200: "HTTP/1.1 200 OK", 403: "HTTP/1.1 403 Forbidden", 404: "HTTP/1.1 404 Not Found"}
+STATUS = {200: "HTTP/1.1 200 OK", 403: "HTTP/1.1 403 Forbidden", 404: "HTTP/1.1 404 Not Found",
+          424: "HTTP/1.1 424 Failed Dependency"}
 
 
 def response(path: str, found: list[ET.Element] | None = None, missing: Iterable[str] = (), *,
-             status: int | None = None, forbidden: Iterable[str] = ()) -> ET.Element:
-    """One DAV:response: the properties found (200), those not (404) and those refused
-    (403); or, with ``status``, the resource's status alone (a deletion: 404)."""
+             status: int | None = None, forbidden: Iterable[str] = (), failed: Iterable[str] = ()) -> ET.Element:
+    """One DAV:response: the properties found (200), those not (404), those refused
+    (403) and those not set because another was refused (424, PROPPATCH being all or
+    nothing); or, with ``status``, the resource's status alone (a deletion: 404)."""
     out = element(tag(DAV, "response"), children=[href(path)])
     if status is not None:
         out.append(element(tag(DAV, "status"), STATUS[status]))
         return out
     for code, props in ((200, found or []), (404, [ET.Element(n) for n in missing]),
-                        (403, [ET.Element(n) for n in forbidden])):
+                        (403, [ET.Element(n) for n in forbidden]), (424, [ET.Element(n) for n in failed])):
         if props:
             out.append(element(tag(DAV, "propstat"), children=[
                 element(tag(DAV, "prop"), children=props), element(tag(DAV, "status"), STATUS[code])]))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import time
 import unicodedata
-from typing import Iterable
+from typing import Any, Iterable
 
 import attrs
 import orjson
@@ -27,6 +27,8 @@ from .accounts import AccountError
 from .tables import Tables
 
 RESTORE_DAYS = 30
+MAX_DESCRIPTION_CHARS = 1000
+_COLOR = re.compile(r"#[0-9A-Fa-f]{6}(?:[0-9A-Fa-f]{2})?")
 MAX_PROJECT_NAME_CHARS = 100
 _SLUG_CHARS = 40
 
@@ -42,6 +44,9 @@ class Project:
     by: str | None
     created: int
     deleted: int | None  # when (epoch seconds); None: it is open
+    # As a calendar app set them (CalDAV's calendar-color, calendar-description).
+    color: str | None = None
+    description: str | None = None
 
     def restorable_until(self) -> int | None:
         return self.deleted + RESTORE_DAYS * 24 * 3600 if self.deleted is not None else None
@@ -49,13 +54,31 @@ class Project:
 
 def _project(project_id: str, raw: bytes) -> Project:
     d = orjson.loads(raw)
-    return Project(id=project_id, name=d["name"], by=d.get("by"), created=d["created"], deleted=d.get("deleted"))
+    return Project(id=project_id, name=d["name"], by=d.get("by"), created=d["created"], deleted=d.get("deleted"),
+                   color=d.get("color"), description=d.get("description"))
 
 
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_PROJECT_NAME_CHARS:
         raise AccountError(f"a project's name has 1 to {MAX_PROJECT_NAME_CHARS} characters")
     return name.strip()
+
+
+def check_color(value: object) -> str | None:
+    """#RRGGBB or #RRGGBBAA (as Apple's and DAVx⁵'s calendar-color), or "" to clear."""
+    if value == "":
+        return None
+    if not isinstance(value, str) or not _COLOR.fullmatch(value):
+        raise AccountError(f"a calendar's color is #RRGGBB or #RRGGBBAA, not {str(value)[:40]!r}")
+    return value
+
+
+def check_description(value: object) -> str | None:
+    if value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_DESCRIPTION_CHARS:
+        raise AccountError(f"a calendar's description has at most {MAX_DESCRIPTION_CHARS} characters")
+    return value
 
 
 def slug(name: str) -> str:
@@ -115,14 +138,27 @@ class Projects:
 
     def rename(self, project_id: str, name: str, *, now: float | None = None) -> Project:
         """A project named anew (one made before records existed gets its record)."""
-        name = check_name(name)
+        return self.update(project_id, name=name, now=now)
+
+    def update(self, project_id: str, *, name: str | None = None, color: str | None = None,
+               description: str | None = None, now: float | None = None) -> Project:
+        """A project's name, color or description changed (None: left as it is; ""
+        clears a color or description). One made before records existed gets its record."""
+        changes: dict[str, Any] = {}
+        if name is not None:
+            changes["name"] = check_name(name)
+        if color is not None:
+            changes["color"] = check_color(color)
+        if description is not None:
+            changes["description"] = check_description(description)
         with self.tables.write() as txn:
             raw = txn.get("projects", project_id.encode())
             record = orjson.loads(raw) if raw is not None else {
-                "by": None, "created": int(now if now is not None else time.time()), "deleted": None}
+                "name": project_id, "by": None, "created": int(now if now is not None else time.time()),
+                "deleted": None}
             if record["deleted"] is not None:
                 raise AccountError(f"project {project_id!r} is deleted: restore it first")
-            record["name"] = name
+            record.update(changes)
             txn.put("projects", project_id.encode(), orjson.dumps(record))
         return _project(project_id, orjson.dumps(record))
 
@@ -149,7 +185,7 @@ class Projects:
             record = orjson.loads(raw) if raw else None
             if record is None or record.get("deleted") is None:
                 raise AccountError(f"project {project_id!r} is not deleted")
-            record.update(name=name, deleted=None)
+            record.update(name=name, deleted=None, color=None, description=None)
             txn.put("projects", project_id.encode(), orjson.dumps(record))
         self.deleted = self.deleted - {project_id}
         return _project(project_id, orjson.dumps(record))

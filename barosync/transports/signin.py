@@ -292,7 +292,8 @@ class SignIn:
             else set(user.projects)
         now = time.time()
         return 200, {
-            "projects": sorted(({"id": p, "name": records[p].name if p in records else p, "role": user.role(p)}
+            "projects": sorted(({"id": p, "name": records[p].name if p in records else p, "role": user.role(p),
+                                 "color": records[p].color if p in records else None}
                                 for p in ids if p not in self.projects.deleted and user.role(p) is not None),
                                key=lambda d: (d["name"].casefold(), d["id"])),
             "deleted": [{"id": p.id, "name": p.name, "deleted": p.deleted, "restorableUntil": until}

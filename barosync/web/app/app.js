@@ -15,6 +15,8 @@ const FULL_MESSAGE = "server storage full — your changes are kept and will be 
 const DEFAULT_COLOR = "#4363d8";
 // How long a deletion can be undone from its toast.
 const UNDO_MS = 8000;
+// How often the project list is read again while the tab is shown.
+const PROJECTS_EVERY_MS = 30_000;
 
 let client = null;
 let calendar = null;
@@ -226,6 +228,26 @@ async function projectList(token) {
   return projects.length || !linked ? projects : [{ id: "demo", name: "demo" }];
 }
 
+/** The open project's color, as a calendar app set it (events without one of their
+ *  own take it); FullCalendar's default where it has none. */
+function projectColor() {
+  const option = [...$("project").options].find((o) => o.value === projectId);
+  return option?.dataset.color || undefined;
+}
+
+/** The project list again (a calendar app may have made, renamed or recolored one):
+ *  when the tab comes back into view, after a reconnect, and every PROJECTS_EVERY_MS
+ *  while it is shown. The open project stays open. */
+async function refreshProjects(token) {
+  if (document.hidden || !client) return;
+  const projects = await projectList(token);
+  const shown = () => [...$("project").options].map((o) => `${o.value}:${o.text}:${o.dataset.color}`).join("|");
+  const before = shown();
+  const chosen = fillPicker(projects, projectId);
+  if (chosen !== projectId && chosen) switchProject(chosen);  // the open one is gone
+  else if (before !== shown() && calendar) calendar.refetchEvents();
+}
+
 /** A project's name as the picker shows it (its id where it has none). */
 function projectName(id) {
   const option = [...$("project").options].find((o) => o.value === id);
@@ -234,7 +256,11 @@ function projectName(id) {
 
 function fillPicker(projects, wanted) {
   const picker = $("project");
-  picker.replaceChildren(...projects.map((p) => new Option(p.name, p.id)));
+  picker.replaceChildren(...projects.map((p) => {
+    const option = new Option(p.name, p.id);
+    if (p.color) option.dataset.color = p.color.slice(0, 7);  // #RRGGBB(AA): the grid takes #RRGGBB
+    return option;
+  }));
   const ids = projects.map((p) => p.id);
   picker.value = ids.includes(wanted) ? wanted : (ids[0] || "");
   return picker.value;
@@ -247,6 +273,9 @@ function start(token, projects) {
 
   client = new SyncClient(location.origin, { token });
   client.addEventListener("state", showConnection);
+  client.addEventListener("state", () => { if (client.state === "connected") refreshProjects(token); });
+  document.addEventListener("visibilitychange", () => refreshProjects(token));
+  setInterval(() => refreshProjects(token), PROJECTS_EVERY_MS);
   client.addEventListener("sync", (e) => showSync(e.detail));
   client.addEventListener("change", (e) => { if (e.detail.projectId === projectId && calendar) calendar.refetchEvents(); });
   client.addEventListener("presence", (e) => { if (e.detail.projectId === projectId) showPresence(); });
@@ -547,7 +576,7 @@ async function makeInvite() {
 function toCalendar(e) {
   const base = {
     id: e.id, title: e.title, start: e.startDate, end: e.endDate, allDay: !!e.allDay,
-    backgroundColor: e.color || undefined, borderColor: e.color || undefined,
+    backgroundColor: e.color || projectColor(), borderColor: e.color || projectColor(),
     classNames: e.pending ? ["pending"] : [],
   };
   if (itemKind(e) !== "event") return gridEntry(e, base);
