@@ -1,7 +1,7 @@
 """Calendar and task apps people run against a team's server, for real: vdirsyncer
 moving an event between calendars, restoring a deleted one and syncing a task list
-both ways; khal (through vdirsyncer's folders) and calendar-cli (CalDAV) adding
-events and tasks. A real `barosync serve`, an account with its app password."""
+both ways; khal and todoman (through vdirsyncer's folders) and calendar-cli (CalDAV)
+adding events and tasks. A real `barosync serve`, an account with its app password."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_vdirsyncer_moves_an_event_restores_a_deleted_one_and_syncs_tasks_both_w
     assert sorted(p.read_bytes() for p in root.rglob("*.ics")) == before
 
 
-def test_khal_and_calendar_cli_add_events_and_tasks(tmp_path: Path, server: ServerProcess) -> None:
+def test_khal_todoman_and_calendar_cli_add_events_and_tasks(tmp_path: Path, server: ServerProcess) -> None:
     password = app_password(server.data_dir, "alice")
     http = Http(server.port, "alice", password)
     for cal in ("home", "chores"):
@@ -163,7 +163,18 @@ default_timezone = UTC
     made = subprocess.run([tool("khal"), "-c", str(khal_config), "new", "-a", "home", "2026-12-20 10:00", "11:00",
                            "Dentist"], capture_output=True, text=True, timeout=60, env=env)
     assert made.returncode == 0, made.stdout + made.stderr
+    # todoman, khal's sibling for tasks, on the same folders.
+    todo_config = tmp_path / "todoman.py"
+    todo_config.write_text(f'path = "{root}/*"\ndate_format = "%Y-%m-%d"\ntime_format = "%H:%M"\n'
+                           'default_list = "chores"\n')
+    made = subprocess.run([tool("todo"), "--config", str(todo_config), "new", "-l", "chores", "--due",
+                           "2026-12-22 10:00", "Water", "the", "plants"], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
     sync(config)
+    [water] = on_server(server, "chores").values()
+    assert (water["title"], water["startDate"]) == ("Water the plants", "2026-12-22T10:00:00Z")
+    assert "BEGIN:VTODO" in water["ical"]
     [dentist] = on_server(server, "home").values()
     assert (dentist["title"], dentist["startDate"], dentist["endDate"]) == ("Dentist", "2026-12-20T10:00:00Z",
                                                                            "2026-12-20T11:00:00Z")
@@ -181,10 +192,14 @@ default_timezone = UTC
     assert set(titles) == {"Dentist", "Team lunch"}
     assert (titles["Team lunch"]["startDate"], titles["Team lunch"]["endDate"]) == ("2026-12-21T12:00:00Z",
                                                                                    "2026-12-21T13:00:00Z")
-    [milk] = on_server(server, "chores").values()
-    assert milk["title"] == "Buy milk" and "BEGIN:VTODO" in milk["ical"]
+    [milk] = [e for e in on_server(server, "chores").values() if e["title"] == "Buy milk"]
+    assert "BEGIN:VTODO" in milk["ical"]
     listed = subprocess.run([*cli, "--calendar-url", chores_url, "todo", "list"], capture_output=True, text=True,
                             timeout=60, env=env)
     assert listed.returncode == 0 and "Buy milk" in listed.stdout, listed.stdout + listed.stderr
-    sync(config)  # and the task reaches the folders too
-    assert str(component(next((root / "chores").glob("*.ics")))["summary"]) == "Buy milk"
+    sync(config)  # and the task reaches the folders too, where todoman lists it
+    assert {str(component(p)["summary"]) for p in (root / "chores").glob("*.ics")} == {"Buy milk", "Water the plants"}
+    listed = subprocess.run([tool("todo"), "--config", str(todo_config), "--porcelain", "list", "chores"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert listed.returncode == 0 and {t["summary"] for t in json.loads(listed.stdout)} == {
+        "Buy milk", "Water the plants"}, listed.stdout + listed.stderr
