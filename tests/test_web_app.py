@@ -162,7 +162,7 @@ def test_offline_edits_wait_and_arrive_once_and_the_app_opens_offline(chromium, 
     bob.page.reload()
     bob.page.wait_for_selector("#calendar .fc-timegrid")
     bob.event("Written offline").wait_for()
-    assert "1 change waiting" in bob.text("#sync")
+    assert "1 change waiting · last synced" in bob.text("#sync")  # how old the copy is, after the reload too
     bob.context.set_offline(False)
     alice.event("Written offline").wait_for(timeout=15_000)
     bob.page.wait_for_function("() => document.getElementById('sync').textContent.startsWith('all changes saved')")

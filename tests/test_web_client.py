@@ -97,6 +97,7 @@ class Tab:
         self.console: list[str] = []
         self.errors: list[str] = []
         self.sent: list[dict[str, Any]] = []
+        self.sockets = 0  # WebSockets the page opened (or tried to)
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("websocket", self._watch)
@@ -104,6 +105,7 @@ class Tab:
         self.page.wait_for_function("window.ready === true")
 
     def _watch(self, ws: Any) -> None:
+        self.sockets += 1
         def sent(payload: Any) -> None:
             try:
                 self.sent.append(json.loads(payload))
@@ -256,6 +258,11 @@ def test_offline_edits_survive_a_reload_and_are_stored_once(chromium, server) ->
     tab.js(CREATE, ["c", "p1", {"title": "online", "startDate": START, "endDate": END}])
     context.set_offline(True)
     tab.wait("c.state === 'offline'")
+    # While the browser says it is offline, nothing is tried (each try would only fail
+    # and print an error): no socket for a few backoff steps' time.
+    tried = tab.sockets
+    time.sleep(3)
+    assert tab.sockets == tried and tab.js("c.state === 'offline' && c.retryAt === null")
     tab.js("""() => { void c.create('p1', {title: 'offline 1', startDate: '2026-01-05T11:00:00Z', endDate: '2026-01-05T12:00:00Z'});
                       void c.create('p1', {title: 'offline 2', startDate: '2026-01-05T13:00:00Z', endDate: '2026-01-05T14:00:00Z'}); }""")
     tab.wait("c.syncStatus().pending === 2 && c.syncStatus().status === 'offline'")
@@ -268,6 +275,7 @@ def test_offline_edits_survive_a_reload_and_are_stored_once(chromium, server) ->
     # wait for both (checking right after the queue raced the copy's read).
     tab.wait("c.syncStatus().pending === 2 && c.lastSeq('p1') === 1")
     assert sorted(e["title"] for e in tab.js("c.events('p1')")) == ["offline 1", "offline 2", "online"]
+    assert tab.sockets == tried and tab.js("c.state") == "offline"  # opened offline: no try either
     context.set_offline(False)
     tab.wait("c.state === 'connected' && c.syncStatus().status === 'synced'")
     stored = sorted(e["title"] for e in server.events("p1"))

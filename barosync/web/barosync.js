@@ -16,6 +16,9 @@
 // tells the others at once. Full API and events: docs/web-client.md.
 
 /** @typedef {"connecting"|"connected"|"reconnecting"|"offline"|"needs-auth"|"closed"} ConnectionState */
+
+/** Whether the browser says the network is gone (navigator.onLine false). */
+const browserOffline = () => !!globalThis.navigator && navigator.onLine === false;
 /** @typedef {{id: string, projectId: string, title: string, startDate: string, endDate: string, version: number, [k: string]: any}} CalendarEvent */
 
 // What an HTTP token (RFC 9110), and so a WebSocket subprotocol, may hold: every JWT does.
@@ -479,6 +482,9 @@ export class SyncClient extends EventTarget {
 
   async _connect() {
     if (this._closed || this._ws) return;
+    // While the browser says it is offline nothing is tried: every try would fail and
+    // print an error; the `online` event tries at once.
+    if (browserOffline()) { this.retryAt = null; this._setState("offline"); return; }
     this._setState(this._attempt === 0 ? "connecting" : "reconnecting");
     let token;
     try {
@@ -559,14 +565,16 @@ export class SyncClient extends EventTarget {
   }
 
   _scheduleReconnect() {
-    const offline = globalThis.navigator && navigator.onLine === false;
+    // Offline: no timer at all; the `online` event tries again (no attempts that can
+    // only fail, each printing a console error).
+    if (browserOffline()) { this._wakeAfterClose = false; this.retryAt = null; this._setState("offline"); return; }
     // The network came back while an attempt begun offline was still failing: that
     // is the `online` event's immediate retry, not one more backoff step.
-    const woken = this._wakeAfterClose && !offline;
+    const woken = this._wakeAfterClose;
     this._wakeAfterClose = false;
     const delay = woken ? 0 : backoffDelay(this._attempt++);
     this.retryAt = Date.now() + delay;
-    this._setState(offline ? "offline" : "reconnecting");
+    this._setState("reconnecting");
     this._reconnectTimer = this._later(() => { this._reconnectTimer = null; this._connect(); }, delay);
   }
 

@@ -21,7 +21,9 @@ const PROJECTS_EVERY_MS = 30_000;
 let client = null;
 let calendar = null;
 let projectId = null;
-let lastSynced = null;
+// When this browser last had everything saved and the server's changes in (kept
+// across reloads, so an offline reload still says how old its copy is).
+let lastSynced = localStorage.getItem("barosync.lastSynced") ? new Date(+localStorage.getItem("barosync.lastSynced")) : null;
 let editing = null; // the event open in the editor (null: a new one)
 let storageFull = false;
 let countdown = null;
@@ -363,7 +365,7 @@ function switchProject(id) {
   projectId = id;
   localStorage.setItem(PROJECT_KEY, id);
   $("cursors").replaceChildren();
-  client.subscribe(id).then(() => { lastSynced = new Date(); showSync(client.syncStatus()); });
+  client.subscribe(id).then(() => { synced(); showSync(client.syncStatus()); });
   calendar.refetchEvents();
   showPresence();
   showAccess();
@@ -791,13 +793,20 @@ function showConnection() {
   }
 }
 
+function synced() {
+  lastSynced = new Date();
+  localStorage.setItem("barosync.lastSynced", String(+lastSynced));
+}
+
 function showSync(s) {
   const el = $("sync");
   if (s.error && s.error.code === "storage_full") storageFull = true;
-  if (s.pending === 0) { storageFull = false; lastSynced = new Date(); }
+  if (s.pending === 0) storageFull = false;
+  if (s.pending === 0 && client?.state === "connected") synced();
   if (storageFull) el.dataset.full = "";
   else delete el.dataset.full;
-  const when = lastSynced ? ` · last synced ${lastSynced.toLocaleTimeString()}` : "";
+  const today = lastSynced && lastSynced.toDateString() === new Date().toDateString();
+  const when = lastSynced ? ` · last synced ${today ? lastSynced.toLocaleTimeString() : lastSynced.toLocaleString()}` : "";
   el.textContent = storageFull ? `${s.pending} waiting · ${FULL_MESSAGE}`
     : s.pending ? `${s.pending} change${s.pending === 1 ? "" : "s"} waiting${when}` : `all changes saved${when}`;
 }
