@@ -55,7 +55,8 @@ def test_multiget_and_sync_collection() -> None:
 @pytest.mark.parametrize("body,why", [
     (b"", "needs a body"),
     (b"<unclosed", "well-formed"),
-    (b'<x:free-busy-query xmlns:x="urn:ietf:params:xml:ns:caldav"/>', "unsupported report"),
+    (b'<x:schedule-query xmlns:x="urn:ietf:params:xml:ns:caldav"/>', "unsupported report"),
+    (b'<x:free-busy-query xmlns:x="urn:ietf:params:xml:ns:caldav"/>', "needs a time-range"),
     (b'<C:calendar-query xmlns:C="urn:ietf:params:xml:ns:caldav"><C:filter><C:comp-filter name="VCALENDAR">'
      b'<C:time-range start="tomorrow"/></C:comp-filter></C:filter></C:calendar-query>', "UTC date-time"),
     # Entity expansion (billion laughs) and external entities are never followed.
