@@ -56,9 +56,10 @@ test-quick: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PARALLEL) -m "not slow and not browser and not cluster" $(PYTEST_ARGS)
 
 # TypeScript, to check barosync.d.ts against the browser client, React 18 (its UMD
-# build), to run the hook of docs/web-client.md (tests/test_web_client.py), and
-# oidc-provider, the real OpenID provider tests/test_oidc.py signs in with.
-NODE_TEST_PACKAGES := typescript@5 react@18 react-dom@18 oidc-provider@9.13.3
+# build), to run the hook of docs/web-client.md (tests/test_web_client.py),
+# oidc-provider, the real OpenID provider tests/test_oidc.py signs in with, and
+# axe-core, the accessibility checks of tests/test_web_a11y.py.
+NODE_TEST_PACKAGES := typescript@5 react@18 react-dom@18 oidc-provider@9.13.3 axe-core@4.11.4
 $(VENV)/node/.installed: Makefile | $(BIN)/python
 	@if command -v npm >/dev/null; then \
 	  echo "make: installing $(NODE_TEST_PACKAGES) into $(VENV)/node for the browser-client and OpenID checks"; \

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import subprocess
 import urllib.error
 import time
@@ -21,6 +22,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from attack_helpers import ServerProcess, barosync_cmd
+from axe_helpers import serious_violations
 from caldav_helpers import event_ics
 from test_web_client import NETWORK_NOISE, Server
 
@@ -35,8 +37,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 class App:
-    def __init__(self, browser: Any, link: str) -> None:
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+    def __init__(self, browser: Any, link: str, **options: Any) -> None:
+        # options: bypass_csp=True where axe-core (tests/axe_helpers.py) is added as an
+        # inline script; a viewport or color scheme.
+        self.context = browser.new_context(**{"viewport": {"width": 1280, "height": 900}, **options})
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.sockets: list[str] = []  # every WebSocket address the page opened
@@ -173,7 +177,8 @@ def test_offline_edits_wait_and_arrive_once_and_the_app_opens_offline(chromium, 
 def test_the_conflict_dialog_settles_each_way(chromium, tmp_path) -> None:
     server = Server(tmp_path, conflict__default="manual")
     try:
-        alice, bob = App(chromium, server.link("alice", "Alice")), App(chromium, server.link("bob", "Bob"))
+        alice = App(chromium, server.link("alice", "Alice"))
+        bob = App(chromium, server.link("bob", "Bob"), bypass_csp=True)  # axe checks the conflict dialog
         alice.wait_connected()
         bob.wait_connected()
         alice.page.click("#new-event")
@@ -201,9 +206,14 @@ def test_the_conflict_dialog_settles_each_way(chromium, tmp_path) -> None:
                 state = bob.page.evaluate("document.getElementById('connection').dataset.state")
                 pytest.fail(f"round {n}: no conflict dialog in 30 s; bob's connection {state!r}, "
                             f"sync {bob.text('#sync')!r}, errors {bob.errors}, server events {server.events('team')}")
-            assert "title" in bob.text("#conflict-fields") and f"alice {n}" in bob.text("#conflict-fields")
+            fields = bob.text("#conflict-fields")
+            assert "Title" in fields and f"alice {n}" in fields and f"bob {n}" in fields  # both, side by side
+            # Named as Bob knew it, with who changed it and when; his own edit picked to start.
+            assert re.search(rf"“{re.escape(current)}” was changed by Alice at ", bob.text("#conflict-summary"))
+            assert bob.page.is_checked('input[name="pick-title"][value="mine"]')
             if n == 0:
                 bob.shot("conflict-dialog")
+                assert serious_violations(bob.page) == []
             if button == "#keep-picked":
                 bob.page.check('input[name="pick-title"][value="mine"]')
             bob.page.click(button)

@@ -4,6 +4,7 @@
 import { SyncClient } from "/client/barosync.js";
 import qrcode from "/app/vendor/qrcode-generator/qrcode.mjs";
 import { KIND_NAMES, gridEntry, itemKind, taskRows } from "/app/items.js";
+import { SHORTCUTS, installKeys } from "/app/keys.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "barosync.token";
@@ -28,6 +29,10 @@ let editing = null; // the event open in the editor (null: a new one)
 let storageFull = false;
 let countdown = null;
 let toastTimer = null;
+let lastDeleted = null; // what z (or the toast's Undo) brings back
+// What the keyboard's slot cursor works on (keys.js); `selecting` while it moves the
+// selection, so FullCalendar's select callback does not open the editor for it.
+const keyboard = { selecting: false };
 let owns = () => false; // whether this user may invite to, and manage the members of, a project
 const refused = new Set(); // projects the server no longer lets this user open
 let linked = null; // a lasting token from a sign-in link (no session: no /auth/ requests)
@@ -291,21 +296,41 @@ function start(token, projects) {
     if (e.detail.projectId === projectId) { calendar.refetchEvents(); showAccess(); }
   });
 
+  // A phone's screen shows a day (a week's seven columns would be a few pixels each),
+  // and a long press of 300 ms picks an event up to drag it (FullCalendar's touch).
+  const narrow = window.matchMedia("(max-width: 700px)").matches;
   calendar = new FullCalendar.Calendar($("calendar"), {
-    initialView: "timeGridWeek",
-    headerToolbar: { left: "prev,next today", center: "title", right: "dayGridMonth,timeGridWeek,timeGridDay" },
+    initialView: narrow ? "timeGridDay" : "timeGridWeek",
+    headerToolbar: narrow ? { left: "prev,next", center: "title", right: "timeGridDay,dayGridMonth" }
+      : { left: "prev,next today", center: "title", right: "dayGridMonth,timeGridWeek,timeGridDay" },
+    longPressDelay: 300,
+    // The browser's language and region: dates, 12- or 24-hour times (the same in the
+    // axis and on events) and the first day of the week.
+    locale: navigator.language,
+    firstDay: firstDayOfWeek(),
+    eventTimeFormat: TIME_FORMAT,
+    slotLabelFormat: TIME_FORMAT,
+    datesSet: () => { mendAccessibility(); scrollToMorning(); },
+    viewDidMount: () => mendAccessibility(),
     selectable: true,
     editable: true,
     nowIndicator: true,
-    contentHeight: 640,
-    scrollTime: "08:00:00",
+    // The grid grows with its hours and the page scrolls: a scrolling box inside
+    // FullCalendar's table could not take keyboard focus without breaking its roles.
+    contentHeight: "auto",
     events: (info, success) => {
       const all = !projectId || refused.has(projectId) ? [] : client.events(projectId);
       showTasks(all);
       success(all.flatMap(toCalendar));
     },
-    select: (info) => openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay }),
+    select: (info) => {
+      if (!keyboard.selecting) openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay });
+    },
+    unselectAuto: false,
     eventClick: (info) => openEditor(client.get(info.event.id, projectId)),
+    // Events take focus (Tab) and open with Enter; keys.js finds one by its id.
+    eventInteractive: true,
+    eventDidMount: (info) => { info.el.dataset.eventId = info.event.id; },
     eventDrop: (info) => moved(info),
     eventResize: (info) => moved(info),
   });
@@ -322,6 +347,29 @@ function start(token, projects) {
     startAt.setHours(Math.min(now.getHours() + 1, 23));
     openEditor(null, { startDate: startAt.toISOString(), endDate: new Date(+startAt + 3600000).toISOString(), allDay: false });
   });
+  Object.assign(keyboard, {
+    calendar,
+    newEvent: (start, end, allDay) => openEditor(null, { startDate: start.toISOString(), endDate: end.toISOString(), allDay }),
+    askDelete: (id) => askDelete(client.get(id, projectId)),
+    undo: () => undoDelete(),
+    help: () => $("help").showModal(),
+    announce: (text) => { $("announce").textContent = text; },
+    canWrite: () => writable(),
+  });
+  installKeys(keyboard);
+  $("help-list").replaceChildren(...SHORTCUTS.map(([keys, what]) => {
+    const row = document.createElement("tr");
+    const k = document.createElement("th");
+    k.scope = "row";
+    k.textContent = keys;
+    const w = document.createElement("td");
+    w.textContent = what;
+    row.append(k, w);
+    return row;
+  }));
+  $("help-close").addEventListener("click", () => $("help").close());
+  $("keys-help").addEventListener("click", () => $("help").showModal());
+  $("confirm-delete-cancel").addEventListener("click", () => $("confirm-delete").close());
   $("editor-form").addEventListener("submit", saveEditor);
   $("editor-cancel").addEventListener("click", () => $("editor").close());
   $("editor-delete").addEventListener("click", deleteEditing);
@@ -573,12 +621,55 @@ async function makeInvite() {
 
 // -- the grid ------------------------------------------------------------------------------
 
+const TIME_FORMAT = { hour: "numeric", minute: "2-digit" };
+// FullCalendar's own blue carries white text at 3.6:1; this one at 5.9:1 (WCAG AA).
+const DEFAULT_EVENT_COLOR = "#2b63b8";
+
+/** The locale's first day of the week (Intl's weekInfo: 1 Monday .. 7 Sunday; FullCalendar: 0 Sunday). */
+function firstDayOfWeek() {
+  try {
+    const locale = new Intl.Locale(navigator.language);
+    const info = locale.getWeekInfo?.() || locale.weekInfo;
+    if (info?.firstDay) return info.firstDay % 7;
+  } catch { /* an unknown language tag: FullCalendar's default */ }
+  return undefined;
+}
+
+/** Black or white text, whichever reads better on a background #RRGGBB (WCAG's contrast). */
+function readableOn(hex) {
+  const m = /^#?([0-9a-f]{6})/i.exec(hex || "");
+  if (!m) return undefined;
+  const [r, g, b] = [0, 2, 4].map((i) => parseInt(m[1].slice(i, i + 2), 16) / 255)
+    .map((c) => (c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4));
+  const light = 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  return 1.05 / (light + 0.05) >= (light + 0.05) / 0.05 ? "#fff" : "#111";
+}
+
+/** The page scrolled to 8:00 the first time a time grid shows (the grid is as tall as
+ *  its hours, so the page scrolls rather than a box inside it). */
+let scrolledToMorning = false;
+function scrollToMorning() {
+  const slot = document.querySelector('#calendar .fc-timegrid-slot[data-time="08:00:00"]');
+  if (scrolledToMorning || !slot) return;
+  scrolledToMorning = true;
+  // After the layout FullCalendar is still making in this callback.
+  requestAnimationFrame(() => window.scrollTo({ top: slot.getBoundingClientRect().top + window.scrollY - 120 }));
+}
+
+/** What FullCalendar's markup lacks for screen readers: its arrow icons are
+ *  decoration (their buttons are labelled). */
+function mendAccessibility() {
+  for (const icon of document.querySelectorAll("#calendar .fc-icon")) icon.setAttribute("aria-hidden", "true");
+}
+
 // One event, or a recurring event's series (FullCalendar's rrule plugin expands it)
 // plus each overridden occurrence on its own.
 function toCalendar(e) {
   const base = {
     id: e.id, title: e.title, start: e.startDate, end: e.endDate, allDay: !!e.allDay,
-    backgroundColor: e.color || projectColor(), borderColor: e.color || projectColor(),
+    backgroundColor: e.color || projectColor() || DEFAULT_EVENT_COLOR,
+    borderColor: e.color || projectColor() || DEFAULT_EVENT_COLOR,
+    textColor: readableOn(e.color || projectColor() || DEFAULT_EVENT_COLOR),
     classNames: e.pending ? ["pending"] : [],
   };
   if (itemKind(e) !== "event") return gridEntry(e, base);
@@ -713,20 +804,40 @@ function deleteEditing() {
   const gone = editing;
   $("editor").close();
   if (!gone) return;
-  client.delete(gone.id, gone.projectId).catch(showEditorError);
-  showUndo(gone);
+  deleteEvent(gone);
+}
+
+/** From the keyboard (Delete on a focused event): asked first, Cancel the default. */
+function askDelete(event) {
+  if (!event) return;
+  $("confirm-delete-text").textContent = `Delete “${event.title}”? z undoes it.`;
+  $("confirm-delete-ok").onclick = () => { $("confirm-delete").close(); deleteEvent(event); };
+  $("confirm-delete").showModal();
+  $("confirm-delete-cancel").focus();
+}
+
+function deleteEvent(event) {
+  client.delete(event.id, event.projectId).catch(showEditorError);
+  lastDeleted = event;
+  showUndo(event);
+}
+
+function undoDelete() {
+  const event = lastDeleted;
+  if (!event) return;
+  lastDeleted = null;
+  hideToast();
+  // Back with its id, fields and history, for everyone who saw it go; queued like
+  // any change, so it works offline too.
+  client.restore(event).catch(showEditorError);
+  $("announce").textContent = `“${event.title}” is back.`;
 }
 
 function showUndo(event) {
   clearTimeout(toastTimer);
   $("toast-text").textContent = `Deleted “${event.title}”.`;
   $("toast").hidden = false;
-  $("toast-undo").onclick = () => {
-    hideToast();
-    // Back with its id, fields and history, for everyone who saw it go; queued like
-    // any change, so it works offline too.
-    client.restore(event).catch(showEditorError);
-  };
+  $("toast-undo").onclick = undoDelete;
   toastTimer = setTimeout(hideToast, UNDO_MS);
 }
 
@@ -815,29 +926,63 @@ function showSync(s) {
 
 let conflict = null;
 
+// What the conflict dialog calls each field, and how it shows a value.
+const FIELD_NAMES = { title: "Title", startDate: "Start", endDate: "End", allDay: "All day", location: "Location",
+                      description: "Description", attendees: "Attendees", color: "Color", recurrence: "Repeats",
+                      timeZone: "Time zone" };
+
+function shownValue(field, value) {
+  if (value === undefined || value === null || value === "") return "—";
+  if ((field === "startDate" || field === "endDate") && typeof value === "string") {
+    return new Date(value).toLocaleString(navigator.language, { dateStyle: "medium", timeStyle: "short" });
+  }
+  if (field === "allDay") return value ? "yes" : "no";
+  if (Array.isArray(value)) return value.join(", ") || "—";
+  if (typeof value === "object") return value.rrule || JSON.stringify(value);
+  return String(value);
+}
+
+/** Who changed the event and when, from the server's version of it. */
+function changedBy(theirs) {
+  const who = client.presence(projectId).find((u) => u.id === theirs.updatedBy)?.name || theirs.updatedBy || "someone else";
+  const when = theirs.updatedAt ? new Date(theirs.updatedAt).toLocaleTimeString(navigator.language, { timeStyle: "short" }) : null;
+  return when ? `${who} at ${when}` : who;
+}
+
 function openConflict(c) {
   if ("resolved" in c && c.resolved) return; // the strategy settled it: nothing to ask
   conflict = c;
   const theirs = c.remoteVersion || {};
   const mine = c.localVersion || {};
   const base = c.base || {};
-  $("conflict-summary").textContent = c.remoteVersion ? `“${theirs.title}” was changed by someone else while you edited it.`
-    : "This event was deleted while you edited it.";
+  // Named as this person knew it (before either edit), not by the other's new title.
+  const name = base.title || mine.title || theirs.title || "this event";
+  $("conflict-summary").textContent = c.remoteVersion
+    ? `“${name}” was changed by ${changedBy(theirs)} while you edited it. Pick, for each field, the value to keep.`
+    : `“${name}” was deleted while you edited it.`;
   const fields = c.fields.length ? c.fields : Object.keys(mine);
   $("conflict-fields").replaceChildren(...fields.map((f) => {
     const row = document.createElement("tr");
-    const cell = (text) => { const td = document.createElement("td"); td.textContent = text === undefined ? "—" : String(text); return td; };
+    const head = document.createElement("th");
+    head.scope = "row";
+    head.textContent = FIELD_NAMES[f] || f;
+    const before = document.createElement("td");
+    before.textContent = shownValue(f, base[f]);
+    // Each value beside its own choice, in one label; your own edit picked to start.
     const pick = (side, value) => {
-      const td = cell(value);
+      const td = document.createElement("td");
+      const label = document.createElement("label");
+      label.className = "pick";
       const radio = document.createElement("input");
-      radio.type = "radio"; radio.name = `pick-${f}`; radio.value = side; radio.checked = side === "theirs";
-      radio.setAttribute("aria-label", `${f}: ${side}`);
-      td.prepend(radio);
+      radio.type = "radio"; radio.name = `pick-${f}`; radio.value = side; radio.checked = side === "mine";
+      label.append(radio, ` ${shownValue(f, value)}`);
+      td.append(label);
       return td;
     };
-    row.append(cell(f), cell(base[f]), pick("mine", mine[f]), pick("theirs", theirs[f]));
+    row.append(head, before, pick("mine", mine[f]), pick("theirs", theirs[f]));
     return row;
   }));
+  $("conflict-theirs-head").textContent = c.remoteVersion ? `Theirs (${changedBy(theirs)})` : "Theirs";
   $("conflict").showModal();
 }
 
