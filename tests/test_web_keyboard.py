@@ -99,3 +99,19 @@ def test_create_edit_delete_and_undo_with_the_keyboard_only(chromium, server) ->
     wait_titles(server, ["Planning, room 2"])
     alice.event("Planning, room 2").wait_for()
     assert alice.errors == []
+
+
+def test_dates_times_and_the_first_day_follow_the_browsers_locale(chromium, server) -> None:
+    """en-GB: 24-hour times on the axis and on events alike, weeks from Monday; en-US:
+    12-hour times, weeks from Sunday."""
+    for locale, first_day, hour in (("en-GB", "Mon", "13:00"), ("en-US", "Sun", "1:00 PM")):
+        app = App(chromium, server.link("alice", "Alice"), locale=locale)
+        app.wait_connected()
+        assert app.page.locator(".fc-col-header-cell").first.inner_text().startswith(first_day)
+        assert app.page.locator('.fc-timegrid-slot-label[data-time="13:00:00"]').inner_text().strip() == hour
+        app.page.click("#new-event")
+        app.fill_editor(f"Call {locale}")
+        shown = app.event(f"Call {locale}").locator(".fc-event-time").inner_text()
+        # The event's times are written as the axis's: 24-hour without AM/PM, or with it.
+        assert ("M" in shown) is (locale == "en-US"), shown
+        app.context.close()

@@ -5,6 +5,9 @@ import { SyncClient } from "/client/barosync.js";
 import qrcode from "/app/vendor/qrcode-generator/qrcode.mjs";
 import { KIND_NAMES, gridEntry, itemKind, taskRows } from "/app/items.js";
 import { SHORTCUTS, installKeys } from "/app/keys.js";
+import {
+  endedBefore, following, occurrenceId, occurrencesBefore, ruleOf, ruleParts, withOverride, withoutOccurrence,
+} from "/app/series.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "barosync.token";
@@ -29,7 +32,8 @@ let editing = null; // the event open in the editor (null: a new one)
 let storageFull = false;
 let countdown = null;
 let toastTimer = null;
-let lastDeleted = null; // what z (or the toast's Undo) brings back
+let undoLast = null; // what z (or the toast's Undo) does: bring back what was deleted
+let occurrence = null; // {rid, start, end}: the occurrence of a series open in the editor
 // What the keyboard's slot cursor works on (keys.js); `selecting` while it moves the
 // selection, so FullCalendar's select callback does not open the editor for it.
 const keyboard = { selecting: false };
@@ -327,7 +331,7 @@ function start(token, projects) {
       if (!keyboard.selecting) openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay });
     },
     unselectAuto: false,
-    eventClick: (info) => openEditor(client.get(info.event.id, projectId)),
+    eventClick: (info) => openOccurrence(info.event),
     // Events take focus (Tab) and open with Enter; keys.js finds one by its id.
     eventInteractive: true,
     eventDidMount: (info) => { info.el.dataset.eventId = info.event.id; },
@@ -371,6 +375,8 @@ function start(token, projects) {
   $("keys-help").addEventListener("click", () => $("help").showModal());
   $("confirm-delete-cancel").addEventListener("click", () => $("confirm-delete").close());
   $("editor-form").addEventListener("submit", saveEditor);
+  for (const name of ["freq", "ends"]) $("editor-form")[name].addEventListener("change", showRepeat);
+  for (const radio of $("editor-form").scope) radio.addEventListener("change", () => showRepeatFor());
   $("editor-cancel").addEventListener("click", () => $("editor").close());
   $("editor-delete").addEventListener("click", deleteEditing);
   $("conflict-form").addEventListener("submit", settleConflict);
@@ -690,7 +696,7 @@ function toCalendar(e) {
                    classNames: [...base.classNames, "recurring"] };
   return [series, ...overrides.map((o) => ({
     ...base, title: o.title || e.title, start: o.startDate, end: o.endDate, allDay: o.allDay ?? !!e.allDay,
-    editable: false, classNames: [...base.classNames, "recurring"],
+    editable: false, classNames: [...base.classNames, "recurring"], extendedProps: { recurrenceId: o.recurrenceId },
   }))];
 }
 
@@ -715,10 +721,32 @@ const toLocalInput = (iso) => {
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
 };
 
-function openEditor(event, draft = {}) {
+/** An event clicked (or opened with Enter) on the grid: one of a series opens as that
+ *  occurrence, with the choice of what an edit changes. */
+function openOccurrence(shown) {
+  const event = client.get(shown.id, projectId);
+  if (!event?.recurrence || !shown.start) { openEditor(event); return; }
+  const rid = shown.extendedProps?.recurrenceId || occurrenceId(shown.start, !!event.allDay);
+  const length = Date.parse(event.endDate) - Date.parse(event.startDate);
+  openEditor(event, {}, { rid, start: shown.start, end: shown.end || new Date(+shown.start + length) });
+}
+
+function openEditor(event, draft = {}, occ = null) {
   editing = event || null;
-  const source = event || draft;
+  occurrence = occ;
+  const override = occ && (event.recurrence?.overrides || []).find((o) => o.recurrenceId === occ.rid);
+  const source = occ ? { ...event, ...(override || {}), startDate: occ.start.toISOString(),
+                         endDate: occ.end.toISOString() } : event || draft;
   const form = $("editor-form");
+  $("editor-scope").hidden = !occ;
+  form.scope.value = "one";
+  const rule = ruleParts(event?.recurrence?.rrule);
+  form.freq.value = rule.freq;
+  form.ends.value = rule.ends;
+  form.until.value = rule.until;
+  form.count.value = rule.count;
+  $("editor-repeat-note").hidden = rule.simple;
+  showRepeat();
   form.title.value = source.title || "";
   form.allDay.checked = !!source.allDay;
   form.start.value = toLocalInput(source.startDate);
@@ -733,6 +761,7 @@ function openEditor(event, draft = {}) {
   const kind = event ? itemKind(event) : "event";
   for (const name of ["allDay", "start", "end", "attendees", "color"]) form[name].disabled = kind !== "event";
   $("editor-app-note").hidden = kind === "event";
+  showRepeatFor(kind);
   $("editor-title").textContent = !can ? KIND_NAMES[kind] : event ? `Edit ${KIND_NAMES[kind].toLowerCase()}`
     : "New event";
   $("editor-fields").disabled = !can;
@@ -743,6 +772,32 @@ function openEditor(event, draft = {}) {
   $("editor").showModal();
   if (can) form.title.focus();
   else $("editor-cancel").focus();
+}
+
+/** Repeats belongs to events, and not to one occurrence of a series. */
+function showRepeatFor(kind = editing ? itemKind(editing) : "event") {
+  $("editor-repeat").hidden = kind !== "event" || (!!occurrence && $("editor-form").scope.value === "one");
+}
+
+/** The Repeats controls shown as far as the choice goes. */
+function showRepeat() {
+  const form = $("editor-form");
+  for (const el of document.querySelectorAll("[data-when-repeats]")) el.hidden = !form.freq.value;
+  for (const el of document.querySelectorAll("[data-when-ends]")) {
+    el.hidden = !form.freq.value || form.ends.value !== el.dataset.whenEnds;
+  }
+}
+
+const repeatChoice = (form) => ({ freq: form.freq.value, ends: form.ends.value, until: form.until.value,
+                                  count: form.count.value });
+
+/** Whether the Repeats choice differs from the event's rule (an unchanged choice
+ *  keeps a rule the editor cannot show whole). */
+function repeatChanged(form, event) {
+  const was = ruleParts(event?.recurrence?.rrule);
+  const now = repeatChoice(form);
+  return now.freq !== was.freq || (now.freq && (now.ends !== was.ends || (now.ends === "on" && now.until !== was.until)
+    || (now.ends === "after" && Number(now.count) !== was.count)));
 }
 
 /** What the form says, as event fields (optional ones left out when empty). */
@@ -790,21 +845,70 @@ function saveEditor(e) {
   }
   if (!editing) {
     const { color, location: where, description, ...rest } = fields;
+    const rule = ruleOf(repeatChoice(form), fields.allDay);
     const draft = { ...rest, ...(where ? { location: where } : {}), ...(description ? { description } : {}),
-                    ...(color !== DEFAULT_COLOR ? { color } : {}) };
+                    ...(color !== DEFAULT_COLOR ? { color } : {}), ...(rule ? { recurrence: { rrule: rule } } : {}) };
     client.create(projectId, draft).catch(showEditorError);
     return;
   }
+  if (occurrence) { saveOccurrence(form, fields); return; }
   const changes = changedFields(form, editing);
+  if (repeatChanged(form, editing)) {
+    const rule = ruleOf(repeatChoice(form), fields.allDay);
+    changes.recurrence = rule ? { ...(editing.recurrence || {}), rrule: rule } : null;
+  }
   if (Object.keys(changes).length) client.update(editing.id, changes, editing.projectId).catch(showEditorError);
+}
+
+/** An occurrence of a series saved: as that occurrence alone (an override), as the
+ *  start of a new series that the old one now ends before, or as the whole series
+ *  (what changed in this occurrence, applied to every one: times shifted alike). */
+function saveOccurrence(form, fields) {
+  const e = editing;
+  const occ = occurrence;
+  const rec = e.recurrence;
+  const scope = form.scope.value;
+  const done = (p) => p.catch(showEditorError);
+  if (scope === "one") {
+    done(client.update(e.id, { recurrence: withOverride(rec, occ.rid, fields) }, e.projectId));
+    return;
+  }
+  const first = occ.rid === occurrenceId(new Date(e.startDate), !!e.allDay);
+  const ruleNow = repeatChanged(form, e) ? ruleOf(repeatChoice(form), fields.allDay) : rec.rrule;
+  if (scope === "all" || first) {
+    const shown = { ...e, startDate: occ.start.toISOString(), endDate: occ.end.toISOString() };
+    const changes = changedFields(form, shown);
+    if ("startDate" in changes) changes.startDate = new Date(Date.parse(e.startDate) + Date.parse(fields.startDate) - +occ.start).toISOString();
+    if ("endDate" in changes) changes.endDate = new Date(Date.parse(e.endDate) + Date.parse(fields.endDate) - +occ.end).toISOString();
+    if (ruleNow !== rec.rrule) changes.recurrence = ruleNow ? { ...rec, rrule: ruleNow } : null;
+    if (Object.keys(changes).length) done(client.update(e.id, changes, e.projectId));
+    return;
+  }
+  const rest = following(rec, occ.rid, occurrencesBefore(rec.rrule, new Date(e.startDate), occ.start));
+  if (ruleNow !== rec.rrule) rest.rrule = ruleNow;
+  const { color, ...more } = fields;
+  done(client.update(e.id, { recurrence: endedBefore(rec, occ.rid, !!e.allDay) }, e.projectId));
+  done(client.create(e.projectId, { ...more, ...(color !== DEFAULT_COLOR ? { color } : {}),
+                                    ...(rest.rrule ? { recurrence: rest } : {}) }));
 }
 
 /** Delete is never a default button: a click only, then a few seconds to undo it. */
 function deleteEditing() {
   const gone = editing;
+  const occ = occurrence;
+  const scope = $("editor-form").scope.value;
   $("editor").close();
   if (!gone) return;
-  deleteEvent(gone);
+  if (!occ || scope === "all" || (scope === "following" && occ.rid === occurrenceId(new Date(gone.startDate), !!gone.allDay))) {
+    deleteEvent(gone);
+    return;
+  }
+  // One occurrence (an EXDATE), or it and the following (the series ends before it).
+  const was = gone.recurrence;
+  const now = scope === "one" ? withoutOccurrence(was, occ.rid) : endedBefore(was, occ.rid, !!gone.allDay);
+  client.update(gone.id, { recurrence: now }, gone.projectId).catch(showEditorError);
+  undoLast = () => client.update(gone.id, { recurrence: was }, gone.projectId).catch(showEditorError);
+  showUndo(scope === "one" ? `Deleted one “${gone.title}”.` : `Deleted “${gone.title}” from this one on.`);
 }
 
 /** From the keyboard (Delete on a focused event): asked first, Cancel the default. */
@@ -818,24 +922,24 @@ function askDelete(event) {
 
 function deleteEvent(event) {
   client.delete(event.id, event.projectId).catch(showEditorError);
-  lastDeleted = event;
-  showUndo(event);
+  // Back with its id, fields and history, for everyone who saw it go; queued like
+  // any change, so it works offline too.
+  undoLast = () => client.restore(event).catch(showEditorError);
+  showUndo(`Deleted “${event.title}”.`);
 }
 
 function undoDelete() {
-  const event = lastDeleted;
-  if (!event) return;
-  lastDeleted = null;
+  const undo = undoLast;
+  if (!undo) return;
+  undoLast = null;
   hideToast();
-  // Back with its id, fields and history, for everyone who saw it go; queued like
-  // any change, so it works offline too.
-  client.restore(event).catch(showEditorError);
-  $("announce").textContent = `“${event.title}” is back.`;
+  undo();
+  $("announce").textContent = "Brought back.";
 }
 
-function showUndo(event) {
+function showUndo(text) {
   clearTimeout(toastTimer);
-  $("toast-text").textContent = `Deleted “${event.title}”.`;
+  $("toast-text").textContent = text;
   $("toast").hidden = false;
   $("toast-undo").onclick = undoDelete;
   toastTimer = setTimeout(hideToast, UNDO_MS);
