@@ -106,6 +106,9 @@ def test_the_phone_width_shows_a_day_and_passes_axe(chromium, server) -> None:
     phone.event("Coffee").wait_for()
     check(phone, "the phone's day view")
     phone.shot("day-phone")
+    phone.page.emulate_media(color_scheme="dark")
+    check(phone, "the phone's day view, dark")
+    phone.shot("day-phone-dark")
     width = phone.page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= PHONE["width"], f"the page is {width} px wide on a {PHONE['width']} px screen"
     assert phone.errors == []

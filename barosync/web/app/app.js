@@ -325,7 +325,11 @@ function start(token, projects) {
     events: (info, success) => {
       const all = !projectId || refused.has(projectId) ? [] : client.events(projectId);
       showTasks(all);
-      success(all.flatMap(toCalendar));
+      // Only what can show in the range drawn (a series may reach it from before):
+      // FullCalendar parses every event it is given, a project may hold 10,000.
+      const from = info.start.toISOString();
+      const to = info.end.toISOString();
+      success(all.filter((e) => e.recurrence || (e.startDate < to && e.endDate >= from)).flatMap(toCalendar));
     },
     select: (info) => {
       if (!keyboard.selecting) openEditor(null, { startDate: info.start.toISOString(), endDate: info.end.toISOString(), allDay: info.allDay });
