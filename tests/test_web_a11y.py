@@ -5,6 +5,8 @@ Screenshots of the main views go to build/screenshots/ (docs/images has copies).
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -95,7 +97,7 @@ def test_every_view_and_dialog_has_no_serious_accessibility_violation(chromium, 
     assert owner.errors == []
 
 
-def test_the_phone_width_shows_a_day_and_passes_axe(chromium, server) -> None:
+def test_the_phone_width_shows_a_day_moves_an_event_by_touch_and_passes_axe(chromium, server) -> None:
     phone = App(chromium, server.link("alice", "Alice"), bypass_csp=True, viewport=PHONE, is_mobile=True,
                 has_touch=True)
     phone.wait_connected()
@@ -109,6 +111,28 @@ def test_the_phone_width_shows_a_day_and_passes_axe(chromium, server) -> None:
     phone.page.emulate_media(color_scheme="dark")
     check(phone, "the phone's day view, dark")
     phone.shot("day-phone-dark")
+    # Moved with a finger: a long press picks it up, a drag moves it two hours later.
+    [before] = server.events("team")
+    box = phone.event("Coffee").bounding_box()
+    hour = phone.page.locator('td.fc-timegrid-slot-lane[data-time="10:00:00"]').bounding_box()
+    later = phone.page.locator('td.fc-timegrid-slot-lane[data-time="12:00:00"]').bounding_box()
+    assert box and hour and later
+    touch = phone.context.new_cdp_session(phone.page)
+    x, y = box["x"] + box["width"] / 2, box["y"] + 10
+    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    phone.page.wait_for_timeout(500)  # past the 300 ms long press
+    for step in range(1, 11):
+        touch.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [
+            {"x": x, "y": y + (later["y"] - hour["y"]) * step / 10}]})
+        phone.page.wait_for_timeout(30)
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    deadline = time.monotonic() + 10
+    while (after := server.events("team")[0])["startDate"] == before["startDate"]:
+        assert time.monotonic() < deadline, "the touch drag moved nothing"
+        time.sleep(0.05)
+    moved = (datetime.fromisoformat(after["startDate"].replace("Z", "+00:00"))
+             - datetime.fromisoformat(before["startDate"].replace("Z", "+00:00")))
+    assert moved == timedelta(hours=2), moved
     width = phone.page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= PHONE["width"], f"the page is {width} px wide on a {PHONE['width']} px screen"
     assert phone.errors == []

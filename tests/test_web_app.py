@@ -142,6 +142,23 @@ def test_two_users_create_move_edit_and_see_each_other(chromium, server) -> None
         bob.page.wait_for_timeout(60)
     alice.page.wait_for_selector('.cursor[data-user="bob"]')
     assert alice.text('.cursor[data-user="bob"]') == "Bob"
+    # Over an event, his label is drawn above it, not under it.
+    event = bob.event("Planning (room 2)").bounding_box()
+    assert event
+    for step in range(3):
+        bob.page.mouse.move(event["x"] + 10 + 5 * step, event["y"] + 10)
+        bob.page.wait_for_timeout(60)
+    on_top = """() => {
+        const label = document.querySelector('.cursor[data-user="bob"]');
+        const r = label.getBoundingClientRect();
+        const over = [...document.querySelectorAll('.fc-event')].some((ev) => {
+            const b = ev.getBoundingClientRect();
+            return r.left < b.right && r.right > b.left && r.top < b.bottom && r.bottom > b.top; });
+        label.style.pointerEvents = 'auto';  // hit-testable for a moment: what is drawn on top there?
+        const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+        label.style.pointerEvents = '';
+        return over && label.contains(hit); }"""
+    alice.page.wait_for_function(on_top, timeout=10_000)
     alice.shot("two-users")
     bob.page.close()
     alice.page.wait_for_selector('#presence li[data-user="bob"]', state="detached")
