@@ -46,7 +46,8 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 
 def change(seq: int, size: int = 10) -> Outgoing:
-    return Outgoing(orjson.dumps({"type": "event:created", "id": f"p:{seq}", "seq": seq, "payload": {"x": "y" * size}}))
+    return Outgoing(orjson.dumps({"type": "event:created", "id": f"p:{seq}", "seq": seq, "payload": {"x": "y" * size}}),
+                    project_id="p", seq=seq)
 
 
 def received(sock: socket.socket) -> bytes:

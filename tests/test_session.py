@@ -78,6 +78,9 @@ class Outlet:
     def track(self, msg_ids: Iterable[str]) -> None:
         self.unacked.update(dict.fromkeys(msg_ids))
 
+    def track_changes(self, project_id: str, first: int, last: int) -> None:
+        self.track(f"{project_id}:{seq}" for seq in range(first, last + 1))
+
     def backlogged(self) -> bool:
         return False
 

@@ -115,13 +115,8 @@ def _connection(app: "App", session: Any, heads: dict[str, int]) -> dict[str, An
 def _progress(session: Any, project_id: str, head: int) -> dict[str, Any]:
     """Delivered: every change the room fanned out since the client joined it, so the
     head as far as the hub is concerned. Acked: below the oldest change it has not
-    acked (unacked ids are "project:seq"; at most the newest 1,000 are remembered)."""
-    oldest = None
-    prefix = project_id + ":"
-    for msg_id in session.unacked:
-        if msg_id.startswith(prefix) and msg_id[len(prefix):].isdigit():
-            seq = int(msg_id[len(prefix):])
-            oldest = seq if oldest is None else min(oldest, seq)
+    acked (transports/acks.py keeps what is sent and acked per project)."""
+    oldest = session.unacked.oldest(project_id)
     delivered = head
     acked = oldest - 1 if oldest is not None else delivered
     return {"id": project_id, "head": head, "delivered": delivered, "acked": acked, "behind": head - acked}

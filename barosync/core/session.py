@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Protocol as Interface
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Protocol as Interface
 
 import trio
 
@@ -44,12 +44,21 @@ _UNLIMITED = frozenset({protocol.USER_CURSOR, protocol.PING})
 ACTIONS = {protocol.EVENT_CREATE: "create", protocol.EVENT_UPDATE: "update", protocol.EVENT_DELETE: "delete"}
 
 
+class Pending(Interface):
+    """What a client has yet to ack (transports/acks.py keeps it)."""
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def oldest(self, project_id: str) -> int | None:
+        """The first change of the project not acked yet (None: all are)."""
+
+
 class Outlet(Interface):
     """What a session sends through (a connection's outbox, outbox.py)."""
 
     codec: Codec
     limit: int  # bytes a session may have queued before it is too slow
-    unacked: dict[str, None]  # deliveries sent and not acked yet, by message id
+    unacked: Pending  # deliveries sent and not acked yet
     closing: bool
 
     @property
@@ -63,6 +72,7 @@ class Outlet(Interface):
     def send_frame(self, frame: bytes) -> None: ...
     def settle_ack(self, item: dict[str, Any]) -> None: ...
     def track(self, msg_ids: Iterable[str]) -> None: ...
+    def track_changes(self, project_id: str, first: int, last: int) -> None: ...
     def backlogged(self) -> bool: ...
     async def wait_drained(self) -> None: ...
     def send_catch_up(self, messages: list[bytes]) -> None: ...
@@ -126,7 +136,7 @@ class Session:
         return self.out.codec
 
     @property
-    def unacked(self) -> dict[str, None]:
+    def unacked(self) -> Pending:
         return self.out.unacked
 
     @property
@@ -289,6 +299,9 @@ class Session:
 
     def track(self, msg_ids: Iterable[str]) -> None:
         self.out.track(msg_ids)
+
+    def track_changes(self, project_id: str, first: int, last: int) -> None:
+        self.out.track_changes(project_id, first, last)
 
     def backlogged(self) -> bool:
         return self.out.backlogged()

@@ -50,6 +50,9 @@ class Follower(Protocol):
     def track(self, msg_ids: Iterable[str]) -> None:
         """Messages about to be sent that the client must ack."""
 
+    def track_changes(self, project_id: str, first: int, last: int) -> None:
+        """Changes ``first``..``last`` of a project about to be sent (the client acks them)."""
+
     def send_catch_up(self, messages: list[bytes]) -> None:
         """A replay page or a snapshot part, queued at once even past the outbox cap."""
 
@@ -103,7 +106,7 @@ async def subscribe(app: "App", conn: "_Both", *, ref: str | None, project_id: s
             conn.send_json(protocol.ack(ref, {"projectId": project_id, "seq": last, "mode": "changes",
                                               "count": last - since, **access}))
             acked = True
-        conn.track(f"{project_id}:{since + n + 1}" for n in range(len(changes)))
+        conn.track_changes(project_id, since + 1, since + len(changes))
         conn.send_catch_up(changes)
         since += len(changes)
         if complete:

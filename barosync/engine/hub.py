@@ -349,7 +349,8 @@ class Hub:
             if outcome.status == "applied":
                 assert outcome.change is not None
                 # Frames are made only for projects someone is watching.
-                out = protocol.Outgoing(outcome.change) if outcome.project_id in rooms else None
+                out = protocol.Outgoing(outcome.change, project_id=outcome.project_id, seq=outcome.seq) \
+                    if outcome.project_id in rooms else None
                 changes.setdefault(outcome.project_id, []).append(
                     (out, f"{outcome.project_id}:{outcome.seq}", (sender, m, outcome)))
             elif sequencer is not None and outcome.status == "replayed" and outcome.seq > 0:

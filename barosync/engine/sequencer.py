@@ -202,7 +202,7 @@ class Sequencer:
             seq = orjson.loads(change)["seq"]
             if room.last < 0 or seq == room.last + 1:
                 room.last = seq
-                self._deliver(room, [(protocol.Outgoing(change), seq)])
+                self._deliver(room, [(protocol.Outgoing(change, project_id=room.project_id, seq=seq), seq)])
             elif seq > room.last:
                 await self._fill(room)  # a jump: the log has what is missing (and this one)
         elif kind == "join":
@@ -220,8 +220,8 @@ class Sequencer:
                 changes = found[0][: room.last - at] if found is not None else []
                 if found is None:
                     session.close(protocol.CLOSE_TOO_SLOW, "fell behind the kept history: resubscribe")
-                session.deliver_many([(protocol.Outgoing(raw), f"{room.project_id}:{at + 1 + i}")
-                                      for i, raw in enumerate(changes)])
+                session.deliver_many([(protocol.Outgoing(raw, project_id=room.project_id, seq=at + 1 + i),
+                                       f"{room.project_id}:{at + 1 + i}") for i, raw in enumerate(changes)])
             self._admit(room, request, admit=not request.abandoned)
         elif kind == "check":  # the head was past room.last when it was read (_check_heads)
             if room.last >= 0:
@@ -259,7 +259,8 @@ class Sequencer:
             first = room.last + 1
             self.filled += len(changes)
             room.last += len(changes)
-            self._deliver(room, [(protocol.Outgoing(raw), first + i) for i, raw in enumerate(changes)])
+            self._deliver(room, [(protocol.Outgoing(raw, project_id=room.project_id, seq=first + i), first + i)
+                                 for i, raw in enumerate(changes)])
 
     def _deliver(self, room: "Room", changes: list[tuple[protocol.Outgoing, int]]) -> None:
         """Changes in seq order to the room, each with the answers that stand for it."""

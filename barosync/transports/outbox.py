@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol
 import trio
 
 from ..wire import protocol
+from .acks import Unacked
 from ..wire.protocol import Outgoing
 
 if TYPE_CHECKING:
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Unacked server messages remembered per connection; beyond it the oldest are
-# forgotten (and counted), so a client that never acks cannot grow memory.
-MAX_UNACKED = 1_000
 
 
 class Owner(Protocol):
@@ -72,7 +70,7 @@ class Outbox:
         self._lot = trio.lowlevel.ParkingLot()
         self.closing = False  # set by the connection: nothing more is queued
         self._drained: trio.Event | None = None  # made only while a catch-up waits
-        self.unacked: dict[str, None] = {}
+        self.unacked = Unacked()
         self._max_message = max_message_bytes
         self._owner: Owner | None = owner  # None once the connection is over
 
@@ -103,42 +101,43 @@ class Outbox:
 
     def deliver(self, out: Outgoing, msg_id: str) -> None:
         """Send a fanned-out server message the client is expected to ack."""
-        self.track((msg_id,))
+        if out.seq:
+            self.unacked.change(out.project_id, out.seq)
+        else:
+            self.unacked.message(msg_id)
         self.send_out(out)
 
     def deliver_many(self, items: list[tuple[Outgoing, str]]) -> None:
         """Several fanned-out messages in one write (a group commit's changes)."""
-        self.track(msg_id for _, msg_id in items)
+        unacked = self.unacked
+        for out, msg_id in items:
+            if out.seq:
+                unacked.change(out.project_id, out.seq)
+            else:
+                unacked.message(msg_id)
         self.send_many([out for out, _ in items])
 
     def track(self, msg_ids: Iterable[str]) -> None:
-        """Remember what the client should ack; the oldest are forgotten past
-        MAX_UNACKED, so a client that never acks cannot grow memory."""
-        unacked = self.unacked
+        """Remember messages (not changes) the client should ack, by id."""
         for msg_id in msg_ids:
-            unacked[msg_id] = None
-        while len(unacked) > MAX_UNACKED:
-            del unacked[next(iter(unacked))]
+            self.unacked.message(msg_id)
+
+    def track_changes(self, project_id: str, first: int, last: int) -> None:
+        """Remember that changes ``first``..``last`` of a project went out (a catch-up)."""
+        self.unacked.changes(project_id, first, last)
 
     def settle_ack(self, item: dict[str, Any]) -> None:
         """A client's ack: by ``id`` (one message), or cumulative (``payload``
         ``{projectId, seq}``: every change of that project up to ``seq``). Raises
         ProtocolError for a malformed cumulative ack. Settling twice is harmless."""
-        unacked = self.unacked
         payload = item.get("payload")
         if not payload:  # by id: the seed client's, one per message
             msg_id = item.get("id")
             if type(msg_id) is str:
-                unacked.pop(msg_id, None)
+                self.unacked.ack_id(msg_id)
             return
         project_id, seq = protocol.ack_up_to(payload)  # type: ignore[misc]
-        # Changes are tracked as "project:seq"; a project's are few and in order.
-        prefix = project_id + ":"
-        cut = len(prefix)
-        for msg_id in [m for m in unacked if m.startswith(prefix)]:
-            tail = msg_id[cut:]
-            if tail.isdigit() and int(tail) <= seq:
-                del unacked[msg_id]
+        self.unacked.ack_through(project_id, seq)
 
     # -- sending ---------------------------------------------------------------------
 

@@ -239,10 +239,14 @@ class Outgoing:
     """One server message on its way to many connections: its JSON, and its frame
     per codec, each made once and shared by every recipient using that codec."""
 
-    __slots__ = ("json", "text", "_frames")
+    __slots__ = ("json", "text", "_frames", "project_id", "seq")
 
-    def __init__(self, json: bytes) -> None:
+    def __init__(self, json: bytes, *, project_id: str = "", seq: int = 0) -> None:
         self.json = json
+        # A change's project and seq (0: not a change), so a connection tracks its ack
+        # as two numbers per project (transports/acks.py), not as a string.
+        self.project_id = project_id
+        self.seq = seq
         # Nearly every recipient speaks the default codec: make its frame up front.
         self.text = text_frame(json)
         self._frames: dict[str, bytes] = {}
