@@ -4,13 +4,12 @@ an event reached with Tab, edited, deleted after a question and brought back wit
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from test_web_app import App
+from test_web_app import App, wait_for_events
 from test_web_client import Server
 
 
@@ -35,11 +34,8 @@ def tab_to_event(app: App, title: str, limit: int = 60) -> None:
     pytest.fail(f"{limit} Tabs did not reach the event {title!r}; the focus is on {focused(app)!r}")
 
 
-def wait_titles(server: Server, expected: list[str], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while sorted(e["title"] for e in server.events("team")) != expected:
-        assert time.monotonic() < deadline, server.events("team")
-        time.sleep(0.05)
+def wait_titles(server: Server, expected: list[str]) -> None:
+    wait_for_events(server, "team", lambda es: sorted(e["title"] for e in es) == expected)
 
 
 def test_create_edit_delete_and_undo_with_the_keyboard_only(chromium, server) -> None:

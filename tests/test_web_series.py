@@ -5,16 +5,15 @@ CalDAV, expanded, as the six meetings they are."""
 
 from __future__ import annotations
 
-import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import caldav
 import pytest
 
 from caldav_helpers import app_password
-from test_web_app import App
+from test_web_app import App, wait_for_events
 from test_web_client import Server
 
 
@@ -27,16 +26,6 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 def sunday_of(d: date) -> date:
     return d - timedelta(days=(d.weekday() + 1) % 7)
-
-
-def wait_events(server: Server, check: Callable[[list[dict[str, Any]]], bool], timeout: float = 10) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = server.events("team")
-        if check(found):
-            return found
-        assert time.monotonic() < deadline, found
-        time.sleep(0.05)
 
 
 def open_occurrence(app: App, week: int, shown_week: list[int], title: str = "Standup") -> None:
@@ -73,7 +62,7 @@ def test_a_series_made_and_edited_three_ways_reaches_calendar_apps(chromium, ser
     alice.page.select_option("#editor-form select[name=ends]", "after")
     alice.page.fill("#editor-form input[name=count]", "6")
     alice.page.click("#editor-save")
-    [series] = wait_events(server, lambda es: len(es) == 1)
+    [series] = wait_for_events(server, "team", lambda es: len(es) == 1)
     assert series["recurrence"]["rrule"] == "FREQ=WEEKLY;COUNT=6"
 
     # The second one alone: later and renamed.
@@ -82,7 +71,7 @@ def test_a_series_made_and_edited_three_ways_reaches_calendar_apps(chromium, ser
     alice.page.fill("#editor-form input[name=title]", "Standup with a demo")
     save_times(alice, week(1), "10:00", "10:30")
     alice.page.click("#editor-save")
-    [series] = wait_events(server, lambda es: es[0]["recurrence"].get("overrides"))
+    [series] = wait_for_events(server, "team", lambda es: es[0]["recurrence"].get("overrides"))
     assert series["recurrence"]["overrides"] == [{
         "recurrenceId": f"{week(1):%Y-%m-%d}T09:00:00Z", "startDate": f"{week(1):%Y-%m-%d}T10:00:00Z",
         "endDate": f"{week(1):%Y-%m-%d}T10:30:00Z", "title": "Standup with a demo"}]
@@ -92,7 +81,7 @@ def test_a_series_made_and_edited_three_ways_reaches_calendar_apps(chromium, ser
     alice.page.check("#editor-scope input[value=following]")
     save_times(alice, week(3), "11:00", "11:30")
     alice.page.click("#editor-save")
-    found = wait_events(server, lambda es: len(es) == 2)
+    found = wait_for_events(server, "team", lambda es: len(es) == 2)
     old, new = sorted(found, key=lambda e: e["startDate"])
     assert old["recurrence"]["rrule"] == f"FREQ=WEEKLY;UNTIL={week(3):%Y%m%d}T085959Z"
     assert (new["startDate"].replace(".000Z", "Z"), new["recurrence"]["rrule"]) == (
@@ -103,7 +92,7 @@ def test_a_series_made_and_edited_three_ways_reaches_calendar_apps(chromium, ser
     alice.page.check("#editor-scope input[value=all]")
     alice.page.fill("#editor-form input[name=location]", "Room 1")
     alice.page.click("#editor-save")
-    found = wait_events(server, lambda es: any(e.get("location") == "Room 1" for e in es))
+    found = wait_for_events(server, "team", lambda es: any(e.get("location") == "Room 1" for e in es))
     old = min(found, key=lambda e: e["startDate"])
     assert old["startDate"].replace(".000Z", "Z") == f"{monday:%Y-%m-%d}T09:00:00Z"
     assert len(old["recurrence"]["overrides"]) == 1
@@ -113,10 +102,10 @@ def test_a_series_made_and_edited_three_ways_reaches_calendar_apps(chromium, ser
     alice.page.click("#editor-delete")
     rid = f"{week(4):%Y-%m-%d}T11:00:00Z"
     later = lambda es: max(es, key=lambda e: e["startDate"])  # noqa: E731
-    wait_events(server, lambda es: later(es)["recurrence"].get("exdates") == [rid])
+    wait_for_events(server, "team", lambda es: later(es)["recurrence"].get("exdates") == [rid])
     alice.page.locator("body").focus()
     alice.page.keyboard.press("z")
-    wait_events(server, lambda es: not later(es)["recurrence"].get("exdates"))
+    wait_for_events(server, "team", lambda es: not later(es)["recurrence"].get("exdates"))
 
     # A calendar app reads the six meetings, each where it now is.
     password = app_password(server.data, "alice", "team")

@@ -80,11 +80,12 @@ def between(cal: icalendar.Calendar, start: datetime, end: datetime,
 def overlaps(e: dict[str, Any], start: datetime | None, end: datetime | None) -> bool:
     kind = tasks.component(e)
     if kind != tasks.VEVENT:
-        main = tasks.master(tasks.to_resource(e), kind)
+        cal = tasks.to_resource(e)
+        main = tasks.master(cal, kind)
         if not tasks.recurring(main):
             return tasks.overlaps(main, start, end)
         lo, hi = expansion.clip(start, end)
-        return next(between(tasks.to_resource(e), lo, hi, kind), None) is not None
+        return next(between(cal, lo, hi, kind), None) is not None
     if not e.get("recurrence"):
         s = as_utc(instant(e["startDate"]))
         f = as_utc(instant(e["endDate"]))
@@ -100,8 +101,10 @@ def expanded(e: dict[str, Any], start: datetime, end: datetime) -> icalendar.Cal
     in UTC, each with its RECURRENCE-ID, and no recurrence properties. A task or
     journal that does not recur is given back as it is."""
     kind = tasks.component(e)
-    if kind != tasks.VEVENT and not tasks.recurring(tasks.master(tasks.to_resource(e), kind)):
-        return tasks.to_resource(e)
+    if kind != tasks.VEVENT:
+        cal = tasks.to_resource(e)
+        if not tasks.recurring(tasks.master(cal, kind)):
+            return cal
     cal = icalendar.Calendar()
     cal.add("prodid", PRODID)
     cal.add("version", "2.0")

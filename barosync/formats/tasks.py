@@ -134,22 +134,27 @@ def _list(value: Any) -> list[Any]:
 def to_resource(e: dict[str, Any]) -> icalendar.Calendar:
     """The resource as the app sent it, with a browser's edits of its text."""
     cal = icalendar.Calendar.from_ical(e["ical"])
-    main = master(cal, component(e))
-    for field, name in TEXT:
-        if _edited(main, field, name, e.get(field)):
-            main.pop(name, None)
-            if e.get(field):
-                main.add(name.lower(), e[field])
+    _write_edits(master(cal, component(e)), e)
     return cal
 
 
 def resource_bytes(e: dict[str, Any]) -> bytes:
     """The bytes the app sent when no browser edited the text since (the usual case)."""
     cal = icalendar.Calendar.from_ical(e["ical"])
-    main = master(cal, component(e))
-    if not any(_edited(main, field, name, e.get(field)) for field, name in TEXT):
-        return e["ical"].encode()
-    return to_resource(e).to_ical()
+    return cal.to_ical() if _write_edits(master(cal, component(e)), e) else e["ical"].encode()
+
+
+def _write_edits(main: icalendar.Component, e: dict[str, Any]) -> bool:
+    """The event's title, description and location written into the component where
+    a browser changed them; whether any was."""
+    edited = False
+    for field, name in TEXT:
+        if _edited(main, field, name, e.get(field)):
+            edited = True
+            main.pop(name, None)
+            if e.get(field):
+                main.add(name.lower(), e[field])
+    return edited
 
 
 def _edited(c: icalendar.Component, field: str, name: str, value: str | None) -> bool:
