@@ -289,7 +289,7 @@ class CalDav:
         if method == b"DELETE":
             return await self.collections.remove(identity, project)
         if method == b"PROPPATCH":
-            return await self.collections.rename(identity, project, self._calendar_href(identity, project), body)
+            return await self.collections.proppatch(identity, project, self._calendar_href(identity, project), body)
         if method != b"PROPFIND":
             raise Fail(405, f"{method.decode()} is for events ({{id}}.ics), not the calendar", headers=[(b"allow", ALLOW)])
         resources = [(self._calendar_href(identity, project), await self._calendar_props(identity, project))]

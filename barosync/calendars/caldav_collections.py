@@ -88,7 +88,7 @@ class Collections:
         except ProtocolError as e:
             raise Fail(protocol.http_status(e.code), f"emptying {project!r}: {e.message}") from None
 
-    async def rename(self, identity: Identity, project: str, href: str, body: bytes) -> Answer:
+    async def proppatch(self, identity: Identity, project: str, href: str, body: bytes) -> Answer:
         """PROPPATCH: the name, color and description of a calendar its owner may
         change, all or none (RFC 4918 §9.2); anything else is 403 in the answer."""
         try:
