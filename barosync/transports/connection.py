@@ -10,6 +10,7 @@ interface below; session.py's `Session` fills it and holds the connection as its
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ from websockets.frames import Opcode
 from websockets.protocol import Protocol, Side, State
 
 from ..wire import protocol
+from .deadlines import Deadlines
 from .outbox import Outbox
 from ..wire.protocol import ProtocolError
 
@@ -60,18 +62,23 @@ class Handler(Interface):
 class Connection:
     # Slots: ten thousand idle connections are mostly these objects.
     __slots__ = (
-        "expires_at", "out", "_fd", "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed",
+        "_expires_at", "out", "_fd", "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed",
         "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code", "last_recv", "_inbox", "_inbox_lot",
         "_eof", "_protocol_closing", "_inbox_bytes", "_handler", "_heartbeat_timeout", "_max_message_bytes",
+        "_deadlines", "due", "__weakref__",
     )
 
-    def __init__(self, poller: "ReadPoller", stream: trio.SocketStream, received: bytes, codec: Codec, *,
-                 max_message_bytes: int, outbox_limit: int, heartbeat_timeout: float,
+    def __init__(self, poller: "ReadPoller", deadlines: Deadlines, stream: trio.SocketStream, received: bytes,
+                 codec: Codec, *, max_message_bytes: int, outbox_limit: int, heartbeat_timeout: float,
                  expires_at: float | None) -> None:
         self._poller = poller
+        # The heartbeat, the credentials' expiry and the close handshake's timeout are
+        # checked by one task for all connections (deadlines.py), not a task each.
+        self._deadlines = deadlines
+        self.due = math.inf  # when the deadlines' task next asks (its bookkeeping)
         # When the credentials it was opened with expire (time.time()); it is then
         # closed with 4003. The handler moves it on auth:refresh.
-        self.expires_at = expires_at
+        self._expires_at = expires_at
         self._heartbeat_timeout = heartbeat_timeout
         self._max_message_bytes = max_message_bytes
         self._handler: Handler | None = None  # while it runs
@@ -106,6 +113,16 @@ class Connection:
         self.last_recv = trio.current_time()
 
     @property
+    def expires_at(self) -> float | None:
+        return self._expires_at
+
+    @expires_at.setter
+    def expires_at(self, when: float | None) -> None:
+        self._expires_at = when
+        if when is not None and self._handler is not None:
+            self._deadlines.at(trio.current_time() + max(0.0, when - time.time()), self)
+
+    @property
     def closing(self) -> bool:
         """Closing (or closed): nothing more is sent but the close handshake."""
         return self.out.closing
@@ -129,6 +146,7 @@ class Connection:
         self.out.closing = True
         self.close_code = code
         self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
+        self._deadlines.at(self._close_deadline, self)
         if self._ws.state is State.OPEN:
             self._ws.send_close(code, reason[:120])
         self.out.flush_batch()
@@ -171,7 +189,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
-                nursery.start_soon(self._heartbeat)
+                self._deadlines.at(trio.current_time(), self)  # it works out when it is next due
                 # The reader is the connection's own task: one task fewer to keep.
                 await self._reader(handler)
         finally:
@@ -196,21 +214,25 @@ class Connection:
             # nothing more (a FIN after the close frame) and the reader keeps reading
             # and discarding, because closing a socket with unread input resets it,
             # and a reset can destroy our close frame before the peer reads it. The
-            # heartbeat task enforces CLOSE_TIMEOUT.
+            # deadlines' task enforces CLOSE_TIMEOUT (check_deadlines).
             self._flushed = True
             if self._peer_closed or not self.out.closing:
                 self._abort()
             else:
                 self._half_close()
 
-    async def _heartbeat(self) -> None:
+    def check_deadlines(self, now: float) -> float | None:
+        """(deadlines.Watched) Close a connection whose close handshake ran out of
+        time, whose credentials expired (4003) or that went quiet past the heartbeat
+        timeout; when to look again (None: it is over)."""
+        if self._handler is None:
+            return None
         timeout = self._heartbeat_timeout
         while True:
-            now = trio.current_time()
             if self.out.closing and now >= self._close_deadline:
                 self._abort()
-                return
-            expires = self.expires_at
+                return None
+            expires = self._expires_at
             if expires is not None and not self.out.closing and time.time() >= expires:
                 self.close(protocol.CLOSE_TOKEN_INVALID, "token expired: reconnect with a fresh token")
                 continue
@@ -223,7 +245,7 @@ class Connection:
                 deadline = min(deadline, now + max(0.0, expires - time.time()))
             if self.out.closing:
                 deadline = min(deadline, self._close_deadline)
-            await trio.sleep_until(deadline)
+            return deadline
 
     def on_readable(self) -> None:
         try:

@@ -31,6 +31,7 @@ from ..config import Config, ConfigError, ensure_secret, private_dir
 from .metrics import Metrics
 from ..hooks.plugins import call_each
 from .poller import ReadPoller
+from .deadlines import Deadlines
 from .connection import Connection
 from ..core.session import Session
 from ..engine.writer import StorageError
@@ -49,11 +50,13 @@ LOCK_FILE = "serve.lock"
 
 
 class Front:
-    """What the HTTP and WebSocket front holds beside the app: the read poller its
-    connections share, the CalDAV front and the metrics registry /metrics serves."""
+    """What the HTTP and WebSocket front holds beside the app: the read poller and the
+    deadlines' task its connections share, the CalDAV front and the metrics registry
+    /metrics serves."""
 
     def __init__(self, app: App) -> None:
         self.poller = ReadPoller()
+        self.deadlines = Deadlines()
         self.caldav = caldav.CalDav(app)
         self.signin = signin.SignIn(app)
         self.metrics = CollectorRegistry()
@@ -74,6 +77,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[App] = trio.TASK
         async with trio.open_nursery() as root:
             await root.start(app.run)
             await root.start(front.poller.run)
+            await root.start(front.deadlines.run)
             await root.start(front.caldav.rendered.run)
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             app.port = listeners[0].socket.getsockname()[1]
@@ -382,7 +386,7 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
     response = conn.send(h11.InformationalResponse(status_code=101, headers=upgraded))
     trailing, _closed = conn.trailing_data
     session_id = protocol.next_id()
-    connection = Connection(front.poller, stream, bytes(trailing), codec,
+    connection = Connection(front.poller, front.deadlines, stream, bytes(trailing), codec,
                             max_message_bytes=app.config.max_message_bytes, outbox_limit=app.config.outbox_bytes,
                             heartbeat_timeout=app.config.heartbeat_timeout, expires_at=identity.expires_at)
     session = Session(app, connection, identity, session_id=session_id)
