@@ -19,9 +19,15 @@ from barosync.wire.protocol import Outgoing
 
 
 class Owner:
-    def __init__(self) -> None:
+    """What a connection does for its outbox; with a nursery, it runs the writer task
+    when the outbox asks (only while something waits for the socket)."""
+
+    def __init__(self, nursery: trio.Nursery | None = None) -> None:
         self.too_slow = 0
         self.broken = 0
+        self.nursery = nursery
+        self.box: Outbox | None = None
+        self.writers = 0  # writer tasks started
 
     def outbox_too_slow(self) -> None:
         self.too_slow += 1
@@ -31,6 +37,13 @@ class Owner:
 
     def outbox_label(self) -> str:
         return "session=test user=test"
+
+    def outbox_start_writer(self) -> bool:
+        if self.nursery is None or self.box is None:
+            return False
+        self.writers += 1
+        self.nursery.start_soon(self.box.drain)
+        return True
 
 
 @pytest.fixture
@@ -64,7 +77,8 @@ def received(sock: socket.socket) -> bytes:
 
 
 def outbox(ours: socket.socket, owner: Owner, limit: int = 64 * 1024) -> Outbox:
-    return Outbox(ours.fileno(), JsonCodec(), owner, limit=limit, max_message_bytes=64 * 1024)
+    owner.box = Outbox(ours.fileno(), JsonCodec(), owner, limit=limit, max_message_bytes=64 * 1024)
+    return owner.box
 
 
 def test_an_idle_outbox_writes_at_once_and_tracks_what_needs_an_ack(pair) -> None:
@@ -94,11 +108,13 @@ def test_a_client_that_does_not_read_is_cut_at_the_cap_through_its_owner(pair) -
 
 async def test_what_waits_goes_out_in_order_when_the_socket_drains(pair, nursery: trio.Nursery) -> None:
     ours, theirs = pair
-    box = outbox(ours, Owner(), limit=1 << 20)
-    nursery.start_soon(box.drain)
-    for seq in range(1, 201):
+    owner = Owner(nursery)
+    box = outbox(ours, owner, limit=1 << 20)
+    box.deliver(change(1), "p:1")
+    assert owner.writers == 0  # written at once: no writer task for an idle connection
+    for seq in range(2, 201):
         box.deliver(change(seq, size=500), f"p:{seq}")
-    assert not box.idle  # the socket's buffer is full: the rest waits
+    assert not box.idle and owner.writers == 1  # the socket's buffer is full: the rest waits for the writer
     got = b""
     with trio.fail_after(10):
         while got.count(b'"seq":') < 200:
@@ -110,14 +126,16 @@ async def test_what_waits_goes_out_in_order_when_the_socket_drains(pair, nursery
 
 async def test_a_busy_outbox_keeps_the_newest_cursor_per_user_ahead_of_changes(pair, nursery: trio.Nursery) -> None:
     ours, theirs = pair
-    box = outbox(ours, Owner(), limit=1 << 20)
+    owner = Owner()  # the writer waits until the cursors are in
+    box = outbox(ours, owner, limit=1 << 20)
     for seq in range(1, 101):
         box.deliver(change(seq, size=500), f"p:{seq}")  # fills the socket: the rest waits
     assert not box.idle
     for x in range(5):
         box.send_cursors([("bob", Outgoing(orjson.dumps({"type": "user:cursor", "payload": {"userId": "bob", "x": x}})))])
     assert box.cursors_waiting == 1
-    nursery.start_soon(box.drain)
+    owner.nursery = nursery
+    box.wake()
     got = b""
     with trio.fail_after(10):
         while got.count(b'"seq":') < 100:
@@ -135,4 +153,4 @@ async def test_closing_stops_sending_but_the_protocols_close_frame_still_goes(pa
     box.send_protocol(b"\x88\x02\x03\xe8")  # a close frame, code 1000
     assert received(theirs) == b"\x88\x02\x03\xe8"
     with trio.fail_after(5):
-        await box.drain()  # nothing waits and it is closing: the writer task ends
+        assert await box.drain() is True  # nothing waits and it is closing: the writer task ends, for good

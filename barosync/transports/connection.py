@@ -138,6 +138,12 @@ class Connection:
     def outbox_broken(self) -> None:
         self._abort()
 
+    def outbox_start_writer(self) -> bool:
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(self._writer)
+        return True
+
     def close(self, code: int, reason: str = "") -> None:
         """Start a clean close: the close frame goes after what is queued, nothing
         after it. Idempotent; safe to call from anywhere on the event loop."""
@@ -188,7 +194,8 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
+                # The writer runs only while something waits for the socket (outbox.py).
+                self.out.wake()
                 self._deadlines.at(trio.current_time(), self)  # it works out when it is next due
                 # The reader is the connection's own task: one task fewer to keep.
                 await self._reader(handler)
@@ -206,20 +213,26 @@ class Connection:
                 await trio.aclose_forcefully(self._stream)
 
     async def _writer(self) -> None:
+        idle = False  # nothing waits for the socket: the task ends, the connection goes on
         try:
-            await self.out.drain()
+            idle = not await self.out.drain()
         finally:
-            # The close frame is out (or the socket broke). The connection is over
-            # once the peer has answered it too, or hung up. Until then we send
-            # nothing more (a FIN after the close frame) and the reader keeps reading
-            # and discarding, because closing a socket with unread input resets it,
-            # and a reset can destroy our close frame before the peer reads it. The
-            # deadlines' task enforces CLOSE_TIMEOUT (check_deadlines).
-            self._flushed = True
-            if self._peer_closed or not self.out.closing:
-                self._abort()
-            else:
-                self._half_close()
+            if not idle:
+                self._written_out()
+
+    def _written_out(self) -> None:
+        """The writer's last write is done (the close frame is out) or failed."""
+        # The close frame is out (or the socket broke). The connection is over
+        # once the peer has answered it too, or hung up. Until then we send
+        # nothing more (a FIN after the close frame) and the reader keeps reading
+        # and discarding, because closing a socket with unread input resets it,
+        # and a reset can destroy our close frame before the peer reads it. The
+        # deadlines' task enforces CLOSE_TIMEOUT (check_deadlines).
+        self._flushed = True
+        if self._peer_closed or not self.out.closing:
+            self._abort()
+        else:
+            self._half_close()
 
     def check_deadlines(self, now: float) -> float | None:
         """(deadlines.Watched) Close a connection whose close handshake ran out of
