@@ -412,8 +412,16 @@ async def test_disconnect_storm_every_client_resumes_exactly(tmp_path: Path) -> 
                         if c.ws is not None:
                             await c.ws.abort(rst=i % 2 == 0)
 
+                async def all_back(connections: int) -> None:
+                    # Every subscriber connected again since the last drop (a client
+                    # still connecting when the next drop comes would miss it).
+                    with trio.fail_after(30):
+                        while any(s.connects < connections for s in subs):
+                            await trio.sleep(0.02)
+
                 for round in range(STORM_DROPS + 1):
                     await trio.sleep(PHASE)
+                    await all_back(round + 1)
                     if round == 1:
                         # The server dies mid-stream and comes back on another port.
                         await trio.to_thread.run_sync(server.kill9)
@@ -423,6 +431,7 @@ async def test_disconnect_storm_every_client_resumes_exactly(tmp_path: Path) -> 
                         await drop_all()
                         drops += 1
                 await trio.sleep(PHASE)
+                await all_back(STORM_DROPS + 2)
                 for w in writers:
                     w.stop = True
                 for w in writers:
