@@ -3,6 +3,7 @@
 
 import { SyncClient } from "/client/barosync.js";
 import qrcode from "/app/vendor/qrcode-generator/qrcode.mjs";
+import { installConflicts } from "/app/conflicts.js";
 import { KIND_NAMES, gridEntry, itemKind, taskRows } from "/app/items.js";
 import { SHORTCUTS, installKeys } from "/app/keys.js";
 import {
@@ -291,7 +292,7 @@ function start(token, projects) {
   client.addEventListener("change", (e) => { if (e.detail.projectId === projectId && calendar) calendar.refetchEvents(); });
   client.addEventListener("presence", (e) => { if (e.detail.projectId === projectId) showPresence(); });
   client.addEventListener("cursor", (e) => { if (e.detail.projectId === projectId) showCursor(e.detail); });
-  client.addEventListener("conflict", (e) => openConflict(e.detail.conflict));
+  installConflicts(client, () => projectId, showEditorError);
   client.addEventListener("access", (e) => { if (e.detail.projectId === projectId) showAccess(); });
   client.addEventListener("error", (e) => {
     // A subscribe refused: this user may no longer open the project (removed from it).
@@ -383,7 +384,6 @@ function start(token, projects) {
   for (const radio of $("editor-form").scope) radio.addEventListener("change", () => showRepeatFor());
   $("editor-cancel").addEventListener("click", () => $("editor").close());
   $("editor-delete").addEventListener("click", deleteEditing);
-  $("conflict-form").addEventListener("submit", settleConflict);
   $("invite").addEventListener("click", () => {
     $("invite-project").textContent = projectName(projectId);
     $("invite-link").value = "";
@@ -1028,84 +1028,6 @@ function showSync(s) {
   const when = lastSynced ? ` · last synced ${today ? lastSynced.toLocaleTimeString() : lastSynced.toLocaleString()}` : "";
   el.textContent = storageFull ? `${s.pending} waiting · ${FULL_MESSAGE}`
     : s.pending ? `${s.pending} change${s.pending === 1 ? "" : "s"} waiting${when}` : `all changes saved${when}`;
-}
-
-// -- conflicts ----------------------------------------------------------------------------------
-
-let conflict = null;
-
-// What the conflict dialog calls each field, and how it shows a value.
-const FIELD_NAMES = { title: "Title", startDate: "Start", endDate: "End", allDay: "All day", location: "Location",
-                      description: "Description", attendees: "Attendees", color: "Color", recurrence: "Repeats",
-                      timeZone: "Time zone" };
-
-function shownValue(field, value) {
-  if (value === undefined || value === null || value === "") return "—";
-  if ((field === "startDate" || field === "endDate") && typeof value === "string") {
-    return new Date(value).toLocaleString(navigator.language, { dateStyle: "medium", timeStyle: "short" });
-  }
-  if (field === "allDay") return value ? "yes" : "no";
-  if (Array.isArray(value)) return value.join(", ") || "—";
-  if (typeof value === "object") return value.rrule || JSON.stringify(value);
-  return String(value);
-}
-
-/** Who changed the event and when, from the server's version of it. */
-function changedBy(theirs) {
-  const who = client.presence(projectId).find((u) => u.id === theirs.updatedBy)?.name || theirs.updatedBy || "someone else";
-  const when = theirs.updatedAt ? new Date(theirs.updatedAt).toLocaleTimeString(navigator.language, { timeStyle: "short" }) : null;
-  return when ? `${who} at ${when}` : who;
-}
-
-function openConflict(c) {
-  if ("resolved" in c && c.resolved) return; // the strategy settled it: nothing to ask
-  conflict = c;
-  const theirs = c.remoteVersion || {};
-  const mine = c.localVersion || {};
-  const base = c.base || {};
-  // Named as this person knew it (before either edit), not by the other's new title.
-  const name = base.title || mine.title || theirs.title || "this event";
-  $("conflict-summary").textContent = c.remoteVersion
-    ? `“${name}” was changed by ${changedBy(theirs)} while you edited it. Pick, for each field, the value to keep.`
-    : `“${name}” was deleted while you edited it.`;
-  const fields = c.fields.length ? c.fields : Object.keys(mine);
-  $("conflict-fields").replaceChildren(...fields.map((f) => {
-    const row = document.createElement("tr");
-    const head = document.createElement("th");
-    head.scope = "row";
-    head.textContent = FIELD_NAMES[f] || f;
-    const before = document.createElement("td");
-    before.textContent = shownValue(f, base[f]);
-    // Each value beside its own choice, in one label; your own edit picked to start.
-    const pick = (side, value) => {
-      const td = document.createElement("td");
-      const label = document.createElement("label");
-      label.className = "pick";
-      const radio = document.createElement("input");
-      radio.type = "radio"; radio.name = `pick-${f}`; radio.value = side; radio.checked = side === "mine";
-      label.append(radio, ` ${shownValue(f, value)}`);
-      td.append(label);
-      return td;
-    };
-    row.append(head, before, pick("mine", mine[f]), pick("theirs", theirs[f]));
-    return row;
-  }));
-  $("conflict-theirs-head").textContent = c.remoteVersion ? `Theirs (${changedBy(theirs)})` : "Theirs";
-  $("conflict").showModal();
-}
-
-function settleConflict(e) {
-  const c = conflict;
-  conflict = null;
-  if (!c) return;
-  const choice = e.submitter ? e.submitter.value : "remote";
-  if (choice !== "fields") { client.resolve(c, choice).catch(showEditorError); return; }
-  const fields = {};
-  for (const f of c.fields) {
-    const picked = document.querySelector(`input[name="pick-${f}"]:checked`);
-    fields[f] = (picked && picked.value === "mine" ? c.localVersion : c.remoteVersion || {})[f];
-  }
-  client.resolve(c, fields).catch(showEditorError);
 }
 
 main();
