@@ -224,8 +224,13 @@ function deleteEditing() {
   // One occurrence (an EXDATE), or it and the following (the series ends before it).
   const was = gone.recurrence;
   const now = scope === "one" ? withoutOccurrence(was, occ.rid) : endedBefore(was, occ.rid, !!gone.allDay);
-  ctx.client.update(gone.id, { recurrence: now }, gone.projectId).catch(showEditorError);
-  undoLast = () => ctx.client.update(gone.id, { recurrence: was }, gone.projectId).catch(showEditorError);
+  const deleted = ctx.client.update(gone.id, { recurrence: now }, gone.projectId);
+  deleted.catch(showEditorError);
+  // The undo is an edit based on the deletion's version: sent once the deletion is
+  // acked (an undo pressed at once would otherwise be based on the version before it,
+  // and conflict with this person's own change).
+  undoLast = () => deleted.then(() => ctx.client.update(gone.id, { recurrence: was }, gone.projectId))
+    .catch(showEditorError);
   showUndo(scope === "one" ? `Deleted one “${gone.title}”.` : `Deleted “${gone.title}” from this one on.`);
 }
 
