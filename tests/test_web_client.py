@@ -560,3 +560,28 @@ def test_the_same_id_in_two_projects_is_read_and_changed_where_it_was_asked(chro
     sent = [m for m in tab.sent if m.get("type") in ("event:update", "event:delete")]
     assert [(m["type"], m["payload"]["projectId"]) for m in sent] == [("event:update", "p2"), ("event:delete", "p1")]
     assert tab.errors == []
+
+
+def test_quick_successive_edits_of_one_event_never_conflict_with_each_other(chromium, server) -> None:
+    """A create and two edits of it, all made before any is acked (offline here; a
+    person typing fast, or an undo pressed at once, online): each edit is based on its
+    predecessor's acked version, so all apply, in order, and no conflict comes back."""
+    context = new_context(chromium)
+    tab = Tab(context, server.port)
+    tab.open_client(server.ws, server.token("alice"))
+    tab.js("c.subscribe('p1')")
+    context.set_offline(True)
+    tab.wait("c.state === 'offline'")
+    tab.js("""() => { window.made = c.create('p1', {id: 'quick', title: 'one', startDate: '2026-01-05T09:00:00Z',
+                                                    endDate: '2026-01-05T10:00:00Z'}); }""")
+    tab.wait("c.get('quick', 'p1') !== undefined")  # queued: the view has it, not acked
+    tab.js("""() => { window.second = c.update('quick', {title: 'two'}, 'p1');
+                      window.third = c.update('quick', {title: 'three', location: 'Room 3'}, 'p1'); }""")
+    tab.wait("c.syncStatus().pending === 3")
+    context.set_offline(False)
+    outcome = tab.js("""async () => (await Promise.allSettled([window.made, window.second, window.third]))
+        .map((s) => s.status === 'fulfilled' ? s.value.version : String(s.reason))""")
+    assert outcome == [1, 2, 3], outcome
+    [stored] = server.events("p1")
+    assert (stored["title"], stored["location"], stored["version"]) == ("three", "Room 3", 3)
+    assert tab.real_errors() == []

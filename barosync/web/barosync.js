@@ -198,6 +198,8 @@ export class SyncClient extends EventTarget {
     this._timers = new Set();
     this._listeners = [];
     this._writes = Promise.resolve(); // the storage writes, one after another (_write)
+    this._storing = new Set(); // envelope ids of changes being stored before they are queued
+    this._lastEdit = new Map(); // "project\0event" -> the envelope id of this client's last change of it
     this._projects = new Map(); // projectId -> {seq, events: Map, settled: Map, live, wanted, presence: Map, cursors: Map}
     this._queue = new Map(); // envelopeId -> queued item
     this._inflight = new Set();
@@ -438,9 +440,22 @@ export class SyncClient extends EventTarget {
     if (this._closed) throw new Error("client closed");
     if (version !== undefined) payload = { ...payload, version };
     const item = { envelopeId: uuid(), seqNo: this._seqNo++, type, projectId, eventId, payload, createdAt: Date.now() };
+    // An edit of an event this client still has an edit of in the queue is based on
+    // that edit, whose version only its ack tells: it waits for it (_flush), and is
+    // sent with that version (_settle). Sent at once, it would carry the version both
+    // were based on and conflict with this person's own change.
+    const key = `${projectId}\0${eventId}`;
+    const before = this._lastEdit.get(key);
+    if (type !== "event:create" && before && this._waiting(before)) item.after = before;
+    this._lastEdit.set(key, item.envelopeId);
     const done = new Promise((resolve, reject) => this._promises.set(item.envelopeId, { resolve, reject }));
     // Stored before it is sent: a tab closed now loses nothing.
-    await this._storage.putQueued(item);
+    this._storing.add(item.envelopeId);
+    try {
+      await this._storage.putQueued(item);
+    } finally {
+      this._storing.delete(item.envelopeId);
+    }
     this._queue.set(item.envelopeId, item);
     this._tell({ kind: "queued", item });
     this._emitChange(projectId, { kind: type.slice(6), id: eventId, local: true });
@@ -849,6 +864,7 @@ export class SyncClient extends EventTarget {
     for (const item of this._sortedQueue()) {
       if (this._inflight.size >= MAX_IN_FLIGHT) break;
       if (this._inflight.has(item.envelopeId)) continue;
+      if (item.after && this._waiting(item.after)) continue;  // its predecessor's ack first
       this._inflight.add(item.envelopeId);
       this._send({ type: item.type, id: item.envelopeId, payload: item.payload });
     }
@@ -859,6 +875,9 @@ export class SyncClient extends EventTarget {
     if (!item) return;
     this._queue.delete(envelopeId);
     this._inflight.delete(envelopeId);
+    this._rebase(envelopeId, outcome, tellOthers);
+    const key = `${item.projectId}\0${item.eventId}`;
+    if (this._lastEdit.get(key) === envelopeId) this._lastEdit.delete(key);
     const proj = this._project(item.projectId);
     let change = {};
     if (outcome.ok) {
@@ -891,6 +910,23 @@ export class SyncClient extends EventTarget {
     this._emitChange(item.projectId, { kind: "settled", id: item.eventId, ok: outcome.ok, local: true });
     this._notifySync();
     this._flush();
+  }
+
+  /** Whether a change of this client is still to be acked (queued, or being stored). */
+  _waiting(envelopeId) { return this._queue.has(envelopeId) || this._storing.has(envelopeId); }
+
+  /** The edits waiting for this one (_enqueue's `after`): based on its acked version
+   *  now; after a refusal or a conflict, on what they were based on (the server then
+   *  says what clashes). */
+  _rebase(envelopeId, outcome, persist) {
+    const version = outcome.ok && outcome.answer && outcome.answer.event ? outcome.answer.event.version : null;
+    for (const [id, next] of this._queue) {
+      if (next.after !== envelopeId) continue;
+      const { after, ...rest } = next;
+      const rebased = version === null ? rest : { ...rest, payload: { ...rest.payload, version } };
+      this._queue.set(id, rebased);
+      if (persist) this._storage.putQueued(rebased).catch(() => {});
+    }
   }
 
   // -- bookkeeping ----------------------------------------------------------------------------

@@ -224,13 +224,10 @@ function deleteEditing() {
   // One occurrence (an EXDATE), or it and the following (the series ends before it).
   const was = gone.recurrence;
   const now = scope === "one" ? withoutOccurrence(was, occ.rid) : endedBefore(was, occ.rid, !!gone.allDay);
-  const deleted = ctx.client.update(gone.id, { recurrence: now }, gone.projectId);
-  deleted.catch(showEditorError);
-  // The undo is an edit based on the deletion's version: sent once the deletion is
-  // acked (an undo pressed at once would otherwise be based on the version before it,
-  // and conflict with this person's own change).
-  undoLast = () => deleted.then(() => ctx.client.update(gone.id, { recurrence: was }, gone.projectId))
-    .catch(showEditorError);
+  ctx.client.update(gone.id, { recurrence: now }, gone.projectId).catch(showEditorError);
+  // Queued after the deletion, the undo is based on its version (barosync.js waits
+  // for the deletion's ack), even when pressed at once.
+  undoLast = () => ctx.client.update(gone.id, { recurrence: was }, gone.projectId).catch(showEditorError);
   showUndo(scope === "one" ? `Deleted one “${gone.title}”.` : `Deleted “${gone.title}” from this one on.`);
 }
 
