@@ -25,7 +25,7 @@ from icalendar.timezone import tzp
 
 from ..domain.recurrence import known_valid
 from . import tasks
-from .values import IcalError, as_utc, instant, iso
+from .values import IcalError, as_list, as_utc, instant, iso
 
 PRODID = "-//barosync//barosync calendar//EN"
 # Written from event fields on the way out; never kept in ``ical``.
@@ -161,7 +161,7 @@ def _fields(v: icalendar.Event) -> dict[str, Any]:
         "location": _text(v, "location"),
         "description": _text(v, "description"),
         "color": _text(v, "color"),
-        "attendees": [address(a) for a in _list(v.get("attendee"))],
+        "attendees": [address(a) for a in as_list(v.get("attendee"))],
     }
     if not out["title"].strip():
         out["title"] = "(no title)"
@@ -171,12 +171,6 @@ def _fields(v: icalendar.Event) -> dict[str, Any]:
 def _text(v: icalendar.Event, name: str) -> str | None:
     value = v.get(name)
     return str(value) if value is not None and str(value) != "" else None
-
-
-def _list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
 
 
 def address(prop: Any) -> str:
@@ -190,7 +184,7 @@ def address(prop: Any) -> str:
 
 def _dates(v: icalendar.Event, name: str) -> list[str]:
     out = []
-    for prop in _list(v.get(name)):
+    for prop in as_list(v.get(name)):
         for item in prop.dts:
             if isinstance(item.dt, (date, datetime)):  # PERIOD values are not supported
                 out.append(iso(item.dt))
@@ -199,7 +193,7 @@ def _dates(v: icalendar.Event, name: str) -> list[str]:
 
 def _recurrence(master: icalendar.Event, overrides: list[icalendar.Event]) -> dict[str, Any] | None:
     rrule = master.get("rrule")
-    rules = _list(rrule)
+    rules = as_list(rrule)
     if len(rules) > 1:
         raise IcalError("more than one RRULE in an event is not supported (RFC 5545 deprecates it)")
     out: dict[str, Any] = {
@@ -396,7 +390,7 @@ def _write(v: icalendar.Event, f: dict[str, Any], e: dict[str, Any], tz: tzinfo 
         # SEQUENCE counts revisions from 0; barosync's versions count from 1.
         v.add("sequence", max(0, int(e.get("version", 1)) - 1))
     # Attendees as listed in the event, each with the parameters an app gave it.
-    known = {address(a).lower(): a for a in _list(v.pop("ATTENDEE", None))}
+    known = {address(a).lower(): a for a in as_list(v.pop("ATTENDEE", None))}
     for who in f.get("attendees") or []:
         prop = known.get(who.lower())
         if prop is None:

@@ -22,7 +22,7 @@ import icalendar
 
 from ..domain import expansion
 from ..domain.recurrence import known_valid
-from .values import IcalError, as_utc, iso
+from .values import IcalError, as_list, as_utc, iso
 
 VEVENT, VTODO, VJOURNAL = "VEVENT", "VTODO", "VJOURNAL"
 COMPONENTS = (VTODO, VJOURNAL)
@@ -72,7 +72,7 @@ def from_resource(cal: icalendar.Calendar, text: str, kind: str, *, project_id: 
         raise IcalError(f"the resource needs exactly one {kind} without RECURRENCE-ID (the {kind} itself)")
     main = master(cal, kind)
     start, end = _span(main, kind, now or datetime.now(timezone.utc))
-    for rule in _list(main.get("rrule")):
+    for rule in as_list(main.get("rrule")):
         why = expansion.unexpandable(rule.to_ical().decode(), start)
         if why is not None:
             raise IcalError(f"{kind} {main.get('uid')}: its RRULE {why}", "valid-calendar-data")
@@ -120,12 +120,6 @@ def _text(c: icalendar.Component, name: str) -> str | None:
     if isinstance(value, list):
         value = value[0] if value else None
     return str(value) if value is not None and str(value).strip() else None
-
-
-def _list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
 
 
 # -- out ------------------------------------------------------------------------------------

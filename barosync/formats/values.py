@@ -5,6 +5,7 @@ cannot store: shared by ical.py (events) and tasks.py (tasks, journals). No IO."
 from __future__ import annotations
 
 from datetime import date, datetime, timezone
+from typing import Any
 
 
 class IcalError(ValueError):
@@ -36,3 +37,10 @@ def as_utc(value: date | datetime) -> datetime:
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
     return datetime.combine(value, datetime.min.time(), tzinfo=timezone.utc)
+
+
+def as_list(value: Any) -> list[Any]:
+    """A property icalendar gives as one value or a list (it may appear several times)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]

@@ -77,7 +77,7 @@ class Connection:
         self._deadlines = deadlines
         self.due = math.inf  # when the deadlines' task next asks (its bookkeeping)
         # When the credentials it was opened with expire (time.time()); it is then
-        # closed with 4003. The handler moves it on auth:refresh.
+        # closed with 4001. The handler moves it on auth:refresh.
         self._expires_at = expires_at
         self._heartbeat_timeout = heartbeat_timeout
         self._max_message_bytes = max_message_bytes
@@ -236,7 +236,7 @@ class Connection:
 
     def check_deadlines(self, now: float) -> float | None:
         """(deadlines.Watched) Close a connection whose close handshake ran out of
-        time, whose credentials expired (4003) or that went quiet past the heartbeat
+        time, whose credentials expired (4001) or that went quiet past the heartbeat
         timeout; when to look again (None: it is over)."""
         if self._handler is None:
             return None
