@@ -223,6 +223,31 @@ async def test_postgres_away_refuses_writes_then_they_resume(cluster: Cluster, p
     assert [m["payload"]["id"] for m in await replay_all(a.port)] == ["ev-1", "ev-2"]
 
 
+def test_the_first_read_after_postgres_restarts_is_answered(postgres: Postgres, tmp_path: Path) -> None:
+    """A pooled read connection PostgreSQL dropped is replaced at checkout: the first
+    subscribe after a restart was once closed 4008 on the stale one."""
+    from barosync.config import Config
+    from barosync.domain.models import new_event
+    from barosync.storage.pg_store import PgStore
+    from barosync.hooks.plugins import build_plugin_manager
+    from barosync.storage.store import Mutation, now_ms
+
+    url = postgres.new_database()
+    config = Config(data_dir=tmp_path, cluster_postgres=url)
+    store = PgStore(url, hook=build_plugin_manager(config).hook, config=config)
+    try:
+        event = new_event({"projectId": "team", "title": "e", "startDate": "2026-01-05T09:00:00Z",
+                           "endDate": "2026-01-05T10:00:00Z"}, user_id="alice", now_ms=now_ms())
+        store.commit_batch([Mutation("create", user_id="alice", envelope_id="env-1", project_id="team",
+                                     event_id=event.id, event=event, received_ms=now_ms())])
+        assert len(store.snapshot("team")[1]) == 1  # the pool holds a connection now
+        postgres.stop(immediate=True)
+        postgres.start()
+        assert len(store.snapshot("team")[1]) == 1
+    finally:
+        store.close()
+
+
 def test_an_unreachable_engine_at_start_is_a_config_error_that_says_so(tmp_path: Path, postgres: Postgres) -> None:
     def serve(**cluster: str) -> subprocess.CompletedProcess[str]:
         config = write_config(tmp_path / "node.toml", **{f"cluster__{k}": v for k, v in cluster.items()})

@@ -82,7 +82,7 @@ class PgStore:
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection for one read (a broken one is replaced by the pool).
+        """A pooled connection for one read (checked first: a broken one is replaced).
         Waiting for a free one, or for PostgreSQL to answer, ends after
         CONNECT_TIMEOUT with an OperationalError (psycopg_pool.PoolTimeout)."""
         with self._lock:
@@ -90,7 +90,9 @@ class PgStore:
                 self._pool = psycopg_pool.ConnectionPool(
                     self.dsn, min_size=1, max_size=READ_THREADS, timeout=CONNECT_TIMEOUT, name="barosync-reads",
                     kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "options": self._options()},
-                    open=True)
+                    # A pooled connection PostgreSQL dropped (a restart) is found at
+                    # checkout and replaced, not handed to the first read after it.
+                    check=psycopg_pool.ConnectionPool.check_connection, open=True)
         with self._pool.connection() as conn:
             yield conn
 
