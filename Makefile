@@ -58,8 +58,9 @@ test-quick: $(VENV)/.installed-test
 # TypeScript, to check barosync.d.ts against the browser client, React 18 (its UMD
 # build), to run the hook of docs/web-client.md (tests/test_web_client.py),
 # oidc-provider, the real OpenID provider tests/test_oidc.py signs in with, and
-# axe-core, the accessibility checks of tests/test_web_a11y.py.
-NODE_TEST_PACKAGES := typescript@5 react@18 react-dom@18 oidc-provider@9.13.3 axe-core@4.11.4
+# axe-core, the accessibility checks of tests/test_web_a11y.py; ws, the bench's Node
+# peer (bench/peers/ws_peer.cjs), which the bench smoke test runs.
+NODE_TEST_PACKAGES := typescript@5 react@18 react-dom@18 oidc-provider@9.13.3 axe-core@4.11.4 ws@8.23.1
 $(VENV)/node/.installed: Makefile | $(BIN)/python
 	@if command -v npm >/dev/null; then \
 	  echo "make: installing $(NODE_TEST_PACKAGES) into $(VENV)/node for the browser-client and OpenID checks"; \
@@ -110,8 +111,16 @@ system-deps:
 	  fi; \
 	fi
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-test $(VENV)/node/.installed $(VENV)/node/.installed-bench
 	$(BIN)/python bench/run.py $(ARGS)
+
+# The Node peer's durable mode stores in SQLite through better-sqlite3, which npm
+# builds from source here (about a minute): only the bench needs it.
+$(VENV)/node/.installed-bench: | $(VENV)/node/.installed
+	@if command -v npm >/dev/null; then \
+	  echo "make: installing better-sqlite3@12 into $(VENV)/node for the bench's durable Node peer (compiles, ~1 min)"; \
+	  npm install --prefix $(VENV)/node --no-audit --no-fund --silent better-sqlite3@12 && touch $@; \
+	else echo "make: npm is missing: the bench's Node peer is skipped (as root: apt-get install nodejs npm)"; fi
 
 # Steady mixed load for 60 minutes (ARGS="--minutes 10" for less), watching RSS,
 # descriptors, the data file and latency; not part of `make test`.

@@ -24,6 +24,10 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LOADGEN = BENCH / "loadgen.py"
 PEER = BENCH / "peers" / "websockets_peer.py"
+NODE_PEER = BENCH / "peers" / "ws_peer.cjs"
+# `make bench` installs ws and better-sqlite3 here (`make test` only ws: building
+# better-sqlite3 takes a minute of compiling)
+NODE_MODULES = ROOT / ".venv" / "node" / "node_modules"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Every scenario: the measurement it runs (a method of scenarios.Bench) and what it
 # changes in it. Variants share their base's rows in the table.
@@ -59,8 +63,24 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "cluster_durable": ("durable", {"window": 1, "one_project": False, "cluster": True}),
 }
 SCENARIOS = tuple(VARIANTS)
-SERVERS = ("barosync", "websockets")
-PEER_SCENARIOS = ("fanout", "saturation", "capacity", "cursors")
+# The peers: asyncio + websockets (bench/peers/websockets_peer.py) and Node's ws
+# (bench/peers/ws_peer.cjs); in the durable scenarios both store each create in
+# SQLite before its ack.
+SERVERS = ("barosync", "websockets", "ws")
+PEERS = ("websockets", "ws")
+PEER_SCENARIOS = ("fanout", "saturation", "capacity", "cursors", "durable", "durable_w4")
+
+
+def peer_missing(kind: str, durable: bool) -> str | None:
+    """Why this peer cannot run here (and what to do), or None."""
+    if kind != "ws":
+        return None
+    if shutil.which("node") is None:
+        return "node is not installed (apt-get install nodejs npm; then make bench)"
+    for module in ("ws", *(("better-sqlite3",) if durable else ())):
+        if not (NODE_MODULES / module).is_dir():
+            return f"{module} is not in {NODE_MODULES} (make bench installs it)"
+    return None
 
 
 def base_of(scenario: str) -> str:
@@ -205,8 +225,9 @@ class Server:
     """One server subprocess (barosync or the peer) with a fresh data dir."""
 
     def __init__(self, kind: str, cpus: set[int] | None, users: list[str],
-                 config: str | None = None) -> None:
+                 config: str | None = None, durable: bool = False) -> None:
         self.kind = kind
+        self.durable = durable  # a peer stores each create (SQLite) before its ack
         self.config_path = config
         self.cpus = cpus
         self.users = users
@@ -276,10 +297,18 @@ class Server:
             cmd = self.barosync_cmd("serve", "--config", self.config_path, "--data", str(self.data),
                                     "--port", "0", "--host", self.host)
         else:
-            cmd = [sys.executable, str(PEER), "--port", "0", "--host", self.host]
+            if self.kind == "ws":
+                cmd = ["node", str(NODE_PEER), "--port", "0", "--host", self.host]
+            else:
+                cmd = [sys.executable, str(PEER), "--port", "0", "--host", self.host]
+            if self.durable:
+                cmd += ["--durable", str(self.data / "peer.sqlite")]
             self.tokens = {u: f"peer-{u}" for u in self.users}
         logf = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=subprocess.PIPE,
+        env = self.env()
+        if self.kind == "ws":
+            env["NODE_PATH"] = str(NODE_MODULES)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=logf, preexec_fn=pinned(self.cpus))
         logf.close()
         lines: queue.Queue = queue.Queue()

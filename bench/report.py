@@ -3,7 +3,9 @@ end, with each figure checked against its target (TARGETS in harness.py).
 """
 
 from __future__ import annotations
-from harness import SCENARIOS, TARGETS, base_of, disturbed_pct
+from harness import PEERS, SCENARIOS, TARGETS, base_of, disturbed_pct
+
+PEER_LABELS = {"websockets": "asyncio+websockets", "ws": "Node ws"}
 
 
 
@@ -258,42 +260,45 @@ def table(report: dict) -> str:
     smoke = report["meta"].get("smoke")
     servers = report["servers"]
     b = servers.get("barosync", {})
-    p = servers.get("websockets", {})
-    head = ["figure", "barosync", "websockets peer", "ratio b/p", "target"]
+    peers = [k for k in PEERS if k in servers]
+    head = ["figure", "barosync", *(PEER_LABELS[k] for k in peers), *(f"b/{k}" for k in peers), "target"]
     lines = []
-    widths = [34, 16, 16, 10, 22]
+    widths = [34, 14, *(14 for _ in peers), *(12 for _ in peers), 22]
+    last = len(widths) - 1
 
     def row(cells) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) if i < 4 else str(c)
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) if i < last else str(c)
                          for i, (c, w) in enumerate(zip(cells, widths)))
 
     lines.append(row(head))
-    lines.append("-" * (sum(widths) + 8))
+    lines.append("-" * (sum(widths) + 2 * last))
     for sc in SCENARIOS:
-        rb, rp = b.get(sc), p.get(sc)
-        if rb is None and rp is None:
+        rb = b.get(sc)
+        rps = [servers[k].get(sc) for k in peers]
+        if rb is None and all(r is None for r in rps):
             continue
-        params = (rb or {}).get("params") or (rp or {}).get("params") or {}
+        params = next((r.get("params") for r in (rb, *rps) if r and r.get("params")), None) or {}
         ptxt = ", ".join(f"{k}={v}" for k, v in params.items())
         lines.append(f"[{sc}] {ptxt}")
-        for s, r in (("barosync", rb), ("peer", rp)):
+        named = [("barosync", rb), *zip(peers, rps)]
+        for s, r in named:
             if r is not None and r.get("status") != "ok":
                 lines.append(f"  {s}: ERROR {r.get('error')}")
         for rsc, key, label in ROWS:
             if rsc != base_of(sc):
                 continue
             vb = getpath(rb, key) if rb and rb.get("status") == "ok" else None
-            vp = getpath(rp, key) if rp and rp.get("status") == "ok" else None
-            if vb is None and vp is None:
+            vps = [getpath(r, key) if r and r.get("status") == "ok" else None for r in rps]
+            if vb is None and all(v is None for v in vps):
                 continue
-            ratio = ""
-            if isinstance(vb, (int, float)) and isinstance(vp, (int, float)) \
-                    and not isinstance(vb, bool) and vp:
-                ratio = f"{vb / vp:.2f}x"
-            lines.append(row(["  " + label, fmt(vb), fmt(vp) if rp is not None else "n/a",
-                              ratio, "(full run only)" if smoke and (sc, key) in TARGETS
+            ratios = []
+            for vp in vps:
+                number = isinstance(vb, (int, float)) and isinstance(vp, (int, float)) and not isinstance(vb, bool)
+                ratios.append(f"{vb / vp:.2f}x" if number and vp else "")
+            lines.append(row(["  " + label, fmt(vb), *(fmt(vp) if r is not None else "n/a" for vp, r in zip(vps, rps)),
+                              *ratios, "(full run only)" if smoke and (sc, key) in TARGETS
                               else check(sc, key, vb)]))
-        for s, r in (("barosync", rb), ("peer", rp)):
+        for s, r in named:
             if r and r.get("status") == "ok":
                 notes = []
                 if r.get("loadgen_bound"):

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""barosync benchmark harness: barosync and a websockets peer, side by side.
+"""barosync benchmark harness: barosync and two peers, side by side.
 
 Starts a real ``barosync serve`` (fresh temp data dir, port 0, tokens minted with the
-CLI) and the peer ``bench/peers/websockets_peer.py`` in turn, drives each with the
+CLI) and the peers ``bench/peers/websockets_peer.py`` (asyncio + websockets) and
+``bench/peers/ws_peer.cjs`` (Node + ws) in turn, drives each with the
 load generator ``bench/loadgen.py`` in separate processes (server and load pinned to
 different cores when there are two or more), and prints a table plus a JSON file of
 every figure (default ``bench/results/latest.json``).
@@ -31,12 +32,12 @@ from scenarios import Bench
 
 # ------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="barosync benchmark: barosync vs an asyncio+websockets peer")
+    ap = argparse.ArgumentParser(description="barosync benchmark: barosync vs asyncio+websockets and Node+ws peers")
     ap.add_argument("--smoke", action="store_true", help="tiny run: a few clients, ~0.5 s of load per scenario")
     ap.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where to write all figures")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
     ap.add_argument("--skip", default="", help="comma list of scenarios not to run")
-    ap.add_argument("--servers", default="barosync,websockets", help="comma list of barosync,websockets")
+    ap.add_argument("--servers", default="barosync,websockets,ws", help="comma list of barosync,websockets,ws")
     ap.add_argument("--fanout-clients", type=int, default=1000)
     ap.add_argument("--fanout-rate", type=float, default=20.0, help="events/s from the one writer")
     ap.add_argument("--fanout-duration", type=float, default=10.0)

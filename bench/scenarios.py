@@ -17,7 +17,9 @@ from harness import (
     DISTURBED_PCT,
     Load,
     PEER_SCENARIOS,
+    peer_missing,
     VARIANTS,
+    base_of,
     PROJECT,
     SERVER_CURSOR_RATE,
     Server,
@@ -456,7 +458,12 @@ class Bench(ScaleScenarios):
             log("--no-acks: clients do NOT ack server messages (diagnosis run, not comparable to the targets)")
         for kind in a.servers:
             for sc in a.scenarios:
-                if kind == "websockets" and sc not in PEER_SCENARIOS:
+                if kind != "barosync" and sc not in PEER_SCENARIOS:
+                    continue
+                missing = peer_missing(kind, base_of(sc) == "durable")
+                if missing is not None:
+                    log(f"[{kind}/{sc}] skipped: {missing}")
+                    meta.setdefault("skipped", {})[f"{kind}/{sc}"] = missing
                     continue
                 label = f"{kind}/{sc}"
                 attempts = 1 + max(0, a.retry_disturbed)
@@ -504,7 +511,8 @@ class Bench(ScaleScenarios):
 
             srv = ClusterServer(self.server_cpus, users)
         else:
-            srv = None if method in OWN_SERVER else Server(kind, self.server_cpus, users, config=a.barosync_config)
+            srv = None if method in OWN_SERVER else Server(kind, self.server_cpus, users, config=a.barosync_config,
+                                                           durable=method == "durable")
         t0 = time.monotonic()
         keep = Path(a.json).parent / "logs" / f"{kind}-{sc}.log"
         try:
