@@ -244,7 +244,8 @@ class Bench(ScaleScenarios):
         r["server_cpu_us_per_delivery"] = per_delivery(r)
         r["bytes_per_delivery"] = r["bytes_in"] / r["deliveries"] if r["deliveries"] else None
         r["params"] = {"clients": n, "rate_per_s": a.fanout_rate, "duration_s": a.fanout_duration,
-                       "acks": "cumulative every 100 ms" if ack_mode == "upto" else "one per message (seed client)"}
+                       "acks": "none (--no-acks)" if a.no_acks else
+                       "cumulative every 100 ms" if ack_mode == "upto" else "one per message (seed client)"}
         if cluster:
             r["params"]["nodes"] = "2 (writer on the first, subscribers over both)"
         return r
