@@ -84,6 +84,7 @@ class Durable:
         self.db = self.thread.submit(self._open, path).result()
         self.pending: list = []
         self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None  # run(), started by main()
 
     @staticmethod
     def _open(path: str) -> sqlite3.Connection:
@@ -176,21 +177,21 @@ async def handler(ws) -> None:
                 event = dict(payload)
                 event.setdefault("id", f"ev{next(ids)}")
                 event["version"] = 1
-                if durable is not None:
-                    bad = invalid(event)
-                    if bad is not None:
-                        await ws.send(dumps({"type": "error", "id": f"s{next(ids)}", "payload": {
-                            "code": "invalid", "message": f"bad {bad}", "field": bad, "ref": mid}}), text=True)
-                        continue
-                seqs[pid] += 1
-                if durable is not None:
-                    # the seq is taken in arrival order; commits run in order, so the
-                    # change goes out in seq order after its COMMIT
-                    durable.add((ws, mid, pid, event, seqs[pid]))
-                else:
+                if durable is None:
                     # seq assignment and broadcast in one step (no await in between), so
                     # every receiver sees seqs in order.
+                    seqs[pid] += 1
                     created(ws, mid, pid, event, seqs[pid])
+                    continue
+                bad = invalid(event)
+                if bad is not None:
+                    await ws.send(dumps({"type": "error", "id": f"s{next(ids)}", "payload": {
+                        "code": "invalid", "message": f"bad {bad}", "field": bad, "ref": mid}}), text=True)
+                    continue
+                # the seq is taken in arrival order; commits run in order, so the
+                # change goes out in seq order after its COMMIT
+                seqs[pid] += 1
+                durable.add((ws, mid, pid, event, seqs[pid]))
             else:
                 await ws.send(dumps({"type": "error", "id": f"s{next(ids)}",
                                      "payload": {"code": "unknown_type", "message": str(t), "ref": mid}}),
@@ -207,7 +208,7 @@ async def main(host: str, port: int, durable_file: str | None) -> None:
     loop = asyncio.get_running_loop()
     if durable_file:
         durable = Durable(durable_file)
-        committer = asyncio.create_task(durable.run())  # noqa: F841 (held: the loop keeps weak refs)
+        durable.task = asyncio.create_task(durable.run())  # held here: the loop keeps only a weak reference
     stop = loop.create_future()
     # Exit at once: a peer still broadcasting a backlog (the cursors scenario has no
     # throttle) would otherwise take longer to close its 1,000 connections than the
