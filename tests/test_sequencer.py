@@ -366,6 +366,12 @@ async def test_a_retry_through_another_node_is_answered_in_its_place_in_the_stre
     try:
         alice_b = await open_client(nursery, node_b, token("alice"))
         await alice_b.subscribe("p1")
+        # The subscribe's ack comes before its join: wait until B's room has read the
+        # log's head and admitted her, or a head read that runs after the creates
+        # below would send her seq 2 from the log before her retry.
+        with trio.fail_after(10):
+            while (room := node_b.hub.rooms.get("p1")) is None or room.last < 0 or room.joining:
+                await trio.sleep(0.01)
         bob_a = await open_client(nursery, node_a, token("bob"))
         alice_a = await open_client(nursery, node_a, token("alice"))
         await bob_a.create("p1")  # seq 1
