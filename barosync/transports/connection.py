@@ -1,4 +1,4 @@
-"""One WebSocket connection: a nursery with a reader, a writer and a heartbeat task.
+"""One WebSocket connection: a nursery whose task reads, and a writer task while one is needed.
 
 Framing (websockets' sans-IO protocol), the shared read poller, the writer task that
 drains the outbox (outbox.py), the heartbeat, and the close handshake with its close
@@ -63,7 +63,7 @@ class Connection:
     # Slots: ten thousand idle connections are mostly these objects.
     __slots__ = (
         "_expires_at", "out", "_fd", "_poller", "_stream", "_ws", "_received", "_flushed", "_peer_closed",
-        "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code", "last_recv", "_inbox", "_inbox_lot",
+        "_close_deadline", "_nursery", "_parts", "_parts_text", "close_code", "last_recv", "_inbox", "_waiter",
         "_eof", "_protocol_closing", "_inbox_bytes", "_handler", "_heartbeat_timeout", "_max_message_bytes",
         "_deadlines", "due", "__weakref__",
     )
@@ -89,11 +89,13 @@ class Connection:
         # and runs the close handshake; its output goes through our outbox.
         self._ws = Protocol(Side.SERVER, state=State.OPEN, max_size=max_message_bytes)
         self._received = received  # bytes that arrived with the handshake
-        # Messages read by the poller for the reader task, in order.
+        # Messages read by the poller for the connection's task, in order.
         # A list, not a deque: an empty deque costs 600 bytes, times 10,000 idle
         # connections; the inbox is short-lived and short.
         self._inbox: list[tuple[bytes, bool, list[Any] | None]] = []
-        self._inbox_lot = trio.lowlevel.ParkingLot()
+        # The connection's task while it waits for the inbox (a ParkingLot and its
+        # dict cost ~0.7 KB per idle connection; one waiter needs one reference).
+        self._waiter: trio.lowlevel.Task | None = None
         self._inbox_bytes = 0
         self._eof = False
         self._protocol_closing = False
@@ -189,16 +191,45 @@ class Connection:
             self._nursery.cancel_scope.cancel()
 
     async def run(self, handler: Handler) -> None:
-        """Serve the connection until it is over, telling ``handler`` what arrives."""
+        """Serve the connection until it is over, telling ``handler`` what arrives:
+        the connection's task reads its inbox itself (a reader task of its own, and
+        its frame, would cost every idle connection)."""
         self._handler = handler
+        poller = self._poller
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 # The writer runs only while something waits for the socket (outbox.py).
                 self.out.wake()
                 self._deadlines.at(trio.current_time(), self)  # it works out when it is next due
-                # The reader is the connection's own task: one task fewer to keep.
-                await self._reader(handler)
+                if self._received:
+                    self._feed(self._received)
+                    self._received = b""
+                poller.register(self._fd, self)
+                inbox = self._inbox
+                try:
+                    while True:
+                        while inbox:
+                            item = inbox.pop(0)
+                            self._inbox_bytes -= len(item[0])
+                            if not self.out.closing:
+                                await handler.on_message(*item)
+                        # Not kept while idle: the last message and its envelopes.
+                        item = None
+                        if self._protocol_closing:
+                            self._on_protocol_closing()
+                            if self._peer_closed:
+                                return
+                        if self._eof:
+                            break
+                        if self._fd not in poller:
+                            poller.register(self._fd, self)  # caught up after backpressure
+                        self._waiter = trio.lowlevel.current_task()
+                        await trio.lowlevel.wait_task_rescheduled(self._stop_waiting)
+                finally:
+                    poller.unregister(self._fd)
+                # End of stream without a close frame: nothing more can be said.
+                self._abort()
         finally:
             self.out.closing = True
             self.out.release()
@@ -211,6 +242,18 @@ class Connection:
             self._ws.parser.close()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
+
+    def _wake(self) -> None:
+        """Something for the connection's task: new messages, the end of the stream
+        or a close frame."""
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
+
+    def _stop_waiting(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._waiter = None  # cancelled while waiting
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _writer(self) -> None:
         idle = False  # nothing waits for the socket: the task ends, the connection goes on
@@ -270,7 +313,7 @@ class Connection:
         if not data:
             self._eof = True
             self._poller.unregister(self._fd)
-            self._inbox_lot.unpark()
+            self._wake()
             return
         self.last_recv = trio.current_time()
         self._feed(data)
@@ -301,7 +344,7 @@ class Connection:
             try:
                 items = self.out.codec.decode(message, text=text, max_bytes=self._max_message_bytes)
             except ProtocolError:
-                items = None  # the reader task reports it
+                items = None  # the connection's task reports it
             if not inbox and items is not None and self._settle_acks(items):
                 continue
             inbox.append((message, text, items))
@@ -311,14 +354,14 @@ class Connection:
         else:
             self._send_protocol_output()  # pongs
         if inbox or self._protocol_closing:
-            self._inbox_lot.unpark()
+            self._wake()
             if len(inbox) >= INBOX_LIMIT or self._inbox_bytes >= INBOX_BYTES:
-                # Backpressure: stop reading until the reader task catches up.
+                # Backpressure: stop reading until the connection's task catches up.
                 self._poller.unregister(self._fd)
 
     def _settle_acks(self, items: list[Any]) -> bool:
         """Handle a message here if it is nothing but well-formed acks (the common
-        case); anything else goes to the reader task, which settles the acks again
+        case); anything else goes to the connection's task, which settles the acks again
         (harmless) and answers the malformed one."""
         for item in items:
             if type(item) is not dict or item.get("type") != protocol.ACK:
@@ -329,34 +372,6 @@ class Connection:
         except ProtocolError:
             return False
         return True
-
-    async def _reader(self, handler: Handler) -> None:
-        poller = self._poller
-        if self._received:
-            self._feed(self._received)
-            self._received = b""
-        poller.register(self._fd, self)
-        inbox = self._inbox
-        try:
-            while True:
-                while inbox:
-                    message, text, items = inbox.pop(0)
-                    self._inbox_bytes -= len(message)
-                    if not self.out.closing:
-                        await handler.on_message(message, text, items)
-                if self._protocol_closing:
-                    self._on_protocol_closing()
-                    if self._peer_closed:
-                        return
-                if self._eof:
-                    break
-                if self._fd not in poller:
-                    poller.register(self._fd, self)  # caught up after backpressure
-                await self._inbox_lot.park()
-        finally:
-            poller.unregister(self._fd)
-        # End of stream without a close frame: nothing more can be said.
-        self._abort()
 
     def _on_protocol_closing(self) -> None:
         """The peer sent a close frame, answered ours, or broke the protocol (the

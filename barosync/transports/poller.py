@@ -5,7 +5,7 @@ per ack (re-arm the descriptor, reschedule, switch) cost more than the delivery
 itself. So sockets sit in one readiness set of our own; trio wakes a single task when
 any of them is readable, and that task reads each ready socket and settles its acks
 on the spot (``Connection.on_readable``). Everything else a client sends still goes
-to that connection's own reader task, in order.
+to that connection's own task, in order.
 
 The set is ``select.epoll`` on Linux (the fast path: no per-event objects), else the
 platform's ``selectors`` selector when it can be waited on as one descriptor (kqueue
