@@ -179,3 +179,38 @@ async def test_a_replay_larger_than_the_outbox_cap_goes_in_pieces(data_dir):
         await c.create(title="live")
         seqs.append((await other.recv_type("event:created"))["seq"])
         assert seqs == list(range(1, 42))
+
+
+def test_out_of_descriptors_the_server_waits_and_accepts_again(tmp_path):
+    """accept() failing with EMFILE is logged and retried (server._accept_from), not
+    the end of the server: once a descriptor is free, the waiting client is served."""
+    import resource
+    import socket
+    import time
+
+    from attack_helpers import ServerProcess
+
+    server = ServerProcess(tmp_path / "data")
+    try:
+        before = len(os.listdir(f"/proc/{server.pid}/fd"))
+        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{server.pid}/fd")) < before + len(held) and time.monotonic() < deadline:
+            time.sleep(0.05)  # both accepted
+        in_use = len(os.listdir(f"/proc/{server.pid}/fd"))
+        assert in_use == before + len(held)
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (in_use, in_use))
+        waiting = socket.create_connection(("127.0.0.1", server.port))  # the kernel's backlog takes it
+        waiting.settimeout(10)
+        waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        while "accept failed: EMFILE" not in server.stderr and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "accept failed: EMFILE" in server.stderr and "ulimit -n" in server.stderr
+        for s in held:
+            s.close()  # descriptors free again
+        answer = waiting.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert server.alive()
+        waiting.close()
+    finally:
+        server.stop()
