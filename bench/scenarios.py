@@ -298,7 +298,12 @@ class Bench(ScaleScenarios):
             return self.drive(srv, label, configs, hold, on_ready=on_ready, profile_name=None)
 
         log(f"[{label}] opening {n} connections with {procs} load process(es) ...")
-        r = driven()
+        # Here the connects are what is measured: --profile records them.
+        prof = self.start_profile(srv, "capacity_connect")
+        try:
+            r = driven()
+        finally:
+            self.stop_profile(prof)
         held = r["open_after"]
         r["held"] = held
         r["rss_kb_per_conn"] = (r["rss_after_kb"] - r["rss_before_kb"]) / max(1, r["subscribed"])
