@@ -209,6 +209,7 @@ class LoadGen:
         # "id": one ack per message, as the seed client; "upto": our clients' cumulative
         # ack, {"projectId", "seq"}, at most every ack_interval (ids of non-changes as "id")
         self.ack_mode = str(cfg.get("ack_mode", "id"))
+        # (the server's hello may ask for another cadence: ackIntervalMs, below)
         self.ack_interval_ns = int(float(cfg.get("ack_interval", 0.1)) * 1e9)
         self.ack_pending: collections.deque[Client] = collections.deque()
         # Wire codec asked for at the handshake (barosync's ?codec=): json, batch, deflate.
@@ -573,6 +574,10 @@ class LoadGen:
                 self.on_message(c, dumps(item), now, rx, out)
             return
         mid = m.get("id")
+        if t == "hello" and self.ack_mode == "upto":
+            ms = (m.get("payload") or {}).get("ackIntervalMs")
+            if type(ms) is int and ms > 0:  # our clients ack at the cadence the server asks
+                self.ack_interval_ns = ms * 1_000_000
         if t == "user:cursor":
             if mid is not None:
                 self.cursor_with_id += 1  # cursors must carry no id (and are not acked)

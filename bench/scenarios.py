@@ -245,7 +245,7 @@ class Bench(ScaleScenarios):
         r["bytes_per_delivery"] = r["bytes_in"] / r["deliveries"] if r["deliveries"] else None
         r["params"] = {"clients": n, "rate_per_s": a.fanout_rate, "duration_s": a.fanout_duration,
                        "acks": "none (--no-acks)" if a.no_acks else
-                       "cumulative every 100 ms" if ack_mode == "upto" else "one per message (seed client)"}
+                       "cumulative, at hello's ackIntervalMs" if ack_mode == "upto" else "one per message (seed client)"}
         if cluster:
             r["params"]["nodes"] = "2 (writer on the first, subscribers over both)"
         return r

@@ -533,6 +533,25 @@ async def test_acks_every_server_message_with_an_id_except_acks_and_pongs(tmp_pa
         assert {m["type"] for m in ups} <= {"ack", "ping", "subscribe", "event:create"}
 
 
+async def test_cumulative_acks_follow_the_cadence_the_hello_asks_for(tmp_path: Path) -> None:
+    """A server that asks for cumulative acks every 30 s ([server] ack_interval) gets
+    none while changes arrive (the client's own cadence is 0.1 s); close() sends the
+    pending one."""
+    async with harness(tmp_path, ack_interval=30.0) as h:
+        proxy = await h.proxy(record=True)
+        async with h.client(proxy, "alice") as a:
+            await a.subscribe("p1")
+            assert a.hello is not None and a.hello["ackIntervalMs"] == 30_000
+            async with h.client(await h.proxy(), "bob") as b:
+                await b.subscribe("p1")
+                await b.create("p1", ev(), id="x")
+                await b.update("x", title="Moved")
+            await a.wait_for(lambda: a.last_seq("p1") == 2)
+            await trio.sleep(0.5)  # five of the client's own cadence
+            assert [m for m in sent(proxy, "ack") if "payload" in m] == []
+        assert [m["payload"] for m in sent(proxy, "ack") if "payload" in m] == [{"projectId": "p1", "seq": 2}]
+
+
 async def test_presence_cursors_and_remote_changes_are_observable(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         proxy = await h.proxy()

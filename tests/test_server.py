@@ -115,6 +115,7 @@ async def test_cumulative_ack_settles_that_projects_changes_up_to_its_seq(app, c
     a = await client_factory("alice", projects=["p1", "p2"])
     b = await client_factory("bob", projects=["p1", "p2"])
     assert b.hello["payload"]["cumulativeAcks"] is True
+    assert b.hello["payload"]["ackIntervalMs"] == 250  # [server] ack_interval's default
     await b.subscribe("p1")
     await b.subscribe("p2")
     await a.subscribe("p1")

@@ -209,6 +209,36 @@ def test_two_browsers_see_each_others_changes(chromium, server) -> None:
     print(f"\nbarosync.js: {size} bytes, {len(gzip.compress(CLIENT_JS.encode()))} gzipped")
 
 
+def test_cumulative_acks_follow_the_cadence_the_hello_asks_for(chromium, tmp_path) -> None:
+    """A server that asks for cumulative acks every 30 s (hello.ackIntervalMs) gets
+    none while changes arrive (the module's own cadence is 100 ms); close() sends the
+    pending one."""
+    server = Server(tmp_path, server__ack_interval=30.0)
+    try:
+        a, b = Tab(new_context(chromium), server.port), Tab(new_context(chromium), server.port)
+        a.open_client(server.ws, server.token("alice"))
+        b.open_client(server.ws, server.token("bob"))
+        for tab in (a, b):
+            tab.js("c.subscribe('p1')")
+        assert a.js("c.hello.ackIntervalMs") == 30_000
+        made = b.js(CREATE, ["c", "p1", {"title": "Standup", "startDate": START, "endDate": END}])
+        a.wait("(id) => c.get(id) && c.get(id).title === 'Standup'", made["id"])
+        a.page.wait_for_timeout(500)  # five of the module's own cadence
+
+        def upto_sent() -> list[dict[str, Any]]:
+            return [m["payload"] for m in a.sent if m.get("type") == "ack" and "payload" in m]
+
+        assert upto_sent() == []
+        a.js("c.close()")
+        deadline = time.monotonic() + 10
+        while not upto_sent() and time.monotonic() < deadline:
+            a.page.wait_for_timeout(50)
+        assert upto_sent() == [{"projectId": "p1", "seq": 1}]
+        assert a.real_errors() == [] and b.real_errors() == []
+    finally:
+        server.stop()
+
+
 def test_subscribing_again_to_a_live_project_resolves(chromium, server) -> None:
     """subscribe() answers at the next caught-up point even when the project is live
     already (as when the hello subscribed it while subscribe() was loading the stored

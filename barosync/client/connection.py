@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # How long an applied change may wait for its ack: the acks of everything applied
 # meanwhile go out together, one cumulative ack per project (docs/protocol.md, "Acks").
-ACK_INTERVAL = 0.1
+ACK_INTERVAL = 0.1  # seconds, when the server's hello gives no ackIntervalMs
 _CHANGES = frozenset({"event:created", "event:updated", "event:deleted"})
 
 
@@ -414,13 +414,23 @@ class Link:
         self.send({"type": "ack", "id": msg_id})
 
     async def _acker(self) -> None:
-        """Acks applied changes at most every ACK_INTERVAL: one message per project
+        """Acks applied changes at the cadence the server's hello asks for
+        (``ackIntervalMs``; ACK_INTERVAL without one): one message per project
         instead of one per change."""
         while True:
             while not self._ack_up_to:
                 await self._ack_lot.park()
-            await trio.sleep(ACK_INTERVAL)
+            await trio.sleep(self.ack_interval)
             self.flush_acks()
+
+    @property
+    def ack_interval(self) -> float:
+        """Seconds between cumulative acks: the server's ``ackIntervalMs``, kept
+        between 10 ms and 10 s."""
+        ms = (self.hello or {}).get("ackIntervalMs")
+        if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms == ms:
+            return min(10.0, max(0.01, ms / 1000))
+        return ACK_INTERVAL
 
     def flush_acks(self) -> None:
         for project_id, seq in self._ack_up_to.items():

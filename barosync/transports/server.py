@@ -454,6 +454,8 @@ async def _upgrade(app: App, front: Front, conn: h11.Connection, stream: trio.So
         # Acks may be cumulative, {"projectId", "seq"}: one every ~100 ms instead of
         # one per change (docs/protocol.md, "Acks").
         "cumulativeAcks": True,
+        # How often this server asks them to (our clients follow it).
+        "ackIntervalMs": max(1, round(config.ack_interval * 1000)),
         # Changes when the data directory is replaced: a client whose `since` came
         # from another history must start from a snapshot.
         "dataId": app.queries.history_id,

@@ -32,7 +32,13 @@ const AUTH_CLOSE_CODES = new Set([4001, 4003]);
 const MAX_IN_FLIGHT = 32;
 // Changes applied within this many ms are acked together, one cumulative ack
 // ({projectId, seq}) per project, when the server's hello offers it (docs/protocol.md).
-const ACK_INTERVAL_MS = 100;
+const ACK_INTERVAL_MS = 100; // when the server's hello gives no ackIntervalMs
+
+// The cadence the server asks for (hello.ackIntervalMs), kept between 10 ms and 10 s.
+function ackInterval(hello) {
+  const ms = hello && hello.ackIntervalMs;
+  return Number.isFinite(ms) ? Math.min(10000, Math.max(10, ms)) : ACK_INTERVAL_MS;
+}
 const CHANGE_TYPES = new Set(["event:created", "event:updated", "event:deleted"]);
 const SERVER_FIELDS = new Set(["version", "createdAt", "updatedAt", "createdBy", "updatedBy"]);
 
@@ -699,7 +705,7 @@ export class SyncClient extends EventTarget {
         && Number.isInteger(msg.seq) && typeof msg.projectId === "string") {
       const acked = this._ackUpTo.get(msg.projectId);
       if (acked === undefined || msg.seq > acked) this._ackUpTo.set(msg.projectId, msg.seq);
-      if (this._ackTimer === null) this._ackTimer = this._later(() => this._flushAcks(), ACK_INTERVAL_MS);
+      if (this._ackTimer === null) this._ackTimer = this._later(() => this._flushAcks(), ackInterval(this.hello));
       return;
     }
     this._send({ type: "ack", id: msg.id });

@@ -3,7 +3,7 @@
 // queue (which live in IndexedDB, not here). Network first, so a new version is used as
 // soon as the server is reachable; the cache answers only when it is not.
 
-const CACHE = "barosync-app-v8";
+const CACHE = "barosync-app-v9";
 const SHELL = ["/", "/app/app.js", "/app/items.js", "/app/keys.js", "/app/series.js", "/app/conflicts.js", "/app/editor.js", "/app/app.css", "/app/vendor/fullcalendar/index.global.min.js",
                "/app/vendor/rrule/rrule.min.js", "/app/vendor/fullcalendar-rrule/index.global.min.js", "/client/barosync.js",
                "/app/vendor/qrcode-generator/qrcode.mjs"];
