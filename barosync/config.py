@@ -53,6 +53,11 @@ class Config:
     http_rate_limit: float = 200.0
     http_rate_burst: int = 2000
     handshake_timeout: float = 10.0
+    # How often a client acks changes cumulatively, told in `hello` (ackIntervalMs):
+    # every ack is a read and a parse for the server, so at 20 changes/s one per
+    # 250 ms costs a fifth of one per change; the inspector's unacked count lags
+    # by at most this much.
+    ack_interval: float = 0.25
     # `barosync serve` on a loopback address prints the owner's sign-in link.
     browser_link: bool = True
     # Browser Origins allowed to open /ws; empty means any (tokens still apply).
@@ -70,11 +75,6 @@ class Config:
     # Kept out of repr() so that logs and plugin traces never show it.
     secret: str | None = attrs.field(default=None, repr=False)
     heartbeat_interval: float = 30.0
-    # How often a client acks changes cumulatively, told in `hello` (ackIntervalMs):
-    # every ack is a read and a parse for the server, so at 20 changes/s one per
-    # 250 ms costs a fifth of one per change; the inspector's unacked count lags
-    # by at most this much.
-    ack_interval: float = 0.25
     heartbeat_timeout: float = 60.0
     cursor_rate: float = 20.0
     conflict_default: str = "merge"
