@@ -615,3 +615,31 @@ def test_quick_successive_edits_of_one_event_never_conflict_with_each_other(chro
     [stored] = server.events("p1")
     assert (stored["title"], stored["location"], stored["version"]) == ("three", "Room 3", 3)
     assert tab.real_errors() == []
+
+
+def test_an_edit_whose_predecessor_is_acked_while_it_is_stored_is_rebased(chromium, server) -> None:
+    """The undo pressed as the ack of the change it undoes arrives: the ack came while
+    the undo was still being stored, before it was queued (CI's web series test, once
+    under load). The storage's put of the second edit waits here for the first's ack,
+    so the race is certain: the second edit must still be based on the first's version."""
+    tab = Tab(new_context(chromium), server.port)
+    tab.open_client(server.ws, server.token("alice"))
+    tab.js("c.subscribe('p1')")
+    made = tab.js(CREATE, ["c", "p1", {"id": "raced", "title": "one", "startDate": START, "endDate": END}])
+    assert made["version"] == 1
+    outcome = tab.js("""async () => {
+        const storage = c._storage, put = storage.putQueued.bind(storage);
+        let puts = 0;
+        storage.putQueued = async (item) => {
+          if (++puts === 2) await window.first.catch(() => {});  // the second edit's put outlasts the first's ack
+          return put(item);
+        };
+        window.first = c.update('raced', {title: 'two'}, 'p1');
+        const second = c.update('raced', {title: 'three'}, 'p1');
+        return (await Promise.allSettled([window.first, second]))
+          .map((s) => s.status === 'fulfilled' ? s.value.version : String(s.reason));
+    }""")
+    assert outcome == [2, 3], outcome
+    [stored] = server.events("p1")
+    assert (stored["title"], stored["version"]) == ("three", 3)
+    assert tab.real_errors() == []

@@ -204,7 +204,7 @@ export class SyncClient extends EventTarget {
     this._timers = new Set();
     this._listeners = [];
     this._writes = Promise.resolve(); // the storage writes, one after another (_write)
-    this._storing = new Set(); // envelope ids of changes being stored before they are queued
+    this._storing = new Map(); // envelope id -> a change being stored before it is queued
     this._lastEdit = new Map(); // "project\0event" -> the envelope id of this client's last change of it
     this._projects = new Map(); // projectId -> {seq, events: Map, settled: Map, live, wanted, presence: Map, cursors: Map}
     this._queue = new Map(); // envelopeId -> queued item
@@ -456,11 +456,16 @@ export class SyncClient extends EventTarget {
     this._lastEdit.set(key, item.envelopeId);
     const done = new Promise((resolve, reject) => this._promises.set(item.envelopeId, { resolve, reject }));
     // Stored before it is sent: a tab closed now loses nothing.
-    this._storing.add(item.envelopeId);
+    this._storing.set(item.envelopeId, item);
     try {
       await this._storage.putQueued(item);
     } finally {
       this._storing.delete(item.envelopeId);
+    }
+    // Its predecessor was acked while it was being stored (_rebase): store it as it is now.
+    if (item.rebased) {
+      delete item.rebased;
+      this._storage.putQueued(item).catch(() => {});
     }
     this._queue.set(item.envelopeId, item);
     this._tell({ kind: "queued", item });
@@ -932,6 +937,14 @@ export class SyncClient extends EventTarget {
       const rebased = version === null ? rest : { ...rest, payload: { ...rest.payload, version } };
       this._queue.set(id, rebased);
       if (persist) this._storage.putQueued(rebased).catch(() => {});
+    }
+    // One still being stored (an undo pressed as the ack came): changed in place,
+    // _enqueue queues it so (it would otherwise go with the old version and conflict).
+    for (const next of this._storing.values()) {
+      if (next.after !== envelopeId) continue;
+      delete next.after;
+      if (version !== null) next.payload = { ...next.payload, version };
+      next.rebased = true;
     }
   }
 
