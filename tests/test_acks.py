@@ -9,8 +9,8 @@ from barosync.transports.acks import MAX_UNACKED, Unacked
 def test_changes_are_settled_by_a_cumulative_ack_or_one_by_one_in_any_order() -> None:
     u = Unacked()
     for seq in range(5, 11):
-        u.change("p", seq)
-    u.change("q", 1)
+        u.sent("p", seq)
+    u.sent("q", 1)
     assert len(u) == 7 and u.oldest("p") == 5 and "p:7" in u and "p:4" not in u
     u.ack_through("p", 7)
     assert len(u) == 4 and u.oldest("p") == 8 and list(u) == ["p:8", "p:9", "p:10", "q:1"]
@@ -20,7 +20,7 @@ def test_changes_are_settled_by_a_cumulative_ack_or_one_by_one_in_any_order() ->
     u.ack_id("p:8")  # the gap closes: everything to 10
     assert u.oldest("p") is None and list(u) == ["q:1"]
     u.ack_through("q", 99)  # past what was sent: up to what was sent
-    u.change("q", 2)
+    u.sent("q", 2)
     assert list(u) == ["q:2"] and len(u) == 1
 
 

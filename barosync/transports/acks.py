@@ -28,8 +28,12 @@ class Unacked:
         self._ahead: dict[str, set[int]] | None = None
         self._ids: dict[str, None] | None = None
 
-    def change(self, project_id: str, seq: int) -> None:
-        """A change of ``project_id`` sent (seqs arrive in order per project)."""
+    def sent(self, project_id: str, seq: int, msg_id: str = "") -> None:
+        """A delivery the client should ack: change ``seq`` (> 0) of ``project_id``
+        (a project's come in seq order), or else the message ``msg_id``."""
+        if not seq:
+            self.message(msg_id)
+            return
         marks = self._projects.get(project_id)
         if marks is None:
             self._projects[project_id] = [seq - 1, seq]
@@ -39,8 +43,8 @@ class Unacked:
     def changes(self, project_id: str, first: int, last: int) -> None:
         """Changes ``first``..``last`` sent (a catch-up)."""
         if last >= first:
-            self.change(project_id, first)
-            self.change(project_id, last)
+            self.sent(project_id, first)
+            self.sent(project_id, last)
 
     def message(self, msg_id: str) -> None:
         """Anything else the client should ack, by its id."""

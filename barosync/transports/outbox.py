@@ -110,20 +110,14 @@ class Outbox:
 
     def deliver(self, out: Outgoing, msg_id: str) -> None:
         """Send a fanned-out server message the client is expected to ack."""
-        if out.seq:
-            self.unacked.change(out.project_id, out.seq)
-        else:
-            self.unacked.message(msg_id)
+        self.unacked.sent(out.project_id, out.seq, msg_id)
         self.send_out(out)
 
     def deliver_many(self, items: list[tuple[Outgoing, str]]) -> None:
         """Several fanned-out messages in one write (a group commit's changes)."""
-        unacked = self.unacked
+        sent = self.unacked.sent
         for out, msg_id in items:
-            if out.seq:
-                unacked.change(out.project_id, out.seq)
-            else:
-                unacked.message(msg_id)
+            sent(out.project_id, out.seq, msg_id)
         self.send_many([out for out, _ in items])
 
     def track(self, msg_ids: Iterable[str]) -> None:
